@@ -1,0 +1,31 @@
+# Two entry points: `make demo` and `make test`. Both create .venv on a fresh clone.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test test-fast install clean
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+
+# CPU torch first (the wheel is on disk here; an unpinned torch pulls a CUDA build).
+$(STAMP): $(BIN)/python pyproject.toml
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/python -m lightning_unlearn.demo
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q -p no:cacheprovider
+
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -p no:cacheprovider -m "not slow"
+
+clean:
+	rm -rf $(VENV) outputs lightning_logs

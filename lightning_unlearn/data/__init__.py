@@ -1,0 +1,5 @@
+"""Data: forget/retain splits, federated partitions and dataset readers."""
+from lightning_unlearn.data.datasets import dataset_targets, load_digits_datasets, load_mnist
+from lightning_unlearn.data.unlearning import UnlearningDataModule
+
+__all__ = ["UnlearningDataModule", "dataset_targets", "load_digits_datasets", "load_mnist"]

@@ -1,0 +1,63 @@
+"""Small reference models used by the demo, tests, configs and benchmarks."""
+from __future__ import annotations
+
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lightning_unlearn.mixin import UnlearningMixin
+
+OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}
+
+
+class SmallCNN(UnlearningMixin, pl.LightningModule):
+    """Two conv blocks (Conv-BN-ReLU) and two linear layers; works for 8x8 digits and 28x28 MNIST.
+
+    An ordinary LightningModule: ``training_step`` takes ``(x, y)`` batches. The mixin only
+    adds the forget-aware objectives.
+    """
+
+    def __init__(
+        self,
+        in_channels: int = 1,
+        num_classes: int = 10,
+        channels: tuple[int, int] = (16, 32),
+        hidden: int = 64,
+        lr: float = 1e-3,
+        optimizer: str = "adam",
+        weight_decay: float = 0.0,
+    ) -> None:
+        super().__init__()
+        if optimizer not in OPTIMIZERS:
+            raise ValueError(f"unknown optimizer {optimizer!r}; allowed are {list(OPTIMIZERS)}")
+        self.save_hyperparameters()
+        c1, c2 = channels
+        self.conv1, self.bn1 = nn.Conv2d(in_channels, c1, 3, padding=1), nn.BatchNorm2d(c1)
+        self.conv2, self.bn2 = nn.Conv2d(c1, c2, 3, padding=1), nn.BatchNorm2d(c2)
+        self.pool = nn.AdaptiveAvgPool2d(4)
+        self.fc1 = nn.Linear(c2 * 16, hidden)
+        self.fc2 = nn.Linear(hidden, num_classes)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """Penultimate representation (input of the classifier head)."""
+        x = F.max_pool2d(F.relu(self.bn1(self.conv1(x))), 2)
+        x = self.pool(F.relu(self.bn2(self.conv2(x))))
+        return F.relu(self.fc1(x.flatten(1)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.features(x))
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        loss = F.cross_entropy(self(x), y)
+        self.log("train_loss", loss, prog_bar=True, batch_size=len(y))
+        return loss
+
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        self.log("val_acc", (self(x).argmax(-1) == y).float().mean(), prog_bar=True, batch_size=len(y))
+
+    def configure_optimizers(self):
+        opt = OPTIMIZERS[self.hparams.optimizer]
+        return opt(self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)

@@ -1,0 +1,107 @@
+"""What to forget: a class, a client or chosen samples, validated against the data."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+
+@dataclass(frozen=True)
+class ForgetRequest:
+    """A deletion request.
+
+    Exactly one of ``classes``, ``sample_ids`` (indices into the training dataset) or
+    ``clients`` (federated client ids) is set. The request is plain data; it is checked
+    against a dataset with :meth:`validate` before any work starts.
+    """
+
+    classes: tuple[int, ...] = field(default=())
+    sample_ids: tuple[int, ...] = field(default=())
+    clients: tuple[int, ...] = field(default=())
+
+    def __init__(
+        self,
+        classes: Sequence[int] | None = None,
+        sample_ids: Sequence[int] | None = None,
+        clients: Sequence[int] | None = None,
+    ) -> None:
+        parts = {
+            "classes": _as_int_tuple(classes, "classes"),
+            "sample_ids": _as_int_tuple(sample_ids, "sample_ids"),
+            "clients": _as_int_tuple(clients, "clients"),
+        }
+        given = [k for k, v in parts.items() if v]
+        if len(given) != 1:
+            raise ValueError(
+                "ForgetRequest needs exactly one non-empty field of classes, sample_ids or clients; "
+                f"got {given or 'none'}"
+            )
+        for key, value in parts.items():
+            object.__setattr__(self, key, value)
+
+    @property
+    def kind(self) -> str:
+        """``"class"``, ``"sample"`` or ``"client"``."""
+        if self.classes:
+            return "class"
+        return "sample" if self.sample_ids else "client"
+
+    def validate(self, targets: torch.Tensor, num_classes: int | None = None) -> None:
+        """Fail fast if the request does not fit the labelled data ``targets``."""
+        targets = torch.as_tensor(targets)
+        if targets.numel() == 0:
+            raise ValueError("the training dataset is empty: there is nothing to forget from")
+        if self.classes:
+            present = sorted(int(c) for c in torch.unique(targets))
+            allowed = list(range(num_classes)) if num_classes is not None else present
+            unknown = [c for c in self.classes if c not in allowed]
+            if unknown:
+                raise ValueError(f"unknown class(es) {unknown}; allowed classes are {allowed}")
+            absent = [c for c in self.classes if c not in present]
+            if absent:
+                raise ValueError(f"class(es) {absent} have no training samples: the forget set is empty")
+            if len(set(self.classes)) >= len(present):
+                raise ValueError(f"forgetting classes {list(self.classes)} would leave no class to retain")
+        if self.sample_ids:
+            n = int(targets.numel())
+            bad = [i for i in self.sample_ids if not 0 <= i < n]
+            if bad:
+                raise ValueError(f"sample id(s) {bad[:10]} out of range; allowed ids are 0..{n - 1}")
+            if len(set(self.sample_ids)) >= n:
+                raise ValueError("the forget set covers the whole training set: nothing would be retained")
+
+    def forget_mask(self, targets: torch.Tensor) -> np.ndarray:
+        """Boolean array over the training samples: True where a sample is to be forgotten.
+
+        Client requests need the partition and are resolved by the federated data module.
+        """
+        targets = torch.as_tensor(targets).cpu().numpy()
+        mask = np.zeros(len(targets), dtype=bool)
+        if self.classes:
+            mask |= np.isin(targets, np.asarray(self.classes))
+        if self.sample_ids:
+            mask[np.asarray(self.sample_ids, dtype=np.int64)] = True
+        if self.clients:
+            raise ValueError("a client request is resolved by FederatedDataModule, not by a central data module")
+        return mask
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-friendly form, used in reports."""
+        return {"kind": self.kind, **{k: list(v) for k, v in asdict(self).items() if v}}
+
+
+def _as_int_tuple(values: Sequence[int] | None, name: str) -> tuple[int, ...]:
+    if values is None:
+        return ()
+    if isinstance(values, (int, np.integer)):
+        values = [values]
+    out = []
+    for v in values:
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) and not (
+            isinstance(v, torch.Tensor) and v.numel() == 1 and not v.is_floating_point()
+        ):
+            raise TypeError(f"{name} must be integers, got {v!r}")
+        out.append(int(v))
+    return tuple(sorted(set(out)))
