@@ -15,7 +15,7 @@ from lightning_unlearn.callbacks.gradient_mask import GradientMask
 from lightning_unlearn.metrics import accuracy
 from lightning_unlearn.mixin import UnlearningMixin
 from lightning_unlearn.objectives import FORGET_AWARE, check_objective
-from lightning_unlearn.selection import SCOPES, select_channels
+from lightning_unlearn.selection import SCOPES, ParameterMask, select_channels
 
 
 class SelectiveUnlearning(GradientMask):
@@ -39,6 +39,8 @@ class SelectiveUnlearning(GradientMask):
         max_samples: seeded subsample of the forget set to score (None: method default).
         forget_weight: weight of the forget term in forget-aware objectives.
         log_metrics: log forget/remaining test accuracy at the end of every epoch.
+        mask: a precomputed :class:`ParameterMask` (e.g. broadcast by a federated server): no
+            scoring happens, only the masked update with ``objective``.
     """
 
     def __init__(
@@ -58,8 +60,9 @@ class SelectiveUnlearning(GradientMask):
         forget_weight: float = 1.0,
         log_metrics: bool = True,
         progress: bool = False,
+        mask: ParameterMask | str | None = None,
     ) -> None:
-        super().__init__(mask=None, bn_stats=bn_stats)
+        super().__init__(mask=mask, bn_stats=bn_stats)
         if method not in METHODS:
             raise ValueError(f"unknown scoring method {method!r}; allowed methods are {list(METHODS)}")
         if not (isinstance(ratio, (int, float)) and 0 < ratio <= 1):
@@ -122,7 +125,7 @@ class SelectiveUnlearning(GradientMask):
     # -- scoring and selection ---------------------------------------------------------------
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.mask is None:  # not restored from a checkpoint
+        if self.mask is None:  # neither given nor restored from a checkpoint
             start = time.perf_counter()
             self.scores = self._score(trainer, pl_module)
             self.timings["scoring"] = time.perf_counter() - start
