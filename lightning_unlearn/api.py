@@ -72,7 +72,7 @@ def unlearn(
     :class:`~lightning_unlearn.callbacks.SelectiveUnlearning` (``scope``, ``layers``, ...).
     """
     callback = SelectiveUnlearning(method=method, ratio=ratio, objective=objective, log_metrics=False, **selection)
-    work = model if inplace else copy.deepcopy(model)
+    work = (model if inplace else copy.deepcopy(model)).train()
     start = time.perf_counter()
     fit(work, datamodule, epochs, [callback], trainer_kwargs)
     timings = {**callback.timings, "total": time.perf_counter() - start}
@@ -98,7 +98,7 @@ def retrain(
     seed: int = 0,
 ) -> UnlearningResult:
     """The exact reference: a fresh copy of ``model`` trained from scratch on the retain data only."""
-    fresh = reinitialize(copy.deepcopy(model), seed)
+    fresh = reinitialize(copy.deepcopy(model), seed).train()
     datamodule.combined = False
     start = time.perf_counter()
     fit(fresh, datamodule, epochs, trainer_kwargs=trainer_kwargs)

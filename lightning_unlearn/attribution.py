@@ -131,7 +131,7 @@ def channel_scores(
     if max_samples is not None and max_samples < 1:
         raise ValueError(f"max_samples must be >= 1 or None, got {max_samples}")
     max_samples = max_samples if max_samples is not None else DEFAULT_MAX_SAMPLES.get(method)
-    device = next(model.parameters()).device
+    device = next(model.parameters(), torch.empty(0)).device
     forget_loader = _subsample(forget_loader, max_samples, seed)
     example = _first_inputs(forget_loader).to(device)
     info = discover_layers(model, example[:2], layers)
@@ -144,7 +144,7 @@ def channel_scores(
 
 
 def _mean_scores(model, loader, method, info, steps, progress, label) -> ChannelScores:
-    device = next(model.parameters()).device
+    device = next(model.parameters(), torch.empty(0)).device
     modules = dict(model.named_modules())
     layer_modules = [modules[n] for n in info]
     sums: list | None = None
@@ -290,7 +290,8 @@ def captum_ablation_scores(model: nn.Module, layer: nn.Module, x: Tensor, y: Ten
         mask = torch.arange(out_shape[1], device=x.device).view(1, -1, *([1] * (len(out_shape) - 2)))
         mask = mask.expand(1, *out_shape[1:])
         attr = LayerFeatureAblation(model, layer).attribute(x, target=y, layer_mask=mask, layer_baselines=0.0)
-    return _per_channel(attr) / x.shape[0]
+    # captum gives every element of a feature group the group's total: read one element per channel.
+    return attr.reshape(attr.shape[0], attr.shape[1], -1)[:, :, 0].double().mean(0)
 
 
 _SCORERS: dict[str, Callable] = {
@@ -313,11 +314,24 @@ def _first_inputs(loader: Iterable) -> Tensor:
     raise ValueError("the forget loader is empty: the forget set has no samples to score")
 
 
-def _subsample(loader: DataLoader, max_samples: int | None, seed: int) -> DataLoader:
-    """A loader over a seeded random subset of at most ``max_samples`` samples (same batch size)."""
-    dataset = loader.dataset
+def _subsample(loader: Iterable, max_samples: int | None, seed: int) -> Iterable:
+    """A loader over a seeded random subset of at most ``max_samples`` samples (same batch size).
+
+    A plain iterable of ``(x, y)`` batches (no ``.dataset``) is cut after ``max_samples`` instead.
+    """
+    dataset = getattr(loader, "dataset", None)
+    if dataset is None:
+        return loader if max_samples is None else list(_first_samples(loader, max_samples))
     if max_samples is None or len(dataset) <= max_samples:
         return loader
     generator = torch.Generator().manual_seed(seed)
     picked = torch.randperm(len(dataset), generator=generator)[:max_samples].sort().values.tolist()
     return DataLoader(Subset(dataset, picked), batch_size=loader.batch_size or 64, shuffle=False)
+
+
+def _first_samples(batches: Iterable, n: int):
+    for batch in batches:
+        if n <= 0:
+            return
+        yield (batch[0][:n], batch[1][:n])
+        n -= len(batch[1])

@@ -1,0 +1,70 @@
+"""Evidence of forgetting: accuracy splits, membership inference, backdoor verification,
+representation probe, retrain gap and relearn time, the JSON report, plots and a comparison table.
+"""
+from lightning_unlearn.evaluation.backdoor import (
+    BackdoorDataset,
+    TriggeredTestSet,
+    attack_success_rate,
+    choose_poison,
+    stamp_trigger,
+)
+from lightning_unlearn.evaluation.compare import aggregate, compare, report_row
+from lightning_unlearn.evaluation.evaluate import (
+    BackdoorSpec,
+    evaluate_model,
+    evaluate_unlearning,
+    random_samples_request,
+    write_report,
+)
+from lightning_unlearn.evaluation.gap import GAP_KEYS, avg_gap, check_forget_size, check_same_classes, relearn_time
+from lightning_unlearn.evaluation.membership import (
+    INFORMATIVE_SHADOW_ACC,
+    MIAResult,
+    loss_attack_auc,
+    mia_efficacy,
+    sample_outputs,
+)
+from lightning_unlearn.evaluation.plots import plot_channel_scores, plot_mia_histograms, plot_per_class_accuracy
+from lightning_unlearn.evaluation.probe import ProbeResult, penultimate_features, probe_accuracy
+from lightning_unlearn.evaluation.report import UnlearningReport, library_versions, save_weights, unique_path, weights_sha256
+from lightning_unlearn.metrics import ClassAccuracy, accuracy, class_accuracies, split_accuracies
+
+__all__ = [
+    "BackdoorDataset",
+    "BackdoorSpec",
+    "ClassAccuracy",
+    "GAP_KEYS",
+    "INFORMATIVE_SHADOW_ACC",
+    "MIAResult",
+    "ProbeResult",
+    "TriggeredTestSet",
+    "UnlearningReport",
+    "accuracy",
+    "aggregate",
+    "attack_success_rate",
+    "avg_gap",
+    "check_forget_size",
+    "check_same_classes",
+    "choose_poison",
+    "class_accuracies",
+    "compare",
+    "evaluate_model",
+    "evaluate_unlearning",
+    "library_versions",
+    "loss_attack_auc",
+    "mia_efficacy",
+    "penultimate_features",
+    "plot_channel_scores",
+    "plot_mia_histograms",
+    "plot_per_class_accuracy",
+    "probe_accuracy",
+    "random_samples_request",
+    "relearn_time",
+    "report_row",
+    "sample_outputs",
+    "save_weights",
+    "split_accuracies",
+    "stamp_trigger",
+    "unique_path",
+    "weights_sha256",
+]

@@ -1,0 +1,76 @@
+"""Terminal comparison table of unlearning runs (rich), mean ± std over seeds."""
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from typing import Iterable, Mapping, Sequence
+
+from rich.console import Console
+from rich.table import Table
+
+from lightning_unlearn.evaluation.report import UnlearningReport
+
+DEFAULT_COLUMNS = (
+    "forget_acc", "remaining_acc", "test_acc", "mia_efficacy", "loss_auc", "probe_forget_acc", "avg_gap", "seconds",
+)
+
+
+def report_row(report: UnlearningReport | Mapping) -> dict:
+    """Flatten a report (or its dict) to one row: the unlearned model's metrics + comparison + total time."""
+    data = report.to_dict() if isinstance(report, UnlearningReport) else dict(report)
+    row = {"method": data["method"], **data.get("metrics", {}).get("unlearned", {}), **data.get("comparison", {})}
+    row["seconds"] = data.get("timings_s", {}).get("total")
+    return row
+
+
+def aggregate(rows: Iterable[Mapping], by: str = "method") -> dict[str, dict[str, tuple[float, float, int]]]:
+    """Group rows by ``by``: ``{group: {column: (mean, std, n)}}`` over the numeric values present (std: sample std)."""
+    groups: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+    for row in rows:
+        for key, value in row.items():
+            if key != by and isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+                groups[str(row[by])][key].append(float(value))
+    out = {}
+    for name, cols in groups.items():
+        out[name] = {}
+        for key, vals in cols.items():
+            mean = sum(vals) / len(vals)
+            std = math.sqrt(sum((v - mean) ** 2 for v in vals) / (len(vals) - 1)) if len(vals) > 1 else 0.0
+            out[name][key] = (mean, std, len(vals))
+    return out
+
+
+def format_cell(stat: tuple[float, float, int] | None, column: str) -> str:
+    """Accuracy-like columns in percent, others as plain numbers; '-' when missing."""
+    if stat is None:
+        return "-"
+    mean, std, n = stat
+    pct = column.endswith(("acc", "efficacy")) or column in ("loss_auc",)
+    scale, digits = (100.0, 1) if pct else (1.0, 2)
+    text = f"{mean * scale:.{digits}f}"
+    return text + (f" ± {std * scale:.{digits}f}" if n > 1 else "")
+
+
+def compare(
+    runs: Iterable[UnlearningReport | Mapping],
+    columns: Sequence[str] = DEFAULT_COLUMNS,
+    title: str | None = None,
+    console: Console | None = None,
+) -> Table:
+    """Print (and return) a table with one row per method, mean ± std over the runs given.
+
+    ``runs`` are :class:`UnlearningReport` objects or flat dict rows with a ``"method"`` key.
+    Accuracies, MIA-efficacy and AUC are shown in percent; Avg. Gap is in points already.
+    """
+    rows = [report_row(r) if isinstance(r, UnlearningReport) or "metrics" in r else dict(r) for r in runs]
+    if not rows:
+        raise ValueError("compare needs at least one run")
+    stats = aggregate(rows)
+    table = Table(title=title)
+    table.add_column("method")
+    for col in columns:
+        table.add_column(col, justify="right")
+    for method, cols in stats.items():
+        table.add_row(method, *[format_cell(cols.get(c), c) for c in columns])
+    (console or Console()).print(table)
+    return table

@@ -1,0 +1,199 @@
+"""One call per question: evaluate a model, compare unlearned with original and retrained, write the report."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from torch import nn
+from torch.utils.data import Dataset, Subset
+
+from lightning_unlearn.data.unlearning import UnlearningDataModule
+from lightning_unlearn.evaluation.backdoor import attack_success_rate
+from lightning_unlearn.evaluation.gap import avg_gap, check_forget_size, check_same_classes, relearn_time
+from lightning_unlearn.evaluation.membership import loss_attack_auc, mia_efficacy, sample_outputs, subsample
+from lightning_unlearn.evaluation.plots import plot_channel_scores, plot_mia_histograms, plot_per_class_accuracy
+from lightning_unlearn.evaluation.probe import probe_accuracy
+from lightning_unlearn.evaluation.report import UnlearningReport, save_weights, unique_path, weights_sha256
+from lightning_unlearn.metrics import split_accuracies
+from lightning_unlearn.request import ForgetRequest
+
+
+@dataclass(frozen=True)
+class BackdoorSpec:
+    """How the poisoned samples were triggered, so the attack success rate can be measured."""
+
+    target_class: int
+    size: int = 2
+    value: float = 1.0
+
+
+def random_samples_request(
+    num_train: int, fraction: float | None = None, count: int | None = None, seed: int = 0
+) -> ForgetRequest:
+    """A seeded request to forget ``count`` (or ``fraction`` of ``num_train``) training samples chosen at random."""
+    if (fraction is None) == (count is None):
+        raise ValueError(f"give exactly one of fraction or count; got fraction={fraction!r}, count={count!r}")
+    if fraction is not None:
+        if not 0 < fraction < 1:
+            raise ValueError(f"fraction must be in (0, 1), got {fraction!r}")
+        count = max(1, int(round(fraction * num_train)))
+    if count < 1:
+        raise ValueError(f"count must be >= 1, got {count}")
+    check_forget_size(count, num_train)
+    if count == num_train:
+        raise ValueError(f"forgetting all {num_train} training samples would leave nothing to retain")
+    picked = torch.randperm(num_train, generator=torch.Generator().manual_seed(seed))[:count]
+    return ForgetRequest(sample_ids=picked.tolist())
+
+
+def _heldout_for(dm: UnlearningDataModule) -> Dataset:
+    """Non-members for the loss attack: same-class test samples for class requests (class is no confounder)."""
+    if dm.request.kind == "class":
+        return Subset(dm.test_dataset, dm.forget_test_indices.tolist())
+    return dm.test_dataset
+
+
+def _remaining_test(dm: UnlearningDataModule) -> Dataset:
+    return Subset(dm.test_dataset, dm.remaining_test_indices.tolist())
+
+
+def evaluate_model(
+    model: nn.Module,
+    dm: UnlearningDataModule,
+    seed: int = 0,
+    max_samples: int = 2000,
+    probe: bool = True,
+    backdoor: BackdoorSpec | None = None,
+) -> dict[str, Any]:
+    """Every per-model metric for ``dm.request``: accuracy splits (+ per class), MIA, loss-attack AUC, probe, ASR."""
+    check_forget_size(len(dm.forget_indices), len(dm.train_targets))
+    out: dict[str, Any] = split_accuracies(model, dm, max_train_samples=max_samples, per_class=True)
+    mia = mia_efficacy(model, dm.retain_set, _remaining_test(dm), dm.forget_set, max_samples, seed)
+    out.update(mia_efficacy=mia.efficacy, mia_shadow_acc=mia.shadow_acc, mia_informative=mia.informative)
+    out["loss_auc"] = loss_attack_auc(model, dm.forget_set, _heldout_for(dm), max_samples, seed)
+    if probe and dm.request.kind == "class":
+        result = probe_accuracy(model, dm.test_dataset, dm.request.classes, max_samples, seed)
+        out.update(probe_forget_acc=result.forget_acc, probe_acc=result.overall_acc)
+    if backdoor is not None:
+        out["backdoor_asr"] = attack_success_rate(model, dm.test_dataset, backdoor.target_class, backdoor.size, backdoor.value)
+    return out
+
+
+def evaluate_unlearning(
+    original: nn.Module,
+    unlearned: nn.Module,
+    dm: UnlearningDataModule,
+    retrained: nn.Module | None = None,
+    seed: int = 0,
+    max_samples: int = 2000,
+    probe: bool = True,
+    relearn: bool = True,
+    relearn_max_steps: int = 200,
+    relearn_tolerance: float = 0.02,
+    backdoor: BackdoorSpec | None = None,
+    models: Mapping[str, nn.Module] | None = None,
+) -> dict[str, dict[str, Any]]:
+    """Metrics of original, unlearned (and retrained, plus any extra ``models``), and their comparison.
+
+    ``comparison`` holds ``avg_gap`` (to the retrained model, in points) and relearn steps:
+    how many fine-tuning steps each model needs to get forget accuracy back to within
+    ``relearn_tolerance`` of the original's (None: not within ``relearn_max_steps``).
+    """
+    example = dm.train_dataset[0][0][None]
+    check_same_classes(original, unlearned, example, "unlearned")
+    if retrained is not None:
+        check_same_classes(original, retrained, example, "retrained")
+    named = {"original": original, "unlearned": unlearned, **({"retrained": retrained} if retrained is not None else {})}
+    named.update(models or {})
+    kw = dict(seed=seed, max_samples=max_samples, probe=probe, backdoor=backdoor)
+    out: dict[str, dict[str, Any]] = {name: evaluate_model(m, dm, **kw) for name, m in named.items()}
+    comparison: dict[str, Any] = {}
+    if retrained is not None:
+        comparison["avg_gap"] = avg_gap(out["unlearned"], out["retrained"])
+    if relearn:
+        target = out["original"]["forget_acc"] - relearn_tolerance
+        is_class = dm.request.kind == "class"
+        eval_set = Subset(dm.test_dataset, dm.forget_test_indices.tolist()) if is_class else None
+        forget = subsample(dm.forget_set, max_samples, seed)
+        for name in ("unlearned", "retrained"):
+            if name in named:
+                comparison[f"relearn_steps_{name}"] = relearn_time(
+                    named[name], forget, dm.retain_set, target, eval_set, dm.num_classes, max_steps=relearn_max_steps, seed=seed
+                )
+        comparison["relearn_target_acc"] = target
+    out["comparison"] = comparison
+    return out
+
+
+def write_report(
+    out_dir: str | os.PathLike,
+    original: nn.Module,
+    result: Any,
+    dm: UnlearningDataModule,
+    method: str,
+    params: Mapping[str, Any],
+    seed: int,
+    retrained: nn.Module | None = None,
+    evaluation: Mapping[str, Any] | None = None,
+    bytes_moved: Mapping[str, int] | None = None,
+    plots: bool = True,
+    on_exists: str = "suffix",
+    **evaluate_kwargs: Any,
+) -> tuple[UnlearningReport, Path]:
+    """Save the unlearned weights, the mask, the plots and the JSON report side by side in ``out_dir``.
+
+    ``result`` is an :class:`~lightning_unlearn.UnlearningResult` (``.model``, ``.mask``,
+    ``.timings_s``, ``.scores``). Nothing existing is overwritten: names get a ``-N`` suffix
+    (or FileExistsError with ``on_exists="error"``). Returns the report and its path.
+    """
+    out_dir = Path(out_dir)
+    if evaluation is None:
+        evaluation = evaluate_unlearning(original, result.model, dm, retrained, seed, **evaluate_kwargs)
+    ckpt = save_weights(result.model, out_dir / f"{method}.pt", on_exists)
+    stem = ckpt.name[: -len(".pt")]
+    mask_file = None
+    if result.mask is not None:
+        mask_file = result.mask.save(unique_path(out_dir / f"{stem}.mask.pt", on_exists))
+    written: list[str] = []
+    if plots:
+        written = [str(p) for p in _plots(out_dir, stem, original, result, dm, retrained, evaluation, seed, on_exists)]
+    report = UnlearningReport(
+        request=dm.request.to_dict(),
+        method=method,
+        params=dict(params),
+        seed=seed,
+        original_sha256=weights_sha256(original),
+        unlearned_sha256=weights_sha256(ckpt),
+        retrained_sha256=weights_sha256(retrained) if retrained is not None else None,
+        metrics={k: v for k, v in evaluation.items() if k != "comparison"},
+        comparison=dict(evaluation.get("comparison", {})),
+        timings_s=dict(getattr(result, "timings_s", {}) or {}),
+        mask=UnlearningReport.mask_summary(result.mask),
+        mask_file=str(mask_file) if mask_file else None,
+        checkpoint=str(ckpt),
+        bytes_moved=dict(bytes_moved) if bytes_moved else None,
+        plots=written,
+    )
+    return report, report.save(out_dir / f"{stem}.report.json", on_exists)
+
+
+def _plots(out_dir, stem, original, result, dm, retrained, evaluation, seed, on_exists) -> list[Path]:
+    per_class = {k: v["per_class_test_acc"] for k, v in evaluation.items() if k != "comparison"}
+    paths = [plot_per_class_accuracy(per_class, out_dir / f"{stem}.per_class.png", dm.request.classes, on_exists)]
+    scores = getattr(result, "scores", None)
+    if scores:
+        paths.append(plot_channel_scores(scores, out_dir / f"{stem}.channel_scores.png", result.mask, on_exists))
+    groups = {
+        "members (retain)": subsample(dm.retain_set, 1000, seed),
+        "non-members (test)": subsample(_remaining_test(dm), 1000, seed + 1),
+        "forget": subsample(dm.forget_set, 1000, seed + 2),
+    }
+    models = {"original": original, "unlearned": result.model, **({"retrained": retrained} if retrained is not None else {})}
+    confidences = {
+        name: {g: sample_outputs(m, ds).confidence for g, ds in groups.items()} for name, m in models.items()
+    }
+    paths.append(plot_mia_histograms(confidences, out_dir / f"{stem}.mia.png", on_exists))
+    return paths

@@ -1,0 +1,154 @@
+"""UnlearningReport: everything an auditor needs to check one unlearning run, as JSON.
+
+Written next to the unlearned checkpoint. Hashes are over the state dict's contents
+(names, dtypes, shapes, bytes), so they identify the weights whatever the file format and
+can be recomputed from a loaded model or a saved file.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import tempfile
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from torch import nn
+
+from lightning_unlearn.selection import ParameterMask
+
+REPORT_VERSION = 1
+ON_EXISTS = ("suffix", "error")
+_PACKAGES = ("lightning-unlearn", "torch", "lightning", "torchmetrics", "captum", "scikit-learn", "numpy", "flwr")
+
+
+def weights_sha256(weights: nn.Module | Mapping[str, torch.Tensor] | str | os.PathLike) -> str:
+    """SHA-256 of a model's state dict (or of a state dict / a file written by :func:`save_weights`)."""
+    if isinstance(weights, (str, os.PathLike)):
+        weights = torch.load(weights, map_location="cpu", weights_only=True)
+    state = weights.state_dict() if isinstance(weights, nn.Module) else weights
+    h = hashlib.sha256()
+    for name in sorted(state):
+        t = state[name].detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def unique_path(path: str | os.PathLike, on_exists: str = "suffix") -> Path:
+    """``path`` if free; else ``name-1.ext``, ``name-2.ext``... (``"suffix"``) or FileExistsError (``"error"``)."""
+    if on_exists not in ON_EXISTS:
+        raise ValueError(f"unknown on_exists {on_exists!r}; allowed values are {list(ON_EXISTS)}")
+    path = Path(path)
+    if not path.exists():
+        return path
+    if on_exists == "error":
+        raise FileExistsError(f"{path} already exists; refusing to overwrite it (pass on_exists='suffix' to add one)")
+    stem, suffix = (path.name.split(".", 1) + [""])[:2]
+    for i in range(1, 10_000):
+        candidate = path.with_name(f"{stem}-{i}" + (f".{suffix}" if suffix else ""))
+        if not candidate.exists():
+            return candidate
+    raise FileExistsError(f"no free name for {path} after 9999 suffixes")
+
+
+def _atomic_write(path: Path, write) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=path.parent, delete=False, suffix=".tmp") as f:
+        write(f)
+    try:  # a hard link fails if the target appeared meanwhile: never overwrite
+        os.link(f.name, path)
+    except FileExistsError:
+        raise FileExistsError(f"{path} appeared while writing; refusing to overwrite it") from None
+    finally:
+        os.unlink(f.name)
+    return path
+
+
+def save_weights(model: nn.Module, path: str | os.PathLike, on_exists: str = "suffix") -> Path:
+    """Write ``model.state_dict()`` atomically to a new file; returns the path actually written."""
+    path = unique_path(path, on_exists)
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    return _atomic_write(path, lambda f: torch.save(state, f))
+
+
+def library_versions() -> dict[str, str | None]:
+    """Versions of Python and the libraries that shape the result."""
+    out: dict[str, str | None] = {"python": platform.python_version()}
+    for pkg in _PACKAGES:
+        try:
+            out[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            out[pkg] = None
+    return out
+
+
+@dataclass
+class UnlearningReport:
+    """One unlearning run: what was asked, what was done, what it achieved, at what cost.
+
+    ``metrics`` maps ``"original"``, ``"unlearned"`` and ``"retrained"`` (when a reference
+    was trained) to flat metric dicts; ``comparison`` holds cross-model numbers (Avg. Gap,
+    relearn steps). ``bytes_moved`` is for federated runs (e.g. ``{"up": ..., "down": ...}``).
+    """
+
+    request: dict
+    method: str
+    params: dict
+    seed: int
+    original_sha256: str
+    unlearned_sha256: str
+    metrics: dict[str, dict[str, Any]] = field(default_factory=dict)
+    comparison: dict[str, Any] = field(default_factory=dict)
+    timings_s: dict[str, float] = field(default_factory=dict)
+    mask: dict | None = None
+    mask_file: str | None = None
+    checkpoint: str | None = None
+    retrained_sha256: str | None = None
+    bytes_moved: dict[str, int] | None = None
+    plots: list[str] = field(default_factory=list)
+    versions: dict[str, str | None] = field(default_factory=library_versions)
+    created: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
+    report_version: int = REPORT_VERSION
+
+    @staticmethod
+    def mask_summary(mask: ParameterMask | None) -> dict | None:
+        """Fraction overall and per layer, selected channels and the mask's hash (no tensors)."""
+        return None if mask is None else mask.summary()
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=False, default=_jsonable)
+
+    def save(self, path: str | os.PathLike, on_exists: str = "suffix") -> Path:
+        """Write the JSON atomically; an existing file is never overwritten (suffix or FileExistsError)."""
+        path = unique_path(path, on_exists)
+        text = self.to_json().encode()
+        return _atomic_write(path, lambda f: f.write(text))
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "UnlearningReport":
+        data = json.loads(Path(path).read_text())
+        version = data.get("report_version")
+        if version != REPORT_VERSION:
+            raise ValueError(f"{path} is report version {version!r}; this library reads version {REPORT_VERSION}")
+        return cls(**data)
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.tolist()
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    if hasattr(value, "to_dict"):
+        return value.to_dict()
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"cannot write {type(value).__name__} to a report")

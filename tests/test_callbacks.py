@@ -1,0 +1,122 @@
+"""SelectiveUnlearning on an existing Trainer, the mixin in either base position, unlearn() / retrain()."""
+import copy
+
+import lightning.pytorch as pl
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lightning_unlearn import ForgetRequest, UnlearningDataModule, UnlearningMixin, retrain, unlearn
+from lightning_unlearn.api import fit
+from lightning_unlearn.callbacks import SelectiveUnlearning
+from lightning_unlearn.masking import frozen_elements_equal
+from lightning_unlearn.metrics import split_accuracies
+
+
+class PlainNet(pl.LightningModule):
+    """A user's ordinary module: (x, y) batches, own optimizer, no knowledge of unlearning."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 64, 10))
+        self.seen_batches = 0
+
+    def forward(self, x):
+        return self.net(x)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        self.seen_batches += 1
+        return F.cross_entropy(self(x), y)
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.parameters(), lr=1e-2)
+
+
+class MixinFirst(UnlearningMixin, PlainNet):
+    pass
+
+
+class MixinLast(PlainNet, UnlearningMixin):
+    pass
+
+
+def _pretrained(cls, digits):
+    torch.manual_seed(0)
+    model = cls()
+    from tests.conftest import FullTrainData
+
+    fit(model, FullTrainData(digits[0]), 4)
+    return model
+
+
+@pytest.mark.parametrize("cls", [MixinFirst, MixinLast])
+def test_mixin_in_either_position_forgets_with_the_users_own_training_step(cls, digits, class3_dm):
+    model = _pretrained(cls, digits)
+    original = {k: v.clone() for k, v in model.state_dict().items()}
+    before = split_accuracies(model, class3_dm)
+    cb = SelectiveUnlearning(method="grad_x_act", ratio=0.1, objective="random_label")
+    model.seen_batches = 0
+    pl.Trainer(max_epochs=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+               enable_model_summary=False, callbacks=[cb]).fit(model, datamodule=class3_dm)
+    after = split_accuracies(model, class3_dm)
+    assert model.seen_batches > 0  # the user's training_step handled the retain half
+    assert before["forget_acc"] > 0.8 and after["forget_acc"] <= 0.1
+    assert after["remaining_acc"] >= before["remaining_acc"] - 0.1
+    assert 0 < cb.mask.fraction < 0.25
+    assert frozen_elements_equal(model, original, cb.mask)
+    assert set(cb.scores) == {"net.0", "net.3"}
+    assert [r["epoch"] for r in cb.history] == [0, 1] and cb.history[-1]["forget_acc"] == pytest.approx(after["forget_acc"])
+    assert "training_step" not in vars(model)  # routing removed after fit
+
+
+def test_without_mixin_retain_objective_works_and_forget_aware_names_the_mixin(digits, class3_dm):
+    model = _pretrained(PlainNet, digits)
+    with pytest.raises(TypeError, match="needs the model to subclass lightning_unlearn.UnlearningMixin"):
+        fit(copy.deepcopy(model), class3_dm, 1, [SelectiveUnlearning(objective="random_label")])
+    cb = SelectiveUnlearning(objective="retain", log_metrics=False)
+    original = {k: v.clone() for k, v in model.state_dict().items()}
+    fit(model, class3_dm, 1, [cb])
+    assert frozen_elements_equal(model, original, cb.mask)
+
+
+def test_ascent_objective_is_capped_and_forgets(digits, class3_dm):
+    model = _pretrained(MixinFirst, digits)
+    result = unlearn(model, class3_dm, objective="ascent", epochs=2)
+    assert result.metrics["forget_acc"] <= 0.1
+    assert all(torch.isfinite(p).all() for p in result.model.parameters())
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"method": "lime"}, r"unknown scoring method 'lime'; allowed methods are"),
+        ({"objective": "forget"}, r"unknown objective 'forget'; allowed objectives are \['random_label', 'ascent', 'retain'\]"),
+        ({"ratio": 0.0}, r"ratio must be in \(0, 1\]"),
+        ({"bn_stats": "train"}, r"unknown bn_stats 'train'"),
+    ],
+)
+def test_bad_callback_arguments_fail_at_construction(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        SelectiveUnlearning(**kwargs)
+
+
+def test_callback_needs_an_unlearning_datamodule(trained_model, digits):
+    from tests.conftest import FullTrainData
+
+    with pytest.raises(ValueError, match="needs trainer.fit\\(model, datamodule=UnlearningDataModule"):
+        fit(trained_model, FullTrainData(digits[0]), 1, [SelectiveUnlearning()])
+
+
+def test_unlearn_and_retrain_on_a_sample_request(trained_model, digits):
+    dm = UnlearningDataModule(digits[0], digits[1], ForgetRequest(sample_ids=list(range(0, 1347, 10))))
+    original = {k: v.clone() for k, v in trained_model.state_dict().items()}
+    result = unlearn(trained_model, dm, ratio=0.1, epochs=1)
+    assert all(torch.equal(v, original[k]) for k, v in trained_model.state_dict().items())  # input untouched
+    assert frozen_elements_equal(result.model, original, result.mask)
+    assert set(result.timings_s) >= {"scoring", "unlearning", "total"}
+    assert 0 <= result.metrics["forget_acc"] <= 1 and result.metrics["test_acc"] > 0.8
+    reference = retrain(trained_model, dm, epochs=3)
+    assert reference.metrics["test_acc"] > 0.8 and reference.timings_s["retrain"] > 0
+    assert not torch.equal(reference.model.conv1.weight, trained_model.conv1.weight)

@@ -1,0 +1,110 @@
+"""Channel scoring: every method, ablation vs captum, scores agree with intervention."""
+import pytest
+import torch
+from torch import nn
+
+from lightning_unlearn import METHODS, channel_scores, discover_layers
+from lightning_unlearn.attribution import captum_ablation_scores
+
+
+def test_discovers_layers_head_and_batchnorm(trained_model, digits):
+    info = discover_layers(trained_model, digits[0].tensors[0][:2])
+    assert list(info) == ["conv1", "conv2", "fc1", "fc2"]
+    assert info["conv1"].batchnorm == "bn1" and info["conv2"].batchnorm == "bn2"
+    assert info["fc1"].batchnorm is None
+    assert [n for n, i in info.items() if i.is_head] == ["fc2"]
+    assert info["conv2"].out_channels == 32
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_every_method_returns_finite_scores_of_the_right_shape(trained_model, class3_dm, method):
+    scores = channel_scores(trained_model, class3_dm.forget_dataloader(), method, max_samples=64)
+    assert {k: v.shape for k, v in scores.items()} == {
+        "conv1": (16,), "conv2": (32,), "fc1": (64,), "fc2": (10,)
+    }
+    assert all(torch.isfinite(v).all() and v.abs().sum() > 0 for v in scores.values())
+    assert scores.num_samples == 64 and scores.method == method
+
+
+def test_fast_ablation_equals_captum_layer_feature_ablation(trained_model, class3_dm):
+    x, y = next(iter(class3_dm.forget_dataloader()))
+    x, y = x[:32], y[:32]
+    ours = channel_scores(trained_model, [(x, y)], "ablation")
+    for name in ("conv1", "conv2", "fc1"):
+        reference = captum_ablation_scores(trained_model, dict(trained_model.named_modules())[name], x, y)
+        torch.testing.assert_close(ours[name], reference.float(), rtol=1e-4, atol=1e-5)
+
+
+def test_ablation_falls_back_when_a_residual_crosses_the_layer():
+    class Residual(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = nn.Linear(6, 6)
+            self.head = nn.Linear(6, 3)
+
+        def forward(self, x):
+            return self.head(x + torch.relu(self.inner(x)))
+
+    torch.manual_seed(0)
+    model = Residual().eval()
+    x, y = torch.randn(5, 6), torch.tensor([0, 1, 2, 0, 1])
+    ours = channel_scores(model, [(x, y)], "ablation", layers=["inner"])
+    torch.testing.assert_close(ours["inner"], captum_ablation_scores(model, model.inner, x, y).float())
+
+
+def test_top_scored_channels_matter_more_than_random_ones(trained_model, class3_dm):
+    """Zeroing the top-scored conv2 channels lowers the class-3 logit more than zeroing random ones."""
+    scores = channel_scores(trained_model, class3_dm.forget_dataloader(), "ablation")
+    x, _ = next(iter(class3_dm.forget_dataloader()))
+
+    def logit_after_zeroing(channels):
+        def hook(_, __, out):
+            out = out.clone()
+            out[:, channels] = 0
+            return out
+
+        h = trained_model.conv2.register_forward_hook(hook)
+        with torch.no_grad():
+            value = trained_model(x)[:, 3].mean().item()
+        h.remove()
+        return value
+
+    k = 4
+    top = torch.topk(scores["conv2"], k).indices.tolist()
+    generator = torch.Generator().manual_seed(0)
+    random_drops = [logit_after_zeroing(torch.randperm(32, generator=generator)[:k].tolist()) for _ in range(10)]
+    assert logit_after_zeroing(top) < min(random_drops)
+
+
+def test_contrast_subtracts_retain_importance(trained_model, class3_dm):
+    plain = channel_scores(trained_model, class3_dm.forget_dataloader(), "grad_x_act")
+    retain = channel_scores(trained_model, class3_dm.retain_dataloader(), "grad_x_act", max_samples=plain.num_samples, seed=1)
+    contrast = channel_scores(
+        trained_model, class3_dm.forget_dataloader(), "grad_x_act", retain_loader=class3_dm.retain_dataloader()
+    )
+    torch.testing.assert_close(contrast["fc2"], plain["fc2"] - retain["fc2"], rtol=1e-4, atol=1e-5)
+
+
+def test_subsample_is_seeded(trained_model, class3_dm):
+    a = channel_scores(trained_model, class3_dm.forget_dataloader(), "grad_x_act", max_samples=20, seed=3)
+    b = channel_scores(trained_model, class3_dm.forget_dataloader(), "grad_x_act", max_samples=20, seed=3)
+    c = channel_scores(trained_model, class3_dm.forget_dataloader(), "grad_x_act", max_samples=20, seed=4)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not all(torch.equal(a[k], c[k]) for k in a)
+
+
+def test_scoring_leaves_the_model_in_its_mode_and_unchanged(trained_model, class3_dm):
+    before = {k: v.clone() for k, v in trained_model.state_dict().items()}
+    trained_model.train()
+    channel_scores(trained_model, class3_dm.forget_dataloader(), "weight_saliency")
+    assert trained_model.training
+    assert all(torch.equal(before[k], v) for k, v in trained_model.state_dict().items())
+
+
+def test_bad_scoring_input(trained_model, class3_dm):
+    with pytest.raises(ValueError, match=r"unknown scoring method 'shap'; allowed methods are \['grad_x_act'"):
+        channel_scores(trained_model, class3_dm.forget_dataloader(), "shap")
+    with pytest.raises(ValueError, match=r"unknown layer name\(s\) \['conv9'\]; scorable layers are"):
+        channel_scores(trained_model, class3_dm.forget_dataloader(), layers=["conv9"])
+    with pytest.raises(ValueError, match="has no Conv1d/Conv2d/Conv3d/Linear layer"):
+        channel_scores(nn.Sequential(nn.Flatten(), nn.ReLU()), [(torch.zeros(2, 4), torch.zeros(2).long())])
