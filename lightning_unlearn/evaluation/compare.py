@@ -8,8 +8,13 @@ from typing import Iterable, Mapping, Sequence
 from rich.console import Console
 from rich.table import Table
 
+from lightning_unlearn.evaluation.membership import INFORMATIVE_SHADOW_ACC
 from lightning_unlearn.evaluation.report import UnlearningReport
 
+HEADERS = {
+    "forget_acc": "forget", "remaining_acc": "remain", "test_acc": "test", "mia_efficacy": "MIA-eff [shadow]",
+    "loss_auc": "loss AUC", "probe_forget_acc": "probe(forget)", "avg_gap": "gap", "seconds": "s",
+}
 DEFAULT_COLUMNS = (
     "forget_acc", "remaining_acc", "test_acc", "mia_efficacy", "loss_auc", "probe_forget_acc", "avg_gap", "seconds",
 )
@@ -40,15 +45,24 @@ def aggregate(rows: Iterable[Mapping], by: str = "method") -> dict[str, dict[str
     return out
 
 
-def format_cell(stat: tuple[float, float, int] | None, column: str) -> str:
-    """Accuracy-like columns in percent, others as plain numbers; '-' when missing."""
+def format_cell(stat: tuple[float, float, int] | None, column: str, shadow: tuple[float, float, int] | None = None) -> str:
+    """Accuracy-like columns in percent, others as plain numbers; '-' when missing.
+
+    MIA-efficacy is never shown bare: its shadow classifier's accuracy follows in brackets,
+    with ``!`` when it is below the informative threshold (the score then means nothing).
+    """
     if stat is None:
         return "-"
     mean, std, n = stat
     pct = column.endswith(("acc", "efficacy")) or column in ("loss_auc",)
     scale, digits = (100.0, 1) if pct else (1.0, 2)
-    text = f"{mean * scale:.{digits}f}"
-    return text + (f" ± {std * scale:.{digits}f}" if n > 1 else "")
+    text = f"{mean * scale:.{digits}f}" + (f" ± {std * scale:.{digits}f}" if n > 1 else "")
+    if column == "mia_efficacy":
+        if shadow is None:
+            return text + " [shadow ?!]"
+        flag = "!" if shadow[0] < INFORMATIVE_SHADOW_ACC else ""
+        text += f" [{shadow[0] * 100:.0f}%{flag}]"
+    return text
 
 
 def compare(
@@ -61,16 +75,17 @@ def compare(
 
     ``runs`` are :class:`UnlearningReport` objects or flat dict rows with a ``"method"`` key.
     Accuracies, MIA-efficacy and AUC are shown in percent; Avg. Gap is in points already.
+    MIA-efficacy carries its shadow accuracy, ``!`` marking an uninformative attack (< 55%).
     """
     rows = [report_row(r) if isinstance(r, UnlearningReport) or "metrics" in r else dict(r) for r in runs]
     if not rows:
         raise ValueError("compare needs at least one run")
     stats = aggregate(rows)
-    table = Table(title=title)
+    table = Table(title=title, caption="MIA-eff [shadow acc; ! = below 55%, uninformative]")
     table.add_column("method")
     for col in columns:
-        table.add_column(col, justify="right")
+        table.add_column(HEADERS.get(col, col), justify="right")
     for method, cols in stats.items():
-        table.add_row(method, *[format_cell(cols.get(c), c) for c in columns])
+        table.add_row(method, *[format_cell(cols.get(c), c, cols.get("mia_shadow_acc")) for c in columns])
     (console or Console()).print(table)
     return table

@@ -61,6 +61,9 @@ def _atomic_write(path: Path, write) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.NamedTemporaryFile(dir=path.parent, delete=False, suffix=".tmp") as f:
         write(f)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(f.name, 0o666 & ~umask)  # temporary files are private; the result gets normal permissions
     try:  # a hard link fails if the target appeared meanwhile: never overwrite
         os.link(f.name, path)
     except FileExistsError:

@@ -1,0 +1,66 @@
+"""Centralised unlearning baselines behind one interface with the core method.
+
+Every entry of :data:`METHODS` is ``fn(model, dm, epochs=..., seed=..., trainer_kwargs=..., **params)
+-> UnlearningResult`` and leaves ``model`` untouched. ``retrain`` is the exact reference;
+``ours`` is :func:`lightning_unlearn.unlearn` (explanation-selected channels).
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from lightning_unlearn.api import UnlearningResult, retrain as _retrain, unlearn
+from lightning_unlearn.baselines.common import masked_update
+from lightning_unlearn.baselines.controls import output_row, output_row_mask, random_channel_mask, random_channels
+from lightning_unlearn.baselines.salun import salun, saliency_mask
+from lightning_unlearn.baselines.ssd import dampen, fisher_diagonal, ssd
+from lightning_unlearn.selection import ParameterMask
+
+
+def ours(model, dm, epochs: int = 1, seed: int = 0, trainer_kwargs=None, method: str = "grad_x_act",
+         ratio: float = 0.1, objective: str = "random_label", **selection: Any) -> UnlearningResult:
+    """The core method: explain, select ``ratio`` of the channels per layer, masked update."""
+    return unlearn(model, dm, method, ratio, objective, epochs, trainer_kwargs, seed=seed, **selection)
+
+
+def retrain(model, dm, epochs: int = 5, seed: int = 0, trainer_kwargs=None) -> UnlearningResult:
+    """Exact reference: fresh weights trained on the retain set only (``epochs`` = training epochs)."""
+    return _retrain(model, dm, epochs, trainer_kwargs, seed)
+
+
+def _full(objective: str, doc: str) -> Callable[..., UnlearningResult]:
+    def run(model, dm, epochs: int = 1, seed: int = 0, trainer_kwargs=None) -> UnlearningResult:
+        return masked_update(model, dm, ParameterMask.full(model), objective, epochs, seed, trainer_kwargs)
+
+    run.__doc__ = doc
+    return run
+
+
+finetune = _full("retain", "Fine-tune all parameters on the retain set (catastrophic forgetting).")
+neggrad_plus = _full("ascent", "NegGrad+: retain cross-entropy plus capped gradient ascent on the forget set, all parameters.")
+random_label = _full("random_label", "Random labels on the forget set plus retain cross-entropy, all parameters.")
+
+METHODS: dict[str, Callable[..., UnlearningResult]] = {
+    "ours": ours,
+    "retrain": retrain,
+    "output_row": output_row,
+    "random_channels": random_channels,
+    "finetune": finetune,
+    "neggrad_plus": neggrad_plus,
+    "random_label": random_label,
+    "salun": salun,
+    "ssd": ssd,
+}
+
+
+def run_method(name: str, model, dm, **kwargs: Any) -> UnlearningResult:
+    """Run baseline ``name`` (see :data:`METHODS`) with its keyword parameters."""
+    if name not in METHODS:
+        raise ValueError(f"unknown method {name!r}; allowed methods are {list(METHODS)}")
+    return METHODS[name](model, dm, **kwargs)
+
+
+__all__ = [
+    "METHODS", "dampen", "finetune", "fisher_diagonal", "masked_update", "neggrad_plus", "ours", "output_row",
+    "output_row_mask", "random_channel_mask", "random_channels", "random_label", "retrain", "run_method",
+    "saliency_mask", "salun", "ssd",
+]
