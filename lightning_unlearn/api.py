@@ -64,13 +64,17 @@ def unlearn(
     epochs: int = 1,
     trainer_kwargs: dict | None = None,
     inplace: bool = False,
+    max_steps: int | None = None,
     **selection: Any,
 ) -> UnlearningResult:
     """Forget ``datamodule.request``: score channels, select, fine-tune only the selected slices.
 
-    The input model is left untouched unless ``inplace=True``. Extra keyword arguments go to
-    :class:`~lightning_unlearn.callbacks.SelectiveUnlearning` (``scope``, ``layers``, ...).
+    The input model is left untouched unless ``inplace=True``. ``max_steps`` caps the update
+    (a fraction of an epoch is often enough on large data). Extra keyword arguments go to
+    :class:`~lightning_unlearn.callbacks.SelectiveUnlearning` (``scope``, ``layers``, ``seed``, ...).
     """
+    if max_steps is not None:
+        trainer_kwargs = {**(trainer_kwargs or {}), "max_steps": max_steps}
     callback = SelectiveUnlearning(method=method, ratio=ratio, objective=objective, log_metrics=False, **selection)
     work = (model if inplace else copy.deepcopy(model)).train()
     start = time.perf_counter()

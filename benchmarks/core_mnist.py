@@ -1,0 +1,121 @@
+"""Core benchmark on MNIST: the demo table, GradientMask overhead per step, scoring cost per method.
+
+    python benchmarks/core_mnist.py --data-root ../shared/data/mnist
+
+Writes benchmarks/results/core_mnist.json and prints markdown for BENCHMARKS.md.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import statistics
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+
+from lightning_unlearn import METHODS, ForgetRequest, UnlearningDataModule, channel_scores, select_channels
+from lightning_unlearn.callbacks import GradientMask
+from lightning_unlearn.data import load_mnist
+from lightning_unlearn.demo import run
+from lightning_unlearn.masking import MaskEnforcer
+from lightning_unlearn.models import SmallCNN
+
+
+def demo_table(root: str, epochs: int, unlearn_steps: int, seed: int) -> tuple[list[dict], str]:
+    results = run(root, epochs=epochs, unlearn_epochs=1, unlearn_steps=unlearn_steps, seed=seed)
+    rows, retrain_s = [], results["retrained"].timings_s["total"]
+    lines = ["| model | forget acc (%) | remaining acc (%) | test acc (%) | params updated (%) | wall time (s) | vs retrain |",
+             "|---|---|---|---|---|---|---|"]
+    for name, r in results.items():
+        m, t = r.metrics, r.timings_s["total"]
+        frac = None if r.mask is None else r.mask.fraction
+        rows.append({"model": name, **{k: m[k] for k in ("forget_acc", "remaining_acc", "test_acc")},
+                     "params_updated": frac, "wall_s": t})
+        lines.append(f"| {name} | {100 * m['forget_acc']:.2f} | {100 * m['remaining_acc']:.2f} | {100 * m['test_acc']:.2f} | "
+                     f"{'-' if frac is None else f'{100 * frac:.1f}'} | {t:.1f} | {100 * t / retrain_s:.1f}% |")
+    return rows, "\n".join(lines)
+
+
+def mask_overhead(dm: UnlearningDataModule, steps: int, repeats: int) -> dict:
+    """Median time of one optimizer step with and without the mask (restore after step included)."""
+    model = SmallCNN(channels=(32, 64), hidden=128)
+    scores = channel_scores(model, dm.forget_dataloader(), "grad_x_act", max_samples=256)
+    mask = select_channels(scores, model, ratio=0.1, head_rows=[3])
+    batches = [b for _, b in zip(range(steps), dm.retain_dataloader(shuffle=True))]
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.01)
+
+    def one_pass(enforcer):
+        start = time.perf_counter()
+        for x, y in batches:
+            opt.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            if enforcer:
+                enforcer.zero_frozen_grads()
+            opt.step()
+            if enforcer:
+                enforcer.restore()
+        return (time.perf_counter() - start) / len(batches)
+
+    enforcer = MaskEnforcer(model, mask)
+    plain, masked = [], []
+    one_pass(None)  # warm-up
+    for _ in range(repeats):  # interleaved so background load hits both alike
+        plain.append(one_pass(None))
+        masked.append(one_pass(enforcer))
+    p, m = statistics.median(plain), statistics.median(masked)
+    return {"plain_step_ms": 1e3 * p, "masked_step_ms": 1e3 * m, "overhead_pct": 100 * (m - p) / p, "steps": steps,
+            "repeats": repeats, "mask_fraction": mask.fraction}
+
+
+def scoring_cost(model, dm: UnlearningDataModule) -> dict:
+    """Scoring wall time per method, relative to one training epoch over the forget data."""
+    loader = dm.forget_dataloader()
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    start = time.perf_counter()
+    for x, y in loader:
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+    epoch = time.perf_counter() - start
+    out = {"forget_samples": len(loader.dataset), "epoch_over_forget_s": epoch}
+    for method in METHODS:
+        start = time.perf_counter()
+        s = channel_scores(model, loader, method)
+        elapsed = time.perf_counter() - start
+        out[method] = {"seconds": elapsed, "relative_to_epoch": elapsed / epoch, "samples_scored": s.num_samples}
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--data-root", required=True)
+    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--unlearn-steps", type=int, default=150)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default="benchmarks/results/core_mnist.json")
+    args = parser.parse_args()
+    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore")
+    train, test = load_mnist(args.data_root)
+    dm = UnlearningDataModule(train, test, ForgetRequest(classes=[3]), batch_size=64)
+    pl.seed_everything(args.seed, verbose=False)
+    overhead = mask_overhead(dm, steps=100, repeats=5)
+    print(f"GradientMask overhead: {overhead}", flush=True)
+    rows, table = demo_table(args.data_root, args.epochs, args.unlearn_steps, args.seed)
+    print(table, flush=True)
+    trained = SmallCNN(channels=(32, 64), hidden=128)
+    cost = scoring_cost(trained, dm)
+    print(json.dumps(cost, indent=1))
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps({"command": " ".join(sys.argv), "table": rows, "table_md": table,
+                                          "mask_overhead": overhead, "scoring_cost": cost, "torch_threads": torch.get_num_threads()}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
