@@ -8,7 +8,9 @@ upward messages; nothing else leaves it.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
+import logging
 import time
 from typing import Any, Mapping, Sequence
 
@@ -95,6 +97,20 @@ def _trainer_kwargs(config: Mapping[str, Any], base: Mapping[str, Any] | None) -
     return kwargs
 
 
+@contextlib.contextmanager
+def quiet_lightning(level: int = logging.WARNING):
+    """Mute Lightning's per-Trainer info lines ("GPU available", ...): a federation builds one Trainer per client."""
+    loggers = [logging.getLogger(n) for n in ("lightning.pytorch", "lightning.fabric", "lightning")]
+    before = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(max(level, lg.level))
+    try:
+        yield
+    finally:
+        for lg, lvl in zip(loggers, before):
+            lg.setLevel(lvl)
+
+
 def local_fit(
     model: pl.LightningModule,
     arrays: Mapping[str, Tensor],
@@ -112,7 +128,8 @@ def local_fit(
     torch.manual_seed(int(config.get("seed", 0)))
     timer = _LocalTimer()
     start = time.perf_counter()
-    fit(model, datamodule, int(config.get("epochs", 1)), [*callbacks, timer], _trainer_kwargs(config, trainer_kwargs))
+    with quiet_lightning():
+        fit(model, datamodule, int(config.get("epochs", 1)), [*callbacks, timer], _trainer_kwargs(config, trainer_kwargs))
     return get_arrays(model), {"local_compute_s": timer.seconds, "fit_s": time.perf_counter() - start}
 
 

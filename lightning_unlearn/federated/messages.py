@@ -180,7 +180,8 @@ class Transport:
 
     def start_round(self, label: str) -> RoundBytes:
         self._current = label
-        return self.rounds.setdefault(label, RoundBytes())
+        self.rounds[label] = RoundBytes()  # a label reused by a later run starts from zero
+        return self.rounds[label]
 
     def call(self, client: Any, operation: str, message: Any = None) -> Any:
         bytes_ = self.rounds.setdefault(self._current, RoundBytes())

@@ -1,0 +1,230 @@
+"""Federated baselines on the same clients and request as :func:`federated_unlearn`.
+
+* :func:`federated_retrain` - FedAvg from scratch without the forget data: the exact reference.
+* :func:`federated_finetune` - every channel trainable on retain data, same rounds as ours.
+* :func:`federated_random_channels` - channels drawn at random at our ratio: does explanation matter?
+* :func:`federated_cdp` - Wang et al. (WWW'22): TF-IDF of channel activations, prune the most
+  discriminative channels of the forget data, then fine-tune the rest.
+* :func:`federated_eraser` - Liu et al. (IWQoS'21): replay the stored rounds with calibrated updates.
+"""
+from __future__ import annotations
+
+import copy
+import math
+import time
+from typing import Any, Mapping, Sequence
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+from torch import Tensor
+
+from lightning_unlearn.api import reinitialize
+from lightning_unlearn.attribution import LayerInfo
+from lightning_unlearn.data.federated import FederatedForgetPlan
+from lightning_unlearn.federated.client import get_arrays, set_arrays
+from lightning_unlearn.federated.messages import Broadcast, ParametersMessage, ScoresMessage, Transport, check_upward
+from lightning_unlearn.federated.protocol import (
+    FederatedUnlearningResult,
+    all_channels,
+    masked_rounds,
+    resolve_objective,
+    round_bytes,
+)
+from lightning_unlearn.federated.server import UpdateStore, check_rounds, run_fedavg
+from lightning_unlearn.selection import ParameterMask, select_channels
+
+
+def federated_retrain(
+    model: pl.LightningModule,
+    clients: Sequence[Any],
+    plan: FederatedForgetPlan,
+    rounds: int,
+    local_epochs: int = 1,
+    fraction: float = 1.0,
+    seed: int = 0,
+    evaluate=None,
+    progress: bool = True,
+) -> FederatedUnlearningResult:
+    """Fresh weights, FedAvg on every client's retain data only; clients without retain data sit out."""
+    fresh = reinitialize(copy.deepcopy(model), seed)
+    transport = Transport()
+    t0 = time.perf_counter()
+    out = run_fedavg(fresh, clients, rounds, fraction, local_epochs, seed, data="retain", evaluate=evaluate,
+                     deploy=False, transport=transport, progress=progress, label="retrain",
+                     participants=plan.retaining_clients)
+    elapsed = time.perf_counter() - t0
+    return FederatedUnlearningResult(
+        fresh, "retrain", ParameterMask.full(fresh), {"retrain": elapsed, "unlearning": elapsed, "total": elapsed},
+        {**round_bytes(out.history), "fedavg_round": out.bytes_per_round}, history=out.history,
+        extra={"rounds": rounds, "overhead_fraction": out.overhead_fraction},
+    )
+
+
+def _masked_baseline(
+    name: str, model, clients, plan, mask: ParameterMask, channels, rounds, config, transport, t_select: float,
+    extra: dict | None = None,
+) -> FederatedUnlearningResult:
+    work = copy.deepcopy(model)
+    mask.channels = {k: list(v) for k, v in channels.items()}
+    t0 = time.perf_counter()
+    _, history = masked_rounds(work, clients, mask, rounds, config, transport, label=name)
+    elapsed = time.perf_counter() - t0
+    return FederatedUnlearningResult(
+        work, name, mask, {"scoring": t_select, "unlearning": elapsed, "total": t_select + elapsed},
+        round_bytes(history, extra.pop("score_bytes", 0) if extra else 0), history=history, extra=extra or {},
+    )
+
+
+def federated_finetune(
+    model: pl.LightningModule, clients: Sequence[Any], plan: FederatedForgetPlan, layers: Mapping[str, LayerInfo],
+    rounds: int = 1, local_epochs: int = 1, max_steps: int | None = None, seed: int = 0,
+) -> FederatedUnlearningResult:
+    """All channels trainable, retain data only, the same rounds and local steps as ours."""
+    channels = all_channels(layers)
+    mask = ParameterMask.from_channels(model, channels, layers)
+    config = {"objective": "retain", "epochs": local_epochs, "max_steps": max_steps, "seed": seed, "mode": "train"}
+    return _masked_baseline("finetune", model, clients, plan, mask, channels, rounds, config, Transport(), 0.0)
+
+
+def federated_random_channels(
+    model: pl.LightningModule, clients: Sequence[Any], plan: FederatedForgetPlan, layers: Mapping[str, LayerInfo],
+    ratio: float = 0.05, objective: str = "auto", rounds: int = 1, local_epochs: int = 1,
+    max_steps: int | None = None, scope: str = "layer", forget_weight: float = 1.0, seed: int = 0,
+) -> FederatedUnlearningResult:
+    """Our protocol with channels drawn at random (same ratio, same head rows): is the explanation worth it?"""
+    gen = torch.Generator().manual_seed(seed)
+    scores = {n: torch.rand(i.out_channels, generator=gen) for n, i in layers.items()}
+    mask = select_channels(scores, model, ratio, scope, layers=layers, head_rows=list(plan.request.classes) or None)
+    config = {"objective": resolve_objective(objective, plan.request), "epochs": local_epochs, "max_steps": max_steps,
+              "seed": seed, "forget_weight": forget_weight, "mode": "train"}
+    return _masked_baseline("random_channels", model, clients, plan, mask, mask.channels, rounds, config, Transport(), 0.0)
+
+
+def cdp_tfidf(docs: Mapping[str, Mapping[str, Tensor]]) -> dict[str, dict[str, Tensor]]:
+    """TF-IDF of channels (terms) over documents (the forget set and each retained class), per layer.
+
+    TF: a channel's share of the document's total activation. A channel "occurs" in a document
+    when its activation there is above its mean over documents; IDF = ln((1+D)/(1+df)) + 1 (the
+    smoothed form scikit-learn uses), so channels firing for few documents weigh more.
+    """
+    names = list(docs)
+    layers = list(next(iter(docs.values())))
+    out: dict[str, dict[str, Tensor]] = {d: {} for d in names}
+    for layer in layers:
+        act = torch.stack([docs[d][layer].double() for d in names])  # (D, C)
+        tf = act / act.sum(1, keepdim=True).clamp(min=1e-12)
+        df = (act > act.mean(0, keepdim=True)).sum(0).double()
+        idf = torch.log((1 + len(names)) / (1 + df)) + 1
+        for i, d in enumerate(names):
+            out[d][layer] = (tf[i] * idf).float()
+    return out
+
+
+def _cdp_documents(replies: Sequence[ScoresMessage]) -> tuple[dict[str, dict[str, Tensor]], dict]:
+    """Count-weighted mean activation per document over clients (server side)."""
+    replies = check_upward(replies, (ScoresMessage,))
+    grouped: dict[str, list[ScoresMessage]] = {}
+    for m in replies:
+        grouped.setdefault(m.tag, []).append(m)
+    docs = {}
+    for tag, msgs in grouped.items():
+        total = sum(m.num_samples for m in msgs)
+        docs[tag] = {n: sum(m.scores[n].double() * m.num_samples for m in msgs).float() / total for n in msgs[0].scores}
+    return docs, replies[0].layers
+
+
+def federated_cdp(
+    model: pl.LightningModule, clients: Sequence[Any], plan: FederatedForgetPlan, layers: Mapping[str, LayerInfo],
+    ratio: float = 0.05, rounds: int = 1, local_epochs: int = 1, max_steps: int | None = None,
+    max_samples: int | None = 256, seed: int = 0,
+) -> FederatedUnlearningResult:
+    """CDP: clients send per-document mean channel activations; the server prunes (zeroes) the
+    channels with the highest TF-IDF for the forget document, then the federation fine-tunes the rest.
+
+    For class requests the forget document is the class (the original method); for client and
+    sample requests it is the forget set, against each retained class.
+    """
+    transport = Transport()
+    t0 = time.perf_counter()
+    rb = transport.start_round("cdp_stats")
+    replies: list[ScoresMessage] = []
+    for c in clients:
+        r = transport.call(c, "cdp_stats", Broadcast({}, {"max_samples": max_samples}))
+        replies.extend(r or [])
+    docs, _ = _cdp_documents(replies)
+    if "forget" not in docs:
+        raise ValueError("no client holds data to forget: CDP has no forget document")
+    tfidf = cdp_tfidf(docs)["forget"]
+    pruned = select_channels(tfidf, model, ratio, "layer", layers={n: i for n, i in layers.items() if n in tfidf})
+    t_select = time.perf_counter() - t0
+    channels = dict(pruned.channels)
+    trainable = ParameterMask({n: ~m for n, m in pruned.masks.items()}, channels)
+    work = copy.deepcopy(model)
+    arrays = get_arrays(work)
+    for n, m in pruned.masks.items():
+        arrays[n] = torch.where(m, torch.zeros_like(arrays[n]), arrays[n])
+    set_arrays(work, arrays)
+    config = {"objective": "retain", "epochs": local_epochs, "max_steps": max_steps, "seed": seed, "mode": "prune"}
+    t1 = time.perf_counter()
+    _, history = masked_rounds(work, clients, trainable, rounds, config, transport, reference=arrays, label="cdp")
+    elapsed = time.perf_counter() - t1
+    return FederatedUnlearningResult(
+        work, "cdp", trainable, {"scoring": t_select, "unlearning": elapsed, "total": t_select + elapsed},
+        round_bytes(history, rb.total), history=history,
+        extra={"pruned_fraction": pruned.fraction, "pruned_channels": channels},
+    )
+
+
+def federated_eraser(
+    model: pl.LightningModule, clients: Sequence[Any], plan: FederatedForgetPlan, store: UpdateStore,
+    calibration_ratio: float = 0.5, local_epochs: int = 1, seed: int = 0,
+) -> FederatedUnlearningResult:
+    """FedEraser: from the first stored global model, replay each stored round; every remaining client
+    trains ``calibration_ratio`` of an epoch on retain data, and its stored update is re-applied with
+    the new direction: ``||U_old|| * U_new / ||U_new||`` per tensor (count-weighted mean over clients).
+    """
+    if store is None or not store.rounds:
+        raise ValueError("FedEraser needs the client updates stored during training: run_fedavg(store_every=n)")
+    if not 0 < calibration_ratio <= 1:
+        raise ValueError(f"calibration_ratio must be in (0, 1], got {calibration_ratio!r}")
+    transport = Transport()
+    keep = set(plan.retaining_clients)
+    work = copy.deepcopy(model)
+    current = {k: v.clone() for k, v in store.rounds[0]["global"].items()}
+    history = []
+    t0 = time.perf_counter()
+    for j, stored in enumerate(store.rounds):
+        rt = time.perf_counter()
+        rb = transport.start_round(f"federaser/{j}")
+        calibrated, counts = [], []
+        for cid, old in stored["updates"].items():
+            if cid not in keep:
+                continue
+            cfg = {"epochs": local_epochs, "seed": seed * 1_000 + j * 100 + cid, "data": "retain",
+                   "limit_train_batches": calibration_ratio}
+            reply = transport.call(clients[cid], "fit", Broadcast(current, cfg))
+            if reply is None:
+                continue
+            check_upward([reply], (ParametersMessage,))
+            step = {}
+            for k in current:
+                new = reply.arrays[k].double() - current[k].double()
+                norm = new.norm()
+                step[k] = old[k].double().norm() * new / norm if norm > 0 else torch.zeros_like(new)
+            calibrated.append(step)
+            counts.append(reply.num_samples)
+        if calibrated:
+            w = np.asarray(counts, dtype=np.float64) / sum(counts)
+            current = {k: (current[k].double() + sum(wi * s[k] for wi, s in zip(w, calibrated))).to(current[k].dtype)
+                       for k in current}
+        history.append({"round": j, "clients": len(calibrated), "round_s": time.perf_counter() - rt,
+                        "bytes_down": rb.down, "bytes_up": rb.up})
+    set_arrays(work, current)
+    elapsed = time.perf_counter() - t0
+    return FederatedUnlearningResult(
+        work, "federaser", ParameterMask.full(work), {"scoring": 0.0, "unlearning": elapsed, "total": elapsed},
+        round_bytes(history), history=history,
+        extra={"storage_bytes": store.nbytes, "stored_rounds": len(store.rounds), "store_every": store.every,
+               "calibration_ratio": calibration_ratio},
+    )

@@ -1,0 +1,163 @@
+"""The simulation harness: train a federation, hand it a request, evaluate, write one JSON per run.
+
+Evaluation here is an oracle: it reads the forget and retain data to measure the result.
+It lives outside the server on purpose; the server code never sees it.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+
+from lightning_unlearn.attribution import LayerInfo, discover_layers
+from lightning_unlearn.data.federated import FederatedDataModule, FederatedForgetPlan
+from lightning_unlearn.data.unlearning import UnlearningDataModule
+from lightning_unlearn.federated.client import FederatedClient, make_clients
+from lightning_unlearn.federated.protocol import FederatedUnlearningResult
+from lightning_unlearn.federated.server import FedAvgResult, check_rounds, run_fedavg
+from lightning_unlearn.metrics import accuracy, split_accuracies
+from lightning_unlearn.request import ForgetRequest
+
+METRIC_KEYS = ("forget_acc", "remaining_acc", "test_acc")
+
+
+class FederatedSimulation:
+    """A federation of ``fdm.num_clients`` clients training ``model`` with FedAvg, ready to unlearn.
+
+    Args:
+        rounds, local_epochs, fraction: the FedAvg schedule (the retraining reference reuses it).
+        callbacks, trainer_kwargs: the user's Lightning callbacks / Trainer options for every local run.
+        checkpoint_dir: per-round server checkpoints (``resume=True`` continues a run).
+        store_every: keep client updates every n rounds, for FedEraser.
+    """
+
+    def __init__(
+        self,
+        fdm: FederatedDataModule,
+        model: pl.LightningModule,
+        rounds: int = 5,
+        local_epochs: int = 1,
+        fraction: float = 1.0,
+        seed: int = 0,
+        callbacks: Sequence[Callback] = (),
+        trainer_kwargs: Mapping[str, Any] | None = None,
+        checkpoint_dir: str | os.PathLike | None = None,
+        store_every: int | None = None,
+        progress: bool = True,
+    ) -> None:
+        check_rounds(rounds)
+        check_rounds(local_epochs, "local_epochs")
+        fdm.setup("fit")
+        self.fdm, self.model, self.rounds, self.local_epochs = fdm, model, rounds, local_epochs
+        self.fraction, self.seed, self.progress = fraction, seed, progress
+        self.checkpoint_dir, self.store_every = checkpoint_dir, store_every
+        self.clients: list[FederatedClient] = make_clients(fdm, model, callbacks, trainer_kwargs)
+        self.training: FedAvgResult | None = None
+        self.plan: FederatedForgetPlan | None = None
+        self._eval_dm: UnlearningDataModule | None = None
+        self.timings_s: dict[str, float] = {}
+
+    # -- phases ---------------------------------------------------------------------------------
+    def train(self, resume: bool = False) -> FedAvgResult:
+        """Original federated training; the final model is deployed to every client."""
+        start = time.perf_counter()
+        self.training = run_fedavg(
+            self.model, self.clients, self.rounds, self.fraction, self.local_epochs, self.seed,
+            evaluate=self.test_accuracy, checkpoint_dir=self.checkpoint_dir, resume=resume,
+            store_every=self.store_every, progress=self.progress,
+        )
+        self.timings_s["training"] = time.perf_counter() - start
+        return self.training
+
+    def request(self, request: ForgetRequest) -> FederatedForgetPlan:
+        """Resolve and hand the request to the clients (each learns only its own split)."""
+        self.plan = self.fdm.forget_plan(request)
+        for client, split in zip(self.clients, self.plan.splits):
+            client.receive_request(request, split)
+        self._eval_dm = UnlearningDataModule(
+            self.fdm.train_dataset, self.fdm.test_dataset, request, batch_size=512, seed=self.seed,
+            num_classes=self.fdm.num_classes, forget_indices=self.plan.forget_indices,
+        )
+        return self.plan
+
+    def layers(self) -> dict[str, LayerInfo]:
+        """Layer metadata from the model's structure (a zero input of the data's shape)."""
+        x = self.fdm.test_dataset[0][0]
+        return discover_layers(self.model, torch.zeros(2, *x.shape, dtype=x.dtype))
+
+    # -- evaluation (oracle) ----------------------------------------------------------------------
+    def test_accuracy(self, model: torch.nn.Module) -> dict[str, float]:
+        return {"test_acc": accuracy(model, self.fdm.test_dataloader(), self.fdm.num_classes)}
+
+    def evaluate(self, model: torch.nn.Module) -> dict[str, float | None]:
+        """forget / remaining / test accuracy for the current request (see :func:`split_accuracies`)."""
+        if self._eval_dm is None:
+            raise RuntimeError("call request(...) before evaluate(...)")
+        return split_accuracies(model, self._eval_dm)
+
+    # -- report -----------------------------------------------------------------------------------
+    def report(
+        self,
+        result: FederatedUnlearningResult,
+        original: Mapping[str, Any],
+        retrained: FederatedUnlearningResult,
+        retrained_metrics: Mapping[str, Any],
+        unlearned_metrics: Mapping[str, Any] | None = None,
+    ) -> dict[str, Any]:
+        """The run's JSON-ready record (the issue's contract plus context)."""
+        unlearned = unlearned_metrics if unlearned_metrics is not None else self.evaluate(result.model)
+        fedavg_round = self.training.bytes_per_round if self.training is not None else math.nan
+        retrain_s = retrained.timings_s["retrain"]
+        wall = result.timings_s.get("total", math.nan)
+        pick = lambda m: {k: m.get(k) for k in (*METRIC_KEYS, "forget_train_acc", "retain_train_acc")}  # noqa: E731
+        return {
+            "request": self.plan.request.to_dict(),
+            "method": result.method,
+            "seed": self.seed,
+            "partition": {"kind": self.fdm.partition, "alpha": self.fdm.alpha, "num_clients": self.fdm.num_clients,
+                          "clients_forgetting": self.plan.forgetting_clients, "clients_dropped": self.plan.dropped},
+            "schedule": {"rounds": self.rounds, "local_epochs": self.local_epochs, "fraction": self.fraction},
+            "mask": {"fraction": None if result.mask is None else result.mask.fraction,
+                     "channels": None if result.mask is None else result.mask.channels,
+                     "sha256": None if result.mask is None else result.mask.sha256()},
+            "metrics": {"original": pick(original), "unlearned": pick(unlearned), "retrained": pick(retrained_metrics)},
+            "timings_s": {"training": self.timings_s.get("training"), "scoring": result.timings_s.get("scoring", 0.0),
+                          "unlearning": result.timings_s.get("unlearning"), "retrain": retrain_s, "total": wall},
+            "speedup_vs_retrain": retrain_s / wall if wall else None,
+            "bytes": {**result.bytes, "fedavg_round": fedavg_round,
+                      "ratio_to_fedavg_round": result.bytes["unlearning_round"] / fedavg_round},
+            "extra": _jsonable(result.extra),
+        }
+
+
+def write_json(record: Mapping[str, Any], path: str | os.PathLike) -> Path:
+    """Write atomically (temporary file + rename): a crash never leaves half a report."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as f:
+        json.dump(_jsonable(record), f, indent=2)
+    os.replace(f.name, path)
+    return path
+
+
+def _jsonable(obj: Any) -> Any:
+    if isinstance(obj, Mapping):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, torch.Tensor):
+        return obj.tolist()
+    if hasattr(obj, "item") and callable(obj.item):
+        return obj.item()
+    if isinstance(obj, float) and math.isnan(obj):
+        return None
+    return obj
