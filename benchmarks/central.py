@@ -1,0 +1,276 @@
+"""Centralised benchmark: every method on digits and MNIST, class-level and random-sample forgetting.
+
+For each dataset and seed one original model is trained on all training data; for each
+request (class 3; a random 10% of the training samples) the exact reference is retrained
+from scratch on the retain set, then every method unlearns from the same original. Each
+unlearned model is evaluated with lightning_unlearn.evaluation (accuracy splits, MIA-efficacy
+with its shadow accuracy, loss-attack AUC, probe, relearn steps) and compared with the
+retrained one (Avg. Gap). Writes benchmarks/results/central_<dataset>.json and replaces the
+"## Centralised methods (digits, MNIST)" section of BENCHMARKS.md.
+
+    .venv/bin/python benchmarks/central.py --datasets digits mnist --mnist-root ../shared/data/mnist
+
+Never part of ``make test``; tests run ``--smoke`` (digits, one seed, two methods).
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from torch.utils.data import DataLoader, Dataset, Subset
+
+from lightning_unlearn import ForgetRequest, UnlearningDataModule
+from lightning_unlearn.api import fit
+from lightning_unlearn.baselines import METHODS, run_method
+from lightning_unlearn.data import load_digits_datasets, load_mnist
+from lightning_unlearn.evaluation import (
+    aggregate,
+    avg_gap,
+    evaluate_model,
+    library_versions,
+    random_samples_request,
+    relearn_time,
+)
+from lightning_unlearn.evaluation.compare import format_cell
+from lightning_unlearn.evaluation.membership import subsample
+from lightning_unlearn.models import SmallCNN
+
+ACC_KEYS = ("forget_acc", "remaining_acc", "test_acc")
+SECTION = "## Centralised methods (digits, MNIST)"
+ROOT = Path(__file__).resolve().parent.parent
+COLUMNS = (
+    ("forget_acc", "forget acc"),
+    ("remaining_acc", "remaining acc"),
+    ("test_acc", "test acc"),
+    ("mia_efficacy", "MIA-eff [shadow acc]"),
+    ("loss_auc", "loss-attack AUC"),
+    ("probe_forget_acc", "probe acc (forgotten class)"),
+    ("avg_gap", "Avg. Gap (pts)"),
+    ("acc_gap", "acc-only gap (pts)"),
+    ("relearn_steps", "relearn steps"),
+    ("param_fraction", "params updated"),
+    ("seconds", "time (s)"),
+)
+# Per-method hyper-parameters (the same on both datasets). Unlearning epochs: --digits-unlearn-epochs / --mnist-unlearn-epochs.
+PARAMS: dict[str, dict[str, Any]] = {
+    # The two controls use the core method's objective, so they differ from it only in which parameters move.
+    "ours": {"method": "grad_x_act", "ratio": 0.1, "objective": "ascent"},
+    "retrain": {},
+    "output_row": {"objective": "ascent"},
+    "random_channels": {"ratio": 0.1, "objective": "ascent"},
+    "finetune": {},
+    "neggrad_plus": {},
+    "random_label": {},
+    "salun": {"ratio": 0.5},
+    "ssd": {"alpha": 10.0, "lam": 1.0},
+}
+
+
+class _AllData(pl.LightningDataModule):
+    def __init__(self, dataset: Dataset, batch_size: int, seed: int) -> None:
+        super().__init__()
+        self.dataset, self.batch_size, self.seed = dataset, batch_size, seed
+
+    def train_dataloader(self) -> DataLoader:
+        gen = torch.Generator().manual_seed(self.seed)
+        return DataLoader(self.dataset, batch_size=self.batch_size, shuffle=True, generator=gen)
+
+
+def load(dataset: str, args: argparse.Namespace) -> tuple[Dataset, Dataset]:
+    if dataset == "digits":
+        return load_digits_datasets(seed=0)
+    if dataset == "mnist":
+        train, test = load_mnist(args.mnist_root)
+        gen = torch.Generator().manual_seed(1234)  # fixed subsample, the same for every seed
+        train = Subset(train, torch.randperm(len(train), generator=gen)[: args.mnist_train].sort().values.tolist())
+        test = Subset(test, torch.randperm(len(test), generator=gen)[: args.mnist_test].sort().values.tolist())
+        return train, test
+    raise ValueError(f"unknown dataset {dataset!r}; allowed datasets are ['digits', 'mnist']")
+
+
+def requests(train: Dataset, seed: int, kinds: list[str]) -> dict[str, ForgetRequest]:
+    out = {}
+    if "class" in kinds:
+        out["class 3"] = ForgetRequest(classes=[3])
+    if "samples" in kinds:
+        out["random 10%"] = random_samples_request(len(train), fraction=0.1, seed=seed)
+    return out
+
+
+def evaluate_row(model, dm, reference: dict | None, seed: int, args, target_acc: float) -> dict[str, Any]:
+    metrics = evaluate_model(model, dm, seed=seed, max_samples=args.eval_samples)
+    metrics.pop("per_class_test_acc")
+    if reference is not None:
+        metrics["avg_gap"] = avg_gap(metrics, reference)
+        metrics["acc_gap"] = avg_gap(metrics, reference, ACC_KEYS)
+    is_class = dm.request.kind == "class"
+    eval_set = Subset(dm.test_dataset, dm.forget_test_indices.tolist()) if is_class else None
+    steps = relearn_time(
+        model, subsample(dm.forget_set, args.eval_samples, seed), dm.retain_set, target_acc, eval_set,
+        dm.num_classes, max_steps=args.relearn_steps, eval_every=10, seed=seed,
+    )
+    metrics["relearn_steps"] = float(steps if steps is not None else args.relearn_steps + 10)
+    metrics["relearned"] = steps is not None
+    return metrics
+
+
+def run_dataset(dataset: str, args: argparse.Namespace) -> dict[str, Any]:
+    train, test = load(dataset, args)
+    epochs = args.train_epochs[dataset]
+    rows: list[dict[str, Any]] = []
+    start = time.perf_counter()
+    for seed in args.seeds:
+        pl.seed_everything(seed, verbose=False)
+        original = SmallCNN()
+        t0 = time.perf_counter()
+        fit(original, _AllData(train, args.batch_size, seed), epochs)
+        train_s = time.perf_counter() - t0
+        for req_name, request in requests(train, seed, args.requests).items():
+            dm = UnlearningDataModule(train, test, request, batch_size=args.batch_size, seed=seed, num_classes=10)
+            original_metrics = evaluate_model(original, dm, seed=seed, max_samples=args.eval_samples)
+            target = original_metrics["forget_acc"] - 0.02
+            reference = None
+            for name in args.methods:
+                kw = dict(PARAMS.get(name, {}))
+                result = run_method(name, original, dm, epochs=epochs if name == "retrain" else args.unlearn_epochs[dataset], seed=seed, **kw)
+                row = evaluate_row(result.model, dm, reference, seed, args, target)
+                if name == "retrain":
+                    reference = row
+                    row["avg_gap"] = row["acc_gap"] = 0.0
+                row.update(
+                    dataset=dataset, request=req_name, seed=seed, method=name, params=kw,
+                    seconds=result.timings_s.get("total"),
+                    param_fraction=result.mask.fraction if result.mask is not None else None,
+                )
+                rows.append(row)
+                print(f"[{dataset} seed {seed} {req_name}] {name}: forget {row['forget_acc']:.3f} remaining "
+                      f"{row['remaining_acc']:.3f} gap {row.get('avg_gap', float('nan')):.2f} ({row['seconds']:.1f}s)", flush=True)
+            rows.append({**{k: v for k, v in original_metrics.items() if k != "per_class_test_acc"},
+                         "dataset": dataset, "request": req_name, "seed": seed, "method": "(original)",
+                         "seconds": train_s, "param_fraction": None})
+    return {"dataset": dataset, "rows": rows, "elapsed_s": time.perf_counter() - start}
+
+
+def _setup(res: dict[str, Any]) -> str:
+    c, d = res["config"], res["dataset"]
+    size = (f" MNIST is subsampled to fit a CPU budget: {c['mnist_train']} training and {c['mnist_test']} test "
+            "images (fixed seeded subsets)." if d == "mnist" else "")
+    params = "; ".join(f"{m} {PARAMS.get(m) or '-'}" for m in c["methods"])
+    return (
+        f"Command: `{res['command']}` ({res['elapsed_s'] / 60:.1f} min on {res['cpu_threads']} CPU threads). "
+        f"Seeds {c['seeds']}; original and retrained models trained {c['train_epochs'][d]} epochs, every other "
+        f"method unlearns for {c['unlearn_epochs'][d]} epoch(s) from the same original.{size} Metrics on at most "
+        f"{c['eval_samples']} seeded samples per split; relearn budget {c['relearn_steps']} steps. "
+        f"Method parameters: {params}."
+    )
+
+
+def markdown(results: list[dict[str, Any]]) -> str:
+    lines = [SECTION, "", "Generated by `benchmarks/central.py` from `benchmarks/results/central_<dataset>.json`.", ""]
+    lines += [
+        "SmallCNN (2 conv + 2 linear layers), Adam lr 1e-3, batch 64, 2 CPU threads. One original model per "
+        "dataset and seed; per request the exact reference is retrained from scratch on the retain set and every "
+        "method starts from the same original. Mean ± std over seeds. Accuracies, MIA-efficacy and AUC in %. "
+        "forget acc is the forgotten class's test accuracy (class requests) or the accuracy on the forgotten "
+        "training samples (sample requests); remaining acc is the other classes' test accuracy (class) or the "
+        "retain-train accuracy (samples). MIA-eff is SalUn's SVC attack; the number in brackets is its shadow "
+        "classifier's held-out accuracy, `!` when below 55% (members and non-members indistinguishable: the "
+        "score is then uninformative). Avg. Gap is the mean |difference| to retrain over forget, remaining, test "
+        "acc and MIA-eff, in points; the acc-only gap leaves MIA-eff out (it flips between 0 and 100 when the "
+        "shadow classifier is at chance). Loss-attack AUC: forget samples vs held-out samples of the same "
+        "classes (50 = no trace). Probe: logistic regression on penultimate features of half the (subsampled) "
+        "test set, accuracy on the forgotten class in the other half. Relearn steps: Adam steps (batch 32, half "
+        "forget, half retain) until forget acc is back within 2 points of the original's; budget + 10 means not "
+        "within the budget. params updated: fraction of parameter elements the method may change. "
+        "`(original)` is the model before unlearning (its time is training time).",
+        "",
+    ]
+    for res in results:
+        lines += [f"### {res['dataset']}", "", _setup(res), ""]
+        for req in dict.fromkeys(r["request"] for r in res["rows"]):
+            stats = aggregate([r for r in res["rows"] if r["request"] == req])
+            lines += [f"#### {res['dataset']}, forget {req}", ""]
+            lines.append("| method | " + " | ".join(h for _, h in COLUMNS) + " |")
+            lines.append("|---" * (len(COLUMNS) + 1) + "|")
+            for method, cols in stats.items():
+                cells = [format_cell(cols.get(k), k, cols.get("mia_shadow_acc")) for k, _ in COLUMNS]
+                lines.append(f"| {method} | " + " | ".join(cells) + " |")
+            lines.append("")
+    return "\n".join(lines)
+
+
+def write_section(path: Path, section: str) -> None:
+    """Replace (or append) our section of BENCHMARKS.md, leaving every other section as it is."""
+    text = path.read_text() if path.exists() else "# Benchmarks\n"
+    start = text.find(SECTION)
+    if start < 0:
+        text = text.rstrip("\n") + "\n\n" + section + "\n"
+    else:
+        end = text.find("\n## ", start + len(SECTION))
+        text = text[:start] + section + ("\n" + text[end + 1 :] if end >= 0 else "\n")
+    tmp = path.with_suffix(".md.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--datasets", nargs="+", default=["digits", "mnist"], choices=["digits", "mnist"])
+    p.add_argument("--mnist-root", default=None, help="folder with the MNIST idx .gz files")
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    p.add_argument("--requests", nargs="+", default=["class", "samples"], choices=["class", "samples"])
+    p.add_argument("--digits-epochs", type=int, default=12)
+    p.add_argument("--mnist-epochs", type=int, default=3)
+    p.add_argument("--digits-unlearn-epochs", type=int, default=5)
+    p.add_argument("--mnist-unlearn-epochs", type=int, default=1)
+    p.add_argument("--mnist-train", type=int, default=10000)
+    p.add_argument("--mnist-test", type=int, default=2000)
+    p.add_argument("--eval-samples", type=int, default=2000)
+    p.add_argument("--relearn-steps", type=int, default=200)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    p.add_argument("--markdown", type=Path, default=ROOT / "BENCHMARKS.md")
+    p.add_argument("--smoke", action="store_true", help="digits, one seed, ours + retrain, class request, 1 epoch")
+    args = p.parse_args(argv)
+    if args.smoke:
+        args.datasets, args.seeds, args.methods, args.requests = ["digits"], [0], ["retrain", "ours"], ["class"]
+        args.digits_epochs, args.digits_unlearn_epochs, args.eval_samples, args.relearn_steps = 2, 1, 300, 20
+    if "retrain" in args.methods:  # the reference first: every other row is compared with it
+        args.methods = ["retrain"] + [m for m in args.methods if m != "retrain"]
+    if "mnist" in args.datasets and not args.mnist_root:
+        p.error("--mnist-root is required for the mnist dataset (the folder holding the idx .gz files)")
+    args.train_epochs = {"digits": args.digits_epochs, "mnist": args.mnist_epochs}
+    args.unlearn_epochs = {"digits": args.digits_unlearn_epochs, "mnist": args.mnist_unlearn_epochs}
+    return args
+
+
+def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
+    args = parse(argv)
+    torch.set_num_threads(args.threads)
+    command = ".venv/bin/python benchmarks/central.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    suffix = "_smoke" if args.smoke else ""
+    for dataset in args.datasets:
+        res = run_dataset(dataset, args)
+        res.update(command=command, versions=library_versions(), cpu_threads=args.threads,
+                   config={k: v for k, v in vars(args).items() if k not in ("out", "markdown")})
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / f"central_{dataset}{suffix}.json").write_text(json.dumps(res, indent=1, default=str))
+    # the section shows every dataset with results on disk, so datasets can be run separately
+    files = [args.out / f"central_{d}{suffix}.json" for d in ("digits", "mnist")]
+    results = [json.loads(f.read_text()) for f in files if f.exists()]
+    write_section(args.markdown, markdown(results))
+    return results
+
+
+if __name__ == "__main__":
+    main()
