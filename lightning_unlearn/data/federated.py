@@ -279,6 +279,9 @@ class FederatedDataModule(LightningDataModule):
                 forget[self._parts[c]] = True
         else:
             if request.kind == "class":
+                unknown = [c for c in request.classes if not 0 <= c < self.num_classes]
+                if unknown:
+                    raise ValueError(f"unknown class(es) {unknown}; allowed classes are 0..{self.num_classes - 1}")
                 absent = [c for c in request.classes if c not in present]
                 if absent:
                     raise ValueError(

@@ -178,11 +178,12 @@ def federated_cdp(
 
 def federated_eraser(
     model: pl.LightningModule, clients: Sequence[Any], plan: FederatedForgetPlan, store: UpdateStore,
-    calibration_ratio: float = 0.5, local_epochs: int = 1, seed: int = 0,
+    calibration_ratio: float = 0.5, local_epochs: int = 1, local_steps: int | None = None, seed: int = 0,
 ) -> FederatedUnlearningResult:
     """FedEraser: from the first stored global model, replay each stored round; every remaining client
     trains ``calibration_ratio`` of an epoch on retain data, and its stored update is re-applied with
     the new direction: ``||U_old|| * U_new / ||U_new||`` per tensor (count-weighted mean over clients).
+    With ``local_steps`` (the training rounds' step cap) calibration runs ``ceil(ratio * local_steps)`` steps.
     """
     if store is None or not store.rounds:
         raise ValueError("FedEraser needs the client updates stored during training: run_fedavg(store_every=n)")
@@ -201,8 +202,11 @@ def federated_eraser(
         for cid, old in stored["updates"].items():
             if cid not in keep:
                 continue
-            cfg = {"epochs": local_epochs, "seed": seed * 1_000 + j * 100 + cid, "data": "retain",
-                   "limit_train_batches": calibration_ratio}
+            cfg = {"epochs": local_epochs, "seed": seed * 1_000 + j * 100 + cid, "data": "retain"}
+            if local_steps is not None:
+                cfg["max_steps"] = max(1, math.ceil(calibration_ratio * local_steps))
+            else:
+                cfg["limit_train_batches"] = calibration_ratio
             reply = transport.call(clients[cid], "fit", Broadcast(current, cfg))
             if reply is None:
                 continue

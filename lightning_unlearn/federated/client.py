@@ -77,6 +77,24 @@ class _LocalTimer(Callback):
         self.seconds += time.perf_counter() - self._t0
 
 
+class ScaleLearningRate(Callback):
+    """Multiply every optimizer's learning rate by ``factor`` for this fit.
+
+    Masked unlearning rounds are a handful of steps on a few channels: a larger step than the
+    user's training rate makes them count, without touching the user's ``configure_optimizers``.
+    """
+
+    def __init__(self, factor: float) -> None:
+        if not factor > 0:
+            raise ValueError(f"lr_scale must be > 0, got {factor!r}")
+        self.factor = factor
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        for opt in trainer.optimizers:
+            for group in opt.param_groups:
+                group["lr"] = group["lr"] * self.factor
+
+
 class _LoaderModule(pl.LightningDataModule):
     """One client's local training data as a LightningDataModule (seeded shuffling)."""
 
@@ -122,11 +140,14 @@ def local_fit(
     """Load ``arrays``, train with Lightning for ``config["epochs"]`` (or ``max_steps``), return new arrays.
 
     ``callbacks`` and ``trainer_kwargs`` (loggers, precision, ...) are the user's and apply to
-    every local run. Metrics: ``local_compute_s`` (inside the training loop) and ``fit_s``.
+    every local run. ``config["lr_scale"]`` multiplies the optimizer's learning rate for this fit.
+    Metrics: ``local_compute_s`` (inside the training loop) and ``fit_s``.
     """
     set_arrays(model, arrays)
     torch.manual_seed(int(config.get("seed", 0)))
     timer = _LocalTimer()
+    if config.get("lr_scale", 1.0) != 1.0:
+        callbacks = [*callbacks, ScaleLearningRate(float(config["lr_scale"]))]
     start = time.perf_counter()
     with quiet_lightning():
         fit(model, datamodule, int(config.get("epochs", 1)), [*callbacks, timer], _trainer_kwargs(config, trainer_kwargs))

@@ -133,6 +133,7 @@ def federated_unlearn(
     max_samples: int | None = 256,
     contrast: bool = False,
     forget_weight: float = 1.0,
+    lr_scale: float = 1.0,
     seed: int = 0,
     transport: Transport | None = None,
     inplace: bool = False,
@@ -142,7 +143,8 @@ def federated_unlearn(
     ``model`` is the deployed global model (the server's copy); clients must hold it too
     (:func:`~lightning_unlearn.federated.server.run_fedavg` deploys it) and have received the
     request. ``max_steps`` caps each client's local steps per round (cheap rounds); ``max_samples``
-    caps each client's scored forget samples.
+    caps each client's scored forget samples; ``lr_scale`` multiplies the clients' learning rate
+    during the masked rounds.
     """
     check_rounds(rounds)
     objective = resolve_objective(objective, request)
@@ -155,11 +157,11 @@ def federated_unlearn(
     mask = select_channels(scores, work, ratio, scope, None, include_head, head_rows)
     t1 = time.perf_counter()
     config = {"objective": objective, "epochs": local_epochs, "max_steps": max_steps, "seed": seed,
-              "forget_weight": forget_weight, "mode": "train"}
+              "forget_weight": forget_weight, "lr_scale": lr_scale, "mode": "train"}
     _, history = masked_rounds(work, clients, mask, rounds, config, transport)
     t2 = time.perf_counter()
     return FederatedUnlearningResult(
         work, "ours", mask, {"scoring": t1 - t0, "unlearning": t2 - t1, "total": t2 - t0},
         round_bytes(history, score_bytes.total), scores, history, {"objective": objective, "ratio": ratio, "scope": scope, "rounds": rounds,
-                          "max_steps": max_steps, "method_scoring": method},
+                          "max_steps": max_steps, "lr_scale": lr_scale, "method_scoring": method},
     )

@@ -130,7 +130,7 @@ class FederatedSimulation:
                      "channels": None if result.mask is None else result.mask.channels,
                      "sha256": None if result.mask is None else result.mask.sha256()},
             "metrics": {"original": pick(original), "unlearned": pick(unlearned), "retrained": pick(retrained_metrics)},
-            "timings_s": {"training": self.timings_s.get("training"), "scoring": result.timings_s.get("scoring", 0.0),
+            "timings_s": {"training": self.training.wall_s if self.training is not None else None, "scoring": result.timings_s.get("scoring", 0.0),
                           "unlearning": result.timings_s.get("unlearning"), "retrain": retrain_s, "total": wall},
             "speedup_vs_retrain": retrain_s / wall if wall else None,
             "bytes": {**result.bytes, "fedavg_round": fedavg_round,

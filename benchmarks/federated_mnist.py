@@ -1,0 +1,179 @@
+"""Federated unlearning on MNIST: 10 clients, Dirichlet(0.5), SmallCNN; class, client and sample requests.
+
+Trains the federation once (FedAvg, server checkpoint per round: a rerun resumes), then for
+each request runs federated retraining (the reference), our method and the baselines, writes
+one JSON per (request, method) under ``--out`` and a markdown table ``federated_mnist.md``.
+
+    python benchmarks/federated_mnist.py --data-root ../shared/data/mnist
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from lightning_unlearn.data import FederatedDataModule, load_mnist
+from lightning_unlearn.federated import FederatedSimulation, federated_unlearn, write_json
+from lightning_unlearn.federated import baselines as B
+from lightning_unlearn.models import SmallCNN
+from lightning_unlearn.request import ForgetRequest
+
+METHODS = ("ours", "finetune", "random_channels", "cdp", "federaser")
+LABELS = {"original": "original", "retrain": "retrain (reference)", "ours": "ours", "finetune": "fine-tune all",
+          "random_channels": "random channels", "cdp": "CDP", "federaser": "FedEraser"}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--data-root", required=True, help="folder with the MNIST idx .gz files")
+    p.add_argument("--out", default="benchmarks/results", help="where JSONs and the markdown table go")
+    p.add_argument("--checkpoint-dir", default="outputs/federated_mnist", help="server checkpoints (resume)")
+    p.add_argument("--clients", type=int, default=10)
+    p.add_argument("--alpha", type=float, default=0.5)
+    p.add_argument("--rounds", type=int, default=8, help="FedAvg rounds (training and retraining)")
+    p.add_argument("--local-steps", type=int, default=25, help="local steps per client per FedAvg round")
+    p.add_argument("--lr", type=float, default=3e-3, help="SmallCNN Adam learning rate")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--store-every", type=int, default=2, help="FedEraser: store client updates every n rounds")
+    p.add_argument("--ratio", type=float, default=0.05, help="fraction of channels per layer to update")
+    p.add_argument("--method", default="grad_x_act", help="channel scoring method")
+    p.add_argument("--unlearn-rounds", type=int, default=1)
+    p.add_argument("--unlearn-steps", type=int, default=5, help="local steps per client per unlearning round")
+    p.add_argument("--score-samples", type=int, default=128, help="forget samples scored per client (at most)")
+    p.add_argument("--forget-client", type=int, default=3)
+    p.add_argument("--forget-class", type=int, default=3)
+    p.add_argument("--sample-fraction", type=float, default=0.01, help="sample request: this fraction of the training set")
+    p.add_argument("--requests", default="class,client,sample")
+    p.add_argument("--methods", default=",".join(METHODS))
+    p.add_argument("--train-only", action="store_true", help="only train (and checkpoint) the federation")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    return p.parse_args(argv)
+
+
+def make_request(kind: str, args, n_train: int) -> ForgetRequest:
+    if kind == "class":
+        return ForgetRequest(classes=[args.forget_class])
+    if kind == "client":
+        return ForgetRequest(clients=[args.forget_client])
+    if kind == "sample":
+        rng = np.random.default_rng(args.seed)
+        return ForgetRequest(sample_ids=rng.choice(n_train, int(args.sample_fraction * n_train), replace=False).tolist())
+    raise ValueError(f"unknown request kind {kind!r}; allowed are ['class', 'client', 'sample']")
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    train, test = load_mnist(args.data_root)
+    fdm = FederatedDataModule(train, test, num_clients=args.clients, partition="dirichlet", alpha=args.alpha,
+                              seed=args.seed, batch_size=args.batch_size)
+    fdm.setup("fit")
+    print(fdm.summary_table())
+    fdm.plot_partition(out / "federated_mnist_partition.png")
+    torch.manual_seed(args.seed)
+    sim = FederatedSimulation(
+        fdm, SmallCNN(lr=args.lr), rounds=args.rounds, seed=args.seed, checkpoint_dir=args.checkpoint_dir,
+        store_every=args.store_every, trainer_kwargs={"max_steps": args.local_steps},
+    )
+    training = sim.train(resume=True)
+    print(f"FedAvg: test acc {training.history[-1].get('test_acc', float('nan')):.4f}, "
+          f"orchestration overhead {training.overhead_fraction:.1%} of local compute")
+    if args.train_only:
+        return
+    layers = sim.layers()
+    common = dict(rounds=args.unlearn_rounds, max_steps=args.unlearn_steps, seed=args.seed)
+    runners = {
+        "ours": lambda req, plan: federated_unlearn(sim.model, sim.clients, req, args.method, args.ratio,
+                                                    max_samples=args.score_samples, **common),
+        "finetune": lambda req, plan: B.federated_finetune(sim.model, sim.clients, plan, layers, **common),
+        "random_channels": lambda req, plan: B.federated_random_channels(sim.model, sim.clients, plan, layers,
+                                                                          args.ratio, **common),
+        "cdp": lambda req, plan: B.federated_cdp(sim.model, sim.clients, plan, layers, args.ratio,
+                                                 max_samples=args.score_samples, **common),
+        "federaser": lambda req, plan: B.federated_eraser(sim.model, sim.clients, plan, training.store,
+                                                           local_steps=args.local_steps, seed=args.seed),
+    }
+    summary = {"config": vars(args), "training": {"wall_s": training.wall_s, "history": training.history,
+                                                   "overhead_fraction": training.overhead_fraction}, "requests": {}}
+    for kind in args.requests.split(","):
+        request = make_request(kind, args, len(train))
+        plan = sim.request(request)
+        original = sim.evaluate(sim.model)
+        retrained = B.federated_retrain(sim.model, sim.clients, plan, args.rounds, seed=args.seed)
+        retrained_metrics = sim.evaluate(retrained.model)
+        rows = {"original": _row(original, None, training.bytes_per_round, training.wall_s, None),
+                "retrain": _row(retrained_metrics, 1.0, retrained.bytes["fedavg_round"], retrained.timings_s["retrain"], 1.0)}
+        for method in args.methods.split(","):
+            result = runners[method](request, plan)
+            record = sim.report(result, original, retrained, retrained_metrics)
+            write_json(record, out / f"federated_mnist_{kind}_{method}.json")
+            rows[method] = _row(record["metrics"]["unlearned"], record["mask"]["fraction"],
+                                record["bytes"]["unlearning_round"], record["timings_s"]["total"],
+                                record["speedup_vs_retrain"], record)
+            print(f"[{kind}] {method}: {rows[method]}")
+        summary["requests"][kind] = {"request": request.to_dict() if kind != "sample" else
+                                     {"kind": "sample", "count": len(request.sample_ids)}, "rows": rows,
+                                     "fedavg_round_bytes": training.bytes_per_round}
+    write_json(summary, out / "federated_mnist_summary.json")
+    (out / "federated_mnist.md").write_text(markdown(summary))
+    print(markdown(summary))
+
+
+def _row(metrics, fraction, bytes_round, wall, speedup, record=None) -> dict:
+    row = {k: metrics.get(k) for k in ("forget_acc", "remaining_acc", "test_acc")}
+    row.update({"params_updated": fraction, "bytes_round": bytes_round, "wall_s": wall, "speedup": speedup})
+    if record is not None:
+        row["storage_bytes"] = record["extra"].get("storage_bytes")
+    return row
+
+
+def _pct(v) -> str:
+    return "-" if v is None else f"{100 * v:.2f}"
+
+
+def _bytes(v) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "-"
+    return f"{v / 1e6:.2f} MB" if v >= 1e6 else f"{v / 1e3:.1f} kB"
+
+
+def markdown(summary: dict) -> str:
+    lines = []
+    for kind, block in summary["requests"].items():
+        rows = block["rows"]
+        lines += [f"#### {kind}-level request: `{json.dumps(block['request'])}`", "",
+                  "| method | forget acc % | remaining acc % | test acc % | % params updated | bytes / round | wall s | speedup vs retrain |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for name, r in rows.items():
+            speed = "-" if r["speedup"] is None else f"{r['speedup']:.1f}x"
+            note = f" (+{_bytes(r['storage_bytes'])} stored)" if r.get("storage_bytes") else ""
+            lines.append(f"| {LABELS.get(name, name)} | {_pct(r['forget_acc'])} | {_pct(r['remaining_acc'])} | "
+                         f"{_pct(r['test_acc'])} | {_pct(r['params_updated'])} | {_bytes(r['bytes_round'])}{note} | "
+                         f"{r['wall_s']:.1f} | {speed} |")
+        if "ours" in rows:
+            lines += ["", targets_line(rows, block["fedavg_round_bytes"])]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def targets_line(rows: dict, fedavg_round: float) -> str:
+    ours, ref = rows["ours"], rows["retrain"]
+    checks = {
+        "forget within 1 pt of retrain": abs(ours["forget_acc"] - ref["forget_acc"]) <= 0.01,
+        "remaining within 1 pt of retrain": abs(ours["remaining_acc"] - ref["remaining_acc"]) <= 0.01,
+        ">= 20x faster than retrain": (ours["speedup"] or 0) >= 20,
+        "<= 10% of a FedAvg round's bytes": ours["bytes_round"] <= 0.10 * ref["bytes_round"],
+    }
+    return "Targets for ours: " + "; ".join(f"{k}: {'met' if v else '**missed**'}" for k, v in checks.items())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,271 @@
+"""Federated training and unlearning on digits: boundary, exact freeze, each request kind, baselines, resume."""
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+import torch
+from lightning.pytorch.callbacks import Callback
+from torch.utils.data import DataLoader, Dataset
+
+from lightning_unlearn import ForgetRequest, ParameterMask
+from lightning_unlearn.data import FederatedDataModule
+from lightning_unlearn.federated import (
+    Broadcast,
+    FederatedSimulation,
+    MaskedUpdateMessage,
+    ParametersMessage,
+    ScoresMessage,
+    Transport,
+    aggregate_scores,
+    fedavg_aggregate,
+    federated_unlearn,
+    get_arrays,
+    make_clients,
+    masked_aggregate,
+    run_fedavg,
+    write_json,
+)
+from lightning_unlearn.federated import baselines as B
+from lightning_unlearn.masking import frozen_elements_equal
+from lightning_unlearn.models import SmallCNN
+
+TINY = dict(channels=(8, 16), hidden=32, lr=3e-3)
+STEPS = {"max_steps": 10}
+
+
+def _model(seed: int = 0) -> SmallCNN:
+    torch.manual_seed(seed)
+    return SmallCNN(**TINY)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """Many tiny Lightning fits: one intra-op thread avoids oversubscription on shared CI cores (~10x faster)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def sim(digits, _one_thread):
+    """A 4-client federation trained for 5 short rounds (test acc ~0.9), updates stored for FedEraser."""
+    fdm = FederatedDataModule(*digits, num_clients=4, partition="dirichlet", alpha=1.0, seed=0, batch_size=32)
+    s = FederatedSimulation(fdm, _model(), rounds=5, store_every=2, trainer_kwargs=STEPS, progress=False)
+    s.train()
+    return s
+
+
+# -- the client/server boundary ---------------------------------------------------------------------
+def test_messages_refuse_samples_and_labels():
+    with pytest.raises(TypeError, match="float tensor"):
+        ParametersMessage({"labels": torch.tensor([1, 2, 3])}, 3)
+    with pytest.raises(ValueError, match="1-D vector"):
+        ScoresMessage({"conv1": torch.rand(32, 8)}, 32, "grad_x_act")  # a per-sample score matrix
+    with pytest.raises(TypeError, match="num_samples"):
+        MaskedUpdateMessage({"w": torch.rand(3)}, 2.5)
+    with pytest.raises(TypeError, match="scalar"):
+        ParametersMessage({"w": torch.rand(3)}, 3, {"preds": [0.1, 0.2]})
+
+
+def test_server_functions_type_check_their_inputs(digits):
+    with pytest.raises(TypeError, match=r"only accepts \['ParametersMessage'\].*got Tensor"):
+        fedavg_aggregate([torch.rand(4)])
+    with pytest.raises(TypeError, match="got TensorDataset"):
+        aggregate_scores([digits[0]])
+    with pytest.raises(TypeError, match="got ParametersMessage"):
+        masked_aggregate({}, ParameterMask({}), [ParametersMessage({"w": torch.rand(2)}, 2)])
+    with pytest.raises(TypeError, match="the server sends Broadcast"):
+        Transport().call(object(), "fit", digits[0])
+
+
+def _walk(obj, seen=None):
+    """Every leaf value reachable from a message (fields, mappings, sequences)."""
+    if dataclasses.is_dataclass(obj):
+        for f in dataclasses.fields(obj):
+            yield from _walk(getattr(obj, f.name))
+    elif isinstance(obj, dict):
+        for k, v in obj.items():
+            yield k
+            yield from _walk(v)
+    elif isinstance(obj, (list, tuple)):
+        for v in obj:
+            yield from _walk(v)
+    else:
+        yield obj
+
+
+def test_only_parameters_updates_and_scores_cross_the_boundary(sim):
+    """Record every message of a FedAvg round and a federated unlearning run and inspect each one."""
+    transport = Transport(record=True)
+    model = _model(1)
+    clients = make_clients(sim.fdm, model, trainer_kwargs={"max_steps": 2})
+    run_fedavg(model, clients, rounds=1, transport=transport, progress=False)
+    plan = sim.fdm.forget_plan(ForgetRequest(classes=[3]))
+    for c, split in zip(clients, plan.splits):
+        c.receive_request(plan.request, split)
+    result = federated_unlearn(model, clients, plan.request, rounds=2, max_steps=2, transport=transport)
+
+    state_shapes = {k: v.shape for k, v in get_arrays(model).items()}
+    channels = {n: i.out_channels for n, i in result.scores.layers.items()}
+    selected = {n: int(m.sum()) for n, m in result.mask.masks.items() if m.any()}
+    sizes = {len(c.dataset) for c in clients} | {len(s.retain) for s in plan.splits} | {len(s.forget) for s in plan.splits}
+    ups = [m for d, _, _, m in transport.log if d == "up"]
+    assert {type(m) for m in ups} == {ParametersMessage, ScoresMessage, MaskedUpdateMessage}
+    for m in ups:
+        if isinstance(m, ParametersMessage):
+            assert {k: v.shape for k, v in m.arrays.items()} == state_shapes
+        elif isinstance(m, ScoresMessage):
+            assert {k: v.numel() for k, v in m.scores.items()} == channels
+        else:
+            assert {k: v.numel() for k, v in m.values.items()} == selected
+        assert m.num_samples in sizes
+        for leaf in _walk(m):  # nothing but tensors of the shapes above, names, counts, scalars
+            assert isinstance(leaf, (torch.Tensor, str, int, float, bool, type(None))), type(leaf)
+            assert not isinstance(leaf, (Dataset, DataLoader, np.ndarray))
+    downs = [m for d, _, _, m in transport.log if d == "down"]
+    assert all(isinstance(m, Broadcast) for m in downs)
+    # masked rounds: round 0 sends the mask only, round 1 only the selected slices
+    masked_downs = [m for d, _, op, m in transport.log if d == "down" and op == "masked_update"]
+    assert all(m.arrays == {} and m.channels for m in masked_downs[: len(clients)])
+    assert all({k: v.numel() for k, v in m.arrays.items()} == selected for m in masked_downs[len(clients):])
+    # every client rebuilt exactly the server's mask from the channel indices
+    assert {c._mask.sha256() for c in clients} == {result.mask.sha256()}
+
+
+# -- exact freeze after aggregation -----------------------------------------------------------------------
+def test_masked_aggregate_is_bit_exact_outside_the_mask():
+    torch.manual_seed(0)
+    reference = {"w": torch.randn(6, 5), "b": torch.randn(6)}
+    mask = ParameterMask({"w": torch.zeros(6, 5, dtype=torch.bool), "b": torch.zeros(6, dtype=torch.bool)})
+    mask.masks["w"][[1, 4]] = True
+    mask.masks["b"][4] = True
+    msgs = [MaskedUpdateMessage({"w": torch.randn(10), "b": torch.randn(1)}, n) for n in (10, 30, 60)]
+    out = masked_aggregate(reference, mask, msgs)
+    for name in reference:
+        keep = mask.masks[name]
+        assert torch.equal(out[name][~keep], reference[name][~keep])
+        expected = sum(w * m.values[name].double() for w, m in zip((0.1, 0.3, 0.6), msgs)).float()
+        assert torch.allclose(out[name][keep], expected)
+    with pytest.raises(ValueError, match="values for 10 selected"):
+        masked_aggregate(reference, mask, [MaskedUpdateMessage({"w": torch.randn(3), "b": torch.randn(1)}, 1)])
+
+
+def test_masked_federated_rounds_keep_frozen_elements_bit_exact(sim):
+    sim.request(ForgetRequest(classes=[3]))
+    before = {k: v.clone() for k, v in sim.model.state_dict().items()}
+    result = federated_unlearn(sim.model, sim.clients, ForgetRequest(classes=[3]), rounds=2, max_steps=3)
+    assert 0 < result.mask.fraction < 0.3
+    assert frozen_elements_equal(result.model, before, result.mask)
+    for name, buf in result.model.named_buffers():  # BatchNorm statistics untouched (eval mode)
+        assert torch.equal(buf, before[name]), name
+    assert any(not torch.equal(p, before[n]) for n, p in result.model.named_parameters())
+    assert all(torch.equal(v, before[k]) for k, v in sim.model.state_dict().items())  # input not modified
+
+
+# -- each request kind end to end ------------------------------------------------------------------------
+@pytest.mark.parametrize("request_", [ForgetRequest(classes=[3]), ForgetRequest(clients=[1]),
+                                      ForgetRequest(sample_ids=list(range(0, 1300, 13)))], ids=lambda r: r.kind)
+def test_each_request_kind_end_to_end(sim, request_, tmp_path):
+    plan = sim.request(request_)
+    original = sim.evaluate(sim.model)
+    retrained = B.federated_retrain(sim.model, sim.clients, plan, rounds=2, progress=False)
+    retrained_metrics = sim.evaluate(retrained.model)
+    transport = Transport(record=True)
+    result = federated_unlearn(sim.model, sim.clients, request_, rounds=1, max_steps=4, transport=transport)
+    record = sim.report(result, original, retrained, retrained_metrics)
+    path = write_json(record, tmp_path / "run.json")
+    loaded = json.loads(path.read_text())
+    assert loaded["request"]["kind"] == request_.kind and loaded["method"] == "ours" and loaded["seed"] == 0
+    for which in ("original", "unlearned", "retrained"):
+        for key in ("forget_acc", "remaining_acc", "test_acc"):
+            assert 0.0 <= loaded["metrics"][which][key] <= 1.0
+    assert 0 < loaded["mask"]["fraction"] < 1
+    assert set(loaded["timings_s"]) >= {"scoring", "unlearning", "retrain"}
+    assert 0 < loaded["bytes"]["unlearning_round"] < 0.25 * loaded["bytes"]["fedavg_round"]
+    senders = {(cid, op) for d, cid, op, _ in transport.log if d == "up"}
+    scorers = {cid for cid, op in senders if op == "score"}
+    assert scorers == set(plan.forgetting_clients)
+    if request_.kind == "client":  # the leaving client scores, then sends nothing
+        assert (1, "masked_update") not in senders and 1 in scorers
+    if request_.kind == "class":
+        assert loaded["metrics"]["original"]["forget_acc"] > 0.5
+        assert loaded["metrics"]["unlearned"]["forget_acc"] < loaded["metrics"]["original"]["forget_acc"]
+
+
+def test_baselines_run_on_the_same_request(sim):
+    plan = sim.request(ForgetRequest(classes=[3]))
+    layers = sim.layers()
+    common = dict(rounds=1, max_steps=3)
+    ours = federated_unlearn(sim.model, sim.clients, plan.request, ratio=0.1, **common)
+    random = B.federated_random_channels(sim.model, sim.clients, plan, layers, ratio=0.1, **common)
+    assert random.mask.fraction == pytest.approx(ours.mask.fraction, rel=0.2)
+    assert random.mask.sha256() != ours.mask.sha256()
+    finetune = B.federated_finetune(sim.model, sim.clients, plan, layers, **common)
+    assert finetune.mask.fraction == 1.0 and finetune.bytes["unlearning_round"] > 5 * ours.bytes["unlearning_round"]
+    cdp = B.federated_cdp(sim.model, sim.clients, plan, layers, ratio=0.1, **common)
+    for name, idx in cdp.extra["pruned_channels"].items():  # pruned channels stay exactly zero
+        assert (cdp.model.get_parameter(f"{name}.weight")[idx] == 0).all()
+    eraser = B.federated_eraser(sim.model, sim.clients, plan, sim.training.store, local_steps=10)
+    assert eraser.extra["storage_bytes"] > 0 and eraser.extra["stored_rounds"] == 3  # rounds 0, 2, 4
+    for r in (ours, random, finetune, cdp, eraser):
+        m = sim.evaluate(r.model)
+        assert 0 <= m["forget_acc"] <= 1 and r.timings_s["unlearning"] > 0
+
+
+# -- FedAvg: Lightning callbacks, overhead, resume, bad input -------------------------------------------
+class _CountFits(Callback):
+    def __init__(self):
+        self.fits = 0
+
+    def on_train_start(self, trainer, pl_module):
+        self.fits += 1
+
+
+def test_fedavg_uses_lightning_callbacks_measures_overhead_and_resumes(digits, tmp_path):
+    fdm = FederatedDataModule(*digits, num_clients=3, seed=0, batch_size=32)
+    counter = _CountFits()
+    model = _model()
+    clients = make_clients(fdm, model, callbacks=[counter], trainer_kwargs={"max_steps": 3})
+    straight = run_fedavg(model, clients, rounds=3, fraction=2 / 3, progress=False)
+    assert counter.fits == 3 * 2  # 2 of 3 clients sampled per round, each a Lightning fit
+    row = straight.history[-1]
+    assert row["local_compute_s"] > 0 and row["overhead_s"] >= 0 and row["bytes_up"] > 0
+    assert np.isfinite(straight.overhead_fraction)
+
+    model2 = _model()
+    clients2 = make_clients(fdm, model2, trainer_kwargs={"max_steps": 3})
+    run_fedavg(model2, clients2, rounds=2, fraction=2 / 3, checkpoint_dir=tmp_path, progress=False)
+    resumed = run_fedavg(_model(), clients2, rounds=3, fraction=2 / 3, checkpoint_dir=tmp_path, resume=True,
+                         progress=False)
+    assert [r["round"] for r in resumed.history] == [0, 1, 2]
+    assert [r["clients"] for r in resumed.history] == [r["clients"] for r in straight.history]
+    for k, v in get_arrays(straight.model).items():  # same seed, same result, interrupted or not
+        assert torch.allclose(v, get_arrays(resumed.model)[k], atol=1e-6), k
+
+
+def test_rounds_must_be_positive(sim, digits):
+    with pytest.raises(ValueError, match=r"rounds must be an integer >= 1, got 0"):
+        run_fedavg(_model(), sim.clients, rounds=0)
+    with pytest.raises(ValueError, match=r"rounds must be an integer >= 1, got -2"):
+        federated_unlearn(sim.model, sim.clients, ForgetRequest(classes=[3]), rounds=-2)
+    with pytest.raises(ValueError, match=r"rounds must be an integer >= 1"):
+        FederatedSimulation(sim.fdm, _model(), rounds=0)
+    with pytest.raises(ValueError, match=r"fraction must be in \(0, 1\], got 1.5"):
+        run_fedavg(_model(), sim.clients, rounds=1, fraction=1.5)
+
+
+def test_unlearning_needs_forget_data_and_a_deployed_model(sim):
+    fresh = make_clients(sim.fdm, _model())
+    plan = sim.fdm.forget_plan(ForgetRequest(classes=[3]))
+    for c, split in zip(fresh, plan.splits):
+        c.receive_request(plan.request, split)
+    with pytest.raises(RuntimeError, match="holds no global model yet"):
+        federated_unlearn(sim.model, fresh, plan.request)
+    sim.request(plan.request)
+    without_forget_data = [c for c in sim.clients if not len(c.split.forget)]
+    with pytest.raises(ValueError, match="no client holds data to forget"):
+        federated_unlearn(sim.model, without_forget_data, plan.request)
