@@ -19,7 +19,7 @@ $(STAMP): $(BIN)/python pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/python -m lightning_unlearn.demo
+	$(BIN)/lightning-unlearn demo --config configs/digits_cnn.yaml
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -p no:cacheprovider

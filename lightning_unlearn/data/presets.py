@@ -1,0 +1,103 @@
+"""Config-friendly data modules (digits, MNIST): the request is given as plain arguments.
+
+LightningCLI builds these from YAML; ``train_on`` switches ``train_dataloader`` between all
+training data (``lightning-unlearn fit``: the original model) and the retain data (unlearning).
+"""
+from __future__ import annotations
+
+from torch.utils.data import DataLoader, Dataset
+
+from lightning_unlearn.data.datasets import dataset_targets, load_digits_datasets, load_mnist
+from lightning_unlearn.data.unlearning import UnlearningDataModule
+from lightning_unlearn.request import ForgetRequest
+
+TRAIN_ON = ("retain", "all")
+
+
+def build_request(
+    num_train: int,
+    forget_classes: list[int] | None = None,
+    forget_sample_ids: list[int] | None = None,
+    forget_random_fraction: float | None = None,
+    seed: int = 0,
+) -> ForgetRequest:
+    """A ForgetRequest from config fields: classes, explicit sample ids, or a seeded random fraction."""
+    if forget_random_fraction is not None:
+        if forget_classes or forget_sample_ids:
+            raise ValueError("give only one of forget_classes, forget_sample_ids, forget_random_fraction")
+        from lightning_unlearn.evaluation import random_samples_request
+
+        return random_samples_request(num_train, fraction=forget_random_fraction, seed=seed)
+    return ForgetRequest(classes=forget_classes, sample_ids=forget_sample_ids)
+
+
+class _PresetData(UnlearningDataModule):
+    def __init__(self, train: Dataset, test: Dataset, forget_classes, forget_sample_ids, forget_random_fraction,
+                 batch_size: int, num_workers: int, seed: int, train_on: str) -> None:
+        if train_on not in TRAIN_ON:
+            raise ValueError(f"unknown train_on {train_on!r}; allowed values are {list(TRAIN_ON)}")
+        request = build_request(len(dataset_targets(train)), forget_classes, forget_sample_ids, forget_random_fraction, seed)
+        super().__init__(train, test, request, batch_size=batch_size, num_workers=num_workers, seed=seed)
+        self.train_on = train_on
+
+    def train_dataloader(self):
+        if self.train_on == "all" and not self.combined:
+            return self._loader(self.train_dataset, shuffle=True)
+        return super().train_dataloader()
+
+    def val_dataloader(self) -> DataLoader:
+        return self.full_test_dataloader()
+
+
+class DigitsData(_PresetData):
+    """scikit-learn's bundled 8x8 digits (embedded, no download) with a forget request.
+
+    Args:
+        forget_classes: classes to forget, e.g. ``[3]``.
+        forget_sample_ids: training-set indices to forget.
+        forget_random_fraction: forget this fraction of training samples, chosen with ``seed``.
+        train_on: ``"retain"`` (unlearning, retraining) or ``"all"`` (training the original model).
+    """
+
+    def __init__(
+        self,
+        forget_classes: list[int] | None = None,
+        forget_sample_ids: list[int] | None = None,
+        forget_random_fraction: float | None = None,
+        batch_size: int = 64,
+        num_workers: int = 0,
+        seed: int = 0,
+        test_size: float = 0.25,
+        train_on: str = "retain",
+    ) -> None:
+        train, test = load_digits_datasets(test_size=test_size, seed=seed)
+        super().__init__(train, test, forget_classes, forget_sample_ids, forget_random_fraction,
+                         batch_size, num_workers, seed, train_on)
+
+
+class MNISTData(_PresetData):
+    """MNIST read from local idx files under ``root`` (never downloaded) with a forget request.
+
+    Args:
+        root: folder holding ``train-images-idx3-ubyte.gz`` etc. (or ``root/MNIST/raw``).
+    """
+
+    def __init__(
+        self,
+        root: str | None = None,
+        forget_classes: list[int] | None = None,
+        forget_sample_ids: list[int] | None = None,
+        forget_random_fraction: float | None = None,
+        batch_size: int = 128,
+        num_workers: int = 0,
+        seed: int = 0,
+        train_on: str = "retain",
+    ) -> None:
+        if not root:
+            raise ValueError(
+                "MNIST needs a data root: set data.init_args.root in the config or pass "
+                "--data.root=/path/to/mnist (the folder with the idx .gz files)"
+            )
+        train, test = load_mnist(root)
+        super().__init__(train, test, forget_classes, forget_sample_ids, forget_random_fraction,
+                         batch_size, num_workers, seed, train_on)
