@@ -32,7 +32,7 @@ def masked_update(
     Every mask-based baseline is this call with a different mask: the full mask (fine-tune all,
     NegGrad+, random labels), the forgotten classes' output rows, a saliency mask, random channels.
     """
-    work = copy.deepcopy(model)
+    work = copy.deepcopy(model).train()  # Lightning expects train mode; BatchNorm is frozen by the mask callback
     cb = SelectiveUnlearning(objective=objective, mask=mask, seed=seed, log_metrics=False, **callback)
     start = time.perf_counter()
     fit(work, dm, epochs, [cb], trainer_kwargs)
