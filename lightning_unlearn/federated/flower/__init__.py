@@ -1,0 +1,76 @@
+"""Flower apps for the federated training and unlearning protocol (extra ``flower``).
+
+The ``ClientApp`` (:func:`make_client_app`) answers Flower messages by calling the same
+:class:`~lightning_unlearn.federated.client.FederatedClient` handlers as the in-process
+simulation; the ``ServerApp`` (:func:`make_server_app`) runs FedAvg and the unlearning rounds
+with strategies built on the same aggregation and selection functions
+(:func:`~lightning_unlearn.federated.server.fedavg_aggregate`,
+:func:`~lightning_unlearn.federated.server.aggregate_scores`,
+:func:`~lightning_unlearn.selection.select_channels`,
+:func:`~lightning_unlearn.federated.server.masked_aggregate`). Every client message is
+rebuilt into the library's own message dataclasses on the server, so the data-stays-home
+checks run on Flower traffic too.
+"""
+from __future__ import annotations
+
+import importlib.util
+
+INSTALL_HINT = 'pip install "lightning-unlearn[flower]"'
+
+
+def require_flwr(feature: str = "the Flower apps") -> None:
+    """Fail with the install command when flwr is missing (it is an optional extra)."""
+    try:
+        import flwr  # noqa: F401
+    except ImportError as err:
+        raise ImportError(f"{feature} need the Flower extra, which is not installed (flwr): {INSTALL_HINT}") from err
+
+
+def require_ray() -> None:
+    """Flower's simulation engine runs clients on Ray (``flwr[simulation]``, part of the extra)."""
+    if importlib.util.find_spec("ray") is None:
+        raise ImportError(f"Flower simulation needs Ray (flwr[simulation]), which is not installed: {INSTALL_HINT}")
+
+
+require_flwr("lightning_unlearn.federated.flower")
+
+from lightning_unlearn.federated.flower.client_app import (  # noqa: E402
+    ClientPartition,
+    FederatedPartitions,
+    FlowerDataError,
+    client_split,
+    file_partition,
+    make_client_app,
+    save_partition,
+)
+from lightning_unlearn.federated.flower.records import ByteLedger  # noqa: E402
+from lightning_unlearn.federated.flower.server_app import (  # noqa: E402
+    FedAvgPlan,
+    FlowerRunResult,
+    LightningFedAvg,
+    MaskedUnlearning,
+    UnlearnPlan,
+    make_server_app,
+)
+from lightning_unlearn.federated.flower.simulation import run_flower_simulation  # noqa: E402
+
+__all__ = [
+    "INSTALL_HINT",
+    "ByteLedger",
+    "ClientPartition",
+    "FedAvgPlan",
+    "FederatedPartitions",
+    "FlowerDataError",
+    "FlowerRunResult",
+    "LightningFedAvg",
+    "MaskedUnlearning",
+    "UnlearnPlan",
+    "client_split",
+    "file_partition",
+    "make_client_app",
+    "make_server_app",
+    "require_flwr",
+    "require_ray",
+    "run_flower_simulation",
+    "save_partition",
+]

@@ -1,0 +1,171 @@
+"""Library messages <-> Flower records, and the bytes they cost.
+
+Down: a :class:`~lightning_unlearn.federated.messages.Broadcast` becomes a ``RecordDict``
+(``arrays``, ``config``, and ``channels`` as int32 indices when the mask travels). Up: each
+client message becomes a ``RecordDict`` tagged with its kind, and the server rebuilds the
+dataclass from it, so the dataclasses' own checks (float tensors, 1-D score vectors, integer
+counts) guard Flower traffic exactly as they guard the in-process :class:`Transport`.
+
+Two byte counts per message: ``payload`` counts what the in-process transport counts (tensor
+bytes, 4 per channel index, 8 per sample count), so the two engines compare one to one;
+``wire`` is Flower's own record size (numpy headers, keys, config and metric entries).
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+from torch import Tensor
+
+from lightning_unlearn.federated.messages import (
+    Broadcast,
+    MaskedUpdateMessage,
+    ParametersMessage,
+    RoundBytes,
+    ScoresMessage,
+)
+
+COUNT_KEY = "num-examples"  # Flower's conventional sample-count key
+COUNT_BYTES = 8  # the in-process transport counts a sample count as 8 bytes
+REPLY_KINDS = ("parameters", "masked_update", "scores", "none")
+UpwardMessage = ParametersMessage | MaskedUpdateMessage | ScoresMessage
+
+
+# -- tensors ---------------------------------------------------------------------------------------
+def arrays_to_record(arrays: Mapping[str, Tensor]) -> ArrayRecord:
+    """Named tensors as an ArrayRecord (order kept: FedAvg relies on it only through names)."""
+    return ArrayRecord({k: Array(np.ascontiguousarray(v.detach().cpu().numpy())) for k, v in arrays.items()})
+
+
+def record_to_arrays(record: ArrayRecord) -> dict[str, Tensor]:
+    return {k: torch.from_numpy(np.array(v.numpy(), copy=True)) for k, v in record.items()}
+
+
+def channels_to_record(channels: Mapping[str, Sequence[int]]) -> ArrayRecord:
+    return ArrayRecord({k: Array(np.asarray(v, dtype=np.int32).reshape(-1)) for k, v in channels.items()})
+
+
+def record_to_channels(record: ArrayRecord) -> dict[str, tuple[int, ...]]:
+    return {k: tuple(int(i) for i in v.numpy()) for k, v in record.items()}
+
+
+# -- config ------------------------------------------------------------------------------------------
+def to_config(values: Mapping[str, Any]) -> ConfigRecord:
+    """A config mapping as a ConfigRecord; ``None`` entries are dropped (clients read them with ``.get``)."""
+    out: dict[str, Any] = {}
+    for k, v in values.items():
+        if v is None:
+            continue
+        if isinstance(v, tuple):
+            v = list(v)
+        ok = (int, float, str, bool, bytes)
+        if not (isinstance(v, ok) or (isinstance(v, list) and v and all(isinstance(i, type(v[0])) for i in v)
+                                      and isinstance(v[0], ok))):
+            raise TypeError(f"config[{k!r}] = {v!r} cannot travel in a Flower ConfigRecord; "
+                            "allowed: int, float, str, bool, bytes or a non-empty list of one of them")
+        out[k] = v
+    return ConfigRecord(out)
+
+
+def from_config(record: ConfigRecord) -> dict[str, Any]:
+    return {k: (list(v) if isinstance(v, list) else v) for k, v in record.items()}
+
+
+# -- server -> client ----------------------------------------------------------------------------------
+def broadcast_to_content(message: Broadcast, extra: Mapping[str, Any] | None = None) -> RecordDict:
+    """``extra`` (e.g. the forget request) joins the config: settings, not payload."""
+    content = RecordDict({"arrays": arrays_to_record(message.arrays),
+                          "config": to_config({**message.config, **(extra or {})})})
+    if message.channels is not None:
+        content["channels"] = channels_to_record(message.channels)
+    return content
+
+
+def content_to_broadcast(content: RecordDict) -> tuple[Broadcast, dict[str, Any]]:
+    """The Broadcast a client handler takes, plus the full config (request included)."""
+    config = from_config(content["config"]) if "config" in content else {}
+    channels = record_to_channels(content["channels"]) if "channels" in content else None
+    arrays = record_to_arrays(content["arrays"]) if "arrays" in content else {}
+    return Broadcast(arrays, config, channels), config
+
+
+# -- client -> server ------------------------------------------------------------------------------------
+def reply_to_content(reply: UpwardMessage | None) -> RecordDict:
+    """One upward message (or ``None``: nothing to send) as a RecordDict."""
+    if reply is None:
+        return RecordDict({"reply": ConfigRecord({"kind": "none"})})
+    metrics = MetricRecord({**{k: float(v) for k, v in reply.metrics.items()}, COUNT_KEY: reply.num_samples}
+                           if not isinstance(reply, ScoresMessage) else {COUNT_KEY: reply.num_samples})
+    if isinstance(reply, ParametersMessage):
+        return RecordDict({"reply": ConfigRecord({"kind": "parameters"}), "arrays": arrays_to_record(reply.arrays),
+                           "metrics": metrics})
+    if isinstance(reply, MaskedUpdateMessage):
+        return RecordDict({"reply": ConfigRecord({"kind": "masked_update"}), "arrays": arrays_to_record(reply.values),
+                           "metrics": metrics})
+    if isinstance(reply, ScoresMessage):
+        meta = {"kind": "scores", "method": reply.method, "tag": reply.tag,
+                "layers": json.dumps({n: list(v) for n, v in reply.layers.items()})}
+        return RecordDict({"reply": ConfigRecord(meta), "arrays": arrays_to_record(reply.scores), "metrics": metrics})
+    raise TypeError(f"a client may only send {[t.__name__ for t in UpwardMessage.__args__]}, got {type(reply).__name__}")
+
+
+def content_to_reply(content: RecordDict) -> UpwardMessage | None:
+    """Rebuild the library message (its checks run here, on the server); ``None`` for an empty reply."""
+    if "reply" not in content:
+        raise TypeError(f"a client reply must carry a 'reply' record naming its kind; got records {sorted(content)}")
+    meta = dict(content["reply"])
+    kind = meta.get("kind")
+    if kind == "none":
+        return None
+    if kind not in REPLY_KINDS:
+        raise TypeError(f"unknown client reply kind {kind!r}; allowed kinds are {list(REPLY_KINDS)}")
+    arrays = record_to_arrays(content["arrays"])
+    metrics = dict(content["metrics"])
+    n = int(metrics.pop(COUNT_KEY))
+    if kind == "parameters":
+        return ParametersMessage(arrays, n, metrics)
+    if kind == "masked_update":
+        return MaskedUpdateMessage(arrays, n, metrics)
+    layers = {k: (int(v[0]), v[1], bool(v[2])) for k, v in json.loads(meta["layers"]).items()}
+    return ScoresMessage(arrays, n, meta["method"], layers, meta["tag"])
+
+
+# -- bytes ------------------------------------------------------------------------------------------------
+def payload_bytes(content: RecordDict) -> int:
+    """What the in-process transport would count: tensor bytes (+4 per index) and 8 per sample count."""
+    total = 0
+    for record in content.values():
+        if isinstance(record, ArrayRecord):
+            total += sum(int(np.prod(a.shape, dtype=np.int64)) * np.dtype(a.dtype).itemsize for a in record.values())
+        elif isinstance(record, MetricRecord) and COUNT_KEY in record:
+            total += COUNT_BYTES
+    return total
+
+
+def wire_bytes(content: RecordDict) -> int:
+    """Flower's own size of the records (serialised arrays with headers, keys, config and metrics)."""
+    return int(sum(r.count_bytes() for r in content.values()))
+
+
+@dataclass
+class ByteLedger:
+    """Bytes per round label (``fedavg/0``, ``deploy``, ``score``, ``unlearn/0``, ...), counted on the server."""
+
+    payload: dict[str, RoundBytes] = field(default_factory=dict)
+    wire: dict[str, RoundBytes] = field(default_factory=dict)
+
+    def down(self, label: str, content: RecordDict) -> None:
+        self.payload.setdefault(label, RoundBytes()).down += payload_bytes(content)
+        self.wire.setdefault(label, RoundBytes()).down += wire_bytes(content)
+
+    def up(self, label: str, content: RecordDict) -> None:
+        self.payload.setdefault(label, RoundBytes()).up += payload_bytes(content)
+        self.wire.setdefault(label, RoundBytes()).up += wire_bytes(content)
+
+    def as_dict(self) -> dict[str, dict[str, int]]:
+        return {label: {"down": b.down, "up": b.up, "wire_down": self.wire[label].down, "wire_up": self.wire[label].up}
+                for label, b in self.payload.items()}

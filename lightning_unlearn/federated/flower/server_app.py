@@ -1,0 +1,403 @@
+"""The Flower ``ServerApp``: FedAvg training, then the federated unlearning protocol.
+
+:class:`LightningFedAvg` is Flower's FedAvg with the library's client sampling and per-client
+seeds (those of :func:`~lightning_unlearn.federated.server.run_fedavg`) and its aggregation
+(:func:`~lightning_unlearn.federated.server.fedavg_aggregate`). :class:`MaskedUnlearning`
+scores (``query.score`` -> :func:`aggregate_scores` -> :func:`select_channels`), then runs
+masked rounds that send and aggregate only the selected slices (:func:`masked_aggregate`:
+frozen values are copied from the deployed model, never averaged). Client failures stop the
+run with the client's reason: Flower's own strategies would log them and go on with fewer
+clients, which for unlearning means silently different results.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+from logging import INFO
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
+from flwr.serverapp import Grid, ServerApp
+from flwr.serverapp.strategy import FedAvg, Strategy
+from flwr.supercore import log
+from torch import Tensor
+
+from lightning_unlearn.attribution import ChannelScores
+from lightning_unlearn.federated.client import get_arrays, selected_values, set_arrays
+from lightning_unlearn.federated.flower.records import (
+    ByteLedger,
+    arrays_to_record,
+    broadcast_to_content,
+    content_to_reply,
+    record_to_arrays,
+)
+from lightning_unlearn.federated.messages import Broadcast, RoundBytes
+from lightning_unlearn.federated.protocol import resolve_objective
+from lightning_unlearn.federated.server import aggregate_scores, check_rounds, fedavg_aggregate, masked_aggregate
+from lightning_unlearn.request import ForgetRequest
+from lightning_unlearn.selection import ParameterMask, select_channels
+
+DATA_CHOICES = ("all", "retain")
+
+
+@dataclass
+class FedAvgPlan:
+    """The FedAvg schedule (same meaning and defaults as :func:`run_fedavg`)."""
+
+    rounds: int = 3
+    local_epochs: int = 1
+    fraction: float = 1.0
+    seed: int = 0
+    data: str = "all"
+    local_config: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        check_rounds(self.rounds)
+        check_rounds(self.local_epochs, "local_epochs")
+        if not 0 < self.fraction <= 1:
+            raise ValueError(f"fraction must be in (0, 1], got {self.fraction!r}")
+        if self.data not in DATA_CHOICES:
+            raise ValueError(f"unknown data {self.data!r}; allowed values are {list(DATA_CHOICES)}")
+
+
+@dataclass
+class UnlearnPlan:
+    """One unlearning request and its settings (same meaning and defaults as :func:`federated_unlearn`).
+
+    ``evaluate``: after each masked round, clients report their local forget/retain accuracy.
+    """
+
+    request: ForgetRequest
+    method: str = "grad_x_act"
+    ratio: float = 0.05
+    objective: str = "auto"
+    rounds: int = 1
+    local_epochs: int = 1
+    max_steps: int | None = None
+    scope: str = "layer"
+    include_head: bool = False
+    layers: Sequence[str] | None = None
+    max_samples: int | None = 256
+    contrast: bool = False
+    forget_weight: float = 1.0
+    lr_scale: float = 1.0
+    seed: int = 0
+    evaluate: bool = True
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.request, ForgetRequest):
+            raise TypeError(f"request must be a ForgetRequest, got {type(self.request).__name__}")
+        check_rounds(self.rounds)
+        check_rounds(self.local_epochs, "local_epochs")
+        self.objective = resolve_objective(self.objective, self.request)
+
+
+@dataclass
+class FlowerRunResult:
+    """What a Flower run produced: models, mask, per-round rows and bytes (payload and wire)."""
+
+    arrays: dict[str, Tensor] = field(default_factory=dict)  # the final global model
+    trained: dict[str, Tensor] = field(default_factory=dict)  # the deployed model (before unlearning)
+    clients: dict[int, int] = field(default_factory=dict)  # client id -> Flower node id
+    training: list[dict] = field(default_factory=list)
+    scores: ChannelScores | None = None
+    mask: ParameterMask | None = None
+    unlearning: list[dict] = field(default_factory=list)
+    evaluation: list[dict] = field(default_factory=list)
+    ledger: ByteLedger = field(default_factory=ByteLedger)
+    timings_s: dict[str, float] = field(default_factory=dict)
+
+    def round_bytes(self, prefix: str, wire: bool = False) -> list[RoundBytes]:
+        """Bytes of every round whose label starts with ``prefix`` (``"fedavg/"``, ``"unlearn/"``, ``"score"``)."""
+        book = self.ledger.wire if wire else self.ledger.payload
+        return [b for label, b in book.items() if label.startswith(prefix)]
+
+    def report(self) -> dict[str, Any]:
+        """JSON-ready summary (no tensors but the mask's channel lists)."""
+        return {"clients": self.clients, "training": self.training, "unlearning": self.unlearning,
+                "evaluation": self.evaluation, "bytes": self.ledger.as_dict(), "timings_s": self.timings_s,
+                "mask": None if self.mask is None else {"fraction": self.mask.fraction, "sha256": self.mask.sha256(),
+                                                        "channels": {k: list(v) for k, v in self.mask.channels.items()}}}
+
+
+# -- messaging helpers ---------------------------------------------------------------------------------
+def check_replies(replies: Sequence[Message], expected: int, what: str) -> list[Message]:
+    """All replies arrived and none is an error; otherwise stop with each failing client's reason."""
+    replies = list(replies)
+    errors = [m for m in replies if m.has_error()]
+    if errors:
+        reasons = "; ".join(f"node {m.metadata.src_node_id}: {m.error.reason}" for m in errors)
+        raise RuntimeError(f"{what}: {len(errors)} of {expected} client(s) failed: {reasons}")
+    if len(replies) < expected:
+        raise RuntimeError(f"{what}: only {len(replies)} of {expected} clients replied before the timeout")
+    return replies
+
+
+def _send(grid: Grid, contents: Sequence[tuple[int, RecordDict]], message_type: str, timeout: float) -> Iterable[Message]:
+    return grid.send_and_receive([Message(c, message_type=message_type, dst_node_id=n) for n, c in contents],
+                                 timeout=timeout)
+
+
+def discover_clients(grid: Grid, num_clients: int, timeout: float = 600.0) -> dict[int, int]:
+    """Wait for ``num_clients`` nodes and ask each its client id: client id -> node id."""
+    deadline = time.monotonic() + timeout
+    while len(nodes := sorted(grid.get_node_ids())) < num_clients:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"only {len(nodes)} of {num_clients} client nodes connected within {timeout:g}s")
+        time.sleep(0.1)
+    replies = check_replies(list(_send(grid, [(n, RecordDict()) for n in nodes], "query.hello", timeout)),
+                            len(nodes), "hello")
+    ids = {int(m.content["metrics"]["client-id"]): m.metadata.src_node_id for m in replies}
+    if sorted(ids) != list(range(num_clients)) or len(replies) != num_clients:
+        raise RuntimeError(f"client nodes reported ids {sorted(ids)} ({len(replies)} nodes); expected each of "
+                           f"0..{num_clients - 1} exactly once (check each node's partition-id)")
+    return ids
+
+
+def _client_replies(replies: Sequence[Message], nodes: Mapping[int, int], ledger: ByteLedger, label: str) -> list:
+    """Upward messages in client-id order (aggregation order fixed, as in-process), bytes booked."""
+    by_node = {n: c for c, n in nodes.items()}
+    out = []
+    for m in sorted(replies, key=lambda m: by_node[m.metadata.src_node_id]):
+        ledger.up(label, m.content)
+        msg = content_to_reply(m.content)
+        if msg is not None:
+            out.append((by_node[m.metadata.src_node_id], msg))
+    return out
+
+
+def _row(r: int, t0: float, msgs: Sequence[Any], ledger: ByteLedger, label: str) -> dict[str, Any]:
+    local = float(sum(m.metrics.get("local_compute_s", 0.0) for m in msgs))
+    round_s = time.perf_counter() - t0
+    return {"round": r, "clients": len(msgs), "round_s": round_s, "local_compute_s": local, "overhead_s": round_s - local,
+            "bytes_down": ledger.payload[label].down, "bytes_up": ledger.payload[label].up,
+            "wire_down": ledger.wire[label].down, "wire_up": ledger.wire[label].up}
+
+
+# -- FedAvg --------------------------------------------------------------------------------------------------
+class LightningFedAvg(FedAvg):
+    """Flower FedAvg with :func:`run_fedavg`'s sampling, seeds and aggregation, so both engines agree."""
+
+    def __init__(self, clients: Mapping[int, int], plan: FedAvgPlan, ledger: ByteLedger, timeout: float = 3600) -> None:
+        super().__init__(fraction_train=plan.fraction, min_train_nodes=1, min_available_nodes=len(clients))
+        self.clients, self.plan, self.ledger, self.timeout = dict(clients), plan, ledger, timeout
+        self.history: list[dict] = []
+        self._t0, self._picked = 0.0, 0
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+        r, p = server_round - 1, self.plan
+        self._t0 = time.perf_counter()
+        pool = np.asarray(sorted(self.clients), dtype=np.int64)  # same draw as run_fedavg
+        picked = np.sort(np.random.default_rng(p.seed * 100_003 + r).choice(pool, max(1, round(p.fraction * len(pool))),
+                                                                             replace=False))
+        global_arrays = record_to_arrays(arrays)
+        out = []
+        for cid in picked:
+            cfg = {"epochs": p.local_epochs, "seed": p.seed * 100_003 + r * 1_000 + int(cid), "data": p.data,
+                   **dict(p.local_config)}
+            content = broadcast_to_content(Broadcast(global_arrays, cfg))
+            self.ledger.down(f"fedavg/{r}", content)
+            out.append(Message(content, message_type=MessageType.TRAIN, dst_node_id=self.clients[int(cid)]))
+        self._picked = len(out)
+        return out
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        r, label = server_round - 1, f"fedavg/{server_round - 1}"
+        replies = check_replies(list(replies), self._picked, f"FedAvg round {r}")
+        pairs = _client_replies(replies, self.clients, self.ledger, label)
+        if not pairs:
+            raise ValueError(f"round {r}: no sampled client had data to train on")
+        msgs = [m for _, m in pairs]
+        new = fedavg_aggregate(msgs)
+        row = _row(r, self._t0, msgs, self.ledger, label)
+        row["clients"] = [c for c, _ in pairs]
+        self.history.append(row)
+        return arrays_to_record(new), MetricRecord({"local_compute_s": row["local_compute_s"]})
+
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+        return []  # training is evaluated by the user's evaluate_fn (server side), as in-process
+
+
+# -- unlearning -----------------------------------------------------------------------------------------------
+class MaskedUnlearning(Strategy):
+    """Score, select, then masked rounds: only the selected slices travel and are averaged."""
+
+    def __init__(self, model: pl.LightningModule, clients: Mapping[int, int], plan: UnlearnPlan, ledger: ByteLedger,
+                 timeout: float = 3600) -> None:
+        self.model, self.clients, self.plan, self.ledger, self.timeout = model, dict(clients), plan, ledger, timeout
+        p = plan
+        self.request_json = json.dumps(p.request.to_dict())
+        self.config = {"objective": p.objective, "epochs": p.local_epochs, "max_steps": p.max_steps, "seed": p.seed,
+                       "forget_weight": p.forget_weight, "lr_scale": p.lr_scale, "mode": "train"}
+        self.scores: ChannelScores | None = None
+        self.mask: ParameterMask | None = None
+        self.reference: dict[str, Tensor] = {}
+        self.history: list[dict] = []
+        self.evaluation: list[dict] = []
+        self._t0 = 0.0
+
+    def _to_all(self, broadcast: Broadcast, label: str, message_type: str) -> list[Message]:
+        content = broadcast_to_content(broadcast, {"request": self.request_json})
+        out = []
+        for cid in sorted(self.clients):
+            self.ledger.down(label, content)
+            out.append(Message(content, message_type=message_type, dst_node_id=self.clients[cid]))
+        return out
+
+    def select(self, grid: Grid, deployed: Mapping[str, Tensor]) -> ParameterMask:
+        """Scoring round: clients with forget data send (scores, count); the server selects the mask."""
+        p = self.plan
+        config = {"method": p.method, "max_samples": p.max_samples, "contrast": p.contrast, "seed": p.seed,
+                  "layers": list(p.layers) if p.layers else None}
+        msgs = self._to_all(Broadcast({}, config), "score", "query.score")
+        replies = check_replies(list(grid.send_and_receive(msgs, timeout=self.timeout)), len(msgs), "scoring")
+        self.scores = aggregate_scores([m for _, m in _client_replies(replies, self.clients, self.ledger, "score")])
+        self.reference = {k: v.clone() for k, v in deployed.items()}
+        set_arrays(self.model, self.reference)
+        self.mask = select_channels(self.scores, self.model, p.ratio, p.scope, None, p.include_head,
+                                    list(p.request.classes) or None)
+        return self.mask
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+        r = server_round - 1
+        self._t0 = time.perf_counter()
+        cfg = {**self.config, "seed": int(self.config["seed"]) * 1_000 + r}  # as masked_rounds
+        channels = {k: tuple(v) for k, v in self.mask.channels.items()}
+        down = Broadcast({} if r == 0 else selected_values(record_to_arrays(arrays), self.mask), cfg,
+                         channels if r == 0 else None)
+        return self._to_all(down, f"unlearn/{r}", "train.unlearn")
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        r, label = server_round - 1, f"unlearn/{server_round - 1}"
+        replies = check_replies(list(replies), len(self.clients), f"unlearning round {r}")
+        msgs = [m for _, m in _client_replies(replies, self.clients, self.ledger, label)]
+        if not msgs:
+            raise ValueError("no client has retain data for the masked rounds")
+        current = masked_aggregate(self.reference, self.mask, msgs)
+        self.history.append(_row(r, self._t0, msgs, self.ledger, label))
+        return arrays_to_record(current), MetricRecord({"local_compute_s": self.history[-1]["local_compute_s"]})
+
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+        if not self.plan.evaluate:
+            return []
+        return self._to_all(Broadcast(record_to_arrays(arrays), {}), f"evaluate/{server_round - 1}", MessageType.EVALUATE)
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        replies = check_replies(list(replies), len(self.clients), f"evaluation round {server_round - 1}")
+        row: dict[str, float] = {"round": server_round - 1}
+        for split in ("forget", "retain"):
+            pairs = [(m.content["metrics"][f"{split}-acc"], m.content["metrics"][f"{split}-examples"])
+                     for m in replies if f"{split}-acc" in m.content["metrics"]]
+            n = sum(c for _, c in pairs)
+            row[f"{split}_acc"] = sum(a * c for a, c in pairs) / n if n else math.nan
+        self.evaluation.append(row)
+        return MetricRecord({k: float(v) for k, v in row.items() if not math.isnan(v)})
+
+    def summary(self) -> None:
+        p = self.plan
+        log(INFO, "\t├──> request %s, scoring %s, ratio %g (%s)", p.request.to_dict(), p.method, p.ratio, p.scope)
+        log(INFO, "\t└──> %d masked round(s), objective %s, max_steps %s", p.rounds, p.objective, p.max_steps)
+
+    def run(self, grid: Grid, deployed: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """Select the mask, run the masked rounds; returns the unlearned global arrays."""
+        self.select(grid, deployed)
+        result = self.start(grid, arrays_to_record(deployed), num_rounds=self.plan.rounds, timeout=self.timeout)
+        return record_to_arrays(result.arrays)
+
+
+# -- the workflow and the app ------------------------------------------------------------------------------------
+def deploy(grid: Grid, clients: Mapping[int, int], arrays: Mapping[str, Tensor], ledger: ByteLedger,
+           timeout: float = 3600) -> None:
+    """Every client keeps the global model: the reference its masked rounds start from."""
+    content = broadcast_to_content(Broadcast(arrays))
+    for _ in clients:
+        ledger.down("deploy", content)
+    replies = _send(grid, [(clients[c], content) for c in sorted(clients)], "query.deploy", timeout)
+    for m in check_replies(list(replies), len(clients), "deploy"):
+        ledger.up("deploy", m.content)
+
+
+def run_server(
+    grid: Grid,
+    model: pl.LightningModule,
+    num_clients: int,
+    train: FedAvgPlan | None = None,
+    unlearn: UnlearnPlan | None = None,
+    timeout: float = 3600,
+    evaluate_fn: Callable[[int, ArrayRecord], MetricRecord | None] | None = None,
+) -> FlowerRunResult:
+    """FedAvg from ``model``'s arrays (skipped when ``train`` is None), deploy, then unlearn (when asked)."""
+    result = FlowerRunResult()
+    t0 = time.perf_counter()
+    result.clients = discover_clients(grid, num_clients, timeout)
+    arrays = get_arrays(model)
+    t1 = time.perf_counter()
+    if train is not None:
+        strategy = LightningFedAvg(result.clients, train, result.ledger, timeout)
+        out = strategy.start(grid, arrays_to_record(arrays), num_rounds=train.rounds, timeout=timeout,
+                             evaluate_fn=evaluate_fn)
+        arrays, result.training = record_to_arrays(out.arrays), strategy.history
+    t2 = time.perf_counter()
+    result.trained = {k: v.clone() for k, v in arrays.items()}
+    deploy(grid, result.clients, arrays, result.ledger, timeout)
+    t3 = time.perf_counter()
+    if unlearn is not None:
+        strategy = MaskedUnlearning(model, result.clients, unlearn, result.ledger, timeout)
+        arrays = strategy.run(grid, arrays)
+        result.scores, result.mask = strategy.scores, strategy.mask
+        result.unlearning, result.evaluation = strategy.history, strategy.evaluation
+    t4 = time.perf_counter()
+    set_arrays(model, arrays)
+    result.arrays = arrays
+    result.timings_s = {"connect": t1 - t0, "training": t2 - t1, "deploy": t3 - t2, "unlearning": t4 - t3,
+                        "total": t4 - t0}
+    return result
+
+
+def save_result(result: FlowerRunResult, out_dir: str | os.PathLike) -> Path:
+    """``model.pt`` (final arrays), ``trained.pt`` and ``report.json`` under a new ``out_dir``, each written atomically."""
+    from lightning_unlearn.federated.simulation import write_json
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    for name, arrays in (("model.pt", result.arrays), ("trained.pt", result.trained)):
+        with tempfile.NamedTemporaryFile(dir=out, delete=False, suffix=".tmp") as f:
+            torch.save(arrays, f)
+        os.replace(f.name, out / name)
+    write_json(result.report(), out / "report.json")
+    return out
+
+
+def make_server_app(
+    model_fn: Callable[[], pl.LightningModule],
+    num_clients: int,
+    train: FedAvgPlan | None = None,
+    unlearn: UnlearnPlan | None = None,
+    sink: FlowerRunResult | None = None,
+    out_dir: str | os.PathLike | None = None,
+    timeout: float = 3600,
+) -> ServerApp:
+    """A ServerApp running :func:`run_server`; results go to ``sink`` (same process) and/or ``out_dir``."""
+    app = ServerApp()
+
+    @app.main()
+    def main(grid: Grid, context: Context) -> None:
+        result = run_server(grid, model_fn(), num_clients, train, unlearn, timeout)
+        if sink is not None:
+            sink.__dict__.update(result.__dict__)
+        if out_dir is not None:
+            save_result(result, out_dir)
+
+    return app
+
+
+__all__ = ["FedAvgPlan", "FlowerRunResult", "LightningFedAvg", "MaskedUnlearning", "UnlearnPlan", "check_replies",
+           "deploy", "discover_clients", "make_server_app", "run_server", "save_result"]

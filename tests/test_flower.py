@@ -1,0 +1,198 @@
+"""Flower apps: record round trips, local splits, bad input, and parity with the in-process simulation."""
+from __future__ import annotations
+
+import functools
+import importlib
+import sys
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import Array, Context, Error, Message, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
+
+from lightning_unlearn import ForgetRequest
+from lightning_unlearn.federated import (
+    Broadcast,
+    FederatedSimulation,
+    MaskedUpdateMessage,
+    ParametersMessage,
+    ScoresMessage,
+    Transport,
+    federated_unlearn,
+    get_arrays,
+    run_fedavg,
+)
+from lightning_unlearn.federated.flower import (
+    FedAvgPlan,
+    FederatedPartitions,
+    FlowerDataError,
+    UnlearnPlan,
+    client_split,
+    file_partition,
+    make_client_app,
+    run_flower_simulation,
+    save_partition,
+)
+from lightning_unlearn.federated.flower.records import (
+    broadcast_to_content,
+    content_to_broadcast,
+    content_to_reply,
+    payload_bytes,
+    reply_to_content,
+)
+from lightning_unlearn.federated.flower.server_app import check_replies
+from lightning_unlearn.masking import frozen_elements_equal
+from lightning_unlearn.models import SmallCNN
+from lightning_unlearn.selection import select_channels
+
+MODEL_FN = functools.partial(SmallCNN, channels=(8, 16), hidden=32, lr=3e-3)  # picklable: Flower ships it to workers
+PARTS = FederatedPartitions("digits", num_clients=3, partition="iid", seed=0, batch_size=32)
+
+
+@pytest.fixture(autouse=True)
+def _task_identity(monkeypatch):
+    """Messages built outside a Flower run need the identity a SuperLink would give this process."""
+    for key in ("_run_id", "_node_id", "_task_id"):
+        monkeypatch.setattr(TaskIdentity, key, getattr(TaskIdentity, key) or 1)
+
+
+def _context(node_config: dict) -> Context:
+    return Context(run_id=1, node_id=1, node_config=node_config, state=RecordDict(), run_config={})
+
+
+def _message(message_type: str) -> Message:
+    return Message(broadcast_to_content(Broadcast({}, {})), dst_node_id=1, message_type=message_type)
+
+
+# -- bad input ------------------------------------------------------------------------------------------
+def test_missing_flower_extra_names_the_extra(monkeypatch):
+    for name in [m for m in sys.modules if m.startswith("lightning_unlearn.federated.flower")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "flwr", None)  # what an environment without flwr looks like to `import`
+    with pytest.raises(ImportError, match=r'pip install "lightning-unlearn\[flower\]"'):
+        importlib.import_module("lightning_unlearn.federated.flower")
+
+
+def test_missing_ray_names_the_extra(monkeypatch):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "ray" else real(name, *a))
+    with pytest.raises(ImportError, match=r"needs Ray.*lightning-unlearn\[flower\]"):
+        run_flower_simulation(MODEL_FN, PARTS, 3)
+
+
+def test_client_that_cannot_reach_its_partition_fails_clearly(tmp_path):
+    app = make_client_app(MODEL_FN, PARTS)
+    with pytest.raises(FlowerDataError, match=r"no 'partition-id' in its node config"):
+        app(_message("query.hello"), _context({}))
+    with pytest.raises(FlowerDataError, match=r"partition-id=7 names no data partition; allowed ids are 0..2"):
+        app(_message("train"), _context({"partition-id": 7, "num-partitions": 8}))
+    deployed = make_client_app(MODEL_FN)  # deployment: the shard is a file on the node's disk
+    with pytest.raises(FlowerDataError, match=r"no 'data-path' in its node config"):
+        deployed(_message("query.hello"), _context({}))
+    missing = tmp_path / "nowhere" / "client0.pt"
+    with pytest.raises(FlowerDataError, match=rf"data-path='{missing}' does not exist on this node"):
+        deployed(_message("query.hello"), _context({"data-path": str(missing)}))
+    # the server stops on a failed client, naming it and its reason, instead of averaging fewer clients
+    sent = Message(RecordDict(), dst_node_id=5, message_type="train")
+    sent.metadata.__dict__["_message_id"] = "m1"
+    failed = Message(Error(code=0, reason="FlowerDataError: data-path does not exist"), reply_to=sent)
+    with pytest.raises(RuntimeError, match=r"FedAvg round 0: 1 of 3 client\(s\) failed: .*data-path does not exist"):
+        check_replies([failed], 3, "FedAvg round 0")
+    with pytest.raises(RuntimeError, match=r"only 0 of 2 clients replied"):
+        check_replies([], 2, "scoring")
+
+
+# -- records ---------------------------------------------------------------------------------------------
+def test_records_round_trip_with_the_transports_byte_counts():
+    torch.manual_seed(0)
+    down = Broadcast({"w": torch.randn(4, 3), "b": torch.randn(4)}, {"seed": 3, "max_steps": None, "layers": ["conv1"]},
+                     {"conv1": (0, 2), "fc2": (3,)})
+    back, config = content_to_broadcast(broadcast_to_content(down, {"request": "{}"}))
+    assert payload_bytes(broadcast_to_content(down)) == down.nbytes
+    assert back.channels == down.channels and config == {"seed": 3, "layers": ["conv1"], "request": "{}"}
+    assert all(torch.equal(back.arrays[k], v) for k, v in down.arrays.items())
+    ups = [ParametersMessage({"w": torch.randn(4, 3)}, 12, {"fit_s": 0.5}),
+           MaskedUpdateMessage({"w": torch.randn(6)}, 7),
+           ScoresMessage({"conv1": torch.rand(8)}, 30, "grad_x_act", {"conv1": (8, "bn1", False)})]
+    for msg in ups:
+        content = reply_to_content(msg)
+        again = content_to_reply(content)
+        assert type(again) is type(msg) and again.num_samples == msg.num_samples and again.nbytes == msg.nbytes
+        assert payload_bytes(content) == msg.nbytes
+    assert again.layers == ups[-1].layers and again.method == "grad_x_act"
+    assert content_to_reply(reply_to_content(None)) is None and payload_bytes(reply_to_content(None)) == 0
+    # a client that smuggles labels is refused by the same dataclass checks as in-process
+    smuggled = reply_to_content(ParametersMessage({"w": torch.randn(3)}, 3))
+    smuggled["arrays"] = broadcast_to_content(Broadcast({"w": torch.randn(3)}))["arrays"]
+    smuggled["arrays"]["labels"] = Array(np.array([1, 2, 3]))
+    with pytest.raises(TypeError, match="must be a float tensor"):
+        content_to_reply(smuggled)
+
+
+def test_local_split_matches_the_simulations_forget_plan(digits, tmp_path):
+    fdm = PARTS.datamodule()
+    requests = [ForgetRequest(classes=[3]), ForgetRequest(clients=[1]), ForgetRequest(sample_ids=list(range(0, 1300, 7)))]
+    for request in requests:
+        plan = fdm.forget_plan(request)
+        for k in range(fdm.num_clients):
+            part = PARTS(_context({"partition-id": k}))
+            mine = client_split(request, part)
+            assert np.array_equal(mine.forget, plan.splits[k].forget) and np.array_equal(mine.retain, plan.splits[k].retain)
+    path = save_partition(fdm, 2, tmp_path / "client2.pt")  # deployment shard: same data, same ids
+    loaded = file_partition(_context({"data-path": str(path)}))
+    assert loaded.client_id == 2 and np.array_equal(loaded.sample_ids, fdm.client_indices(2))
+    assert torch.equal(loaded.dataset.tensors[0][5], fdm.client_dataset(2)[5][0])
+    sample = requests[-1]
+    assert np.array_equal(client_split(sample, loaded).forget, fdm.forget_plan(sample).splits[2].forget)
+
+
+# -- parity with the in-process simulation ---------------------------------------------------------------------
+@pytest.mark.slow
+def test_flower_simulation_matches_in_process(digits):
+    """Same init, schedule and seeds: same trained model, same scores and mask, same bytes per round, forgets alike."""
+    torch.manual_seed(0)
+    init = MODEL_FN()
+    request = ForgetRequest(classes=[3])
+    steps, unlearn = {"max_steps": 15}, dict(rounds=2, max_steps=5, ratio=0.1, seed=0)
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the Flower workers (1 CPU each): same float reduction order
+    try:
+        fdm = PARTS.datamodule()
+        sim = FederatedSimulation(fdm, MODEL_FN(), rounds=3, trainer_kwargs=steps, progress=False)
+        sim.model.load_state_dict(init.state_dict())
+        transport = Transport()
+        run_fedavg(sim.model, sim.clients, 3, transport=transport, progress=False)
+        sim.request(request)
+        ours = federated_unlearn(sim.model, sim.clients, request, transport=transport, **unlearn)
+    finally:
+        torch.set_num_threads(before)
+
+    flower = run_flower_simulation(MODEL_FN, PARTS, 3, FedAvgPlan(rounds=3), UnlearnPlan(request, **unlearn),
+                                   initial_model=init, trainer_kwargs=steps, client_cpus=1, total_cpus=2)
+
+    for k, v in get_arrays(sim.model).items():  # FedAvg: same sampling, seeds and aggregation
+        assert torch.allclose(flower.trained[k], v, atol=1e-5), k
+    for name, s in ours.scores.items():
+        assert torch.allclose(flower.scores[name], s, rtol=1e-4, atol=1e-7), name
+    assert flower.mask.sha256() == ours.mask.sha256()
+    model = MODEL_FN()
+    model.load_state_dict(sim.model.state_dict())
+    again = select_channels(flower.scores, model, 0.1, head_rows=[3])  # the mask is a function of the scores
+    assert again.sha256() == flower.mask.sha256()
+    # bytes per round: the same payload in both engines, every round
+    for prefix in ("fedavg/", "deploy", "score", "unlearn/"):
+        mine = [(b.down, b.up) for b in flower.round_bytes(prefix)]
+        assert mine == [(b.down, b.up) for b in transport.bytes_for(prefix)] and mine, prefix
+    assert [r["bytes_down"] for r in flower.unlearning] == [r["bytes_down"] for r in ours.history]
+    # the Flower run forgets like the in-process run; frozen elements stay bit-exact
+    unlearned = MODEL_FN()
+    unlearned.load_state_dict(sim.model.state_dict())
+    trained_state = {k: v.clone() for k, v in unlearned.state_dict().items()}
+    unlearned.load_state_dict({**unlearned.state_dict(), **flower.arrays})
+    assert frozen_elements_equal(unlearned, trained_state, flower.mask)
+    original, mine, theirs = sim.evaluate(sim.model), sim.evaluate(unlearned), sim.evaluate(ours.model)
+    assert original["forget_acc"] > 0.8
+    assert mine["forget_acc"] < 0.5 * original["forget_acc"]
+    assert abs(mine["forget_acc"] - theirs["forget_acc"]) < 0.1 and abs(mine["remaining_acc"] - theirs["remaining_acc"]) < 0.1
+    assert flower.evaluation and flower.evaluation[-1]["forget_acc"] < 0.5  # the clients see it too
