@@ -25,6 +25,7 @@ from lightning_unlearn.api import fit
 from lightning_unlearn.attribution import channel_scores, discover_layers
 from lightning_unlearn.callbacks.gradient_mask import GradientMask
 from lightning_unlearn.callbacks.selective import SelectiveUnlearning
+from lightning_unlearn.data.datasets import dataset_targets
 from lightning_unlearn.data.federated import ClientSplit, FederatedDataModule
 from lightning_unlearn.data.unlearning import UnlearningDataModule
 from lightning_unlearn.federated.messages import Broadcast, MaskedUpdateMessage, ParametersMessage, ScoresMessage
@@ -276,7 +277,7 @@ class FederatedClient:
             out.append(ScoresMessage(acts, n, "cdp_activation", meta, tag="forget"))
         retain = self._subset("retain") if self.split is not None else self.dataset
         if len(retain):
-            targets = np.asarray([int(retain[i][1]) for i in range(len(retain))])
+            targets = dataset_targets(retain).numpy()
             for c in np.unique(targets):
                 sub = Subset(retain, np.flatnonzero(targets == c).tolist())
                 acts, n = cdp_activations(self.model, self._loader(sub), layers, max_samples)

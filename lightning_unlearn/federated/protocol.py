@@ -130,6 +130,7 @@ def federated_unlearn(
     max_steps: int | None = None,
     scope: str = "layer",
     include_head: bool = False,
+    layers: Sequence[str] | None = None,
     max_samples: int | None = 256,
     contrast: bool = False,
     forget_weight: float = 1.0,
@@ -143,7 +144,8 @@ def federated_unlearn(
     ``model`` is the deployed global model (the server's copy); clients must hold it too
     (:func:`~lightning_unlearn.federated.server.run_fedavg` deploys it) and have received the
     request. ``max_steps`` caps each client's local steps per round (cheap rounds); ``max_samples``
-    caps each client's scored forget samples; ``lr_scale`` multiplies the clients' learning rate
+    caps each client's scored forget samples; ``layers`` restricts scoring and selection to those
+    layers (the forgotten classes' head rows are always selected); ``lr_scale`` multiplies the clients' learning rate
     during the masked rounds.
     """
     check_rounds(rounds)
@@ -151,8 +153,8 @@ def federated_unlearn(
     transport = transport or Transport()
     work = model if inplace else copy.deepcopy(model)
     t0 = time.perf_counter()
-    scores, score_bytes = collect_scores(clients, transport, {"method": method, "max_samples": max_samples, "contrast": contrast,
-                                                 "seed": seed})
+    scores, score_bytes = collect_scores(clients, transport, {"method": method, "max_samples": max_samples,
+                                                              "contrast": contrast, "seed": seed, "layers": layers})
     head_rows = list(request.classes) or None
     mask = select_channels(scores, work, ratio, scope, None, include_head, head_rows)
     t1 = time.perf_counter()
@@ -163,5 +165,6 @@ def federated_unlearn(
     return FederatedUnlearningResult(
         work, "ours", mask, {"scoring": t1 - t0, "unlearning": t2 - t1, "total": t2 - t0},
         round_bytes(history, score_bytes.total), scores, history, {"objective": objective, "ratio": ratio, "scope": scope, "rounds": rounds,
-                          "max_steps": max_steps, "lr_scale": lr_scale, "method_scoring": method},
+                          "max_steps": max_steps, "lr_scale": lr_scale, "method_scoring": method,
+                          "layers": list(layers) if layers else "all"},
     )
