@@ -31,8 +31,12 @@ from lightning_unlearn import ForgetRequest, UnlearningDataModule
 from lightning_unlearn.api import fit
 from lightning_unlearn.baselines import METHODS, run_method
 from lightning_unlearn.data import load_digits_datasets, load_mnist
+from lightning_unlearn.data import dataset_targets
 from lightning_unlearn.evaluation import (
+    BackdoorDataset,
+    BackdoorSpec,
     aggregate,
+    choose_poison,
     avg_gap,
     evaluate_model,
     library_versions,
@@ -52,6 +56,7 @@ COLUMNS = (
     ("test_acc", "test acc"),
     ("mia_efficacy", "MIA-eff [shadow acc]"),
     ("loss_auc", "loss-attack AUC"),
+    ("backdoor_asr", "backdoor ASR"),
     ("probe_forget_acc", "probe acc (forgotten class)"),
     ("avg_gap", "Avg. Gap (pts)"),
     ("acc_gap", "acc-only gap (pts)"),
@@ -96,17 +101,28 @@ def load(dataset: str, args: argparse.Namespace) -> tuple[Dataset, Dataset]:
     raise ValueError(f"unknown dataset {dataset!r}; allowed datasets are ['digits', 'mnist']")
 
 
-def requests(train: Dataset, seed: int, kinds: list[str]) -> dict[str, ForgetRequest]:
-    out = {}
+def requests(dataset: str, train: Dataset, seed: int, kinds: list[str]) -> list[tuple[str, Dataset, ForgetRequest, BackdoorSpec | None]]:
+    """(name, training set, request, backdoor spec) per requested kind; the backdoor one trains on poisoned data."""
+    out = []
     if "class" in kinds:
-        out["class 3"] = ForgetRequest(classes=[3])
+        out.append(("class 3", train, ForgetRequest(classes=[3]), None))
     if "samples" in kinds:
-        out["random 10%"] = random_samples_request(len(train), fraction=0.1, seed=seed)
+        out.append(("random 10%", train, random_samples_request(len(train), fraction=0.1, seed=seed), None))
+    if "backdoor" in kinds:
+        # trigger: a bright square in the bottom-right corner (the brightest pixel value of the data)
+        spec = BackdoorSpec(target_class=0, size=2 if dataset == "digits" else 3, value=_max_pixel(train))
+        poison = choose_poison(dataset_targets(train), 0.1, spec.target_class, seed)
+        poisoned = BackdoorDataset(train, poison, spec.target_class, spec.size, spec.value)
+        out.append(("backdoored 10% (trigger -> class 0)", poisoned, ForgetRequest(sample_ids=poison.tolist()), spec))
     return out
 
 
-def evaluate_row(model, dm, reference: dict | None, seed: int, args, target_acc: float) -> dict[str, Any]:
-    metrics = evaluate_model(model, dm, seed=seed, max_samples=args.eval_samples)
+def _max_pixel(train: Dataset) -> float:
+    return float(max(train[i][0].max() for i in range(min(len(train), 500))))
+
+
+def evaluate_row(model, dm, reference: dict | None, seed: int, args, target_acc: float, backdoor=None) -> dict[str, Any]:
+    metrics = evaluate_model(model, dm, seed=seed, max_samples=args.eval_samples, backdoor=backdoor)
     metrics.pop("per_class_test_acc")
     if reference is not None:
         metrics["avg_gap"] = avg_gap(metrics, reference)
@@ -123,25 +139,27 @@ def evaluate_row(model, dm, reference: dict | None, seed: int, args, target_acc:
 
 
 def run_dataset(dataset: str, args: argparse.Namespace) -> dict[str, Any]:
-    train, test = load(dataset, args)
+    clean, test = load(dataset, args)
     epochs = args.train_epochs[dataset]
     rows: list[dict[str, Any]] = []
     start = time.perf_counter()
     for seed in args.seeds:
-        pl.seed_everything(seed, verbose=False)
-        original = SmallCNN()
-        t0 = time.perf_counter()
-        fit(original, _AllData(train, args.batch_size, seed), epochs)
-        train_s = time.perf_counter() - t0
-        for req_name, request in requests(train, seed, args.requests).items():
+        originals: dict[int, tuple[SmallCNN, float]] = {}  # one original per distinct training set
+        for req_name, train, request, backdoor in requests(dataset, clean, seed, args.requests):
+            if id(train) not in originals:
+                pl.seed_everything(seed, verbose=False)
+                model, t0 = SmallCNN(), time.perf_counter()
+                fit(model, _AllData(train, args.batch_size, seed), epochs)
+                originals[id(train)] = (model, time.perf_counter() - t0)
+            original, train_s = originals[id(train)]
             dm = UnlearningDataModule(train, test, request, batch_size=args.batch_size, seed=seed, num_classes=10)
-            original_metrics = evaluate_model(original, dm, seed=seed, max_samples=args.eval_samples)
+            original_metrics = evaluate_model(original, dm, seed=seed, max_samples=args.eval_samples, backdoor=backdoor)
             target = original_metrics["forget_acc"] - 0.02
             reference = None
             for name in args.methods:
                 kw = dict(PARAMS.get(name, {}))
                 result = run_method(name, original, dm, epochs=epochs if name == "retrain" else args.unlearn_epochs[dataset], seed=seed, **kw)
-                row = evaluate_row(result.model, dm, reference, seed, args, target)
+                row = evaluate_row(result.model, dm, reference, seed, args, target, backdoor)
                 if name == "retrain":
                     reference = row
                     row["avg_gap"] = row["acc_gap"] = 0.0
@@ -152,7 +170,8 @@ def run_dataset(dataset: str, args: argparse.Namespace) -> dict[str, Any]:
                 )
                 rows.append(row)
                 print(f"[{dataset} seed {seed} {req_name}] {name}: forget {row['forget_acc']:.3f} remaining "
-                      f"{row['remaining_acc']:.3f} gap {row.get('avg_gap', float('nan')):.2f} ({row['seconds']:.1f}s)", flush=True)
+                      f"{row['remaining_acc']:.3f} gap {row.get('avg_gap', float('nan')):.2f} "
+                      f"asr {row.get('backdoor_asr', float('nan')):.3f} ({row['seconds']:.1f}s)", flush=True)
             rows.append({**{k: v for k, v in original_metrics.items() if k != "per_class_test_acc"},
                          "dataset": dataset, "request": req_name, "seed": seed, "method": "(original)",
                          "seconds": train_s, "param_fraction": None})
@@ -165,7 +184,7 @@ def _setup(res: dict[str, Any]) -> str:
             "images (fixed seeded subsets)." if d == "mnist" else "")
     params = "; ".join(f"{m} {PARAMS.get(m) or '-'}" for m in c["methods"])
     return (
-        f"Command: `{res['command']}` ({res['elapsed_s'] / 60:.1f} min on {res['cpu_threads']} CPU threads). "
+        f"Command: `{res['command']}` ({res['elapsed_s'] / 60:.1f} min, {res['cpu_threads']} CPU thread(s)). "
         f"Seeds {c['seeds']}; original and retrained models trained {c['train_epochs'][d]} epochs, every other "
         f"method unlearns for {c['unlearn_epochs'][d]} epoch(s) from the same original.{size} Metrics on at most "
         f"{c['eval_samples']} seeded samples per split; relearn budget {c['relearn_steps']} steps. "
@@ -189,12 +208,15 @@ def markdown(results: list[dict[str, Any]]) -> str:
         "classes (50 = no trace). Probe: logistic regression on penultimate features of half the (subsampled) "
         "test set, accuracy on the forgotten class in the other half. Relearn steps: Adam steps (batch 32, half "
         "forget, half retain) until forget acc is back within 2 points of the original's; budget + 10 means not "
-        "within the budget. params updated: fraction of parameter elements the method may change. "
+        "within the budget. Backdoor ASR: share of triggered non-target test images classified as the "
+        "trigger's target class (the backdoor run trains the original on 10% poisoned samples and forgets them). "
+        "params updated: fraction of parameter elements the method may change. "
         "`(original)` is the model before unlearning (its time is training time).",
         "",
     ]
     for res in results:
-        lines += [f"### {res['dataset']}", "", _setup(res), ""]
+        kind = " (backdoor verification)" if res["config"]["requests"] == ["backdoor"] else ""
+        lines += [f"### {res['dataset']}{kind}", "", _setup(res), ""]
         for req in dict.fromkeys(r["request"] for r in res["rows"]):
             stats = aggregate([r for r in res["rows"] if r["request"] == req])
             lines += [f"#### {res['dataset']}, forget {req}", ""]
@@ -227,7 +249,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--mnist-root", default=None, help="folder with the MNIST idx .gz files")
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
-    p.add_argument("--requests", nargs="+", default=["class", "samples"], choices=["class", "samples"])
+    p.add_argument("--requests", nargs="+", default=["class", "samples"], choices=["class", "samples", "backdoor"])
     p.add_argument("--digits-epochs", type=int, default=12)
     p.add_argument("--mnist-epochs", type=int, default=3)
     p.add_argument("--digits-unlearn-epochs", type=int, default=3)
@@ -265,9 +287,10 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         res.update(command=command, versions=library_versions(), cpu_threads=args.threads,
                    config={k: v for k, v in vars(args).items() if k not in ("out", "markdown")})
         args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / f"central_{dataset}{suffix}.json").write_text(json.dumps(res, indent=1, default=str))
-    # the section shows every dataset with results on disk, so datasets can be run separately
-    files = [args.out / f"central_{d}{suffix}.json" for d in ("digits", "mnist")]
+        part = "_backdoor" if args.requests == ["backdoor"] else ""
+        (args.out / f"central_{dataset}{part}{suffix}.json").write_text(json.dumps(res, indent=1, default=str))
+    # the section shows every result file on disk, so datasets (and the backdoor run) can be run separately
+    files = [args.out / f"central_{d}{p}{suffix}.json" for d in ("digits", "mnist") for p in ("", "_backdoor")]
     results = [json.loads(f.read_text()) for f in files if f.exists()]
     write_section(args.markdown, markdown(results))
     return results

@@ -54,7 +54,7 @@ def format_cell(stat: tuple[float, float, int] | None, column: str, shadow: tupl
     if stat is None:
         return "-"
     mean, std, n = stat
-    pct = column.endswith(("acc", "efficacy", "fraction")) or column in ("loss_auc",)
+    pct = column.endswith(("acc", "efficacy", "fraction", "asr")) or column in ("loss_auc",)
     scale, digits = (100.0, 1) if pct else (1.0, 0 if column.endswith("steps") else 1 if column == "seconds" else 2)
     text = f"{mean * scale:.{digits}f}" + (f" ± {std * scale:.{digits}f}" if n > 1 else "")
     if column == "mia_efficacy":
