@@ -14,6 +14,7 @@ What a client keeps between messages (the deployed model, the mask) lives in
 from __future__ import annotations
 
 import functools
+import inspect
 import json
 import os
 from dataclasses import dataclass, field
@@ -171,9 +172,18 @@ def client_split(request: ForgetRequest, part: ClientPartition) -> ClientSplit:
     return ClientSplit(part.client_id, np.flatnonzero(forget), np.flatnonzero(~forget))
 
 
+def _takes_one_argument(fn: Callable) -> bool:
+    try:
+        params = [p for p in inspect.signature(fn).parameters.values() if p.default is p.empty
+                  and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    except (TypeError, ValueError):
+        return False
+    return len(params) == 1
+
+
 # -- the app ------------------------------------------------------------------------------------------------
 def make_client_app(
-    model_fn: Callable[[], pl.LightningModule],
+    model_fn: Callable[[], pl.LightningModule] | Callable[[Context], pl.LightningModule],
     partition_fn: Callable[[Context], ClientPartition] = file_partition,
     callbacks_fn: Callable[[], Sequence[Callback]] | None = None,
     trainer_kwargs: Mapping[str, Any] | None = None,
@@ -183,15 +193,18 @@ def make_client_app(
     Message types: ``train`` (FedAvg: ``FederatedClient.fit``), ``query.hello`` (client id),
     ``query.deploy`` (keep the global model), ``query.score`` (``score``), ``train.unlearn``
     (``masked_update``) and ``evaluate`` (local accuracy, split by the request when one is set).
-    ``model_fn``, ``partition_fn`` and ``callbacks_fn`` must pickle (module-level functions or
-    small objects): Flower ships them to its worker processes.
+    ``model_fn`` may take the node's ``Context`` (to read ``run_config``). ``model_fn``,
+    ``partition_fn`` and ``callbacks_fn`` must pickle (module-level functions or small objects):
+    Flower ships them to its worker processes.
     """
     app = ClientApp()
+    takes_context = _takes_one_argument(model_fn)
 
     def client(context: Context, config: Mapping[str, Any]) -> tuple[FederatedClient, ClientPartition]:
         part = partition_fn(context)
         callbacks = list(callbacks_fn()) if callbacks_fn is not None else []
-        c = FederatedClient(part.client_id, part.dataset, model_fn(), part.batch_size, part.num_classes, callbacks,
+        model = model_fn(context) if takes_context else model_fn()
+        c = FederatedClient(part.client_id, part.dataset, model, part.batch_size, part.num_classes, callbacks,
                             trainer_kwargs)
         if "request" in config:
             request = ForgetRequest(**{k: v for k, v in json.loads(config["request"]).items() if k != "kind"})
