@@ -16,6 +16,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Checkpoint
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.cli import LightningCLI
 
 from lightning_unlearn.api import UnlearningResult, retrain
@@ -23,7 +24,7 @@ from lightning_unlearn.callbacks.selective import SelectiveUnlearning
 from lightning_unlearn.data.unlearning import UnlearningDataModule
 from lightning_unlearn.metrics import split_accuracies
 
-USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, KeyError)
+USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, KeyError, ImportError, MisconfigurationException)
 
 
 class UnlearningTrainer(pl.Trainer):

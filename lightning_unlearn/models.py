@@ -61,3 +61,37 @@ class SmallCNN(UnlearningMixin, pl.LightningModule):
     def configure_optimizers(self):
         opt = OPTIMIZERS[self.hparams.optimizer]
         return opt(self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
+
+
+class ResNet18Classifier(UnlearningMixin, pl.LightningModule):
+    """torchvision's ResNet-18 with a 3x3 stem for 32x32 images (CIFAR-10); needs the ``vision`` extra."""
+
+    def __init__(self, num_classes: int = 10, lr: float = 0.1, momentum: float = 0.9, weight_decay: float = 5e-4,
+                 max_epochs: int = 30) -> None:
+        super().__init__()
+        try:
+            from torchvision.models import resnet18
+        except ImportError as err:
+            raise ImportError("ResNet18Classifier needs torchvision: pip install 'lightning-unlearn[vision]'") from err
+        self.save_hyperparameters()
+        self.net = resnet18(num_classes=num_classes)
+        self.net.conv1 = nn.Conv2d(3, 64, 3, stride=1, padding=1, bias=False)
+        self.net.maxpool = nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        loss = F.cross_entropy(self(x), y)
+        self.log("train_loss", loss, prog_bar=True, batch_size=len(y))
+        return loss
+
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        self.log("val_acc", (self(x).argmax(-1) == y).float().mean(), prog_bar=True, batch_size=len(y))
+
+    def configure_optimizers(self):
+        h = self.hparams
+        opt = torch.optim.SGD(self.parameters(), lr=h.lr, momentum=h.momentum, weight_decay=h.weight_decay)
+        return [opt], [torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=h.max_epochs)]

@@ -101,3 +101,35 @@ class MNISTData(_PresetData):
         train, test = load_mnist(root)
         super().__init__(train, test, forget_classes, forget_sample_ids, forget_random_fraction,
                          batch_size, num_workers, seed, train_on)
+
+
+class CIFAR10Data(_PresetData):
+    """CIFAR-10 through torchvision (``vision`` extra) from ``root``; ``download=True`` fetches it (needs internet).
+
+    Training images get random crops and flips; all images are normalised with the CIFAR-10 statistics.
+    """
+
+    def __init__(
+        self,
+        root: str | None = None,
+        download: bool = False,
+        forget_classes: list[int] | None = None,
+        forget_sample_ids: list[int] | None = None,
+        forget_random_fraction: float | None = None,
+        batch_size: int = 128,
+        num_workers: int = 4,
+        seed: int = 0,
+        train_on: str = "retain",
+    ) -> None:
+        if not root:
+            raise ValueError("CIFAR-10 needs a data root: set data.init_args.root (and download: true to fetch it)")
+        try:
+            from torchvision import datasets, transforms as T
+        except ImportError as err:
+            raise ImportError("CIFAR10Data needs torchvision: pip install 'lightning-unlearn[vision]'") from err
+        norm = T.Normalize((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616))
+        augment = T.Compose([T.RandomCrop(32, padding=4), T.RandomHorizontalFlip(), T.ToTensor(), norm])
+        train = datasets.CIFAR10(root, train=True, download=download, transform=augment)
+        test = datasets.CIFAR10(root, train=False, download=download, transform=T.Compose([T.ToTensor(), norm]))
+        super().__init__(train, test, forget_classes, forget_sample_ids, forget_random_fraction,
+                         batch_size, num_workers, seed, train_on)

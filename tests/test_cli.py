@@ -1,0 +1,104 @@
+"""`lightning-unlearn` end to end as a user runs it: fit, unlearn, evaluate on digits; configs; user errors."""
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from lightning_unlearn.cli import main
+
+ROOT = Path(__file__).parents[1]
+CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
+DIGITS = str(ROOT / "configs" / "digits_cnn.yaml")
+
+
+def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONWARNINGS": "ignore"}
+    return subprocess.run([sys.executable, "-m", "lightning_unlearn.cli", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=900)
+
+
+def _sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.mark.slow
+def test_fit_unlearn_evaluate_on_digits(tmp_path):
+    fit = _cli("fit", "--config", DIGITS, "--trainer.max_epochs", "3", cwd=tmp_path)
+    assert fit.returncode == 0, fit.stderr[-2000:]
+    original = tmp_path / "outputs" / "digits" / "original.ckpt"
+    assert original.is_file()
+    before = _sha(original)
+
+    run = _cli("unlearn", "--config", DIGITS, "--ckpt_path", str(original), "--epochs", "2", cwd=tmp_path)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert _sha(original) == before  # the input checkpoint is never touched
+    unlearned = tmp_path / "outputs" / "digits" / "original-unlearned.ckpt"
+    assert unlearned.is_file()
+    (report_path,) = (tmp_path / "outputs" / "digits").glob("*.report.json")
+    report = json.loads(report_path.read_text())
+    for key in ("request", "method", "params", "seed", "versions", "original_sha256", "unlearned_sha256",
+                "mask", "mask_file", "metrics", "timings_s"):
+        assert key in report, key
+    assert report["request"] == {"kind": "class", "classes": [3]}
+    assert 0 < report["mask"]["fraction"] < 0.25
+    assert report["metrics"]["unlearned"]["forget_acc"] <= 0.05
+    assert report["metrics"]["original"]["forget_acc"] >= 0.8
+    assert Path(report["mask_file"]).is_file()
+    assert all(Path(p).stat().st_size > 1000 for p in report["plots"])
+    assert "unlearned" in run.stdout and "forget acc" in run.stdout
+
+    again = _cli("unlearn", "--config", DIGITS, "--ckpt_path", str(original), "--epochs", "1", cwd=tmp_path)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert (tmp_path / "outputs" / "digits" / "original-unlearned-1.ckpt").is_file()  # never overwrites
+
+    ev = _cli("evaluate", "--config", DIGITS, "--ckpt_path", str(original), "--unlearned_path", str(unlearned),
+              "--retrain_epochs", "3", "--relearn", "false", cwd=tmp_path)
+    assert ev.returncode == 0, ev.stderr[-2000:]
+    evaluation = json.loads((tmp_path / "outputs" / "digits" / "evaluation.json").read_text())
+    assert set(evaluation["metrics"]) >= {"original", "unlearned", "retrained", "comparison"}
+    assert "avg_gap" in evaluation["metrics"]["comparison"]
+    assert (tmp_path / "outputs" / "digits" / "evaluation.per_class.png").stat().st_size > 1000
+    assert "retrained" in ev.stdout
+    assert _sha(original) == before
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=[c.name for c in CONFIGS])
+def test_every_config_passes_print_config(config, capsys):
+    with pytest.raises(SystemExit) as done:
+        main(["fit", "--config", str(config), "--print_config"])
+    assert done.value.code in (0, None)
+    assert "class_path" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["fit", "--config", DIGITS, "--data.forget_classes", "[12]"], "unknown class(es) [12]"),
+        (["fit", "--config", DIGITS, "--model.lrr", "0.1"], "Option 'lrr' is not accepted"),
+        (["fit", "--config", DIGITS, "--trainer.max_epochz", "2"], "unrecognized arguments"),
+        (["unlearn", "--config", DIGITS, "--ckpt_path", "missing.ckpt"], "checkpoint missing.ckpt does not exist"),
+        (["fit", "--config", str(ROOT / "configs" / "mnist_cnn.yaml")], "MNIST needs a data root"),
+        (["fit", "--config", DIGITS, "--trainer.accelerator", "gpu"], "gpu"),
+    ],
+)
+def test_user_errors_exit_2_with_one_line(args, message, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as done:
+        main(args)
+    assert done.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("lightning-unlearn: error:") and message in err[-1], err
+    assert "Traceback" not in "\n".join(err)
+
+
+def test_help_documents_the_unlearn_options(capsys):
+    with pytest.raises(SystemExit):
+        main(["unlearn", "--help"])
+    out = capsys.readouterr().out
+    for option in ("--ckpt_path", "--method", "--ratio", "--objective", "--output_dir"):
+        assert option in out
+    assert "fraction of channels per layer" in out
