@@ -38,7 +38,7 @@ class SelectiveUnlearning(GradientMask):
         contrast: score forget relative to retain data.
         max_samples: seeded subsample of the forget set to score (None: method default).
         forget_weight: weight of the forget term in forget-aware objectives.
-        log_metrics: log forget/remaining test accuracy at the end of every epoch.
+        log_metrics: log forget / remaining / test accuracy (torchmetrics) at the end of every epoch.
         mask: a precomputed :class:`ParameterMask` (e.g. broadcast by a federated server): no
             scoring happens, only the masked update with ``objective``.
     """
@@ -180,9 +180,11 @@ class SelectiveUnlearning(GradientMask):
             "epoch": trainer.current_epoch,
             "forget_acc": accuracy(pl_module, dm.forget_test_dataloader() or dm.forget_dataloader(), dm.num_classes),
             "remaining_acc": accuracy(pl_module, dm.remaining_test_dataloader(), dm.num_classes),
+            "test_acc": accuracy(pl_module, dm.full_test_dataloader(), dm.num_classes),
         }
         self.history.append(row)
-        pl_module.log_dict({f"unlearn/{k}": float(v) for k, v in row.items() if k != "epoch" and v is not None})
+        values = {f"unlearn/{k}": float(v) for k, v in row.items() if k != "epoch" and v is not None}
+        pl_module.log_dict(values, sync_dist=trainer.world_size > 1)
 
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
