@@ -84,10 +84,16 @@ class MaskEnforcer:
 
     # -- wiring --------------------------------------------------------------------------
     def attach(self, optimizers: Iterable[Optimizer]) -> None:
-        """Restore right after every ``optimizer.step()`` (works for any optimizer, also Opacus')."""
+        """Zero frozen gradients right before, and restore right after, every inner ``step()``.
+
+        Wrappers are unwrapped to the torch optimizer that moves the weights, so the mask applies
+        after whatever a wrapper did to the gradients (Opacus: per-sample clipping, then noise).
+        """
         self.detach()
         for opt in optimizers:
             inner = getattr(opt, "optimizer", opt)  # LightningOptimizer -> torch optimizer
+            inner = getattr(inner, "original_optimizer", inner)  # Opacus DPOptimizer -> torch optimizer
+            self._handles.append(inner.register_step_pre_hook(lambda *_: self.zero_frozen_grads()))
             self._handles.append(inner.register_step_post_hook(lambda *_: self.restore()))
 
     def detach(self) -> None:

@@ -1,0 +1,97 @@
+"""Local DP-SGD in the federated simulation: one DifferentialPrivacy callback (and accountant) per client.
+
+Each client clips and noises its own per-sample gradients, so every update it sends is already
+private with respect to its own samples; epsilon is per client (its sampling rate and number
+of local steps differ), and the federation's guarantee is the worst client's.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Any, Iterator, Sequence
+
+from lightning_unlearn.privacy.callback import DifferentialPrivacy
+from lightning_unlearn.privacy.compat import UnsupportedModelError, dp_compatibility_errors
+
+
+@dataclass
+class ClientPrivacy:
+    """The per-client DP callbacks installed by :func:`attach_client_dp`, and their epsilons."""
+
+    callbacks: dict[int, DifferentialPrivacy]
+    clients: Sequence[Any]
+
+    def epsilons(self) -> dict[int, float]:
+        """Epsilon each client has spent so far (at its callback's delta)."""
+        return {cid: cb.epsilon for cid, cb in self.callbacks.items()}
+
+    def worst(self) -> tuple[int, float]:
+        """(client id, epsilon) of the client with the largest epsilon: the federation's guarantee."""
+        eps = self.epsilons()
+        cid = max(eps, key=eps.get)
+        return cid, eps[cid]
+
+    def summary(self) -> dict[str, Any]:
+        cid, eps = self.worst()
+        return {"worst_client": cid, "worst_epsilon": eps, "delta": next(iter(self.callbacks.values())).delta,
+                "clients": {cid: cb.summary() for cid, cb in self.callbacks.items()}}
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """Local fits inside the block run without DP (and spend no budget); e.g. forget-aware unlearning rounds."""
+        before = {cid: cb.enabled for cid, cb in self.callbacks.items()}
+        for cb in self.callbacks.values():
+            cb.enabled = False
+        try:
+            yield
+        finally:
+            for cid, cb in self.callbacks.items():
+                cb.enabled = before[cid]
+
+    def detach(self) -> None:
+        """Take the callbacks off the clients again."""
+        for client in self.clients:
+            client.callbacks = [c for c in client.callbacks if c is not self.callbacks.get(client.client_id)]
+
+
+def attach_client_dp(
+    clients: Sequence[Any],
+    target_epsilon: float | None = None,
+    noise_multiplier: float | None = None,
+    max_grad_norm: float = 1.0,
+    delta: float = 1e-5,
+    epochs: int | None = None,
+    steps: int | None = None,
+    accountant: str = "rdp",
+) -> ClientPrivacy:
+    """Give every client its own :class:`DifferentialPrivacy` callback for all its later local fits.
+
+    ``target_epsilon`` is per client and covers the whole planned local training: pass ``steps``
+    (rounds x local steps) or ``epochs`` (rounds x local epochs). The shared model must already be
+    Opacus-compatible (call :func:`make_dp_compatible` on it *before* building the simulation), so
+    the server's global model has the same layers as the clients'.
+    """
+    if not clients:
+        raise ValueError("attach_client_dp needs at least one client, got none")
+    if target_epsilon is not None and epochs is None and steps is None:
+        raise ValueError(
+            "a per-client target_epsilon needs the length of the whole federated training: pass steps= "
+            "(rounds x local steps) or epochs= (rounds x local epochs); each round is a separate fit"
+        )
+    for model in {id(c.model): c.model for c in clients}.values():
+        errors = dp_compatibility_errors(model)
+        if errors:
+            raise UnsupportedModelError(
+                f"the clients' {type(model).__name__} is not Opacus-compatible ({'; '.join(errors)}). Call "
+                "lightning_unlearn.privacy.make_dp_compatible(model) before building the FederatedSimulation, "
+                "so the server and the clients share the same (GroupNorm) layers"
+            )
+    callbacks: dict[int, DifferentialPrivacy] = {}
+    for client in clients:
+        if any(isinstance(c, DifferentialPrivacy) for c in client.callbacks):
+            raise ValueError(f"client {client.client_id} already trains with a DifferentialPrivacy callback")
+        cb = DifferentialPrivacy(target_epsilon, noise_multiplier, max_grad_norm, delta, epochs, steps,
+                                 accountant=accountant, fix_model=False)
+        client.callbacks.append(cb)
+        callbacks[client.client_id] = cb
+    return ClientPrivacy(callbacks, clients)
