@@ -107,9 +107,8 @@ def test_mia_flags_uninformative_shadow(digits):
     fresh = SmallCNN()  # members and non-members look alike to an untrained model
     train, test = digits
     result = mia_efficacy(fresh, Subset(train, range(300)), Subset(test, range(300)), Subset(train, range(50)))
-    assert result.shadow_acc < 0.6
-    if result.shadow_acc < 0.55:
-        assert not result.informative and "uninformative" in str(result)
+    assert result.shadow_acc < 0.55  # seeded: 0.52
+    assert not result.informative and "uninformative" in str(result)
 
 
 def test_mia_is_deterministic(trained_model, class3_dm):
@@ -135,7 +134,7 @@ def test_backdoor_wrapper_stamps_and_relabels(digits):
     assert int(y) == 0 and torch.all(x[..., -2:, -2:] == 1.0)
     assert torch.equal(poisoned[2][0], train[2][0])
     assert int(poisoned.targets[1]) == 0 and int(poisoned.targets[2]) == int(train.tensors[1][2])
-    assert torch.equal(stamp_trigger(train[0][0]), poisoned.dataset[0][0]) is False
+    assert not torch.equal(stamp_trigger(train[0][0]), train[0][0])  # the corner of a digit is dark: the patch shows
     with pytest.raises(ValueError, match=r"poison index\(es\) \[5000\] out of range"):
         BackdoorDataset(train, [5000], target_class=0)
 
