@@ -9,10 +9,8 @@ one JSON per (request, method) under ``--out`` and a markdown table ``federated_
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import math
-import time
 from pathlib import Path
 
 import numpy as np

@@ -31,7 +31,7 @@ from lightning_unlearn.federated.protocol import (
     resolve_objective,
     round_bytes,
 )
-from lightning_unlearn.federated.server import UpdateStore, check_rounds, run_fedavg
+from lightning_unlearn.federated.server import UpdateStore, run_fedavg
 from lightning_unlearn.selection import ParameterMask, select_channels
 
 

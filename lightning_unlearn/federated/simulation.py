@@ -5,7 +5,6 @@ It lives outside the server on purpose; the server code never sees it.
 """
 from __future__ import annotations
 
-import copy
 import json
 import math
 import os
