@@ -23,7 +23,7 @@ def require_flwr(feature: str = "the Flower apps") -> None:
     try:
         import flwr  # noqa: F401
     except ImportError as err:
-        raise ImportError(f"{feature} need the Flower extra, which is not installed (flwr): {INSTALL_HINT}") from err
+        raise ImportError(f"{feature} requires the Flower extra (flwr is not installed): {INSTALL_HINT}") from err
 
 
 def require_ray() -> None:
