@@ -74,7 +74,7 @@ class MaskEnforcer:
             if keep is None:
                 t.copy_(ref)
             else:
-                t.copy_(torch.where(keep, t, ref))
+                torch.where(keep, t, ref, out=t)
 
     def freeze_batchnorm(self) -> None:
         """Put BatchNorm layers in eval mode (call after anything that sets ``model.train()``)."""
