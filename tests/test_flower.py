@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from flwr.app import Array, Context, Error, Message, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
 from lightning_unlearn import ForgetRequest
@@ -35,13 +35,14 @@ from lightning_unlearn.federated.flower import (
     save_partition,
 )
 from lightning_unlearn.federated.flower.records import (
+    ByteLedger,
     broadcast_to_content,
     content_to_broadcast,
     content_to_reply,
     payload_bytes,
     reply_to_content,
 )
-from lightning_unlearn.federated.flower.server_app import check_replies
+from lightning_unlearn.federated.flower.server_app import MaskedUnlearning, check_replies
 from lightning_unlearn.masking import frozen_elements_equal
 from lightning_unlearn.models import SmallCNN
 from lightning_unlearn.selection import select_channels
@@ -101,6 +102,15 @@ def test_client_that_cannot_reach_its_partition_fails_clearly(tmp_path):
         check_replies([failed], 3, "FedAvg round 0")
     with pytest.raises(RuntimeError, match=r"only 0 of 2 clients replied"):
         check_replies([], 2, "scoring")
+
+
+def test_unlearning_strategy_without_federated_evaluation_sends_nothing():
+    strategy = MaskedUnlearning(MODEL_FN(), {0: 11, 1: 12}, UnlearnPlan(ForgetRequest(classes=[3]), evaluate=False),
+                                ByteLedger())
+    assert list(strategy.configure_evaluate(1, ArrayRecord(), ConfigRecord(), grid=None)) == []
+    assert strategy.aggregate_evaluate(1, []) is None
+    with pytest.raises(ValueError, match="unknown objective 'forget_all'"):
+        UnlearnPlan(ForgetRequest(classes=[3]), objective="forget_all")
 
 
 # -- records ---------------------------------------------------------------------------------------------

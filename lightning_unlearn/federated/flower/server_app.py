@@ -291,6 +291,8 @@ class MaskedUnlearning(Strategy):
         return self._to_all(Broadcast(record_to_arrays(arrays), {}), f"evaluate/{server_round - 1}", MessageType.EVALUATE)
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        if not self.plan.evaluate:
+            return None
         replies = check_replies(list(replies), len(self.clients), f"evaluation round {server_round - 1}")
         row: dict[str, float] = {"round": server_round - 1}
         for split in ("forget", "retain"):
