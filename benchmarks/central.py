@@ -33,6 +33,7 @@ from lightning_unlearn.baselines import METHODS, run_method
 from lightning_unlearn.data import load_digits_datasets, load_mnist
 from lightning_unlearn.data import dataset_targets
 from lightning_unlearn.evaluation import (
+    ACC_GAP_KEYS,
     BackdoorDataset,
     BackdoorSpec,
     aggregate,
@@ -47,7 +48,6 @@ from lightning_unlearn.evaluation.compare import format_cell
 from lightning_unlearn.evaluation.membership import subsample
 from lightning_unlearn.models import SmallCNN
 
-ACC_KEYS = ("forget_acc", "remaining_acc", "test_acc")
 SECTION = "## Centralised methods (digits, MNIST)"
 ROOT = Path(__file__).resolve().parent.parent
 COLUMNS = (
@@ -126,7 +126,7 @@ def evaluate_row(model, dm, reference: dict | None, seed: int, args, target_acc:
     metrics.pop("per_class_test_acc")
     if reference is not None:
         metrics["avg_gap"] = avg_gap(metrics, reference)
-        metrics["acc_gap"] = avg_gap(metrics, reference, ACC_KEYS)
+        metrics["acc_gap"] = avg_gap(metrics, reference, ACC_GAP_KEYS)
     is_class = dm.request.kind == "class"
     eval_set = Subset(dm.test_dataset, dm.forget_test_indices.tolist()) if is_class else None
     steps = relearn_time(

@@ -196,3 +196,14 @@ def test_forget_set_larger_than_training_set_is_refused():
     assert len(request.sample_ids) == 135 and request == random_samples_request(1347, fraction=0.1, seed=4)
     with pytest.raises(ValueError, match="exactly one of fraction or count"):
         random_samples_request(1347)
+
+
+def test_evaluate_unlearning_identical_models_have_zero_gap(trained_model, class3_dm):
+    twin = copy.deepcopy(trained_model)
+    out = evaluate_unlearning(trained_model, twin, class3_dm, retrained=copy.deepcopy(trained_model),
+                              max_samples=300, relearn_max_steps=10)
+    assert set(out) == {"original", "unlearned", "retrained", "comparison"}
+    comp = out["comparison"]
+    assert comp["avg_gap"] == 0.0 and comp["acc_gap"] == 0.0
+    assert comp["relearn_steps_unlearned"] == 0 == comp["relearn_steps_retrained"]  # it never forgot
+    assert out["unlearned"]["forget_acc"] > 0.9 and "probe_forget_acc" in out["unlearned"]

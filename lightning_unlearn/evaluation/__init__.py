@@ -16,7 +16,7 @@ from lightning_unlearn.evaluation.evaluate import (
     random_samples_request,
     write_report,
 )
-from lightning_unlearn.evaluation.gap import GAP_KEYS, avg_gap, check_forget_size, check_same_classes, relearn_time
+from lightning_unlearn.evaluation.gap import ACC_GAP_KEYS, GAP_KEYS, avg_gap, check_forget_size, check_same_classes, relearn_time
 from lightning_unlearn.evaluation.membership import (
     INFORMATIVE_SHADOW_ACC,
     MIAResult,
@@ -30,6 +30,7 @@ from lightning_unlearn.evaluation.report import UnlearningReport, library_versio
 from lightning_unlearn.metrics import ClassAccuracy, accuracy, class_accuracies, split_accuracies
 
 __all__ = [
+    "ACC_GAP_KEYS",
     "BackdoorDataset",
     "BackdoorSpec",
     "ClassAccuracy",

@@ -13,10 +13,11 @@ from lightning_unlearn.evaluation.report import UnlearningReport
 
 HEADERS = {
     "forget_acc": "forget", "remaining_acc": "remain", "test_acc": "test", "mia_efficacy": "MIA-eff [shadow]",
-    "loss_auc": "loss AUC", "probe_forget_acc": "probe(forget)", "avg_gap": "gap", "seconds": "s",
+    "loss_auc": "loss AUC", "probe_forget_acc": "probe(forget)", "avg_gap": "gap", "acc_gap": "acc gap", "seconds": "s",
 }
 DEFAULT_COLUMNS = (
-    "forget_acc", "remaining_acc", "test_acc", "mia_efficacy", "loss_auc", "probe_forget_acc", "avg_gap", "seconds",
+    "forget_acc", "remaining_acc", "test_acc", "mia_efficacy", "loss_auc", "probe_forget_acc", "avg_gap", "acc_gap",
+    "seconds",
 )
 
 

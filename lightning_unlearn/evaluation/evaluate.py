@@ -12,7 +12,7 @@ from torch.utils.data import Dataset, Subset
 
 from lightning_unlearn.data.unlearning import UnlearningDataModule
 from lightning_unlearn.evaluation.backdoor import attack_success_rate
-from lightning_unlearn.evaluation.gap import avg_gap, check_forget_size, check_same_classes, relearn_time
+from lightning_unlearn.evaluation.gap import ACC_GAP_KEYS, avg_gap, check_forget_size, check_same_classes, relearn_time
 from lightning_unlearn.evaluation.membership import loss_attack_auc, mia_efficacy, sample_outputs, subsample
 from lightning_unlearn.evaluation.plots import plot_channel_scores, plot_mia_histograms, plot_per_class_accuracy
 from lightning_unlearn.evaluation.probe import probe_accuracy
@@ -98,7 +98,8 @@ def evaluate_unlearning(
 ) -> dict[str, dict[str, Any]]:
     """Metrics of original, unlearned (and retrained, plus any extra ``models``), and their comparison.
 
-    ``comparison`` holds ``avg_gap`` (to the retrained model, in points) and relearn steps:
+    ``comparison`` holds ``avg_gap`` (SalUn's, to the retrained model, in points), ``acc_gap``
+    (the same without MIA-efficacy, for when ``mia_informative`` is False) and relearn steps:
     how many fine-tuning steps each model needs to get forget accuracy back to within
     ``relearn_tolerance`` of the original's (None: not within ``relearn_max_steps``).
     """
@@ -113,6 +114,8 @@ def evaluate_unlearning(
     comparison: dict[str, Any] = {}
     if retrained is not None:
         comparison["avg_gap"] = avg_gap(out["unlearned"], out["retrained"])
+        comparison["acc_gap"] = avg_gap(out["unlearned"], out["retrained"], ACC_GAP_KEYS)
+        comparison["mia_informative"] = bool(out["unlearned"]["mia_informative"] and out["retrained"]["mia_informative"])
     if relearn:
         target = out["original"]["forget_acc"] - relearn_tolerance
         is_class = dm.request.kind == "class"
