@@ -211,7 +211,14 @@ def markdown(results: list[dict[str, Any]]) -> str:
         "within the budget. Backdoor ASR: share of triggered non-target test images classified as the "
         "trigger's target class (the backdoor run trains the original on 10% poisoned samples and forgets them). "
         "params updated: fraction of parameter elements the method may change. "
-        "`(original)` is the model before unlearning (its time is training time).",
+        "`(original)` is the model before unlearning (its time is training time). Times are wall-clock seconds "
+        "on a 2-core machine shared with other jobs: compare them within a table only.",
+        "",
+        "Choices: the core method and both controls use capped gradient ascent (the best of random labels / "
+        "ascent / lower forget weight in a one-seed MNIST check; random labels at full weight cost it 4 points "
+        "of remaining accuracy). SSD uses alpha=100: the paper's alpha=10 left 15% remaining accuracy on digits "
+        "(chosen on digits, seed 0; on MNIST it then dampens almost nothing). Findings and how to read them: "
+        "[README, Evidence of forgetting](README.md#evidence-of-forgetting).",
         "",
     ]
     for res in results:

@@ -157,9 +157,9 @@ def write_report(
         evaluation = evaluate_unlearning(original, result.model, dm, retrained, seed, **evaluate_kwargs)
     ckpt = save_weights(result.model, out_dir / f"{method}.pt", on_exists)
     stem = ckpt.name[: -len(".pt")]
-    mask_file = None
-    if result.mask is not None:
-        mask_file = result.mask.save(unique_path(out_dir / f"{stem}.mask.pt", on_exists))
+    mask, mask_file = getattr(result, "mask", None), None
+    if mask is not None:
+        mask_file = mask.save(unique_path(out_dir / f"{stem}.mask.pt", on_exists))
     written: list[str] = []
     if plots:
         written = [str(p) for p in _plots(out_dir, stem, original, result, dm, retrained, evaluation, seed, on_exists)]
@@ -174,7 +174,7 @@ def write_report(
         metrics={k: v for k, v in evaluation.items() if k != "comparison"},
         comparison=dict(evaluation.get("comparison", {})),
         timings_s=dict(getattr(result, "timings_s", {}) or {}),
-        mask=UnlearningReport.mask_summary(result.mask),
+        mask=UnlearningReport.mask_summary(mask),
         mask_file=str(mask_file) if mask_file else None,
         checkpoint=str(ckpt),
         bytes_moved=dict(bytes_moved) if bytes_moved else None,
@@ -188,7 +188,7 @@ def _plots(out_dir, stem, original, result, dm, retrained, evaluation, seed, on_
     paths = [plot_per_class_accuracy(per_class, out_dir / f"{stem}.per_class.png", dm.request.classes, on_exists)]
     scores = getattr(result, "scores", None)
     if scores:
-        paths.append(plot_channel_scores(scores, out_dir / f"{stem}.channel_scores.png", result.mask, on_exists))
+        paths.append(plot_channel_scores(scores, out_dir / f"{stem}.channel_scores.png", getattr(result, "mask", None), on_exists))
     groups = {
         "members (retain)": subsample(dm.retain_set, 1000, seed),
         "non-members (test)": subsample(_remaining_test(dm), 1000, seed + 1),
