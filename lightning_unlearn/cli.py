@@ -107,9 +107,6 @@ class UnlearningTrainer(pl.Trainer):
             output_dir: where to write ``evaluation.json`` and plots (default: next to ``unlearned_path``).
             relearn: measure relearn time (fine-tuning steps to recover forget accuracy).
         """
-        from lightning_unlearn.evaluation import compare, evaluate_unlearning, plot_per_class_accuracy
-        from lightning_unlearn.evaluation.report import _atomic_write, unique_path
-
         original = _load_weights(copy.deepcopy(model), _existing(ckpt_path))
         unlearned = _load_weights(copy.deepcopy(model), _existing(unlearned_path))
         timings = {}
@@ -118,19 +115,9 @@ class UnlearningTrainer(pl.Trainer):
         else:
             ref = retrain(original, datamodule, epochs=retrain_epochs or self.max_epochs or 10, seed=_seed())
             retrained, timings["retrain"] = ref.model, ref.timings_s["retrain"]
-        evaluation = evaluate_unlearning(original, unlearned, datamodule, retrained, seed=_seed(), relearn=relearn)
-        rows = [{"method": name, **evaluation[name]} for name in ("original", "unlearned", "retrained")]
-        rows[1].update(evaluation["comparison"])
-        compare(rows, title=f"request {datamodule.request.to_dict()}")
         out_dir = Path(output_dir) if output_dir else Path(unlearned_path).parent
-        per_class = {k: evaluation[k]["per_class_test_acc"] for k in ("original", "unlearned", "retrained")}
-        plot = plot_per_class_accuracy(per_class, out_dir / "evaluation.per_class.png", datamodule.request.classes)
-        payload = {"request": datamodule.request.to_dict(), "original": str(ckpt_path), "unlearned": str(unlearned_path),
-                   "metrics": evaluation, "timings_s": timings, "plots": [str(plot)]}
-        path = _atomic_write(unique_path(out_dir / "evaluation.json"),
-                             lambda f: f.write(json.dumps(payload, indent=2, default=_jsonable).encode()))
-        print(f"evaluation: {path}\nplot: {plot}")
-        return path
+        return write_evaluation(original, unlearned, retrained, datamodule, out_dir, relearn,
+                                {"original": str(ckpt_path), "unlearned": str(unlearned_path), "timings_s": timings})
 
     def demo(
         self,
@@ -176,6 +163,31 @@ class UnlearningTrainer(pl.Trainer):
         return target
 
 
+def write_evaluation(original, unlearned, retrained, dm: UnlearningDataModule, out_dir: Path, relearn: bool,
+                     extra: dict) -> Path:
+    """Evaluate the three models, print the comparison table, write the per-class plot and ``evaluation.json``."""
+    from lightning_unlearn.evaluation import compare, evaluate_unlearning, plot_per_class_accuracy
+    from lightning_unlearn.evaluation.report import _atomic_write, unique_path
+
+    evaluation = evaluate_unlearning(original, unlearned, dm, retrained, seed=_seed(), relearn=relearn)
+    rows = [{"method": name, **evaluation[name]} for name in ("original", "unlearned", "retrained")]
+    rows[1].update(evaluation["comparison"])
+    compare(rows, title=f"request {dm.request.to_dict()}", console=_console())
+    per_class = {k: evaluation[k]["per_class_test_acc"] for k in ("original", "unlearned", "retrained")}
+    plot = plot_per_class_accuracy(per_class, out_dir / "evaluation.per_class.png", dm.request.classes)
+    payload = {"request": dm.request.to_dict(), **extra, "metrics": evaluation, "plots": [str(plot)]}
+    path = _atomic_write(unique_path(out_dir / "evaluation.json"),
+                         lambda f: f.write(json.dumps(payload, indent=2, default=_jsonable).encode()))
+    print(f"evaluation: {path}\nplot: {plot}")
+    return path
+
+
+def _console():
+    from rich.console import Console
+
+    return Console(width=120)
+
+
 class UnlearnCLI(LightningCLI):
     """LightningCLI with the ``unlearn`` and ``evaluate`` subcommands."""
 
@@ -188,9 +200,77 @@ class UnlearnCLI(LightningCLI):
             "demo": {"model", "datamodule"},
         }
 
+    def add_arguments_to_parser(self, parser) -> None:
+        from lightning_unlearn.federated.runner import FederatedSettings
+
+        parser.add_class_arguments(FederatedSettings, "federated")
+
     def before_fit(self) -> None:
         if hasattr(self.datamodule, "train_on"):
             self.datamodule.train_on = "all"  # the original model learns from everything
+
+    # A federated data module in the config switches these to the federated protocol.
+    def fit(self, model: pl.LightningModule, datamodule=None, **kwargs: Any) -> Any:
+        from lightning_unlearn.federated.runner import federated_fit, is_federated
+
+        if is_federated(datamodule):
+            return federated_fit(model, datamodule, self._federated(), _seed())
+        return self.trainer.fit(model, datamodule=datamodule, **kwargs)
+
+    def unlearn(self, model: pl.LightningModule, datamodule=None, **kwargs: Any) -> Path:
+        from lightning_unlearn.federated.runner import is_federated
+
+        if is_federated(datamodule):
+            return self._federated_unlearn(model, datamodule, **kwargs)
+        return self.trainer.unlearn(model, datamodule, **kwargs)
+
+    def evaluate(self, model: pl.LightningModule, datamodule=None, **kwargs: Any) -> Path:
+        from lightning_unlearn.federated.runner import is_federated
+
+        if is_federated(datamodule):
+            return self._federated_evaluate(model, datamodule, **kwargs)
+        return self.trainer.evaluate(model, datamodule, **kwargs)
+
+    def _federated(self):
+        return self.config_init[self.subcommand]["federated"]
+
+    def _federated_unlearn(self, model, datamodule, ckpt_path: str, method: str = "grad_x_act", ratio: float = 0.1,
+                           objective: str = "random_label", output_dir: str | None = None, relearn: bool = False,
+                           **ignored: Any) -> Path:
+        from lightning_unlearn.evaluation import write_report
+        from lightning_unlearn.evaluation.report import unique_path
+        from lightning_unlearn.federated.runner import _save, federated_unlearn_checkpoint, settings_dict
+
+        source = _existing(ckpt_path)
+        original = copy.deepcopy(_load_weights(model, source))
+        sim, result = federated_unlearn_checkpoint(model, datamodule, self._federated(), method, ratio, objective, _seed())
+        out_dir = Path(output_dir) if output_dir else source.parent
+        target = _save(result.model, unique_path(out_dir / f"{source.name.split('.')[0]}-unlearned.ckpt"))
+        params = dict(ratio=ratio, objective=objective, federated=settings_dict(self._federated()),
+                      source_checkpoint=str(source), lightning_checkpoint=str(target))
+        report, path = write_report(out_dir, original, result, sim.evaluation_datamodule, method, params, _seed(),
+                                    bytes_moved=result.bytes, relearn=relearn)
+        _print_summary(report.metrics, report.mask["fraction"], result.timings_s)
+        print(f"bytes per unlearning round: {result.bytes['unlearning_round']:,.0f}")
+        print(f"unlearned checkpoint: {target}\nreport: {path}")
+        return target
+
+    def _federated_evaluate(self, model, datamodule, ckpt_path: str, unlearned_path: str, retrained_path: str | None = None,
+                            output_dir: str | None = None, relearn: bool = True, **ignored: Any) -> Path:
+        from lightning_unlearn.federated.runner import deployed_simulation, federated_reference
+
+        original = _load_weights(copy.deepcopy(model), _existing(ckpt_path))
+        unlearned = _load_weights(copy.deepcopy(model), _existing(unlearned_path))
+        sim, plan = deployed_simulation(copy.deepcopy(original), datamodule, self._federated(), _seed())
+        timings = {}
+        if retrained_path:
+            retrained = _load_weights(copy.deepcopy(model), _existing(retrained_path))
+        else:
+            reference = federated_reference(sim, plan, self._federated(), _seed())
+            retrained, timings["retrain"] = reference.model, reference.timings_s["retrain"]
+        out_dir = Path(output_dir) if output_dir else Path(unlearned_path).parent
+        return write_evaluation(original, unlearned, retrained, sim.evaluation_datamodule, out_dir, relearn,
+                                {"original": str(ckpt_path), "unlearned": str(unlearned_path), "timings_s": timings})
 
 
 def _existing(path: str | os.PathLike) -> Path:
@@ -232,7 +312,7 @@ def _print_summary(metrics: dict, fraction: float, timings: dict) -> None:
         table.add_column(col, justify="left" if col == "model" else "right")
     for name, m in metrics.items():
         table.add_row(name, *(f"{100 * m[k]:.1f}" for k in ("forget_acc", "remaining_acc", "test_acc")))
-    Console(width=100).print(table)
+    _console().print(table)
     print(f"parameters updated: {100 * fraction:.2f}%  scoring: {timings.get('scoring', 0):.2f}s  "
           f"total: {timings['total']:.2f}s")
 
@@ -246,7 +326,7 @@ def main(args: list[str] | None = None) -> None:
     try:
         UnlearnCLI(
             model_class=pl.LightningModule,
-            datamodule_class=UnlearningDataModule,
+            datamodule_class=pl.LightningDataModule,
             subclass_mode_model=True,
             subclass_mode_data=True,
             trainer_class=UnlearningTrainer,

@@ -102,3 +102,28 @@ def test_help_documents_the_unlearn_options(capsys):
     for option in ("--ckpt_path", "--method", "--ratio", "--objective", "--output_dir"):
         assert option in out
     assert "fraction of channels per layer" in out
+
+
+@pytest.mark.slow
+def test_federated_config_switches_fit_unlearn_evaluate(tmp_path):
+    config = str(ROOT / "configs" / "digits_fed.yaml")
+    small = ["--federated.rounds", "2", "--federated.unlearn_steps", "3", "--data.forget_classes", "[3]",
+             "--data.forget_clients", "null"]
+    fit = _cli("fit", "--config", config, *small, cwd=tmp_path)
+    assert fit.returncode == 0, fit.stderr[-2000:]
+    original = tmp_path / "outputs" / "digits_fed" / "original.ckpt"
+    assert original.is_file() and "FedAvg: 2 rounds" in fit.stdout
+    before = _sha(original)
+    run = _cli("unlearn", "--config", config, *small, "--ckpt_path", str(original), cwd=tmp_path)
+    assert run.returncode == 0, run.stderr[-2000:]
+    (report_path,) = (tmp_path / "outputs" / "digits_fed").glob("*.report.json")
+    report = json.loads(report_path.read_text())
+    assert report["request"] == {"kind": "class", "classes": [3]}
+    assert report["bytes_moved"]["unlearning_round"] < report["bytes_moved"]["fedavg_round"]
+    assert report["metrics"]["unlearned"]["forget_acc"] < report["metrics"]["original"]["forget_acc"]
+    assert _sha(original) == before
+    ev = _cli("evaluate", "--config", config, *small, "--ckpt_path", str(original), "--relearn", "false",
+              "--unlearned_path", str(tmp_path / "outputs" / "digits_fed" / "original-unlearned.ckpt"), cwd=tmp_path)
+    assert ev.returncode == 0, ev.stderr[-2000:]
+    evaluation = json.loads((tmp_path / "outputs" / "digits_fed" / "evaluation.json").read_text())
+    assert evaluation["metrics"]["retrained"]["forget_acc"] == pytest.approx(0.0, abs=0.02)

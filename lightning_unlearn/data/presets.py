@@ -8,6 +8,7 @@ from __future__ import annotations
 from torch.utils.data import DataLoader, Dataset
 
 from lightning_unlearn.data.datasets import dataset_targets, load_digits_datasets, load_mnist
+from lightning_unlearn.data.federated import FederatedDataModule
 from lightning_unlearn.data.unlearning import UnlearningDataModule
 from lightning_unlearn.request import ForgetRequest
 
@@ -133,3 +134,68 @@ class CIFAR10Data(_PresetData):
         test = datasets.CIFAR10(root, train=False, download=download, transform=T.Compose([T.ToTensor(), norm]))
         super().__init__(train, test, forget_classes, forget_sample_ids, forget_random_fraction,
                          batch_size, num_workers, seed, train_on)
+
+
+def _federated_request(num_train, forget_classes, forget_clients, forget_sample_ids, forget_random_fraction, seed):
+    if forget_clients:
+        if forget_classes or forget_sample_ids or forget_random_fraction is not None:
+            raise ValueError("give only one of forget_classes, forget_clients, forget_sample_ids, forget_random_fraction")
+        return ForgetRequest(clients=forget_clients)
+    return build_request(num_train, forget_classes, forget_sample_ids, forget_random_fraction, seed)
+
+
+class FederatedDigitsData(FederatedDataModule):
+    """Digits split across ``num_clients`` clients, with the deletion request to serve (config-friendly).
+
+    Args:
+        forget_clients: client ids leaving the federation (a client-level request).
+        partition: ``"iid"``, ``"dirichlet"`` (``alpha``) or ``"shards"`` (``classes_per_client``).
+    """
+
+    def __init__(
+        self,
+        num_clients: int = 5,
+        partition: str = "dirichlet",
+        alpha: float = 0.5,
+        classes_per_client: int = 2,
+        forget_classes: list[int] | None = None,
+        forget_clients: list[int] | None = None,
+        forget_sample_ids: list[int] | None = None,
+        forget_random_fraction: float | None = None,
+        batch_size: int = 32,
+        seed: int = 0,
+    ) -> None:
+        train, test = load_digits_datasets(seed=seed)
+        super().__init__(train, test, num_clients=num_clients, partition=partition, alpha=alpha, seed=seed,
+                         batch_size=batch_size, classes_per_client=classes_per_client)
+        self.request = _federated_request(len(train), forget_classes, forget_clients, forget_sample_ids,
+                                          forget_random_fraction, seed)
+
+
+class FederatedMNISTData(FederatedDataModule):
+    """MNIST from a local copy (``root``) split across clients, with the deletion request to serve."""
+
+    def __init__(
+        self,
+        root: str | None = None,
+        num_clients: int = 10,
+        partition: str = "dirichlet",
+        alpha: float = 0.5,
+        classes_per_client: int = 2,
+        forget_classes: list[int] | None = None,
+        forget_clients: list[int] | None = None,
+        forget_sample_ids: list[int] | None = None,
+        forget_random_fraction: float | None = None,
+        batch_size: int = 64,
+        seed: int = 0,
+    ) -> None:
+        if not root:
+            raise ValueError(
+                "MNIST needs a data root: set data.init_args.root in the config or pass "
+                "--data.root=/path/to/mnist (the folder with the idx .gz files)"
+            )
+        train, test = load_mnist(root)
+        super().__init__(train, test, num_clients=num_clients, partition=partition, alpha=alpha, seed=seed,
+                         batch_size=batch_size, classes_per_client=classes_per_client)
+        self.request = _federated_request(len(train), forget_classes, forget_clients, forget_sample_ids,
+                                          forget_random_fraction, seed)

@@ -88,6 +88,13 @@ class FederatedSimulation:
         )
         return self.plan
 
+    @property
+    def evaluation_datamodule(self) -> UnlearningDataModule:
+        """The oracle's central view of the current request (forget / retain / test splits) for evaluation."""
+        if self._eval_dm is None:
+            raise RuntimeError("call request(...) first")
+        return self._eval_dm
+
     def layers(self) -> dict[str, LayerInfo]:
         """Layer metadata from the model's structure (a zero input of the data's shape)."""
         x = self.fdm.test_dataset[0][0]
