@@ -81,6 +81,23 @@ def all_channels(layers: Mapping[str, LayerInfo]) -> dict[str, list[int]]:
     return {n: list(range(i.out_channels)) for n, i in layers.items()}
 
 
+def score_config(method: str, max_samples: int | None, contrast: bool, seed: int,
+                 layers: Sequence[str] | None) -> dict[str, Any]:
+    """Settings of the scoring round (shared with the Flower strategy)."""
+    return {"method": method, "max_samples": max_samples, "contrast": contrast, "seed": seed, "layers": layers}
+
+
+def unlearn_config(objective: str, local_epochs: int, max_steps: int | None, seed: int, forget_weight: float,
+                   lr_scale: float) -> dict[str, Any]:
+    """Settings of the masked rounds (shared with the Flower strategy); :func:`round_config` seeds each round."""
+    return {"objective": objective, "epochs": local_epochs, "max_steps": max_steps, "seed": seed,
+            "forget_weight": forget_weight, "lr_scale": lr_scale, "mode": "train"}
+
+
+def round_config(config: Mapping[str, Any], r: int) -> dict[str, Any]:
+    return {**config, "seed": int(config.get("seed", 0)) * 1_000 + r}
+
+
 def masked_rounds(
     model: pl.LightningModule,
     clients: Sequence[Any],
@@ -104,7 +121,7 @@ def masked_rounds(
     for r in range(rounds):
         t0 = time.perf_counter()
         rb: RoundBytes = transport.start_round(f"{label}/{r}")
-        cfg = {**config, "seed": int(config.get("seed", 0)) * 1_000 + r}
+        cfg = round_config(config, r)
         down = Broadcast({} if r == 0 else selected_values(current, mask), cfg, channels if r == 0 else None)
         replies = [m for c in clients if (m := transport.call(c, "masked_update", down)) is not None]
         if not replies:
@@ -153,13 +170,11 @@ def federated_unlearn(
     transport = transport or Transport()
     work = model if inplace else copy.deepcopy(model)
     t0 = time.perf_counter()
-    scores, score_bytes = collect_scores(clients, transport, {"method": method, "max_samples": max_samples,
-                                                              "contrast": contrast, "seed": seed, "layers": layers})
+    scores, score_bytes = collect_scores(clients, transport, score_config(method, max_samples, contrast, seed, layers))
     head_rows = list(request.classes) or None
     mask = select_channels(scores, work, ratio, scope, None, include_head, head_rows)
     t1 = time.perf_counter()
-    config = {"objective": objective, "epochs": local_epochs, "max_steps": max_steps, "seed": seed,
-              "forget_weight": forget_weight, "lr_scale": lr_scale, "mode": "train"}
+    config = unlearn_config(objective, local_epochs, max_steps, seed, forget_weight, lr_scale)
     _, history = masked_rounds(work, clients, mask, rounds, config, transport)
     t2 = time.perf_counter()
     return FederatedUnlearningResult(

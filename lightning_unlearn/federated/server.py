@@ -136,6 +136,20 @@ def check_rounds(rounds: int, name: str = "rounds") -> None:
         raise ValueError(f"{name} must be an integer >= 1, got {rounds!r}")
 
 
+def sample_clients(pool: Sequence[int], fraction: float, seed: int, r: int) -> np.ndarray:
+    """Round ``r``'s clients (sorted): a seeded draw of ``round(fraction * len(pool))``, at least one.
+
+    Shared with the Flower strategy, so both engines sample the same clients.
+    """
+    pool = np.asarray(sorted(pool), dtype=np.int64)
+    return np.sort(np.random.default_rng(seed * 100_003 + r).choice(pool, max(1, round(fraction * len(pool))), replace=False))
+
+
+def fit_config(cid: int, r: int, seed: int, local_epochs: int, data: str, local_config: Mapping[str, Any] | None) -> dict:
+    """Client ``cid``'s settings for FedAvg round ``r`` (its own seed per round)."""
+    return {"epochs": local_epochs, "seed": seed * 100_003 + r * 1_000 + int(cid), "data": data, **(local_config or {})}
+
+
 def run_fedavg(
     model: pl.LightningModule,
     clients: Sequence[Any],
@@ -190,15 +204,14 @@ def run_fedavg(
     pool = np.asarray(sorted(participants) if participants is not None else range(len(clients)), dtype=np.int64)
     if not len(pool):
         raise ValueError("no client may take part in FedAvg (participants is empty)")
-    per_round = max(1, round(fraction * len(pool)))
     bar = tqdm(range(start_round, rounds), desc="FedAvg", disable=not progress, leave=False)
     for r in bar:
         t0 = time.perf_counter()
         rb = transport.start_round(f"{label}/{r}")
-        picked = np.sort(np.random.default_rng(seed * 100_003 + r).choice(pool, per_round, replace=False))
+        picked = sample_clients(pool, fraction, seed, r)
         replies: list[tuple[int, ParametersMessage]] = []
         for cid in picked:
-            config = {"epochs": local_epochs, "seed": seed * 100_003 + r * 1_000 + int(cid), "data": data, **(local_config or {})}
+            config = fit_config(int(cid), r, seed, local_epochs, data, local_config)
             reply = transport.call(clients[cid], "fit", Broadcast(global_arrays, config))
             if reply is not None:
                 replies.append((int(cid), reply))

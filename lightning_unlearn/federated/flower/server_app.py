@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import lightning.pytorch as pl
-import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid, ServerApp
@@ -40,8 +39,15 @@ from lightning_unlearn.federated.flower.records import (
     record_to_arrays,
 )
 from lightning_unlearn.federated.messages import Broadcast, RoundBytes
-from lightning_unlearn.federated.protocol import resolve_objective
-from lightning_unlearn.federated.server import aggregate_scores, check_rounds, fedavg_aggregate, masked_aggregate
+from lightning_unlearn.federated.protocol import resolve_objective, round_config, score_config, unlearn_config
+from lightning_unlearn.federated.server import (
+    aggregate_scores,
+    check_rounds,
+    fedavg_aggregate,
+    fit_config,
+    masked_aggregate,
+    sample_clients,
+)
 from lightning_unlearn.request import ForgetRequest
 from lightning_unlearn.selection import ParameterMask, select_channels
 
@@ -195,14 +201,10 @@ class LightningFedAvg(FedAvg):
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         r, p = server_round - 1, self.plan
         self._t0 = time.perf_counter()
-        pool = np.asarray(sorted(self.clients), dtype=np.int64)  # same draw as run_fedavg
-        picked = np.sort(np.random.default_rng(p.seed * 100_003 + r).choice(pool, max(1, round(p.fraction * len(pool))),
-                                                                             replace=False))
         global_arrays = record_to_arrays(arrays)
         out = []
-        for cid in picked:
-            cfg = {"epochs": p.local_epochs, "seed": p.seed * 100_003 + r * 1_000 + int(cid), "data": p.data,
-                   **dict(p.local_config)}
+        for cid in sample_clients(list(self.clients), p.fraction, p.seed, r):  # the same draw as run_fedavg
+            cfg = fit_config(int(cid), r, p.seed, p.local_epochs, p.data, p.local_config)
             content = broadcast_to_content(Broadcast(global_arrays, cfg))
             self.ledger.down(f"fedavg/{r}", content)
             out.append(Message(content, message_type=MessageType.TRAIN, dst_node_id=self.clients[int(cid)]))
@@ -235,8 +237,7 @@ class MaskedUnlearning(Strategy):
         self.model, self.clients, self.plan, self.ledger, self.timeout = model, dict(clients), plan, ledger, timeout
         p = plan
         self.request_json = json.dumps(p.request.to_dict())
-        self.config = {"objective": p.objective, "epochs": p.local_epochs, "max_steps": p.max_steps, "seed": p.seed,
-                       "forget_weight": p.forget_weight, "lr_scale": p.lr_scale, "mode": "train"}
+        self.config = unlearn_config(p.objective, p.local_epochs, p.max_steps, p.seed, p.forget_weight, p.lr_scale)
         self.scores: ChannelScores | None = None
         self.mask: ParameterMask | None = None
         self.reference: dict[str, Tensor] = {}
@@ -255,8 +256,7 @@ class MaskedUnlearning(Strategy):
     def select(self, grid: Grid, deployed: Mapping[str, Tensor]) -> ParameterMask:
         """Scoring round: clients with forget data send (scores, count); the server selects the mask."""
         p = self.plan
-        config = {"method": p.method, "max_samples": p.max_samples, "contrast": p.contrast, "seed": p.seed,
-                  "layers": list(p.layers) if p.layers else None}
+        config = score_config(p.method, p.max_samples, p.contrast, p.seed, list(p.layers) if p.layers else None)
         msgs = self._to_all(Broadcast({}, config), "score", "query.score")
         replies = check_replies(list(grid.send_and_receive(msgs, timeout=self.timeout)), len(msgs), "scoring")
         self.scores = aggregate_scores([m for _, m in _client_replies(replies, self.clients, self.ledger, "score")])
@@ -269,7 +269,7 @@ class MaskedUnlearning(Strategy):
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         r = server_round - 1
         self._t0 = time.perf_counter()
-        cfg = {**self.config, "seed": int(self.config["seed"]) * 1_000 + r}  # as masked_rounds
+        cfg = round_config(self.config, r)
         channels = {k: tuple(v) for k, v in self.mask.channels.items()}
         down = Broadcast({} if r == 0 else selected_values(record_to_arrays(arrays), self.mask), cfg,
                          channels if r == 0 else None)
