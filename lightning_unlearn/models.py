@@ -11,11 +11,26 @@ from lightning_unlearn.mixin import UnlearningMixin
 OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}
 
 
-class SmallCNN(UnlearningMixin, pl.LightningModule):
+class ClassifierModule(UnlearningMixin, pl.LightningModule):
+    """An ordinary cross-entropy classifier: ``training_step`` takes ``(x, y)`` batches.
+
+    The mixin only adds the forget-aware objectives; subclasses define the network.
+    """
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        loss = F.cross_entropy(self(x), y)
+        self.log("train_loss", loss, prog_bar=True, batch_size=len(y))
+        return loss
+
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        self.log("val_acc", (self(x).argmax(-1) == y).float().mean(), prog_bar=True, batch_size=len(y))
+
+
+class SmallCNN(ClassifierModule):
     """Two conv blocks (Conv-BN-ReLU) and two linear layers; works for 8x8 digits and 28x28 MNIST.
 
-    An ordinary LightningModule: ``training_step`` takes ``(x, y)`` batches. The mixin only
-    adds the forget-aware objectives.
     """
 
     def __init__(
@@ -48,22 +63,12 @@ class SmallCNN(UnlearningMixin, pl.LightningModule):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc2(self.features(x))
 
-    def training_step(self, batch, batch_idx):
-        x, y = batch
-        loss = F.cross_entropy(self(x), y)
-        self.log("train_loss", loss, prog_bar=True, batch_size=len(y))
-        return loss
-
-    def validation_step(self, batch, batch_idx):
-        x, y = batch
-        self.log("val_acc", (self(x).argmax(-1) == y).float().mean(), prog_bar=True, batch_size=len(y))
-
     def configure_optimizers(self):
         opt = OPTIMIZERS[self.hparams.optimizer]
         return opt(self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
 
 
-class ResNet18Classifier(UnlearningMixin, pl.LightningModule):
+class ResNet18Classifier(ClassifierModule):
     """torchvision's ResNet-18 with a 3x3 stem for 32x32 images (CIFAR-10); needs the ``vision`` extra."""
 
     def __init__(self, num_classes: int = 10, lr: float = 0.1, momentum: float = 0.9, weight_decay: float = 5e-4,
@@ -80,16 +85,6 @@ class ResNet18Classifier(UnlearningMixin, pl.LightningModule):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
-
-    def training_step(self, batch, batch_idx):
-        x, y = batch
-        loss = F.cross_entropy(self(x), y)
-        self.log("train_loss", loss, prog_bar=True, batch_size=len(y))
-        return loss
-
-    def validation_step(self, batch, batch_idx):
-        x, y = batch
-        self.log("val_acc", (self(x).argmax(-1) == y).float().mean(), prog_bar=True, batch_size=len(y))
 
     def configure_optimizers(self):
         h = self.hparams

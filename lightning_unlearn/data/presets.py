@@ -94,12 +94,7 @@ class MNISTData(_PresetData):
         seed: int = 0,
         train_on: str = "retain",
     ) -> None:
-        if not root:
-            raise ValueError(
-                "MNIST needs a data root: set data.init_args.root in the config or pass "
-                "--data.root=/path/to/mnist (the folder with the idx .gz files)"
-            )
-        train, test = load_mnist(root)
+        train, test = load_mnist(_required_root(root, "MNIST"))
         super().__init__(train, test, forget_classes, forget_sample_ids, forget_random_fraction,
                          batch_size, num_workers, seed, train_on)
 
@@ -122,8 +117,7 @@ class CIFAR10Data(_PresetData):
         seed: int = 0,
         train_on: str = "retain",
     ) -> None:
-        if not root:
-            raise ValueError("CIFAR-10 needs a data root: set data.init_args.root (and download: true to fetch it)")
+        root = _required_root(root, "CIFAR-10")
         try:
             from torchvision import datasets, transforms as T
         except ImportError as err:
@@ -144,7 +138,16 @@ def _federated_request(num_train, forget_classes, forget_clients, forget_sample_
     return build_request(num_train, forget_classes, forget_sample_ids, forget_random_fraction, seed)
 
 
-class FederatedDigitsData(FederatedDataModule):
+class _FederatedPreset(FederatedDataModule):
+    def __init__(self, train: Dataset, test: Dataset, num_clients, partition, alpha, classes_per_client,
+                 forget_classes, forget_clients, forget_sample_ids, forget_random_fraction, batch_size, seed) -> None:
+        super().__init__(train, test, num_clients=num_clients, partition=partition, alpha=alpha, seed=seed,
+                         batch_size=batch_size, classes_per_client=classes_per_client)
+        self.request = _federated_request(len(train), forget_classes, forget_clients, forget_sample_ids,
+                                          forget_random_fraction, seed)
+
+
+class FederatedDigitsData(_FederatedPreset):
     """Digits split across ``num_clients`` clients, with the deletion request to serve (config-friendly).
 
     Args:
@@ -166,13 +169,11 @@ class FederatedDigitsData(FederatedDataModule):
         seed: int = 0,
     ) -> None:
         train, test = load_digits_datasets(seed=seed)
-        super().__init__(train, test, num_clients=num_clients, partition=partition, alpha=alpha, seed=seed,
-                         batch_size=batch_size, classes_per_client=classes_per_client)
-        self.request = _federated_request(len(train), forget_classes, forget_clients, forget_sample_ids,
-                                          forget_random_fraction, seed)
+        super().__init__(train, test, num_clients, partition, alpha, classes_per_client, forget_classes,
+                         forget_clients, forget_sample_ids, forget_random_fraction, batch_size, seed)
 
 
-class FederatedMNISTData(FederatedDataModule):
+class FederatedMNISTData(_FederatedPreset):
     """MNIST from a local copy (``root``) split across clients, with the deletion request to serve."""
 
     def __init__(
@@ -189,13 +190,15 @@ class FederatedMNISTData(FederatedDataModule):
         batch_size: int = 64,
         seed: int = 0,
     ) -> None:
-        if not root:
-            raise ValueError(
-                "MNIST needs a data root: set data.init_args.root in the config or pass "
-                "--data.root=/path/to/mnist (the folder with the idx .gz files)"
-            )
-        train, test = load_mnist(root)
-        super().__init__(train, test, num_clients=num_clients, partition=partition, alpha=alpha, seed=seed,
-                         batch_size=batch_size, classes_per_client=classes_per_client)
-        self.request = _federated_request(len(train), forget_classes, forget_clients, forget_sample_ids,
-                                          forget_random_fraction, seed)
+        train, test = load_mnist(_required_root(root, "MNIST"))
+        super().__init__(train, test, num_clients, partition, alpha, classes_per_client, forget_classes,
+                         forget_clients, forget_sample_ids, forget_random_fraction, batch_size, seed)
+
+
+def _required_root(root: str | None, name: str) -> str:
+    if not root:
+        raise ValueError(
+            f"{name} needs a data root: set data.init_args.root in the config or pass "
+            "--data.root=/path/to/data (the folder with the dataset files)"
+        )
+    return root
