@@ -294,6 +294,8 @@ class MaskedUnlearning(Strategy):
         if not self.plan.evaluate:
             return None
         replies = check_replies(list(replies), len(self.clients), f"evaluation round {server_round - 1}")
+        for m in replies:
+            self.ledger.up(f"evaluate/{server_round - 1}", m.content)
         row: dict[str, float] = {"round": server_round - 1}
         for split in ("forget", "retain"):
             pairs = [(m.content["metrics"][f"{split}-acc"], m.content["metrics"][f"{split}-examples"])
