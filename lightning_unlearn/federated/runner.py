@@ -35,6 +35,9 @@ class FederatedSettings:
         lr_scale: learning-rate multiplier for the masked rounds.
         score_samples: at most this many forget samples scored per client.
         output_dir: where ``fit`` writes ``original.ckpt`` and the per-round server checkpoints.
+        dp_target_epsilon, dp_noise_multiplier: local DP-SGD at every client during ``fit`` (Opacus, the
+            ``dp`` extra); give one. The epsilon is per client, for the whole training.
+        dp_max_grad_norm, dp_delta: per-sample clipping norm and delta of the DP runs.
     """
 
     rounds: int = 5
@@ -46,6 +49,10 @@ class FederatedSettings:
     lr_scale: float = 1.0
     score_samples: int | None = 256
     output_dir: str = "outputs/federated"
+    dp_target_epsilon: float | None = None
+    dp_noise_multiplier: float | None = None
+    dp_max_grad_norm: float = 1.0
+    dp_delta: float = 1e-5
 
 
 def is_federated(datamodule: Any) -> bool:
@@ -65,11 +72,20 @@ def federated_fit(model: pl.LightningModule, fdm: FederatedDataModule, settings:
     """FedAvg training; writes ``<output_dir>/original.ckpt`` (a new name if it exists). Resumes from round checkpoints."""
     from lightning_unlearn.evaluation.report import unique_path
 
-    sim = _simulation(model, fdm, settings, seed, checkpoints=True)
-    result = sim.train(resume=True)
+    dp = settings.dp_target_epsilon is not None or settings.dp_noise_multiplier is not None
+    if dp:
+        from lightning_unlearn.privacy.federated import attach_settings_dp, prepare_model
+
+        prepare_model(model)
+    # with DP no resume: the round checkpoints do not carry the clients' privacy accountants
+    sim = _simulation(model, fdm, settings, seed, checkpoints=not dp)
+    privacy = attach_settings_dp(sim.clients, settings) if dp else None
+    result = sim.train(resume=not dp)
     path = _save(sim.model, unique_path(Path(settings.output_dir) / "original.ckpt"))
     print(f"FedAvg: {settings.rounds} rounds, test acc {result.history[-1].get('test_acc', float('nan')):.4f}; "
           f"checkpoint: {path}")
+    if privacy is not None:
+        print(privacy.describe())
     return path
 
 

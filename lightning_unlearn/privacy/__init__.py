@@ -14,19 +14,24 @@ from lightning_unlearn.privacy.compat import (
     is_dp_compatible,
     make_dp_compatible,
 )
-from lightning_unlearn.privacy.federated import ClientPrivacy, attach_client_dp
+from lightning_unlearn.privacy.federated import ClientPrivacy, attach_client_dp, attach_settings_dp, prepare_model
+from lightning_unlearn.privacy.models import DPSmallCNN, group_norm_for
 
 __all__ = [
     "ACCOUNTANTS",
     "INSTALL_HINT",
     "ClientPrivacy",
+    "DPSmallCNN",
     "DifferentialPrivacy",
     "UnsupportedModelError",
     "attach_client_dp",
+    "attach_settings_dp",
     "dp_compatibility_errors",
     "epsilon_for",
     "is_dp_compatible",
     "make_dp_compatible",
+    "group_norm_for",
     "noise_for",
+    "prepare_model",
     "require_opacus",
 ]

@@ -222,7 +222,8 @@ class DifferentialPrivacy(Callback):
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         """Remove the per-sample hooks and ``grad_sample`` fields: later plain use of the model is unaffected."""
         if self._hooks is not None:
-            self._hooks.cleanup()
+            cleanup = getattr(self._hooks, "cleanup", None) or self._hooks._close  # Opacus 1.6 / 1.5
+            cleanup()
             self._hooks = None
         if self._source is not None:
             trainer.fit_loop._data_source = self._source

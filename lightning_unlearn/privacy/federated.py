@@ -7,11 +7,12 @@ of local steps differ), and the federation's guarantee is the worst client's.
 from __future__ import annotations
 
 import contextlib
+import warnings
 from dataclasses import dataclass
 from typing import Any, Iterator, Sequence
 
 from lightning_unlearn.privacy.callback import DifferentialPrivacy
-from lightning_unlearn.privacy.compat import UnsupportedModelError, dp_compatibility_errors
+from lightning_unlearn.privacy.compat import UnsupportedModelError, dp_compatibility_errors, make_dp_compatible
 
 
 @dataclass
@@ -35,6 +36,16 @@ class ClientPrivacy:
         cid, eps = self.worst()
         return {"worst_client": cid, "worst_epsilon": eps, "delta": next(iter(self.callbacks.values())).delta,
                 "clients": {cid: cb.summary() for cid, cb in self.callbacks.items()}}
+
+    def describe(self) -> str:
+        """One line per client and the worst one, for a console."""
+        lines = [f"DP-SGD per client (delta {next(iter(self.callbacks.values())).delta:g}):"]
+        for cid, cb in self.callbacks.items():
+            lines.append(f"  client {cid}: epsilon {cb.epsilon:.3f}, noise multiplier {cb.noise_multiplier:.3f}, "
+                         f"sampling rate {cb.sample_rate or 0:.4f}, steps {cb.steps_taken}")
+        cid, eps = self.worst()
+        lines.append(f"  worst client {cid}: epsilon {eps:.3f} (the federation's guarantee)")
+        return "\n".join(lines)
 
     @contextlib.contextmanager
     def paused(self) -> Iterator[None]:
@@ -95,3 +106,34 @@ def attach_client_dp(
         client.callbacks.append(cb)
         callbacks[client.client_id] = cb
     return ClientPrivacy(callbacks, clients)
+
+
+def prepare_model(model) -> list[str]:
+    """Make the global model Opacus-compatible in place before a federation is built from it.
+
+    A swap changes the checkpoint's layers, so it is reported: a config should name a model that is
+    compatible from the start (e.g. :class:`~lightning_unlearn.privacy.DPSmallCNN`) for ``unlearn`` and
+    ``evaluate`` to load what DP training wrote.
+    """
+    replaced = make_dp_compatible(model)
+    if replaced:
+        warnings.warn(
+            "DP-SGD: replaced " + "; ".join(replaced) + ". The checkpoint will hold the new layers; name a "
+            "compatible model in the config (lightning_unlearn.privacy.DPSmallCNN for SmallCNN) to load it later",
+            UserWarning, stacklevel=2,
+        )
+    return replaced
+
+
+def attach_settings_dp(clients: Sequence[Any], settings: Any) -> ClientPrivacy:
+    """:func:`attach_client_dp` from a federated schedule (``rounds``, ``local_steps`` / ``local_epochs``, ``dp_*``).
+
+    The planned length is every local step of training: ``rounds x local_steps`` when local steps are
+    capped, else ``rounds x local_epochs`` epochs per client.
+    """
+    steps = settings.rounds * settings.local_steps if settings.local_steps else None
+    epochs = None if steps else settings.rounds * settings.local_epochs
+    return attach_client_dp(
+        clients, target_epsilon=settings.dp_target_epsilon, noise_multiplier=settings.dp_noise_multiplier,
+        max_grad_norm=settings.dp_max_grad_norm, delta=settings.dp_delta, epochs=epochs, steps=steps,
+    )
