@@ -239,7 +239,12 @@ class UnlearnCLI(LightningCLI):
                            **ignored: Any) -> Path:
         from lightning_unlearn.evaluation import write_report
         from lightning_unlearn.evaluation.report import unique_path
-        from lightning_unlearn.federated.runner import _save, federated_unlearn_checkpoint, settings_dict
+        from lightning_unlearn.federated.runner import (
+            _save,
+            federated_unlearn_checkpoint,
+            fedavg_round_bytes,
+            settings_dict,
+        )
 
         source = _existing(ckpt_path)
         original = copy.deepcopy(_load_weights(model, source))
@@ -248,10 +253,13 @@ class UnlearnCLI(LightningCLI):
         target = _save(result.model, unique_path(out_dir / f"{source.name.split('.')[0]}-unlearned.ckpt"))
         params = dict(ratio=ratio, objective=objective, federated=settings_dict(self._federated()),
                       source_checkpoint=str(source), lightning_checkpoint=str(target))
+        fedavg = fedavg_round_bytes(original, datamodule.num_clients, self._federated().fraction)
+        moved = {**result.bytes, "fedavg_round": fedavg}
         report, path = write_report(out_dir, original, result, sim.evaluation_datamodule, method, params, _seed(),
-                                    bytes_moved=result.bytes, relearn=relearn)
+                                    bytes_moved=moved, relearn=relearn)
         _print_summary(report.metrics, report.mask["fraction"], result.timings_s)
-        print(f"bytes per unlearning round: {result.bytes['unlearning_round']:,.0f}")
+        print(f"bytes per unlearning round: {result.bytes['unlearning_round']:,.0f} "
+              f"(a FedAvg round: {fedavg:,.0f})")
         print(f"unlearned checkpoint: {target}\nreport: {path}")
         return target
 

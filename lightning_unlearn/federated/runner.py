@@ -16,7 +16,7 @@ import torch
 from lightning_unlearn.data.federated import FederatedDataModule
 from lightning_unlearn.federated.baselines import federated_retrain
 from lightning_unlearn.federated.client import get_arrays
-from lightning_unlearn.federated.messages import Broadcast
+from lightning_unlearn.federated.messages import Broadcast, tensor_bytes
 from lightning_unlearn.federated.protocol import federated_unlearn
 from lightning_unlearn.federated.simulation import FederatedSimulation
 
@@ -117,6 +117,12 @@ def federated_reference(sim: FederatedSimulation, plan, settings: FederatedSetti
     """Federated retraining from scratch without the forget data (the exact reference)."""
     return federated_retrain(sim.model, sim.clients, plan, settings.rounds, settings.local_epochs, settings.fraction,
                              seed=seed)
+
+
+def fedavg_round_bytes(model: torch.nn.Module, num_clients: int, fraction: float = 1.0) -> int:
+    """Bytes of one full FedAvg round: the whole model down to and back up from every sampled client."""
+    sampled = max(1, round(fraction * num_clients))
+    return 2 * sampled * tensor_bytes(get_arrays(model))
 
 
 def settings_dict(settings: FederatedSettings) -> dict:
