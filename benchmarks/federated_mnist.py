@@ -19,13 +19,17 @@ import torch
 from lightning_unlearn.data import FederatedDataModule, load_mnist
 from lightning_unlearn.federated import FederatedSimulation, federated_unlearn, write_json
 from lightning_unlearn.federated import baselines as B
+from lightning_unlearn.federated.protocol import HEAD_LR_SCALE
 from lightning_unlearn.models import SmallCNN
 from lightning_unlearn.request import ForgetRequest
 
-METHODS = ("ours", "ours_all_layers", "finetune", "random_channels", "cdp", "federaser")
-LABELS = {"original": "original", "retrain": "retrain (reference)", "ours": "**ours (best default)**",
-          "ours_all_layers": "ours, explained channels in all layers", "finetune": "fine-tune all",
-          "random_channels": "random channels", "cdp": "CDP", "federaser": "FedEraser"}
+METHODS = ("ours", "head_rows_only", "ours_random_label", "finetune", "random_channels", "cdp", "federaser")
+CLASS_ONLY = ("head_rows_only", "ours_random_label")  # controls that only make sense for class requests
+LABELS = {"original": "original", "retrain": "retrain (reference)",
+          "ours": "**ours (best default: explained channels + forgotten head row)**",
+          "head_rows_only": "control: forgotten head row only", "ours_random_label": "ours, forget-aware (random labels)",
+          "finetune": "fine-tune all", "random_channels": "random channels (same ratio + head row)", "cdp": "CDP",
+          "federaser": "FedEraser"}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -44,10 +48,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--method", default="grad_x_act", help="channel scoring method")
     p.add_argument("--unlearn-rounds", type=int, default=1)
     p.add_argument("--unlearn-steps", type=int, default=5, help="local steps per client per unlearning round")
-    p.add_argument("--lr-scale", type=float, default=10.0,
-                   help="learning-rate multiplier of the forget-aware masked rounds (class requests)")
-    p.add_argument("--class-layers", default="head",
-                   help="layers ours scores and updates for class requests: 'head' (the forgotten rows) or 'all'")
+    p.add_argument("--lr-scale", type=float, default=1.0, help="learning-rate multiplier of the masked rounds")
+    p.add_argument("--head-lr-scale", type=float, default=HEAD_LR_SCALE,
+                   help="learning-rate multiplier of the forgotten classes' head rows (class requests)")
+    p.add_argument("--objective", default="auto", help="objective of ours and random channels")
     p.add_argument("--score-samples", type=int, default=64, help="forget samples scored per client (at most)")
     p.add_argument("--forget-client", type=int, default=3)
     p.add_argument("--forget-class", type=int, default=3)
@@ -94,19 +98,19 @@ def main(argv=None) -> None:
     layers = sim.layers()
     head = [n for n, i in layers.items() if i.is_head]
     common = dict(rounds=args.unlearn_rounds, max_steps=args.unlearn_steps, seed=args.seed)
-    scale = lambda req: args.lr_scale if req.kind == "class" else 1.0  # noqa: E731  (retain-only rounds: user lr)
+    rates = dict(lr_scale=args.lr_scale, head_lr_scale=args.head_lr_scale)
 
-    def ours(req, plan, all_layers=False):
-        use = head if req.kind == "class" and args.class_layers == "head" and not all_layers else None
-        return federated_unlearn(sim.model, sim.clients, req, args.method, args.ratio, layers=use,
-                                 max_samples=args.score_samples, lr_scale=scale(req), **common)
+    def ours(req, plan, layers_=None, objective=args.objective):
+        return federated_unlearn(sim.model, sim.clients, req, args.method, args.ratio, objective=objective,
+                                 layers=layers_, max_samples=args.score_samples, **rates, **common)
 
     runners = {
         "ours": ours,
-        "ours_all_layers": lambda req, plan: ours(req, plan, all_layers=True),
+        "head_rows_only": lambda req, plan: ours(req, plan, layers_=head),
+        "ours_random_label": lambda req, plan: ours(req, plan, objective="random_label"),
         "finetune": lambda req, plan: B.federated_finetune(sim.model, sim.clients, plan, layers, **common),
         "random_channels": lambda req, plan: B.federated_random_channels(sim.model, sim.clients, plan, layers,
-                                                                          args.ratio, lr_scale=scale(req), **common),
+                                                                          args.ratio, args.objective, **rates, **common),
         "cdp": lambda req, plan: B.federated_cdp(sim.model, sim.clients, plan, layers, args.ratio,
                                                  max_samples=args.score_samples, **common),
         "federaser": lambda req, plan: B.federated_eraser(sim.model, sim.clients, plan, training.store,
@@ -123,8 +127,8 @@ def main(argv=None) -> None:
         rows = {"original": _row(original, None, training.bytes_per_round, training.wall_s, None),
                 "retrain": _row(retrained_metrics, 1.0, retrained.bytes["fedavg_round"], retrained.timings_s["retrain"], 1.0)}
         for method in args.methods.split(","):
-            if method == "ours_all_layers" and (kind != "class" or args.class_layers != "head"):
-                continue  # identical to "ours" there
+            if method in CLASS_ONLY and kind != "class":
+                continue  # no head rows to isolate; the forget-aware variant is studied separately there
             result = runners[method](request, plan)
             record = sim.report(result, original, retrained, retrained_metrics)
             write_json(record, out / f"federated_mnist_{kind}_{method}.json")

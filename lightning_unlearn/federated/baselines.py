@@ -25,11 +25,13 @@ from lightning_unlearn.data.federated import FederatedForgetPlan
 from lightning_unlearn.federated.client import get_arrays, set_arrays
 from lightning_unlearn.federated.messages import Broadcast, ParametersMessage, ScoresMessage, Transport, check_upward
 from lightning_unlearn.federated.protocol import (
+    HEAD_LR_SCALE,
     FederatedUnlearningResult,
     all_channels,
     masked_rounds,
     resolve_objective,
     round_bytes,
+    unlearn_config,
 )
 from lightning_unlearn.federated.server import UpdateStore, run_fedavg
 from lightning_unlearn.selection import ParameterMask, select_channels
@@ -91,14 +93,14 @@ def federated_random_channels(
     model: pl.LightningModule, clients: Sequence[Any], plan: FederatedForgetPlan, layers: Mapping[str, LayerInfo],
     ratio: float = 0.05, objective: str = "auto", rounds: int = 1, local_epochs: int = 1,
     max_steps: int | None = None, scope: str = "layer", forget_weight: float = 1.0, lr_scale: float = 1.0,
-    seed: int = 0,
+    seed: int = 0, head_lr_scale: float | None = HEAD_LR_SCALE,
 ) -> FederatedUnlearningResult:
     """Our protocol with channels drawn at random (same ratio, same head rows): is the explanation worth it?"""
     gen = torch.Generator().manual_seed(seed)
     scores = {n: torch.rand(i.out_channels, generator=gen) for n, i in layers.items()}
     mask = select_channels(scores, model, ratio, scope, layers=layers, head_rows=list(plan.request.classes) or None)
-    config = {"objective": resolve_objective(objective, plan.request), "epochs": local_epochs, "max_steps": max_steps,
-              "seed": seed, "forget_weight": forget_weight, "lr_scale": lr_scale, "mode": "train"}
+    config = unlearn_config(resolve_objective(objective, plan.request), local_epochs, max_steps, seed, forget_weight,
+                            lr_scale, head_lr_scale)
     return _masked_baseline("random_channels", model, clients, plan, mask, mask.channels, rounds, config, Transport(), 0.0)
 
 

@@ -79,21 +79,39 @@ class _LocalTimer(Callback):
 
 
 class ScaleLearningRate(Callback):
-    """Multiply every optimizer's learning rate by ``factor`` for this fit.
+    """Multiply every optimizer's learning rate by ``factor`` for this fit; ``params`` by their own factor.
 
     Masked unlearning rounds are a handful of steps on a few channels: a larger step than the
     user's training rate makes them count, without touching the user's ``configure_optimizers``.
+    ``params`` (``{parameter name: factor}``, e.g. the head whose only trainable elements are the
+    forgotten classes' rows) are moved into their own parameter groups with ``lr * factor``
+    (instead of ``lr * self.factor``); the optimizer has no state yet at train start.
     """
 
-    def __init__(self, factor: float) -> None:
-        if not factor > 0:
-            raise ValueError(f"lr_scale must be > 0, got {factor!r}")
-        self.factor = factor
+    def __init__(self, factor: float, params: Mapping[str, float] | None = None) -> None:
+        for f in (factor, *(params or {}).values()):
+            if not (isinstance(f, (int, float)) and f > 0):
+                raise ValueError(f"lr_scale must be > 0, got {f!r}")
+        self.factor, self.params = factor, dict(params or {})
 
     def on_train_start(self, trainer, pl_module) -> None:
+        own = {id(p): self.params[n] for n, p in pl_module.named_parameters() if n in self.params}
         for opt in trainer.optimizers:
+            opt = getattr(opt, "optimizer", opt)
+            extra = []
             for group in opt.param_groups:
-                group["lr"] = group["lr"] * self.factor
+                lr = group["lr"]
+                group["lr"] = lr * self.factor
+                split: dict[float, list] = {}
+                for p in group["params"]:
+                    if id(p) in own:
+                        split.setdefault(own[id(p)], []).append(p)
+                if split:
+                    group["params"] = [p for p in group["params"] if id(p) not in own]
+                    for f, ps in split.items():
+                        extra.append({**{k: v for k, v in group.items() if k != "params"}, "params": ps, "lr": lr * f})
+            for g in extra:
+                opt.add_param_group(g)
 
 
 class _LoaderModule(pl.LightningDataModule):
@@ -137,18 +155,20 @@ def local_fit(
     config: Mapping[str, Any],
     callbacks: Sequence[Callback] = (),
     trainer_kwargs: Mapping[str, Any] | None = None,
+    param_lr_scale: Mapping[str, float] | None = None,
 ) -> tuple[dict[str, Tensor], dict[str, float]]:
     """Load ``arrays``, train with Lightning for ``config["epochs"]`` (or ``max_steps``), return new arrays.
 
     ``callbacks`` and ``trainer_kwargs`` (loggers, precision, ...) are the user's and apply to
-    every local run. ``config["lr_scale"]`` multiplies the optimizer's learning rate for this fit.
+    every local run. ``config["lr_scale"]`` multiplies the optimizer's learning rate for this fit;
+    ``param_lr_scale`` (``{parameter name: factor}``) gives those parameters their own multiplier.
     Metrics: ``local_compute_s`` (inside the training loop) and ``fit_s``.
     """
     set_arrays(model, arrays)
     torch.manual_seed(int(config.get("seed", 0)))
     timer = _LocalTimer()
-    if config.get("lr_scale", 1.0) != 1.0:
-        callbacks = [*callbacks, ScaleLearningRate(float(config["lr_scale"]))]
+    if config.get("lr_scale", 1.0) != 1.0 or param_lr_scale:
+        callbacks = [*callbacks, ScaleLearningRate(float(config.get("lr_scale", 1.0)), param_lr_scale)]
     start = time.perf_counter()
     with quiet_lightning():
         fit(model, datamodule, int(config.get("epochs", 1)), [*callbacks, timer], _trainer_kwargs(config, trainer_kwargs))
@@ -313,7 +333,8 @@ class FederatedClient:
         else:
             dm = _LoaderModule(self._subset("retain"), self.batch_size, seed)
             callback = GradientMask(self._mask, bn_stats=cfg.get("bn_stats", "frozen"))
-        arrays, metrics = local_fit(self.model, start, dm, cfg, [*self.callbacks, callback], self.trainer_kwargs)
+        arrays, metrics = local_fit(self.model, start, dm, cfg, [*self.callbacks, callback], self.trainer_kwargs,
+                                    self._head_lr_scale(cfg))
         n = len(self.split.retain) if self.split is not None else len(self.dataset)
         return MaskedUpdateMessage(selected_values(arrays, self._mask), n, metrics)
 
@@ -328,6 +349,21 @@ class FederatedClient:
             example = self.dataset[0][0].unsqueeze(0).repeat(2, *([1] * self.dataset[0][0].dim()))
             self._layers = discover_layers(self.model, example)
         return self._layers
+
+    def _head_lr_scale(self, cfg: Mapping[str, Any]) -> dict[str, float] | None:
+        """``{head parameter: factor}`` for ``config["head_lr_scale"]`` when the mask selects head rows."""
+        factor = cfg.get("head_lr_scale")
+        if factor is None or self._mask is None:
+            return None
+        heads = [n for n, i in self._layer_info().items() if i.is_head]
+        names = {n for n, _ in self.model.named_parameters()}
+        out = {}
+        for h in heads:
+            for suffix in ("weight", "bias"):
+                name = f"{h}.{suffix}"
+                if name in names and name in self._mask.masks and bool(self._mask.masks[name].any()):
+                    out[name] = float(factor)
+        return out or None
 
     def _build_mask(self, channels: Mapping[str, Sequence[int]], mode: str) -> ParameterMask:
         selected = ParameterMask.from_channels(self.model, channels, self._layer_info())
