@@ -97,8 +97,12 @@ def test_client_that_cannot_reach_its_partition_fails_clearly(tmp_path):
     # the server stops on a failed client, naming it and its reason, instead of averaging fewer clients
     sent = Message(RecordDict(), dst_node_id=5, message_type="train")
     sent.metadata.__dict__["_message_id"] = "m1"
-    failed = Message(Error(code=0, reason="FlowerDataError: data-path does not exist"), reply_to=sent)
-    with pytest.raises(RuntimeError, match=r"FedAvg round 0: 1 of 3 client\(s\) failed: .*data-path does not exist"):
+    remote = "Traceback (most recent call last):\n  File ...\nflwr.ClientAppException: \x1b[36mray\x1b[39m\n" \
+             "lightning_unlearn.federated.flower.client_app.FlowerDataError: data-path='/x' does not exist on this node\n"
+    failed = Message(Error(code=0, reason=remote), reply_to=sent)
+    with pytest.raises(RuntimeError, match=r"FedAvg round 0: 1 of 3 client\(s\) failed: node \d+: "
+                                           r"lightning_unlearn\.federated\.flower\.client_app\.FlowerDataError: "
+                                           r"data-path='/x' does not exist on this node$"):
         check_replies([failed], 3, "FedAvg round 0")
     with pytest.raises(RuntimeError, match=r"only 0 of 2 clients replied"):
         check_replies([], 2, "scoring")
@@ -155,6 +159,15 @@ def test_local_split_matches_the_simulations_forget_plan(digits, tmp_path):
     assert torch.equal(loaded.dataset.tensors[0][5], fdm.client_dataset(2)[5][0])
     sample = requests[-1]
     assert np.array_equal(client_split(sample, loaded).forget, fdm.forget_plan(sample).splits[2].forget)
+
+
+@pytest.mark.slow
+def test_simulation_stops_with_the_reason_of_a_node_without_its_partition():
+    """3 nodes but a 2-client recipe: node 2 has no partition; the run stops with its error, not with 2 clients."""
+    with pytest.raises(RuntimeError, match=r"hello: 1 of 3 client\(s\) failed: node \d+: [\w.]*FlowerDataError: "
+                                           r"partition-id=2 names no data partition; allowed ids are 0..1$"):
+        run_flower_simulation(MODEL_FN, FederatedPartitions("digits", num_clients=2), 3, FedAvgPlan(rounds=1),
+                              total_cpus=2, timeout=300)
 
 
 # -- parity with the in-process simulation ---------------------------------------------------------------------

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import os
 import tempfile
 import time
@@ -140,11 +141,18 @@ def check_replies(replies: Sequence[Message], expected: int, what: str) -> list[
     replies = list(replies)
     errors = [m for m in replies if m.has_error()]
     if errors:
-        reasons = "; ".join(f"node {m.metadata.src_node_id}: {m.error.reason}" for m in errors)
+        reasons = "; ".join(f"node {m.metadata.src_node_id}: {_short_reason(m.error.reason)}" for m in errors)
         raise RuntimeError(f"{what}: {len(errors)} of {expected} client(s) failed: {reasons}")
     if len(replies) < expected:
         raise RuntimeError(f"{what}: only {len(replies)} of {expected} clients replied before the timeout")
     return replies
+
+
+def _short_reason(reason: str | None) -> str:
+    """The exception line of a client's error (Flower sends the whole remote traceback)."""
+    lines = [ln.strip() for ln in re.sub(r"\x1b\[[0-9;]*m", "", reason or "").splitlines()]
+    found = [ln for ln in lines if re.match(r"^[\w.]+(Error|Exception)\b.*?: ", ln)]
+    return found[-1] if found else (reason or "no reason given")[-500:]
 
 
 def _send(grid: Grid, contents: Sequence[tuple[int, RecordDict]], message_type: str, timeout: float) -> Iterable[Message]:
