@@ -269,3 +269,25 @@ def test_unlearning_needs_forget_data_and_a_deployed_model(sim):
     without_forget_data = [c for c in sim.clients if not len(c.split.forget)]
     with pytest.raises(ValueError, match="no client holds data to forget"):
         federated_unlearn(sim.model, without_forget_data, plan.request)
+
+
+# -- learning rates of the masked rounds -------------------------------------------------------------------
+def test_scale_learning_rate_gives_named_parameters_their_own_group():
+    from types import SimpleNamespace
+
+    from lightning_unlearn.federated.client import ScaleLearningRate
+    from lightning_unlearn.federated.protocol import HEAD_LR_SCALE, resolve_objective, unlearn_config
+
+    model = _model()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    ScaleLearningRate(2.0, {"fc2.weight": 10.0, "fc2.bias": 10.0}).on_train_start(SimpleNamespace(optimizers=[opt]), model)
+    by_id = {id(p): g["lr"] for g in opt.param_groups for p in g["params"]}
+    params = dict(model.named_parameters())
+    assert by_id[id(params["fc2.weight"])] == pytest.approx(1e-2) and by_id[id(params["fc2.bias"])] == pytest.approx(1e-2)
+    assert all(by_id[id(p)] == pytest.approx(2e-3) for n, p in params.items() if not n.startswith("fc2."))
+    assert sorted(by_id) == sorted(id(p) for p in model.parameters())  # every parameter exactly once
+    with pytest.raises(ValueError, match="lr_scale"):
+        ScaleLearningRate(1.0, {"fc2.weight": 0.0})
+    assert unlearn_config("retain", 1, 5, 0, 1.0, 1.0)["head_lr_scale"] == HEAD_LR_SCALE
+    assert "head_lr_scale" not in unlearn_config("retain", 1, 5, 0, 1.0, 1.0, None)
+    assert resolve_objective("auto", ForgetRequest(classes=[3])) == "retain"
