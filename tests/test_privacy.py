@@ -343,3 +343,21 @@ def test_dp_small_cnn_is_what_make_dp_compatible_makes_of_small_cnn():
     born = DPSmallCNN(**TINY)
     assert {k: v.shape for k, v in born.state_dict().items()} == {k: v.shape for k, v in made.state_dict().items()}
     assert repr(born.bn2) == repr(made.bn2)
+
+
+@needs_opacus
+def test_a_resumed_run_keeps_counting_epsilon(digits, tmp_path):
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from lightning_unlearn.api import QUIET_TRAINER
+
+    pl.seed_everything(0, verbose=False)
+    first = DifferentialPrivacy(noise_multiplier=1.0)
+    fit(_tiny(), Train(digits[0]), 1, [first, ModelCheckpoint(dirpath=tmp_path, save_last=True)],
+        {"enable_checkpointing": True})
+    resumed = DifferentialPrivacy(noise_multiplier=1.0)
+    trainer = pl.Trainer(**{**QUIET_TRAINER, "enable_checkpointing": True}, max_epochs=2, callbacks=[resumed])
+    trainer.fit(_tiny(), datamodule=Train(digits[0]), ckpt_path=tmp_path / "last.ckpt")  # BatchNorm model: fixed in setup
+    assert resumed.steps_taken == 44
+    assert resumed.epsilon == pytest.approx(epsilon_for(1.0, 1 / 22, 44), rel=1e-12)
+    assert [r["steps"] for r in resumed.history] == [22, 44]
