@@ -119,9 +119,11 @@ class Bench:
         layers = None
         if request.kind == "class":  # the recipe of benchmarks/federated_mnist.py: the forgotten head rows
             layers = [n for n, i in sim.layers().items() if i.is_head]
-        return federated_unlearn(sim.model, sim.clients, request, "grad_x_act", a.ratio, layers=layers,
-                                 max_steps=a.unlearn_steps, max_samples=a.score_samples, seed=a.seed,
-                                 lr_scale=a.lr_scale if request.kind == "class" else 1.0)
+        # pinned (the library's "auto" recipe may change): random labels on the head row for a class, retain-only else
+        objective = "random_label" if request.kind == "class" else "retain"
+        return federated_unlearn(sim.model, sim.clients, request, "grad_x_act", a.ratio, objective=objective,
+                                 layers=layers, max_steps=a.unlearn_steps, max_samples=a.score_samples, seed=a.seed,
+                                 lr_scale=a.lr_scale if request.kind == "class" else 1.0, head_lr_scale=None)
 
 
 def measure_overhead(bench: Bench, reps: int) -> dict[str, Any]:
