@@ -37,7 +37,7 @@ class UnlearningTrainer(pl.Trainer):
         ckpt_path: str,
         method: str = "grad_x_act",
         ratio: float = 0.1,
-        objective: str = "random_label",
+        objective: str = "auto",
         epochs: int = 2,
         scope: str = "layer",
         contrast: bool = False,
@@ -51,7 +51,8 @@ class UnlearningTrainer(pl.Trainer):
             ckpt_path: the trained checkpoint (read only, never overwritten).
             method: channel scoring method: grad_x_act, ablation, gradcam, conductance, weight_saliency.
             ratio: fraction of channels per layer to update, in (0, 1].
-            objective: random_label, ascent or retain.
+            objective: random_label, ascent, retain or auto (random_label centrally; in federated runs the
+                protocol's choice: retain data with a 10x learning rate on the forgotten head rows).
             epochs: unlearning epochs.
             scope: layer (top ratio per layer) or global.
             contrast: score forget importance relative to retain importance.
@@ -63,6 +64,7 @@ class UnlearningTrainer(pl.Trainer):
         source = _existing(ckpt_path)
         _load_weights(model, source)
         original = copy.deepcopy(model)
+        objective = "random_label" if objective == "auto" else objective
         callback = SelectiveUnlearning(method=method, ratio=ratio, objective=objective, scope=scope,
                                        contrast=contrast, max_samples=max_samples, seed=_seed())
         # never let a ModelCheckpoint from the training config write over the input
@@ -235,7 +237,7 @@ class UnlearnCLI(LightningCLI):
         return self.config_init[self.subcommand]["federated"]
 
     def _federated_unlearn(self, model, datamodule, ckpt_path: str, method: str = "grad_x_act", ratio: float = 0.1,
-                           objective: str = "random_label", output_dir: str | None = None, relearn: bool = False,
+                           objective: str = "auto", output_dir: str | None = None, relearn: bool = False,
                            **ignored: Any) -> Path:
         from lightning_unlearn.evaluation import write_report
         from lightning_unlearn.evaluation.report import unique_path

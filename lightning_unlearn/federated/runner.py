@@ -107,7 +107,7 @@ def federated_unlearn_checkpoint(
     sim, _ = deployed_simulation(model, fdm, settings, seed)
     result = federated_unlearn(
         sim.model, sim.clients, fdm.request, method=method, ratio=ratio,
-        objective="auto" if objective == "random_label" else objective, rounds=settings.unlearn_rounds,
+        objective=objective, rounds=settings.unlearn_rounds,
         max_steps=settings.unlearn_steps, max_samples=settings.score_samples, lr_scale=settings.lr_scale, seed=seed,
     )
     return sim, result
