@@ -19,14 +19,15 @@ from tqdm.auto import tqdm
 
 METHODS = ("grad_x_act", "ablation", "gradcam", "conductance", "weight_saliency")
 SCORED_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
-_BATCHNORM_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+# Per-channel normalisation fed by a layer: its affine weight/bias follow the layer's selected channels.
+_NORM_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.GroupNorm)
 # Perturbation methods cost a forward pass per channel (or per step): score a seeded subsample by default.
 DEFAULT_MAX_SAMPLES = {"ablation": 512, "conductance": 512}
 
 
 @dataclass(frozen=True)
 class LayerInfo:
-    """A scorable layer: its output channels, the BatchNorm fed by it, whether it is the model's head."""
+    """A scorable layer: its output channels, the BatchNorm/GroupNorm fed by it, whether it is the model's head."""
 
     name: str
     out_channels: int
@@ -88,7 +89,7 @@ def discover_layers(model: nn.Module, example_input: Tensor, layers: Sequence[st
         return hook
 
     handles = [m.register_forward_hook(on_layer(n)) for n, m in candidates.items()]
-    handles += [m.register_forward_pre_hook(on_bn(n)) for n, m in modules.items() if isinstance(m, _BATCHNORM_TYPES)]
+    handles += [m.register_forward_pre_hook(on_bn(n)) for n, m in modules.items() if isinstance(m, _NORM_TYPES)]
     was_training = model.training
     try:
         model.eval()

@@ -29,9 +29,7 @@ class ClassifierModule(UnlearningMixin, pl.LightningModule):
 
 
 class SmallCNN(ClassifierModule):
-    """Two conv blocks (Conv-BN-ReLU) and two linear layers; works for 8x8 digits and 28x28 MNIST.
-
-    """
+    """Two conv blocks (Conv-BN-ReLU) and two linear layers; works for 8x8 digits and 28x28 MNIST."""
 
     def __init__(
         self,

@@ -69,3 +69,16 @@ def test_bad_scope_and_head_rows(trained_model, scores):
         select_channels(scores, trained_model, scope="model")
     with pytest.raises(ValueError, match=r"head row\(s\) \[10\] out of range"):
         select_channels(scores, trained_model, head_rows=[10])
+
+
+def test_groupnorm_follows_its_conv_like_batchnorm():
+    """DP models swap BatchNorm for GroupNorm: a selected channel still brings its norm's affine parameters."""
+    from lightning_unlearn import discover_layers
+    from lightning_unlearn.privacy.models import DPSmallCNN
+
+    model = DPSmallCNN().eval()
+    info = discover_layers(model, torch.zeros(2, 1, 8, 8))
+    assert info["conv1"].batchnorm == "bn1" and info["conv2"].batchnorm == "bn2"
+    x, y = torch.randn(8, 1, 8, 8), torch.full((8,), 3)
+    mask = select_channels(channel_scores(model, [(x, y)], "grad_x_act"), model, ratio=0.25)
+    assert mask.masks["bn2.weight"][mask.channels["conv2"]].all() and mask.masks["bn2.weight"].sum() == 8
