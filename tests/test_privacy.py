@@ -356,7 +356,7 @@ def test_a_resumed_run_keeps_counting_epsilon(digits, tmp_path):
     fit(_tiny(), Train(digits[0]), 1, [first, ModelCheckpoint(dirpath=tmp_path, save_last=True)],
         {"enable_checkpointing": True})
     resumed = DifferentialPrivacy(noise_multiplier=1.0)
-    trainer = pl.Trainer(**{**QUIET_TRAINER, "enable_checkpointing": True}, max_epochs=2, callbacks=[resumed])
+    trainer = pl.Trainer(**QUIET_TRAINER, max_epochs=2, callbacks=[resumed], default_root_dir=tmp_path)
     trainer.fit(_tiny(), datamodule=Train(digits[0]), ckpt_path=tmp_path / "last.ckpt")  # BatchNorm model: fixed in setup
     assert resumed.steps_taken == 44
     assert resumed.epsilon == pytest.approx(epsilon_for(1.0, 1 / 22, 44), rel=1e-12)
