@@ -101,12 +101,6 @@ class MaskEnforcer:
             h.remove()
         self._handles.clear()
 
-    def to(self, device: torch.device) -> "MaskEnforcer":
-        """Move reference copies next to their parameters (after a device move)."""
-        self._frozen = [(p, None if k is None else k.to(p.device), r.to(p.device)) for p, k, r in self._frozen]
-        self._bn_frozen = [(b, None if k is None else k.to(b.device), r.to(b.device)) for b, k, r in self._bn_frozen]
-        return self
-
 
 def frozen_elements_equal(model: nn.Module, reference: Mapping[str, Tensor], mask: ParameterMask) -> bool:
     """True iff every element outside ``mask`` equals ``reference`` exactly (``torch.equal``)."""
