@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import json
+from dataclasses import asdict
 import os
 import sys
 import time
@@ -169,7 +170,7 @@ def write_evaluation(original, unlearned, retrained, dm: UnlearningDataModule, o
                      extra: dict) -> Path:
     """Evaluate the three models, print the comparison table, write the per-class plot and ``evaluation.json``."""
     from lightning_unlearn.evaluation import compare, evaluate_unlearning, plot_per_class_accuracy
-    from lightning_unlearn.evaluation.report import _atomic_write, unique_path
+    from lightning_unlearn.evaluation.report import _atomic_write, _jsonable, unique_path
 
     evaluation = evaluate_unlearning(original, unlearned, dm, retrained, seed=_seed(), relearn=relearn)
     rows = [{"method": name, **evaluation[name]} for name in ("original", "unlearned", "retrained")]
@@ -245,7 +246,6 @@ class UnlearnCLI(LightningCLI):
             _save,
             federated_unlearn_checkpoint,
             fedavg_round_bytes,
-            settings_dict,
         )
 
         source = _existing(ckpt_path)
@@ -253,7 +253,7 @@ class UnlearnCLI(LightningCLI):
         sim, result = federated_unlearn_checkpoint(model, datamodule, self._federated(), method, ratio, objective, _seed())
         out_dir = Path(output_dir) if output_dir else source.parent
         target = _save(result.model, unique_path(out_dir / f"{source.name.split('.')[0]}-unlearned.ckpt"))
-        params = dict(ratio=ratio, objective=objective, federated=settings_dict(self._federated()),
+        params = dict(ratio=ratio, objective=objective, federated=asdict(self._federated()),
                       source_checkpoint=str(source), lightning_checkpoint=str(target))
         fedavg = fedavg_round_bytes(original, datamodule.num_clients, self._federated().fraction)
         moved = {**result.bytes, "fedavg_round": fedavg}
@@ -303,14 +303,6 @@ def _load_weights(model: torch.nn.Module, path: Path) -> torch.nn.Module:
 
 def _seed() -> int:
     return int(os.environ.get("PL_GLOBAL_SEED", 0))
-
-
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, torch.Tensor):
-        return value.tolist()
-    if hasattr(value, "item"):
-        return value.item()
-    return str(value)
 
 
 def _print_summary(metrics: dict, fraction: float, timings: dict) -> None:

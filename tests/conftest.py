@@ -25,6 +25,15 @@ class FullTrainData(pl.LightningDataModule):
         return DataLoader(self.dataset, batch_size=self.batch_size, shuffle=True, generator=torch.Generator().manual_seed(0))
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Many tiny Lightning fits: one intra-op thread avoids oversubscription on shared CI cores (~10x faster)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def digits():
     return load_digits_datasets(seed=0)

@@ -41,13 +41,7 @@ def _model(seed: int = 0) -> SmallCNN:
     return SmallCNN(**TINY)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Many tiny Lightning fits: one intra-op thread avoids oversubscription on shared CI cores (~10x faster)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -43,12 +43,7 @@ needs_opacus = pytest.mark.skipif(
 TINY = dict(channels=(8, 16), hidden=32, lr=3e-3)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class Train(pl.LightningDataModule):

@@ -6,7 +6,7 @@ of the config is :class:`FederatedSettings`.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -123,10 +123,6 @@ def fedavg_round_bytes(model: torch.nn.Module, num_clients: int, fraction: float
     """Bytes of one full FedAvg round: the whole model down to and back up from every sampled client."""
     sampled = max(1, round(fraction * num_clients))
     return 2 * sampled * tensor_bytes(get_arrays(model))
-
-
-def settings_dict(settings: FederatedSettings) -> dict:
-    return asdict(settings)
 
 
 def _save(model: torch.nn.Module, path: Path) -> Path:
