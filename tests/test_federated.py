@@ -45,7 +45,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def sim(digits, _one_thread):
+def sim(digits, one_thread):
     """A 4-client federation trained for 5 short rounds (test acc ~0.9), updates stored for FedEraser."""
     fdm = FederatedDataModule(*digits, num_clients=4, partition="dirichlet", alpha=1.0, seed=0, batch_size=32)
     s = FederatedSimulation(fdm, _model(), rounds=5, store_every=2, trainer_kwargs=STEPS, progress=False)
