@@ -319,9 +319,19 @@ def _print_summary(metrics: dict, fraction: float, timings: dict) -> None:
           f"total: {timings['total']:.2f}s")
 
 
+#: Command groups with their own parser: ``lightning-unlearn requests ...`` -> ``lightning_unlearn.ledger.cli.main``.
+COMMAND_GROUPS = {"requests": "lightning_unlearn.ledger.cli", "sisa": "lightning_unlearn.exact.cli"}
+
+
 def main(args: list[str] | None = None) -> None:
     """Console entry point: user errors end with one line on stderr and exit code 2."""
     from argparse import ArgumentError
+
+    argv = sys.argv[1:] if args is None else list(args)
+    if argv and argv[0] in COMMAND_GROUPS:
+        import importlib
+
+        sys.exit(importlib.import_module(COMMAND_GROUPS[argv[0]]).main(argv[1:]))
 
     trainer_defaults = {"logger": _default_logger()}
     quiet = {"exit_on_error": False}

@@ -12,30 +12,34 @@ import torch
 class ForgetRequest:
     """A deletion request.
 
-    Exactly one of ``classes``, ``sample_ids`` (indices into the training dataset) or
-    ``clients`` (federated client ids) is set. The request is plain data; it is checked
-    against a dataset with :meth:`validate` before any work starts.
+    Exactly one of ``classes``, ``sample_ids`` (indices into the training dataset),
+    ``clients`` (federated client ids) or ``subjects`` (data-subject ids recorded in a
+    request ledger, resolved to sample ids there) is set. The request is plain data; it is
+    checked against a dataset with :meth:`validate` before any work starts.
     """
 
     classes: tuple[int, ...] = field(default=())
     sample_ids: tuple[int, ...] = field(default=())
     clients: tuple[int, ...] = field(default=())
+    subjects: tuple[str, ...] = field(default=())
 
     def __init__(
         self,
         classes: Sequence[int] | None = None,
         sample_ids: Sequence[int] | None = None,
         clients: Sequence[int] | None = None,
+        subjects: Sequence[str] | None = None,
     ) -> None:
         parts = {
             "classes": _as_int_tuple(classes, "classes"),
             "sample_ids": _as_int_tuple(sample_ids, "sample_ids"),
             "clients": _as_int_tuple(clients, "clients"),
+            "subjects": _as_str_tuple(subjects, "subjects"),
         }
         given = [k for k, v in parts.items() if v]
         if len(given) != 1:
             raise ValueError(
-                "ForgetRequest needs exactly one non-empty field of classes, sample_ids or clients; "
+                "ForgetRequest needs exactly one non-empty field of classes, sample_ids, clients or subjects; "
                 f"got {given or 'none'}"
             )
         for key, value in parts.items():
@@ -43,10 +47,12 @@ class ForgetRequest:
 
     @property
     def kind(self) -> str:
-        """``"class"``, ``"sample"`` or ``"client"``."""
+        """``"class"``, ``"sample"``, ``"client"`` or ``"subject"``."""
         if self.classes:
             return "class"
-        return "sample" if self.sample_ids else "client"
+        if self.sample_ids:
+            return "sample"
+        return "client" if self.clients else "subject"
 
     def validate(self, targets: torch.Tensor, num_classes: int | None = None) -> None:
         """Fail fast if the request does not fit the labelled data ``targets``."""
@@ -85,11 +91,27 @@ class ForgetRequest:
             mask[np.asarray(self.sample_ids, dtype=np.int64)] = True
         if self.clients:
             raise ValueError("a client request is resolved by FederatedDataModule, not by a central data module")
+        if self.subjects:
+            raise ValueError("a subject request is resolved through a request ledger (lightning_unlearn.ledger) "
+                             "into sample ids first")
         return mask
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-friendly form, used in reports."""
         return {"kind": self.kind, **{k: list(v) for k, v in asdict(self).items() if v}}
+
+
+def _as_str_tuple(values: Sequence[str] | None, name: str) -> tuple[str, ...]:
+    if values is None:
+        return ()
+    if isinstance(values, str):
+        values = [values]
+    out = []
+    for v in values:
+        if not isinstance(v, str) or not v.strip():
+            raise TypeError(f"{name} must be non-empty strings, got {v!r}")
+        out.append(v)
+    return tuple(sorted(set(out)))
 
 
 def _as_int_tuple(values: Sequence[int] | None, name: str) -> tuple[int, ...]:

@@ -1,0 +1,61 @@
+"""Trainer helpers shared by every layer: a quiet ``Trainer.fit``, re-initialisation, muted Lightning logs."""
+from __future__ import annotations
+
+import contextlib
+import logging
+from typing import Sequence
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+
+QUIET_TRAINER = dict(
+    logger=False,
+    enable_checkpointing=False,
+    enable_model_summary=False,
+    enable_progress_bar=False,
+    num_sanity_val_steps=0,
+    limit_val_batches=0,
+)
+
+
+def fit(
+    model: pl.LightningModule,
+    datamodule: pl.LightningDataModule,
+    epochs: int,
+    callbacks: Sequence[Callback] = (),
+    trainer_kwargs: dict | None = None,
+) -> pl.Trainer:
+    """``Trainer.fit`` with quiet defaults that ``trainer_kwargs`` can override."""
+    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
+        raise ValueError(f"epochs must be an integer >= 1, got {epochs!r}")
+    kwargs = {**QUIET_TRAINER, "max_epochs": epochs, **(trainer_kwargs or {})}
+    kwargs["callbacks"] = list(kwargs.pop("callbacks", [])) + list(callbacks)
+    trainer = pl.Trainer(**kwargs)
+    trainer.fit(model, datamodule=datamodule)
+    return trainer
+
+
+def reinitialize(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Fresh weights for every submodule that knows how to reset itself."""
+    torch.manual_seed(seed)
+    for module in model.modules():
+        if hasattr(module, "reset_parameters"):
+            module.reset_parameters()
+        if hasattr(module, "reset_running_stats"):
+            module.reset_running_stats()
+    return model
+
+
+@contextlib.contextmanager
+def quiet_lightning(level: int = logging.WARNING):
+    """Mute Lightning's per-Trainer info lines ("GPU available", ...): a federation builds one Trainer per client."""
+    loggers = [logging.getLogger(n) for n in ("lightning.pytorch", "lightning.fabric", "lightning")]
+    before = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(max(level, lg.level))
+    try:
+        yield
+    finally:
+        for lg, lvl in zip(loggers, before):
+            lg.setLevel(lvl)
