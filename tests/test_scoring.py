@@ -1,10 +1,99 @@
-"""Channel scoring: every method, ablation vs captum, scores agree with intervention."""
+"""Channel scoring: the method registry, every method, ablation vs captum, scores agree with intervention."""
+import warnings
+
 import pytest
 import torch
-from torch import nn
+from captum.attr import LayerFeatureAblation
+from torch import Tensor, nn
 
-from lightning_unlearn import METHODS, channel_scores, discover_layers
-from lightning_unlearn.attribution import captum_ablation_scores
+import lightning_unlearn.attribution as attribution
+from lightning_unlearn.attribution import (
+    SCORERS,
+    SCORING_METHODS,
+    ChannelScorer,
+    channel_scores,
+    check_method,
+    discover_layers,
+    register_scorer,
+)
+
+BUILT_IN = ("grad_x_act", "ablation", "gradcam", "conductance", "weight_saliency")
+
+
+def captum_ablation_scores(model: nn.Module, layer: nn.Module, x: Tensor, y: Tensor) -> Tensor:
+    """Reference: captum ``LayerFeatureAblation`` with one feature group per output channel, mean over samples."""
+    with torch.no_grad():
+        out_shape = None
+
+        def grab(_, __, out):
+            nonlocal out_shape
+            out_shape = out.shape
+
+        h = layer.register_forward_hook(grab)
+        model(x[:1])
+        h.remove()
+        mask = torch.arange(out_shape[1], device=x.device).view(1, -1, *([1] * (len(out_shape) - 2)))
+        mask = mask.expand(1, *out_shape[1:])
+        attr = LayerFeatureAblation(model, layer).attribute(x, target=y, layer_mask=mask, layer_baselines=0.0)
+    # captum gives every element of a feature group the group's total: read one element per channel.
+    return attr.reshape(attr.shape[0], attr.shape[1], -1)[:, :, 0].double().mean(0)
+
+
+class WeightNorm(ChannelScorer):
+    """A user's method: the L2 norm of each output channel's weights (data-independent), counted per sample."""
+
+    name = "test_weight_norm"
+    default_max_samples = 10
+
+    def score_batch(self, x, y):
+        return [layer.weight.detach().reshape(layer.weight.shape[0], -1).norm(dim=1) * len(x) for layer in self.layers]
+
+
+@pytest.fixture
+def user_scorer():
+    register_scorer(WeightNorm)
+    yield WeightNorm
+    SCORERS.pop(WeightNorm.name)
+
+
+def test_registry_is_the_single_source_of_method_names(user_scorer):
+    assert SCORING_METHODS == BUILT_IN  # the import-time snapshot: built-ins, default first
+    assert attribution.SCORING_METHODS == tuple(SCORERS) == BUILT_IN + ("test_weight_norm",)
+    assert all(cls.name == name for name, cls in SCORERS.items())
+    assert attribution.DEFAULT_MAX_SAMPLES == {"ablation": 512, "conductance": 512, "test_weight_norm": 10}
+    with pytest.raises(ValueError, match=r"unknown scoring method 'shap'; allowed methods are \[.*'test_weight_norm'\]$"):
+        check_method("shap")
+    assert check_method("test_weight_norm") == "test_weight_norm"
+
+
+def test_a_user_registered_scorer_works_through_channel_scores(trained_model, class3_dm, user_scorer):
+    scores = channel_scores(trained_model, class3_dm.forget_dataloader(), "test_weight_norm", layers=["conv2", "fc2"])
+    assert scores.method == "test_weight_norm" and scores.num_samples == 10  # its default_max_samples
+    torch.testing.assert_close(scores["fc2"], trained_model.fc2.weight.detach().norm(dim=1))
+    torch.testing.assert_close(scores["conv2"], trained_model.conv2.weight.detach().flatten(1).norm(dim=1))
+    contrast = channel_scores(
+        trained_model, class3_dm.forget_dataloader(), "test_weight_norm", retain_loader=class3_dm.retain_dataloader()
+    )
+    assert all(torch.equal(v, torch.zeros_like(v)) for v in contrast.values())  # the data plays no part
+
+
+def test_register_scorer_refuses_a_taken_name_or_a_non_scorer(user_scorer):
+    with pytest.raises(ValueError, match=r"scorer name 'test_weight_norm' is empty or taken"):
+        register_scorer(type("Again", (WeightNorm,), {}))
+    with pytest.raises(ValueError, match="expects a ChannelScorer subclass"):
+        register_scorer(dict)
+    assert SCORERS["test_weight_norm"] is WeightNorm
+
+
+def test_methods_is_a_deprecated_alias():
+    with pytest.warns(DeprecationWarning, match="use SCORING_METHODS"):
+        from lightning_unlearn.attribution import METHODS
+    assert METHODS == SCORING_METHODS
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert attribution.SCORING_METHODS == SCORING_METHODS  # the new name does not warn
+    with pytest.raises(AttributeError, match="has no attribute 'NOPE'"):
+        attribution.NOPE
 
 
 def test_discovers_layers_head_and_batchnorm(trained_model, digits):
@@ -16,7 +105,7 @@ def test_discovers_layers_head_and_batchnorm(trained_model, digits):
     assert info["conv2"].out_channels == 32
 
 
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", SCORING_METHODS)
 def test_every_method_returns_finite_scores_of_the_right_shape(trained_model, class3_dm, method):
     scores = channel_scores(trained_model, class3_dm.forget_dataloader(), method, max_samples=64)
     assert {k: v.shape for k, v in scores.items()} == {
@@ -108,3 +197,5 @@ def test_bad_scoring_input(trained_model, class3_dm):
         channel_scores(trained_model, class3_dm.forget_dataloader(), layers=["conv9"])
     with pytest.raises(ValueError, match="has no Conv1d/Conv2d/Conv3d/Linear layer"):
         channel_scores(nn.Sequential(nn.Flatten(), nn.ReLU()), [(torch.zeros(2, 4), torch.zeros(2).long())])
+    with pytest.raises(ValueError, match="conductance n_steps must be an integer >= 1, got 0"):
+        channel_scores(trained_model, class3_dm.forget_dataloader(), "conductance", conductance_steps=0)
