@@ -15,6 +15,7 @@ trained on (ids, order, content) are checked against the current dataset.
 """
 from __future__ import annotations
 
+import json
 import logging
 import time
 import warnings
@@ -121,6 +122,7 @@ class SISA:
         return {
             "format": FORMAT,
             "config": self.config.training_dict(),
+            "aggregation": self.config.aggregation,
             "num_samples": len(self.targets),
             "model": self._model_fingerprint(),
             "order": [[ids.tolist() for ids in shard] for shard in self.slices],
@@ -144,25 +146,34 @@ class SISA:
                 return
             except FileExistsError:  # another shard process wrote it first: it must agree
                 pass
-        import json
-
         stored = json.loads(path.read_text())
         for key in ("format", "num_samples", "config", "model", "order"):
             if stored.get(key) != plan[key]:
+                there, now = stored.get(key), plan[key]
+                if isinstance(there, dict) and isinstance(now, dict):
+                    keys = sorted(k for k in set(there) | set(now) if there.get(k) != now.get(k))
+                    there, now = ({k: d.get(k) for k in keys} for d in (there, now))
                 what = "data order" if key == "order" else key
                 raise ValueError(
                     f"{self.root} holds a SISA run with a different {what} "
-                    f"({_short(stored.get(key))} there, {_short(plan[key])} now): "
+                    f"({_short(there)} there, {_short(now)} now): "
                     f"use the same settings and data, or start fresh in a new directory"
                 )
+
+    @staticmethod
+    def stored_config(root: str | Path) -> SISAConfig | None:
+        """The settings of the run in ``root`` (None if there is none yet)."""
+        path = Path(root) / "plan.json"
+        if not path.exists():
+            return None
+        stored = json.loads(path.read_text())
+        return SISAConfig(**stored["config"], aggregation=stored.get("aggregation", "mean_proba"))
 
     def _shard_dir(self, shard: int) -> Path:
         return self.root / f"shard_{shard:03d}"
 
     def shard_state(self, shard: int) -> dict[str, Any]:
         """The shard's recorded state: ``deleted`` ids, ``generation`` and the trained ``stages``."""
-        import json
-
         path = self._shard_dir(shard) / "state.json"
         if not path.exists():
             return {"shard": shard, "generation": 0, "deleted": [], "stages": []}

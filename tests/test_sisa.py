@@ -1,0 +1,248 @@
+"""Exact unlearning with SISA: the bit-exactness guarantee, untouched shards, stale checkpoints, the ensemble, the CLI."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_unlearn import ForgetRequest
+from lightning_unlearn.exact import SISA, SISAConfig, SISAEnsemble
+from lightning_unlearn.exact.cli import main as sisa_main
+from lightning_unlearn.exact.plan import file_sha256
+from lightning_unlearn.models import SmallCNN
+
+CONFIG = SISAConfig(shards=3, slices=3, epochs_per_slice=1, batch_size=64, seed=0)
+TINY = dict(channels=(4, 8), hidden=16, lr=0.01)
+
+
+def tiny_cnn() -> SmallCNN:
+    return SmallCNN(**TINY)
+
+
+@pytest.fixture(scope="module")
+def deterministic(one_thread):
+    before = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    yield
+    torch.use_deterministic_algorithms(before)
+
+
+@pytest.fixture(scope="module")
+def train_set(digits):
+    """A private copy of the digits training tensors (tests below edit it)."""
+    x, y = digits[0].tensors
+    return TensorDataset(x.clone(), y.clone())
+
+
+@pytest.fixture
+def fitted(tmp_path, train_set, deterministic):
+    run = SISA(tmp_path / "run", tiny_cnn, train_set, CONFIG)
+    run.fit()
+    return run
+
+
+def files_of(run: SISA) -> dict[str, str]:
+    """SHA-256 of every file under the run's shard folders."""
+    return {str(p.relative_to(run.root)): file_sha256(p) for p in sorted(run.root.glob("shard_*/*"))}
+
+
+def states_equal(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_deletion_is_bit_identical_to_training_from_scratch(fitted, train_set, tmp_path):
+    shard = 1
+    sample = int(fitted.slices[shard][1][5])  # in slice 1: slice 0's checkpoint is reused, slices 1-2 retrained
+    kept = fitted.shard_state(shard)["stages"][0]
+    result = fitted.forget(ForgetRequest(sample_ids=[sample]))
+    assert result.affected[shard]["first_slice"] == 1 and set(result.affected) == {shard}
+    assert fitted.shard_state(shard)["stages"][0] == kept  # resumed from the unaffected checkpoint
+
+    reference = SISA(tmp_path / "scratch", tiny_cnn, train_set, CONFIG)
+    reference.fit(shards=[shard], exclude=[sample])  # from scratch, never saw the sample, same seeds
+    after, scratch = fitted.shard_state(shard)["stages"], reference.shard_state(shard)["stages"]
+    assert [s["data_sha256"] for s in after] == [s["data_sha256"] for s in scratch]
+    assert states_equal(fitted.shard_model(shard).state_dict(), reference.shard_model(shard).state_dict())
+    assert [s["sha256"] for s in after] == [s["sha256"] for s in scratch]  # model + optimizer state, byte for byte
+    # and it did change: the shard trained with the sample differs
+    assert after[-1]["sha256"] != result.checkpoints_before[shard][-1]
+
+
+def test_only_affected_shards_change_and_superseded_checkpoints_go(fitted):
+    before = files_of(fitted)
+    sample = int(fitted.slices[2][0][0])  # shard 2, slice 0: the whole shard retrains
+    result = fitted.forget(ForgetRequest(sample_ids=[sample]))
+    after = files_of(fitted)
+    untouched = {k: v for k, v in before.items() if not k.startswith("shard_002")}
+    assert untouched and all(after[k] == v for k, v in untouched.items())  # bit-identical files
+    assert result.affected[2]["slices_retrained"] == CONFIG.slices
+    changed = sorted(k for k in after if k.startswith("shard_002/slice_"))
+    assert changed == [f"shard_002/slice_{j:03d}.g1.pt" for j in range(CONFIG.slices)]  # nothing that saw it is left
+    report = json.loads(result.report_path.read_text())
+    assert report["exact"] is True and report["affected_shards"].keys() == {"2"}
+    # the same request again is a no-op
+    again = fitted.forget(ForgetRequest(sample_ids=[sample]))
+    assert again.affected == {} and files_of(fitted) == after
+
+
+def test_request_touching_several_shards(fitted, train_set, digits):
+    ids = [int(fitted.slices[0][2][0]), int(fitted.slices[2][1][0])]
+    result = fitted.forget(ForgetRequest(sample_ids=ids))
+    assert sorted(result.affected) == [0, 2]
+    assert {s: a["first_slice"] for s, a in result.affected.items()} == {0: 2, 2: 1}
+
+    result = fitted.forget(ForgetRequest(classes=[3]), test_dataset=digits[1])
+    threes = set(np.flatnonzero(train_set.tensors[1].numpy() == 3).tolist())
+    assert sorted(result.affected) == [0, 1, 2] and len(result.sample_ids) == len(threes)
+    for s in range(CONFIG.shards):
+        deleted = set(fitted.shard_state(s)["deleted"])
+        assert threes & set(np.concatenate(fitted.slices[s]).tolist()) <= deleted
+        assert not threes & set(fitted.stage_ids(s, CONFIG.slices - 1, deleted).tolist())
+    m = result.metrics
+    assert m["forget_test_acc"] is not None and m["forget_test_acc"] < 0.05  # no shard model saw a 3
+    assert m["remaining_test_acc"] > 0.5
+
+
+def test_client_request_needs_groups_and_deletes_the_clients_samples(train_set, tmp_path, deterministic):
+    groups = np.arange(len(train_set)) % 7
+    run = SISA(tmp_path / "run", tiny_cnn, train_set, SISAConfig(shards=2, slices=1, epochs_per_slice=1), groups=groups)
+    run.fit()
+    with pytest.raises(ValueError, match=r"client id\(s\) \[9\] unknown; allowed ids are \[0, 1, 2, 3, 4, 5, 6\]"):
+        run.forget(ForgetRequest(clients=[9]))
+    result = run.forget(ForgetRequest(clients=[4]))
+    assert np.array_equal(result.sample_ids, np.flatnonzero(groups == 4))
+    no_groups = SISA(tmp_path / "run", tiny_cnn, train_set, SISAConfig(shards=2, slices=1, epochs_per_slice=1))
+    with pytest.raises(ValueError, match="client request needs a client id per training sample"):
+        no_groups.forget(ForgetRequest(clients=[4]))
+    with pytest.raises(ValueError, match="subject requests must be resolved to sample ids"):
+        no_groups.forget(ForgetRequest(subjects=["alice"]))
+
+
+def test_stale_checkpoints_are_rejected(fitted, train_set, tmp_path):
+    x, y = train_set.tensors
+    victim = int(fitted.slices[0][0][3])
+    changed = TensorDataset(x.clone(), y.clone())
+    changed.tensors[0][victim] += 0.5  # a sample that shard 0's checkpoints were trained on
+    stale = SISA(fitted.root, tiny_cnn, changed, CONFIG)
+    untouched_shard_sample = int(fitted.slices[0][2][0])
+    with pytest.raises(ValueError, match="trained on different data .* refusing to reuse a stale checkpoint"):
+        stale.forget(ForgetRequest(sample_ids=[untouched_shard_sample]))
+    with pytest.raises(ValueError, match="stale checkpoint"):
+        stale.ensemble()
+
+    for stage in (0, -1):  # a checkpoint a deletion resumes from; the one the ensemble serves
+        ckpt = fitted.root / "shard_001" / fitted.shard_state(1)["stages"][stage]["file"]
+        data = bytearray(ckpt.read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        ckpt.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match=r"changed since it was written \(SHA-256 mismatch\)"):
+        fitted.forget(ForgetRequest(sample_ids=[int(fitted.slices[1][1][0])]))
+    with pytest.raises(ValueError, match=r"changed since it was written \(SHA-256 mismatch\)"):
+        fitted.shard_model(1)
+    with pytest.raises(ValueError, match=r"different config \(\{'slices': 3\} there, \{'slices': 2\} now\)"):
+        SISA(fitted.root, tiny_cnn, train_set, SISAConfig(shards=3, slices=2, epochs_per_slice=1))
+    with pytest.raises(ValueError, match="different model"):
+        SISA(fitted.root, SmallCNN, train_set, CONFIG)
+
+
+def test_erasing_a_deleted_sample_from_storage_keeps_the_run_usable(fitted, train_set):
+    """Checkpoints hash only the data they saw: once deleted, a sample may be wiped from the dataset."""
+    sample = int(fitted.slices[1][2][1])
+    fitted.forget(ForgetRequest(sample_ids=[sample]))
+    x, y = train_set.tensors
+    wiped = TensorDataset(x.clone(), y.clone())
+    wiped.tensors[0][sample] = 0.0
+    run = SISA(fitted.root, tiny_cnn, wiped, CONFIG)
+    assert len(run.ensemble().models) == CONFIG.shards
+    run.forget(ForgetRequest(sample_ids=[int(fitted.slices[1][2][0])]))  # resumes from verified checkpoints
+
+
+def test_ensemble_round_trip_and_aggregations(fitted, digits, tmp_path):
+    x = digits[1].tensors[0][:200]
+    for aggregation in ("mean_proba", "vote"):
+        ensemble = fitted.ensemble(aggregation)
+        before = ensemble(x)
+        ensemble.save(tmp_path / f"{aggregation}.pt")
+        for loaded in (SISAEnsemble.load(tmp_path / f"{aggregation}.pt"),
+                       SISAEnsemble.load(tmp_path / f"{aggregation}.pt", model_factory=tiny_cnn)):
+            assert loaded.aggregation == aggregation and loaded.shard_ids == [0, 1, 2]
+            assert torch.equal(loaded(x), before)
+    # vote: the majority of the shard models' argmax, ties to the larger mean probability
+    ensemble = fitted.ensemble("vote")
+    votes = torch.stack([m(x).argmax(-1) for m in ensemble.models])
+    majority = torch.stack([torch.bincount(v, minlength=10) for v in votes.T]).max(-1).values
+    chosen = ensemble(x).argmax(-1)
+    assert torch.equal((votes == chosen).sum(0), majority)
+    mean = fitted.ensemble("mean_proba")(x)
+    assert torch.allclose(mean.exp().sum(-1), torch.ones(len(x)), atol=1e-5)  # log of a distribution
+    with pytest.raises(ValueError, match=r"unknown aggregation 'max'; allowed values are \['mean_proba', 'vote'\]"):
+        SISAEnsemble(ensemble.models, "max")
+
+
+def test_settings_fail_fast(train_set, tmp_path):
+    with pytest.raises(ValueError, match="shards must be an integer >= 1, got 0"):
+        SISAConfig(shards=0)
+    with pytest.raises(ValueError, match=r"shards x slices = 100 x 20 = 2000 is more than the 1347"):
+        SISA(tmp_path, tiny_cnn, train_set, SISAConfig(shards=100, slices=20))
+    assert not (tmp_path / "plan.json").exists()  # before any work
+    run = SISA(tmp_path, tiny_cnn, train_set, SISAConfig(shards=2))
+    with pytest.raises(ValueError, match=r"shard id\(s\) \[2\] out of range; allowed ids are 0..1"):
+        run.fit(shards=[2])
+    with pytest.raises(ValueError, match=r"shard\(s\) \[0, 1\] are not fully trained"):
+        run.forget(ForgetRequest(sample_ids=[0]))
+    with pytest.raises(ValueError, match=r"sample id\(s\) \[5000\] out of range"):
+        run.forget(ForgetRequest(sample_ids=[5000]))
+
+
+CLI_CONFIG = """\
+seed_everything: 0
+trainer: {accelerator: cpu, devices: 1, max_epochs: 2}
+model:
+  class_path: lightning_unlearn.models.SmallCNN
+  init_args: {channels: [4, 8], hidden: 16, lr: 0.01}
+data:
+  class_path: lightning_unlearn.data.presets.DigitsData
+  init_args: {forget_classes: [3], batch_size: 64}
+"""
+
+
+@pytest.mark.slow
+def test_cli_two_shard_processes_in_parallel_then_unlearn_and_evaluate(tmp_path, train_set, capsys, one_thread):
+    config = tmp_path / "sisa.yaml"
+    config.write_text(CLI_CONFIG)
+    base = ["--config", str(config), "--sisa.dir", str(tmp_path / "run")]
+    fit = [sys.executable, "-m", "lightning_unlearn.cli", "sisa", "fit", *base, "--sisa.shards", "2", "--sisa.slices", "2"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    procs = [subprocess.Popen([*fit, "--sisa.shard_ids", f"[{k}]"], env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for k in (0, 1)]
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    assert "shard 0: trained" in outs[0][0] and "shard 1: trained" in outs[1][0]
+
+    # the two processes together wrote exactly what one process writes
+    sequential = SISA(tmp_path / "seq", lambda: SmallCNN(**TINY), train_set,
+                      SISAConfig(shards=2, slices=2, epochs_per_slice=1, batch_size=64, seed=0))
+    sequential.fit()
+    parallel = {str(p.relative_to(tmp_path / "run")): file_sha256(p) for p in (tmp_path / "run").glob("shard_*/*")}
+    assert parallel == files_of(sequential)  # checkpoints and shard states, byte for byte
+
+    assert sisa_main(["unlearn", *base]) == 0  # settings come from the run's plan
+    out = capsys.readouterr().out
+    assert "deleted {'kind': 'class', 'classes': [3]}" in out and "ensemble forget_acc" in out
+    assert sisa_main(["evaluate", *base, "--sisa.export", str(tmp_path / "ens.pt")]) == 0
+    assert "ensemble (mean_proba, 2 shards) test accuracy" in capsys.readouterr().out
+    assert len(SISAEnsemble.load(tmp_path / "ens.pt").models) == 2
+
+    assert sisa_main(["fit", *base, "--sisa.slices", "3"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("lightning-unlearn: error: ") and "different config" in err and "\n" not in err
+    assert sisa_main(["fit", *base, "--sisa.shard_ids", "[7]"]) == 2
+    assert "shard id(s) [7] out of range" in capsys.readouterr().err
