@@ -1,6 +1,19 @@
-"""Evidence of forgetting: accuracy splits, membership inference, backdoor verification,
-representation probe, retrain gap and relearn time, the JSON report, plots and a comparison table.
+"""Evidence of forgetting: accuracy splits, membership inference (population attacks, and
+per-example attacks with cached reference models plus the NeurIPS'23 challenge score), backdoor
+verification, representation probe, retrain gap and relearn time, the JSON report, plots and a
+comparison table.
 """
+from lightning_unlearn.evaluation.attacks import (
+    AttackResult,
+    attack_evidence,
+    challenge_score,
+    forget_quality,
+    offline_attack,
+    per_example_epsilon,
+    population_challenge_score,
+    tug_of_war,
+    ulira_attack,
+)
 from lightning_unlearn.evaluation.backdoor import (
     BackdoorDataset,
     TriggeredTestSet,
@@ -25,12 +38,25 @@ from lightning_unlearn.evaluation.membership import (
     sample_outputs,
 )
 from lightning_unlearn.evaluation.plots import plot_channel_scores, plot_mia_histograms, plot_per_class_accuracy
+from lightning_unlearn.evaluation.references import train_originals, train_references, unlearned_population
 from lightning_unlearn.evaluation.probe import ProbeResult, penultimate_features, probe_accuracy
 from lightning_unlearn.evaluation.report import UnlearningReport, library_versions, save_weights, unique_path, weights_sha256
 from lightning_unlearn.metrics import ClassAccuracy, accuracy, class_accuracies, split_accuracies
 
 __all__ = [
     "ACC_GAP_KEYS",
+    "AttackResult",
+    "attack_evidence",
+    "challenge_score",
+    "forget_quality",
+    "offline_attack",
+    "per_example_epsilon",
+    "population_challenge_score",
+    "train_originals",
+    "train_references",
+    "tug_of_war",
+    "ulira_attack",
+    "unlearned_population",
     "BackdoorDataset",
     "BackdoorSpec",
     "ClassAccuracy",
