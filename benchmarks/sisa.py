@@ -1,0 +1,188 @@
+"""SISA (exact unlearning) vs retraining vs our approximate default: accuracy, time per request, storage.
+
+    .venv/bin/python benchmarks/sisa.py --data digits
+    .venv/bin/python benchmarks/sisa.py --data mnist --data-root /work/shared/data/mnist
+
+For every shards x slices setting: train a SISA run (same sample passes per shard as ``--epochs``
+epochs without slicing: ``epochs_per_slice = 2 E / (slices + 1)``), delete ``--samples`` random
+training samples one request at a time (seeded), then class 3; time each request end to end
+(resolve, verify, retrain the affected shards, write the report). Beside them, on the same
+requests, the single model (shards=1, slices=1: a plain training run): full retraining on the
+retain data (``lightning_unlearn.retrain``) and our approximate default (``lightning_unlearn.unlearn``
+with its defaults). Writes ``benchmarks/results/sisa_<data>.json`` and ``.md``.
+"""
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from lightning_unlearn import ForgetRequest, UnlearningDataModule, retrain, unlearn
+from lightning_unlearn._io import atomic_write, write_json
+from lightning_unlearn._training import quiet_lightning
+from lightning_unlearn.data import load_digits_datasets, load_mnist
+from lightning_unlearn.exact import SISA, SISAConfig
+from lightning_unlearn.metrics import accuracy, split_accuracies
+from lightning_unlearn.models import SmallCNN
+
+RESULTS = Path(__file__).parent / "results"
+DEFAULTS = {"digits": {"epochs": 12, "batch_size": 64}, "mnist": {"epochs": 3, "batch_size": 128}}
+FORGET_CLASS = 3
+
+
+def epochs_per_slice(epochs: int, slices: int) -> int:
+    value = 2 * epochs / (slices + 1)
+    if value != int(value):
+        raise ValueError(f"--epochs {epochs} cannot be spread evenly over {slices} slices: use a multiple of {(slices + 1) // 2}")
+    return int(value)
+
+
+def run_setting(train, test, shards: int, slices: int, args, sample_requests, workdir: Path) -> dict:
+    config = SISAConfig(shards=shards, slices=slices, epochs_per_slice=epochs_per_slice(args.epochs, slices),
+                        batch_size=args.batch_size, seed=args.seed)
+    run = SISA(workdir / f"s{shards}_r{slices}", SmallCNN, train, config)
+    start = time.perf_counter()
+    run.fit()
+    train_s = time.perf_counter() - start
+    test_loader = torch.utils.data.DataLoader(test, batch_size=1000)
+    row = {"shards": shards, "slices": slices, "epochs_per_slice": config.epochs_per_slice, "train_s": train_s,
+           "storage_bytes": run.storage_bytes(), "checkpoints": shards * slices,
+           "test_acc": accuracy(run.ensemble(), test_loader, 10),
+           "test_acc_vote": accuracy(run.ensemble("vote"), test_loader, 10)}
+    single = run.shard_model(0) if shards == 1 and slices == 1 else None
+    samples = []
+    for request in sample_requests:
+        t0 = time.perf_counter()
+        result = run.forget(request)
+        samples.append({"request": request.to_dict(), "seconds": time.perf_counter() - t0,
+                        "affected": result.affected})
+    row["sample_requests"] = samples
+    row["sample_request_s"] = float(np.mean([s["seconds"] for s in samples]))
+    request = ForgetRequest(classes=[FORGET_CLASS])
+    t0 = time.perf_counter()
+    result = run.forget(request)
+    row["class_request_s"] = time.perf_counter() - t0
+    row["class_request_shards"] = len(result.affected)
+    dm = UnlearningDataModule(train, test, request, batch_size=1000)
+    row["after_class_request"] = split_accuracies(run.ensemble(), dm)
+    shutil.rmtree(run.root)
+    print(f"shards={shards} slices={slices}: test acc {row['test_acc']:.4f}, train {train_s:.1f} s, "
+          f"sample request {row['sample_request_s']:.2f} s, class request {row['class_request_s']:.1f} s, "
+          f"storage {row['storage_bytes'] / 1e6:.1f} MB", flush=True)
+    return row, single
+
+
+def references(single, train, test, args, sample_requests) -> dict:
+    """Full retraining and our approximate default on the same requests, from the single model."""
+    out = {}
+    for name, requests in (("sample", sample_requests), ("class", [ForgetRequest(classes=[FORGET_CLASS])])):
+        rows = {"retrain": [], "approximate": []}
+        for i, request in enumerate(requests):
+            dm = UnlearningDataModule(train, test, request, batch_size=args.batch_size, seed=args.seed)
+            if i == 0:  # retraining costs the same for every single-sample request: time it once
+                t0 = time.perf_counter()
+                ref = retrain(single, dm, epochs=args.epochs, seed=args.seed)
+                rows["retrain"].append({"seconds": time.perf_counter() - t0, "metrics": ref.metrics})
+            t0 = time.perf_counter()
+            approx = unlearn(single, dm)
+            rows["approximate"].append({"seconds": time.perf_counter() - t0, "metrics": approx.metrics})
+        out[name] = {k: {"seconds": float(np.mean([r["seconds"] for r in v])), "runs": v} for k, v in rows.items()}
+        print(f"{name} request: retrain {out[name]['retrain']['seconds']:.1f} s, "
+              f"approximate {out[name]['approximate']['seconds']:.1f} s", flush=True)
+    loader = torch.utils.data.DataLoader(test, batch_size=1000)
+    out["single_model_test_acc"] = accuracy(single, loader, 10)
+    return out
+
+
+def markdown(result: dict) -> str:
+    a = result["args"]
+    ref = result["references"]
+    pct = lambda v: "-" if v is None else f"{100 * v:.2f}"  # noqa: E731
+    lines = [
+        f"Command: `{result['command']}` ({result['wall_min']:.1f} min, 1 CPU thread, "
+        f"{result['num_train']} training / {result['num_test']} test images). SmallCNN (16/32 channels, 64 hidden), "
+        f"Adam lr 1e-3, batch {a['batch_size']}; {a['epochs']} epochs without slicing, "
+        "`epochs_per_slice = 2 E / (slices + 1)` with slicing (the same sample passes); "
+        f"{a['samples']} single-sample requests (seeded random ids, one request each, applied in turn), then class {FORGET_CLASS}. "
+        "Request times are end to end (resolve, verify hashes, retrain the affected shards, write the report); "
+        "ensemble = mean of probabilities.",
+        "",
+        "| shards | slices | ensemble test acc (%) | vote acc (%) | train (s) | single-sample request (s) | "
+        "class request (s) | forget acc after class request (%) | remaining acc (%) | checkpoints | storage (MB) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in result["grid"]:
+        after = r["after_class_request"]
+        lines.append(
+            f"| {r['shards']} | {r['slices']} | {pct(r['test_acc'])} | {pct(r['test_acc_vote'])} | {r['train_s']:.1f} | "
+            f"{r['sample_request_s']:.2f} | {r['class_request_s']:.1f} | {pct(after['forget_test_acc'])} | "
+            f"{pct(after['remaining_test_acc'])} | {r['checkpoints']} | {r['storage_bytes'] / 1e6:.1f} |"
+        )
+    lines += [
+        "",
+        f"Beside them, the single model (shards=1, slices=1; test acc {pct(ref['single_model_test_acc'])}%) on the same requests:",
+        "",
+        "| method | single-sample request (s) | class request (s) | forget acc after class request (%) | "
+        "remaining acc (%) | exact |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, label, exact in (("retrain", "retrain from scratch", "yes"),
+                               ("approximate", "ours, approximate default (`unlearn`)", "no")):
+        m = ref["class"][name]["runs"][0]["metrics"]
+        lines.append(f"| {label} | {ref['sample'][name]['seconds']:.2f} | {ref['class'][name]['seconds']:.1f} | "
+                     f"{pct(m['forget_test_acc'])} | {pct(m['remaining_test_acc'])} | {exact} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--data", choices=sorted(DEFAULTS), default="digits")
+    p.add_argument("--data-root", default="/work/shared/data/mnist")
+    p.add_argument("--shards", type=int, nargs="+", default=[1, 5, 10, 20])
+    p.add_argument("--slices", type=int, nargs="+", default=[1, 5])
+    p.add_argument("--epochs", type=int, default=None)
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--samples", type=int, default=3, help="single-sample requests per setting")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--workdir", default=None, help="where runs are written (deleted after each setting)")
+    args = p.parse_args(argv)
+    for key, value in DEFAULTS[args.data].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    for slices in args.slices:
+        epochs_per_slice(args.epochs, slices)  # fail before any work
+    torch.set_num_threads(1)
+    train, test = load_digits_datasets(seed=args.seed) if args.data == "digits" else load_mnist(args.data_root)
+    rng = np.random.default_rng(args.seed)
+    sample_requests = [ForgetRequest(sample_ids=[int(i)]) for i in rng.choice(len(train), args.samples, replace=False)]
+    workdir = Path(args.workdir or tempfile.mkdtemp(prefix="sisa-bench-"))
+    start = time.perf_counter()
+    grid, single = [], None
+    with quiet_lightning():
+        for slices in args.slices:
+            for shards in args.shards:
+                row, model = run_setting(train, test, shards, slices, args, sample_requests, workdir)
+                grid.append(row)
+                single = model if model is not None else single
+        if single is None:
+            raise SystemExit("the grid needs shards=1 slices=1 (the single model the references start from)")
+        refs = references(single, train, test, args, sample_requests)
+    command = "python benchmarks/sisa.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    result = {"command": command.strip(), "args": vars(args), "num_train": len(train), "num_test": len(test),
+              "grid": grid, "references": refs, "wall_min": (time.perf_counter() - start) / 60}
+    RESULTS.mkdir(exist_ok=True)
+    write_json(result, RESULTS / f"sisa_{args.data}.json")
+    text = markdown(result)
+    atomic_write(RESULTS / f"sisa_{args.data}.md", lambda f: f.write(text.encode()))
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
