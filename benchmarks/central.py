@@ -28,7 +28,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from lightning_unlearn import ForgetRequest, UnlearningDataModule
-from lightning_unlearn.api import fit
+from lightning_unlearn._training import fit
 from lightning_unlearn.baselines import METHODS, run_method
 from lightning_unlearn.data import load_digits_datasets, load_mnist
 from lightning_unlearn.data import dataset_targets

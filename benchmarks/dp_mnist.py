@@ -121,7 +121,7 @@ class Bench:
             layers = [n for n, i in sim.layers().items() if i.is_head]
         # pinned (the library's "auto" recipe may change): random labels on the head row for a class, retain-only else
         objective = "random_label" if request.kind == "class" else "retain"
-        return federated_unlearn(sim.model, sim.clients, request, "grad_x_act", a.ratio, objective=objective,
+        return federated_unlearn(sim.model, sim.clients, request, method="grad_x_act", ratio=a.ratio, objective=objective,
                                  layers=layers, max_steps=a.unlearn_steps, max_samples=a.score_samples, seed=a.seed,
                                  lr_scale=a.lr_scale if request.kind == "class" else 1.0, head_lr_scale=None)
 
@@ -133,7 +133,7 @@ def measure_overhead(bench: Bench, reps: int) -> dict[str, Any]:
     fits back to back cancels slow drifts. The DP fit's noise is fixed (no calibration) and its
     epsilon accounting, run at the fit's end, is timed apart.
     """
-    from lightning_unlearn.api import fit
+    from lightning_unlearn._training import fit
     from lightning_unlearn.federated.client import _LoaderModule
     from lightning_unlearn.privacy import DifferentialPrivacy
 

@@ -101,7 +101,7 @@ def main(argv=None) -> None:
     rates = dict(lr_scale=args.lr_scale, head_lr_scale=args.head_lr_scale)
 
     def ours(req, plan, layers_=None, objective=args.objective):
-        return federated_unlearn(sim.model, sim.clients, req, args.method, args.ratio, objective=objective,
+        return federated_unlearn(sim.model, sim.clients, req, method=args.method, ratio=args.ratio, objective=objective,
                                  layers=layers_, max_samples=args.score_samples, **rates, **common)
 
     runners = {
@@ -110,7 +110,8 @@ def main(argv=None) -> None:
         "ours_random_label": lambda req, plan: ours(req, plan, objective="random_label"),
         "finetune": lambda req, plan: B.federated_finetune(sim.model, sim.clients, plan, layers, **common),
         "random_channels": lambda req, plan: B.federated_random_channels(sim.model, sim.clients, plan, layers,
-                                                                          args.ratio, args.objective, **rates, **common),
+                                                                          ratio=args.ratio, objective=args.objective,
+                                                                          **rates, **common),
         "cdp": lambda req, plan: B.federated_cdp(sim.model, sim.clients, plan, layers, args.ratio,
                                                  max_samples=args.score_samples, **common),
         "federaser": lambda req, plan: B.federated_eraser(sim.model, sim.clients, plan, training.store,

@@ -3,95 +3,49 @@ from __future__ import annotations
 
 import copy
 import time
-from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 import lightning.pytorch as pl
-import torch
-from lightning.pytorch.callbacks import Callback
 
-from lightning_unlearn.attribution import ChannelScores
+from lightning_unlearn._training import fit, reinitialize
 from lightning_unlearn.callbacks.selective import SelectiveUnlearning
+from lightning_unlearn.config import UnlearnConfig
 from lightning_unlearn.data.unlearning import UnlearningDataModule
 from lightning_unlearn.metrics import split_accuracies
+from lightning_unlearn.result import UnlearningResult
 from lightning_unlearn.selection import ParameterMask
 
-QUIET_TRAINER = dict(
-    logger=False,
-    enable_checkpointing=False,
-    enable_model_summary=False,
-    enable_progress_bar=False,
-    num_sanity_val_steps=0,
-    limit_val_batches=0,
-)
-
-
-@dataclass
-class UnlearningResult:
-    """What ``unlearn`` and the baselines return: the model and the evidence."""
-
-    model: pl.LightningModule
-    mask: ParameterMask | None
-    metrics: dict[str, float | None]
-    timings_s: dict[str, float]
-    scores: ChannelScores | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
-
-
-def fit(
-    model: pl.LightningModule,
-    datamodule: pl.LightningDataModule,
-    epochs: int,
-    callbacks: Sequence[Callback] = (),
-    trainer_kwargs: dict | None = None,
-) -> pl.Trainer:
-    """``Trainer.fit`` with quiet defaults that ``trainer_kwargs`` can override."""
-    if epochs < 1:
-        raise ValueError(f"epochs must be >= 1, got {epochs}")
-    kwargs = {**QUIET_TRAINER, "max_epochs": epochs, **(trainer_kwargs or {})}
-    kwargs["callbacks"] = list(kwargs.pop("callbacks", [])) + list(callbacks)
-    trainer = pl.Trainer(**kwargs)
-    trainer.fit(model, datamodule=datamodule)
-    return trainer
+__all__ = ["UnlearningResult", "retrain", "unlearn"]
 
 
 def unlearn(
     model: pl.LightningModule,
     datamodule: UnlearningDataModule,
-    method: str = "grad_x_act",
-    ratio: float = 0.1,
-    objective: str = "random_label",
-    epochs: int = 1,
+    config: UnlearnConfig | None = None,
+    *,
     trainer_kwargs: dict | None = None,
     inplace: bool = False,
-    max_steps: int | None = None,
-    **selection: Any,
+    **overrides: Any,
 ) -> UnlearningResult:
-    """Forget ``datamodule.request``: score channels, select, fine-tune only the selected slices.
+    """Forget ``datamodule.request``: score channels, select, update only the selected slices.
 
-    The input model is left untouched unless ``inplace=True``. ``max_steps`` caps the update
-    (a fraction of an epoch is often enough on large data). Extra keyword arguments go to
-    :class:`~lightning_unlearn.callbacks.SelectiveUnlearning` (``scope``, ``layers``, ``seed``, ...).
+    ``config`` (an :class:`UnlearnConfig`; ``overrides`` replace single fields, e.g.
+    ``unlearn(model, dm, ratio=0.2, max_steps=50)``) says how. The input model is left untouched
+    unless ``inplace=True``. ``trainer_kwargs`` go to the Lightning ``Trainer`` (accelerator,
+    precision, ...); the step budget is the config's.
     """
-    if max_steps is not None:
-        trainer_kwargs = {**(trainer_kwargs or {}), "max_steps": max_steps}
-    callback = SelectiveUnlearning(method=method, ratio=ratio, objective=objective, log_metrics=False, **selection)
+    config = UnlearnConfig.build(config, **overrides)
+    if trainer_kwargs and ({"max_epochs", "max_steps"} & set(trainer_kwargs)):
+        raise ValueError("set the budget with the config's epochs / max_steps, not trainer_kwargs "
+                         f"{sorted({'max_epochs', 'max_steps'} & set(trainer_kwargs))}")
+    budget = {"max_steps": config.max_steps} if config.max_steps is not None else {}
+    callback = SelectiveUnlearning(config, log_metrics=False)
     work = (model if inplace else copy.deepcopy(model)).train()
     start = time.perf_counter()
-    fit(work, datamodule, epochs, [callback], trainer_kwargs)
+    fit(work, datamodule, config.epochs, [callback], {**(trainer_kwargs or {}), **budget})
     timings = {**callback.timings, "total": time.perf_counter() - start}
-    return UnlearningResult(work, callback.mask, split_accuracies(work, datamodule), timings, callback.scores)
-
-
-def reinitialize(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    """Fresh weights for every submodule that knows how to reset itself."""
-    torch.manual_seed(seed)
-    for module in model.modules():
-        if hasattr(module, "reset_parameters"):
-            module.reset_parameters()
-        if hasattr(module, "reset_running_stats"):
-            module.reset_running_stats()
-    return model
+    return UnlearningResult(work, callback.mask, split_accuracies(work, datamodule), timings, callback.scores,
+                            config=callback.resolved_config)
 
 
 def retrain(
@@ -107,4 +61,5 @@ def retrain(
     start = time.perf_counter()
     fit(fresh, datamodule, epochs, trainer_kwargs=trainer_kwargs)
     elapsed = time.perf_counter() - start
-    return UnlearningResult(fresh, ParameterMask.full(fresh), split_accuracies(fresh, datamodule), {"retrain": elapsed, "total": elapsed})
+    return UnlearningResult(fresh, ParameterMask.full(fresh), split_accuracies(fresh, datamodule),
+                            {"retrain": elapsed, "total": elapsed}, method="retrain")

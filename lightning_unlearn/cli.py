@@ -5,44 +5,36 @@ docstrings become the command-line options and help, exactly like ``fit``.
 """
 from __future__ import annotations
 
-import copy
-import json
-from dataclasses import asdict
 import os
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
-import torch
-from lightning.pytorch.callbacks import Checkpoint
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.cli import LightningCLI
 
-from lightning_unlearn.api import UnlearningResult, retrain
-from lightning_unlearn.callbacks.selective import SelectiveUnlearning
+from lightning_unlearn.commands import CentralEngine, FederatedEngine, evaluate_checkpoints, unlearn_checkpoint
+from lightning_unlearn.config import UnlearnConfig
 from lightning_unlearn.data.unlearning import UnlearningDataModule
-from lightning_unlearn.metrics import split_accuracies
+from lightning_unlearn.federated.runner import FederatedSettings, federated_fit, is_federated
 
 USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, KeyError, ImportError, MisconfigurationException)
 
 
 class UnlearningTrainer(pl.Trainer):
-    """A Lightning Trainer with two more entry points: :meth:`unlearn` and :meth:`evaluate`."""
+    """A Lightning Trainer with three more entry points: :meth:`unlearn`, :meth:`evaluate` and :meth:`demo`.
+
+    How to unlearn is the ``unlearning:`` section of the config (:class:`~lightning_unlearn.UnlearnConfig`);
+    the federated schedule is the ``federated:`` section. :class:`UnlearnCLI` reads both and runs
+    :mod:`lightning_unlearn.commands`; called from Python, these methods use the default settings.
+    """
 
     def unlearn(
         self,
         model: pl.LightningModule,
         datamodule: UnlearningDataModule,
         ckpt_path: str,
-        method: str = "grad_x_act",
-        ratio: float = 0.1,
-        objective: str = "auto",
-        epochs: int = 2,
-        scope: str = "layer",
-        contrast: bool = False,
-        max_samples: int | None = None,
         output_dir: str | None = None,
         relearn: bool = False,
     ) -> Path:
@@ -50,44 +42,12 @@ class UnlearningTrainer(pl.Trainer):
 
         Args:
             ckpt_path: the trained checkpoint (read only, never overwritten).
-            method: channel scoring method: grad_x_act, ablation, gradcam, conductance, weight_saliency.
-            ratio: fraction of channels per layer to update, in (0, 1].
-            objective: random_label, ascent, retain or auto (random_label centrally; in federated runs the
-                protocol's choice: retain data with a 10x learning rate on the forgotten head rows).
-            epochs: unlearning epochs.
-            scope: layer (top ratio per layer) or global.
-            contrast: score forget importance relative to retain importance.
-            max_samples: score a seeded subsample of the forget set of this size.
             output_dir: where to write ``<name>-unlearned.ckpt``, the mask, the report and plots
                 (default: next to ``ckpt_path``). Existing files get a ``-N`` suffix.
             relearn: also measure relearn time in the report (slower).
         """
-        source = _existing(ckpt_path)
-        _load_weights(model, source)
-        original = copy.deepcopy(model)
-        objective = "random_label" if objective == "auto" else objective
-        callback = SelectiveUnlearning(method=method, ratio=ratio, objective=objective, scope=scope,
-                                       contrast=contrast, max_samples=max_samples, seed=_seed())
-        # never let a ModelCheckpoint from the training config write over the input
-        self.callbacks = [c for c in self.callbacks if not isinstance(c, Checkpoint)] + [callback]
-        self.fit_loop.max_epochs = epochs
-        datamodule.train_on = "retain"
-        start = time.perf_counter()
-        self.fit(model, datamodule=datamodule)
-        timings = {**callback.timings, "total": time.perf_counter() - start}
-        out_dir = Path(output_dir) if output_dir else source.parent
-        target = self._save_new_checkpoint(out_dir / f"{source.name.split('.')[0]}-unlearned.ckpt")
-        if not self.is_global_zero:
-            return target
-        from lightning_unlearn.evaluation import write_report
-
-        result = UnlearningResult(model, callback.mask, split_accuracies(model, datamodule), timings, callback.scores)
-        params = dict(ratio=ratio, objective=objective, epochs=epochs, scope=scope, contrast=contrast,
-                      max_samples=max_samples, source_checkpoint=str(source), lightning_checkpoint=str(target))
-        report, path = write_report(out_dir, original, result, datamodule, method, params, _seed(), relearn=relearn)
-        _print_summary(report.metrics, report.mask["fraction"], timings)
-        print(f"unlearned checkpoint: {target}\nreport: {path}")
-        return target
+        return run_unlearn(CentralEngine(self, _seed()), model, datamodule, ckpt_path, UnlearnConfig(seed=_seed()),
+                           output_dir, relearn)
 
     def evaluate(
         self,
@@ -106,83 +66,67 @@ class UnlearningTrainer(pl.Trainer):
             ckpt_path: the original trained checkpoint.
             unlearned_path: the checkpoint written by ``lightning-unlearn unlearn``.
             retrained_path: a retrained reference checkpoint; if absent one is retrained from scratch on
-                the retain data for ``retain_epochs`` (default: ``trainer.max_epochs``).
+                the retain data for ``retrain_epochs`` (default: ``trainer.max_epochs``).
+            retrain_epochs: epochs of that retraining (central engine).
             output_dir: where to write ``evaluation.json`` and plots (default: next to ``unlearned_path``).
             relearn: measure relearn time (fine-tuning steps to recover forget accuracy).
         """
-        original = _load_weights(copy.deepcopy(model), _existing(ckpt_path))
-        unlearned = _load_weights(copy.deepcopy(model), _existing(unlearned_path))
-        timings = {}
-        if retrained_path:
-            retrained = _load_weights(copy.deepcopy(model), _existing(retrained_path))
-        else:
-            ref = retrain(original, datamodule, epochs=retrain_epochs or self.max_epochs or 10, seed=_seed())
-            retrained, timings["retrain"] = ref.model, ref.timings_s["retrain"]
-        out_dir = Path(output_dir) if output_dir else Path(unlearned_path).parent
-        return write_evaluation(original, unlearned, retrained, datamodule, out_dir, relearn,
-                                {"original": str(ckpt_path), "unlearned": str(unlearned_path), "timings_s": timings})
+        return run_evaluate(CentralEngine(self, _seed()), model, datamodule, ckpt_path, unlearned_path, retrained_path,
+                            retrain_epochs, output_dir, relearn)
 
-    def demo(
-        self,
-        model: pl.LightningModule,
-        datamodule: UnlearningDataModule,
-        method: str = "grad_x_act",
-        ratio: float = 0.1,
-        unlearn_epochs: int = 2,
-        unlearn_steps: int | None = None,
-    ) -> None:
+    def demo(self, model: pl.LightningModule, datamodule: UnlearningDataModule) -> None:
         """Train, unlearn, retrain and fine-tune-all in one go and print the comparison table.
 
-        Args:
-            method: channel scoring method.
-            ratio: fraction of channels per layer to update.
-            unlearn_epochs: epochs of unlearning and of the fine-tune-all control
-                (training and retraining use ``trainer.max_epochs``).
-            unlearn_steps: cap on unlearning optimizer steps.
+        Training and retraining use ``trainer.max_epochs``; unlearning and the fine-tune-all control
+        use the ``unlearning:`` section's budget.
         """
-        import logging
-        import warnings
-
-        from lightning_unlearn.demo import compare_with_references, print_speed, print_table
-
-        logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
-        warnings.filterwarnings("ignore")
-        results = compare_with_references(model, datamodule, self.max_epochs or 20, unlearn_epochs, unlearn_steps,
-                                          method, ratio, _seed())
-        print_table(results, f"Forget {datamodule.request.to_dict()} ({method}, ratio {ratio})")
-        print_speed(results)
-
-    def _save_new_checkpoint(self, wanted: Path) -> Path:
-        """Write a Lightning checkpoint to a fresh path atomically (temporary file + link)."""
-        from lightning_unlearn.evaluation.report import unique_path
-
-        target = Path(self.strategy.broadcast(str(unique_path(wanted)) if self.is_global_zero else None))
-        tmp = target.with_name(target.name + ".tmp")
-        self.save_checkpoint(tmp)
-        if self.is_global_zero:
-            os.link(tmp, target)
-            os.unlink(tmp)
-        self.strategy.barrier()
-        return target
+        run_demo(model, datamodule, self.max_epochs or 20, UnlearnConfig(seed=_seed()))
 
 
-def write_evaluation(original, unlearned, retrained, dm: UnlearningDataModule, out_dir: Path, relearn: bool,
-                     extra: dict) -> Path:
-    """Evaluate the three models, print the comparison table, write the per-class plot and ``evaluation.json``."""
-    from lightning_unlearn.evaluation import compare, evaluate_unlearning, plot_per_class_accuracy
-    from lightning_unlearn.evaluation.report import _atomic_write, _jsonable, unique_path
+def run_unlearn(engine, model, datamodule, ckpt_path: str, config: UnlearnConfig, output_dir: str | None,
+                relearn: bool) -> Path:
+    """``lightning-unlearn unlearn`` on ``engine``: run the shared flow and print its summary."""
+    outcome = unlearn_checkpoint(engine, model, datamodule, _existing(ckpt_path), config, output_dir, relearn, _seed())
+    if outcome.report is not None:
+        _print_summary(outcome.report.metrics, outcome.report.mask["fraction"], outcome.result.timings_s)
+        moved = outcome.report.bytes_moved
+        if moved:
+            print(f"bytes per unlearning round: {moved['unlearning_round']:,.0f} "
+                  f"(a FedAvg round: {moved['fedavg_round']:,.0f})")
+        print(f"unlearned checkpoint: {outcome.checkpoint}\nreport: {outcome.report_path}")
+    return outcome.checkpoint
 
-    evaluation = evaluate_unlearning(original, unlearned, dm, retrained, seed=_seed(), relearn=relearn)
+
+def run_evaluate(engine, model, datamodule, ckpt_path: str, unlearned_path: str, retrained_path: str | None = None,
+                 retrain_epochs: int | None = None, output_dir: str | None = None, relearn: bool = True) -> Path:
+    """``lightning-unlearn evaluate`` on ``engine``: the comparison table, the plot and ``evaluation.json``."""
+    from lightning_unlearn.evaluation import compare
+
+    for path in (ckpt_path, unlearned_path, retrained_path):
+        if path:
+            _existing(path)
+    payload, path = evaluate_checkpoints(engine, model, datamodule, ckpt_path, unlearned_path, retrained_path,
+                                         retrain_epochs, output_dir, relearn, _seed())
+    evaluation = payload["metrics"]
     rows = [{"method": name, **evaluation[name]} for name in ("original", "unlearned", "retrained")]
     rows[1].update(evaluation["comparison"])
-    compare(rows, title=f"request {dm.request.to_dict()}", console=_console())
-    per_class = {k: evaluation[k]["per_class_test_acc"] for k in ("original", "unlearned", "retrained")}
-    plot = plot_per_class_accuracy(per_class, out_dir / "evaluation.per_class.png", dm.request.classes)
-    payload = {"request": dm.request.to_dict(), **extra, "metrics": evaluation, "plots": [str(plot)]}
-    path = _atomic_write(unique_path(out_dir / "evaluation.json"),
-                         lambda f: f.write(json.dumps(payload, indent=2, default=_jsonable).encode()))
-    print(f"evaluation: {path}\nplot: {plot}")
+    compare(rows, title=f"request {payload['request']}", console=_console())
+    print(f"evaluation: {path}\nplot: {payload['plots'][0]}")
     return path
+
+
+def run_demo(model, datamodule, epochs: int, config: UnlearnConfig) -> None:
+    """``lightning-unlearn demo``: train, unlearn, retrain, fine-tune all; print the table."""
+    import logging
+    import warnings
+
+    from lightning_unlearn.demo import compare_with_references, print_speed, print_table
+
+    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore")
+    results = compare_with_references(model, datamodule, epochs, config)
+    print_table(results, f"Forget {datamodule.request.to_dict()} ({config.method}, ratio {config.ratio})")
+    print_speed(results)
 
 
 def _console():
@@ -191,8 +135,31 @@ def _console():
     return Console(width=120)
 
 
+#: Flags of ``unlearn`` / ``demo`` from before the ``unlearning:`` section (kept for one release).
+DEPRECATED_FLAGS = {
+    "unlearn": {f: f for f in ("method", "ratio", "objective", "epochs", "scope", "contrast", "max_samples")},
+    "demo": {"method": "method", "ratio": "ratio", "unlearn_epochs": "epochs", "unlearn_steps": "max_steps"},
+}
+
+
+def _rewrite_deprecated(argv: list[str]) -> list[str]:
+    """``unlearn --ratio 0.2`` -> ``unlearn --unlearning.ratio 0.2``, with a deprecation line on stderr."""
+    sub = next((a for a in argv if not a.startswith("-")), None)
+    flags = DEPRECATED_FLAGS.get(sub or "", {})
+    out = []
+    for arg in argv:
+        name, eq, value = arg[2:].partition("=") if arg.startswith("--") else ("", "", "")
+        if name in flags:
+            new = f"--unlearning.{flags[name]}"
+            print(f"lightning-unlearn: warning: --{name} is deprecated and will be removed in the next release; "
+                  f"use {new}", file=sys.stderr)
+            arg = new + eq + value
+        out.append(arg)
+    return out
+
+
 class UnlearnCLI(LightningCLI):
-    """LightningCLI with the ``unlearn`` and ``evaluate`` subcommands."""
+    """LightningCLI with the ``unlearn``, ``evaluate`` and ``demo`` subcommands and the ``unlearning:`` section."""
 
     @staticmethod
     def subcommands() -> dict[str, set[str]]:
@@ -204,83 +171,46 @@ class UnlearnCLI(LightningCLI):
         }
 
     def add_arguments_to_parser(self, parser) -> None:
-        from lightning_unlearn.federated.runner import FederatedSettings
-
+        parser.add_class_arguments(UnlearnConfig, "unlearning")
         parser.add_class_arguments(FederatedSettings, "federated")
 
     def before_fit(self) -> None:
         if hasattr(self.datamodule, "train_on"):
             self.datamodule.train_on = "all"  # the original model learns from everything
 
-    # A federated data module in the config switches these to the federated protocol.
+    # A federated data module in the config switches these to the federated engine.
     def fit(self, model: pl.LightningModule, datamodule=None, **kwargs: Any) -> Any:
-        from lightning_unlearn.federated.runner import federated_fit, is_federated
-
         if is_federated(datamodule):
-            return federated_fit(model, datamodule, self._federated(), _seed())
+            path = federated_fit(model, datamodule, self._section("federated"), _seed())
+            print(f"FedAvg: {self._section('federated').rounds} rounds; checkpoint: {path}")
+            return path
         return self.trainer.fit(model, datamodule=datamodule, **kwargs)
 
-    def unlearn(self, model: pl.LightningModule, datamodule=None, **kwargs: Any) -> Path:
-        from lightning_unlearn.federated.runner import is_federated
-
-        if is_federated(datamodule):
-            return self._federated_unlearn(model, datamodule, **kwargs)
-        return self.trainer.unlearn(model, datamodule, **kwargs)
+    def unlearn(self, model: pl.LightningModule, datamodule=None, ckpt_path: str = "", output_dir: str | None = None,
+                relearn: bool = False) -> Path:
+        return run_unlearn(self._engine(datamodule), model, datamodule, ckpt_path, self._config(), output_dir, relearn)
 
     def evaluate(self, model: pl.LightningModule, datamodule=None, **kwargs: Any) -> Path:
-        from lightning_unlearn.federated.runner import is_federated
+        return run_evaluate(self._engine(datamodule), model, datamodule, **kwargs)
 
+    def demo(self, model: pl.LightningModule, datamodule=None) -> None:
         if is_federated(datamodule):
-            return self._federated_evaluate(model, datamodule, **kwargs)
-        return self.trainer.evaluate(model, datamodule, **kwargs)
+            raise ValueError("demo runs centrally; use a central data config (e.g. configs/digits_cnn.yaml)")
+        run_demo(model, datamodule, self.trainer.max_epochs or 20, self._config())
 
-    def _federated(self):
-        return self.config_init[self.subcommand]["federated"]
+    def _section(self, name: str):
+        return self.config_init[self.subcommand][name]
 
-    def _federated_unlearn(self, model, datamodule, ckpt_path: str, method: str = "grad_x_act", ratio: float = 0.1,
-                           objective: str = "auto", output_dir: str | None = None, relearn: bool = False,
-                           **ignored: Any) -> Path:
-        from lightning_unlearn.evaluation import write_report
-        from lightning_unlearn.evaluation.report import unique_path
-        from lightning_unlearn.federated.runner import (
-            _save,
-            federated_unlearn_checkpoint,
-            fedavg_round_bytes,
-        )
+    def _config(self) -> UnlearnConfig:
+        config = self._section("unlearning")
+        if config.seed == 0 and _seed():
+            config = UnlearnConfig.build(config, seed=_seed())  # seed_everything seeds the run unless set here
+        return config
 
-        source = _existing(ckpt_path)
-        original = copy.deepcopy(_load_weights(model, source))
-        sim, result = federated_unlearn_checkpoint(model, datamodule, self._federated(), method, ratio, objective, _seed())
-        out_dir = Path(output_dir) if output_dir else source.parent
-        target = _save(result.model, unique_path(out_dir / f"{source.name.split('.')[0]}-unlearned.ckpt"))
-        params = dict(ratio=ratio, objective=objective, federated=asdict(self._federated()),
-                      source_checkpoint=str(source), lightning_checkpoint=str(target))
-        fedavg = fedavg_round_bytes(original, datamodule.num_clients, self._federated().fraction)
-        moved = {**result.bytes, "fedavg_round": fedavg}
-        report, path = write_report(out_dir, original, result, sim.evaluation_datamodule, method, params, _seed(),
-                                    bytes_moved=moved, relearn=relearn)
-        _print_summary(report.metrics, report.mask["fraction"], result.timings_s)
-        print(f"bytes per unlearning round: {result.bytes['unlearning_round']:,.0f} "
-              f"(a FedAvg round: {fedavg:,.0f})")
-        print(f"unlearned checkpoint: {target}\nreport: {path}")
-        return target
-
-    def _federated_evaluate(self, model, datamodule, ckpt_path: str, unlearned_path: str, retrained_path: str | None = None,
-                            output_dir: str | None = None, relearn: bool = True, **ignored: Any) -> Path:
-        from lightning_unlearn.federated.runner import deployed_simulation, federated_reference
-
-        original = _load_weights(copy.deepcopy(model), _existing(ckpt_path))
-        unlearned = _load_weights(copy.deepcopy(model), _existing(unlearned_path))
-        sim, plan = deployed_simulation(copy.deepcopy(original), datamodule, self._federated(), _seed())
-        timings = {}
-        if retrained_path:
-            retrained = _load_weights(copy.deepcopy(model), _existing(retrained_path))
-        else:
-            reference = federated_reference(sim, plan, self._federated(), _seed())
-            retrained, timings["retrain"] = reference.model, reference.timings_s["retrain"]
-        out_dir = Path(output_dir) if output_dir else Path(unlearned_path).parent
-        return write_evaluation(original, unlearned, retrained, sim.evaluation_datamodule, out_dir, relearn,
-                                {"original": str(ckpt_path), "unlearned": str(unlearned_path), "timings_s": timings})
+    def _engine(self, datamodule):
+        if is_federated(datamodule):
+            return FederatedEngine(self._section("federated"), _seed())
+        return CentralEngine(self.trainer, _seed())
 
 
 def _existing(path: str | os.PathLike) -> Path:
@@ -288,17 +218,6 @@ def _existing(path: str | os.PathLike) -> Path:
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     return path
-
-
-def _load_weights(model: torch.nn.Module, path: Path) -> torch.nn.Module:
-    """Weights from a Lightning checkpoint (``state_dict`` key) or a plain state dict file."""
-    state = torch.load(path, map_location="cpu", weights_only=False)
-    state = state.get("state_dict", state) if isinstance(state, dict) else state
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as err:
-        raise ValueError(f"checkpoint {path} does not fit the configured model: {str(err).splitlines()[0]}") from None
-    return model
 
 
 def _seed() -> int:
@@ -332,6 +251,7 @@ def main(args: list[str] | None = None) -> None:
         import importlib
 
         sys.exit(importlib.import_module(COMMAND_GROUPS[argv[0]]).main(argv[1:]))
+    argv = _rewrite_deprecated(argv)
 
     trainer_defaults = {"logger": _default_logger()}
     quiet = {"exit_on_error": False}
@@ -344,7 +264,7 @@ def main(args: list[str] | None = None) -> None:
             trainer_class=UnlearningTrainer,
             trainer_defaults=trainer_defaults,
             save_config_kwargs={"overwrite": True},
-            args=args,
+            args=argv,
             auto_configure_optimizers=False,
             parser_kwargs={**quiet, **{name: quiet for name in UnlearnCLI.subcommands()}},
         )

@@ -16,7 +16,9 @@ from rich.table import Table
 from torch.utils.data import DataLoader
 
 from lightning_unlearn import ForgetRequest, UnlearningDataModule, retrain, unlearn
-from lightning_unlearn.api import UnlearningResult, fit
+from lightning_unlearn._training import fit
+from lightning_unlearn.result import UnlearningResult
+from lightning_unlearn.config import UnlearnConfig
 from lightning_unlearn.data import load_digits_datasets, load_mnist
 from lightning_unlearn.metrics import split_accuracies
 from lightning_unlearn.models import SmallCNN
@@ -35,47 +37,40 @@ class _AllTrainData(pl.LightningDataModule):
 def run(
     data_root: str | None = None,
     epochs: int = 20,
-    unlearn_epochs: int = 2,
-    unlearn_steps: int | None = None,
     forget_class: int = 3,
-    method: str = "grad_x_act",
-    ratio: float = 0.1,
+    config: UnlearnConfig | None = None,
     batch_size: int = 64,
-    seed: int = 0,
 ) -> dict[str, UnlearningResult]:
     """The demo on digits (default) or MNIST (``data_root``): see :func:`compare_with_references`."""
-    train, test = load_mnist(data_root) if data_root else load_digits_datasets(seed=seed)
-    dm = UnlearningDataModule(train, test, ForgetRequest(classes=[forget_class]), batch_size=batch_size, seed=seed)
-    pl.seed_everything(seed, verbose=False)
+    config = config or UnlearnConfig()
+    train, test = load_mnist(data_root) if data_root else load_digits_datasets(seed=config.seed)
+    dm = UnlearningDataModule(train, test, ForgetRequest(classes=[forget_class]), batch_size=batch_size, seed=config.seed)
+    pl.seed_everything(config.seed, verbose=False)
     model = SmallCNN(channels=(32, 64), hidden=128) if data_root else SmallCNN()
-    return compare_with_references(model, dm, epochs, unlearn_epochs, unlearn_steps, method, ratio, seed)
+    return compare_with_references(model, dm, epochs, config)
 
 
 def compare_with_references(
-    model: pl.LightningModule,
-    dm: UnlearningDataModule,
-    epochs: int = 20,
-    unlearn_epochs: int = 2,
-    unlearn_steps: int | None = None,
-    method: str = "grad_x_act",
-    ratio: float = 0.1,
-    seed: int = 0,
+    model: pl.LightningModule, dm: UnlearningDataModule, epochs: int = 20, config: UnlearnConfig | None = None,
 ) -> dict[str, UnlearningResult]:
-    """Train ``model`` on all data, then: unlearn, retrain from scratch (reference), fine-tune all (control)."""
+    """Train ``model`` on all data, then: unlearn, retrain from scratch (reference), fine-tune all (control).
+
+    The fine-tune-all control gets the unlearning budget (``config.epochs`` / ``max_steps``) on the retain data.
+    """
+    config = config or UnlearnConfig()
     start = time.perf_counter()
     fit(model, _AllTrainData(dm.train_dataset, dm.batch_size), epochs)
     results = {"original": UnlearningResult(model, None, split_accuracies(model, dm), {"total": time.perf_counter() - start})}
-    results["unlearned"] = unlearn(
-        model, dm, method=method, ratio=ratio, epochs=unlearn_epochs, max_steps=unlearn_steps, seed=seed
-    )
-    results["retrained"] = retrain(model, dm, epochs=epochs, seed=seed)
+    results["unlearned"] = unlearn(model, dm, config)
+    results["retrained"] = retrain(model, dm, epochs=epochs, seed=config.seed)
 
     tuned = copy.deepcopy(model).train()
     start = time.perf_counter()
-    budget = {"max_steps": unlearn_steps} if unlearn_steps else {}
-    fit(tuned, dm, unlearn_epochs, trainer_kwargs=budget)  # same budget, every parameter trainable, retain data only
+    budget = {"max_steps": config.max_steps} if config.max_steps else {}
+    fit(tuned, dm, config.epochs, trainer_kwargs=budget)  # same budget, every parameter trainable, retain data only
     results["fine-tune all"] = UnlearningResult(
-        tuned, ParameterMask.full(tuned), split_accuracies(tuned, dm), {"total": time.perf_counter() - start}
+        tuned, ParameterMask.full(tuned), split_accuracies(tuned, dm), {"total": time.perf_counter() - start},
+        method="finetune",
     )
     return results
 
@@ -98,22 +93,21 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data-root", default=None, help="MNIST folder (idx .gz files); default: embedded digits")
     parser.add_argument("--epochs", type=int, default=20, help="training epochs of the original and retrained model")
-    parser.add_argument("--unlearn-epochs", type=int, default=2)
-    parser.add_argument("--unlearn-steps", type=int, default=None, help="cap on unlearning optimizer steps")
     parser.add_argument("--forget-class", type=int, default=3)
-    parser.add_argument("--method", default="grad_x_act")
-    parser.add_argument("--ratio", type=float, default=0.1)
-    parser.add_argument("--seed", type=int, default=0)
+    defaults = UnlearnConfig()
+    for name in ("method", "ratio", "epochs", "max_steps", "seed"):
+        kind = type(getattr(defaults, name)) if getattr(defaults, name) is not None else int
+        flag = "--unlearn-" + name.replace("_", "-") if name == "epochs" else "--" + name.replace("_", "-")
+        parser.add_argument(flag, dest=f"cfg_{name}", type=kind, default=getattr(defaults, name),
+                            help=f"UnlearnConfig.{name}")
     args = parser.parse_args(argv)
+    config = UnlearnConfig.build(**{k[4:]: v for k, v in vars(args).items() if k.startswith("cfg_")})
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore")
     start = time.perf_counter()
-    results = run(
-        args.data_root, args.epochs, args.unlearn_epochs, args.unlearn_steps, args.forget_class, args.method, args.ratio,
-        seed=args.seed,
-    )
+    results = run(args.data_root, args.epochs, args.forget_class, config)
     data = "MNIST" if args.data_root else "digits"
-    print_table(results, f"Forget class {args.forget_class} on {data} ({args.method}, ratio {args.ratio})")
+    print_table(results, f"Forget class {args.forget_class} on {data} ({config.method}, ratio {config.ratio})")
     print_speed(results)
     print(f"whole demo: {time.perf_counter() - start:.1f}s")
 

@@ -19,6 +19,12 @@ BN_MODES = ("frozen", "selected")
 _BN_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
 
+def check_bn_stats(bn_stats: str) -> str:
+    if bn_stats not in BN_MODES:
+        raise ValueError(f"unknown bn_stats {bn_stats!r}; allowed values are {list(BN_MODES)}")
+    return bn_stats
+
+
 class MaskEnforcer:
     """Holds the reference values of frozen elements and puts them back.
 
@@ -30,8 +36,7 @@ class MaskEnforcer:
     """
 
     def __init__(self, model: nn.Module, mask: ParameterMask, bn_stats: str = "frozen") -> None:
-        if bn_stats not in BN_MODES:
-            raise ValueError(f"unknown bn_stats {bn_stats!r}; allowed values are {list(BN_MODES)}")
+        check_bn_stats(bn_stats)
         mask.check(model)
         self.model, self.mask, self.bn_stats = model, mask, bn_stats
         params = dict(model.named_parameters())

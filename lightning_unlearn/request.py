@@ -101,6 +101,23 @@ class ForgetRequest:
         return {"kind": self.kind, **{k: list(v) for k, v in asdict(self).items() if v}}
 
 
+def random_samples_request(
+    num_train: int, fraction: float | None = None, count: int | None = None, seed: int = 0
+) -> ForgetRequest:
+    """A seeded request to forget ``count`` (or ``fraction`` of ``num_train``) training samples chosen at random."""
+    if (fraction is None) == (count is None):
+        raise ValueError(f"give exactly one of fraction or count; got fraction={fraction!r}, count={count!r}")
+    if fraction is not None:
+        if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction < 1:
+            raise ValueError(f"fraction must be in (0, 1), got {fraction!r}")
+        count = max(1, int(round(fraction * num_train)))
+    if count < 1 or count >= num_train:
+        raise ValueError(f"the forget set has {count} samples but the training set only {num_train}; "
+                         f"allowed forget sizes are 1..{num_train - 1}")
+    picked = torch.randperm(num_train, generator=torch.Generator().manual_seed(seed))[:count]
+    return ForgetRequest(sample_ids=picked.tolist())
+
+
 def _as_str_tuple(values: Sequence[str] | None, name: str) -> tuple[str, ...]:
     if values is None:
         return ()

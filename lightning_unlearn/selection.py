@@ -4,16 +4,28 @@ from __future__ import annotations
 import hashlib
 import math
 import os
-import tempfile
 from pathlib import Path
 from typing import Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
 
+from lightning_unlearn._io import load_torch_file, save_torch
 from lightning_unlearn.attribution import ChannelScores, LayerInfo
 
 SCOPES = ("layer", "global")
+
+
+def check_scope(scope: str) -> str:
+    if scope not in SCOPES:
+        raise ValueError(f"unknown scope {scope!r}; allowed scopes are {list(SCOPES)}")
+    return scope
+
+
+def check_ratio(ratio: float) -> float:
+    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not (0 < ratio <= 1):
+        raise ValueError(f"ratio must be in (0, 1], got {ratio!r}")
+    return ratio
 
 
 class ParameterMask:
@@ -122,16 +134,16 @@ class ParameterMask:
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write atomically (temporary file + rename)."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=path.parent, delete=False, suffix=".tmp") as f:
-            torch.save(self.to_checkpoint(), f)
-        os.replace(f.name, path)
-        return path
+        return save_torch(self.to_checkpoint(), path)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "ParameterMask":
-        return cls.from_checkpoint(torch.load(path, map_location="cpu", weights_only=True))
+        """Read a file written by :meth:`save` (``weights_only=True``; shapes and types checked)."""
+        state = load_torch_file(path, "mask file")
+        masks = state.get("masks") if isinstance(state, dict) else None
+        if not isinstance(masks, dict) or not all(isinstance(k, str) and isinstance(v, Tensor) for k, v in masks.items()):
+            raise ValueError(f"mask file {path} does not hold a ParameterMask (expected a dict of boolean tensors)")
+        return cls.from_checkpoint(state)
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, ParameterMask) and self.sha256() == other.sha256()
@@ -160,10 +172,10 @@ def select_channels(
         head_rows: head rows always selected (the forgotten classes' output rows for class requests).
         layers: layer metadata (BatchNorm, head); taken from ``scores.layers`` when omitted.
     """
-    if not (isinstance(ratio, (int, float)) and 0 < ratio <= 1):
-        raise ValueError(f"ratio must be in (0, 1], got {ratio!r}")
-    if scope not in SCOPES:
-        raise ValueError(f"unknown scope {scope!r}; allowed scopes are {list(SCOPES)}")
+    check_ratio(ratio)
+    check_scope(scope)
+    if threshold is not None and not (isinstance(threshold, (int, float)) and 0 <= threshold <= 1):
+        raise ValueError(f"threshold must be a number in [0, 1] or None, got {threshold!r}")  # NaN fails here too
     layers = layers if layers is not None else getattr(scores, "layers", None)
     if layers is None:
         raise ValueError("layer metadata missing: pass layers= (from discover_layers) or ChannelScores")
@@ -199,3 +211,20 @@ def select_channels(
 def _minmax(s: Tensor) -> Tensor:
     lo, hi = s.min(), s.max()
     return (s - lo) / (hi - lo) if hi > lo else torch.ones_like(s)
+
+
+def head_parameter_scales(
+    mask: ParameterMask, layers: Mapping[str, LayerInfo], factor: float | None
+) -> dict[str, float]:
+    """``{head parameter name: factor}`` for the head's parameters that ``mask`` selects (empty without a factor)."""
+    if factor is None:
+        return {}
+    out = {}
+    for name, info in layers.items():
+        if not info.is_head:
+            continue
+        for suffix in ("weight", "bias"):
+            key = f"{name}.{suffix}" if name else suffix
+            if key in mask.masks and bool(mask.masks[key].any()):
+                out[key] = float(factor)
+    return out

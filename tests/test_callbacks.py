@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lightning_unlearn import ForgetRequest, UnlearningDataModule, UnlearningMixin, retrain, unlearn
-from lightning_unlearn.api import fit
+from lightning_unlearn._training import fit
 from lightning_unlearn.callbacks import SelectiveUnlearning
 from lightning_unlearn.masking import frozen_elements_equal
 from lightning_unlearn.metrics import split_accuracies
@@ -56,7 +56,7 @@ def test_mixin_in_either_position_forgets_with_the_users_own_training_step(cls, 
     model = _pretrained(cls, digits)
     original = {k: v.clone() for k, v in model.state_dict().items()}
     before = split_accuracies(model, class3_dm)
-    cb = SelectiveUnlearning(method="grad_x_act", ratio=0.1, objective="random_label")
+    cb = SelectiveUnlearning(method="grad_x_act", ratio=0.1, objective="random_label", epochs=2)
     model.seen_batches = 0
     pl.Trainer(max_epochs=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                enable_model_summary=False, callbacks=[cb]).fit(model, datamodule=class3_dm)
@@ -92,7 +92,11 @@ def test_ascent_objective_is_capped_and_forgets(digits, class3_dm):
     "kwargs, message",
     [
         ({"method": "lime"}, r"unknown scoring method 'lime'; allowed methods are"),
-        ({"objective": "forget"}, r"unknown objective 'forget'; allowed objectives are \['random_label', 'ascent', 'retain'\]"),
+        ({"objective": "forget"}, r"unknown objective 'forget'; allowed values are \['auto', 'random_label', 'ascent', 'retain'\]"),
+        ({"threshold": float("nan")}, r"threshold must be a finite number >= 0 and <= 1, got nan"),
+        ({"forget_weight": -1.0}, r"forget_weight must be a finite number >= 0, got -1.0"),
+        ({"ratio": True}, r"ratio must be in \(0, 1\], got True"),
+        ({"max_stpes": 3}, r"unknown unlearning setting\(s\) \['max_stpes'\]; allowed settings are \['method'"),
         ({"ratio": 0.0}, r"ratio must be in \(0, 1\]"),
         ({"bn_stats": "train"}, r"unknown bn_stats 'train'"),
     ],
@@ -100,6 +104,16 @@ def test_ascent_objective_is_capped_and_forgets(digits, class3_dm):
 def test_bad_callback_arguments_fail_at_construction(kwargs, message):
     with pytest.raises(ValueError, match=message):
         SelectiveUnlearning(**kwargs)
+
+
+@pytest.mark.parametrize("budget, expected_steps", [({"epochs": 1}, 19), ({"epochs": 3, "max_steps": 7}, 7)])
+def test_callback_owns_its_budget_on_a_generous_trainer(digits, class3_dm, trained_model, budget, expected_steps):
+    """Like EarlyStopping: a Trainer left at max_epochs=1000 stops after the config's epochs or max_steps."""
+    cb = SelectiveUnlearning(objective="retain", log_metrics=False, **budget)
+    trainer = pl.Trainer(max_epochs=1000, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, callbacks=[cb])
+    trainer.fit(trained_model, datamodule=class3_dm)
+    assert trainer.global_step == expected_steps  # 1,210 retain samples / 64 per batch = 19 steps an epoch
 
 
 def test_callback_needs_an_unlearning_datamodule(trained_model, digits):

@@ -11,7 +11,7 @@ from torch import nn
 from torch.utils.data import Subset, TensorDataset
 from torchmetrics.classification import MulticlassAccuracy
 
-from lightning_unlearn.api import fit
+from lightning_unlearn._training import fit
 from lightning_unlearn.evaluation import (
     BackdoorDataset,
     ClassAccuracy,

@@ -269,7 +269,7 @@ def test_unlearning_needs_forget_data_and_a_deployed_model(sim):
 def test_scale_learning_rate_gives_named_parameters_their_own_group():
     from types import SimpleNamespace
 
-    from lightning_unlearn.federated.client import ScaleLearningRate
+    from lightning_unlearn.callbacks.learning_rate import ScaleLearningRate
     from lightning_unlearn.federated.protocol import HEAD_LR_SCALE, resolve_objective, unlearn_config
 
     model = _model()

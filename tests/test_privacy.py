@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader, IterableDataset
 
 import lightning_unlearn
 from lightning_unlearn import ForgetRequest, UnlearningDataModule
-from lightning_unlearn.api import fit
+from lightning_unlearn._training import fit
 from lightning_unlearn.callbacks import SelectiveUnlearning
 from lightning_unlearn.data import FederatedDataModule
 from lightning_unlearn.federated import FederatedSimulation, federated_unlearn
@@ -344,7 +344,7 @@ def test_dp_small_cnn_is_what_make_dp_compatible_makes_of_small_cnn():
 def test_a_resumed_run_keeps_counting_epsilon(digits, tmp_path):
     from lightning.pytorch.callbacks import ModelCheckpoint
 
-    from lightning_unlearn.api import QUIET_TRAINER
+    from lightning_unlearn._training import QUIET_TRAINER
 
     pl.seed_everything(0, verbose=False)
     first = DifferentialPrivacy(noise_multiplier=1.0)

@@ -1,14 +1,17 @@
 """Centralised unlearning baselines behind one interface with the core method.
 
-Every entry of :data:`METHODS` is ``fn(model, dm, epochs=..., seed=..., trainer_kwargs=..., **params)
--> UnlearningResult`` and leaves ``model`` untouched. ``retrain`` is the exact reference;
-``ours`` is :func:`lightning_unlearn.unlearn` (explanation-selected channels).
+Every entry of :data:`BASELINES` is ``fn(model, dm, epochs=..., seed=..., trainer_kwargs=..., **params)
+-> UnlearningResult`` and leaves ``model`` untouched. ``retrain`` is the exact reference
+(:func:`lightning_unlearn.retrain`); ``ours`` is :func:`lightning_unlearn.unlearn` (explanation-selected
+channels).
 """
 from __future__ import annotations
 
+import warnings
 from typing import Any, Callable
 
-from lightning_unlearn.api import UnlearningResult, retrain as _retrain, unlearn
+from lightning_unlearn.api import retrain, unlearn
+from lightning_unlearn.result import UnlearningResult
 from lightning_unlearn.baselines.common import masked_update
 from lightning_unlearn.baselines.controls import output_row, output_row_mask, random_channel_mask, random_channels
 from lightning_unlearn.baselines.salun import salun, saliency_mask
@@ -16,15 +19,9 @@ from lightning_unlearn.baselines.ssd import dampen, fisher_diagonal, ssd
 from lightning_unlearn.selection import ParameterMask
 
 
-def ours(model, dm, epochs: int = 1, seed: int = 0, trainer_kwargs=None, method: str = "grad_x_act",
-         ratio: float = 0.1, objective: str = "random_label", **selection: Any) -> UnlearningResult:
-    """The core method: explain, select ``ratio`` of the channels per layer, masked update."""
-    return unlearn(model, dm, method, ratio, objective, epochs, trainer_kwargs, seed=seed, **selection)
-
-
-def retrain(model, dm, epochs: int = 5, seed: int = 0, trainer_kwargs=None) -> UnlearningResult:
-    """Exact reference: fresh weights trained on the retain set only (``epochs`` = training epochs)."""
-    return _retrain(model, dm, epochs, trainer_kwargs, seed)
+def ours(model, dm, epochs: int = 1, seed: int = 0, trainer_kwargs=None, **settings: Any) -> UnlearningResult:
+    """The core method, :func:`lightning_unlearn.unlearn`; ``settings`` are :class:`~lightning_unlearn.UnlearnConfig` fields."""
+    return unlearn(model, dm, epochs=epochs, seed=seed, trainer_kwargs=trainer_kwargs, **settings)
 
 
 def _full(objective: str, doc: str) -> Callable[..., UnlearningResult]:
@@ -39,7 +36,7 @@ finetune = _full("retain", "Fine-tune all parameters on the retain set (catastro
 neggrad_plus = _full("ascent", "NegGrad+: retain cross-entropy plus capped gradient ascent on the forget set, all parameters.")
 random_label = _full("random_label", "Random labels on the forget set plus retain cross-entropy, all parameters.")
 
-METHODS: dict[str, Callable[..., UnlearningResult]] = {
+BASELINES: dict[str, Callable[..., UnlearningResult]] = {
     "ours": ours,
     "retrain": retrain,
     "output_row": output_row,
@@ -53,14 +50,21 @@ METHODS: dict[str, Callable[..., UnlearningResult]] = {
 
 
 def run_method(name: str, model, dm, **kwargs: Any) -> UnlearningResult:
-    """Run baseline ``name`` (see :data:`METHODS`) with its keyword parameters."""
-    if name not in METHODS:
-        raise ValueError(f"unknown method {name!r}; allowed methods are {list(METHODS)}")
-    return METHODS[name](model, dm, **kwargs)
+    """Run baseline ``name`` (see :data:`BASELINES`) with its keyword parameters."""
+    if name not in BASELINES:
+        raise ValueError(f"unknown method {name!r}; allowed methods are {list(BASELINES)}")
+    return BASELINES[name](model, dm, **kwargs)
+
+
+def __getattr__(name: str) -> Any:
+    if name == "METHODS":
+        warnings.warn("lightning_unlearn.baselines.METHODS is deprecated; use BASELINES", DeprecationWarning, stacklevel=2)
+        return BASELINES
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 __all__ = [
-    "METHODS", "dampen", "finetune", "fisher_diagonal", "masked_update", "neggrad_plus", "ours", "output_row",
+    "BASELINES", "dampen", "finetune", "fisher_diagonal", "masked_update", "neggrad_plus", "ours", "output_row",
     "output_row_mask", "random_channel_mask", "random_channels", "random_label", "retrain", "run_method",
     "saliency_mask", "salun", "ssd",
 ]

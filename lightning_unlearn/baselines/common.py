@@ -8,9 +8,10 @@ from typing import Any
 import lightning.pytorch as pl
 from torch import nn
 
-from lightning_unlearn.api import UnlearningResult, fit
+from lightning_unlearn._training import fit
+from lightning_unlearn.result import UnlearningResult
 from lightning_unlearn.attribution import LayerInfo, discover_layers
-from lightning_unlearn.callbacks.selective import SelectiveUnlearning
+from lightning_unlearn.callbacks.selective import SelectiveUnlearning, layer_info
 from lightning_unlearn.data.unlearning import UnlearningDataModule
 from lightning_unlearn.metrics import split_accuracies
 from lightning_unlearn.selection import ParameterMask
@@ -33,17 +34,12 @@ def masked_update(
     NegGrad+, random labels), the forgotten classes' output rows, a saliency mask, random channels.
     """
     work = copy.deepcopy(model).train()  # Lightning expects train mode; BatchNorm is frozen by the mask callback
-    cb = SelectiveUnlearning(objective=objective, mask=mask, seed=seed, log_metrics=False, **callback)
+    cb = SelectiveUnlearning(mask=mask, log_metrics=False, objective=objective, seed=seed, epochs=epochs, **callback)
     start = time.perf_counter()
     fit(work, dm, epochs, [cb], trainer_kwargs)
     timings = {**(extra_timings or {}), "unlearning": time.perf_counter() - start}
     timings["total"] = sum(timings.values())
-    return UnlearningResult(work, mask, split_accuracies(work, dm), timings)
-
-
-def layer_info(model: nn.Module, dm: UnlearningDataModule) -> dict[str, LayerInfo]:
-    """Scorable layers of ``model`` (traced on one training sample)."""
-    return discover_layers(model, dm.train_dataset[0][0][None].to(next(model.parameters()).device))
+    return UnlearningResult(work, mask, split_accuracies(work, dm), timings, config=cb.resolved_config)
 
 
 def head_name(layers: dict[str, LayerInfo]) -> str:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from lightning_unlearn.api import UnlearningResult
+from lightning_unlearn.result import UnlearningResult
 from lightning_unlearn.baselines.common import forget_rows, head_name, layer_info, masked_update
 from lightning_unlearn.selection import ParameterMask, select_channels
 

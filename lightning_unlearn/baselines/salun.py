@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 
-from lightning_unlearn.api import UnlearningResult
+from lightning_unlearn.result import UnlearningResult
 from lightning_unlearn.baselines.common import masked_update
 from lightning_unlearn.selection import ParameterMask
 

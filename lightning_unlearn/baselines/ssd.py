@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
-from lightning_unlearn.api import UnlearningResult
+from lightning_unlearn.result import UnlearningResult
 from lightning_unlearn.evaluation.membership import subsample
 from lightning_unlearn.metrics import split_accuracies
 from lightning_unlearn.selection import ParameterMask

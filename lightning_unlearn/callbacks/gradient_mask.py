@@ -1,13 +1,14 @@
 """GradientMask: train with a ParameterMask so frozen elements stay bit-for-bit unchanged."""
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
 
-from lightning_unlearn.masking import BN_MODES, MaskEnforcer
+from lightning_unlearn.masking import MaskEnforcer, check_bn_stats
 from lightning_unlearn.selection import ParameterMask
 
 
@@ -25,11 +26,11 @@ class GradientMask(Callback):
         bn_stats: ``"frozen"`` or ``"selected"`` (see :class:`~lightning_unlearn.masking.MaskEnforcer`).
     """
 
-    def __init__(self, mask: ParameterMask | str | None = None, bn_stats: str = "frozen") -> None:
-        if bn_stats not in BN_MODES:
-            raise ValueError(f"unknown bn_stats {bn_stats!r}; allowed values are {list(BN_MODES)}")
-        self.mask = ParameterMask.load(mask) if isinstance(mask, str) else mask
-        self.bn_stats = bn_stats
+    def __init__(self, mask: ParameterMask | str | os.PathLike | None = None, bn_stats: str = "frozen") -> None:
+        if mask is not None and not isinstance(mask, (ParameterMask, str, os.PathLike)):
+            raise ValueError(f"mask must be a ParameterMask or a path to a saved mask, got {type(mask).__name__}")
+        self.mask = ParameterMask.load(mask) if isinstance(mask, (str, os.PathLike)) else mask
+        self.bn_stats = check_bn_stats(bn_stats)
         self._enforcer: MaskEnforcer | None = None
 
     @override

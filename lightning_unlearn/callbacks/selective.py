@@ -2,7 +2,8 @@
 from __future__ import annotations
 
 import time
-from typing import Any, Sequence
+import os
+from typing import Any
 
 import lightning.pytorch as pl
 import torch
@@ -10,12 +11,14 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader, Subset
 from typing_extensions import override
 
-from lightning_unlearn.attribution import METHODS, ChannelScores, channel_scores
+from lightning_unlearn.attribution import ChannelScores, channel_scores, discover_layers
 from lightning_unlearn.callbacks.gradient_mask import GradientMask
+from lightning_unlearn.callbacks.learning_rate import ScaleLearningRate
+from lightning_unlearn.config import UnlearnConfig
 from lightning_unlearn.metrics import accuracy
 from lightning_unlearn.mixin import UnlearningMixin
-from lightning_unlearn.objectives import FORGET_AWARE, check_objective
-from lightning_unlearn.selection import SCOPES, ParameterMask, select_channels
+from lightning_unlearn.objectives import FORGET_AWARE
+from lightning_unlearn.selection import ParameterMask, head_parameter_scales, select_channels
 
 
 class SelectiveUnlearning(GradientMask):
@@ -24,59 +27,43 @@ class SelectiveUnlearning(GradientMask):
     At fit start: score channels on ``datamodule.forget_dataloader()`` (scores all-reduced
     across DDP ranks), select the top channels, install an exact :class:`GradientMask`.
     With a forget-aware objective the module must subclass :class:`UnlearningMixin`; the
-    callback then routes combined retain/forget batches to it.
+    callback then routes combined retain/forget batches to it. Like ``EarlyStopping``, the
+    callback owns its budget: it stops the fit after ``config.epochs`` epochs or
+    ``config.max_steps`` optimizer steps, whatever the Trainer's ``max_epochs``.
 
     Args:
-        method: channel scoring method (see :func:`lightning_unlearn.channel_scores`).
-        ratio: fraction of channels to select, in (0, 1].
-        objective: ``"random_label"`` (default), ``"ascent"`` or ``"retain"``.
-        scope: ``"layer"`` (top-k per layer) or ``"global"``.
-        threshold: select by normalised score instead of ``ratio``.
-        layers: layer names to score and update (default: every Conv/Linear layer).
-        include_head: let the classifier head's rows be selected by score.
-        head_rows: head rows always trainable; ``"auto"`` = the forgotten classes for class requests.
-        contrast: score forget relative to retain data.
-        max_samples: seeded subsample of the forget set to score (None: method default).
-        forget_weight: weight of the forget term in forget-aware objectives.
+        config: an :class:`~lightning_unlearn.UnlearnConfig` (default: its defaults); keyword
+            ``overrides`` replace single fields, e.g. ``SelectiveUnlearning(ratio=0.2)``.
         log_metrics: log forget / remaining / test accuracy (torchmetrics) at the end of every epoch.
-        mask: a precomputed :class:`ParameterMask` (e.g. broadcast by a federated server): no
-            scoring happens, only the masked update with ``objective``.
+        progress: show a progress bar while scoring.
+        mask: a precomputed :class:`ParameterMask` or a path to one (e.g. broadcast by a federated
+            server): no scoring happens, only the masked update with ``config.objective``.
     """
 
     def __init__(
         self,
-        method: str = "grad_x_act",
-        ratio: float = 0.1,
-        objective: str = "random_label",
-        scope: str = "layer",
-        threshold: float | None = None,
-        layers: Sequence[str] | None = None,
-        include_head: bool = False,
-        head_rows: Sequence[int] | str | None = "auto",
-        contrast: bool = False,
-        max_samples: int | None = None,
-        seed: int = 0,
-        bn_stats: str = "frozen",
-        forget_weight: float = 1.0,
+        config: UnlearnConfig | None = None,
         log_metrics: bool = True,
         progress: bool = False,
-        mask: ParameterMask | str | None = None,
+        mask: ParameterMask | str | os.PathLike | None = None,
+        **overrides: Any,
     ) -> None:
-        super().__init__(mask=mask, bn_stats=bn_stats)
-        if method not in METHODS:
-            raise ValueError(f"unknown scoring method {method!r}; allowed methods are {list(METHODS)}")
-        if not (isinstance(ratio, (int, float)) and 0 < ratio <= 1):
-            raise ValueError(f"ratio must be in (0, 1], got {ratio!r}")
-        if scope not in SCOPES:
-            raise ValueError(f"unknown scope {scope!r}; allowed scopes are {list(SCOPES)}")
-        self.method, self.ratio, self.objective = method, ratio, check_objective(objective)
-        self.scope, self.threshold, self.layers, self.include_head = scope, threshold, layers, include_head
-        self.head_rows, self.contrast, self.max_samples, self.seed = head_rows, contrast, max_samples, seed
-        self.forget_weight, self.log_metrics, self.progress = forget_weight, log_metrics, progress
+        self.config = UnlearnConfig.build(config, **overrides)
+        super().__init__(mask=mask, bn_stats=self.config.bn_stats)
+        self.log_metrics, self.progress = log_metrics, progress
         self.scores: ChannelScores | None = None
         self.timings: dict[str, float] = {}
         self.history: list[dict[str, float | None]] = []
         self._user_step = None
+        self._resolved: UnlearnConfig | None = None
+        self._lr: ScaleLearningRate | None = None
+
+    @property
+    def resolved_config(self) -> UnlearnConfig:
+        """The config with ``"auto"`` values resolved for the data module's request (after ``setup``)."""
+        if self._resolved is None:
+            raise RuntimeError("the config is resolved in setup(): call trainer.fit first")
+        return self._resolved
 
     # -- set-up: data mode and objective routing ---------------------------------------------
     @override
@@ -89,16 +76,16 @@ class SelectiveUnlearning(GradientMask):
                 "SelectiveUnlearning needs trainer.fit(model, datamodule=UnlearningDataModule(...)); "
                 f"got datamodule {type(dm).__name__ if dm is not None else None}"
             )
-        forget_aware = self.objective in FORGET_AWARE
+        cfg = self._resolved = self.config.resolved(dm.request, "central")
+        forget_aware = cfg.objective in FORGET_AWARE
         if forget_aware and not isinstance(pl_module, UnlearningMixin):
             raise TypeError(
-                f"objective {self.objective!r} needs the model to subclass lightning_unlearn.UnlearningMixin "
+                f"objective {cfg.objective!r} needs the model to subclass lightning_unlearn.UnlearningMixin "
                 f"({type(pl_module).__name__} does not); add the mixin or use objective='retain'"
             )
         dm.combined = forget_aware
         if forget_aware:
-            classes = dm.request.classes
-            pl_module.configure_unlearning(self.objective, classes, self.forget_weight, self.seed)
+            pl_module.configure_unlearning(cfg.objective, dm.request.classes, cfg.forget_weight, cfg.seed)
             self._route_combined_batches(pl_module)
 
     def _route_combined_batches(self, pl_module: pl.LightningModule) -> None:
@@ -125,30 +112,49 @@ class SelectiveUnlearning(GradientMask):
     # -- scoring and selection ---------------------------------------------------------------
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        cfg = self.resolved_config
         if self.mask is None:  # neither given nor restored from a checkpoint
             start = time.perf_counter()
             self.scores = self._score(trainer, pl_module)
             self.timings["scoring"] = time.perf_counter() - start
-            dm = trainer.datamodule
-            rows = list(dm.request.classes) if self.head_rows == "auto" else (self.head_rows or None)
             self.mask = select_channels(
-                self.scores, pl_module, self.ratio, self.scope, self.threshold, self.include_head, rows
+                self.scores, pl_module, cfg.ratio, cfg.scope, cfg.threshold, cfg.include_head, cfg.head_rows
             )
-            rank_zero_info(f"SelectiveUnlearning: {self.method} selected {self.mask.fraction:.2%} of parameters")
+            rank_zero_info(f"SelectiveUnlearning: {cfg.method} selected {self.mask.fraction:.2%} of parameters")
         self._check_same_mask_on_all_ranks(trainer)
         self._fit_start = time.perf_counter()
         super().on_fit_start(trainer, pl_module)
 
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        cfg = self.resolved_config
+        head = cfg.head_lr_scale if cfg.head_lr_scale is not None else cfg.lr_scale
+        params = {}
+        if head != cfg.lr_scale:
+            layers = self.scores.layers if self.scores is not None else layer_info(pl_module, trainer.datamodule)
+            params = head_parameter_scales(self.mask, layers, head)
+        self._lr = ScaleLearningRate(cfg.lr_scale, params)
+        if not self._lr.is_identity:
+            self._lr.on_train_start(trainer, pl_module)
+
+    @override
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        max_steps = self.resolved_config.max_steps
+        if max_steps is not None and trainer.global_step >= max_steps:
+            trainer.should_stop = True
+
     def _score(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> ChannelScores:
         """Each rank scores its shard of the forget set; sums and counts are all-reduced."""
         dm = trainer.datamodule
-        forget, retain = dm.forget_dataloader(), dm.retain_dataloader() if self.contrast else None
+        forget, retain = dm.forget_dataloader(), dm.retain_dataloader() if self.config.contrast else None
         world, rank = trainer.world_size, trainer.global_rank
         if world > 1:
             forget = _shard(forget, rank, world)
             retain = _shard(retain, rank, world) if retain is not None else None
+        cfg = self.resolved_config
         scores = channel_scores(
-            pl_module, forget, self.method, self.layers, retain, self.max_samples, self.seed, progress=self.progress
+            pl_module, forget, cfg.method, cfg.layers, retain, cfg.max_samples, cfg.seed, progress=self.progress
         )
         if world > 1:
             count = trainer.strategy.reduce(torch.tensor(float(scores.num_samples), device=pl_module.device), reduce_op="sum")
@@ -173,6 +179,8 @@ class SelectiveUnlearning(GradientMask):
     # -- metrics -----------------------------------------------------------------------------
     @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.current_epoch + 1 >= self.config.epochs:
+            trainer.should_stop = True
         if not self.log_metrics:
             return
         dm = trainer.datamodule
@@ -202,6 +210,12 @@ class SelectiveUnlearning(GradientMask):
         super().load_state_dict(state_dict)
         if state_dict.get("scores") is not None:
             self.scores = ChannelScores.from_state_dict(state_dict["scores"])
+
+
+def layer_info(model: pl.LightningModule, datamodule: Any) -> dict:
+    """Scorable layers of ``model``, traced on one training sample of ``datamodule``."""
+    x = datamodule.train_dataset[0][0][None]
+    return discover_layers(model, x.to(next(model.parameters()).device))
 
 
 def _shard(loader: DataLoader, rank: int, world: int) -> DataLoader:

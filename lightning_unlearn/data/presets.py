@@ -10,7 +10,7 @@ from torch.utils.data import DataLoader, Dataset
 from lightning_unlearn.data.datasets import dataset_targets, load_digits_datasets, load_mnist
 from lightning_unlearn.data.federated import FederatedDataModule
 from lightning_unlearn.data.unlearning import UnlearningDataModule
-from lightning_unlearn.request import ForgetRequest
+from lightning_unlearn.request import ForgetRequest, random_samples_request
 
 TRAIN_ON = ("retain", "all")
 
@@ -26,8 +26,6 @@ def build_request(
     if forget_random_fraction is not None:
         if forget_classes or forget_sample_ids:
             raise ValueError("give only one of forget_classes, forget_sample_ids, forget_random_fraction")
-        from lightning_unlearn.evaluation import random_samples_request
-
         return random_samples_request(num_train, fraction=forget_random_fraction, seed=seed)
     return ForgetRequest(classes=forget_classes, sample_ids=forget_sample_ids)
 

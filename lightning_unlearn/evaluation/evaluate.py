@@ -18,7 +18,7 @@ from lightning_unlearn.evaluation.plots import plot_channel_scores, plot_mia_his
 from lightning_unlearn.evaluation.probe import probe_accuracy
 from lightning_unlearn.evaluation.report import UnlearningReport, save_weights, unique_path, weights_sha256
 from lightning_unlearn.metrics import split_accuracies
-from lightning_unlearn.request import ForgetRequest
+from lightning_unlearn.request import ForgetRequest, random_samples_request  # noqa: F401 - re-exported
 
 
 @dataclass(frozen=True)
@@ -28,25 +28,6 @@ class BackdoorSpec:
     target_class: int
     size: int = 2
     value: float = 1.0
-
-
-def random_samples_request(
-    num_train: int, fraction: float | None = None, count: int | None = None, seed: int = 0
-) -> ForgetRequest:
-    """A seeded request to forget ``count`` (or ``fraction`` of ``num_train``) training samples chosen at random."""
-    if (fraction is None) == (count is None):
-        raise ValueError(f"give exactly one of fraction or count; got fraction={fraction!r}, count={count!r}")
-    if fraction is not None:
-        if not 0 < fraction < 1:
-            raise ValueError(f"fraction must be in (0, 1), got {fraction!r}")
-        count = max(1, int(round(fraction * num_train)))
-    if count < 1:
-        raise ValueError(f"count must be >= 1, got {count}")
-    check_forget_size(count, num_train)
-    if count == num_train:
-        raise ValueError(f"forgetting all {num_train} training samples would leave nothing to retain")
-    picked = torch.randperm(num_train, generator=torch.Generator().manual_seed(seed))[:count]
-    return ForgetRequest(sample_ids=picked.tolist())
 
 
 def _heldout_for(dm: UnlearningDataModule) -> Dataset:

@@ -10,7 +10,6 @@ import hashlib
 import json
 import os
 import platform
-import tempfile
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from importlib import metadata
@@ -20,17 +19,18 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
+from lightning_unlearn._io import ON_EXISTS, dumps_json, load_torch_file, save_torch, unique_path, write_json
 from lightning_unlearn.selection import ParameterMask
 
 REPORT_VERSION = 1
-ON_EXISTS = ("suffix", "error")
+__all__ = ["ON_EXISTS", "UnlearningReport", "library_versions", "save_weights", "unique_path", "weights_sha256"]
 _PACKAGES = ("lightning-unlearn", "torch", "lightning", "torchmetrics", "captum", "scikit-learn", "numpy", "flwr")
 
 
 def weights_sha256(weights: nn.Module | Mapping[str, torch.Tensor] | str | os.PathLike) -> str:
     """SHA-256 of a model's state dict (or of a state dict / a file written by :func:`save_weights`)."""
     if isinstance(weights, (str, os.PathLike)):
-        weights = torch.load(weights, map_location="cpu", weights_only=True)
+        weights = load_torch_file(weights, "weights file")
     state = weights.state_dict() if isinstance(weights, nn.Module) else weights
     h = hashlib.sha256()
     for name in sorted(state):
@@ -40,44 +40,11 @@ def weights_sha256(weights: nn.Module | Mapping[str, torch.Tensor] | str | os.Pa
     return h.hexdigest()
 
 
-def unique_path(path: str | os.PathLike, on_exists: str = "suffix") -> Path:
-    """``path`` if free; else ``name-1.ext``, ``name-2.ext``... (``"suffix"``) or FileExistsError (``"error"``)."""
-    if on_exists not in ON_EXISTS:
-        raise ValueError(f"unknown on_exists {on_exists!r}; allowed values are {list(ON_EXISTS)}")
-    path = Path(path)
-    if not path.exists():
-        return path
-    if on_exists == "error":
-        raise FileExistsError(f"{path} already exists; refusing to overwrite it (pass on_exists='suffix' to add one)")
-    stem, suffix = (path.name.split(".", 1) + [""])[:2]
-    for i in range(1, 10_000):
-        candidate = path.with_name(f"{stem}-{i}" + (f".{suffix}" if suffix else ""))
-        if not candidate.exists():
-            return candidate
-    raise FileExistsError(f"no free name for {path} after 9999 suffixes")
-
-
-def _atomic_write(path: Path, write) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile(dir=path.parent, delete=False, suffix=".tmp") as f:
-        write(f)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(f.name, 0o666 & ~umask)  # temporary files are private; the result gets normal permissions
-    try:  # a hard link fails if the target appeared meanwhile: never overwrite
-        os.link(f.name, path)
-    except FileExistsError:
-        raise FileExistsError(f"{path} appeared while writing; refusing to overwrite it") from None
-    finally:
-        os.unlink(f.name)
-    return path
-
-
 def save_weights(model: nn.Module, path: str | os.PathLike, on_exists: str = "suffix") -> Path:
     """Write ``model.state_dict()`` atomically to a new file; returns the path actually written."""
     path = unique_path(path, on_exists)
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    return _atomic_write(path, lambda f: torch.save(state, f))
+    return save_torch(state, path, overwrite=False)
 
 
 def library_versions() -> dict[str, str | None]:
@@ -128,13 +95,11 @@ class UnlearningReport:
         return asdict(self)
 
     def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2, sort_keys=False, default=_jsonable)
+        return dumps_json(self.to_dict())
 
     def save(self, path: str | os.PathLike, on_exists: str = "suffix") -> Path:
         """Write the JSON atomically; an existing file is never overwritten (suffix or FileExistsError)."""
-        path = unique_path(path, on_exists)
-        text = self.to_json().encode()
-        return _atomic_write(path, lambda f: f.write(text))
+        return write_json(self.to_dict(), unique_path(path, on_exists), overwrite=False)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "UnlearningReport":
@@ -143,15 +108,3 @@ class UnlearningReport:
         if version != REPORT_VERSION:
             raise ValueError(f"{path} is report version {version!r}; this library reads version {REPORT_VERSION}")
         return cls(**data)
-
-
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, torch.Tensor):
-        return value.tolist()
-    if hasattr(value, "tolist"):
-        return value.tolist()
-    if hasattr(value, "to_dict"):
-        return value.to_dict()
-    if isinstance(value, Path):
-        return str(value)
-    raise TypeError(f"cannot write {type(value).__name__} to a report")

@@ -5,7 +5,8 @@ updates, selected slices and per-channel score vectors with sample counts. Clien
 (:mod:`.client`) train with Lightning on their own shard. :func:`federated_unlearn` is the
 method; :mod:`.baselines` holds the comparisons; :class:`FederatedSimulation` ties it together.
 """
-from lightning_unlearn.federated.client import FederatedClient, get_arrays, local_fit, make_clients, set_arrays
+from lightning_unlearn.federated.arrays import get_arrays, set_arrays
+from lightning_unlearn.federated.client import FederatedClient, local_fit, make_clients
 from lightning_unlearn.federated.messages import (
     Broadcast,
     MaskedUpdateMessage,

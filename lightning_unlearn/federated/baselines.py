@@ -19,17 +19,16 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from lightning_unlearn.api import reinitialize
+from lightning_unlearn._training import reinitialize
 from lightning_unlearn.attribution import LayerInfo
 from lightning_unlearn.data.federated import FederatedForgetPlan
-from lightning_unlearn.federated.client import get_arrays, set_arrays
+from lightning_unlearn.federated.arrays import get_arrays, set_arrays
 from lightning_unlearn.federated.messages import Broadcast, ParametersMessage, ScoresMessage, Transport, check_upward
+from lightning_unlearn.config import UnlearnConfig
 from lightning_unlearn.federated.protocol import (
-    HEAD_LR_SCALE,
     FederatedUnlearningResult,
     all_channels,
     masked_rounds,
-    resolve_objective,
     round_bytes,
     unlearn_config,
 )
@@ -57,8 +56,9 @@ def federated_retrain(
                      participants=plan.retaining_clients)
     elapsed = time.perf_counter() - t0
     return FederatedUnlearningResult(
-        fresh, "retrain", ParameterMask.full(fresh), {"retrain": elapsed, "unlearning": elapsed, "total": elapsed},
-        {**round_bytes(out.history), "fedavg_round": out.bytes_per_round}, history=out.history,
+        fresh, ParameterMask.full(fresh), method="retrain",
+        timings_s={"retrain": elapsed, "unlearning": elapsed, "total": elapsed},
+        bytes={**round_bytes(out.history), "fedavg_round": out.bytes_per_round}, history=out.history,
         extra={"rounds": rounds, "overhead_fraction": out.overhead_fraction},
     )
 
@@ -73,8 +73,8 @@ def _masked_baseline(
     _, history = masked_rounds(work, clients, mask, rounds, config, transport, label=name)
     elapsed = time.perf_counter() - t0
     return FederatedUnlearningResult(
-        work, name, mask, {"scoring": t_select, "unlearning": elapsed, "total": t_select + elapsed},
-        round_bytes(history, extra.pop("score_bytes", 0) if extra else 0), history=history, extra=extra or {},
+        work, mask, method=name, timings_s={"scoring": t_select, "unlearning": elapsed, "total": t_select + elapsed},
+        bytes=round_bytes(history, extra.pop("score_bytes", 0) if extra else 0), history=history, extra=extra or {},
     )
 
 
@@ -91,17 +91,15 @@ def federated_finetune(
 
 def federated_random_channels(
     model: pl.LightningModule, clients: Sequence[Any], plan: FederatedForgetPlan, layers: Mapping[str, LayerInfo],
-    ratio: float = 0.05, objective: str = "auto", rounds: int = 1, local_epochs: int = 1,
-    max_steps: int | None = None, scope: str = "layer", forget_weight: float = 1.0, lr_scale: float = 1.0,
-    seed: int = 0, head_lr_scale: float | None = HEAD_LR_SCALE,
+    config: UnlearnConfig | None = None, *, rounds: int = 1, **overrides: Any,
 ) -> FederatedUnlearningResult:
     """Our protocol with channels drawn at random (same ratio, same head rows): is the explanation worth it?"""
-    gen = torch.Generator().manual_seed(seed)
+    cfg = UnlearnConfig.build(config, **overrides).resolved(plan.request, "federated")
+    gen = torch.Generator().manual_seed(cfg.seed)
     scores = {n: torch.rand(i.out_channels, generator=gen) for n, i in layers.items()}
-    mask = select_channels(scores, model, ratio, scope, layers=layers, head_rows=list(plan.request.classes) or None)
-    config = unlearn_config(resolve_objective(objective, plan.request), local_epochs, max_steps, seed, forget_weight,
-                            lr_scale, head_lr_scale)
-    return _masked_baseline("random_channels", model, clients, plan, mask, mask.channels, rounds, config, Transport(), 0.0)
+    mask = select_channels(scores, model, cfg.ratio, cfg.scope, layers=layers, head_rows=cfg.head_rows)
+    return _masked_baseline("random_channels", model, clients, plan, mask, mask.channels, rounds, unlearn_config(cfg),
+                            Transport(), 0.0)
 
 
 def cdp_tfidf(docs: Mapping[str, Mapping[str, Tensor]]) -> dict[str, dict[str, Tensor]]:
@@ -173,8 +171,8 @@ def federated_cdp(
     _, history = masked_rounds(work, clients, trainable, rounds, config, transport, reference=arrays, label="cdp")
     elapsed = time.perf_counter() - t1
     return FederatedUnlearningResult(
-        work, "cdp", trainable, {"scoring": t_select, "unlearning": elapsed, "total": t_select + elapsed},
-        round_bytes(history, rb.total), history=history,
+        work, trainable, method="cdp", timings_s={"scoring": t_select, "unlearning": elapsed, "total": t_select + elapsed},
+        bytes=round_bytes(history, rb.total), history=history,
         extra={"pruned_fraction": pruned.fraction, "pruned_channels": channels},
     )
 
@@ -230,8 +228,8 @@ def federated_eraser(
     set_arrays(work, current)
     elapsed = time.perf_counter() - t0
     return FederatedUnlearningResult(
-        work, "federaser", ParameterMask.full(work), {"scoring": 0.0, "unlearning": elapsed, "total": elapsed},
-        round_bytes(history), history=history,
+        work, ParameterMask.full(work), method="federaser", timings_s={"scoring": 0.0, "unlearning": elapsed, "total": elapsed},
+        bytes=round_bytes(history), history=history,
         extra={"storage_bytes": store.nbytes, "stored_rounds": len(store.rounds), "store_every": store.every,
                "calibration_ratio": calibration_ratio},
     )

@@ -8,9 +8,7 @@ upward messages; nothing else leaves it.
 """
 from __future__ import annotations
 
-import contextlib
 import copy
-import logging
 import time
 from typing import Any, Mapping, Sequence
 
@@ -21,47 +19,19 @@ from lightning.pytorch.callbacks import Callback
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from lightning_unlearn.api import fit
+from lightning_unlearn._training import fit, quiet_lightning
 from lightning_unlearn.attribution import channel_scores, discover_layers
 from lightning_unlearn.callbacks.gradient_mask import GradientMask
+from lightning_unlearn.callbacks.learning_rate import ScaleLearningRate
 from lightning_unlearn.callbacks.selective import SelectiveUnlearning
+from lightning_unlearn.federated.arrays import get_arrays, selected_values, set_arrays, write_values
 from lightning_unlearn.data.datasets import dataset_targets
 from lightning_unlearn.data.federated import ClientSplit, FederatedDataModule
 from lightning_unlearn.data.unlearning import UnlearningDataModule
 from lightning_unlearn.federated.messages import Broadcast, MaskedUpdateMessage, ParametersMessage, ScoresMessage
 from lightning_unlearn.objectives import FORGET_AWARE
 from lightning_unlearn.request import ForgetRequest
-from lightning_unlearn.selection import ParameterMask
-
-
-# -- arrays <-> model ------------------------------------------------------------------------------
-def get_arrays(model: nn.Module) -> dict[str, Tensor]:
-    """The floating-point state (parameters and BatchNorm statistics): what FedAvg exchanges."""
-    return {k: v.detach().clone() for k, v in model.state_dict().items() if v.is_floating_point()}
-
-
-def set_arrays(model: nn.Module, arrays: Mapping[str, Tensor]) -> None:
-    """Load float arrays into ``model``; integer buffers (``num_batches_tracked``) stay local."""
-    state = model.state_dict()
-    unknown = sorted(set(arrays) - set(state))
-    if unknown:
-        raise ValueError(f"arrays name entries the model does not have: {unknown[:5]}")
-    with torch.no_grad():
-        for k, v in arrays.items():
-            state[k].copy_(v)
-
-
-def selected_values(arrays: Mapping[str, Tensor], mask: ParameterMask) -> dict[str, Tensor]:
-    """The masked elements of each parameter, flattened in row-major order (what a masked round sends)."""
-    return {n: arrays[n][m].clone() for n, m in mask.masks.items() if bool(m.any())}
-
-
-def write_values(arrays: Mapping[str, Tensor], mask: ParameterMask, values: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    """A copy of ``arrays`` with the masked elements replaced by ``values``; every other element is untouched."""
-    out = {k: v.clone() for k, v in arrays.items()}
-    for n, v in values.items():
-        out[n][mask.masks[n]] = v.to(out[n].dtype)
-    return out
+from lightning_unlearn.selection import ParameterMask, head_parameter_scales
 
 
 class _LocalTimer(Callback):
@@ -76,42 +46,6 @@ class _LocalTimer(Callback):
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         self.seconds += time.perf_counter() - self._t0
-
-
-class ScaleLearningRate(Callback):
-    """Multiply every optimizer's learning rate by ``factor`` for this fit; ``params`` by their own factor.
-
-    Masked unlearning rounds are a handful of steps on a few channels: a larger step than the
-    user's training rate makes them count, without touching the user's ``configure_optimizers``.
-    ``params`` (``{parameter name: factor}``, e.g. the head whose only trainable elements are the
-    forgotten classes' rows) are moved into their own parameter groups with ``lr * factor``
-    (instead of ``lr * self.factor``); the optimizer has no state yet at train start.
-    """
-
-    def __init__(self, factor: float, params: Mapping[str, float] | None = None) -> None:
-        for f in (factor, *(params or {}).values()):
-            if not (isinstance(f, (int, float)) and f > 0):
-                raise ValueError(f"lr_scale must be > 0, got {f!r}")
-        self.factor, self.params = factor, dict(params or {})
-
-    def on_train_start(self, trainer, pl_module) -> None:
-        own = {id(p): self.params[n] for n, p in pl_module.named_parameters() if n in self.params}
-        for opt in trainer.optimizers:
-            opt = getattr(opt, "optimizer", opt)
-            extra = []
-            for group in opt.param_groups:
-                lr = group["lr"]
-                group["lr"] = lr * self.factor
-                split: dict[float, list] = {}
-                for p in group["params"]:
-                    if id(p) in own:
-                        split.setdefault(own[id(p)], []).append(p)
-                if split:
-                    group["params"] = [p for p in group["params"] if id(p) not in own]
-                    for f, ps in split.items():
-                        extra.append({**{k: v for k, v in group.items() if k != "params"}, "params": ps, "lr": lr * f})
-            for g in extra:
-                opt.add_param_group(g)
 
 
 class _LoaderModule(pl.LightningDataModule):
@@ -132,20 +66,6 @@ def _trainer_kwargs(config: Mapping[str, Any], base: Mapping[str, Any] | None) -
         if config.get(key) is not None:
             kwargs[key] = config[key]
     return kwargs
-
-
-@contextlib.contextmanager
-def quiet_lightning(level: int = logging.WARNING):
-    """Mute Lightning's per-Trainer info lines ("GPU available", ...): a federation builds one Trainer per client."""
-    loggers = [logging.getLogger(n) for n in ("lightning.pytorch", "lightning.fabric", "lightning")]
-    before = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.setLevel(max(level, lg.level))
-    try:
-        yield
-    finally:
-        for lg, lvl in zip(loggers, before):
-            lg.setLevel(lvl)
 
 
 def local_fit(
@@ -327,7 +247,8 @@ class FederatedClient:
         if objective in FORGET_AWARE and has_forget:
             dm = UnlearningDataModule(self.dataset, self.dataset, self.request, self.batch_size, seed=seed,
                                       num_classes=self.num_classes, forget_indices=self.split.forget)
-            callback: Callback = SelectiveUnlearning(mask=self._mask, objective=objective, seed=seed, log_metrics=False,
+            callback: Callback = SelectiveUnlearning(mask=self._mask, log_metrics=False, objective=objective, seed=seed,
+                                                     epochs=int(cfg.get("epochs", 1)),
                                                      forget_weight=float(cfg.get("forget_weight", 1.0)),
                                                      bn_stats=cfg.get("bn_stats", "frozen"))
         else:
@@ -352,18 +273,9 @@ class FederatedClient:
 
     def _head_lr_scale(self, cfg: Mapping[str, Any]) -> dict[str, float] | None:
         """``{head parameter: factor}`` for ``config["head_lr_scale"]`` when the mask selects head rows."""
-        factor = cfg.get("head_lr_scale")
-        if factor is None or self._mask is None:
+        if self._mask is None:
             return None
-        heads = [n for n, i in self._layer_info().items() if i.is_head]
-        names = {n for n, _ in self.model.named_parameters()}
-        out = {}
-        for h in heads:
-            for suffix in ("weight", "bias"):
-                name = f"{h}.{suffix}"
-                if name in names and name in self._mask.masks and bool(self._mask.masks[name].any()):
-                    out[name] = float(factor)
-        return out or None
+        return head_parameter_scales(self._mask, self._layer_info(), cfg.get("head_lr_scale")) or None
 
     def _build_mask(self, channels: Mapping[str, Sequence[int]], mode: str) -> ParameterMask:
         selected = ParameterMask.from_channels(self.model, channels, self._layer_info())

@@ -21,30 +21,27 @@ import torch
 from torch import Tensor
 
 from lightning_unlearn.attribution import ChannelScores, LayerInfo
-from lightning_unlearn.federated.client import get_arrays, selected_values, set_arrays
+from lightning_unlearn.config import AUTO, UnlearnConfig
+from lightning_unlearn.federated.arrays import get_arrays, selected_values, set_arrays
 from lightning_unlearn.federated.messages import Broadcast, RoundBytes, Transport
 from lightning_unlearn.federated.server import aggregate_scores, check_rounds, masked_aggregate
-from lightning_unlearn.objectives import OBJECTIVES
 from lightning_unlearn.request import ForgetRequest
+from lightning_unlearn.result import UnlearningResult
 from lightning_unlearn.selection import ParameterMask, select_channels
 
-AUTO_OBJECTIVE = {"class": "retain", "client": "retain", "sample": "retain"}
-#: Learning-rate multiplier of the forgotten classes' head rows in the masked rounds (see :func:`federated_unlearn`).
-HEAD_LR_SCALE = 10.0
+#: Learning-rate multiplier of the forgotten classes' head rows when ``head_lr_scale="auto"`` (see :data:`AUTO`).
+HEAD_LR_SCALE = AUTO["federated"]["head_lr_scale"]
 
 
 @dataclass
-class FederatedUnlearningResult:
-    """What every federated unlearning method returns: the model, its mask and the cost."""
+class FederatedUnlearningResult(UnlearningResult):
+    """An :class:`UnlearningResult` plus what the federation paid: bytes per round and per-round rows.
 
-    model: pl.LightningModule
-    method: str
-    mask: ParameterMask | None
-    timings_s: dict[str, float]
-    bytes: dict[str, float]
-    scores: ChannelScores | None = None
+    ``metrics`` stays empty on the server (it sees no data); the simulation's oracle fills it.
+    """
+
+    bytes: dict[str, float] = field(default_factory=dict)
     history: list[dict] = field(default_factory=list)
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def round_bytes(history: Sequence[Mapping[str, Any]], extra: int = 0) -> dict[str, float]:
@@ -52,24 +49,6 @@ def round_bytes(history: Sequence[Mapping[str, Any]], extra: int = 0) -> dict[st
     per = [r["bytes_down"] + r["bytes_up"] for r in history]
     return {"scoring": extra, "unlearning_round": sum(per) / len(per), "unlearning_round_max": max(per),
             "total": extra + sum(per)}
-
-
-def resolve_objective(objective: str, request: ForgetRequest) -> str:
-    """``"auto"``: retain-only masked updates for every request kind.
-
-    Class requests: the forgotten classes' head rows are always selected and are a negative
-    class on every retain sample, so retain cross-entropy alone pushes their logits down (with
-    :data:`HEAD_LR_SCALE`: 0% forget accuracy in one round of 5 steps on MNIST). A forget term
-    (random labels, ascent) on the explained body channels, which the forgotten class shares
-    with the others, cost 1-2 points of remaining accuracy at the user's rate and 8 at 10x.
-    Client and sample requests: the retrained reference still generalises to the forgotten
-    samples, so pushing them to wrong labels would overshoot it.
-    """
-    if objective == "auto":
-        return AUTO_OBJECTIVE[request.kind]
-    if objective not in OBJECTIVES:
-        raise ValueError(f"unknown objective {objective!r}; allowed objectives are {['auto', *OBJECTIVES]}")
-    return objective
 
 
 def collect_scores(
@@ -88,24 +67,27 @@ def all_channels(layers: Mapping[str, LayerInfo]) -> dict[str, list[int]]:
     return {n: list(range(i.out_channels)) for n, i in layers.items()}
 
 
-def score_config(method: str, max_samples: int | None, contrast: bool, seed: int,
-                 layers: Sequence[str] | None) -> dict[str, Any]:
-    """Settings of the scoring round (shared with the Flower strategy)."""
-    return {"method": method, "max_samples": max_samples, "contrast": contrast, "seed": seed, "layers": layers}
+def score_config(config: UnlearnConfig) -> dict[str, Any]:
+    """Settings of the scoring round as sent to the clients (shared with the Flower strategy)."""
+    return {"method": config.method, "max_samples": config.max_samples, "contrast": config.contrast,
+            "seed": config.seed, "layers": config.layers}
 
 
-def unlearn_config(objective: str, local_epochs: int, max_steps: int | None, seed: int, forget_weight: float,
-                   lr_scale: float, head_lr_scale: float | None = HEAD_LR_SCALE) -> dict[str, Any]:
-    """Settings of the masked rounds (shared with the Flower strategy); :func:`round_config` seeds each round.
+def unlearn_config(config: UnlearnConfig) -> dict[str, Any]:
+    """Settings of the masked rounds as sent to the clients (shared with the Flower strategy).
 
-    ``head_lr_scale`` (``None``: same as ``lr_scale``) is the learning-rate multiplier of the head
-    parameters when the mask selects head rows (class requests: only the forgotten rows train there).
+    ``config`` must be resolved (:meth:`UnlearnConfig.resolved`); :func:`round_config` seeds each round.
+    ``head_lr_scale`` is the learning-rate multiplier of the head parameters when the mask selects
+    head rows (class requests: only the forgotten rows train there); absent, they get ``lr_scale``.
     """
-    config = {"objective": objective, "epochs": local_epochs, "max_steps": max_steps, "seed": seed,
-              "forget_weight": forget_weight, "lr_scale": lr_scale, "mode": "train"}
-    if head_lr_scale is not None:
-        config["head_lr_scale"] = head_lr_scale
-    return config
+    if "auto" in (config.objective, config.head_lr_scale):
+        raise ValueError("unlearn_config needs a resolved UnlearnConfig (call config.resolved(request, 'federated'))")
+    out = {"objective": config.objective, "epochs": config.epochs, "max_steps": config.max_steps, "seed": config.seed,
+           "forget_weight": config.forget_weight, "lr_scale": config.lr_scale, "bn_stats": config.bn_stats,
+           "mode": "train"}
+    if config.head_lr_scale is not None:
+        out["head_lr_scale"] = config.head_lr_scale
+    return out
 
 
 def round_config(config: Mapping[str, Any], r: int) -> dict[str, Any]:
@@ -153,56 +135,39 @@ def federated_unlearn(
     model: pl.LightningModule,
     clients: Sequence[Any],
     request: ForgetRequest,
-    method: str = "grad_x_act",
-    ratio: float = 0.05,
-    objective: str = "auto",
+    config: UnlearnConfig | None = None,
+    *,
     rounds: int = 1,
-    local_epochs: int = 1,
-    max_steps: int | None = None,
-    scope: str = "layer",
-    include_head: bool = False,
-    layers: Sequence[str] | None = None,
-    max_samples: int | None = 256,
-    contrast: bool = False,
-    forget_weight: float = 1.0,
-    lr_scale: float = 1.0,
-    seed: int = 0,
     transport: Transport | None = None,
     inplace: bool = False,
-    head_lr_scale: float | None = HEAD_LR_SCALE,
+    **overrides: Any,
 ) -> FederatedUnlearningResult:
     """Make the federation forget ``request`` by updating only the channels that explain the forget data.
 
     ``model`` is the deployed global model (the server's copy); clients must hold it too
     (:func:`~lightning_unlearn.federated.server.run_fedavg` deploys it) and have received the
-    request. ``max_steps`` caps each client's local steps per round (cheap rounds); ``max_samples``
-    caps each client's scored forget samples; ``layers`` restricts scoring and selection to those
-    layers (the forgotten classes' head rows are always selected); ``lr_scale`` multiplies the clients' learning rate
-    during the masked rounds.
+    request. ``config`` is the same :class:`UnlearnConfig` as centrally (``overrides`` replace single
+    fields): ``epochs`` / ``max_steps`` are each client's budget per masked round, ``max_samples``
+    caps each client's scored forget samples, ``layers`` restricts scoring and selection.
 
-    Defaults (MNIST, 10 Dirichlet clients, see BENCHMARKS.md): ``objective="auto"`` (retain-only
-    updates), explained channels at the user's rate (``lr_scale=1``) and the forgotten classes'
-    head rows at ``head_lr_scale=10``. The head rows are used by no other class and must move far
-    (their logit has to lose every argmax); the explained body channels are shared with the
-    remaining classes, and a 10x rate on them cost 3-8 points of remaining accuracy. ``None``
-    gives the head rows ``lr_scale`` like every other selected parameter.
+    Defaults (``"auto"``, see :data:`~lightning_unlearn.config.AUTO`; MNIST, 10 Dirichlet clients,
+    BENCHMARKS.md): retain-only updates, explained channels at the user's rate (``lr_scale=1``) and
+    the forgotten classes' head rows at 10x. The head rows are used by no other class and must move
+    far (their logit has to lose every argmax); the explained body channels are shared with the
+    remaining classes, and a 10x rate on them cost 3-8 points of remaining accuracy.
     """
     check_rounds(rounds)
-    objective = resolve_objective(objective, request)
+    cfg = UnlearnConfig.build(config, **overrides).resolved(request, "federated")
     transport = transport or Transport()
     work = model if inplace else copy.deepcopy(model)
     t0 = time.perf_counter()
-    scores, score_bytes = collect_scores(clients, transport, score_config(method, max_samples, contrast, seed, layers))
-    head_rows = list(request.classes) or None
-    mask = select_channels(scores, work, ratio, scope, None, include_head, head_rows)
+    scores, score_bytes = collect_scores(clients, transport, score_config(cfg))
+    mask = select_channels(scores, work, cfg.ratio, cfg.scope, cfg.threshold, cfg.include_head, cfg.head_rows)
     t1 = time.perf_counter()
-    config = unlearn_config(objective, local_epochs, max_steps, seed, forget_weight, lr_scale, head_lr_scale)
-    _, history = masked_rounds(work, clients, mask, rounds, config, transport)
+    _, history = masked_rounds(work, clients, mask, rounds, unlearn_config(cfg), transport)
     t2 = time.perf_counter()
     return FederatedUnlearningResult(
-        work, "ours", mask, {"scoring": t1 - t0, "unlearning": t2 - t1, "total": t2 - t0},
-        round_bytes(history, score_bytes.total), scores, history, {"objective": objective, "ratio": ratio, "scope": scope, "rounds": rounds,
-                          "max_steps": max_steps, "lr_scale": lr_scale, "head_lr_scale": head_lr_scale,
-                          "forget_weight": forget_weight, "method_scoring": method,
-                          "layers": list(layers) if layers else "all"},
+        work, mask, timings_s={"scoring": t1 - t0, "unlearning": t2 - t1, "total": t2 - t0}, scores=scores,
+        extra={"rounds": rounds}, method="ours", config=cfg,
+        bytes=round_bytes(history, score_bytes.total), history=history,
     )

@@ -6,38 +6,44 @@ of the config is :class:`FederatedSettings`.
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.utilities import rank_zero_deprecation
 
+from lightning_unlearn._io import save_torch, unique_path
+from lightning_unlearn.config import UnlearnConfig
 from lightning_unlearn.data.federated import FederatedDataModule
 from lightning_unlearn.federated.baselines import federated_retrain
-from lightning_unlearn.federated.client import get_arrays
+from lightning_unlearn.federated.arrays import get_arrays
 from lightning_unlearn.federated.messages import Broadcast, tensor_bytes
-from lightning_unlearn.federated.protocol import federated_unlearn
+from lightning_unlearn.federated.protocol import FederatedUnlearningResult, federated_unlearn
 from lightning_unlearn.federated.simulation import FederatedSimulation
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
 class FederatedSettings:
-    """Schedule of a federated run (ignored by central configs).
+    """Schedule of a federated run (ignored by central configs); how to unlearn is the ``unlearning:`` section.
 
     Args:
         rounds: FedAvg rounds for training (and for the retrained reference).
         local_epochs: local epochs per client per round.
         local_steps: cap on local optimizer steps per client per round (None: whole epochs).
         fraction: share of clients sampled per round.
-        unlearn_rounds: masked unlearning rounds.
-        unlearn_steps: local steps per client per unlearning round.
-        lr_scale: learning-rate multiplier for the masked rounds.
-        score_samples: at most this many forget samples scored per client.
+        unlearn_rounds: masked unlearning rounds (each client's budget per round: ``unlearning.epochs`` /
+            ``unlearning.max_steps``).
         output_dir: where ``fit`` writes ``original.ckpt`` and the per-round server checkpoints.
         dp_target_epsilon, dp_noise_multiplier: local DP-SGD at every client during ``fit`` (Opacus, the
             ``dp`` extra); give one. The epsilon is per client, for the whole training.
         dp_max_grad_norm, dp_delta: per-sample clipping norm and delta of the DP runs.
+        unlearn_steps, lr_scale, score_samples: deprecated, use ``unlearning.max_steps``,
+            ``unlearning.lr_scale`` and ``unlearning.max_samples``.
     """
 
     rounds: int = 5
@@ -45,14 +51,26 @@ class FederatedSettings:
     local_steps: int | None = None
     fraction: float = 1.0
     unlearn_rounds: int = 1
-    unlearn_steps: int | None = 5
-    lr_scale: float = 1.0
-    score_samples: int | None = 256
     output_dir: str = "outputs/federated"
     dp_target_epsilon: float | None = None
     dp_noise_multiplier: float | None = None
     dp_max_grad_norm: float = 1.0
     dp_delta: float = 1e-5
+    unlearn_steps: int | None = None
+    lr_scale: float | None = None
+    score_samples: int | None = None
+
+    def merge_deprecated(self, config: UnlearnConfig) -> UnlearnConfig:
+        """``config`` with the values of the deprecated fields moved in (one warning per field)."""
+        moved = {"unlearn_steps": "max_steps", "lr_scale": "lr_scale", "score_samples": "max_samples"}
+        updates = {}
+        for old, new in moved.items():
+            value = getattr(self, old)
+            if value is not None:
+                rank_zero_deprecation(f"federated.{old} is deprecated and will be removed in the next release; "
+                                      f"use unlearning.{new}")
+                updates[new] = value
+        return UnlearnConfig.build(config, **updates) if updates else config
 
 
 def is_federated(datamodule: Any) -> bool:
@@ -70,8 +88,6 @@ def _simulation(model: pl.LightningModule, fdm: FederatedDataModule, s: Federate
 
 def federated_fit(model: pl.LightningModule, fdm: FederatedDataModule, settings: FederatedSettings, seed: int = 0) -> Path:
     """FedAvg training; writes ``<output_dir>/original.ckpt`` (a new name if it exists). Resumes from round checkpoints."""
-    from lightning_unlearn.evaluation.report import unique_path
-
     dp = settings.dp_target_epsilon is not None or settings.dp_noise_multiplier is not None
     if dp:
         from lightning_unlearn.privacy.federated import attach_settings_dp, prepare_model
@@ -81,11 +97,11 @@ def federated_fit(model: pl.LightningModule, fdm: FederatedDataModule, settings:
     sim = _simulation(model, fdm, settings, seed, checkpoints=not dp)
     privacy = attach_settings_dp(sim.clients, settings) if dp else None
     result = sim.train(resume=not dp)
-    path = _save(sim.model, unique_path(Path(settings.output_dir) / "original.ckpt"))
-    print(f"FedAvg: {settings.rounds} rounds, test acc {result.history[-1].get('test_acc', float('nan')):.4f}; "
-          f"checkpoint: {path}")
+    path = save_checkpoint(sim.model, unique_path(Path(settings.output_dir) / "original.ckpt"))
+    log.info("FedAvg: %d rounds, test acc %.4f; checkpoint: %s", settings.rounds,
+             result.history[-1].get("test_acc", float("nan")), path)
     if privacy is not None:
-        print(privacy.describe())
+        log.info("%s", privacy.describe())
     return path
 
 
@@ -100,16 +116,13 @@ def deployed_simulation(model: pl.LightningModule, fdm: FederatedDataModule, set
 
 
 def federated_unlearn_checkpoint(
-    model: pl.LightningModule, fdm: FederatedDataModule, settings: FederatedSettings, method: str, ratio: float,
-    objective: str, seed: int,
-):
+    model: pl.LightningModule, fdm: FederatedDataModule, settings: FederatedSettings, config: UnlearnConfig, seed: int,
+) -> tuple[FederatedSimulation, FederatedUnlearningResult]:
     """Run the federated unlearning protocol from a trained global model; returns (simulation, result)."""
     sim, _ = deployed_simulation(model, fdm, settings, seed)
-    result = federated_unlearn(
-        sim.model, sim.clients, fdm.request, method=method, ratio=ratio,
-        objective=objective, rounds=settings.unlearn_rounds,
-        max_steps=settings.unlearn_steps, max_samples=settings.score_samples, lr_scale=settings.lr_scale, seed=seed,
-    )
+    result = federated_unlearn(sim.model, sim.clients, fdm.request, settings.merge_deprecated(config),
+                               rounds=settings.unlearn_rounds)
+    result.metrics = sim.evaluate(result.model)
     return sim, result
 
 
@@ -125,11 +138,9 @@ def fedavg_round_bytes(model: torch.nn.Module, num_clients: int, fraction: float
     return 2 * sampled * tensor_bytes(get_arrays(model))
 
 
-def _save(model: torch.nn.Module, path: Path) -> Path:
-    """A checkpoint ``lightning-unlearn unlearn`` and ``LightningModule.load_from_checkpoint`` can read."""
-    from lightning_unlearn.evaluation.report import _atomic_write
-
+def save_checkpoint(model: torch.nn.Module, path: Path) -> Path:
+    """A checkpoint ``lightning-unlearn unlearn`` and ``LightningModule.load_from_checkpoint`` can read (never overwrites)."""
     state = {"state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
              "hyper_parameters": dict(getattr(model, "hparams", {})), "pytorch-lightning_version": pl.__version__}
-    return _atomic_write(path, lambda f: torch.save(state, f))
+    return save_torch(state, path, overwrite=False)
 

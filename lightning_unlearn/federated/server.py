@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,8 +20,9 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from lightning_unlearn._io import load_torch_file, save_torch
 from lightning_unlearn.attribution import ChannelScores, LayerInfo
-from lightning_unlearn.federated.client import get_arrays, set_arrays
+from lightning_unlearn.federated.arrays import get_arrays, set_arrays
 from lightning_unlearn.federated.messages import (
     Broadcast,
     MaskedUpdateMessage,
@@ -197,7 +197,7 @@ def run_fedavg(
     start_round = 0
     ckpt = Path(checkpoint_dir) / "fedavg.pt" if checkpoint_dir is not None else None
     if resume and ckpt is not None and ckpt.exists():
-        state = torch.load(ckpt, map_location="cpu", weights_only=False)
+        state = load_torch_file(ckpt, "FedAvg resume file")
         global_arrays, history, start_round = state["global"], state["history"], state["round"] + 1
         if store is not None and state.get("store") is not None:
             store.rounds = state["store"]
@@ -240,7 +240,7 @@ def run_fedavg(
         row["overhead_s"] = row["round_s"] - eval_s - local
         t_ck = time.perf_counter()
         if ckpt is not None:
-            _atomic_save({"round": r, "global": global_arrays, "history": history + [row],
+            save_torch({"round": r, "global": global_arrays, "history": history + [row],
                           "store": store.rounds if store is not None else None}, ckpt)
         row["checkpoint_s"] = time.perf_counter() - t_ck  # in memory only; the saved row stops before saving
         row["round_s"] += row["checkpoint_s"]
@@ -254,10 +254,3 @@ def run_fedavg(
         for c in clients:
             transport.call(c, "deploy", Broadcast(global_arrays))
     return FedAvgResult(model, history, store)
-
-
-def _atomic_save(obj: Any, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile(dir=path.parent, delete=False, suffix=".tmp") as f:
-        torch.save(obj, f)
-    os.replace(f.name, path)

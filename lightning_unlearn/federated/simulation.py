@@ -5,10 +5,8 @@ It lives outside the server on purpose; the server code never sees it.
 """
 from __future__ import annotations
 
-import json
 import math
 import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -17,6 +15,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
 
+from lightning_unlearn._io import to_jsonable, write_json  # noqa: F401 - write_json is re-exported
 from lightning_unlearn.attribution import LayerInfo, discover_layers
 from lightning_unlearn.data.federated import FederatedDataModule, FederatedForgetPlan
 from lightning_unlearn.data.unlearning import UnlearningDataModule
@@ -141,29 +140,5 @@ class FederatedSimulation:
             "speedup_vs_retrain": retrain_s / wall if wall else None,
             "bytes": {**result.bytes, "fedavg_round": fedavg_round,
                       "ratio_to_fedavg_round": result.bytes["unlearning_round"] / fedavg_round},
-            "extra": _jsonable(result.extra),
+            "extra": to_jsonable(result.extra),
         }
-
-
-def write_json(record: Mapping[str, Any], path: str | os.PathLike) -> Path:
-    """Write atomically (temporary file + rename): a crash never leaves half a report."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as f:
-        json.dump(_jsonable(record), f, indent=2)
-    os.replace(f.name, path)
-    return path
-
-
-def _jsonable(obj: Any) -> Any:
-    if isinstance(obj, Mapping):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, torch.Tensor):
-        return obj.tolist()
-    if hasattr(obj, "item") and callable(obj.item):
-        return obj.item()
-    if isinstance(obj, float) and math.isnan(obj):
-        return None
-    return obj

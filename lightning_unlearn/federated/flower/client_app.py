@@ -29,9 +29,11 @@ from flwr.clientapp import ClientApp
 from lightning.pytorch.callbacks import Callback
 from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 
+from lightning_unlearn._io import load_torch_file, save_torch
 from lightning_unlearn.data.datasets import dataset_targets, load_digits_datasets, load_mnist
 from lightning_unlearn.data.federated import ClientSplit, FederatedDataModule
-from lightning_unlearn.federated.client import FederatedClient, set_arrays
+from lightning_unlearn.federated.arrays import set_arrays
+from lightning_unlearn.federated.client import FederatedClient
 from lightning_unlearn.federated.flower.records import (
     COUNT_KEY,
     arrays_to_record,
@@ -134,12 +136,7 @@ def save_partition(fdm: FederatedDataModule, client_id: int, path: str | os.Path
     xs = torch.stack([ds[i][0] for i in range(len(ds))])
     blob = {"x": xs, "y": dataset_targets(ds), "sample_ids": torch.as_tensor(fdm.client_indices(client_id)),
             "client_id": int(client_id), "num_classes": int(fdm.num_classes), "batch_size": int(fdm.batch_size)}
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save(blob, tmp)
-    os.replace(tmp, path)
-    return path
+    return save_torch(blob, path)
 
 
 def file_partition(context: Context) -> ClientPartition:
@@ -152,7 +149,10 @@ def file_partition(context: Context) -> ClientPartition:
     path = Path(str(context.node_config[DATA_PATH_KEY]))
     if not path.is_file():
         raise FlowerDataError(f"{DATA_PATH_KEY}={str(path)!r} does not exist on this node: it cannot reach its data")
-    blob = torch.load(path, map_location="cpu", weights_only=True)
+    blob = load_torch_file(path, f"{DATA_PATH_KEY}")
+    missing = [k for k in ("x", "y", "sample_ids", "client_id", "num_classes", "batch_size") if k not in blob]
+    if missing:
+        raise FlowerDataError(f"{DATA_PATH_KEY}={str(path)!r} is not a partition file: it lacks {missing}")
     return ClientPartition(int(blob["client_id"]), TensorDataset(blob["x"], blob["y"]), blob["sample_ids"].numpy(),
                            int(blob["num_classes"]), int(blob["batch_size"]))
 

@@ -13,9 +13,8 @@ from __future__ import annotations
 
 import json
 import math
-import re
 import os
-import tempfile
+import re
 import time
 from dataclasses import dataclass, field
 from logging import INFO
@@ -30,8 +29,9 @@ from flwr.serverapp.strategy import FedAvg, Strategy
 from flwr.supercore import log
 from torch import Tensor
 
+from lightning_unlearn._io import save_torch, write_json
 from lightning_unlearn.attribution import ChannelScores
-from lightning_unlearn.federated.client import get_arrays, selected_values, set_arrays
+from lightning_unlearn.federated.arrays import get_arrays, selected_values, set_arrays
 from lightning_unlearn.federated.flower.records import (
     ByteLedger,
     arrays_to_record,
@@ -40,7 +40,8 @@ from lightning_unlearn.federated.flower.records import (
     record_to_arrays,
 )
 from lightning_unlearn.federated.messages import Broadcast, RoundBytes
-from lightning_unlearn.federated.protocol import resolve_objective, round_config, score_config, unlearn_config
+from lightning_unlearn.config import UnlearnConfig
+from lightning_unlearn.federated.protocol import round_config, score_config, unlearn_config
 from lightning_unlearn.federated.server import (
     aggregate_scores,
     check_rounds,
@@ -75,36 +76,24 @@ class FedAvgPlan:
             raise ValueError(f"unknown data {self.data!r}; allowed values are {list(DATA_CHOICES)}")
 
 
-@dataclass
 class UnlearnPlan:
-    """One unlearning request and its settings (same meaning and defaults as :func:`federated_unlearn`).
+    """One unlearning request: the same :class:`~lightning_unlearn.UnlearnConfig` as :func:`federated_unlearn`,
+    plus the number of masked ``rounds``.
 
-    ``evaluate``: after each masked round, clients report their local forget/retain accuracy.
+    ``overrides`` replace single config fields (``UnlearnPlan(request, ratio=0.2)``). ``evaluate``: after
+    each masked round, clients report their local forget/retain accuracy.
     """
 
-    request: ForgetRequest
-    method: str = "grad_x_act"
-    ratio: float = 0.05
-    objective: str = "auto"
-    rounds: int = 1
-    local_epochs: int = 1
-    max_steps: int | None = None
-    scope: str = "layer"
-    include_head: bool = False
-    layers: Sequence[str] | None = None
-    max_samples: int | None = 256
-    contrast: bool = False
-    forget_weight: float = 1.0
-    lr_scale: float = 1.0
-    seed: int = 0
-    evaluate: bool = True
+    def __init__(self, request: ForgetRequest, config: UnlearnConfig | None = None, rounds: int = 1,
+                 evaluate: bool = True, **overrides: Any) -> None:
+        if not isinstance(request, ForgetRequest):
+            raise TypeError(f"request must be a ForgetRequest, got {type(request).__name__}")
+        check_rounds(rounds)
+        self.request, self.rounds, self.evaluate = request, rounds, evaluate
+        self.config = UnlearnConfig.build(config, **overrides).resolved(request, "federated")
 
-    def __post_init__(self) -> None:
-        if not isinstance(self.request, ForgetRequest):
-            raise TypeError(f"request must be a ForgetRequest, got {type(self.request).__name__}")
-        check_rounds(self.rounds)
-        check_rounds(self.local_epochs, "local_epochs")
-        self.objective = resolve_objective(self.objective, self.request)
+    def __repr__(self) -> str:
+        return f"UnlearnPlan(request={self.request.to_dict()}, rounds={self.rounds}, config={self.config})"
 
 
 @dataclass
@@ -243,9 +232,8 @@ class MaskedUnlearning(Strategy):
     def __init__(self, model: pl.LightningModule, clients: Mapping[int, int], plan: UnlearnPlan, ledger: ByteLedger,
                  timeout: float = 3600) -> None:
         self.model, self.clients, self.plan, self.ledger, self.timeout = model, dict(clients), plan, ledger, timeout
-        p = plan
-        self.request_json = json.dumps(p.request.to_dict())
-        self.config = unlearn_config(p.objective, p.local_epochs, p.max_steps, p.seed, p.forget_weight, p.lr_scale)
+        self.request_json = json.dumps(plan.request.to_dict())
+        self.config = unlearn_config(plan.config)
         self.scores: ChannelScores | None = None
         self.mask: ParameterMask | None = None
         self.reference: dict[str, Tensor] = {}
@@ -263,15 +251,13 @@ class MaskedUnlearning(Strategy):
 
     def select(self, grid: Grid, deployed: Mapping[str, Tensor]) -> ParameterMask:
         """Scoring round: clients with forget data send (scores, count); the server selects the mask."""
-        p = self.plan
-        config = score_config(p.method, p.max_samples, p.contrast, p.seed, list(p.layers) if p.layers else None)
-        msgs = self._to_all(Broadcast({}, config), "score", "query.score")
+        c = self.plan.config
+        msgs = self._to_all(Broadcast({}, score_config(c)), "score", "query.score")
         replies = check_replies(list(grid.send_and_receive(msgs, timeout=self.timeout)), len(msgs), "scoring")
         self.scores = aggregate_scores([m for _, m in _client_replies(replies, self.clients, self.ledger, "score")])
         self.reference = {k: v.clone() for k, v in deployed.items()}
         set_arrays(self.model, self.reference)
-        self.mask = select_channels(self.scores, self.model, p.ratio, p.scope, None, p.include_head,
-                                    list(p.request.classes) or None)
+        self.mask = select_channels(self.scores, self.model, c.ratio, c.scope, c.threshold, c.include_head, c.head_rows)
         return self.mask
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
@@ -314,9 +300,9 @@ class MaskedUnlearning(Strategy):
         return MetricRecord({k: float(v) for k, v in row.items() if not math.isnan(v)})
 
     def summary(self) -> None:
-        p = self.plan
-        log(INFO, "\t├──> request %s, scoring %s, ratio %g (%s)", p.request.to_dict(), p.method, p.ratio, p.scope)
-        log(INFO, "\t└──> %d masked round(s), objective %s, max_steps %s", p.rounds, p.objective, p.max_steps)
+        p, c = self.plan, self.plan.config
+        log(INFO, "\t├──> request %s, scoring %s, ratio %g (%s)", p.request.to_dict(), c.method, c.ratio, c.scope)
+        log(INFO, "\t└──> %d masked round(s), objective %s, max_steps %s", p.rounds, c.objective, c.max_steps)
 
     def run(self, grid: Grid, deployed: Mapping[str, Tensor]) -> dict[str, Tensor]:
         """Select the mask, run the masked rounds; returns the unlearned global arrays."""
@@ -376,14 +362,9 @@ def run_server(
 
 def save_result(result: FlowerRunResult, out_dir: str | os.PathLike) -> Path:
     """``model.pt`` (final arrays), ``trained.pt`` and ``report.json`` under a new ``out_dir``, each written atomically."""
-    from lightning_unlearn.federated.simulation import write_json
-
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     for name, arrays in (("model.pt", result.arrays), ("trained.pt", result.trained)):
-        with tempfile.NamedTemporaryFile(dir=out, delete=False, suffix=".tmp") as f:
-            torch.save(arrays, f)
-        os.replace(f.name, out / name)
+        save_torch(arrays, out / name)
     write_json(result.report(), out / "report.json")
     return out
 

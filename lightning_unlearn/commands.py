@@ -1,0 +1,229 @@
+"""The flows behind ``lightning-unlearn unlearn`` and ``evaluate``: one flow each, the engine is the only switch.
+
+An engine runs the method and the exact reference where the data lives: :class:`CentralEngine` on
+the user's Trainer, :class:`FederatedEngine` in the federated simulation (the config's ``federated:``
+section). Everything else (loading, the report, the comparison) is shared.
+"""
+from __future__ import annotations
+
+import copy
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Checkpoint
+
+from lightning_unlearn._io import load_torch_file, unique_path, write_json
+from lightning_unlearn.api import retrain
+from lightning_unlearn.callbacks.selective import SelectiveUnlearning
+from lightning_unlearn.config import UnlearnConfig
+from lightning_unlearn.data.unlearning import UnlearningDataModule
+from lightning_unlearn.evaluation import evaluate_unlearning, plot_per_class_accuracy, write_report
+from lightning_unlearn.evaluation.report import UnlearningReport
+from lightning_unlearn.federated.runner import (
+    FederatedSettings,
+    deployed_simulation,
+    federated_reference,
+    federated_unlearn_checkpoint,
+    fedavg_round_bytes,
+    save_checkpoint,
+)
+from lightning_unlearn.metrics import split_accuracies
+from lightning_unlearn.result import UnlearningResult
+
+
+class Engine(Protocol):
+    """Where unlearning and retraining run."""
+
+    name: str
+    is_global_zero: bool
+
+    def unlearn(self, model: pl.LightningModule, datamodule: Any, config: UnlearnConfig) -> UnlearningResult: ...
+
+    def save(self, result: UnlearningResult, wanted: Path) -> Path: ...
+
+    def evaluation_datamodule(self, datamodule: Any) -> UnlearningDataModule: ...
+
+    def retrain(self, original: pl.LightningModule, datamodule: Any, epochs: int | None) -> UnlearningResult: ...
+
+    def describe(self, original: pl.LightningModule, result: UnlearningResult | None) -> dict[str, Any]: ...
+
+
+class CentralEngine:
+    """The user's Trainer: :class:`SelectiveUnlearning` added as a callback, checkpoints written by Lightning."""
+
+    name = "central"
+
+    def __init__(self, trainer: pl.Trainer, seed: int) -> None:
+        self.trainer, self.seed = trainer, seed
+
+    @property
+    def is_global_zero(self) -> bool:
+        return self.trainer.is_global_zero
+
+    def unlearn(self, model: pl.LightningModule, datamodule: Any, config: UnlearnConfig) -> UnlearningResult:
+        callback = SelectiveUnlearning(config, log_metrics=True)
+        # never let a ModelCheckpoint from the training config write over the input
+        self.trainer.callbacks = [c for c in self.trainer.callbacks if not isinstance(c, (Checkpoint, SelectiveUnlearning))]
+        self.trainer.callbacks.append(callback)
+        self.trainer.fit_loop.max_epochs = config.epochs
+        if config.max_steps is not None:
+            self.trainer.fit_loop.epoch_loop.max_steps = config.max_steps
+        if hasattr(datamodule, "train_on"):
+            datamodule.train_on = "retain"
+        start = time.perf_counter()
+        self.trainer.fit(model, datamodule=datamodule)
+        timings = {**callback.timings, "total": time.perf_counter() - start}
+        return UnlearningResult(model, callback.mask, split_accuracies(model, datamodule), timings, callback.scores,
+                                config=callback.resolved_config)
+
+    def save(self, result: UnlearningResult, wanted: Path) -> Path:
+        """A Lightning checkpoint (with the mask in the callback state) at a fresh path, written atomically."""
+        target = Path(self.trainer.strategy.broadcast(str(unique_path(wanted)) if self.is_global_zero else None))
+        tmp = target.with_name(f".{target.name}.tmp")
+        self.trainer.save_checkpoint(tmp)
+        if self.is_global_zero:
+            os.chmod(tmp, 0o644)
+            os.link(tmp, target)
+            os.unlink(tmp)
+        self.trainer.strategy.barrier()
+        return target
+
+    def evaluation_datamodule(self, datamodule: Any) -> UnlearningDataModule:
+        return datamodule
+
+    def retrain(self, original: pl.LightningModule, datamodule: Any, epochs: int | None) -> UnlearningResult:
+        return retrain(original, datamodule, epochs=epochs or self.trainer.max_epochs or 10, seed=self.seed)
+
+    def describe(self, original: pl.LightningModule, result: UnlearningResult | None) -> dict[str, Any]:
+        return {"engine": self.name}
+
+
+class FederatedEngine:
+    """The in-process federation of a :class:`~lightning_unlearn.data.FederatedDataModule` config."""
+
+    name = "federated"
+    is_global_zero = True
+
+    def __init__(self, settings: FederatedSettings, seed: int) -> None:
+        self.settings, self.seed = settings, seed
+        self._sim = None
+
+    def unlearn(self, model: pl.LightningModule, datamodule: Any, config: UnlearnConfig) -> UnlearningResult:
+        self._sim, result = federated_unlearn_checkpoint(model, datamodule, self.settings, config, self.seed)
+        return result
+
+    def save(self, result: UnlearningResult, wanted: Path) -> Path:
+        return save_checkpoint(result.model, unique_path(wanted))
+
+    def _simulation(self, original: pl.LightningModule, datamodule: Any):
+        if self._sim is None:
+            self._sim, _ = deployed_simulation(copy.deepcopy(original), datamodule, self.settings, self.seed)
+        return self._sim
+
+    def evaluation_datamodule(self, datamodule: Any) -> UnlearningDataModule:
+        if self._sim is None:
+            raise RuntimeError("the federation is built by unlearn() or retrain() first")
+        return self._sim.evaluation_datamodule
+
+    def retrain(self, original: pl.LightningModule, datamodule: Any, epochs: int | None) -> UnlearningResult:
+        sim = self._simulation(original, datamodule)
+        return federated_reference(sim, sim.plan, self.settings, self.seed)
+
+    def describe(self, original: pl.LightningModule, result: UnlearningResult | None) -> dict[str, Any]:
+        out: dict[str, Any] = {"engine": self.name, "federated": asdict(self.settings)}
+        if result is not None:
+            fedavg = fedavg_round_bytes(original, len(self._sim.clients), self.settings.fraction)
+            out["bytes_moved"] = {**getattr(result, "bytes", {}), "fedavg_round": fedavg}
+        return out
+
+
+@dataclass
+class UnlearnOutcome:
+    """What ``unlearn`` wrote: the checkpoint, the report and its path."""
+
+    checkpoint: Path
+    report: UnlearningReport | None
+    report_path: Path | None
+    result: UnlearningResult
+
+
+def unlearn_checkpoint(
+    engine: Engine,
+    model: pl.LightningModule,
+    datamodule: Any,
+    ckpt_path: str | os.PathLike,
+    config: UnlearnConfig,
+    output_dir: str | os.PathLike | None = None,
+    relearn: bool = False,
+    seed: int = 0,
+) -> UnlearnOutcome:
+    """Forget the data module's request in a trained checkpoint; write the unlearned checkpoint and its report."""
+    source = Path(ckpt_path)
+    load_weights(model, source)
+    original = copy.deepcopy(model)
+    result = engine.unlearn(model, datamodule, config)
+    out_dir = Path(output_dir) if output_dir else source.parent
+    target = engine.save(result, out_dir / f"{source.name.split('.')[0]}-unlearned.ckpt")
+    if not engine.is_global_zero:
+        return UnlearnOutcome(target, None, None, result)
+    described = engine.describe(original, result)
+    bytes_moved = described.pop("bytes_moved", None)
+    params = {**(result.config or config).to_dict(), **described, "source_checkpoint": str(source),
+              "lightning_checkpoint": str(target)}
+    report, path = write_report(out_dir, original, result, engine.evaluation_datamodule(datamodule), config.method,
+                                params, seed, bytes_moved=bytes_moved, relearn=relearn)
+    return UnlearnOutcome(target, report, path, result)
+
+
+def evaluate_checkpoints(
+    engine: Engine,
+    model: pl.LightningModule,
+    datamodule: Any,
+    ckpt_path: str | os.PathLike,
+    unlearned_path: str | os.PathLike,
+    retrained_path: str | os.PathLike | None = None,
+    retrain_epochs: int | None = None,
+    output_dir: str | os.PathLike | None = None,
+    relearn: bool = True,
+    seed: int = 0,
+    extra: dict[str, Any] | None = None,
+) -> tuple[dict[str, Any], Path]:
+    """Original vs unlearned vs retrained (``retrained_path`` or a fresh retraining): metrics, plot, ``evaluation.json``."""
+    original = load_weights(copy.deepcopy(model), Path(ckpt_path))
+    unlearned = load_weights(copy.deepcopy(model), Path(unlearned_path))
+    timings: dict[str, float] = {}
+    reference = engine.retrain(original, datamodule, retrain_epochs) if not retrained_path else None
+    if reference is None:
+        if engine.name == "federated":  # the oracle's splits need the federation even without retraining
+            engine._simulation(original, datamodule)
+        retrained = load_weights(copy.deepcopy(model), Path(retrained_path))
+    else:
+        retrained, timings["retrain"] = reference.model, reference.timings_s["retrain"]
+    dm = engine.evaluation_datamodule(datamodule)
+    evaluation = evaluate_unlearning(original, unlearned, dm, retrained, seed=seed, relearn=relearn)
+    out_dir = Path(output_dir) if output_dir else Path(unlearned_path).parent
+    per_class = {k: evaluation[k]["per_class_test_acc"] for k in ("original", "unlearned", "retrained")}
+    plot = plot_per_class_accuracy(per_class, unique_path(out_dir / "evaluation.per_class.png"), dm.request.classes)
+    payload = {"request": dm.request.to_dict(), "original": str(ckpt_path), "unlearned": str(unlearned_path),
+               "engine": engine.name, "timings_s": timings, "metrics": evaluation, "plots": [str(plot)],
+               **(extra or {})}
+    path = write_json(payload, unique_path(out_dir / "evaluation.json"), overwrite=False)
+    return payload, path
+
+
+def load_weights(model: torch.nn.Module, path: Path) -> torch.nn.Module:
+    """Weights from a Lightning checkpoint (``state_dict`` key) or a plain state dict file, ``weights_only=True``."""
+    state = load_torch_file(path, "checkpoint")
+    state = state.get("state_dict", state) if isinstance(state, dict) else state
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"checkpoint {path} holds no state dict of tensors")
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as err:
+        raise ValueError(f"checkpoint {path} does not fit the configured model: {str(err).splitlines()[0]}") from None
+    return model

@@ -1,0 +1,178 @@
+"""UnlearnConfig: every choice of one unlearning run, with its default in exactly one place.
+
+The in-process loop (:func:`~lightning_unlearn.unlearn`, :class:`~lightning_unlearn.callbacks.SelectiveUnlearning`),
+the federated protocol (:func:`~lightning_unlearn.federated.federated_unlearn`), Flower's ``UnlearnPlan``
+and the CLI (``lightning-unlearn unlearn --ratio ...``) all take this object. Values are checked when it
+is built, so a bad value fails before any work with a line that names it.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field, fields, replace
+from typing import Any, Mapping, Sequence
+
+from lightning_unlearn.attribution import check_method
+from lightning_unlearn.masking import check_bn_stats
+from lightning_unlearn.objectives import OBJECTIVES
+from lightning_unlearn.request import ForgetRequest
+from lightning_unlearn.selection import check_ratio, check_scope
+
+ENGINES = ("central", "federated")
+
+#: What ``"auto"`` resolves to on each engine (measured in BENCHMARKS.md). Centrally a random-label
+#: forget term at the user's rate; in a federation retain-only masked rounds with the forgotten head
+#: rows at 10x (a forget term on shared body channels cost 1-8 points of remaining accuracy there).
+AUTO: dict[str, dict[str, Any]] = {
+    "central": {"objective": "random_label", "head_lr_scale": None},
+    "federated": {"objective": "retain", "head_lr_scale": 10.0},
+}
+
+
+@dataclass
+class UnlearnConfig:
+    """How to forget: scoring, selection, objective and update budget.
+
+    Args:
+        method: channel scoring method (``lightning_unlearn.SCORING_METHODS``).
+        ratio: fraction of channels to update, in (0, 1]: per layer (``scope="layer"``) or overall.
+        scope: ``"layer"`` (top ``ratio`` per layer) or ``"global"``.
+        threshold: select channels whose per-layer normalised score is >= this, in [0, 1], instead of ``ratio``.
+        contrast: score forget importance relative to retain importance.
+        max_samples: score a seeded subsample of the forget set of at most this size (None: the method's default).
+        layers: layer names to score and update (None: every Conv/Linear layer).
+        include_head: let the classifier head's rows be selected by score like any layer.
+        head_rows: head rows always updated; ``"auto"``: the forgotten classes' rows for class requests.
+        objective: ``"random_label"``, ``"ascent"``, ``"retain"`` or ``"auto"`` (see :data:`AUTO`).
+        forget_weight: weight of the forget term of the forget-aware objectives, >= 0.
+        epochs: passes over the retain data (per client and round when federated).
+        max_steps: cap on optimizer steps (per client and round when federated); None: no cap.
+        lr_scale: multiplier of the user's learning rate for the selected channels.
+        head_lr_scale: multiplier for the selected head rows (None: ``lr_scale``; ``"auto"``: see :data:`AUTO`).
+        bn_stats: ``"frozen"`` (every BatchNorm in eval mode) or ``"selected"``.
+        seed: seeds scoring subsamples, forget-term labels and the data order.
+    """
+
+    method: str = "grad_x_act"
+    ratio: float = 0.1
+    scope: str = "layer"
+    threshold: float | None = None
+    contrast: bool = False
+    max_samples: int | None = None
+    layers: list[str] | None = None
+    include_head: bool = False
+    head_rows: list[int] | str | None = "auto"
+    objective: str = "auto"
+    forget_weight: float = 1.0
+    epochs: int = 1
+    max_steps: int | None = None
+    lr_scale: float = 1.0
+    head_lr_scale: float | str | None = "auto"
+    bn_stats: str = "frozen"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        check_method(self.method)
+        check_ratio(self.ratio)
+        check_scope(self.scope)
+        if self.threshold is not None:
+            _check_number("threshold", self.threshold, low=0.0, high=1.0)
+        _check_flag("contrast", self.contrast)
+        _check_flag("include_head", self.include_head)
+        _check_count("max_samples", self.max_samples, allow_none=True)
+        if self.layers is not None:
+            if isinstance(self.layers, str) or not all(isinstance(n, str) for n in self.layers) or not self.layers:
+                raise ValueError(f"layers must be a non-empty list of layer names or None, got {self.layers!r}")
+            self.layers = list(self.layers)
+        if self.head_rows is not None and self.head_rows != "auto":
+            if isinstance(self.head_rows, str) or not all(_is_int(r) and r >= 0 for r in self.head_rows):
+                raise ValueError(f"head_rows must be 'auto', None or a list of row indices >= 0, got {self.head_rows!r}")
+            self.head_rows = sorted({int(r) for r in self.head_rows})
+        _check_choice("objective", self.objective, ("auto", *OBJECTIVES))
+        _check_number("forget_weight", self.forget_weight, low=0.0)
+        _check_count("epochs", self.epochs)
+        _check_count("max_steps", self.max_steps, allow_none=True)
+        _check_number("lr_scale", self.lr_scale, low=0.0, low_open=True)
+        if self.head_lr_scale not in (None, "auto"):
+            _check_number("head_lr_scale", self.head_lr_scale, low=0.0, low_open=True)
+        check_bn_stats(self.bn_stats)
+        if not _is_int(self.seed):
+            raise ValueError(f"seed must be an integer, got {self.seed!r}")
+
+    # -- construction --------------------------------------------------------------------------
+    @classmethod
+    def build(cls, config: "UnlearnConfig | Mapping[str, Any] | None" = None, **overrides: Any) -> "UnlearnConfig":
+        """``config`` (an UnlearnConfig, a mapping of fields, or None for the defaults) with ``overrides`` applied.
+
+        Unknown names fail with the list of fields: nothing is silently ignored.
+        """
+        if isinstance(config, UnlearnConfig):
+            base = asdict(config)
+        elif config is None:
+            base = {}
+        elif isinstance(config, Mapping):
+            base = dict(config)
+        else:
+            raise TypeError(f"config must be an UnlearnConfig, a mapping or None, got {type(config).__name__}")
+        merged = {**base, **overrides}
+        unknown = sorted(set(merged) - set(field_names()))
+        if unknown:
+            raise ValueError(f"unknown unlearning setting(s) {unknown}; allowed settings are {field_names()}")
+        return cls(**merged)
+
+    def resolved(self, request: ForgetRequest, engine: str = "central") -> "UnlearnConfig":
+        """A copy with every ``"auto"`` replaced by its value for ``request`` on ``engine``."""
+        _check_choice("engine", engine, ENGINES)
+        auto = AUTO[engine]
+        head_rows = self.head_rows
+        if head_rows == "auto":
+            head_rows = list(request.classes) or None
+        return replace(
+            self,
+            objective=auto["objective"] if self.objective == "auto" else self.objective,
+            head_lr_scale=auto["head_lr_scale"] if self.head_lr_scale == "auto" else self.head_lr_scale,
+            head_rows=head_rows,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def field_names() -> list[str]:
+    """The settings' names, in declaration order."""
+    return [f.name for f in fields(UnlearnConfig)]
+
+
+# -- validation helpers: one line naming the value and what is allowed ----------------------------
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_choice(name: str, value: Any, allowed: Sequence[Any]) -> None:
+    if value not in allowed:
+        raise ValueError(f"unknown {name} {value!r}; allowed values are {list(allowed)}")
+
+
+def _check_flag(name: str, value: Any) -> None:
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be true or false, got {value!r}")
+
+
+def _check_count(name: str, value: Any, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if not _is_int(value) or value < 1:
+        raise ValueError(f"{name} must be an integer >= 1{' or None' if allow_none else ''}, got {value!r}")
+
+
+def _check_number(name: str, value: Any, low: float | None = None, high: float | None = None,
+                  low_open: bool = False) -> None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if ok and low is not None:
+        ok = value > low if low_open else value >= low
+    if ok and high is not None:
+        ok = value <= high
+    if not ok:
+        lo = "" if low is None else f"{'>' if low_open else '>='} {low:g}"
+        hi = "" if high is None else f"<= {high:g}"
+        where = " and ".join(p for p in (lo, hi) if p)
+        raise ValueError(f"{name} must be a finite number{' ' + where if where else ''}, got {value!r}")
