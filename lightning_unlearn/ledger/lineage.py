@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -95,8 +96,6 @@ class RecordLineage(Callback):
     # -- hooks --------------------------------------------------------------------------
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        import time
-
         t0 = time.perf_counter()
         loader = trainer.train_dataloader
         if not isinstance(loader, DataLoader):
@@ -146,8 +145,6 @@ class RecordLineage(Callback):
 
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        import time
-
         if not trainer.is_global_zero or self._source is None:
             return
         t0 = time.perf_counter()
@@ -156,8 +153,12 @@ class RecordLineage(Callback):
         by_hash = {snap.weights_sha256: snap for snap in self._snapshots}
         by_hash.setdefault(final_hash, final)
         recorded: list[tuple[_Snapshot, str | None]] = []
-        for path in _checkpoint_files(trainer):
-            state = load_torch_file(path, "checkpoint")
+        for path in _checkpoint_files(trainer, self._started.timestamp() - 1):
+            try:
+                state = load_torch_file(path, "checkpoint")
+            except ValueError as err:  # not ours to judge: a file we cannot read is simply not recorded
+                log.warning("RecordLineage: skipping %s", err)
+                continue
             digest = weights_sha256(state.get("state_dict", state) if isinstance(state, dict) else state)
             if digest in by_hash and all(digest != snap.weights_sha256 for snap, _ in recorded):
                 recorded.append((by_hash[digest], str(Path(path).resolve())))
@@ -224,12 +225,19 @@ def _subset_order(dataset) -> np.ndarray:
     return np.arange(len(base), dtype=np.int64) if indices is None else indices
 
 
-def _checkpoint_files(trainer: pl.Trainer) -> list[str]:
-    """Every checkpoint file the fit's ModelCheckpoint callbacks still keep on disk."""
+def _checkpoint_files(trainer: pl.Trainer, since: float) -> list[str]:
+    """Checkpoint files the fit's ModelCheckpoint callbacks still keep: named by them, or written in their folder since ``since``.
+
+    (Without a monitored metric ModelCheckpoint does not list every file it keeps; the caller
+    matches each file's weights hash against this fit's saves, so older files never match.)
+    """
     paths: list[str] = []
     for cb in trainer.checkpoint_callbacks:
         if isinstance(cb, ModelCheckpoint):
             paths += [*cb.best_k_models, cb.best_model_path, cb.last_model_path]
+            if cb.dirpath and os.path.isdir(cb.dirpath):
+                paths += sorted(str(p) for p in Path(cb.dirpath).glob(f"*{cb.FILE_EXTENSION}")
+                                if p.stat().st_mtime >= since)
     seen, out = set(), []
     for p in paths:
         if p and p not in seen and os.path.isfile(p):
