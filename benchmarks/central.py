@@ -29,7 +29,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from lightning_unlearn import ForgetRequest, UnlearningDataModule
 from lightning_unlearn._training import fit
-from lightning_unlearn.baselines import METHODS, run_method
+from lightning_unlearn.baselines import BASELINES, run_method
 from lightning_unlearn.data import load_digits_datasets, load_mnist
 from lightning_unlearn.data import dataset_targets
 from lightning_unlearn.evaluation import (
@@ -255,7 +255,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--datasets", nargs="+", default=["digits", "mnist"], choices=["digits", "mnist"])
     p.add_argument("--mnist-root", default=None, help="folder with the MNIST idx .gz files")
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    p.add_argument("--methods", nargs="+", default=list(BASELINES), choices=list(BASELINES))
     p.add_argument("--requests", nargs="+", default=["class", "samples"], choices=["class", "samples", "backdoor"])
     p.add_argument("--digits-epochs", type=int, default=12)
     p.add_argument("--mnist-epochs", type=int, default=3)

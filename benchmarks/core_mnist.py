@@ -19,7 +19,7 @@ import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
 
-from lightning_unlearn import METHODS, ForgetRequest, UnlearningDataModule, channel_scores, select_channels
+from lightning_unlearn import SCORING_METHODS, ForgetRequest, UnlearningDataModule, channel_scores, select_channels
 from lightning_unlearn.callbacks import GradientMask
 from lightning_unlearn.data import load_mnist
 from lightning_unlearn.demo import run
@@ -94,7 +94,7 @@ def scoring_cost(model, dm: UnlearningDataModule) -> dict:
         opt.step()
     epoch = time.perf_counter() - start
     out = {"forget_samples": len(loader.dataset), "epoch_over_forget_s": epoch}
-    for method in METHODS:
+    for method in SCORING_METHODS:
         start = time.perf_counter()
         s = channel_scores(model, loader, method)
         elapsed = time.perf_counter() - start

@@ -1,25 +1,31 @@
 """lightning-unlearn: make a trained Lightning model forget a class, a client or samples.
 
 Explain the model (captum), select the channels most tied to the data to forget, and
-fine-tune only those, with every other parameter left bit-for-bit unchanged.
+update only those, with every other parameter left bit-for-bit unchanged.
 """
-from lightning_unlearn.api import UnlearningResult, retrain, unlearn
-from lightning_unlearn.attribution import METHODS, ChannelScores, channel_scores, discover_layers
+from typing import Any
+
+from lightning_unlearn.api import retrain, unlearn
+from lightning_unlearn.attribution import ChannelScores, LayerInfo, channel_scores, discover_layers
+from lightning_unlearn.config import UnlearnConfig
 from lightning_unlearn.data.unlearning import UnlearningDataModule
 from lightning_unlearn.masking import MaskEnforcer
 from lightning_unlearn.mixin import UnlearningMixin
 from lightning_unlearn.objectives import OBJECTIVES
 from lightning_unlearn.request import ForgetRequest
+from lightning_unlearn.result import UnlearningResult
 from lightning_unlearn.selection import ParameterMask, select_channels
 
 __version__ = "0.1.0"
 __all__ = [
     "ChannelScores",
     "ForgetRequest",
+    "LayerInfo",
     "MaskEnforcer",
-    "METHODS",
     "OBJECTIVES",
     "ParameterMask",
+    "SCORING_METHODS",
+    "UnlearnConfig",
     "UnlearningDataModule",
     "UnlearningMixin",
     "UnlearningResult",
@@ -29,3 +35,18 @@ __all__ = [
     "select_channels",
     "unlearn",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    """``SCORING_METHODS`` follows the scorer registry (user-registered methods included); ``METHODS`` is deprecated."""
+    from lightning_unlearn import attribution
+
+    if name == "SCORING_METHODS":
+        return attribution.SCORING_METHODS
+    if name == "METHODS":
+        import warnings
+
+        warnings.warn("lightning_unlearn.METHODS is deprecated and will be removed in the next release; "
+                      "use SCORING_METHODS", DeprecationWarning, stacklevel=2)
+        return attribution.SCORING_METHODS
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -275,12 +275,22 @@ def main(args: list[str] | None = None) -> None:
 
 
 def _one_line(message: str) -> str:
-    """The informative line of a (possibly nested, multi-line) jsonargparse error."""
+    """The informative line of a (possibly nested, multi-line) jsonargparse error, with the key and the bad value."""
+    import re
+
     lines = [line.strip(" -") for line in str(message).splitlines() if line.strip()]
-    where = next((line[len("Parser key "):].rstrip(":") for line in lines if line.startswith("Parser key ")), None)
+    keys = [m.group(1) for line in lines if (m := re.match(r'Parser key "([^"]+)"', line))]
+    where = ".".join(dict.fromkeys(keys)) or None
+    values = [re.split(r"(?:Given|Got) value: ", line, maxsplit=1)[1] for line in lines
+              if re.search(r"(?:Given|Got) value: ", line) and "NestedArg" not in line]
+    expected = sorted({re.sub(r"<class '(?:[\w.]+\.)?(\w+)'>", r"\1", line[len("Expected a "):]).split(".")[0]
+                       for line in lines if line.startswith("Expected a ")})
     noise = ("Expected a", "Given value", "Subtypes:", "Errors:", "Does not validate", "Problem with", "Parser key")
-    useful = [line for line in lines if not line.startswith(noise)] or lines or [str(message)]
-    first = useful[0]
+    useful = [re.sub(r"(?:Given|Got) value: .*", "", line).rstrip(". ") for line in lines if not line.startswith(noise)]
+    useful = [line for line in useful if line]
+    first = useful[0] if useful else (f"expected {' or '.join(expected)}" if expected else (lines or [str(message)])[0])
+    if values and values[0] not in first:
+        first = f"{first}, got {values[0]!r}"
     return f"{where}: {first}" if where and where not in first else first
 
 

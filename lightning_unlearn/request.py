@@ -79,22 +79,34 @@ class ForgetRequest:
                 raise ValueError("the forget set covers the whole training set: nothing would be retained")
 
     def forget_mask(self, targets: torch.Tensor) -> np.ndarray:
-        """Boolean array over the training samples: True where a sample is to be forgotten.
+        """Boolean array over the training samples: True where a sample is to be forgotten (central data)."""
+        return self.resolve(targets)
 
-        Client requests need the partition and are resolved by the federated data module.
+    def resolve(
+        self,
+        targets: torch.Tensor | np.ndarray,
+        sample_ids: np.ndarray | None = None,
+        clients: np.ndarray | None = None,
+    ) -> np.ndarray:
+        """Which of these samples the request names: the one resolver for every request kind and engine.
+
+        Args:
+            targets: each sample's label (class requests).
+            sample_ids: each sample's global id (sample requests; default: its position).
+            clients: each sample's client id (client requests: a federated partition or one node's shard).
         """
-        targets = torch.as_tensor(targets).cpu().numpy()
-        mask = np.zeros(len(targets), dtype=bool)
+        targets = np.asarray(torch.as_tensor(targets).cpu())
         if self.classes:
-            mask |= np.isin(targets, np.asarray(self.classes))
+            return np.isin(targets, np.asarray(self.classes))
         if self.sample_ids:
-            mask[np.asarray(self.sample_ids, dtype=np.int64)] = True
+            ids = np.arange(len(targets)) if sample_ids is None else np.asarray(sample_ids)
+            return np.isin(ids, np.asarray(self.sample_ids, dtype=np.int64))
         if self.clients:
-            raise ValueError("a client request is resolved by FederatedDataModule, not by a central data module")
-        if self.subjects:
-            raise ValueError("a subject request is resolved through a request ledger (lightning_unlearn.ledger) "
-                             "into sample ids first")
-        return mask
+            if clients is None:
+                raise ValueError("a client request is resolved by FederatedDataModule, not by a central data module")
+            return np.isin(np.asarray(clients), np.asarray(self.clients))
+        raise ValueError("a subject request is resolved through a request ledger (lightning_unlearn.ledger) "
+                         "into sample ids first")
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-friendly form, used in reports."""

@@ -270,7 +270,8 @@ def test_scale_learning_rate_gives_named_parameters_their_own_group():
     from types import SimpleNamespace
 
     from lightning_unlearn.callbacks.learning_rate import ScaleLearningRate
-    from lightning_unlearn.federated.protocol import HEAD_LR_SCALE, resolve_objective, unlearn_config
+    from lightning_unlearn.config import UnlearnConfig
+    from lightning_unlearn.federated.protocol import HEAD_LR_SCALE, unlearn_config
 
     model = _model()
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
@@ -282,6 +283,11 @@ def test_scale_learning_rate_gives_named_parameters_their_own_group():
     assert sorted(by_id) == sorted(id(p) for p in model.parameters())  # every parameter exactly once
     with pytest.raises(ValueError, match="lr_scale"):
         ScaleLearningRate(1.0, {"fc2.weight": 0.0})
-    assert unlearn_config("retain", 1, 5, 0, 1.0, 1.0)["head_lr_scale"] == HEAD_LR_SCALE
-    assert "head_lr_scale" not in unlearn_config("retain", 1, 5, 0, 1.0, 1.0, None)
-    assert resolve_objective("auto", ForgetRequest(classes=[3])) == "retain"
+    request = ForgetRequest(classes=[3])
+    resolved = UnlearnConfig(max_steps=5).resolved(request, "federated")
+    assert resolved.objective == "retain" and resolved.head_rows == [3]
+    assert unlearn_config(resolved)["head_lr_scale"] == HEAD_LR_SCALE == 10.0
+    assert "head_lr_scale" not in unlearn_config(UnlearnConfig(head_lr_scale=None).resolved(request, "federated"))
+    assert UnlearnConfig().resolved(request, "central").objective == "random_label"
+    with pytest.raises(ValueError, match="needs a resolved UnlearnConfig"):
+        unlearn_config(UnlearnConfig())

@@ -274,9 +274,6 @@ class FederatedDataModule(LightningDataModule):
                 raise ValueError(f"client id(s) {bad} out of range; allowed ids are 0..{self._num_clients - 1}")
             if len(request.clients) >= self._num_clients:
                 raise ValueError(f"forgetting clients {list(request.clients)} would leave no client to retain")
-            forget = np.zeros(len(self.targets), dtype=bool)
-            for c in request.clients:
-                forget[self._parts[c]] = True
         else:
             if request.kind == "class":
                 unknown = [c for c in request.classes if not 0 <= c < self.num_classes]
@@ -288,7 +285,10 @@ class FederatedDataModule(LightningDataModule):
                         f"class(es) {absent} are held by no client; classes held are {present}"
                     )
             request.validate(torch.as_tensor(self.targets), self.num_classes)
-            forget = request.forget_mask(torch.as_tensor(self.targets))
+        owner = np.empty(len(self.targets), dtype=np.int64)
+        for k, part in enumerate(self._parts):
+            owner[part] = k
+        forget = request.resolve(self.targets, clients=owner)
         splits = []
         for k, part in enumerate(self._parts):
             local = forget[part]

@@ -12,12 +12,14 @@ written by :func:`save_partition`), otherwise it rebuilds the simulated federati
 """
 from __future__ import annotations
 
+from logging import INFO
 from pathlib import Path
 from typing import Any, Mapping
 
 import torch
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
+from flwr.supercore import log
 
 from lightning_unlearn.federated.flower.client_app import (
     DATA_PATH_KEY,
@@ -75,5 +77,5 @@ def main(grid: Grid, context: Context) -> None:
                           max_steps=int(c["unlearn-steps"]), seed=seed)
     result = run_server(grid, model_from_config(context), int(c["num-clients"]), train, unlearn)
     out = save_result(result, Path(str(c["output-dir"])) / f"run-{context.run_id}")
-    print(f"lightning-unlearn: results in {out}; mask fraction {result.mask.fraction:.3f}; "
-          f"federated forget acc {result.evaluation[-1].get('forget_acc') if result.evaluation else 'n/a'}")
+    log(INFO, "lightning-unlearn: results in %s; mask fraction %.3f; federated forget acc %s", out,
+        result.mask.fraction, result.evaluation[-1].get("forget_acc") if result.evaluation else "n/a")

@@ -160,15 +160,10 @@ def file_partition(context: Context) -> ClientPartition:
 def client_split(request: ForgetRequest, part: ClientPartition) -> ClientSplit:
     """The node's own forget/retain split, resolved locally (same result as ``FederatedDataModule.forget_plan``)."""
     targets = dataset_targets(part.dataset).numpy()
-    if request.kind == "class":
-        forget = np.isin(targets, np.asarray(request.classes))
-    elif request.kind == "client":
-        forget = np.full(len(targets), part.client_id in request.clients)
-    else:
-        if part.sample_ids is None:
-            raise FlowerDataError(f"client {part.client_id}: a sample request names global sample ids, but this "
-                                  "partition does not know its global ids (ClientPartition.sample_ids is None)")
-        forget = np.isin(np.asarray(part.sample_ids), np.asarray(request.sample_ids))
+    if request.kind == "sample" and part.sample_ids is None:
+        raise FlowerDataError(f"client {part.client_id}: a sample request names global sample ids, but this "
+                              "partition does not know its global ids (ClientPartition.sample_ids is None)")
+    forget = request.resolve(targets, sample_ids=part.sample_ids, clients=np.full(len(targets), part.client_id))
     return ClientSplit(part.client_id, np.flatnonzero(forget), np.flatnonzero(~forget))
 
 
