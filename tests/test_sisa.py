@@ -8,15 +8,18 @@ import sys
 import textwrap
 from pathlib import Path
 
+import lightning.pytorch as pl
 import numpy as np
 import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_unlearn import ForgetRequest
+from lightning_unlearn._training import quiet_lightning
 from lightning_unlearn.exact import SISA, SISAConfig, SISAEnsemble
 from lightning_unlearn.exact.cli import main as sisa_main
 from lightning_unlearn.exact.plan import file_sha256
+from lightning_unlearn.metrics import accuracy
 from lightning_unlearn.models import SmallCNN
 
 CONFIG = SISAConfig(shards=3, slices=3, epochs_per_slice=1, batch_size=64, seed=0)
@@ -181,8 +184,13 @@ def test_ensemble_round_trip_and_aggregations(fitted, digits, tmp_path):
     majority = torch.stack([torch.bincount(v, minlength=10) for v in votes.T]).max(-1).values
     chosen = ensemble(x).argmax(-1)
     assert torch.equal((votes == chosen).sum(0), majority)
-    mean = fitted.ensemble("mean_proba")(x)
-    assert torch.allclose(mean.exp().sum(-1), torch.ones(len(x)), atol=1e-5)  # log of a distribution
+    ensemble = fitted.ensemble("mean_proba")
+    assert torch.allclose(ensemble(x).exp().sum(-1), torch.ones(len(x)), atol=1e-5)  # log of a distribution
+    loader = DataLoader(digits[1], batch_size=512)
+    with quiet_lightning():  # evaluated like any LightningModule
+        tested = pl.Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False).test(
+            ensemble, loader, verbose=False)
+    assert tested[0]["test_acc"] == pytest.approx(accuracy(ensemble, loader, 10), abs=1e-6)
     with pytest.raises(ValueError, match=r"unknown aggregation 'max'; allowed values are \['mean_proba', 'vote'\]"):
         SISAEnsemble(ensemble.models, "max")
 
@@ -246,3 +254,27 @@ def test_cli_two_shard_processes_in_parallel_then_unlearn_and_evaluate(tmp_path,
     assert err.startswith("lightning-unlearn: error: ") and "different config" in err and "\n" not in err
     assert sisa_main(["fit", *base, "--sisa.shard_ids", "[7]"]) == 2
     assert "shard id(s) [7] out of range" in capsys.readouterr().err
+
+
+def test_ledger_records_sisa_deletions_as_exact_and_verify_passes(fitted, train_set, digits, tmp_path):
+    from lightning_unlearn import ledger as ledger_mod
+    from lightning_unlearn.exact.ledger import record_fit, serve_requests
+
+    with ledger_mod.Ledger(tmp_path / "ledger.db") as ledger:
+        source = ledger.register_source("digits", ledger_mod.sample_hashes(train_set),
+                                        subjects=[f"person-{i % 50}" for i in range(len(train_set))])
+        first = record_fit(fitted, ledger, source, tmp_path / "v1.pt")
+        assert serve_requests(fitted, ledger, source, None, tmp_path / "jobs") == {"status": "idle"}
+        request_id = ledger.add_request(source, ForgetRequest(subjects=["person-7"]), requester="person-7")
+        outcome = serve_requests(fitted, ledger, source, digits[1], tmp_path / "jobs")
+        assert outcome["status"] == "done"
+        subject_ids = [i for i in range(len(train_set)) if i % 50 == 7]
+        assert set(subject_ids) <= set(fitted.deleted_ids().tolist())
+        assert ledger.request(request_id)["status"] == "done"
+        evidence = ledger.evidence(outcome["job"])
+        assert evidence["method"] == "sisa" and evidence["metrics"]["exact"] is True
+        assert json.loads(evidence["report_json"])["exact"] is True
+        assert ledger.version(outcome["version"])["parent_id"] == first
+        assert np.array_equal(ledger.held(outcome["version"]), fitted.held_ids())
+        checks = ledger_mod.verify(ledger, [request_id])
+        assert checks and all(c.ok for c in checks), [c for c in checks if not c.ok]

@@ -326,9 +326,18 @@ class SISA:
             bad = [c for c in request.clients if c not in known]
             if bad:
                 raise ValueError(f"client id(s) {bad} unknown; allowed ids are {known}")
-            return np.flatnonzero(np.isin(self.groups, np.asarray(request.clients)))
+            return np.flatnonzero(request.resolve(self.targets, clients=self.groups))
         request.validate(self.targets)
-        return np.flatnonzero(request.forget_mask(self.targets))
+        return np.flatnonzero(request.resolve(self.targets))
+
+    def deleted_ids(self) -> np.ndarray:
+        """Sorted ids of every sample deleted from the run so far."""
+        parts = [self.shard_state(s)["deleted"] for s in range(self.config.shards)]
+        return np.unique(np.concatenate([np.asarray(p, dtype=np.int64) for p in parts]))
+
+    def held_ids(self) -> np.ndarray:
+        """Sorted ids of the samples the current shard models were trained on (all but the deleted)."""
+        return np.setdiff1d(np.arange(len(self.targets)), self.deleted_ids())
 
     def forget(self, request: ForgetRequest, test_dataset: Dataset | None = None,
                report_dir: str | Path | None = None) -> SISADeletion:
