@@ -185,7 +185,8 @@ _SQLITE_TRIGGERS = [
 
 _POSTGRES_TRIGGERS = [
     """CREATE OR REPLACE FUNCTION ledger_append_only() RETURNS trigger AS $$
-       BEGIN RAISE EXCEPTION 'ledger: % rows are append-only', TG_TABLE_NAME; END $$ LANGUAGE plpgsql""",
+       BEGIN RAISE EXCEPTION USING MESSAGE = 'ledger: ' || TG_TABLE_NAME || ' rows are append-only'; END
+       $$ LANGUAGE plpgsql""",
     *(f"""CREATE TRIGGER {t}_append_only BEFORE UPDATE OR DELETE ON {t}
           FOR EACH ROW EXECUTE FUNCTION ledger_append_only()""" for t in APPEND_ONLY),
     """CREATE TRIGGER requests_finished BEFORE UPDATE OR DELETE ON requests

@@ -21,7 +21,6 @@ from typing import Any, Iterator, Mapping, Sequence
 import numpy as np
 from sqlalchemy import bindparam, create_engine, event, func, insert, select, update
 from sqlalchemy.engine import Connection, Engine
-from sqlalchemy.pool import NullPool
 
 from lightning_unlearn.ledger import schema as s
 from lightning_unlearn.ledger.schema import FINISHED, REQUEST_STATUSES, utcnow
@@ -73,7 +72,7 @@ def make_engine(url: str) -> Engine:
     if url in ("sqlite://", "sqlite:///:memory:"):
         raise ValueError("an in-memory SQLite ledger would vanish with its connection; give a file path")
     Path(url.split(":///", 1)[1]).parent.mkdir(parents=True, exist_ok=True)
-    engine = create_engine(url, poolclass=NullPool, connect_args={"timeout": 30})
+    engine = create_engine(url, connect_args={"timeout": 30})
 
     @event.listens_for(engine, "connect")
     def _connect(dbapi_connection, _record) -> None:
