@@ -50,6 +50,11 @@ def _command_parser(command: str) -> ArgumentParser:
     p.add_argument("--sisa.seed", type=Optional[int], default=None, help="default: the run's, else seed_everything")
     p.add_argument("--sisa.aggregation", type=Optional[str], default=None,
                    help=f"one of {list(AGGREGATIONS)}; default: the run's, else mean_proba")
+    if command in ("fit", "unlearn"):
+        p.add_argument("--sisa.ledger", type=Optional[str], default=None,
+                       help="request ledger (SQLite file or SQLAlchemy URL): fit records the ensemble as a model "
+                            "version; unlearn serves the ledger's pending requests instead of the data's request")
+        p.add_argument("--sisa.source", type=str, default="default", help="the ledger's data source name")
     if command == "fit":
         p.add_argument("--sisa.shard_ids", type=Optional[list[int]], default=None,
                        help="train only these shards (one process per device), e.g. [0, 1]")
@@ -104,7 +109,11 @@ def _run(command: str, cfg: Namespace) -> int:
             print(f"shard {shard}: trained in {s:.1f} s")
         print(f"SISA run {run.root}: {config.shards} shards x {config.slices} slices, "
               f"{config.epochs_per_slice} epoch(s) per slice; checkpoints {run.storage_bytes() / 1e6:.1f} MB")
+        if cfg.sisa.ledger:
+            _record_in_ledger(run, cfg.sisa.ledger, cfg.sisa.source, train)
         return 0
+    if command == "unlearn" and cfg.sisa.ledger:
+        return _serve_ledger(run, cfg.sisa.ledger, cfg.sisa.source, test)
     if command == "unlearn":
         request = getattr(datamodule, "request", None)
         if request is None:
@@ -119,6 +128,43 @@ def _run(command: str, cfg: Namespace) -> int:
         print(f"report: {result.report_path}")
         return 0
     return _evaluate(run, test, cfg)
+
+
+def _record_in_ledger(run, db: str, source_name: str, train) -> None:
+    from lightning_unlearn._io import unique_path
+    from lightning_unlearn.exact.ledger import record_fit
+    from lightning_unlearn.ledger import Ledger, sample_hashes
+
+    from lightning_unlearn.evaluation.report import weights_sha256
+
+    untrained = [s for s in range(run.config.shards) if len(run.shard_state(s)["stages"]) < run.config.slices]
+    if untrained:
+        print(f"ledger: not recorded yet, shard(s) {untrained} still to train (rerun fit with --sisa.ledger when done)")
+        return
+    with Ledger(db) as ledger:
+        source = ledger.register_source(source_name, sample_hashes(train))  # checks the data if already there
+        known = ledger.find_version(weights_sha256(run.ensemble()))
+        if known is not None:
+            print(f"ledger {db}: already recorded as model version {known['id']}")
+            return
+        version = record_fit(run, ledger, source, unique_path(run.root / "ensemble-weights.pt"))
+    print(f"ledger {db}: model version {version} (source {source_name!r}, method sisa, exact)")
+
+
+def _serve_ledger(run, db: str, source_name: str, test) -> int:
+    from lightning_unlearn.exact.ledger import serve_requests
+    from lightning_unlearn.ledger import Ledger
+
+    with Ledger(db) as ledger:
+        outcome = serve_requests(run, ledger, source_name, test, run.root / "jobs")
+    if outcome["status"] == "idle":
+        print("no pending requests")
+    elif outcome["status"] == "unchanged":
+        print(outcome["reason"])
+    else:
+        print(f"job {outcome['job'][:12]}: exact deletion, shards retrained {outcome['affected_shards']} in "
+              f"{outcome['seconds']:.1f} s; model version {outcome['version']}, report {outcome['report']}")
+    return 0
 
 
 def _evaluate(run, test, cfg: Namespace) -> int:
