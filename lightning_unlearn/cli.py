@@ -264,7 +264,7 @@ def main(args: list[str] | None = None) -> None:
             trainer_class=UnlearningTrainer,
             trainer_defaults=trainer_defaults,
             save_config_kwargs={"overwrite": True},
-            args=argv,
+            args=None if args is None and argv == sys.argv[1:] else argv,
             auto_configure_optimizers=False,
             parser_kwargs={**quiet, **{name: quiet for name in UnlearnCLI.subcommands()}},
         )

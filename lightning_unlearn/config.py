@@ -63,7 +63,7 @@ class UnlearnConfig:
     head_rows: list[int] | str | None = "auto"
     objective: str = "auto"
     forget_weight: float = 1.0
-    epochs: int = 1
+    epochs: int = 2
     max_steps: int | None = None
     lr_scale: float = 1.0
     head_lr_scale: float | str | None = "auto"

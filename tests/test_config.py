@@ -172,3 +172,13 @@ def test_bad_cli_values_end_in_one_line_naming_them(flag, value, message, checkp
               "--trainer.logger", "false", flag, value])
     err = capsys.readouterr().err.strip().splitlines()
     assert exit_info.value.code == 2 and len(err) == 1 and message in err[0], err
+
+
+def test_deprecated_federated_settings_move_into_the_config_with_a_warning():
+    from lightning_unlearn.federated.runner import FederatedSettings
+
+    settings = FederatedSettings(unlearn_steps=3, score_samples=64, lr_scale=2.0)
+    with pytest.deprecated_call(match="federated.unlearn_steps is deprecated"):
+        merged = settings.merge_deprecated(UnlearnConfig(ratio=0.2))
+    assert (merged.max_steps, merged.max_samples, merged.lr_scale, merged.ratio) == (3, 64, 2.0, 0.2)
+    assert FederatedSettings().merge_deprecated(UnlearnConfig()) == UnlearnConfig()

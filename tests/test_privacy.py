@@ -178,7 +178,7 @@ def test_per_client_dp_in_the_federated_simulation(digits):
     sim.request(request)
     deployed = {k: v.clone() for k, v in sim.model.named_parameters()}
     result = federated_unlearn(sim.model, sim.clients, request, ratio=0.2, max_steps=3, seed=0)
-    assert result.extra["objective"] == "retain"
+    assert result.config.objective == "retain"
     assert frozen_elements_equal(result.model, deployed, result.mask)
     assert all(privacy.epsilons()[k] > after_training[k] for k in range(3))
     assert privacy.worst()[1] <= 1.0 * 1.02  # retain splits have a slightly higher sampling rate than planned

@@ -64,7 +64,8 @@ class UnlearningReport:
 
     ``metrics`` maps ``"original"``, ``"unlearned"`` and ``"retrained"`` (when a reference
     was trained) to flat metric dicts; ``comparison`` holds cross-model numbers (Avg. Gap,
-    relearn steps). ``bytes_moved`` is for federated runs (e.g. ``{"up": ..., "down": ...}``).
+    relearn steps). ``bytes_moved`` is for federated runs (e.g. ``{"up": ..., "down": ...}``);
+    ``extra`` holds what an engine adds (per-round rows of a Flower run).
     """
 
     request: dict
@@ -82,6 +83,7 @@ class UnlearningReport:
     retrained_sha256: str | None = None
     bytes_moved: dict[str, int] | None = None
     plots: list[str] = field(default_factory=list)
+    extra: dict[str, Any] = field(default_factory=dict)
     versions: dict[str, str | None] = field(default_factory=library_versions)
     created: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
     report_version: int = REPORT_VERSION

@@ -140,5 +140,6 @@ class FederatedSimulation:
             "speedup_vs_retrain": retrain_s / wall if wall else None,
             "bytes": {**result.bytes, "fedavg_round": fedavg_round,
                       "ratio_to_fedavg_round": result.bytes["unlearning_round"] / fedavg_round},
+            "config": None if result.config is None else result.config.to_dict(),
             "extra": to_jsonable(result.extra),
         }

@@ -31,6 +31,7 @@ from torch import Tensor
 
 from lightning_unlearn._io import save_torch, write_json
 from lightning_unlearn.attribution import ChannelScores
+from lightning_unlearn.evaluation.report import UnlearningReport, weights_sha256
 from lightning_unlearn.federated.arrays import get_arrays, selected_values, set_arrays
 from lightning_unlearn.federated.flower.records import (
     ByteLedger,
@@ -110,18 +111,29 @@ class FlowerRunResult:
     evaluation: list[dict] = field(default_factory=list)
     ledger: ByteLedger = field(default_factory=ByteLedger)
     timings_s: dict[str, float] = field(default_factory=dict)
+    plan: UnlearnPlan | None = None
 
     def round_bytes(self, prefix: str, wire: bool = False) -> list[RoundBytes]:
         """Bytes of every round whose label starts with ``prefix`` (``"fedavg/"``, ``"unlearn/"``, ``"score"``)."""
         book = self.ledger.wire if wire else self.ledger.payload
         return [b for label, b in book.items() if label.startswith(prefix)]
 
-    def report(self) -> dict[str, Any]:
-        """JSON-ready summary (no tensors but the mask's channel lists)."""
-        return {"clients": self.clients, "training": self.training, "unlearning": self.unlearning,
-                "evaluation": self.evaluation, "bytes": self.ledger.as_dict(), "timings_s": self.timings_s,
-                "mask": None if self.mask is None else {"fraction": self.mask.fraction, "sha256": self.mask.sha256(),
-                                                        "channels": {k: list(v) for k, v in self.mask.channels.items()}}}
+    def report(self) -> UnlearningReport:
+        """The same :class:`UnlearningReport` the in-process engines write; metrics are the clients' own."""
+        if self.plan is None:
+            raise ValueError("this Flower run did not unlearn (no UnlearnPlan): there is nothing to report")
+        unlearned = self.evaluation[-1] if self.evaluation else {}
+        return UnlearningReport(
+            request=self.plan.request.to_dict(), method=self.plan.config.method,
+            params={**self.plan.config.to_dict(), "engine": "flower", "rounds": self.plan.rounds},
+            seed=self.plan.config.seed, original_sha256=weights_sha256(self.trained),
+            unlearned_sha256=weights_sha256(self.arrays),
+            metrics={"unlearned": {k: v for k, v in unlearned.items() if k != "round"}},
+            timings_s=dict(self.timings_s), mask=UnlearningReport.mask_summary(self.mask),
+            bytes_moved=self.ledger.as_dict(),
+            extra={"clients": self.clients, "training": self.training, "unlearning": self.unlearning,
+                   "evaluation": self.evaluation},
+        )
 
 
 # -- messaging helpers ---------------------------------------------------------------------------------
@@ -353,6 +365,7 @@ def run_server(
         result.scores, result.mask = strategy.scores, strategy.mask
         result.unlearning, result.evaluation = strategy.history, strategy.evaluation
     t4 = time.perf_counter()
+    result.plan = unlearn
     set_arrays(model, arrays)
     result.arrays = arrays
     result.timings_s = {"connect": t1 - t0, "training": t2 - t1, "deploy": t3 - t2, "unlearning": t4 - t3,
@@ -361,11 +374,13 @@ def run_server(
 
 
 def save_result(result: FlowerRunResult, out_dir: str | os.PathLike) -> Path:
-    """``model.pt`` (final arrays), ``trained.pt`` and ``report.json`` under a new ``out_dir``, each written atomically."""
+    """``model.pt`` (final arrays), ``trained.pt`` and (after unlearning) ``report.json``, an
+    :class:`UnlearningReport`, under ``out_dir``, each written atomically."""
     out = Path(out_dir)
     for name, arrays in (("model.pt", result.arrays), ("trained.pt", result.trained)):
         save_torch(arrays, out / name)
-    write_json(result.report(), out / "report.json")
+    if result.plan is not None:
+        write_json(result.report().to_dict(), out / "report.json")
     return out
 
 
