@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import gzip
+import math
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -86,8 +88,12 @@ def load_mnist(root: str | Path, normalize: bool = True) -> tuple[TensorDataset,
         )
     out = []
     for split in ("train", "test"):
-        images = _read_idx(folder / _MNIST_FILES[split][0]).astype(np.float32) / 255.0
-        labels = _read_idx(folder / _MNIST_FILES[split][1]).astype(np.int64)
+        image_path, label_path = (folder / name for name in _MNIST_FILES[split])
+        images = _read_idx(image_path, ndim=3).astype(np.float32) / 255.0
+        labels = _read_idx(label_path, ndim=1).astype(np.int64)
+        if len(labels) != len(images):
+            raise ValueError(f"MNIST file {label_path} has {len(labels)} labels for {len(images)} images "
+                             f"(in {image_path.name})")
         x = torch.from_numpy(images).unsqueeze(1)
         if normalize:
             x = (x - MNIST_MEAN) / MNIST_STD
@@ -95,9 +101,44 @@ def load_mnist(root: str | Path, normalize: bool = True) -> tuple[TensorDataset,
     return out[0], out[1]
 
 
-def _read_idx(path: Path) -> np.ndarray:
-    with gzip.open(path, "rb") as f:
-        data = f.read()
-    ndim = data[3]
+_IDX_UBYTE = 0x08  # idx type code of unsigned bytes, the only one MNIST uses
+_GZIP_MAGIC = b"\x1f\x8b"
+
+
+def _read_idx(path: Path, ndim: int) -> np.ndarray:
+    """One gzipped idx file (magic ``00 00 08 ndim``, big-endian dims, then the bytes), checked against its header.
+
+    Every way the file can be wrong ends in a one-line ValueError naming the file: a download cut
+    short or a wrong file otherwise surfaces as an opaque numpy reshape error (or, worse, loads).
+    """
+    if not path.is_file():
+        raise FileNotFoundError(f"MNIST file {path} is missing")
+    with open(path, "rb") as f:
+        if f.read(2) != _GZIP_MAGIC:
+            raise ValueError(f"MNIST file {path} is not a gzip file (it does not start with the gzip magic 1f8b)")
+    try:
+        with gzip.open(path, "rb") as f:
+            data = f.read()
+    except EOFError:
+        raise ValueError(f"MNIST file {path} is truncated: the gzip stream ends before its end marker") from None
+    except (gzip.BadGzipFile, zlib.error) as err:
+        raise ValueError(f"MNIST file {path} is a corrupt gzip file: {err}") from None
+    header = 4 + 4 * ndim
+    if len(data) < 4 or data[0] != 0 or data[1] != 0:
+        raise ValueError(f"MNIST file {path} is not an idx file: magic number {data[:4].hex() or 'missing'}, "
+                         f"expected 0000{_IDX_UBYTE:02x}{ndim:02x}")
+    if data[2] != _IDX_UBYTE:
+        raise ValueError(f"MNIST file {path} has idx type code 0x{data[2]:02x}; MNIST stores unsigned bytes "
+                         f"(0x{_IDX_UBYTE:02x})")
+    if data[3] != ndim:
+        raise ValueError(f"MNIST file {path} has {data[3]} dimensions, expected {ndim} "
+                         f"({'images N x H x W' if ndim == 3 else 'labels N'})")
+    if len(data) < header:
+        raise ValueError(f"MNIST file {path} is truncated: {len(data)} bytes, shorter than its {header}-byte header")
     dims = [int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
-    return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(dims)
+    expected, found = math.prod(dims), len(data) - header
+    if found != expected:
+        problem = "is truncated" if found < expected else f"has {found - expected} bytes past its data"
+        raise ValueError(f"MNIST file {path} {problem}: header says {'x'.join(map(str, dims))} "
+                         f"({expected} bytes), found {found} bytes")
+    return np.frombuffer(data, dtype=np.uint8, offset=header).reshape(dims)
