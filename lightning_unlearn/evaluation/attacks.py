@@ -19,9 +19,10 @@ the logits, so it never overflows). Three variants, each named in its results:
   high when it memorised; an unlearned model that really forgot scores 0.5, like a retrained one.
 * ``ulira_attack`` -- U-LiRA (Hayes et al. Sec. 3): per forget example, Gaussians of phi over
   the unlearned population ("in": the method run on independently trained originals) and the
-  retrained references ("out"); score = ``log N(phi; in) - log N(phi; out)``. ROC over the
-  forget samples scored under a held-out unlearned model (positives) vs the same samples
-  under a held-out retrained model (negatives). 0.5 = the method is indistinguishable from retraining.
+  retrained population ("out"); score = ``log N(phi; in) - log N(phi; out)``. ROC over the
+  forget samples scored under held-out unlearned models (positives) vs the same samples under
+  held-out retrained models (negatives), leave-one-out over the populations. 0.5 = the method
+  is indistinguishable from retraining.
 * ``challenge_score`` -- the NeurIPS 2023 unlearning challenge (Triantafillou et al. 2024,
   "Are we making progress in unlearning?", arXiv:2406.09073, Sec. 3, and the competition's
   scoring code): per-example epsilon from threshold attacks on the two populations' outputs,
@@ -188,23 +189,43 @@ def offline_attack(
     return result
 
 
+def ulira_scores(unlearned: np.ndarray, retrained: np.ndarray, variance: str = "auto") -> tuple[np.ndarray, np.ndarray]:
+    """U-LiRA scores with leave-one-out target models: (positives, negatives), each (pairs, examples).
+
+    For pair i, the Gaussians are fit without unlearned model i and retrained model i, which
+    are then scored: the held-out unlearned model gives the positives, the held-out retrained
+    model the negatives. Scoring many held-out models averages out model-level offsets (one
+    model slightly more confident everywhere) that would otherwise decide a one-pair ROC.
+    Shapes: (Ku, N) and (Kr, N) phi arrays, at least 3 models each.
+    """
+    pairs = min(len(unlearned), len(retrained))
+    if pairs < 3:
+        raise ValueError(f"U-LiRA needs at least 3 models per population (2 left after holding one out); got "
+                         f"{len(unlearned)} unlearned and {len(retrained)} retrained")
+    pos, neg = [], []
+    for i in range(pairs):
+        u_in, r_out = np.delete(unlearned, i, 0), np.delete(retrained, i, 0)
+        pos.append(online_scores(unlearned[i], u_in, r_out, variance))
+        neg.append(online_scores(retrained[i], u_in, r_out, variance))
+    return np.stack(pos), np.stack(neg)
+
+
 def ulira_attack(
-    target: nn.Module,
-    retrained: nn.Module,
-    forget: Dataset,
     unlearned_population: Sequence[nn.Module],
-    references: Sequence[nn.Module],
+    retrained_population: Sequence[nn.Module],
+    forget: Dataset,
     variance: str = "auto",
 ) -> AttackResult:
-    """U-LiRA: the forget samples under ``target`` (an unlearned model, positives) vs under ``retrained`` (negatives).
+    """U-LiRA (Hayes et al. 2024): can an attacker tell the method's models from retrained ones, per forget sample?
 
-    Neither ``target`` nor ``retrained`` may be a member of the populations (held-out models).
+    ``unlearned_population``: the method run on independently trained originals;
+    ``retrained_population``: models retrained from scratch without the forget set, same recipe
+    as the originals. ROC over (held-out model, forget sample) pairs, see :func:`ulira_scores`:
+    0.5 = indistinguishable from retraining, 1 = every unlearned model is recognised.
     """
-    in_stats = population_statistics(unlearned_population, forget)
-    out_stats = population_statistics(references, forget)
-    pos = online_scores(logit_confidence(target, forget)[0], in_stats, out_stats, variance)
-    neg = online_scores(logit_confidence(retrained, forget)[0], in_stats, out_stats, variance)
-    return roc_result(pos, neg)
+    pos, neg = ulira_scores(population_statistics(unlearned_population, forget),
+                            population_statistics(retrained_population, forget), variance)
+    return roc_result(pos.ravel(), neg.ravel())
 
 
 # -- the NeurIPS 2023 challenge score -------------------------------------------------
