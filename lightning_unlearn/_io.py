@@ -109,8 +109,89 @@ def load_torch_file(path: str | os.PathLike, what: str = "file") -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - every failure becomes one line naming the file
-        first = next((ln.strip() for ln in str(err).splitlines() if ln.strip()), type(err).__name__)
-        if "Weights only load failed" in str(err) or "Unsupported global" in str(err):
+        text = str(err)
+        if "Unsupported global" in text or "not an allowed global" in text:
             raise ValueError(f"{what} {path} holds objects other than tensors and plain data; refusing to load it "
                              "(weights_only=True)") from None
-        raise ValueError(f"{what} {path} is not a readable torch file: {first}") from None
+        reason = next((ln.strip() for ln in text.splitlines() if "error:" in ln.lower()), None) or \
+            next((ln.strip() for ln in text.splitlines() if ln.strip()), type(err).__name__)
+        raise ValueError(f"{what} {path} is not a readable torch file ({reason[:160]})") from None
+
+
+def check_writable_dir(path: str | os.PathLike, what: str = "output directory") -> Path:
+    """Create ``path`` if needed and prove it takes a file, before any work is spent on what goes there."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".write-check-"):
+            pass
+    except FileExistsError:
+        raise ValueError(f"{what} {path} is not a directory") from None
+    except NotADirectoryError:
+        raise ValueError(f"{what} {path} lies under a file, not a directory") from None
+    except PermissionError:
+        raise ValueError(f"{what} {path} is not writable") from None
+    except OSError as err:
+        raise ValueError(f"{what} {path} cannot be written: {err.strerror or err}") from None
+    return path
+
+
+class RunMarker:
+    """Marks one run's output files as incomplete until :meth:`done`; a rerun removes what a killed run left.
+
+    The marker (``.<first file>.incomplete`` next to the outputs) lists every file before it is
+    written, so a run killed at any point leaves only files the marker names: none of them is taken
+    for a finished result (:func:`is_incomplete`), and :meth:`clean` deletes them.
+    """
+
+    SUFFIX = ".incomplete"
+
+    def __init__(self, first: Path) -> None:
+        self.path = first.parent / f".{first.name}{self.SUFFIX}"
+        self.files: list[str] = []
+
+    def add(self, path: str | os.PathLike) -> Path:
+        """Record ``path`` (before writing it); returns it."""
+        self.files.append(str(Path(path).resolve()))
+        write_json({"files": self.files}, self.path)
+        return Path(path)
+
+    def done(self) -> None:
+        self.path.unlink(missing_ok=True)
+
+    @classmethod
+    def marker_for(cls, path: str | os.PathLike) -> Path:
+        path = Path(path)
+        return path.parent / f".{path.name}{cls.SUFFIX}"
+
+    @classmethod
+    def clean(cls, directory: str | os.PathLike) -> list[Path]:
+        """Delete the files of every interrupted run in ``directory`` (and their temporary files); returns them."""
+        removed: list[Path] = []
+        directory = Path(directory)
+        if not directory.is_dir():
+            return removed
+        for marker in directory.glob(f".*{cls.SUFFIX}"):
+            try:
+                files = [Path(f) for f in json.loads(marker.read_text()).get("files", [])]
+            except (OSError, ValueError, AttributeError):
+                files = []
+            for f in files:
+                for leftover in [f, *f.parent.glob(f".{f.name}.*.tmp")]:
+                    if leftover.is_file() and leftover.parent == directory.resolve():
+                        leftover.unlink()
+                        removed.append(leftover)
+            marker.unlink(missing_ok=True)
+        return removed
+
+
+def is_incomplete(path: str | os.PathLike) -> bool:
+    """True if ``path`` was written by a run that did not finish (its :class:`RunMarker` still lists it)."""
+    path = Path(path).resolve()
+    for marker in path.parent.glob(f".*{RunMarker.SUFFIX}"):
+        try:
+            if str(path) in json.loads(marker.read_text()).get("files", []):
+                return True
+        except (OSError, ValueError, AttributeError):
+            continue
+    return False

@@ -14,6 +14,7 @@ import lightning.pytorch as pl
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.cli import LightningCLI
 
+from lightning_unlearn._io import load_torch_file
 from lightning_unlearn.commands import CentralEngine, FederatedEngine, evaluate_checkpoints, unlearn_checkpoint
 from lightning_unlearn.config import UnlearnConfig
 from lightning_unlearn.data.unlearning import UnlearningDataModule
@@ -108,8 +109,12 @@ def run_evaluate(engine, model, datamodule, ckpt_path: str, unlearned_path: str,
     payload, path = evaluate_checkpoints(engine, model, datamodule, ckpt_path, unlearned_path, retrained_path,
                                          retrain_epochs, output_dir, relearn, _seed())
     evaluation = payload["metrics"]
+    comparison = evaluation["comparison"]
     rows = [{"method": name, **evaluation[name]} for name in ("original", "unlearned", "retrained")]
-    rows[1].update(evaluation["comparison"])
+    rows[1].update({k: v for k, v in comparison.items() if k in ("avg_gap", "acc_gap", "tow")})
+    for row in rows:
+        if comparison.get(f"relearn_steps_{row['method']}") is not None:
+            row["relearn_steps"] = comparison[f"relearn_steps_{row['method']}"]
     compare(rows, title=f"request {payload['request']}", console=_console())
     print(f"evaluation: {path}\nplot: {payload['plots'][0]}")
     return path
@@ -174,6 +179,14 @@ class UnlearnCLI(LightningCLI):
         parser.add_class_arguments(UnlearnConfig, "unlearning")
         parser.add_class_arguments(FederatedSettings, "federated")
 
+    def _parse_ckpt_path(self) -> None:
+        """Lightning reads ``--ckpt_path``'s hyper-parameters while parsing: check the file first, one line if bad."""
+        sub = self.config.get("subcommand")
+        path = self.config[sub].get("ckpt_path") if sub else None
+        if path and Path(path).is_file():
+            load_torch_file(path, "checkpoint")
+        super()._parse_ckpt_path()
+
     def before_fit(self) -> None:
         if hasattr(self.datamodule, "train_on"):
             self.datamodule.train_on = "all"  # the original model learns from everything
@@ -181,9 +194,7 @@ class UnlearnCLI(LightningCLI):
     # A federated data module in the config switches these to the federated engine.
     def fit(self, model: pl.LightningModule, datamodule=None, **kwargs: Any) -> Any:
         if is_federated(datamodule):
-            path = federated_fit(model, datamodule, self._section("federated"), _seed())
-            print(f"FedAvg: {self._section('federated').rounds} rounds; checkpoint: {path}")
-            return path
+            return federated_fit(model, datamodule, self._section("federated"), _seed(), echo=print)
         return self.trainer.fit(model, datamodule=datamodule, **kwargs)
 
     def unlearn(self, model: pl.LightningModule, datamodule=None, ckpt_path: str = "", output_dir: str | None = None,

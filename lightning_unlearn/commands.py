@@ -7,6 +7,7 @@ section). Everything else (loading, the report, the comparison) is shared.
 from __future__ import annotations
 
 import copy
+import logging
 import os
 import time
 from dataclasses import asdict, dataclass
@@ -17,7 +18,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Checkpoint
 
-from lightning_unlearn._io import load_torch_file, unique_path, write_json
+from lightning_unlearn._io import RunMarker, check_writable_dir, is_incomplete, load_torch_file, unique_path, write_json
 from lightning_unlearn.api import retrain
 from lightning_unlearn.callbacks.selective import SelectiveUnlearning
 from lightning_unlearn.config import UnlearnConfig
@@ -36,6 +37,9 @@ from lightning_unlearn.metrics import split_accuracies
 from lightning_unlearn.result import UnlearningResult
 
 
+log = logging.getLogger(__name__)
+
+
 class Engine(Protocol):
     """Where unlearning and retraining run."""
 
@@ -44,7 +48,9 @@ class Engine(Protocol):
 
     def unlearn(self, model: pl.LightningModule, datamodule: Any, config: UnlearnConfig) -> UnlearningResult: ...
 
-    def save(self, result: UnlearningResult, wanted: Path) -> Path: ...
+    def reserve(self, wanted: Path) -> Path: ...
+
+    def save(self, result: UnlearningResult, target: Path) -> Path: ...
 
     def evaluation_datamodule(self, datamodule: Any) -> UnlearningDataModule: ...
 
@@ -81,9 +87,12 @@ class CentralEngine:
         return UnlearningResult(model, callback.mask, split_accuracies(model, datamodule), timings, callback.scores,
                                 config=callback.resolved_config)
 
-    def save(self, result: UnlearningResult, wanted: Path) -> Path:
-        """A Lightning checkpoint (with the mask in the callback state) at a fresh path, written atomically."""
-        target = Path(self.trainer.strategy.broadcast(str(unique_path(wanted)) if self.is_global_zero else None))
+    def reserve(self, wanted: Path) -> Path:
+        """A fresh path for the checkpoint, chosen on rank 0 and the same on every rank."""
+        return Path(self.trainer.strategy.broadcast(str(unique_path(wanted)) if self.is_global_zero else None))
+
+    def save(self, result: UnlearningResult, target: Path) -> Path:
+        """A Lightning checkpoint (with the mask in the callback state) at ``target``, written atomically."""
         tmp = target.with_name(f".{target.name}.tmp")
         self.trainer.save_checkpoint(tmp)
         if self.is_global_zero:
@@ -117,8 +126,11 @@ class FederatedEngine:
         self._sim, result = federated_unlearn_checkpoint(model, datamodule, self.settings, config, self.seed)
         return result
 
-    def save(self, result: UnlearningResult, wanted: Path) -> Path:
-        return save_checkpoint(result.model, unique_path(wanted))
+    def reserve(self, wanted: Path) -> Path:
+        return unique_path(wanted)
+
+    def save(self, result: UnlearningResult, target: Path) -> Path:
+        return save_checkpoint(result.model, target)
 
     def _simulation(self, original: pl.LightningModule, datamodule: Any):
         if self._sim is None:
@@ -162,13 +174,27 @@ def unlearn_checkpoint(
     relearn: bool = False,
     seed: int = 0,
 ) -> UnlearnOutcome:
-    """Forget the data module's request in a trained checkpoint; write the unlearned checkpoint and its report."""
+    """Forget the data module's request in a trained checkpoint; write the unlearned checkpoint and its report.
+
+    The output directory is checked before any work; the run's files (checkpoint, weights, mask,
+    plots, report) are listed in a :class:`RunMarker` before they are written and count as finished
+    only once the marker is gone, so a killed run leaves nothing that looks done, and the next run in
+    that directory deletes what it left.
+    """
     source = Path(ckpt_path)
+    out_dir = Path(output_dir) if output_dir else source.parent
+    if engine.is_global_zero:
+        check_writable_dir(out_dir)
+        for leftover in RunMarker.clean(out_dir):
+            log.warning("removed %s, left by an interrupted unlearning run", leftover)
     load_weights(model, source)
     original = copy.deepcopy(model)
     result = engine.unlearn(model, datamodule, config)
-    out_dir = Path(output_dir) if output_dir else source.parent
-    target = engine.save(result, out_dir / f"{source.name.split('.')[0]}-unlearned.ckpt")
+    target = engine.reserve(out_dir / f"{source.name.split('.')[0]}-unlearned.ckpt")
+    marker = RunMarker(target)
+    if engine.is_global_zero:
+        marker.add(target)
+    engine.save(result, target)
     if not engine.is_global_zero:
         return UnlearnOutcome(target, None, None, result)
     described = engine.describe(original, result)
@@ -176,7 +202,8 @@ def unlearn_checkpoint(
     params = {**(result.config or config).to_dict(), **described, "source_checkpoint": str(source),
               "lightning_checkpoint": str(target)}
     report, path = write_report(out_dir, original, result, engine.evaluation_datamodule(datamodule), config.method,
-                                params, seed, bytes_moved=bytes_moved, relearn=relearn)
+                                params, seed, bytes_moved=bytes_moved, relearn=relearn, marker=marker)
+    marker.done()
     return UnlearnOutcome(target, report, path, result)
 
 
@@ -194,6 +221,7 @@ def evaluate_checkpoints(
     extra: dict[str, Any] | None = None,
 ) -> tuple[dict[str, Any], Path]:
     """Original vs unlearned vs retrained (``retrained_path`` or a fresh retraining): metrics, plot, ``evaluation.json``."""
+    out_dir = check_writable_dir(Path(output_dir) if output_dir else Path(unlearned_path).parent)
     original = load_weights(copy.deepcopy(model), Path(ckpt_path))
     unlearned = load_weights(copy.deepcopy(model), Path(unlearned_path))
     timings: dict[str, float] = {}
@@ -206,7 +234,6 @@ def evaluate_checkpoints(
         retrained, timings["retrain"] = reference.model, reference.timings_s["retrain"]
     dm = engine.evaluation_datamodule(datamodule)
     evaluation = evaluate_unlearning(original, unlearned, dm, retrained, seed=seed, relearn=relearn)
-    out_dir = Path(output_dir) if output_dir else Path(unlearned_path).parent
     per_class = {k: evaluation[k]["per_class_test_acc"] for k in ("original", "unlearned", "retrained")}
     plot = plot_per_class_accuracy(per_class, unique_path(out_dir / "evaluation.per_class.png"), dm.request.classes)
     payload = {"request": dm.request.to_dict(), "original": str(ckpt_path), "unlearned": str(unlearned_path),
@@ -218,6 +245,9 @@ def evaluate_checkpoints(
 
 def load_weights(model: torch.nn.Module, path: Path) -> torch.nn.Module:
     """Weights from a Lightning checkpoint (``state_dict`` key) or a plain state dict file, ``weights_only=True``."""
+    if is_incomplete(path):
+        raise ValueError(f"checkpoint {path} belongs to an unlearning run that did not finish; rerun "
+                         "`lightning-unlearn unlearn` (it removes the leftovers)")
     state = load_torch_file(path, "checkpoint")
     state = state.get("state_dict", state) if isinstance(state, dict) else state
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):

@@ -85,7 +85,8 @@ def accuracy(model: nn.Module, loader: DataLoader | None, num_classes: int) -> f
     """Micro accuracy of ``model`` over ``loader`` (None for a missing loader); restores the train/eval mode."""
     if loader is None:
         return None
-    metric = _run(model, loader, MulticlassAccuracy(num_classes=num_classes, average="micro"))
+    # every rank evaluates the whole loader itself: no cross-rank sync (rank 0 alone writes reports under DDP)
+    metric = _run(model, loader, MulticlassAccuracy(num_classes=num_classes, average="micro", sync_on_compute=False))
     return float(metric.compute()) if metric.update_count else None
 
 
@@ -93,7 +94,7 @@ def class_accuracies(
     model: nn.Module, loader: DataLoader, num_classes: int, forget_classes: Sequence[int] = ()
 ) -> dict:
     """:class:`ClassAccuracy` of ``model`` over ``loader`` (one pass)."""
-    return _run(model, loader, ClassAccuracy(num_classes, forget_classes)).compute()
+    return _run(model, loader, ClassAccuracy(num_classes, forget_classes, sync_on_compute=False)).compute()
 
 
 def split_accuracies(

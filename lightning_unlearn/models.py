@@ -27,6 +27,11 @@ class ClassifierModule(UnlearningMixin, pl.LightningModule):
         x, y = batch
         self.log("val_acc", (self(x).argmax(-1) == y).float().mean(), prog_bar=True, batch_size=len(y))
 
+    def test_step(self, batch, batch_idx, dataloader_idx: int = 0):
+        """``lightning-unlearn test``: accuracy per test loader (an UnlearningDataModule gives forget / remaining)."""
+        x, y = batch
+        self.log("test_acc", (self(x).argmax(-1) == y).float().mean(), batch_size=len(y))
+
 
 class SmallCNN(ClassifierModule):
     """Two conv blocks (Conv-BN-ReLU) and two linear layers; works for 8x8 digits and 28x28 MNIST."""

@@ -1,6 +1,7 @@
 """What to forget: a class, a client or chosen samples, validated against the data."""
 from __future__ import annotations
 
+import warnings
 from dataclasses import asdict, dataclass, field
 from typing import Any, Sequence
 
@@ -155,4 +156,8 @@ def _as_int_tuple(values: Sequence[int] | None, name: str) -> tuple[int, ...]:
         ):
             raise TypeError(f"{name} must be integers, got {v!r}")
         out.append(int(v))
-    return tuple(sorted(set(out)))
+    unique = tuple(sorted(set(out)))
+    if len(unique) < len(out):
+        repeated = sorted({v for v in out if out.count(v) > 1})
+        warnings.warn(f"{name} {repeated[:10]} given more than once; each is forgotten once", UserWarning, stacklevel=3)
+    return unique

@@ -89,6 +89,12 @@ class _Reached(Exception):
     """Raised by the spies once the engine has received its settings: no training is needed to check them."""
 
 
+@pytest.fixture(autouse=True)
+def _run_in_tmp(tmp_path, monkeypatch):
+    """LightningCLI writes config.yaml into the working directory when no logger is set: keep it in tmp_path."""
+    monkeypatch.chdir(tmp_path)
+
+
 @pytest.fixture
 def checkpoint(tmp_path):
     path = tmp_path / "original.ckpt"

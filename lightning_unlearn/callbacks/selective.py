@@ -7,7 +7,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader, Subset
 from typing_extensions import override
 
@@ -203,13 +203,22 @@ class SelectiveUnlearning(GradientMask):
     def state_dict(self) -> dict[str, Any]:
         state = super().state_dict()
         state["scores"] = None if self.scores is None else self.scores.state_dict()
+        state["config"] = self.config.to_dict()
         return state
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        had_mask = self.mask is not None
         super().load_state_dict(state_dict)
         if state_dict.get("scores") is not None:
             self.scores = ChannelScores.from_state_dict(state_dict["scores"])
+        saved = state_dict.get("config") or {}
+        selection = ("method", "ratio", "scope", "threshold", "contrast", "max_samples", "layers", "include_head",
+                     "head_rows")
+        changed = [k for k in selection if k in saved and saved[k] != getattr(self.config, k)]
+        if state_dict.get("mask") is not None and (changed or had_mask):
+            rank_zero_warn(f"SelectiveUnlearning resumes with the checkpoint's mask ({self.mask.sha256()[:12]}); "
+                           f"this callback's {', '.join(changed) or 'mask'} setting does not apply to it")
 
 
 def layer_info(model: pl.LightningModule, datamodule: Any) -> dict:

@@ -13,11 +13,12 @@ from lightning_unlearn.evaluation.report import UnlearningReport
 
 HEADERS = {
     "forget_acc": "forget", "remaining_acc": "remain", "test_acc": "test", "mia_efficacy": "MIA-eff [shadow]",
-    "loss_auc": "loss AUC", "probe_forget_acc": "probe(forget)", "avg_gap": "gap", "acc_gap": "acc gap", "seconds": "s",
+    "loss_auc": "loss AUC", "probe_forget_acc": "probe(forget)", "avg_gap": "gap", "acc_gap": "acc gap",
+    "relearn_steps": "relearn steps", "tow": "ToW", "seconds": "time (s)",
 }
 DEFAULT_COLUMNS = (
     "forget_acc", "remaining_acc", "test_acc", "mia_efficacy", "loss_auc", "probe_forget_acc", "avg_gap", "acc_gap",
-    "seconds",
+    "relearn_steps", "tow", "seconds",
 )
 
 
@@ -26,6 +27,8 @@ def report_row(report: UnlearningReport | Mapping) -> dict:
     data = report.to_dict() if isinstance(report, UnlearningReport) else dict(report)
     row = {"method": data["method"], **data.get("metrics", {}).get("unlearned", {}), **data.get("comparison", {})}
     row["seconds"] = data.get("timings_s", {}).get("total")
+    if "relearn_steps_unlearned" in row:
+        row["relearn_steps"] = row["relearn_steps_unlearned"]
     return row
 
 
@@ -58,6 +61,8 @@ def format_cell(stat: tuple[float, float, int] | None, column: str, shadow: tupl
     pct = column.endswith(("acc", "efficacy", "fraction", "asr")) or column in ("loss_auc",)
     scale, digits = (100.0, 1) if pct else (1.0, 0 if column.endswith("steps") else 1 if column == "seconds" else 2)
     text = f"{mean * scale:.{digits}f}" + (f" ± {std * scale:.{digits}f}" if n > 1 else "")
+    if column == "tow":
+        text = f"{mean:.3f}" + (f" ± {std:.3f}" if n > 1 else "")
     if column == "mia_efficacy":
         if shadow is None:
             return text + " [shadow ?!]"
@@ -82,7 +87,9 @@ def compare(
     if not rows:
         raise ValueError("compare needs at least one run")
     stats = aggregate(rows)
-    table = Table(title=title, caption="MIA-eff [shadow acc; ! = below 55%, uninformative]")
+    columns = [c for c in columns if any(c in cols for cols in stats.values())]  # no empty columns
+    caption = "MIA-eff [shadow acc; ! = below 55%, uninformative]" if "mia_efficacy" in columns else None
+    table = Table(title=title, caption=caption)
     table.add_column("method")
     for col in columns:
         table.add_column(HEADERS.get(col, col), justify="right")

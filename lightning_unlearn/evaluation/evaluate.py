@@ -10,7 +10,9 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset, Subset
 
+from lightning_unlearn._io import RunMarker
 from lightning_unlearn.data.unlearning import UnlearningDataModule
+from lightning_unlearn.evaluation.attacks import TOW_KEYS, tug_of_war
 from lightning_unlearn.evaluation.backdoor import attack_success_rate
 from lightning_unlearn.evaluation.gap import ACC_GAP_KEYS, avg_gap, check_forget_size, check_same_classes, relearn_time
 from lightning_unlearn.evaluation.membership import loss_attack_auc, mia_efficacy, sample_outputs, subsample
@@ -97,6 +99,8 @@ def evaluate_unlearning(
         comparison["avg_gap"] = avg_gap(out["unlearned"], out["retrained"])
         comparison["acc_gap"] = avg_gap(out["unlearned"], out["retrained"], ACC_GAP_KEYS)
         comparison["mia_informative"] = bool(out["unlearned"]["mia_informative"] and out["retrained"]["mia_informative"])
+        if all(out[m].get(k) is not None for m in ("unlearned", "retrained") for k in TOW_KEYS):
+            comparison["tow"] = tug_of_war(out["unlearned"], out["retrained"])
     if relearn:
         target = out["original"]["forget_acc"] - relearn_tolerance
         is_class = dm.request.kind == "class"
@@ -125,25 +129,34 @@ def write_report(
     bytes_moved: Mapping[str, int] | None = None,
     plots: bool = True,
     on_exists: str = "suffix",
+    marker: RunMarker | None = None,
     **evaluate_kwargs: Any,
 ) -> tuple[UnlearningReport, Path]:
     """Save the unlearned weights, the mask, the plots and the JSON report side by side in ``out_dir``.
 
     ``result`` is an :class:`~lightning_unlearn.UnlearningResult` (``.model``, ``.mask``,
     ``.timings_s``, ``.scores``). Nothing existing is overwritten: names get a ``-N`` suffix
-    (or FileExistsError with ``on_exists="error"``). Returns the report and its path.
+    (or FileExistsError with ``on_exists="error"``). Every name is chosen, and recorded in
+    ``marker`` (a :class:`~lightning_unlearn._io.RunMarker`), before the first file is written.
+    Returns the report and its path.
     """
     out_dir = Path(out_dir)
     if evaluation is None:
         evaluation = evaluate_unlearning(original, result.model, dm, retrained, seed, **evaluate_kwargs)
-    ckpt = save_weights(result.model, out_dir / f"{method}.pt", on_exists)
+    ckpt = unique_path(out_dir / f"{method}.pt", on_exists)
     stem = ckpt.name[: -len(".pt")]
-    mask, mask_file = getattr(result, "mask", None), None
-    if mask is not None:
-        mask_file = mask.save(unique_path(out_dir / f"{stem}.mask.pt", on_exists))
-    written: list[str] = []
-    if plots:
-        written = [str(p) for p in _plots(out_dir, stem, original, result, dm, retrained, evaluation, seed, on_exists)]
+    mask = getattr(result, "mask", None)
+    scores = getattr(result, "scores", None)
+    names = {"mask": mask is not None, "per_class": plots, "channel_scores": plots and bool(scores), "mia": plots}
+    suffix = {"mask": "mask.pt", "per_class": "per_class.png", "channel_scores": "channel_scores.png", "mia": "mia.png"}
+    paths = {k: unique_path(out_dir / f"{stem}.{suffix[k]}", on_exists) for k, wanted in names.items() if wanted}
+    report_path = unique_path(out_dir / f"{stem}.report.json", on_exists)
+    for path in (ckpt, *paths.values(), report_path):
+        if marker is not None:
+            marker.add(path)
+    save_weights(result.model, ckpt, on_exists)
+    mask_file = mask.save(paths["mask"]) if mask is not None else None
+    written = [str(p) for p in _plots(paths, original, result, dm, retrained, evaluation, seed, on_exists)]
     report = UnlearningReport(
         request=dm.request.to_dict(),
         method=method,
@@ -161,23 +174,26 @@ def write_report(
         bytes_moved=dict(bytes_moved) if bytes_moved else None,
         plots=written,
     )
-    return report, report.save(out_dir / f"{stem}.report.json", on_exists)
+    return report, report.save(report_path, on_exists)
 
 
-def _plots(out_dir, stem, original, result, dm, retrained, evaluation, seed, on_exists) -> list[Path]:
-    per_class = {k: v["per_class_test_acc"] for k, v in evaluation.items() if k != "comparison"}
-    paths = [plot_per_class_accuracy(per_class, out_dir / f"{stem}.per_class.png", dm.request.classes, on_exists)]
-    scores = getattr(result, "scores", None)
-    if scores:
-        paths.append(plot_channel_scores(scores, out_dir / f"{stem}.channel_scores.png", getattr(result, "mask", None), on_exists))
-    groups = {
-        "members (retain)": subsample(dm.retain_set, 1000, seed),
-        "non-members (test)": subsample(_remaining_test(dm), 1000, seed + 1),
-        "forget": subsample(dm.forget_set, 1000, seed + 2),
-    }
-    models = {"original": original, "unlearned": result.model, **({"retrained": retrained} if retrained is not None else {})}
-    confidences = {
-        name: {g: sample_outputs(m, ds).confidence for g, ds in groups.items()} for name, m in models.items()
-    }
-    paths.append(plot_mia_histograms(confidences, out_dir / f"{stem}.mia.png", on_exists))
-    return paths
+def _plots(paths, original, result, dm, retrained, evaluation, seed, on_exists) -> list[Path]:
+    out = []
+    if "per_class" in paths:
+        per_class = {k: v["per_class_test_acc"] for k, v in evaluation.items() if k != "comparison"}
+        out.append(plot_per_class_accuracy(per_class, paths["per_class"], dm.request.classes, on_exists))
+    if "channel_scores" in paths:
+        out.append(plot_channel_scores(result.scores, paths["channel_scores"], getattr(result, "mask", None), on_exists))
+    if "mia" in paths:
+        groups = {
+            "members (retain)": subsample(dm.retain_set, 1000, seed),
+            "non-members (test)": subsample(_remaining_test(dm), 1000, seed + 1),
+            "forget": subsample(dm.forget_set, 1000, seed + 2),
+        }
+        models = {"original": original, "unlearned": result.model,
+                  **({"retrained": retrained} if retrained is not None else {})}
+        confidences = {
+            name: {g: sample_outputs(m, ds).confidence for g, ds in groups.items()} for name, m in models.items()
+        }
+        out.append(plot_mia_histograms(confidences, paths["mia"], on_exists))
+    return out
