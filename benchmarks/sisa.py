@@ -105,7 +105,7 @@ def markdown(result: dict) -> str:
     ref = result["references"]
     pct = lambda v: "-" if v is None else f"{100 * v:.2f}"  # noqa: E731
     lines = [
-        f"Command: `{result['command']}` ({result['wall_min']:.1f} min, 1 CPU thread, "
+        f"Command: `{result['command']}` ({result['wall_min']:.1f} min wall, 1 CPU thread per process, "
         f"{result['num_train']} training / {result['num_test']} test images). SmallCNN (16/32 channels, 64 hidden), "
         f"Adam lr 1e-3, batch {a['batch_size']}; {a['epochs']} epochs without slicing, "
         "`epochs_per_slice = 2 E / (slices + 1)` with slicing (the same sample passes); "
@@ -151,10 +151,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--samples", type=int, default=3, help="single-sample requests per setting")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workdir", default=None, help="where runs are written (deleted after each setting)")
+    p.add_argument("--part", default=None,
+                   help="run a part of the grid in its own process: write results/sisa_<data>.part-<PART>.json "
+                        "(the part with shards=1 slices=1 also runs the references); --merge joins the parts")
+    p.add_argument("--merge", action="store_true", help="join results/sisa_<data>.part-*.json into the result files")
     args = p.parse_args(argv)
     for key, value in DEFAULTS[args.data].items():
         if getattr(args, key) is None:
             setattr(args, key, value)
+    if args.merge:
+        return merge(args.data)
     for slices in args.slices:
         epochs_per_slice(args.epochs, slices)  # fail before any work
     torch.set_num_threads(1)
@@ -163,24 +169,53 @@ def main(argv: list[str] | None = None) -> int:
     sample_requests = [ForgetRequest(sample_ids=[int(i)]) for i in rng.choice(len(train), args.samples, replace=False)]
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="sisa-bench-"))
     start = time.perf_counter()
-    grid, single = [], None
+    command = "python benchmarks/sisa.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    result = {"command": command.strip(), "args": vars(args), "num_train": len(train), "num_test": len(test),
+              "grid": [], "references": None}
+    out = RESULTS / (f"sisa_{args.data}.json" if args.part is None else f"sisa_{args.data}.part-{args.part}.json")
+    RESULTS.mkdir(exist_ok=True)
+    single = None
     with quiet_lightning():
         for slices in args.slices:
             for shards in args.shards:
                 row, model = run_setting(train, test, shards, slices, args, sample_requests, workdir)
-                grid.append(row)
+                result["grid"].append(row)
                 single = model if model is not None else single
-        if single is None:
+                result["wall_min"] = (time.perf_counter() - start) / 60
+                write_json(result, out)  # every finished setting is kept
+        if single is None and args.part is None:
             raise SystemExit("the grid needs shards=1 slices=1 (the single model the references start from)")
-        refs = references(single, train, test, args, sample_requests)
-    command = "python benchmarks/sisa.py " + " ".join(sys.argv[1:] if argv is None else argv)
-    result = {"command": command.strip(), "args": vars(args), "num_train": len(train), "num_test": len(test),
-              "grid": grid, "references": refs, "wall_min": (time.perf_counter() - start) / 60}
-    RESULTS.mkdir(exist_ok=True)
-    write_json(result, RESULTS / f"sisa_{args.data}.json")
+        if single is not None:
+            result["references"] = references(single, train, test, args, sample_requests)
+    result["wall_min"] = (time.perf_counter() - start) / 60
+    write_json(result, out)
+    if args.part is None:
+        write_markdown(result, args.data)
+    return 0
+
+
+def write_markdown(result: dict, data: str) -> None:
     text = markdown(result)
-    atomic_write(RESULTS / f"sisa_{args.data}.md", lambda f: f.write(text.encode()))
+    atomic_write(RESULTS / f"sisa_{data}.md", lambda f: f.write(text.encode()))
     print(text)
+
+
+def merge(data: str) -> int:
+    """Join the parts of a grid run in several processes (settings in the parts' order)."""
+    import json
+
+    parts = [json.loads(p.read_text()) for p in sorted(RESULTS.glob(f"sisa_{data}.part-*.json"))]
+    if not parts:
+        raise SystemExit(f"no results/sisa_{data}.part-*.json to merge")
+    refs = [p["references"] for p in parts if p["references"] is not None]
+    if len(refs) != 1:
+        raise SystemExit(f"exactly one part must hold the references (shards=1 slices=1), found {len(refs)}")
+    grid = sorted((row for p in parts for row in p["grid"]), key=lambda r: (r["slices"], r["shards"]))
+    result = {**parts[0], "grid": grid, "references": refs[0],
+              "command": " & ".join(p["command"] for p in parts) + "; python benchmarks/sisa.py --merge --data " + data,
+              "wall_min": max(p["wall_min"] for p in parts), "parts": [p["command"] for p in parts]}
+    write_json(result, RESULTS / f"sisa_{data}.json")
+    write_markdown(result, data)
     return 0
 
 

@@ -168,6 +168,7 @@ def test_erasing_a_deleted_sample_from_storage_keeps_the_run_usable(fitted, trai
     run.forget(ForgetRequest(sample_ids=[int(fitted.slices[1][2][0])]))  # resumes from verified checkpoints
 
 
+@pytest.mark.filterwarnings("ignore:.*LeafSpec.*")  # Lightning's own deprecation inside Trainer.test
 def test_ensemble_round_trip_and_aggregations(fitted, digits, tmp_path):
     x = digits[1].tensors[0][:200]
     for aggregation in ("mean_proba", "vote"):
