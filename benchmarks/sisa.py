@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from lightning_unlearn import ForgetRequest, UnlearningDataModule, retrain, unlearn
-from lightning_unlearn._io import atomic_write, write_json
+from lightning_unlearn._io import atomic_write, to_jsonable, write_json
 from lightning_unlearn._training import quiet_lightning
 from lightning_unlearn.data import load_digits_datasets, load_mnist
 from lightning_unlearn.exact import SISA, SISAConfig
@@ -91,7 +91,9 @@ def references(single, train, test, args, sample_requests) -> dict:
                 rows["retrain"].append({"seconds": time.perf_counter() - t0, "metrics": ref.metrics})
             t0 = time.perf_counter()
             approx = unlearn(single, dm)
-            rows["approximate"].append({"seconds": time.perf_counter() - t0, "metrics": approx.metrics})
+            config = getattr(approx, "config", None)  # the defaults it ran with
+            rows["approximate"].append({"seconds": time.perf_counter() - t0, "metrics": approx.metrics,
+                                        "config": to_jsonable(config) if config is not None else None})
         out[name] = {k: {"seconds": float(np.mean([r["seconds"] for r in v])), "runs": v} for k, v in rows.items()}
         print(f"{name} request: retrain {out[name]['retrain']['seconds']:.1f} s, "
               f"approximate {out[name]['approximate']['seconds']:.1f} s", flush=True)
@@ -137,6 +139,10 @@ def markdown(result: dict) -> str:
         m = ref["class"][name]["runs"][0]["metrics"]
         lines.append(f"| {label} | {ref['sample'][name]['seconds']:.2f} | {ref['class'][name]['seconds']:.1f} | "
                      f"{pct(m['forget_test_acc'])} | {pct(m['remaining_test_acc'])} | {exact} |")
+    config = ref["class"]["approximate"]["runs"][0].get("config")
+    if config:
+        lines += ["", "Approximate default = `unlearn(model, dm)` with its resolved settings: "
+                  + ", ".join(f"{k}={v}" for k, v in config.items() if v is not None) + "."]
     return "\n".join(lines) + "\n"
 
 

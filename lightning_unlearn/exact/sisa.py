@@ -254,6 +254,9 @@ class SISA:
 
     def _load_stage(self, shard: int, stage: dict[str, Any], deleted: set[int]) -> dict[str, Any]:
         """A recorded stage checkpoint, after checking its file hash and the hash of the data it saw."""
+        return load_torch_file(self._verify_stage(shard, stage, deleted), "SISA checkpoint")
+
+    def _verify_stage(self, shard: int, stage: dict[str, Any], deleted: set[int]) -> Path:
         path = self._shard_dir(shard) / stage["file"]
         if not path.is_file():
             raise ValueError(f"checkpoint {path} is missing: start fresh in a new directory or run fit again")
@@ -265,15 +268,16 @@ class SISA:
             raise ValueError(f"checkpoint {path} was trained on different data than shard {shard} slices 0..{stage['slice']} "
                              "hold now (the dataset changed): refusing to reuse a stale checkpoint; "
                              "start fresh in a new directory")
-        return load_torch_file(path, "SISA checkpoint")
+        return path
 
     def _resume(self, shard: int, state: dict[str, Any], start: int, deleted: set[int]):
         """Model and optimizer state to train slice ``start`` from: the verified checkpoint of ``start - 1``."""
         model = self._new_model(shard)
-        for stage in state["stages"][:start]:  # verify the whole prefix it rests on
-            payload = self._load_stage(shard, stage, deleted)
+        for stage in state["stages"][: max(start - 1, 0)]:  # verify the whole prefix it rests on
+            self._verify_stage(shard, stage, deleted)
         if start == 0:
             return model, None
+        payload = self._load_stage(shard, state["stages"][start - 1], deleted)
         model.load_state_dict(payload["model"])
         return model, payload["optimizer_state"]
 
