@@ -60,6 +60,10 @@ class UnlearningTrainer(pl.Trainer):
         retrain_epochs: int | None = None,
         output_dir: str | None = None,
         relearn: bool = True,
+        attack: str | None = None,
+        references: int = 8,
+        reference_epochs: int | None = None,
+        reference_cache: str = "outputs/references",
     ) -> Path:
         """Compare original, unlearned and retrained models: print the table, write plots and a JSON.
 
@@ -71,9 +75,16 @@ class UnlearningTrainer(pl.Trainer):
             retrain_epochs: epochs of that retraining (central engine).
             output_dir: where to write ``evaluation.json`` and plots (default: next to ``unlearned_path``).
             relearn: measure relearn time (fine-tuning steps to recover forget accuracy).
+            attack: ``ulira``: the per-example membership attack against ``references`` reference models
+                retrained from scratch (cached in ``reference_cache``, reused by later evaluations of the same
+                request); results go into ``evaluation.json`` under ``ulira``.
+            references: how many reference models the attack uses (>= 2; 64+ for a challenge-grade estimate).
+            reference_epochs: training epochs of each reference model (default: ``trainer.max_epochs``).
+            reference_cache: folder of the cached reference models.
         """
         return run_evaluate(CentralEngine(self, _seed()), model, datamodule, ckpt_path, unlearned_path, retrained_path,
-                            retrain_epochs, output_dir, relearn)
+                            retrain_epochs, output_dir, relearn, attack, references, reference_epochs,
+                            reference_cache)
 
     def demo(self, model: pl.LightningModule, datamodule: UnlearningDataModule) -> None:
         """Train, unlearn, retrain and fine-tune-all in one go and print the comparison table.
@@ -99,7 +110,9 @@ def run_unlearn(engine, model, datamodule, ckpt_path: str, config: UnlearnConfig
 
 
 def run_evaluate(engine, model, datamodule, ckpt_path: str, unlearned_path: str, retrained_path: str | None = None,
-                 retrain_epochs: int | None = None, output_dir: str | None = None, relearn: bool = True) -> Path:
+                 retrain_epochs: int | None = None, output_dir: str | None = None, relearn: bool = True,
+                 attack: str | None = None, references: int = 8, reference_epochs: int | None = None,
+                 reference_cache: str = "outputs/references") -> Path:
     """``lightning-unlearn evaluate`` on ``engine``: the comparison table, the plot and ``evaluation.json``."""
     from lightning_unlearn.evaluation import compare
 
@@ -107,7 +120,9 @@ def run_evaluate(engine, model, datamodule, ckpt_path: str, unlearned_path: str,
         if path:
             _existing(path)
     payload, path = evaluate_checkpoints(engine, model, datamodule, ckpt_path, unlearned_path, retrained_path,
-                                         retrain_epochs, output_dir, relearn, _seed())
+                                         retrain_epochs, output_dir, relearn, _seed(), attack=attack,
+                                         references=references, reference_epochs=reference_epochs,
+                                         reference_cache=reference_cache)
     evaluation = payload["metrics"]
     comparison = evaluation["comparison"]
     rows = [{"method": name, **evaluation[name]} for name in ("original", "unlearned", "retrained")]
@@ -116,8 +131,23 @@ def run_evaluate(engine, model, datamodule, ckpt_path: str, unlearned_path: str,
         if comparison.get(f"relearn_steps_{row['method']}") is not None:
             row["relearn_steps"] = comparison[f"relearn_steps_{row['method']}"]
     compare(rows, title=f"request {payload['request']}", console=_console())
+    if attack is not None:
+        _print_attack(payload[attack], attack)
     print(f"evaluation: {path}\nplot: {payload['plots'][0]}")
     return path
+
+
+def _print_attack(result: dict, attack: str) -> None:
+    from rich.table import Table
+
+    table = Table(title=f"{attack}: forget samples vs held-out samples, {result['references']} reference models")
+    for col in ("model", "AUC", "TPR@1%FPR", "TPR@0.1%FPR"):
+        table.add_column(col, justify="left" if col == "model" else "right")
+    for name, r in result["per_model"].items():
+        table.add_row(name, f"{r['auc']:.3f}", f"{r['tpr_at_1pct_fpr']:.3f}", f"{r['tpr_at_0.1pct_fpr']:.3f}")
+    _console().print(table)
+    verdict = "informative" if result["informative"] else "UNINFORMATIVE (the original is not detected)"
+    print(f"attack {verdict}: {result['informative_rule']}")
 
 
 def run_demo(model, datamodule, epochs: int, config: UnlearnConfig) -> None:

@@ -23,7 +23,7 @@ from lightning_unlearn.api import retrain
 from lightning_unlearn.callbacks.selective import SelectiveUnlearning
 from lightning_unlearn.config import UnlearnConfig
 from lightning_unlearn.data.unlearning import UnlearningDataModule
-from lightning_unlearn.evaluation import evaluate_unlearning, plot_per_class_accuracy, write_report
+from lightning_unlearn.evaluation import attack_evidence, evaluate_unlearning, plot_per_class_accuracy, write_report
 from lightning_unlearn.evaluation.report import UnlearningReport
 from lightning_unlearn.federated.runner import (
     FederatedSettings,
@@ -219,8 +219,19 @@ def evaluate_checkpoints(
     relearn: bool = True,
     seed: int = 0,
     extra: dict[str, Any] | None = None,
+    attack: str | None = None,
+    references: int = 8,
+    reference_epochs: int | None = None,
+    reference_cache: str | os.PathLike = "outputs/references",
 ) -> tuple[dict[str, Any], Path]:
-    """Original vs unlearned vs retrained (``retrained_path`` or a fresh retraining): metrics, plot, ``evaluation.json``."""
+    """Original vs unlearned vs retrained (``retrained_path`` or a fresh retraining): metrics, plot, ``evaluation.json``.
+
+    ``attack="ulira"`` adds the per-example membership attack with ``references`` cached reference
+    models (:func:`~lightning_unlearn.evaluation.attack_evidence`), written under the attack's name.
+    """
+    if attack is not None and engine.name != "central":
+        raise ValueError(f"attack={attack!r} needs reference models retrained centrally; the {engine.name} engine "
+                         "cannot train them yet (evaluate the checkpoints with a central data config)")
     out_dir = check_writable_dir(Path(output_dir) if output_dir else Path(unlearned_path).parent)
     original = load_weights(copy.deepcopy(model), Path(ckpt_path))
     unlearned = load_weights(copy.deepcopy(model), Path(unlearned_path))
@@ -234,11 +245,16 @@ def evaluate_checkpoints(
         retrained, timings["retrain"] = reference.model, reference.timings_s["retrain"]
     dm = engine.evaluation_datamodule(datamodule)
     evaluation = evaluate_unlearning(original, unlearned, dm, retrained, seed=seed, relearn=relearn)
+    attacks = {}
+    if attack is not None:
+        epochs = reference_epochs or getattr(getattr(engine, "trainer", None), "max_epochs", None) or 10
+        attacks = attack_evidence(original, unlearned, dm, references, attack, epochs, cache_dir=reference_cache,
+                                  seed=seed, models={"retrained": retrained})
     per_class = {k: evaluation[k]["per_class_test_acc"] for k in ("original", "unlearned", "retrained")}
     plot = plot_per_class_accuracy(per_class, unique_path(out_dir / "evaluation.per_class.png"), dm.request.classes)
     payload = {"request": dm.request.to_dict(), "original": str(ckpt_path), "unlearned": str(unlearned_path),
                "engine": engine.name, "timings_s": timings, "metrics": evaluation, "plots": [str(plot)],
-               **(extra or {})}
+               **attacks, **(extra or {})}
     path = write_json(payload, unique_path(out_dir / "evaluation.json"), overwrite=False)
     return payload, path
 

@@ -129,3 +129,27 @@ def test_federated_config_switches_fit_unlearn_evaluate(tmp_path):
     assert ev.returncode == 0, ev.stderr[-2000:]
     evaluation = json.loads((tmp_path / "outputs" / "digits_fed" / "evaluation.json").read_text())
     assert evaluation["metrics"]["retrained"]["forget_acc"] == pytest.approx(0.0, abs=0.02)
+
+
+def test_evaluate_attack_ulira_writes_the_attack_into_evaluation_json(tmp_path, monkeypatch, capsys):
+    """The CLI contract: `evaluate ... --attack ulira --references N` writes AUC / TPR per model under "ulira"."""
+    import torch
+
+    from lightning_unlearn.models import SmallCNN
+
+    monkeypatch.chdir(tmp_path)
+    paths = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        paths.append(tmp_path / f"m{seed}.ckpt")
+        torch.save({"state_dict": SmallCNN().state_dict()}, paths[-1])
+    main(["evaluate", "--config", str(ROOT / "configs" / "digits_cnn.yaml"), "--trainer.logger", "false",
+          "--ckpt_path", str(paths[0]), "--unlearned_path", str(paths[1]), "--retrained_path", str(paths[0]),
+          "--relearn", "false", "--attack", "ulira", "--references", "2", "--reference_epochs", "1",
+          "--reference_cache", str(tmp_path / "refs"), "--output_dir", str(tmp_path / "eval")])
+    result = json.loads((tmp_path / "eval" / "evaluation.json").read_text())["ulira"]
+    assert result["references"] == 2 and set(result["per_model"]) == {"original", "unlearned", "retrained"}
+    for row in result["per_model"].values():
+        assert 0 <= row["auc"] <= 1 and {"tpr_at_1pct_fpr", "tpr_at_0.1pct_fpr"} <= set(row)
+    out = capsys.readouterr().out
+    assert "ulira: forget samples vs held-out samples" in out and "attack UNINFORMATIVE" in out  # random models
