@@ -1,16 +1,32 @@
 """What crosses the client/server boundary, and nothing else.
 
-Every message is a frozen dataclass that checks its own contents: named float tensors
+Every message is a frozen dataclass that checks its own types: named float tensors
 (parameters, updates, selected slices, per-channel score vectors), integer sample counts,
-scalar metrics and structural metadata. No sample, label or per-sample value fits in one.
+scalar metrics and structural metadata. The server then checks each reply against its
+**contract** (:func:`check_upward`, and the aggregation functions in
+:mod:`~lightning_unlearn.federated.server`, which know the expected shapes): exactly the keys
+its kind allows, each of exactly the expected shape, dtype and finite values; at most
+:data:`MAX_METRICS` metrics named in :data:`METRIC_KEYS`, each a finite scalar; short method
+names and tags from known sets. A violation is a one-line ValueError naming the client and
+the key, so a sample, a label or a dump cannot ride along in an extra key, an odd shape, a
+metric or a string.
+
+What the contract cannot catch: values hidden *inside* legitimately shaped arrays (an image
+encoded into a parameter tensor's values or into score values, a few bits per float of a
+metric). Only the server's view of each client's values can be narrowed: secure aggregation
+(not implemented here) lets it see only the sum over clients, and differential privacy bounds what any value can
+reveal about a sample (``lightning_unlearn.privacy``). Validation is not robust aggregation
+either: a well-formed but poisoned update (or an inflated ``num_samples``) passes.
+
 The :class:`Transport` carries messages between server and clients, counts the bytes each
 way and can record every message, so tests can assert on exactly what the server saw.
 """
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field, fields
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 from torch import Tensor
@@ -135,15 +151,130 @@ class ScoresMessage:
 
 UPWARD = (ParametersMessage, MaskedUpdateMessage, ScoresMessage)
 
+# -- the contract ----------------------------------------------------------------------------------
+#: Every metric a library client sends, and nothing else: ``local_fit`` (every training reply),
+#: the DP callback's epsilon, Flower's sample count and ``hello`` id, Flower's evaluation reply.
+METRIC_KEYS = frozenset({
+    "local_compute_s", "fit_s",
+    "dp/epsilon",
+    "num-examples", "client-id",
+    "forget-acc", "retain-acc", "all-acc", "forget-examples", "retain-examples", "all-examples",
+})
+MAX_METRICS = 16
+MAX_TEXT_CHARS = 64  # method names and tags
+MAX_NAME_CHARS = 256  # parameter and layer names (module paths)
+CDP_METHOD = "cdp_activation"  # CDP's statistic (mean activation per channel), not a scoring method
+TAG_PATTERN = re.compile(r"forget|class_\d{1,9}")  # what was scored: the forget set or one retained class
 
-def check_upward(messages, allowed: tuple[type, ...] = UPWARD) -> list:
-    """Server-side guard: a list of client messages of the allowed types, or TypeError naming the intruder."""
+
+def short_repr(value: Any, limit: int = 40) -> str:
+    """``repr`` cut to ``limit`` characters: an error message must not echo a smuggled dump."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(str(value))} characters)"
+
+
+def sender_label(senders: Sequence[Any] | None, i: int) -> str:
+    """``client <id>`` when the server knows who sent reply ``i``, else ``reply <i>``."""
+    return f"client {senders[i]}" if senders is not None else f"reply {i}"
+
+
+def _scoring_methods() -> tuple[str, ...]:
+    from lightning_unlearn.scoring.base import registry_views  # the live registry: user-registered methods count
+
+    return (*registry_views()["SCORING_METHODS"], CDP_METHOD)
+
+
+def check_metrics(metrics: Mapping[str, Any], who: str, kind: str) -> None:
+    """At most :data:`MAX_METRICS` entries, keys from :data:`METRIC_KEYS`, finite scalar values."""
+    if not isinstance(metrics, Mapping):
+        raise TypeError(f"{who}: {kind} metrics must be a mapping, got {type(metrics).__name__}")
+    if len(metrics) > MAX_METRICS:
+        raise ValueError(f"{who}: {kind} has {len(metrics)} metrics (at most {MAX_METRICS} allowed)")
+    for key, value in metrics.items():
+        if key not in METRIC_KEYS:
+            raise ValueError(f"{who}: {kind} has unexpected metric {short_repr(key)} "
+                             f"(allowed: {', '.join(sorted(METRIC_KEYS))})")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ValueError(f"{who}: {kind} metric {key!r} must be a finite scalar, got {short_repr(value)}")
+
+
+def _check_text(value: Any, who: str, kind: str, field_: str, allowed: str, ok: Callable[[str], bool]) -> None:
+    if not isinstance(value, str):
+        raise TypeError(f"{who}: {kind} {field_} must be a string, got {type(value).__name__}")
+    if len(value) > MAX_TEXT_CHARS:
+        raise ValueError(f"{who}: {kind} {field_} has {len(value)} characters (at most {MAX_TEXT_CHARS} allowed)")
+    if not ok(value):
+        raise ValueError(f"{who}: {kind} has unknown {field_} {value!r} (allowed: {allowed})")
+
+
+def check_metadata(message: Any, who: str) -> None:
+    """The model-independent part of the contract: sample count, metrics, method, tag, layer names."""
+    kind = type(message).__name__
+    n = message.num_samples
+    if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+        raise ValueError(f"{who}: {kind} num_samples must be a non-negative int, got {short_repr(n)}")
+    if isinstance(message, ScoresMessage):
+        methods = _scoring_methods()
+        _check_text(message.method, who, kind, "method", ", ".join(methods), lambda m: m in methods)
+        _check_text(message.tag, who, kind, "tag", "'forget' or 'class_<int>'",
+                    lambda t: TAG_PATTERN.fullmatch(t) is not None)
+        for name, meta in message.layers.items():
+            bn = meta[1] if isinstance(meta, tuple) and len(meta) == 3 and isinstance(meta[1], str) else ""
+            if not isinstance(name, str) or len(name) > MAX_NAME_CHARS or len(bn) > MAX_NAME_CHARS:
+                raise ValueError(f"{who}: {kind} layer name {short_repr(name)} (norm {short_repr(bn)}) is not a "
+                                 f"module name of at most {MAX_NAME_CHARS} characters")
+    else:
+        check_metrics(message.metrics, who, kind)
+
+
+def check_arrays(
+    arrays: Mapping[str, Tensor],
+    expected: Mapping[str, tuple[tuple[int, ...], torch.dtype | None]],
+    who: str,
+    kind: str,
+    describe: str,
+    vector: tuple[str, str] | None = None,
+) -> None:
+    """Exactly the ``expected`` keys, each of its shape (and dtype, when given) with finite values.
+
+    ``describe`` says what was expected as a whole (``"the 14 model arrays"``); ``vector`` words a
+    wrong length of a 1-D vector (``("values", "selected elements")``: "3 values for 10 selected elements").
+    """
+    for key in arrays:
+        if key not in expected:
+            raise ValueError(f"{who}: {kind} has unexpected key {short_repr(key)} (expected {describe})")
+    for key, (shape, dtype) in expected.items():
+        if key not in arrays:
+            raise ValueError(f"{who}: {kind} is missing key {key!r} (expected {describe})")
+        t = arrays[key]
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{who}: {kind} {key!r} must be a tensor, got {type(t).__name__}")
+        if tuple(t.shape) != tuple(shape):
+            if vector is not None and t.dim() == 1:
+                raise ValueError(f"{who}: {kind} {key!r} has {t.numel()} {vector[0]} for {shape[0]} {vector[1]}")
+            raise ValueError(f"{who}: {kind} {key!r} has shape {tuple(t.shape)}, expected {tuple(shape)}")
+        if dtype is not None and t.dtype != dtype:
+            raise ValueError(f"{who}: {kind} {key!r} has dtype {t.dtype}, expected {dtype}")
+        if not bool(torch.isfinite(t).all()):
+            raise ValueError(f"{who}: {kind} {key!r} holds non-finite values (NaN or inf)")
+
+
+def check_upward(messages, allowed: tuple[type, ...] = UPWARD, senders: Sequence[Any] | None = None) -> list:
+    """Server-side guard: client messages of the allowed types whose metadata keeps the contract.
+
+    ``senders`` names who sent each message (the server's client ids), for the errors. Keys and
+    shapes need the model: the aggregation functions check them.
+    """
     out = list(messages)
-    for m in out:
+    if senders is not None and len(senders) != len(out):
+        raise ValueError(f"{len(senders)} senders for {len(out)} messages")
+    for i, m in enumerate(out):
         if not isinstance(m, allowed):
             raise TypeError(
-                f"the server only accepts {[t.__name__ for t in allowed]} from clients, got {type(m).__name__}"
+                f"{sender_label(senders, i)}: the server only accepts {[t.__name__ for t in allowed]} from clients, "
+                f"got {type(m).__name__}"
             )
+        check_metadata(m, sender_label(senders, i))
     return out
 
 
@@ -195,7 +326,8 @@ class Transport:
         reply = handler(message) if message is not None else handler()
         if reply is None:
             return None
-        replies = check_upward(reply if isinstance(reply, list) else [reply])
+        replies = reply if isinstance(reply, list) else [reply]
+        replies = check_upward(replies, senders=[getattr(client, "client_id", "?")] * len(replies))
         for r in replies:
             bytes_.up += r.nbytes
             if self.record:

@@ -52,14 +52,16 @@ def round_bytes(history: Sequence[Mapping[str, Any]], extra: int = 0) -> dict[st
 
 
 def collect_scores(
-    clients: Sequence[Any], transport: Transport, config: Mapping[str, Any]
+    clients: Sequence[Any], transport: Transport, config: Mapping[str, Any], model: torch.nn.Module | None = None
 ) -> tuple[ChannelScores, RoundBytes]:
-    """Scoring round: every client with forget data sends (scores, count); the server averages them."""
+    """Scoring round: every client with forget data sends (scores, count); the server averages them
+    (checking each reply's layers against ``model``, the server's copy, when given)."""
     rb = transport.start_round("score")
-    replies = [r for c in clients if (r := transport.call(c, "score", Broadcast({}, dict(config)))) is not None]
-    if not replies:
+    down = Broadcast({}, dict(config))
+    pairs = [(i, r) for i, c in enumerate(clients) if (r := transport.call(c, "score", down)) is not None]
+    if not pairs:
         raise ValueError("no client holds data to forget: nothing to score")
-    return aggregate_scores(replies), rb
+    return aggregate_scores([r for _, r in pairs], senders=[i for i, _ in pairs], model=model), rb
 
 
 def all_channels(layers: Mapping[str, LayerInfo]) -> dict[str, list[int]]:
@@ -119,10 +121,11 @@ def masked_rounds(
         rb: RoundBytes = transport.start_round(f"{label}/{r}")
         cfg = round_config(config, r)
         down = Broadcast({} if r == 0 else selected_values(current, mask), cfg, channels if r == 0 else None)
-        replies = [m for c in clients if (m := transport.call(c, "masked_update", down)) is not None]
+        pairs = [(i, m) for i, c in enumerate(clients) if (m := transport.call(c, "masked_update", down)) is not None]
+        replies = [m for _, m in pairs]
         if not replies:
             raise ValueError("no client has retain data for the masked rounds")
-        current = masked_aggregate(reference, mask, replies)
+        current = masked_aggregate(reference, mask, replies, senders=[i for i, _ in pairs])
         local = sum(m.metrics.get("local_compute_s", 0.0) for m in replies)
         round_s = time.perf_counter() - t0
         history.append({"round": r, "clients": len(replies), "round_s": round_s, "local_compute_s": local,
@@ -161,7 +164,7 @@ def federated_unlearn(
     transport = transport or Transport()
     work = model if inplace else copy.deepcopy(model)
     t0 = time.perf_counter()
-    scores, score_bytes = collect_scores(clients, transport, score_config(cfg))
+    scores, score_bytes = collect_scores(clients, transport, score_config(cfg), work)
     mask = select_channels(scores, work, cfg.ratio, cfg.scope, cfg.threshold, cfg.include_head, cfg.head_rows)
     t1 = time.perf_counter()
     _, history = masked_rounds(work, clients, mask, rounds, unlearn_config(cfg), transport)

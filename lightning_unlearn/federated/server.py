@@ -1,8 +1,10 @@
 """Server side: FedAvg rounds, count-weighted aggregation of parameters, scores and masked slices.
 
-Nothing here touches a dataset. Every aggregation function type-checks its inputs with
-:func:`~lightning_unlearn.federated.messages.check_upward`, so a sample or a label handed
-to the server fails loudly, and the round loop talks to clients only through a
+Nothing here touches a dataset. Every aggregation function checks each reply against its
+contract (:mod:`~lightning_unlearn.federated.messages`): the message type, exactly the keys
+the server expects with their shapes (the broadcast arrays, the masked parameters' selected
+counts, the scored layers' channels), bounded metadata; a violation is a one-line ValueError
+naming the client and the key. The round loop talks to clients only through a
 :class:`~lightning_unlearn.federated.messages.Transport`.
 """
 from __future__ import annotations
@@ -21,7 +23,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from lightning_unlearn._io import load_torch_file, save_torch
-from lightning_unlearn.attribution import ChannelScores, LayerInfo
+from lightning_unlearn.attribution import _NORM_TYPES, SCORED_TYPES, ChannelScores, LayerInfo
 from lightning_unlearn.federated.arrays import get_arrays, set_arrays
 from lightning_unlearn.federated.messages import (
     Broadcast,
@@ -29,9 +31,13 @@ from lightning_unlearn.federated.messages import (
     ParametersMessage,
     ScoresMessage,
     Transport,
+    check_arrays,
     check_upward,
+    sender_label,
+    short_repr,
     tensor_bytes,
 )
+from lightning_unlearn.scoring.base import out_channels
 from lightning_unlearn.selection import ParameterMask
 
 
@@ -43,52 +49,112 @@ def _weights(messages: Sequence[Any]) -> list[float]:
     return [m.num_samples / total for m in messages]
 
 
-def fedavg_aggregate(messages: Sequence[ParametersMessage]) -> dict[str, Tensor]:
-    """Sample-count-weighted mean of the clients' arrays (computed in float64, cast back)."""
-    messages = check_upward(messages, (ParametersMessage,))
+def fedavg_aggregate(
+    messages: Sequence[ParametersMessage],
+    expected: Mapping[str, Tensor] | None = None,
+    senders: Sequence[int] | None = None,
+) -> dict[str, Tensor]:
+    """Sample-count-weighted mean of the clients' arrays (computed in float64, cast back).
+
+    Every reply must hold exactly the keys of ``expected`` (the arrays the server broadcast), each of
+    its shape and dtype; without ``expected``, those of the first reply. ``senders`` (client ids,
+    one per message) name the client in the one-line ValueError.
+    """
+    messages = check_upward(messages, (ParametersMessage,), senders)
     if not messages:
         raise ValueError("fedavg_aggregate needs at least one client message")
+    reference = expected if expected is not None else messages[0].arrays
+    contract = {k: (tuple(v.shape), v.dtype) for k, v in reference.items()}
+    describe = f"the {len(contract)} model arrays" if expected is not None else f"the {len(contract)} arrays of reply 0"
+    for i, m in enumerate(messages):
+        check_arrays(m.arrays, contract, sender_label(senders, i), "ParametersMessage", describe)
     w = _weights(messages)
-    keys = list(messages[0].arrays)
-    return {
-        k: sum(wi * m.arrays[k].double() for wi, m in zip(w, messages)).to(messages[0].arrays[k].dtype) for k in keys
-    }
+    return {k: sum(wi * m.arrays[k].double() for wi, m in zip(w, messages)).to(dtype) for k, (_, dtype) in contract.items()}
 
 
-def aggregate_scores(messages: Sequence[ScoresMessage]) -> ChannelScores:
-    """Count-weighted mean of the clients' channel scores: the score of the union of their forget sets."""
-    messages = check_upward(messages, (ScoresMessage,))
+def _model_layers(model: nn.Module) -> tuple[dict[str, int], dict[str, int]]:
+    """Scorable layers -> out_channels, and norm layers -> channels, from the module tree alone (no data)."""
+    layers, norms = {}, {}
+    for name, module in model.named_modules():
+        if isinstance(module, SCORED_TYPES):
+            layers[name] = out_channels(module)
+        elif isinstance(module, _NORM_TYPES):
+            norms[name] = int(getattr(module, "num_features", getattr(module, "num_channels", -1)))
+    return layers, norms
+
+
+def _check_layers_against_model(layers: Mapping[str, tuple], model: nn.Module, who: str) -> None:
+    scorable, norms = _model_layers(model)
+    for name, (out, bn, _) in layers.items():
+        if name not in scorable:
+            raise ValueError(f"{who}: ScoresMessage has unexpected layer {name!r} (expected scorable layers of "
+                             f"{type(model).__name__}: {list(scorable)})")
+        if out != scorable[name]:
+            raise ValueError(f"{who}: ScoresMessage layer {name!r} claims {out} channels; the model's has {scorable[name]}")
+        if bn is not None and norms.get(bn) != out:
+            raise ValueError(f"{who}: ScoresMessage layer {name!r} names {bn!r} as its norm layer, which is not a "
+                             f"norm layer of {out} channels in the model")
+
+
+def aggregate_scores(
+    messages: Sequence[ScoresMessage], senders: Sequence[int] | None = None, model: nn.Module | None = None
+) -> ChannelScores:
+    """Count-weighted mean of the clients' channel scores: the score of the union of their forget sets.
+
+    Every reply must score the forget set (tag ``"forget"``) with one method, describe the same
+    layers, and send exactly one 1-D vector of ``out_channels`` scores per described layer. With
+    ``model`` (the server's copy), each layer must be a scorable layer of it with that many channels.
+    """
+    messages = check_upward(messages, (ScoresMessage,), senders)
     if not messages:
         raise ValueError("no client holds data to forget: no scores to aggregate")
     methods = {m.method for m in messages}
     if len(methods) != 1:
         raise ValueError(f"clients scored with different methods {sorted(methods)}; all must use the same one")
+    first = dict(messages[0].layers)
+    if not first:
+        raise ValueError(f"{sender_label(senders, 0)}: ScoresMessage describes no layer (layers is empty)")
+    if model is not None:
+        _check_layers_against_model(first, model, sender_label(senders, 0))
+    contract = {n: ((out,), None) for n, (out, _, _) in first.items()}
+    for i, m in enumerate(messages):
+        who = sender_label(senders, i)
+        if m.tag != "forget":
+            raise ValueError(f"{who}: ScoresMessage tag {m.tag!r} in the scoring round (expected 'forget')")
+        if dict(m.layers) != first:
+            diff = sorted(set(m.layers) ^ set(first)) or sorted(n for n in first if m.layers[n] != first[n])
+            raise ValueError(f"{who}: ScoresMessage layers differ from {sender_label(senders, 0)}'s at {short_repr(diff[0])}")
+        check_arrays(m.scores, contract, who, "ScoresMessage", f"the {len(contract)} scored layers",
+                     vector=("scores", "channels"))
     w = _weights(messages)
-    layers = {n: LayerInfo(n, out, bn, head) for n, (out, bn, head) in messages[0].layers.items()}
-    scores = {n: sum(wi * m.scores[n].double() for wi, m in zip(w, messages)).float() for n in messages[0].scores}
+    layers = {n: LayerInfo(n, out, bn, head) for n, (out, bn, head) in first.items()}
+    scores = {n: sum(wi * m.scores[n].double() for wi, m in zip(w, messages)).float() for n in first}
     return ChannelScores(scores, sum(m.num_samples for m in messages), methods.pop(), layers)
 
 
 def masked_aggregate(
-    reference: Mapping[str, Tensor], mask: ParameterMask, messages: Sequence[MaskedUpdateMessage]
+    reference: Mapping[str, Tensor],
+    mask: ParameterMask,
+    messages: Sequence[MaskedUpdateMessage],
+    senders: Sequence[int] | None = None,
 ) -> dict[str, Tensor]:
     """Average only the selected slices; every other element is copied from ``reference`` bit for bit.
 
     Plain averaging of identical copies is not exact in floating point (the issue measured 13,003
-    of 33,194 values changed), so frozen values are never averaged at all.
+    of 33,194 values changed), so frozen values are never averaged at all. Every reply must hold
+    exactly the masked parameters, each a 1-D vector of ``mask.masks[name].sum()`` values.
     """
-    messages = check_upward(messages, (MaskedUpdateMessage,))
+    messages = check_upward(messages, (MaskedUpdateMessage,), senders)
     out = {k: v.clone() for k, v in reference.items()}
     if not messages:
         return out
+    selected = {name: m for name, m in mask.masks.items() if bool(m.any())}
+    contract = {name: ((int(m.sum()),), reference[name].dtype) for name, m in selected.items()}
+    for i, msg in enumerate(messages):
+        check_arrays(msg.values, contract, sender_label(senders, i), "MaskedUpdateMessage",
+                     f"the {len(contract)} masked parameters", vector=("values", "selected elements"))
     w = _weights(messages)
-    for name, m in mask.masks.items():
-        if not bool(m.any()):
-            continue
-        expected = int(m.sum())
-        for msg in messages:
-            if msg.values[name].numel() != expected:
-                raise ValueError(f"{name}: a client sent {msg.values[name].numel()} values for {expected} selected elements")
+    for name, m in selected.items():
         mean = sum(wi * msg.values[name].double() for wi, msg in zip(w, messages))
         out[name][m] = mean.to(out[name].dtype)
     return out
@@ -218,7 +284,7 @@ def run_fedavg(
         if not replies:
             raise ValueError(f"round {r}: no sampled client had data to train on")
         t_agg = time.perf_counter()
-        new_arrays = fedavg_aggregate([m for _, m in replies])
+        new_arrays = fedavg_aggregate([m for _, m in replies], global_arrays, senders=[c for c, _ in replies])
         if store is not None and r % store.every == 0:
             store.rounds.append({
                 "round": r, "global": global_arrays,

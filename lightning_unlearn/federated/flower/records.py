@@ -3,8 +3,9 @@
 Down: a :class:`~lightning_unlearn.federated.messages.Broadcast` becomes a ``RecordDict``
 (``arrays``, ``config``, and ``channels`` as int32 indices when the mask travels). Up: each
 client message becomes a ``RecordDict`` tagged with its kind, and the server rebuilds the
-dataclass from it, so the dataclasses' own checks (float tensors, 1-D score vectors, integer
-counts) guard Flower traffic exactly as they guard the in-process :class:`Transport`.
+dataclass from it (refusing records or keys the kind does not carry), so the dataclasses' own
+checks and the aggregation functions' contract guard Flower traffic exactly as they guard the
+in-process :class:`Transport`.
 
 Two byte counts per message: ``payload`` counts what the in-process transport counts (tensor
 bytes, 4 per channel index, 8 per sample count), so the two engines compare one to one;
@@ -27,12 +28,14 @@ from lightning_unlearn.federated.messages import (
     ParametersMessage,
     RoundBytes,
     ScoresMessage,
+    short_repr,
 )
 
 COUNT_KEY = "num-examples"  # Flower's conventional sample-count key
 COUNT_BYTES = 8  # the in-process transport counts a sample count as 8 bytes
 REPLY_KINDS = ("parameters", "masked_update", "scores", "none")
 UpwardMessage = ParametersMessage | MaskedUpdateMessage | ScoresMessage
+MAX_LAYERS_JSON_CHARS = 65_536  # layer table of a ScoresMessage: ~45 characters a layer
 
 
 # -- tensors ---------------------------------------------------------------------------------------
@@ -113,25 +116,61 @@ def reply_to_content(reply: UpwardMessage | None) -> RecordDict:
     raise TypeError(f"a client may only send {[t.__name__ for t in UpwardMessage.__args__]}, got {type(reply).__name__}")
 
 
+#: The records and ``reply`` config keys each reply kind carries: anything more is refused, not dropped.
+_REPLY_RECORDS = {"none": {"reply"}, "parameters": {"reply", "arrays", "metrics"},
+                  "masked_update": {"reply", "arrays", "metrics"}, "scores": {"reply", "arrays", "metrics"}}
+_REPLY_META = {"none": {"kind"}, "parameters": {"kind"}, "masked_update": {"kind"},
+               "scores": {"kind", "method", "tag", "layers"}}
+
+
+def _layers_from_json(text: Any) -> dict[str, tuple[int, str | None, bool]]:
+    """``{name: [out_channels, norm name or null, is_head]}`` as ScoresMessage metadata, or a one-line ValueError."""
+    try:
+        raw = json.loads(text) if isinstance(text, str) and len(text) <= MAX_LAYERS_JSON_CHARS else None
+        ok = isinstance(raw, dict) and all(
+            isinstance(v, list) and len(v) == 3 and isinstance(v[0], int) and not isinstance(v[0], bool)
+            and (v[1] is None or isinstance(v[1], str)) and isinstance(v[2], bool) for v in raw.values())
+    except ValueError:
+        ok = False
+    if not ok:
+        raise ValueError(f"ScoresMessage layers metadata must be JSON {{name: [out_channels, norm name or null, "
+                         f"is_head]}} of at most {MAX_LAYERS_JSON_CHARS} characters, got {short_repr(text)}")
+    return {k: (v[0], v[1], v[2]) for k, v in raw.items()}
+
+
 def content_to_reply(content: RecordDict) -> UpwardMessage | None:
-    """Rebuild the library message (its checks run here, on the server); ``None`` for an empty reply."""
+    """Rebuild the library message (its checks run here, on the server); ``None`` for an empty reply.
+
+    Records or ``reply`` keys a kind does not carry are refused: a client cannot smuggle an extra
+    record past the dataclass by putting it next to the ones the server reads.
+    """
     if "reply" not in content:
         raise TypeError(f"a client reply must carry a 'reply' record naming its kind; got records {sorted(content)}")
     meta = dict(content["reply"])
     kind = meta.get("kind")
+    if kind not in REPLY_KINDS:
+        raise TypeError(f"unknown client reply kind {short_repr(kind)}; allowed kinds are {list(REPLY_KINDS)}")
+    extra = sorted(set(content) - _REPLY_RECORDS[kind]) or sorted(set(meta) - _REPLY_META[kind])
+    if extra:
+        raise ValueError(f"a {kind!r} reply has unexpected key {short_repr(extra[0])} "
+                         f"(expected records {sorted(_REPLY_RECORDS[kind])}, reply keys {sorted(_REPLY_META[kind])})")
     if kind == "none":
         return None
-    if kind not in REPLY_KINDS:
-        raise TypeError(f"unknown client reply kind {kind!r}; allowed kinds are {list(REPLY_KINDS)}")
+    missing = sorted(_REPLY_RECORDS[kind] - set(content)) or sorted(_REPLY_META[kind] - set(meta))
+    if missing:
+        raise ValueError(f"a {kind!r} reply is missing key {missing[0]!r}")
     arrays = record_to_arrays(content["arrays"])
     metrics = dict(content["metrics"])
-    n = int(metrics.pop(COUNT_KEY))
+    n = metrics.pop(COUNT_KEY, None)
+    if isinstance(n, bool) or not isinstance(n, int):
+        raise ValueError(f"a {kind!r} reply must carry its sample count {COUNT_KEY!r} as an int, got {short_repr(n)}")
     if kind == "parameters":
         return ParametersMessage(arrays, n, metrics)
     if kind == "masked_update":
         return MaskedUpdateMessage(arrays, n, metrics)
-    layers = {k: (int(v[0]), v[1], bool(v[2])) for k, v in json.loads(meta["layers"]).items()}
-    return ScoresMessage(arrays, n, meta["method"], layers, meta["tag"])
+    if metrics:
+        raise ValueError(f"a 'scores' reply carries no metrics besides {COUNT_KEY!r}; got {short_repr(sorted(metrics)[0])}")
+    return ScoresMessage(arrays, n, meta["method"], _layers_from_json(meta["layers"]), meta["tag"])
 
 
 # -- bytes ------------------------------------------------------------------------------------------------

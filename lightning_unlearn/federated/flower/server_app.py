@@ -40,7 +40,7 @@ from lightning_unlearn.federated.flower.records import (
     content_to_reply,
     record_to_arrays,
 )
-from lightning_unlearn.federated.messages import Broadcast, RoundBytes
+from lightning_unlearn.federated.messages import Broadcast, RoundBytes, check_metrics
 from lightning_unlearn.config import UnlearnConfig
 from lightning_unlearn.federated.protocol import round_config, score_config, unlearn_config
 from lightning_unlearn.federated.server import (
@@ -183,9 +183,13 @@ def _client_replies(replies: Sequence[Message], nodes: Mapping[int, int], ledger
     out = []
     for m in sorted(replies, key=lambda m: by_node[m.metadata.src_node_id]):
         ledger.up(label, m.content)
-        msg = content_to_reply(m.content)
+        cid = by_node[m.metadata.src_node_id]
+        try:
+            msg = content_to_reply(m.content)
+        except (TypeError, ValueError) as err:  # the record broke the message contract: say which client
+            raise type(err)(f"client {cid}: {err}") from None
         if msg is not None:
-            out.append((by_node[m.metadata.src_node_id], msg))
+            out.append((cid, msg))
     return out
 
 
@@ -206,11 +210,13 @@ class LightningFedAvg(FedAvg):
         self.clients, self.plan, self.ledger, self.timeout = dict(clients), plan, ledger, timeout
         self.history: list[dict] = []
         self._t0, self._picked = 0.0, 0
+        self._expected: dict[str, Tensor] | None = None
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         r, p = server_round - 1, self.plan
         self._t0 = time.perf_counter()
         global_arrays = record_to_arrays(arrays)
+        self._expected = global_arrays  # what every reply must match, key for key and shape for shape
         out = []
         for cid in sample_clients(list(self.clients), p.fraction, p.seed, r):  # the same draw as run_fedavg
             cfg = fit_config(int(cid), r, p.seed, p.local_epochs, p.data, p.local_config)
@@ -227,7 +233,7 @@ class LightningFedAvg(FedAvg):
         if not pairs:
             raise ValueError(f"round {r}: no sampled client had data to train on")
         msgs = [m for _, m in pairs]
-        new = fedavg_aggregate(msgs)
+        new = fedavg_aggregate(msgs, self._expected, senders=[c for c, _ in pairs])
         row = _row(r, self._t0, msgs, self.ledger, label)
         row["clients"] = [c for c, _ in pairs]
         self.history.append(row)
@@ -266,7 +272,8 @@ class MaskedUnlearning(Strategy):
         c = self.plan.config
         msgs = self._to_all(Broadcast({}, score_config(c)), "score", "query.score")
         replies = check_replies(list(grid.send_and_receive(msgs, timeout=self.timeout)), len(msgs), "scoring")
-        self.scores = aggregate_scores([m for _, m in _client_replies(replies, self.clients, self.ledger, "score")])
+        pairs = _client_replies(replies, self.clients, self.ledger, "score")
+        self.scores = aggregate_scores([m for _, m in pairs], senders=[c for c, _ in pairs], model=self.model)
         self.reference = {k: v.clone() for k, v in deployed.items()}
         set_arrays(self.model, self.reference)
         self.mask = select_channels(self.scores, self.model, c.ratio, c.scope, c.threshold, c.include_head, c.head_rows)
@@ -284,10 +291,11 @@ class MaskedUnlearning(Strategy):
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         r, label = server_round - 1, f"unlearn/{server_round - 1}"
         replies = check_replies(list(replies), len(self.clients), f"unlearning round {r}")
-        msgs = [m for _, m in _client_replies(replies, self.clients, self.ledger, label)]
+        pairs = _client_replies(replies, self.clients, self.ledger, label)
+        msgs = [m for _, m in pairs]
         if not msgs:
             raise ValueError("no client has retain data for the masked rounds")
-        current = masked_aggregate(self.reference, self.mask, msgs)
+        current = masked_aggregate(self.reference, self.mask, msgs, senders=[c for c, _ in pairs])
         self.history.append(_row(r, self._t0, msgs, self.ledger, label))
         return arrays_to_record(current), MetricRecord({"local_compute_s": self.history[-1]["local_compute_s"]})
 
@@ -300,8 +308,10 @@ class MaskedUnlearning(Strategy):
         if not self.plan.evaluate:
             return None
         replies = check_replies(list(replies), len(self.clients), f"evaluation round {server_round - 1}")
+        by_node = {n: c for c, n in self.clients.items()}
         for m in replies:
             self.ledger.up(f"evaluate/{server_round - 1}", m.content)
+            check_metrics(dict(m.content["metrics"]), f"client {by_node[m.metadata.src_node_id]}", "evaluation reply")
         row: dict[str, float] = {"round": server_round - 1}
         for split in ("forget", "retain"):
             pairs = [(m.content["metrics"][f"{split}-acc"], m.content["metrics"][f"{split}-examples"])

@@ -1,0 +1,325 @@
+"""The message contract, end to end: what a hostile client tried to smuggle past the server is refused.
+
+Fake clients (no training) answer the server's calls with crafted messages; ``run_fedavg``,
+``federated_unlearn``, the aggregation functions and Flower's record decoding must each reject
+the smuggle with one line naming the client and the key, and still accept honest replies.
+"""
+from __future__ import annotations
+
+import base64
+import re
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import Array, ConfigRecord, MetricRecord
+
+from lightning_unlearn import ForgetRequest, ParameterMask
+from lightning_unlearn.attribution import SCORING_METHODS, discover_layers
+from lightning_unlearn.federated import (
+    MaskedUpdateMessage,
+    ParametersMessage,
+    ScoresMessage,
+    aggregate_scores,
+    fedavg_aggregate,
+    federated_unlearn,
+    get_arrays,
+    masked_aggregate,
+    run_fedavg,
+)
+from lightning_unlearn.federated.arrays import selected_values
+from lightning_unlearn.federated.flower.records import ByteLedger, content_to_reply, reply_to_content
+from lightning_unlearn.federated.flower.server_app import _client_replies
+from lightning_unlearn.federated.messages import MAX_METRICS, METRIC_KEYS, check_metrics
+from lightning_unlearn.models import SmallCNN
+
+TINY = dict(channels=(8, 16), hidden=32)
+N_ARRAYS = 16  # SmallCNN(TINY)'s float state: 4 layers x (weight, bias) + 2 BatchNorms x 4
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return SmallCNN(**TINY)
+
+
+@pytest.fixture(scope="module")
+def layers(model):
+    return discover_layers(model, torch.zeros(2, 1, 8, 8))
+
+
+@pytest.fixture(scope="module")
+def images(digits):
+    """Real training images and labels: what a hostile client would try to send."""
+    x, y = digits[0].tensors
+    return x[:10], y[:10]
+
+
+class FakeClient:
+    """Answers the server like a :class:`FederatedClient` without training; ``tamper`` rewrites one reply kind."""
+
+    def __init__(self, client_id: int, model, layers, tamper: dict | None = None) -> None:
+        self.client_id, self.model, self.layers, self.tamper = client_id, model, layers, tamper or {}
+        self.mask: ParameterMask | None = None
+        self.deployed = get_arrays(model)
+
+    def _reply(self, kind: str, honest):
+        return self.tamper[kind](honest) if kind in self.tamper else honest
+
+    def fit(self, message):
+        arrays = {k: v + 0.01 * (self.client_id + 1) for k, v in message.arrays.items()}
+        return self._reply("fit", ParametersMessage(arrays, 10 * (self.client_id + 1), {"local_compute_s": 0.1, "fit_s": 0.2}))
+
+    def deploy(self, message):
+        self.deployed = {k: v.clone() for k, v in message.arrays.items()}
+
+    def score(self, message):
+        gen = torch.Generator().manual_seed(self.client_id)
+        scores = {n: torch.rand(i.out_channels, generator=gen) for n, i in self.layers.items()}
+        meta = {n: (i.out_channels, i.batchnorm, i.is_head) for n, i in self.layers.items()}
+        return self._reply("score", ScoresMessage(scores, 5, message.config["method"], meta))
+
+    def masked_update(self, message):
+        if message.channels is not None:
+            self.mask = ParameterMask.from_channels(self.model, message.channels, self.layers)
+        values = {k: v + 0.5 for k, v in selected_values(self.deployed, self.mask).items()}
+        return self._reply("masked_update", MaskedUpdateMessage(values, 20, {"local_compute_s": 0.1}))
+
+
+def one_line(err: pytest.ExceptionInfo, pattern: str) -> str:
+    """The error is one short line (no echoed dump) matching ``pattern``."""
+    text = str(err.value)
+    assert "\n" not in text and len(text) < 400, text[:500]
+    assert re.search(pattern, text), text
+    return text
+
+
+def _fedavg(model, clients):
+    return run_fedavg(model, clients, rounds=1, deploy=False, progress=False)
+
+
+def _unlearn(model, clients):
+    return federated_unlearn(model, clients, ForgetRequest(classes=[3]), rounds=2)
+
+
+def _swap(message, **changes):
+    """A copy of a message with fields replaced (messages are frozen)."""
+    fields = {**message.__dict__, **changes}
+    return type(message)(**fields)
+
+
+# -- honest replies still work ---------------------------------------------------------------------------------
+def test_honest_fake_clients_pass_fedavg_and_unlearning(model, layers):
+    clients = [FakeClient(i, model, layers) for i in range(3)]
+    work = SmallCNN(**TINY)
+    work.load_state_dict(model.state_dict())
+    before = get_arrays(work)
+    run_fedavg(work, clients, rounds=1, progress=False)  # deploys the global model to the clients
+    weights = np.array([10, 20, 30]) / 60
+    for k, v in get_arrays(work).items():  # the count-weighted mean of the clients' offsets
+        assert torch.allclose(v, before[k] + sum(w * 0.01 * (i + 1) for i, w in enumerate(weights)), atol=1e-6), k
+    result = _unlearn(work, clients)
+    assert 0 < result.mask.fraction < 1
+    for name, m in result.mask.masks.items():  # selected values moved by the clients' +0.5, nothing else did
+        after = get_arrays(result.model)[name]
+        assert torch.equal(after[~m], get_arrays(work)[name][~m]), name
+        assert torch.allclose(after[m], get_arrays(work)[name][m] + 0.5), name
+
+
+# -- ParametersMessage -------------------------------------------------------------------------------------------
+def test_float_images_in_an_extra_key_are_refused(model, layers, images):
+    x, _ = images
+    bad = {"fit": lambda m: _swap(m, arrays={**m.arrays, "x_train": x})}
+    clients = [FakeClient(0, model, layers), FakeClient(1, model, layers, bad)]
+    with pytest.raises(ValueError) as err:
+        _fedavg(SmallCNN(**TINY), clients)
+    one_line(err, rf"^client 1: ParametersMessage has unexpected key 'x_train' \(expected the {N_ARRAYS} model arrays\)$")
+
+
+def test_float_images_in_a_parameters_place_are_refused(model, layers, images):
+    x, _ = images  # (10, 1, 8, 8) instead of conv1.weight's (8, 1, 3, 3)
+    bad = {"fit": lambda m: _swap(m, arrays={**m.arrays, "conv1.weight": x})}
+    with pytest.raises(ValueError) as err:
+        _fedavg(SmallCNN(**TINY), [FakeClient(0, model, layers, bad)])
+    one_line(err, r"^client 0: ParametersMessage 'conv1.weight' has shape \(10, 1, 8, 8\), expected \(8, 1, 3, 3\)$")
+
+
+def test_a_missing_key_a_wrong_dtype_and_nan_are_refused(model, layers):
+    expected = get_arrays(model)
+    honest = ParametersMessage(dict(expected), 3)
+    missing = ParametersMessage({k: v for k, v in expected.items() if k != "fc2.bias"}, 3)
+    with pytest.raises(ValueError) as err:
+        fedavg_aggregate([honest, missing], expected, senders=[4, 7])
+    one_line(err, rf"^client 7: ParametersMessage is missing key 'fc2.bias' \(expected the {N_ARRAYS} model arrays\)$")
+    double = ParametersMessage({**expected, "fc2.bias": expected["fc2.bias"].double()}, 3)
+    with pytest.raises(ValueError) as err:
+        fedavg_aggregate([double], expected, senders=[2])
+    one_line(err, r"^client 2: ParametersMessage 'fc2.bias' has dtype torch.float64, expected torch.float32$")
+    nan = ParametersMessage({**expected, "fc2.bias": torch.full((10,), float("nan"))}, 3)
+    with pytest.raises(ValueError) as err:
+        fedavg_aggregate([nan], expected)
+    one_line(err, r"^reply 0: ParametersMessage 'fc2.bias' holds non-finite values")
+    # without the broadcast arrays, the first reply is the contract: the others must match it
+    with pytest.raises(ValueError) as err:
+        fedavg_aggregate([honest, missing])
+    one_line(err, r"^reply 1: ParametersMessage is missing key 'fc2.bias' \(expected the 16 arrays of reply 0\)$")
+
+
+def test_labels_in_the_metrics_are_refused(model, layers, images):
+    _, y = images
+    labels = {f"label_{i}": float(v) for i, v in enumerate(y)}
+    bad = {"fit": lambda m: _swap(m, metrics={**m.metrics, **labels})}
+    clients = [FakeClient(0, model, layers), FakeClient(1, model, layers), FakeClient(2, model, layers, bad)]
+    with pytest.raises(ValueError) as err:
+        _fedavg(SmallCNN(**TINY), clients)
+    one_line(err, r"^client 2: ParametersMessage has unexpected metric 'label_0' \(allowed: .*local_compute_s")
+    oversized = {f"k{i}": 0.0 for i in range(MAX_METRICS + 1)}
+    with pytest.raises(ValueError) as err:
+        check_metrics(oversized, "client 5", "ParametersMessage")
+    one_line(err, rf"^client 5: ParametersMessage has {MAX_METRICS + 1} metrics \(at most {MAX_METRICS} allowed\)$")
+    with pytest.raises(ValueError) as err:
+        check_metrics({"fit_s": float("inf")}, "client 5", "ParametersMessage")
+    one_line(err, r"^client 5: ParametersMessage metric 'fit_s' must be a finite scalar, got inf$")
+
+
+# -- MaskedUpdateMessage ----------------------------------------------------------------------------------------
+def test_masked_updates_carry_exactly_the_selected_elements(model, layers, images):
+    x, _ = images
+    extra = {"masked_update": lambda m: _swap(m, values={**m.values, "x_train": x.flatten()})}
+    clients = [FakeClient(0, model, layers), FakeClient(1, model, layers, extra)]
+    with pytest.raises(ValueError) as err:
+        _unlearn(model, clients)
+    one_line(err, r"^client 1: MaskedUpdateMessage has unexpected key 'x_train' \(expected the \d+ masked parameters\)$")
+
+    def longer(m):  # the right key, with images appended to the selected values
+        name = next(iter(m.values))
+        return _swap(m, values={**m.values, name: torch.cat([m.values[name], x.flatten()])})
+
+    with pytest.raises(ValueError) as err:
+        _unlearn(model, [FakeClient(0, model, layers, {"masked_update": longer}), FakeClient(1, model, layers)])
+    one_line(err, r"^client 0: MaskedUpdateMessage '[\w.]+' has \d+ values for \d+ selected elements$")
+
+    def missing(m):
+        return _swap(m, values=dict(list(m.values.items())[1:]))
+
+    with pytest.raises(ValueError) as err:
+        _unlearn(model, [FakeClient(0, model, layers), FakeClient(1, model, layers, {"masked_update": missing})])
+    one_line(err, r"^client 1: MaskedUpdateMessage is missing key '[\w.]+' \(expected the \d+ masked parameters\)$")
+
+
+def test_masked_aggregate_checks_dtype_against_the_reference():
+    reference = {"w": torch.zeros(4, 2)}
+    mask = ParameterMask({"w": torch.tensor([[True, False]] * 4)})
+    with pytest.raises(ValueError) as err:
+        masked_aggregate(reference, mask, [MaskedUpdateMessage({"w": torch.zeros(4, dtype=torch.float64)}, 1)], [9])
+    one_line(err, r"^client 9: MaskedUpdateMessage 'w' has dtype torch.float64, expected torch.float32$")
+    out = masked_aggregate(reference, mask, [MaskedUpdateMessage({"w": torch.ones(4)}, 1)], [9])
+    assert torch.equal(out["w"], torch.tensor([[1.0, 0.0]] * 4))
+
+
+# -- ScoresMessage -----------------------------------------------------------------------------------------------
+def test_flattened_images_in_scores_are_refused(model, layers, images):
+    x, _ = images
+    flat = x.flatten()  # 640 pixel values dressed up as one layer's "channel scores"
+
+    def as_layer(m):  # claims conv1 has 640 channels, consistently with its metadata
+        return _swap(m, scores={**m.scores, "conv1": flat}, layers={**m.layers, "conv1": (flat.numel(), "bn1", False)})
+
+    clients = [FakeClient(0, model, layers), FakeClient(1, model, layers, {"score": as_layer})]
+    with pytest.raises(ValueError) as err:
+        _unlearn(model, clients)  # the first reply is honest: client 1's metadata differs from it
+    one_line(err, r"^client 1: ScoresMessage layers differ from client 0's at 'conv1'$")
+    hostile_first = [FakeClient(0, model, layers, {"score": as_layer}), FakeClient(1, model, layers)]
+    with pytest.raises(ValueError) as err:
+        _unlearn(model, hostile_first)  # a hostile first reply is caught against the server's model
+    one_line(err, r"^client 0: ScoresMessage layer 'conv1' claims 640 channels; the model's has 8$")
+
+    def extra_layer(m):
+        return _swap(m, scores={**m.scores, "x_train": flat}, layers={**m.layers, "x_train": (flat.numel(), None, False)})
+
+    with pytest.raises(ValueError) as err:
+        _unlearn(model, [FakeClient(0, model, layers, {"score": extra_layer})])
+    one_line(err, r"^client 0: ScoresMessage has unexpected layer 'x_train' \(expected scorable layers of SmallCNN")
+
+    def scores_only(m):  # an extra score vector the metadata does not describe
+        return _swap(m, scores={**m.scores, "x_train": flat})
+
+    with pytest.raises(ValueError) as err:
+        _unlearn(model, [FakeClient(0, model, layers), FakeClient(1, model, layers, {"score": scores_only})])
+    one_line(err, r"^client 1: ScoresMessage has unexpected key 'x_train' \(expected the 4 scored layers\)$")
+
+
+def test_a_huge_base64_tag_or_an_unknown_method_is_refused(model, layers, images):
+    x, _ = images
+    dump = base64.b64encode(np.repeat(x.numpy(), 600, axis=0).tobytes()).decode()  # ~2 MB of images as text
+    assert len(dump) > 476_000
+    clients = [FakeClient(0, model, layers), FakeClient(1, model, layers, {"score": lambda m: _swap(m, tag=dump)})]
+    with pytest.raises(ValueError) as err:
+        _unlearn(model, clients)
+    one_line(err, rf"^client 1: ScoresMessage tag has {len(dump)} characters \(at most 64 allowed\)$")
+    with pytest.raises(ValueError) as err:  # short, but not a known tag
+        aggregate_scores([_swap(FakeClient(0, model, layers).score(SimpleNamespace(config={"method": "grad_x_act"})),
+                                tag="label=3")], senders=[6])
+    one_line(err, r"^client 6: ScoresMessage has unknown tag 'label=3' \(allowed: 'forget' or 'class_<int>'\)$")
+    method = {"score": lambda m: _swap(m, method="grad_x_act;" + dump[:40])}
+    with pytest.raises(ValueError) as err:
+        _unlearn(model, [FakeClient(0, model, layers, method)])
+    text = one_line(err, r"^client 0: ScoresMessage has unknown method '.*' \(allowed: ")
+    assert all(m in text for m in SCORING_METHODS) and "cdp_activation" in text
+    cdp = {"score": lambda m: _swap(m, tag="class_3")}  # a CDP document where the forget set was asked for
+    with pytest.raises(ValueError) as err:
+        _unlearn(model, [FakeClient(0, model, layers, cdp)])
+    one_line(err, r"^client 0: ScoresMessage tag 'class_3' in the scoring round \(expected 'forget'\)$")
+
+
+# -- Flower: the same contract on records ----------------------------------------------------------------------
+def _flower_reply(content, node: int = 103):
+    return SimpleNamespace(content=content, metadata=SimpleNamespace(src_node_id=node))
+
+
+def test_flower_replies_are_checked_and_name_the_client(model, layers, images):
+    x, y = images
+    nodes = {3: 103}
+    expected = get_arrays(model)
+    honest = reply_to_content(ParametersMessage(dict(expected), 4, {"fit_s": 0.1}))
+    pairs = _client_replies([_flower_reply(honest)], nodes, ByteLedger(), "fedavg/0")
+    assert pairs[0][0] == 3 and torch.equal(fedavg_aggregate([pairs[0][1]], expected, [3])["fc2.bias"], expected["fc2.bias"])
+
+    extra_record = reply_to_content(ParametersMessage(dict(expected), 4))
+    extra_record["labels"] = ConfigRecord({"y": [int(v) for v in y]})
+    with pytest.raises(ValueError) as err:
+        _client_replies([_flower_reply(extra_record)], nodes, ByteLedger(), "fedavg/0")
+    one_line(err, r"^client 3: a 'parameters' reply has unexpected key 'labels' \(expected records")
+
+    extra_meta = reply_to_content(ParametersMessage(dict(expected), 4))
+    extra_meta["reply"]["x_train"] = base64.b64encode(x.numpy().tobytes()).decode()
+    with pytest.raises(ValueError) as err:
+        _client_replies([_flower_reply(extra_meta)], nodes, ByteLedger(), "fedavg/0")
+    one_line(err, r"^client 3: a 'parameters' reply has unexpected key 'x_train'")
+
+    extra_array = reply_to_content(ParametersMessage(dict(expected), 4))
+    extra_array["arrays"]["x_train"] = Array(x.numpy())
+    (cid, msg), = _client_replies([_flower_reply(extra_array)], nodes, ByteLedger(), "fedavg/0")
+    with pytest.raises(ValueError) as err:  # decoded fine; the aggregation knows the model's keys
+        fedavg_aggregate([msg], expected, senders=[cid])
+    one_line(err, r"^client 3: ParametersMessage has unexpected key 'x_train' \(expected the 16 model arrays\)$")
+
+    scores = reply_to_content(FakeClient(0, model, layers).score(SimpleNamespace(config={"method": "grad_x_act"})))
+    scores["metrics"] = MetricRecord({"num-examples": 5, "label_0": float(y[0])})
+    with pytest.raises(ValueError) as err:
+        _client_replies([_flower_reply(scores)], nodes, ByteLedger(), "score")
+    one_line(err, r"^client 3: a 'scores' reply carries no metrics besides 'num-examples'; got 'label_0'$")
+    scores["metrics"] = MetricRecord({"num-examples": 5})
+    scores["reply"]["layers"] = "[1, 2, 3]"
+    with pytest.raises(ValueError) as err:
+        _client_replies([_flower_reply(scores)], nodes, ByteLedger(), "score")
+    one_line(err, r"^client 3: ScoresMessage layers metadata must be JSON")
+
+
+def test_metric_keys_cover_what_the_library_clients_send():
+    """Training replies (local_fit), the DP callback's epsilon, Flower's count, hello and evaluation replies."""
+    sent = {"local_compute_s", "fit_s", "dp/epsilon", "num-examples", "client-id"}
+    sent |= {f"{split}-{what}" for split in ("forget", "retain", "all") for what in ("acc", "examples")}
+    assert sent == set(METRIC_KEYS)
+    check_metrics({k: 1 for k in sent}, "client 0", "evaluation reply")  # all at once stays within the bound
