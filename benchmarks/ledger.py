@@ -124,7 +124,13 @@ def throughput(n_requests: int, n_samples: int, per_subject: int, url: str | Non
                                 trained_ids=np.setdiff1d(held, forget))
         out["finish_job_s"] = time.perf_counter() - t
         out["forget_samples"] = int(len(forget))
-        out["version_sample_ranges"] = len(ledger.versions(source))
+        from sqlalchemy import func, select
+
+        from lightning_unlearn.ledger import schema
+
+        with ledger.engine.connect() as conn:
+            out["new_version_range_rows"] = conn.execute(select(func.count()).select_from(schema.version_samples)
+                                                         .where(schema.version_samples.c.version_id == new)).scalar()
         t = time.perf_counter()
         assert (ledger.lineage(new, forget) == 2).all()
         out["lineage_check_s"] = time.perf_counter() - t
