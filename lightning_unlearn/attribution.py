@@ -21,7 +21,7 @@ from lightning_unlearn.scoring.base import out_channels, registry_views
 
 SCORED_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 # Per-channel normalisation fed by a layer: its affine weight/bias follow the layer's selected channels.
-_NORM_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.GroupNorm)
+NORM_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.GroupNorm)
 
 
 def __getattr__(name: str) -> Any:
@@ -103,7 +103,7 @@ def discover_layers(model: nn.Module, example_input: Tensor, layers: Sequence[st
         return hook
 
     handles = [m.register_forward_hook(on_layer(n)) for n, m in candidates.items()]
-    handles += [m.register_forward_pre_hook(on_bn(n)) for n, m in modules.items() if isinstance(m, _NORM_TYPES)]
+    handles += [m.register_forward_pre_hook(on_bn(n)) for n, m in modules.items() if isinstance(m, NORM_TYPES)]
     was_training = model.training
     try:
         model.eval()

@@ -44,5 +44,4 @@ __all__ = [
     "masked_rounds",
     "run_fedavg",
     "set_arrays",
-    "write_json",
 ]

@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import lightning.pytorch as pl
 import torch
@@ -39,6 +39,8 @@ class FederatedSettings:
         unlearn_rounds: masked unlearning rounds (each client's budget per round: ``unlearning.epochs`` /
             ``unlearning.max_steps``).
         output_dir: where ``fit`` writes ``original.ckpt`` and the per-round server checkpoints.
+        fresh: train from round 0 even if ``output_dir`` holds a resume file (one from another run is
+            refused, naming what changed).
         dp_target_epsilon, dp_noise_multiplier: local DP-SGD at every client during ``fit`` (Opacus, the
             ``dp`` extra); give one. The epsilon is per client, for the whole training.
         dp_max_grad_norm, dp_delta: per-sample clipping norm and delta of the DP runs.
@@ -52,6 +54,7 @@ class FederatedSettings:
     fraction: float = 1.0
     unlearn_rounds: int = 1
     output_dir: str = "outputs/federated"
+    fresh: bool = False
     dp_target_epsilon: float | None = None
     dp_noise_multiplier: float | None = None
     dp_max_grad_norm: float = 1.0
@@ -86,8 +89,12 @@ def _simulation(model: pl.LightningModule, fdm: FederatedDataModule, s: Federate
     )
 
 
-def federated_fit(model: pl.LightningModule, fdm: FederatedDataModule, settings: FederatedSettings, seed: int = 0) -> Path:
-    """FedAvg training; writes ``<output_dir>/original.ckpt`` (a new name if it exists). Resumes from round checkpoints."""
+def federated_fit(model: pl.LightningModule, fdm: FederatedDataModule, settings: FederatedSettings, seed: int = 0,
+                  echo: Callable[[str], None] | None = None) -> Path:
+    """FedAvg training; writes ``<output_dir>/original.ckpt`` (a new name if it exists). Resumes from round checkpoints.
+
+    The summary lines (and the clients' privacy budget for DP runs) go to ``echo`` (default: the module logger).
+    """
     dp = settings.dp_target_epsilon is not None or settings.dp_noise_multiplier is not None
     if dp:
         from lightning_unlearn.privacy.federated import attach_settings_dp, prepare_model
@@ -96,12 +103,13 @@ def federated_fit(model: pl.LightningModule, fdm: FederatedDataModule, settings:
     # with DP no resume: the round checkpoints do not carry the clients' privacy accountants
     sim = _simulation(model, fdm, settings, seed, checkpoints=not dp)
     privacy = attach_settings_dp(sim.clients, settings) if dp else None
-    result = sim.train(resume=not dp)
+    result = sim.train(resume=not dp and not settings.fresh)
     path = save_checkpoint(sim.model, unique_path(Path(settings.output_dir) / "original.ckpt"))
-    log.info("FedAvg: %d rounds, test acc %.4f; checkpoint: %s", settings.rounds,
-             result.history[-1].get("test_acc", float("nan")), path)
+    say = echo or log.info
+    say(f"FedAvg: {settings.rounds} rounds, test acc {result.history[-1].get('test_acc', float('nan')):.4f}; "
+        f"checkpoint: {path}")
     if privacy is not None:
-        log.info("%s", privacy.describe())
+        say(privacy.describe())
     return path
 
 
@@ -141,6 +149,8 @@ def fedavg_round_bytes(model: torch.nn.Module, num_clients: int, fraction: float
 def save_checkpoint(model: torch.nn.Module, path: Path) -> Path:
     """A checkpoint ``lightning-unlearn unlearn`` and ``LightningModule.load_from_checkpoint`` can read (never overwrites)."""
     state = {"state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-             "hyper_parameters": dict(getattr(model, "hparams", {})), "pytorch-lightning_version": pl.__version__}
+             "hyper_parameters": {**dict(getattr(model, "hparams", {})),
+                                  "_class_path": f"{type(model).__module__}.{type(model).__qualname__}"},
+             "pytorch-lightning_version": pl.__version__}
     return save_torch(state, path, overwrite=False)
 

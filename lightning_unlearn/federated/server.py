@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from lightning_unlearn._io import load_torch_file, save_torch
-from lightning_unlearn.attribution import _NORM_TYPES, SCORED_TYPES, ChannelScores, LayerInfo
+from lightning_unlearn.attribution import NORM_TYPES, SCORED_TYPES, ChannelScores, LayerInfo
 from lightning_unlearn.federated.arrays import get_arrays, set_arrays
 from lightning_unlearn.federated.messages import (
     Broadcast,
@@ -78,7 +78,7 @@ def _model_layers(model: nn.Module) -> tuple[dict[str, int], dict[str, int]]:
     for name, module in model.named_modules():
         if isinstance(module, SCORED_TYPES):
             layers[name] = out_channels(module)
-        elif isinstance(module, _NORM_TYPES):
+        elif isinstance(module, NORM_TYPES):
             norms[name] = int(getattr(module, "num_features", getattr(module, "num_channels", -1)))
     return layers, norms
 
@@ -197,6 +197,15 @@ class FedAvgResult:
         return float(np.mean([r["bytes_down"] + r["bytes_up"] for r in self.history])) if self.history else math.nan
 
 
+def check_same_run(path: Path, stored: Mapping[str, str] | None, current: Mapping[str, str] | None) -> None:
+    """A resume file is reused only by the run that wrote it; otherwise say what differs and how to start fresh."""
+    stored, current = dict(stored or {}), dict(current or {})
+    differ = sorted(k for k in set(stored) | set(current) if stored.get(k) != current.get(k))
+    if differ:
+        raise ValueError(f"{path} was written by a different run ({', '.join(differ)} changed); start fresh with "
+                         "--federated.fresh true (resume=False) or use another output_dir")
+
+
 def check_rounds(rounds: int, name: str = "rounds") -> None:
     if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
         raise ValueError(f"{name} must be an integer >= 1, got {rounds!r}")
@@ -234,6 +243,7 @@ def run_fedavg(
     progress: bool = True,
     label: str = "fedavg",
     participants: Sequence[int] | None = None,
+    run_key: Mapping[str, str] | None = None,
 ) -> FedAvgResult:
     """Federated averaging: ``rounds`` rounds of local Lightning training on a sampled ``fraction`` of clients.
 
@@ -241,7 +251,10 @@ def run_fedavg(
         data: what each client trains on: ``"all"`` its shard, ``"retain"`` its data minus the forget set.
         evaluate: server-side evaluation of the global model after each round (e.g. global test accuracy).
         checkpoint_dir: write ``fedavg.pt`` (global model, history, store) atomically after every round;
-            with ``resume=True`` an existing one is continued from its next round.
+            with ``resume=True`` an existing one is continued from its next round, but only if it was
+            written by the same run: ``run_key`` (e.g. :meth:`FederatedSimulation.run_key`: hashes of the
+            data split, partition, model and schedule) must match the one stored, else a ValueError names
+            what differs.
         store_every: keep the client updates of every n-th round (FedEraser needs them); their size
             is reported by ``result.store.nbytes``.
         deploy: broadcast the final model to every client (the model they later unlearn from).
@@ -264,6 +277,7 @@ def run_fedavg(
     ckpt = Path(checkpoint_dir) / "fedavg.pt" if checkpoint_dir is not None else None
     if resume and ckpt is not None and ckpt.exists():
         state = load_torch_file(ckpt, "FedAvg resume file")
+        check_same_run(ckpt, state.get("run") if isinstance(state, dict) else None, run_key)
         global_arrays, history, start_round = state["global"], state["history"], state["round"] + 1
         if store is not None and state.get("store") is not None:
             store.rounds = state["store"]
@@ -306,7 +320,7 @@ def run_fedavg(
         row["overhead_s"] = row["round_s"] - eval_s - local
         t_ck = time.perf_counter()
         if ckpt is not None:
-            save_torch({"round": r, "global": global_arrays, "history": history + [row],
+            save_torch({"round": r, "run": dict(run_key or {}), "global": global_arrays, "history": history + [row],
                           "store": store.rounds if store is not None else None}, ckpt)
         row["checkpoint_s"] = time.perf_counter() - t_ck  # in memory only; the saved row stops before saving
         row["round_s"] += row["checkpoint_s"]

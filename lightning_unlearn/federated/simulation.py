@@ -5,6 +5,7 @@ It lives outside the server on purpose; the server code never sees it.
 """
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 import time
@@ -12,6 +13,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import lightning.pytorch as pl
+import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback
 
@@ -26,6 +28,10 @@ from lightning_unlearn.metrics import accuracy, split_accuracies
 from lightning_unlearn.request import ForgetRequest
 
 METRIC_KEYS = ("forget_acc", "remaining_acc", "test_acc")
+
+
+def _digest(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()[:16]
 
 
 class FederatedSimulation:
@@ -59,6 +65,7 @@ class FederatedSimulation:
         self.fraction, self.seed, self.progress = fraction, seed, progress
         self.checkpoint_dir, self.store_every = checkpoint_dir, store_every
         self.clients: list[FederatedClient] = make_clients(fdm, model, callbacks, trainer_kwargs)
+        self._trainer_kwargs = dict(trainer_kwargs or {})
         self.training: FedAvgResult | None = None
         self.plan: FederatedForgetPlan | None = None
         self._eval_dm: UnlearningDataModule | None = None
@@ -71,10 +78,28 @@ class FederatedSimulation:
         self.training = run_fedavg(
             self.model, self.clients, self.rounds, self.fraction, self.local_epochs, self.seed,
             evaluate=self.test_accuracy, checkpoint_dir=self.checkpoint_dir, resume=resume,
-            store_every=self.store_every, progress=self.progress,
+            store_every=self.store_every, progress=self.progress, run_key=self.run_key(),
         )
         self.timings_s["training"] = time.perf_counter() - start
         return self.training
+
+    def run_key(self) -> dict[str, str]:
+        """Short hashes of what makes this federation's training what it is (rounds excluded: a run may extend).
+
+        A resume file written by another data split, partition, model or schedule is refused with them.
+        """
+        fdm = self.fdm
+        parts = [np.asarray(fdm.client_indices(k), dtype=np.int64) for k in range(fdm.num_clients)]
+        state = {k: tuple(v.shape) for k, v in self.model.state_dict().items()}
+        parts_bytes = b"".join(np.asarray([len(p)], dtype=np.int64).tobytes() + p.tobytes() for p in parts)
+        return {
+            "data": _digest(np.asarray(fdm.targets, dtype=np.int64).tobytes()),
+            "partition": _digest(repr((fdm.partition, fdm.alpha, fdm.seed, fdm.num_clients)).encode() + parts_bytes),
+            "model": _digest(repr((type(self.model).__qualname__, sorted(state.items()))).encode()),
+            "hyper_parameters": _digest(repr(sorted(dict(getattr(self.model, "hparams", {})).items())).encode()),
+            "schedule": _digest(repr((self.local_epochs, self.fraction, self.seed, sorted(self._trainer_kwargs.items())))
+                                .encode()),
+        }
 
     def request(self, request: ForgetRequest) -> FederatedForgetPlan:
         """Resolve and hand the request to the clients (each learns only its own split)."""

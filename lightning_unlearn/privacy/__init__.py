@@ -19,7 +19,6 @@ from lightning_unlearn.privacy.models import DPSmallCNN, group_norm_for
 
 __all__ = [
     "ACCOUNTANTS",
-    "INSTALL_HINT",
     "ClientPrivacy",
     "DPSmallCNN",
     "DifferentialPrivacy",
@@ -33,5 +32,4 @@ __all__ = [
     "group_norm_for",
     "noise_for",
     "prepare_model",
-    "require_opacus",
 ]

@@ -55,7 +55,6 @@ from lightning_unlearn.federated.flower.server_app import (  # noqa: E402
 from lightning_unlearn.federated.flower.simulation import run_flower_simulation  # noqa: E402
 
 __all__ = [
-    "INSTALL_HINT",
     "ByteLedger",
     "ClientPartition",
     "FedAvgPlan",
@@ -69,8 +68,6 @@ __all__ = [
     "file_partition",
     "make_client_app",
     "make_server_app",
-    "require_flwr",
-    "require_ray",
     "run_flower_simulation",
     "save_partition",
 ]
