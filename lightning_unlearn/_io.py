@@ -4,6 +4,7 @@ The lowest layer of the package: it imports nothing from ``lightning_unlearn``.
 """
 from __future__ import annotations
 
+import datetime
 import json
 import math
 import os
@@ -60,6 +61,8 @@ def to_jsonable(value: Any) -> Any:
         return to_jsonable(value.detach().cpu().tolist())
     if isinstance(value, Path):
         return str(value)
+    if isinstance(value, (datetime.date, datetime.datetime)):
+        return value.isoformat()
     if hasattr(value, "to_dict") and callable(value.to_dict):
         return to_jsonable(value.to_dict())
     if hasattr(value, "tolist") and callable(value.tolist):  # NumPy arrays and scalars

@@ -23,7 +23,14 @@ from lightning_unlearn._training import reinitialize
 from lightning_unlearn.attribution import LayerInfo
 from lightning_unlearn.data.federated import FederatedForgetPlan
 from lightning_unlearn.federated.arrays import get_arrays, set_arrays
-from lightning_unlearn.federated.messages import Broadcast, ParametersMessage, ScoresMessage, Transport, check_upward
+from lightning_unlearn.federated.messages import (
+    Broadcast,
+    ParametersMessage,
+    ScoresMessage,
+    Transport,
+    check_arrays,
+    check_upward,
+)
 from lightning_unlearn.config import UnlearnConfig
 from lightning_unlearn.federated.protocol import (
     FederatedUnlearningResult,
@@ -125,6 +132,12 @@ def cdp_tfidf(docs: Mapping[str, Mapping[str, Tensor]]) -> dict[str, dict[str, T
 def _cdp_documents(replies: Sequence[ScoresMessage]) -> tuple[dict[str, dict[str, Tensor]], dict]:
     """Count-weighted mean activation per document over clients (server side)."""
     replies = check_upward(replies, (ScoresMessage,))
+    contract = {n: ((out,), None) for n, (out, _, _) in replies[0].layers.items()} if replies else {}
+    for i, m in enumerate(replies):
+        if m.layers != replies[0].layers:
+            raise ValueError(f"reply {i}: ScoresMessage describes other layers than reply 0")
+        check_arrays(m.scores, contract, f"reply {i}", "ScoresMessage", f"the {len(contract)} scored layers",
+                     vector=("scores", "channels"))
     grouped: dict[str, list[ScoresMessage]] = {}
     for m in replies:
         grouped.setdefault(m.tag, []).append(m)
@@ -211,7 +224,9 @@ def federated_eraser(
             reply = transport.call(clients[cid], "fit", Broadcast(current, cfg))
             if reply is None:
                 continue
-            check_upward([reply], (ParametersMessage,))
+            check_upward([reply], (ParametersMessage,), [cid])
+            check_arrays(reply.arrays, {k: (tuple(v.shape), v.dtype) for k, v in current.items()}, f"client {cid}",
+                         "ParametersMessage", f"the {len(current)} model arrays")
             step = {}
             for k in current:
                 new = reply.arrays[k].double() - current[k].double()
