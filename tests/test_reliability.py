@@ -101,6 +101,13 @@ def test_planted_pickles_are_refused_everywhere_and_never_run(tmp_path, checkpoi
     context = Context(run_id=1, node_id=1, node_config={"data-path": str(node_file)}, state=None, run_config={})
     with pytest.raises(ValueError, match="holds objects other than tensors"):
         file_partition(context)
+    # a SISA ensemble file, and the weights a ledger verifies (weights_sha256 of the file on disk)
+    from lightning_unlearn.evaluation import weights_sha256
+    from lightning_unlearn.exact import SISAEnsemble
+
+    for load in (lambda: SISAEnsemble.load(evil), lambda: weights_sha256(evil)):
+        with pytest.raises(ValueError, match="holds objects other than tensors"):
+            load()
     assert not marker.exists()  # the payload never ran
 
 
