@@ -15,6 +15,7 @@ from lightning_unlearn.attribution import check_method
 from lightning_unlearn.masking import check_bn_stats
 from lightning_unlearn.objectives import OBJECTIVES
 from lightning_unlearn.request import ForgetRequest
+from lightning_unlearn.reset import check_reset
 from lightning_unlearn.selection import check_ratio, check_scope
 
 ENGINES = ("central", "federated")
@@ -49,6 +50,9 @@ class UnlearnConfig:
         lr_scale: multiplier of the user's learning rate for the selected channels.
         head_lr_scale: multiplier for the selected head rows (None: ``lr_scale``; ``"auto"``: see :data:`AUTO`).
         bn_stats: ``"frozen"`` (every BatchNorm in eval mode) or ``"selected"``.
+        reset: before the update, ``"reinit"`` the selected slices from the model's own initialisation
+            (their BatchNorm statistics re-estimated on retain data) or ``"dampen"`` them; ``"none"``
+            fine-tunes them from their trained values. Central engine only, for now.
         seed: seeds scoring subsamples, forget-term labels and the data order.
     """
 
@@ -68,6 +72,7 @@ class UnlearnConfig:
     lr_scale: float = 1.0
     head_lr_scale: float | str | None = "auto"
     bn_stats: str = "frozen"
+    reset: str = "none"
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -95,6 +100,7 @@ class UnlearnConfig:
         if self.head_lr_scale not in (None, "auto"):
             _check_number("head_lr_scale", self.head_lr_scale, low=0.0, low_open=True)
         check_bn_stats(self.bn_stats)
+        check_reset(self.reset)
         if not _is_int(self.seed):
             raise ValueError(f"seed must be an integer, got {self.seed!r}")
 
@@ -122,6 +128,9 @@ class UnlearnConfig:
     def resolved(self, request: ForgetRequest, engine: str = "central") -> "UnlearnConfig":
         """A copy with every ``"auto"`` replaced by its value for ``request`` on ``engine``."""
         _check_choice("engine", engine, ENGINES)
+        if engine == "federated" and self.reset != "none":
+            raise ValueError(f"reset={self.reset!r} is not supported by the federated engine yet (clients would "
+                             "re-estimate BatchNorm statistics on different data); use reset='none'")
         auto = AUTO[engine]
         head_rows = self.head_rows
         if head_rows == "auto":

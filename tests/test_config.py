@@ -32,6 +32,7 @@ CLI_VALUES = {
     "lr_scale": ("2.0", 2.0),
     "head_lr_scale": ("5.0", 5.0),
     "bn_stats": ("selected", "selected"),
+    "reset": ("reinit", "reinit"),
     "seed": ("11", 11),
 }
 
@@ -50,6 +51,8 @@ def test_defaults_live_in_one_place_and_auto_resolves_per_engine():
     assert central.head_rows == [3] and UnlearnConfig().resolved(sample).head_rows is None
     explicit = UnlearnConfig(objective="ascent", head_rows=[1], head_lr_scale=None).resolved(class3, "federated")
     assert (explicit.objective, explicit.head_rows, explicit.head_lr_scale) == ("ascent", [1], None)
+    with pytest.raises(ValueError, match=r"reset='reinit' is not supported by the federated engine yet"):
+        UnlearnConfig(reset="reinit").resolved(class3, "federated")
     with pytest.raises(ValueError, match=r"unknown engine 'flower'; allowed values are \['central', 'federated'\]"):
         UnlearnConfig().resolved(class3, "flower")
 

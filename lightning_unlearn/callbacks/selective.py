@@ -18,6 +18,7 @@ from lightning_unlearn.config import UnlearnConfig
 from lightning_unlearn.metrics import accuracy
 from lightning_unlearn.mixin import UnlearningMixin
 from lightning_unlearn.objectives import FORGET_AWARE
+from lightning_unlearn.reset import reestimate_batchnorm, reset_selected
 from lightning_unlearn.selection import ParameterMask, head_parameter_scales, select_channels
 
 
@@ -121,6 +122,7 @@ class SelectiveUnlearning(GradientMask):
                 self.scores, pl_module, cfg.ratio, cfg.scope, cfg.threshold, cfg.include_head, cfg.head_rows
             )
             rank_zero_info(f"SelectiveUnlearning: {cfg.method} selected {self.mask.fraction:.2%} of parameters")
+            self._reset(trainer, pl_module)
         self._check_same_mask_on_all_ranks(trainer)
         self._fit_start = time.perf_counter()
         super().on_fit_start(trainer, pl_module)
@@ -143,6 +145,18 @@ class SelectiveUnlearning(GradientMask):
         max_steps = self.resolved_config.max_steps
         if max_steps is not None and trainer.global_step >= max_steps:
             trainer.should_stop = True
+
+    def _reset(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """``config.reset``: remove the selected slices (same seed on every rank), re-estimate their BatchNorm stats."""
+        cfg = self.resolved_config
+        if cfg.reset == "none":
+            return
+        start = time.perf_counter()
+        changed = reset_selected(pl_module, self.mask, cfg.reset, cfg.seed)
+        batches = reestimate_batchnorm(pl_module, self.mask, trainer.datamodule.retain_dataloader(shuffle=False))
+        self.timings["reset"] = time.perf_counter() - start
+        rank_zero_info(f"SelectiveUnlearning: reset ({cfg.reset}) {changed} elements; BatchNorm statistics of the "
+                       f"selected channels re-estimated on {batches} retain batches")
 
     def _score(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> ChannelScores:
         """Each rank scores its shard of the forget set; sums and counts are all-reduced."""
