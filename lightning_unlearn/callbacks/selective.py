@@ -57,6 +57,7 @@ class SelectiveUnlearning(GradientMask):
         self.history: list[dict[str, float | None]] = []
         self._user_step = None
         self._resolved: UnlearnConfig | None = None
+        self._resumed = False
         self._lr: ScaleLearningRate | None = None
 
     @property
@@ -122,6 +123,7 @@ class SelectiveUnlearning(GradientMask):
                 self.scores, pl_module, cfg.ratio, cfg.scope, cfg.threshold, cfg.include_head, cfg.head_rows
             )
             rank_zero_info(f"SelectiveUnlearning: {cfg.method} selected {self.mask.fraction:.2%} of parameters")
+        if not self._resumed:  # a resumed run's weights were reset before its checkpoint was written
             self._reset(trainer, pl_module)
         self._check_same_mask_on_all_ranks(trainer)
         self._fit_start = time.perf_counter()
@@ -224,6 +226,7 @@ class SelectiveUnlearning(GradientMask):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         had_mask = self.mask is not None
         super().load_state_dict(state_dict)
+        self._resumed = state_dict.get("mask") is not None
         if state_dict.get("scores") is not None:
             self.scores = ChannelScores.from_state_dict(state_dict["scores"])
         saved = state_dict.get("config") or {}
