@@ -153,3 +153,20 @@ def test_evaluate_attack_ulira_writes_the_attack_into_evaluation_json(tmp_path, 
         assert 0 <= row["auc"] <= 1 and {"tpr_at_1pct_fpr", "tpr_at_0.1pct_fpr"} <= set(row)
     out = capsys.readouterr().out
     assert "ulira: forget samples vs held-out samples" in out and "attack UNINFORMATIVE" in out  # random models
+
+
+def test_demo_table_shows_relearn_steps(capsys):
+    import torch
+
+    from lightning_unlearn.demo import print_table
+    from lightning_unlearn.result import UnlearningResult
+
+    metrics = {"forget_acc": 0.0, "remaining_acc": 0.99, "test_acc": 0.89}
+    results = {"original": UnlearningResult(torch.nn.Linear(1, 1), None, dict(metrics), {"total": 1.0}),
+               "unlearned": UnlearningResult(torch.nn.Linear(1, 1), None, dict(metrics), {"total": 0.1},
+                                             extra={"relearn_steps": 10}),
+               "retrained": UnlearningResult(torch.nn.Linear(1, 1), None, dict(metrics), {"total": 2.0},
+                                             extra={"relearn_steps": None})}
+    print_table(results, "demo")
+    out = capsys.readouterr().out
+    assert "relearn steps" in out and "> 200" in out and "hid what it knew" in out
