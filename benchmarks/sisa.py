@@ -81,11 +81,12 @@ def run_setting(train, test, shards: int, slices: int, args, sample_requests, wo
 def references(single, train, test, args, sample_requests) -> dict:
     """Full retraining and our approximate default on the same requests, from the single model."""
     out = {}
+    sample_requests = sample_requests[: args.ref_samples or None]
     for name, requests in (("sample", sample_requests), ("class", [ForgetRequest(classes=[FORGET_CLASS])])):
         rows = {"retrain": [], "approximate": []}
         for i, request in enumerate(requests):
             dm = UnlearningDataModule(train, test, request, batch_size=args.batch_size, seed=args.seed)
-            if i == 0:  # retraining costs the same for every single-sample request: time it once
+            if i == 0 and not args.no_retrain:  # retraining costs the same for every single-sample request
                 t0 = time.perf_counter()
                 ref = retrain(single, dm, epochs=args.epochs, seed=args.seed)
                 rows["retrain"].append({"seconds": time.perf_counter() - t0, "metrics": ref.metrics})
@@ -94,9 +95,8 @@ def references(single, train, test, args, sample_requests) -> dict:
             config = getattr(approx, "config", None)  # the defaults it ran with
             rows["approximate"].append({"seconds": time.perf_counter() - t0, "metrics": approx.metrics,
                                         "config": to_jsonable(config) if config is not None else None})
-        out[name] = {k: {"seconds": float(np.mean([r["seconds"] for r in v])), "runs": v} for k, v in rows.items()}
-        print(f"{name} request: retrain {out[name]['retrain']['seconds']:.1f} s, "
-              f"approximate {out[name]['approximate']['seconds']:.1f} s", flush=True)
+        out[name] = {k: {"seconds": float(np.mean([r["seconds"] for r in v])), "runs": v} for k, v in rows.items() if v}
+        print(f"{name} request: approximate {out[name]['approximate']['seconds']:.1f} s", flush=True)
     loader = torch.utils.data.DataLoader(test, batch_size=1000)
     out["single_model_test_acc"] = accuracy(single, loader, 10)
     return out
@@ -134,11 +134,21 @@ def markdown(result: dict) -> str:
         "remaining acc (%) | exact |",
         "|---|---|---|---|---|---|",
     ]
-    for name, label, exact in (("retrain", "retrain from scratch", "yes"),
+    for name, label, exact in (("retrain", "retrain from scratch (`retrain`)", "yes"),
                                ("approximate", "ours, approximate default (`unlearn`)", "no")):
+        if name not in ref["class"]:
+            continue
         m = ref["class"][name]["runs"][0]["metrics"]
-        lines.append(f"| {label} | {ref['sample'][name]['seconds']:.2f} | {ref['class'][name]['seconds']:.1f} | "
+        n = len(ref["sample"][name]["runs"])
+        lines.append(f"| {label} | {ref['sample'][name]['seconds']:.2f}{'' if n > 1 else ' (1 sample)'} | "
+                     f"{ref['class'][name]['seconds']:.1f} | "
                      f"{pct(m['forget_test_acc'])} | {pct(m['remaining_test_acc'])} | {exact} |")
+    if "retrain" not in ref["class"]:
+        one = next(r for r in result["grid"] if r["shards"] == 1 and r["slices"] == 1)
+        lines.append(f"| retrain from scratch (= the shards=1 slices=1 row: a deletion there retrains everything) | "
+                     f"{one['sample_request_s']:.2f} | {one['class_request_s']:.1f} | "
+                     f"{pct(one['after_class_request']['forget_test_acc'])} | "
+                     f"{pct(one['after_class_request']['remaining_test_acc'])} | yes |")
     config = ref["class"]["approximate"]["runs"][0].get("config")
     if config:
         lines += ["", "Approximate default = `unlearn(model, dm)` with its resolved settings: "
@@ -161,6 +171,11 @@ def main(argv: list[str] | None = None) -> int:
                    help="run a part of the grid in its own process: write results/sisa_<data>.part-<PART>.json "
                         "(the part with shards=1 slices=1 also runs the references); --merge joins the parts")
     p.add_argument("--merge", action="store_true", help="join results/sisa_<data>.part-*.json into the result files")
+    p.add_argument("--references-only", action="store_true",
+                   help="train only the single model (shards=1 slices=1, as in the grid) and run the references")
+    p.add_argument("--ref-samples", type=int, default=None, help="single-sample requests for the references (default: --samples)")
+    p.add_argument("--no-retrain", action="store_true",
+                   help="skip lightning_unlearn.retrain: the grid's shards=1 slices=1 deletions are retraining from scratch")
     args = p.parse_args(argv)
     for key, value in DEFAULTS[args.data].items():
         if getattr(args, key) is None:
@@ -181,6 +196,13 @@ def main(argv: list[str] | None = None) -> int:
     out = RESULTS / (f"sisa_{args.data}.json" if args.part is None else f"sisa_{args.data}.part-{args.part}.json")
     RESULTS.mkdir(exist_ok=True)
     single = None
+    if args.references_only:
+        args.shards, args.slices = [], []
+        config = SISAConfig(shards=1, slices=1, epochs_per_slice=args.epochs, batch_size=args.batch_size, seed=args.seed)
+        with quiet_lightning():
+            run = SISA(workdir / "single", SmallCNN, train, config)
+            run.fit()
+            single = run.shard_model(0)
     with quiet_lightning():
         for slices in args.slices:
             for shards in args.shards:
@@ -213,9 +235,11 @@ def merge(data: str) -> int:
     parts = [json.loads(p.read_text()) for p in sorted(RESULTS.glob(f"sisa_{data}.part-*.json"))]
     if not parts:
         raise SystemExit(f"no results/sisa_{data}.part-*.json to merge")
-    refs = [p["references"] for p in parts if p["references"] is not None]
-    if len(refs) != 1:
-        raise SystemExit(f"exactly one part must hold the references (shards=1 slices=1), found {len(refs)}")
+    holders = sorted((p for p in parts if p["references"] is not None),
+                     key=lambda p: not p["args"].get("references_only"))  # a --references-only part first
+    if not holders:
+        raise SystemExit("no part holds the references (shards=1 slices=1 or --references-only)")
+    refs = [holders[0]["references"]]
     grid = sorted((row for p in parts for row in p["grid"]), key=lambda r: (r["slices"], r["shards"]))
     result = {**parts[0], "grid": grid, "references": refs[0],
               "command": " & ".join(p["command"] for p in parts) + "; python benchmarks/sisa.py --merge --data " + data,
