@@ -46,6 +46,7 @@ from sklearn.metrics import roc_auc_score, roc_curve
 from torch import nn
 from torch.utils.data import ConcatDataset, DataLoader, Dataset, Subset
 
+from lightning_unlearn.data.unlearning import UnlearningDataModule
 from lightning_unlearn.evaluation.references import audit_indices, train_references
 
 log = logging.getLogger(__name__)
@@ -373,8 +374,10 @@ def _seeded_subset(indices: np.ndarray, n: int, seed: int) -> np.ndarray:
     return np.sort(rng.choice(np.asarray(indices), size=n, replace=False)).astype(np.int64)
 
 
-def evidence_sets(datamodule, retain_sample: int = 500, seed: int = 0, max_samples: int = 1000) -> dict[str, np.ndarray]:
-    """The index sets the attacks use: forget (train), matched held-out (test), retain audit (train) and its held-out (test)."""
+def evidence_sets(
+    datamodule: UnlearningDataModule, retain_sample: int = 500, seed: int = 0, max_samples: int = 1000
+) -> dict[str, np.ndarray]:
+    """The index sets the attacks use: forget (train), matched held-out (test), retain audit (train), its held-out (test)."""
     train_t = np.asarray(datamodule.train_targets)
     forget = _seeded_subset(np.asarray(datamodule.forget_indices), max_samples, seed)
     audit = audit_indices(datamodule, retain_sample, seed)
@@ -408,7 +411,7 @@ def retain_exposure(before: np.ndarray, after: np.ndarray, n_members: int, seed:
 def attack_evidence(
     original: nn.Module,
     unlearned: nn.Module,
-    datamodule,
+    datamodule: UnlearningDataModule,
     references: int = 8,
     attack: str = "ulira",
     epochs: int = 20,

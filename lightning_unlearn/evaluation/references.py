@@ -36,6 +36,7 @@ from torch.utils.data import ConcatDataset, DataLoader, Dataset, Subset, TensorD
 
 from lightning_unlearn._io import load_torch_file, save_torch, write_json
 from lightning_unlearn._training import fit, quiet_lightning, reinitialize
+from lightning_unlearn.data.unlearning import UnlearningDataModule
 
 log = logging.getLogger(__name__)
 
@@ -124,7 +125,7 @@ class _TrainOn(pl.LightningDataModule):
                           num_workers=self.num_workers)
 
 
-def audit_indices(datamodule, size: int, seed: int) -> np.ndarray:
+def audit_indices(datamodule: UnlearningDataModule, size: int, seed: int) -> np.ndarray:
     """A seeded sample of retain-set positions (training-set indices) that no reference trains on.
 
     They are members of the original and the unlearned model but not of the references, so the
@@ -241,7 +242,7 @@ def _train_fresh(template: nn.Module, dataset: Dataset, datamodule, epochs: int,
 
 def train_references(
     template: nn.Module,
-    datamodule,
+    datamodule: UnlearningDataModule,
     k: int,
     epochs: int,
     trainer_kwargs: dict | None = None,
@@ -277,7 +278,7 @@ def train_references(
 
 def train_originals(
     template: nn.Module,
-    datamodule,
+    datamodule: UnlearningDataModule,
     k: int,
     epochs: int,
     trainer_kwargs: dict | None = None,
@@ -303,7 +304,7 @@ def train_originals(
 
 def unlearned_population(
     template: nn.Module,
-    datamodule,
+    datamodule: UnlearningDataModule,
     unlearn_fn: UnlearnFn,
     method: str,
     settings: Mapping[str, Any],
