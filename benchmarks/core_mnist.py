@@ -19,7 +19,7 @@ import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
 
-from lightning_unlearn import SCORING_METHODS, ForgetRequest, UnlearningDataModule, channel_scores, select_channels
+from lightning_unlearn import SCORING_METHODS, UnlearnConfig, ForgetRequest, UnlearningDataModule, channel_scores, select_channels
 from lightning_unlearn.callbacks import GradientMask
 from lightning_unlearn.data import load_mnist
 from lightning_unlearn.demo import run
@@ -28,7 +28,7 @@ from lightning_unlearn.models import SmallCNN
 
 
 def demo_table(root: str, epochs: int, unlearn_steps: int, seed: int) -> tuple[list[dict], str]:
-    results = run(root, epochs=epochs, unlearn_epochs=1, unlearn_steps=unlearn_steps, seed=seed)
+    results = run(root, epochs=epochs, config=UnlearnConfig(epochs=1, max_steps=unlearn_steps, seed=seed))
     rows, retrain_s = [], results["retrained"].timings_s["total"]
     lines = ["| model | forget acc (%) | remaining acc (%) | test acc (%) | params updated (%) | wall time (s) | vs retrain |",
              "|---|---|---|---|---|---|---|"]

@@ -117,8 +117,9 @@ def main(argv: list[str] | None = None) -> None:
     defaults = UnlearnConfig()
     for name in ("method", "ratio", "epochs", "max_steps", "seed"):
         kind = type(getattr(defaults, name)) if getattr(defaults, name) is not None else int
-        flag = "--unlearn-" + name.replace("_", "-") if name == "epochs" else "--" + name.replace("_", "-")
-        parser.add_argument(flag, dest=f"cfg_{name}", type=kind, default=getattr(defaults, name),
+        flags = {"epochs": ["--unlearn-epochs"], "max_steps": ["--max-steps", "--unlearn-steps"]}.get(
+            name, ["--" + name.replace("_", "-")])
+        parser.add_argument(*flags, dest=f"cfg_{name}", type=kind, default=getattr(defaults, name),
                             help=f"UnlearnConfig.{name}")
     args = parser.parse_args(argv)
     config = UnlearnConfig.build(**{k[4:]: v for k, v in vars(args).items() if k.startswith("cfg_")})
