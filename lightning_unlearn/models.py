@@ -51,11 +51,15 @@ class SmallCNN(ClassifierModule):
             raise ValueError(f"unknown optimizer {optimizer!r}; allowed are {list(OPTIMIZERS)}")
         self.save_hyperparameters()
         c1, c2 = channels
-        self.conv1, self.bn1 = nn.Conv2d(in_channels, c1, 3, padding=1), nn.BatchNorm2d(c1)
-        self.conv2, self.bn2 = nn.Conv2d(c1, c2, 3, padding=1), nn.BatchNorm2d(c2)
+        self.conv1, self.bn1 = nn.Conv2d(in_channels, c1, 3, padding=1), self.norm_layer(c1)
+        self.conv2, self.bn2 = nn.Conv2d(c1, c2, 3, padding=1), self.norm_layer(c2)
         self.pool = nn.AdaptiveAvgPool2d(4)
         self.fc1 = nn.Linear(c2 * 16, hidden)
         self.fc2 = nn.Linear(hidden, num_classes)
+
+    def norm_layer(self, num_channels: int) -> nn.Module:
+        """The normalisation after each conv (``bn1``, ``bn2``); subclasses swap it (e.g. GroupNorm for DP-SGD)."""
+        return nn.BatchNorm2d(num_channels)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """Penultimate representation (input of the classifier head)."""

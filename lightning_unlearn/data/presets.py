@@ -5,6 +5,9 @@ training data (``lightning-unlearn fit``: the original model) and the retain dat
 """
 from __future__ import annotations
 
+from typing import Any
+
+from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, Dataset
 
 from lightning_unlearn.data.datasets import dataset_targets, load_digits_datasets, load_mnist
@@ -31,25 +34,7 @@ def build_request(
 
 
 class _PresetData(UnlearningDataModule):
-    def __init__(self, train: Dataset, test: Dataset, forget_classes, forget_sample_ids, forget_random_fraction,
-                 batch_size: int, num_workers: int, seed: int, train_on: str) -> None:
-        if train_on not in TRAIN_ON:
-            raise ValueError(f"unknown train_on {train_on!r}; allowed values are {list(TRAIN_ON)}")
-        request = build_request(len(dataset_targets(train)), forget_classes, forget_sample_ids, forget_random_fraction, seed)
-        super().__init__(train, test, request, batch_size=batch_size, num_workers=num_workers, seed=seed)
-        self.train_on = train_on
-
-    def train_dataloader(self):
-        if self.train_on == "all" and not self.combined:
-            return self._loader(self.train_dataset, shuffle=True)
-        return super().train_dataloader()
-
-    def val_dataloader(self) -> DataLoader:
-        return self.full_test_dataloader()
-
-
-class DigitsData(_PresetData):
-    """scikit-learn's bundled 8x8 digits (embedded, no download) with a forget request.
+    """The request and loader arguments every preset shares; a preset adds where its data come from.
 
     Args:
         forget_classes: classes to forget, e.g. ``[3]``.
@@ -66,12 +51,41 @@ class DigitsData(_PresetData):
         batch_size: int = 64,
         num_workers: int = 0,
         seed: int = 0,
-        test_size: float = 0.25,
         train_on: str = "retain",
     ) -> None:
-        train, test = load_digits_datasets(test_size=test_size, seed=seed)
-        super().__init__(train, test, forget_classes, forget_sample_ids, forget_random_fraction,
-                         batch_size, num_workers, seed, train_on)
+        if train_on not in TRAIN_ON:
+            raise ValueError(f"unknown train_on {train_on!r}; allowed values are {list(TRAIN_ON)}")
+        train, test = self._load(seed)
+        request = build_request(len(dataset_targets(train)), forget_classes, forget_sample_ids, forget_random_fraction, seed)
+        super().__init__(train, test, request, batch_size=batch_size, num_workers=num_workers, seed=seed)
+        self.train_on = train_on
+
+    def _load(self, seed: int) -> tuple[Dataset, Dataset]:
+        """(train, test) datasets of the preset."""
+        raise NotImplementedError
+
+    def train_dataloader(self):
+        if self.train_on == "all" and not self.combined:
+            return self._loader(self.train_dataset, shuffle=True)
+        return super().train_dataloader()
+
+    def val_dataloader(self) -> DataLoader:
+        return self.full_test_dataloader()
+
+
+class DigitsData(_PresetData):
+    """scikit-learn's bundled 8x8 digits (embedded, no download) with a forget request.
+
+    Args:
+        test_size: fraction of the digits held out for testing (split with ``seed``).
+    """
+
+    def __init__(self, test_size: float = 0.25, **kwargs: Any) -> None:
+        self.test_size = test_size
+        super().__init__(**kwargs)
+
+    def _load(self, seed: int) -> tuple[Dataset, Dataset]:
+        return load_digits_datasets(test_size=self.test_size, seed=seed)
 
 
 class MNISTData(_PresetData):
@@ -81,20 +95,12 @@ class MNISTData(_PresetData):
         root: folder holding ``train-images-idx3-ubyte.gz`` etc. (or ``root/MNIST/raw``).
     """
 
-    def __init__(
-        self,
-        root: str | None = None,
-        forget_classes: list[int] | None = None,
-        forget_sample_ids: list[int] | None = None,
-        forget_random_fraction: float | None = None,
-        batch_size: int = 128,
-        num_workers: int = 0,
-        seed: int = 0,
-        train_on: str = "retain",
-    ) -> None:
-        train, test = load_mnist(_required_root(root, "MNIST"))
-        super().__init__(train, test, forget_classes, forget_sample_ids, forget_random_fraction,
-                         batch_size, num_workers, seed, train_on)
+    def __init__(self, root: str | None = None, batch_size: int = 128, **kwargs: Any) -> None:
+        self.root = _required_root(root, "MNIST")
+        super().__init__(batch_size=batch_size, **kwargs)
+
+    def _load(self, seed: int) -> tuple[Dataset, Dataset]:
+        return load_mnist(self.root)
 
 
 class CIFAR10Data(_PresetData):
@@ -103,29 +109,21 @@ class CIFAR10Data(_PresetData):
     Training images get random crops and flips; all images are normalised with the CIFAR-10 statistics.
     """
 
-    def __init__(
-        self,
-        root: str | None = None,
-        download: bool = False,
-        forget_classes: list[int] | None = None,
-        forget_sample_ids: list[int] | None = None,
-        forget_random_fraction: float | None = None,
-        batch_size: int = 128,
-        num_workers: int = 4,
-        seed: int = 0,
-        train_on: str = "retain",
-    ) -> None:
-        root = _required_root(root, "CIFAR-10")
+    def __init__(self, root: str | None = None, download: bool = False, batch_size: int = 128, num_workers: int = 4,
+                 **kwargs: Any) -> None:
+        self.root, self.download = _required_root(root, "CIFAR-10"), download
+        super().__init__(batch_size=batch_size, num_workers=num_workers, **kwargs)
+
+    def _load(self, seed: int) -> tuple[Dataset, Dataset]:
         try:
             from torchvision import datasets, transforms as T
         except ImportError as err:
             raise ImportError("CIFAR10Data needs torchvision: pip install 'lightning-unlearn[vision]'") from err
         norm = T.Normalize((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616))
         augment = T.Compose([T.RandomCrop(32, padding=4), T.RandomHorizontalFlip(), T.ToTensor(), norm])
-        train = datasets.CIFAR10(root, train=True, download=download, transform=augment)
-        test = datasets.CIFAR10(root, train=False, download=download, transform=T.Compose([T.ToTensor(), norm]))
-        super().__init__(train, test, forget_classes, forget_sample_ids, forget_random_fraction,
-                         batch_size, num_workers, seed, train_on)
+        train = datasets.CIFAR10(self.root, train=True, download=self.download, transform=augment)
+        test = datasets.CIFAR10(self.root, train=False, download=self.download, transform=T.Compose([T.ToTensor(), norm]))
+        return train, test
 
 
 def _federated_request(num_train, forget_classes, forget_clients, forget_sample_ids, forget_random_fraction, seed):
@@ -137,46 +135,14 @@ def _federated_request(num_train, forget_classes, forget_clients, forget_sample_
 
 
 class _FederatedPreset(FederatedDataModule):
-    def __init__(self, train: Dataset, test: Dataset, num_clients, partition, alpha, classes_per_client,
-                 forget_classes, forget_clients, forget_sample_ids, forget_random_fraction, batch_size, seed) -> None:
-        super().__init__(train, test, num_clients=num_clients, partition=partition, alpha=alpha, seed=seed,
-                         batch_size=batch_size, classes_per_client=classes_per_client)
-        self.request = _federated_request(len(train), forget_classes, forget_clients, forget_sample_ids,
-                                          forget_random_fraction, seed)
-
-
-class FederatedDigitsData(_FederatedPreset):
-    """Digits split across ``num_clients`` clients, with the deletion request to serve (config-friendly).
+    """The partition and request arguments every federated preset shares; a preset adds where its data come from.
 
     Args:
         forget_clients: client ids leaving the federation (a client-level request).
-        partition: ``"iid"``, ``"dirichlet"`` (``alpha``) or ``"shards"`` (``classes_per_client``).
     """
 
     def __init__(
         self,
-        num_clients: int = 5,
-        partition: str = "dirichlet",
-        alpha: float = 0.5,
-        classes_per_client: int = 2,
-        forget_classes: list[int] | None = None,
-        forget_clients: list[int] | None = None,
-        forget_sample_ids: list[int] | None = None,
-        forget_random_fraction: float | None = None,
-        batch_size: int = 32,
-        seed: int = 0,
-    ) -> None:
-        train, test = load_digits_datasets(seed=seed)
-        super().__init__(train, test, num_clients, partition, alpha, classes_per_client, forget_classes,
-                         forget_clients, forget_sample_ids, forget_random_fraction, batch_size, seed)
-
-
-class FederatedMNISTData(_FederatedPreset):
-    """MNIST from a local copy (``root``) split across clients, with the deletion request to serve."""
-
-    def __init__(
-        self,
-        root: str | None = None,
         num_clients: int = 10,
         partition: str = "dirichlet",
         alpha: float = 0.5,
@@ -188,9 +154,51 @@ class FederatedMNISTData(_FederatedPreset):
         batch_size: int = 64,
         seed: int = 0,
     ) -> None:
-        train, test = load_mnist(_required_root(root, "MNIST"))
-        super().__init__(train, test, num_clients, partition, alpha, classes_per_client, forget_classes,
-                         forget_clients, forget_sample_ids, forget_random_fraction, batch_size, seed)
+        train, test = self._load(seed)
+        super().__init__(train, test, num_clients=num_clients, partition=partition, alpha=alpha, seed=seed,
+                         batch_size=batch_size, classes_per_client=classes_per_client)
+        self.request = _federated_request(len(train), forget_classes, forget_clients, forget_sample_ids,
+                                          forget_random_fraction, seed)
+
+    def _load(self, seed: int) -> tuple[Dataset, Dataset]:
+        """(train, test) datasets of the preset."""
+        raise NotImplementedError
+
+
+class FederatedDigitsData(_FederatedPreset):
+    """Digits split across ``num_clients`` clients, with the deletion request to serve (config-friendly)."""
+
+    def __init__(self, num_clients: int = 5, batch_size: int = 32, **kwargs: Any) -> None:
+        super().__init__(num_clients=num_clients, batch_size=batch_size, **kwargs)
+
+    def _load(self, seed: int) -> tuple[Dataset, Dataset]:
+        return load_digits_datasets(seed=seed)
+
+
+class FederatedMNISTData(_FederatedPreset):
+    """MNIST from a local copy (``root``) split across clients, with the deletion request to serve."""
+
+    def __init__(self, root: str | None = None, **kwargs: Any) -> None:
+        self.root = _required_root(root, "MNIST")
+        super().__init__(**kwargs)
+
+    def _load(self, seed: int) -> tuple[Dataset, Dataset]:
+        return load_mnist(self.root)
+
+
+def datasets_of(datamodule: LightningDataModule) -> tuple[Dataset, Dataset]:
+    """(train, test) datasets of any data module a config names: its attributes, else its loaders' after ``setup``.
+
+    The ``requests`` and ``sisa`` command groups train outside the data module's loaders, on its datasets.
+    """
+    train, test = getattr(datamodule, "train_dataset", None), getattr(datamodule, "test_dataset", None)
+    if train is not None and test is not None:
+        return train, test
+    datamodule.prepare_data()
+    datamodule.setup("fit")
+    datamodule.setup("test")
+    loaders = datamodule.test_dataloader()
+    return datamodule.train_dataloader().dataset, (loaders[0] if isinstance(loaders, (list, tuple)) else loaders).dataset
 
 
 def _required_root(root: str | None, name: str) -> str:

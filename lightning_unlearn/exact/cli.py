@@ -87,6 +87,7 @@ def main(argv: list[str]) -> int:
 
 
 def _run(command: str, cfg: Namespace) -> int:
+    from lightning_unlearn.data.presets import datasets_of
     from lightning_unlearn.exact.sisa import SISA, client_ids
 
     model_parser = ArgumentParser(exit_on_error=False)
@@ -96,7 +97,7 @@ def _run(command: str, cfg: Namespace) -> int:
     data_parser = ArgumentParser(exit_on_error=False)
     data_parser.add_subclass_arguments(pl.LightningDataModule, "data")
     datamodule = data_parser.instantiate_classes(Namespace(data=cfg.data)).data
-    train, test = _datasets(datamodule)
+    train, test = datasets_of(datamodule)
     trainer = dict(cfg.trainer or {})
     config = _sisa_config(cfg, trainer, datamodule)
     trainer_kwargs = {k: trainer[k] for k in TRAINER_KEYS if k in trainer}
@@ -207,18 +208,6 @@ def _sisa_config(cfg: Namespace, trainer: dict[str, Any], datamodule) -> SISACon
         given["seed"] = 0 if isinstance(cfg.seed_everything, bool) else cfg.seed_everything
     given.setdefault("batch_size", getattr(datamodule, "batch_size", 64))
     return SISAConfig(**{"shards": 5, "slices": 1, **given})
-
-
-def _datasets(datamodule: pl.LightningDataModule):
-    """(train, test) datasets of a data module: its attributes, else its loaders after ``setup``."""
-    train, test = getattr(datamodule, "train_dataset", None), getattr(datamodule, "test_dataset", None)
-    if train is not None and test is not None:
-        return train, test
-    datamodule.prepare_data()
-    datamodule.setup("fit")
-    datamodule.setup("test")
-    loader = datamodule.test_dataloader()
-    return datamodule.train_dataloader().dataset, (loader[0] if isinstance(loader, (list, tuple)) else loader).dataset
 
 
 def _one_line(message: str) -> str:

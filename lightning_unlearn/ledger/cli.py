@@ -327,6 +327,8 @@ def load_config(path: str) -> tuple[Any, Any, Any, int, int]:
     from jsonargparse import ArgumentParser
     from lightning.pytorch import LightningDataModule, LightningModule
 
+    from lightning_unlearn.data.presets import datasets_of
+
     config_path = Path(path)
     if not config_path.is_file():
         raise FileNotFoundError(f"config {config_path} does not exist")
@@ -342,18 +344,6 @@ def load_config(path: str) -> tuple[Any, Any, Any, int, int]:
     train, test = datasets_of(data)
     seed = raw.get("seed_everything")
     return model, train, test, int(getattr(data, "batch_size", 64) or 64), int(seed) if isinstance(seed, int) else 0
-
-
-def datasets_of(data) -> tuple[Any, Any]:
-    """(train, test) datasets of a data module: its attributes, else what its dataloaders hold."""
-    train, test = getattr(data, "train_dataset", None), getattr(data, "test_dataset", None)
-    if train is not None and test is not None:
-        return train, test
-    data.prepare_data()
-    data.setup("fit")
-    data.setup("test")
-    loaders = data.test_dataloader()
-    return data.train_dataloader().dataset, (loaders[0] if isinstance(loaders, (list, tuple)) else loaders).dataset
 
 
 def audit_records(ledger: Ledger, rows: list[dict]) -> list[dict]:

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
-from sqlalchemy import bindparam, create_engine, event, func, insert, select, update
+from sqlalchemy import Table, bindparam, create_engine, event, func, insert, select, update
 from sqlalchemy.engine import Connection, Engine
 
 from lightning_unlearn.ledger import schema as s
@@ -254,14 +254,11 @@ class Ledger:
 
     def version(self, version_id: int) -> dict:
         with self._read() as conn:
-            row = conn.execute(select(s.model_versions).where(s.model_versions.c.id == version_id)).mappings().first()
-            if row is None:
-                raise ValueError(f"unknown model version {version_id!r}")
-            out = _plain(row)
+            out = _plain(_row_by_id(conn, s.model_versions, version_id, "model version"))
             out["clients"] = dict(conn.execute(select(s.version_clients.c.client_id, s.version_clients.c.rounds)
                                                .where(s.version_clients.c.version_id == version_id)).all())
             out["source"] = conn.execute(select(s.data_sources.c.name)
-                                         .where(s.data_sources.c.id == row["source_id"])).scalar()
+                                         .where(s.data_sources.c.id == out["source_id"])).scalar()
         return out
 
     def versions(self, source: Source | str | None = None) -> list[dict]:
@@ -373,10 +370,7 @@ class Ledger:
 
     def request(self, request_id: int) -> dict:
         with self._read() as conn:
-            row = conn.execute(select(s.requests).where(s.requests.c.id == request_id)).mappings().first()
-        if row is None:
-            raise ValueError(f"unknown request id {request_id!r}")
-        return _plain(row)
+            return _plain(_row_by_id(conn, s.requests, request_id, "request id"))
 
     def requests(
         self,
@@ -461,9 +455,7 @@ class Ledger:
 
     def job(self, job_id: str) -> Job:
         with self._read() as conn:
-            row = conn.execute(select(s.jobs).where(s.jobs.c.id == job_id)).mappings().first()
-            if row is None:
-                raise ValueError(f"unknown job {job_id!r}")
+            row = _row_by_id(conn, s.jobs, job_id, "job")
             reqs = conn.execute(select(s.requests.c.id, s.requests.c.sample_ids)
                                 .where(s.requests.c.job_id == job_id).order_by(s.requests.c.id)).all()
             name = conn.execute(select(s.data_sources.c.name).where(s.data_sources.c.id == row["source_id"])).scalar()
@@ -611,6 +603,14 @@ def _aware(value: datetime | None) -> datetime | None:
     if value is None or value.tzinfo is not None:
         return value
     return value.replace(tzinfo=timezone.utc)
+
+
+def _row_by_id(conn: Connection, table: Table, row_id: Any, what: str) -> Mapping:
+    """The row of ``table`` with this id, else a one-line ValueError naming the unknown id."""
+    row = conn.execute(select(table).where(table.c.id == row_id)).mappings().first()
+    if row is None:
+        raise ValueError(f"unknown {what} {row_id!r}")
+    return row
 
 
 def _plain(row: Mapping) -> dict:

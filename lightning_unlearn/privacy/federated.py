@@ -7,6 +7,7 @@ of local steps differ), and the federation's guarantee is the worst client's.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import warnings
 from dataclasses import dataclass
 from typing import Any, Iterator, Sequence
@@ -65,26 +66,23 @@ class ClientPrivacy:
             client.callbacks = [c for c in client.callbacks if c is not self.callbacks.get(client.client_id)]
 
 
-def attach_client_dp(
-    clients: Sequence[Any],
-    target_epsilon: float | None = None,
-    noise_multiplier: float | None = None,
-    max_grad_norm: float = 1.0,
-    delta: float = 1e-5,
-    epochs: int | None = None,
-    steps: int | None = None,
-    accountant: str = "rdp",
-) -> ClientPrivacy:
+def attach_client_dp(clients: Sequence[Any], **dp: Any) -> ClientPrivacy:
     """Give every client its own :class:`DifferentialPrivacy` callback for all its later local fits.
 
-    ``target_epsilon`` is per client and covers the whole planned local training: pass ``steps``
-    (rounds x local steps) or ``epochs`` (rounds x local epochs). The shared model must already be
-    Opacus-compatible (call :func:`make_dp_compatible` on it *before* building the simulation), so
-    the server's global model has the same layers as the clients'.
+    ``dp`` are the callback's arguments (``target_epsilon`` or ``noise_multiplier``, ``max_grad_norm``,
+    ``delta``, ``epochs`` / ``steps``, ``accountant``, ...), except ``fix_model``: layers are never
+    swapped per client. ``target_epsilon`` is per client and covers the whole planned local training:
+    pass ``steps`` (rounds x local steps) or ``epochs`` (rounds x local epochs). The shared model must
+    already be Opacus-compatible (call :func:`make_dp_compatible` on it *before* building the
+    simulation), so the server's global model has the same layers as the clients'.
     """
     if not clients:
         raise ValueError("attach_client_dp needs at least one client, got none")
-    if target_epsilon is not None and epochs is None and steps is None:
+    allowed = [name for name in inspect.signature(DifferentialPrivacy).parameters if name != "fix_model"]
+    unknown = [name for name in dp if name not in allowed]
+    if unknown:
+        raise ValueError(f"unknown DP argument(s) {unknown} for attach_client_dp; allowed are {allowed}")
+    if dp.get("target_epsilon") is not None and dp.get("epochs") is None and dp.get("steps") is None:
         raise ValueError(
             "a per-client target_epsilon needs the length of the whole federated training: pass steps= "
             "(rounds x local steps) or epochs= (rounds x local epochs); each round is a separate fit"
@@ -101,8 +99,7 @@ def attach_client_dp(
     for client in clients:
         if any(isinstance(c, DifferentialPrivacy) for c in client.callbacks):
             raise ValueError(f"client {client.client_id} already trains with a DifferentialPrivacy callback")
-        cb = DifferentialPrivacy(target_epsilon, noise_multiplier, max_grad_norm, delta, epochs, steps,
-                                 accountant=accountant, fix_model=False)
+        cb = DifferentialPrivacy(**dp, fix_model=False)
         client.callbacks.append(cb)
         callbacks[client.client_id] = cb
     return ClientPrivacy(callbacks, clients)

@@ -43,6 +43,7 @@ from lightning_unlearn.federated.flower.records import (
     record_to_channels,
     reply_to_content,
 )
+from lightning_unlearn.federated.messages import Broadcast
 from lightning_unlearn.metrics import accuracy
 from lightning_unlearn.request import ForgetRequest
 
@@ -182,6 +183,7 @@ def make_client_app(
     partition_fn: Callable[[Context], ClientPartition] = file_partition,
     callbacks_fn: Callable[[], Sequence[Callback]] | None = None,
     trainer_kwargs: Mapping[str, Any] | None = None,
+    mods: Sequence[Callable] | None = None,
 ) -> ClientApp:
     """A ClientApp whose handlers are :class:`FederatedClient`'s, on the node's own partition.
 
@@ -190,12 +192,15 @@ def make_client_app(
     (``masked_update``) and ``evaluate`` (local accuracy, split by the request when one is set).
     ``model_fn`` may take the node's ``Context`` (to read ``run_config``). ``model_fn``,
     ``partition_fn`` and ``callbacks_fn`` must pickle (module-level functions or small objects):
-    Flower ships them to its worker processes.
+    Flower ships them to its worker processes. ``mods`` are Flower client mods (e.g.
+    ``flwr.clientapp.mod.secaggplus_mod``), applied to every message.
     """
-    app = ClientApp()
+    app = ClientApp(mods=list(mods or []))
     takes_context = _takes_one_argument(model_fn)
 
-    def client(context: Context, config: Mapping[str, Any]) -> tuple[FederatedClient, ClientPartition]:
+    def client(message: Message, context: Context) -> tuple[FederatedClient, ClientPartition, Broadcast]:
+        """The node's client, set up for a server message, and the message's broadcast."""
+        broadcast, config = content_to_broadcast(message.content)
         part = partition_fn(context)
         callbacks = list(callbacks_fn()) if callbacks_fn is not None else []
         model = model_fn(context) if takes_context else model_fn()
@@ -206,10 +211,15 @@ def make_client_app(
             c.receive_request(request, client_split(request, part))
         if "deployed" in context.state:
             c.deployed = record_to_arrays(context.state["deployed"])
-        return c, part
+        return c, part, broadcast
 
     def reply(message: Message, content: RecordDict) -> Message:
         return Message(content, reply_to=message)
+
+    def answer(message: Message, context: Context, handler: Callable[[FederatedClient, Broadcast], Any]) -> Message:
+        """Reply with what a client method (``FederatedClient.fit``, ``.score``) returns for the broadcast."""
+        c, _, broadcast = client(message, context)
+        return reply(message, reply_to_content(handler(c, broadcast)))
 
     @app.query("hello")
     def hello(message: Message, context: Context) -> Message:
@@ -219,38 +229,31 @@ def make_client_app(
 
     @app.train()
     def train(message: Message, context: Context) -> Message:
-        broadcast, config = content_to_broadcast(message.content)
-        c, _ = client(context, config)
-        return reply(message, reply_to_content(c.fit(broadcast)))
+        return answer(message, context, FederatedClient.fit)
 
     @app.query("deploy")
     def deploy(message: Message, context: Context) -> Message:
-        broadcast, config = content_to_broadcast(message.content)
-        c, _ = client(context, config)
+        c, _, broadcast = client(message, context)
         c.deploy(broadcast)
         context.state["deployed"] = arrays_to_record(c.deployed)
         return reply(message, reply_to_content(None))
 
     @app.query("score")
     def score(message: Message, context: Context) -> Message:
-        broadcast, config = content_to_broadcast(message.content)
-        c, _ = client(context, config)
-        return reply(message, reply_to_content(c.score(broadcast)))
+        return answer(message, context, FederatedClient.score)
 
     @app.train("unlearn")
     def unlearn(message: Message, context: Context) -> Message:
-        broadcast, config = content_to_broadcast(message.content)
+        c, _, broadcast = client(message, context)
         if broadcast.channels is not None:  # round 0 carries the mask; later rounds reuse the node's copy
             context.state["mask"] = channels_to_record(broadcast.channels)
         elif "mask" in context.state:
             broadcast = type(broadcast)(broadcast.arrays, broadcast.config, record_to_channels(context.state["mask"]))
-        c, _ = client(context, config)
         return reply(message, reply_to_content(c.masked_update(broadcast)))
 
     @app.evaluate()
     def evaluate(message: Message, context: Context) -> Message:
-        broadcast, config = content_to_broadcast(message.content)
-        c, part = client(context, config)
+        c, part, broadcast = client(message, context)
         set_arrays(c.model, broadcast.arrays)
         metrics: dict[str, float | int] = {COUNT_KEY: len(part.dataset)}
         splits = {"all": np.arange(len(part.dataset))}
