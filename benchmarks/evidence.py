@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -389,7 +389,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.cheap:
         with quiet_lightning():
             res = cheap(args)
-        res["command"] = ".venv/bin/python benchmarks/evidence.py " + " ".join(argv if argv is not None else sys.argv[1:])
+        res["command"] = ".venv/bin/python benchmarks/evidence.py " + shlex.join(argv if argv is not None else sys.argv[1:])
         write_json(res, ROOT / "benchmarks" / "results" / "evidence_digits_cheap.json")
         return 0
     results = []
@@ -398,7 +398,7 @@ def main(argv: list[str] | None = None) -> int:
             res = run_dataset(d, args)
             if args.shard is not None:
                 continue
-            res["command"] = ".venv/bin/python benchmarks/evidence.py " + " ".join(argv if argv is not None else sys.argv[1:])
+            res["command"] = ".venv/bin/python benchmarks/evidence.py " + shlex.join(argv if argv is not None else sys.argv[1:])
             res["config"] = {k: v for k, v in vars(args).items()}
             write_json(res, ROOT / "benchmarks" / "results" / f"{args.out or 'evidence_' + d}.json")
             results.append(res)
