@@ -4,7 +4,9 @@
 set in that ``pyproject.toml``, overridable with ``flwr run --run-config``):
 ``dataset``, ``data-root``, ``num-clients``, ``partition``, ``alpha``, ``seed``,
 ``batch-size``, ``lr``, ``train-rounds``, ``local-steps``, ``forget-class``, ``method``,
-``ratio``, ``unlearn-rounds``, ``unlearn-steps``, ``output-dir``.
+``ratio``, ``unlearn-rounds``, ``unlearn-steps``, ``output-dir``; optional: ``min-clients`` (0: every
+client must answer each masked round), ``round-timeout`` (seconds, 0: the run's timeout) and
+``checkpoint-dir`` (a restarted server resumes from it; empty: no checkpoint).
 
 A node reads its shard from ``node_config["data-path"]`` when set (a real deployment: the file
 written by :func:`save_partition`), otherwise it rebuilds the simulated federation and takes
@@ -72,10 +74,13 @@ def main(grid: Grid, context: Context) -> None:
         raise KeyError(f"run config lacks {missing}; set them under [tool.flwr.app.config]")
     seed = int(_get(c, "seed", 0))
     train = FedAvgPlan(rounds=int(c["train-rounds"]), seed=seed, local_config={"max_steps": int(c["local-steps"])})
+    min_clients, round_timeout = int(_get(c, "min-clients", 0)), float(_get(c, "round-timeout", 0.0))
     unlearn = UnlearnPlan(ForgetRequest(classes=[int(c["forget-class"])]), method=str(_get(c, "method", "grad_x_act")),
                           ratio=float(_get(c, "ratio", 0.1)), rounds=int(c["unlearn-rounds"]),
-                          max_steps=int(c["unlearn-steps"]), seed=seed)
-    result = run_server(grid, model_from_config(context), int(c["num-clients"]), train, unlearn)
+                          max_steps=int(c["unlearn-steps"]), seed=seed, min_clients=min_clients or None,
+                          round_timeout=round_timeout or None)
+    checkpoint = str(_get(c, "checkpoint-dir", "")) or None
+    result = run_server(grid, model_from_config(context), int(c["num-clients"]), train, unlearn, checkpoint=checkpoint)
     out = save_result(result, Path(str(c["output-dir"])) / f"run-{context.run_id}")
     log(INFO, "lightning-unlearn: results in %s; mask fraction %.3f; federated forget acc %s", out,
         result.mask.fraction, result.evaluation[-1].get("forget_acc") if result.evaluation else "n/a")

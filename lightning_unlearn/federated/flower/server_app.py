@@ -7,7 +7,13 @@ scores (``query.score`` -> :func:`aggregate_scores` -> :func:`select_channels`),
 masked rounds that send and aggregate only the selected slices (:func:`masked_aggregate`:
 frozen values are copied from the deployed model, never averaged). Client failures stop the
 run with the client's reason: Flower's own strategies would log them and go on with fewer
-clients, which for unlearning means silently different results.
+clients, which for unlearning means silently different results. A client that *disconnects*
+(no reply within ``UnlearnPlan.round_timeout``, or the SuperLink reports its node unavailable)
+is dropped from the masked rounds only if at least ``UnlearnPlan.min_clients`` replied (the
+average is then over those, frozen elements still copied, never averaged); otherwise the run
+stops and says which clients are missing. ``run_server(checkpoint=...)`` writes a
+:class:`~lightning_unlearn.federated.flower.checkpoint.ServerCheckpoint` after every stage, so a
+restarted server resumes with the same mask.
 """
 from __future__ import annotations
 
@@ -17,13 +23,14 @@ import os
 import re
 import time
 from dataclasses import dataclass, field
-from logging import INFO
+from logging import INFO, WARNING
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import lightning.pytorch as pl
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
+from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAvg, Strategy
 from flwr.supercore import log
@@ -33,6 +40,7 @@ from lightning_unlearn._io import save_torch, write_json
 from lightning_unlearn.attribution import ChannelScores
 from lightning_unlearn.evaluation.report import UnlearningReport, weights_sha256
 from lightning_unlearn.federated.arrays import get_arrays, selected_values, set_arrays
+from lightning_unlearn.federated.flower.checkpoint import ServerCheckpoint, plan_key
 from lightning_unlearn.federated.flower.records import (
     ByteLedger,
     arrays_to_record,
@@ -55,6 +63,7 @@ from lightning_unlearn.request import ForgetRequest
 from lightning_unlearn.selection import ParameterMask, select_channels
 
 DATA_CHOICES = ("all", "retain")
+POLL_S = 0.05  # how often the server asks the SuperLink for replies (Flower's HTTP grid waits 3 s)
 
 
 @dataclass
@@ -83,18 +92,35 @@ class UnlearnPlan:
 
     ``overrides`` replace single config fields (``UnlearnPlan(request, ratio=0.2)``). ``evaluate``: after
     each masked round, clients report their local forget/retain accuracy.
+
+    Dropouts: ``min_clients`` (default: every client) is how many clients must answer each masked
+    round; ``round_timeout`` (seconds, default: the run's timeout) is how long the server waits for
+    the rest. A client that does not answer in time is left out of that and later rounds when at
+    least ``min_clients`` answered; with fewer the run stops naming the missing clients.
     """
 
     def __init__(self, request: ForgetRequest, config: UnlearnConfig | None = None, rounds: int = 1,
-                 evaluate: bool = True, **overrides: Any) -> None:
+                 evaluate: bool = True, min_clients: int | None = None, round_timeout: float | None = None,
+                 **overrides: Any) -> None:
         if not isinstance(request, ForgetRequest):
             raise TypeError(f"request must be a ForgetRequest, got {type(request).__name__}")
         check_rounds(rounds)
+        if min_clients is not None and (isinstance(min_clients, bool) or not isinstance(min_clients, int)
+                                        or min_clients < 1):
+            raise ValueError(f"min_clients must be an integer >= 1 or None (every client), got {min_clients!r}")
+        if round_timeout is not None and not (isinstance(round_timeout, (int, float)) and round_timeout > 0):
+            raise ValueError(f"round_timeout must be a number of seconds > 0 or None, got {round_timeout!r}")
         self.request, self.rounds, self.evaluate = request, rounds, evaluate
+        self.min_clients, self.round_timeout = min_clients, round_timeout
         self.config = UnlearnConfig.build(config, **overrides).resolved(request, "federated")
 
+    def key(self) -> str:
+        """What a server checkpoint must match to be resumed: request, settings, rounds."""
+        return plan_key(self.request.to_dict(), self.config.to_dict(), self.rounds)
+
     def __repr__(self) -> str:
-        return f"UnlearnPlan(request={self.request.to_dict()}, rounds={self.rounds}, config={self.config})"
+        return (f"UnlearnPlan(request={self.request.to_dict()}, rounds={self.rounds}, min_clients={self.min_clients}, "
+                f"round_timeout={self.round_timeout}, config={self.config})")
 
 
 @dataclass
@@ -112,6 +138,8 @@ class FlowerRunResult:
     ledger: ByteLedger = field(default_factory=ByteLedger)
     timings_s: dict[str, float] = field(default_factory=dict)
     plan: UnlearnPlan | None = None
+    dropped: dict[int, str] = field(default_factory=dict)  # client id -> the round it dropped out in
+    resumed: dict[str, Any] = field(default_factory=dict)  # what a restarted server took from its checkpoint
 
     def round_bytes(self, prefix: str, wire: bool = False) -> list[RoundBytes]:
         """Bytes of every round whose label starts with ``prefix`` (``"fedavg/"``, ``"unlearn/"``, ``"score"``)."""
@@ -132,7 +160,7 @@ class FlowerRunResult:
             timings_s=dict(self.timings_s), mask=UnlearningReport.mask_summary(self.mask),
             bytes_moved=self.ledger.as_dict(),
             extra={"clients": self.clients, "training": self.training, "unlearning": self.unlearning,
-                   "evaluation": self.evaluation},
+                   "evaluation": self.evaluation, "dropped": self.dropped, "resumed": self.resumed},
         )
 
 
@@ -147,6 +175,53 @@ def check_replies(replies: Sequence[Message], expected: int, what: str) -> list[
     if len(replies) < expected:
         raise RuntimeError(f"{what}: only {len(replies)} of {expected} clients replied before the timeout")
     return replies
+
+
+def gather(grid: Grid, messages: Iterable[Message], timeout: float | None, poll_s: float = POLL_S) -> list[Message]:
+    """Push ``messages`` and pull replies every ``poll_s`` seconds until all arrived or ``timeout`` passed."""
+    pending = set(grid.push_messages(messages))
+    deadline = time.monotonic() + (timeout if timeout is not None else math.inf)
+    out: list[Message] = []
+    while pending:
+        got = list(grid.pull_messages(pending))
+        out.extend(got)
+        pending.difference_update(m.metadata.reply_to_message_id for m in got)
+        if not pending or time.monotonic() >= deadline:
+            break
+        time.sleep(poll_s)
+    return out
+
+
+class PollingGrid(Grid):
+    """``grid`` with a ``send_and_receive`` that polls every ``poll_s`` s (Flower's HTTP grid sleeps 3 s)."""
+
+    def __init__(self, grid: Grid, poll_s: float = POLL_S) -> None:
+        self.grid, self.poll_s = grid, poll_s
+
+    def set_run(self, run: Any) -> None:
+        self.grid.set_run(run)
+
+    @property
+    def run(self) -> Any:
+        return self.grid.run
+
+    def create_message(self, *args: Any, **kwargs: Any) -> Message:
+        return self.grid.create_message(*args, **kwargs)
+
+    def get_node_ids(self) -> Iterable[int]:
+        return self.grid.get_node_ids()
+
+    def get_nodes(self) -> Iterable[Any]:
+        return self.grid.get_nodes()
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        return self.grid.push_messages(messages)
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        return self.grid.pull_messages(message_ids)
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
+        return gather(self.grid, messages, timeout, self.poll_s)
 
 
 def _short_reason(reason: str | None) -> str:
@@ -245,7 +320,11 @@ class LightningFedAvg(FedAvg):
 
 # -- unlearning -----------------------------------------------------------------------------------------------
 class MaskedUnlearning(Strategy):
-    """Score, select, then masked rounds: only the selected slices travel and are averaged."""
+    """Score, select, then masked rounds: only the selected slices travel and are averaged.
+
+    ``active`` are the clients still taking part: a client that drops out of a round (see
+    :class:`UnlearnPlan`'s ``min_clients``) is removed from it for the rest of the run.
+    """
 
     def __init__(self, model: pl.LightningModule, clients: Mapping[int, int], plan: UnlearnPlan, ledger: ByteLedger,
                  timeout: float = 3600) -> None:
@@ -257,15 +336,47 @@ class MaskedUnlearning(Strategy):
         self.reference: dict[str, Tensor] = {}
         self.history: list[dict] = []
         self.evaluation: list[dict] = []
+        self.active: dict[int, int] = dict(clients)
+        self.dropped: dict[int, str] = {}
+        self.first_round = 0  # > 0 when resumed: that round re-sends the mask with the current values
         self._t0 = 0.0
+        min_clients = plan.min_clients if plan.min_clients is not None else len(self.clients)
+        if min_clients > len(self.clients):
+            raise ValueError(f"min_clients={min_clients} exceeds the {len(self.clients)} connected clients")
+        self.min_clients = min_clients
 
     def _to_all(self, broadcast: Broadcast, label: str, message_type: str) -> list[Message]:
         content = broadcast_to_content(broadcast, {"request": self.request_json})
         out = []
-        for cid in sorted(self.clients):
+        for cid in sorted(self.active):
             self.ledger.down(label, content)
-            out.append(Message(content, message_type=message_type, dst_node_id=self.clients[cid]))
+            out.append(Message(content, message_type=message_type, dst_node_id=self.active[cid]))
         return out
+
+    def collect(self, grid: Grid, messages: Sequence[Message], what: str) -> list[Message]:
+        """Send and wait (``round_timeout``); drop clients that did not answer if ``min_clients`` did.
+
+        A client whose app *raised* stops the run (its reason is repeated): that is a bug or bad data,
+        not a dropout, and averaging without it would hide it.
+        """
+        timeout = self.plan.round_timeout if self.plan.round_timeout is not None else self.timeout
+        sent = {m.metadata.dst_node_id for m in messages}
+        replies = [m for m in grid.send_and_receive(messages, timeout=timeout)  # the SuperLink's "node gone" = no reply
+                   if not (m.has_error() and m.error.code == ErrorCode.NODE_UNAVAILABLE)]
+        check_replies(replies, len(replies), what)  # raises on a client that failed
+        answered = {m.metadata.src_node_id for m in replies}
+        missing = sorted(c for c, n in self.active.items() if n in sent and n not in answered)
+        if missing:
+            if len(answered) < self.min_clients:
+                raise RuntimeError(
+                    f"{what}: only {len(answered)} of {len(sent)} clients replied within {timeout:g}s (missing clients "
+                    f"{missing}); min_clients={self.min_clients}, so the run stops rather than average fewer clients")
+            log(WARNING, "%s: clients %s did not reply within %gs; continuing with the %d that did (min_clients=%d)",
+                what, missing, timeout, len(answered), self.min_clients)
+            for c in missing:
+                self.dropped[c] = what
+                self.active.pop(c, None)
+        return replies
 
     def select(self, grid: Grid, deployed: Mapping[str, Tensor]) -> ParameterMask:
         """Scoring round: clients with forget data send (scores, count); the server selects the mask."""
@@ -284,19 +395,22 @@ class MaskedUnlearning(Strategy):
         self._t0 = time.perf_counter()
         cfg = round_config(self.config, r)
         channels = {k: tuple(v) for k, v in self.mask.channels.items()}
+        first = r == self.first_round  # the clients learn the mask here (again, after a server restart)
         down = Broadcast({} if r == 0 else selected_values(record_to_arrays(arrays), self.mask), cfg,
-                         channels if r == 0 else None)
+                         channels if first else None)
         return self._to_all(down, f"unlearn/{r}", "train.unlearn")
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         r, label = server_round - 1, f"unlearn/{server_round - 1}"
-        replies = check_replies(list(replies), len(self.clients), f"unlearning round {r}")
+        replies = check_replies(list(replies), len(self.active), f"unlearning round {r}")
         pairs = _client_replies(replies, self.clients, self.ledger, label)
         msgs = [m for _, m in pairs]
         if not msgs:
             raise ValueError("no client has retain data for the masked rounds")
         current = masked_aggregate(self.reference, self.mask, msgs, senders=[c for c, _ in pairs])
-        self.history.append(_row(r, self._t0, msgs, self.ledger, label))
+        row = _row(r, self._t0, msgs, self.ledger, label)
+        row["dropped"] = sorted(c for c, what in self.dropped.items() if what == f"unlearning round {r}")
+        self.history.append(row)
         return arrays_to_record(current), MetricRecord({"local_compute_s": self.history[-1]["local_compute_s"]})
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
@@ -307,7 +421,7 @@ class MaskedUnlearning(Strategy):
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         if not self.plan.evaluate:
             return None
-        replies = check_replies(list(replies), len(self.clients), f"evaluation round {server_round - 1}")
+        replies = check_replies(list(replies), len(self.active), f"evaluation round {server_round - 1}")
         by_node = {n: c for c, n in self.clients.items()}
         for m in replies:
             self.ledger.up(f"evaluate/{server_round - 1}", m.content)
@@ -326,11 +440,34 @@ class MaskedUnlearning(Strategy):
         log(INFO, "\t├──> request %s, scoring %s, ratio %g (%s)", p.request.to_dict(), c.method, c.ratio, c.scope)
         log(INFO, "\t└──> %d masked round(s), objective %s, max_steps %s", p.rounds, c.objective, c.max_steps)
 
-    def run(self, grid: Grid, deployed: Mapping[str, Tensor]) -> dict[str, Tensor]:
-        """Select the mask, run the masked rounds; returns the unlearned global arrays."""
-        self.select(grid, deployed)
-        result = self.start(grid, arrays_to_record(deployed), num_rounds=self.plan.rounds, timeout=self.timeout)
-        return record_to_arrays(result.arrays)
+    def run(self, grid: Grid, deployed: Mapping[str, Tensor], checkpoint: "_Checkpointer | None" = None) -> dict[str, Tensor]:
+        """Select the mask (or take it from ``checkpoint``), run the masked rounds; returns the unlearned arrays."""
+        state = checkpoint.state if checkpoint is not None else None
+        if state is not None and state.mask is not None:
+            self.mask, self.first_round = state.mask, state.rounds_done
+            self.reference = {k: v.clone() for k, v in deployed.items()}
+            self.history, self.evaluation = list(state.unlearning), list(state.evaluation)
+            current = dict(state.current) if state.current is not None else dict(self.reference)
+            log(INFO, "resuming unlearning at round %d with the checkpoint's mask (sha256 %s)", self.first_round,
+                self.mask.sha256()[:12])
+        else:
+            self.select(grid, deployed)
+            current = dict(self.reference)
+            if checkpoint is not None:
+                checkpoint.update(mask=self.mask, rounds_done=0, current=None)
+        self.summary()
+        for r in range(self.first_round, self.plan.rounds):
+            log(INFO, "[UNLEARNING ROUND %d/%d]", r + 1, self.plan.rounds)
+            msgs = list(self.configure_train(r + 1, arrays_to_record(current), ConfigRecord(), grid))
+            replies = self.collect(grid, msgs, f"unlearning round {r}")
+            record, _ = self.aggregate_train(r + 1, replies)
+            current = record_to_arrays(record)
+            msgs = list(self.configure_evaluate(r + 1, record, ConfigRecord(), grid))
+            if msgs:
+                self.aggregate_evaluate(r + 1, self.collect(grid, msgs, f"evaluation round {r}"))
+            if checkpoint is not None:
+                checkpoint.update(rounds_done=r + 1, current=current, unlearning=self.history, evaluation=self.evaluation)
+        return current
 
 
 # -- the workflow and the app ------------------------------------------------------------------------------------
@@ -353,27 +490,46 @@ def run_server(
     unlearn: UnlearnPlan | None = None,
     timeout: float = 3600,
     evaluate_fn: Callable[[int, ArrayRecord], MetricRecord | None] | None = None,
+    checkpoint: str | os.PathLike | None = None,
+    poll_s: float | None = POLL_S,
 ) -> FlowerRunResult:
-    """FedAvg from ``model``'s arrays (skipped when ``train`` is None), deploy, then unlearn (when asked)."""
+    """FedAvg from ``model``'s arrays (skipped when ``train`` is None), deploy, then unlearn (when asked).
+
+    ``checkpoint``: a folder for the :class:`ServerCheckpoint`; a restarted run with the same plans
+    resumes from it (no retraining, the same mask, the next masked round). ``poll_s``: how often to
+    ask the SuperLink for replies (None: the grid's own ``send_and_receive``, 3 s in a deployment).
+    """
     result = FlowerRunResult()
+    if poll_s is not None:
+        grid = PollingGrid(grid, poll_s)
+    saver = _Checkpointer(checkpoint, plan_key(train.__dict__ if train else None, unlearn.key() if unlearn else None,
+                                               num_clients)) if checkpoint is not None else None
+    state = saver.state if saver is not None else None
     t0 = time.perf_counter()
     result.clients = discover_clients(grid, num_clients, timeout)
     arrays = get_arrays(model)
     t1 = time.perf_counter()
-    if train is not None:
+    if state is not None and state.trained is not None:
+        arrays, result.training = {k: v.clone() for k, v in state.trained.items()}, list(state.training)
+        result.resumed = {"trained": True, "mask": state.mask is not None, "rounds_done": state.rounds_done}
+        log(INFO, "resuming from checkpoint %s: %s", checkpoint, result.resumed)
+    elif train is not None:
         strategy = LightningFedAvg(result.clients, train, result.ledger, timeout)
         out = strategy.start(grid, arrays_to_record(arrays), num_rounds=train.rounds, timeout=timeout,
                              evaluate_fn=evaluate_fn)
         arrays, result.training = record_to_arrays(out.arrays), strategy.history
     t2 = time.perf_counter()
     result.trained = {k: v.clone() for k, v in arrays.items()}
+    if saver is not None and (state is None or state.trained is None):
+        saver.update(trained=result.trained, training=result.training)
     deploy(grid, result.clients, arrays, result.ledger, timeout)
     t3 = time.perf_counter()
     if unlearn is not None:
         strategy = MaskedUnlearning(model, result.clients, unlearn, result.ledger, timeout)
-        arrays = strategy.run(grid, arrays)
+        arrays = strategy.run(grid, arrays, saver)
         result.scores, result.mask = strategy.scores, strategy.mask
         result.unlearning, result.evaluation = strategy.history, strategy.evaluation
+        result.dropped = dict(strategy.dropped)
     t4 = time.perf_counter()
     result.plan = unlearn
     set_arrays(model, arrays)
@@ -383,12 +539,27 @@ def run_server(
     return result
 
 
+class _Checkpointer:
+    """Holds the run's :class:`ServerCheckpoint` (loaded if one exists for this plan) and rewrites it."""
+
+    def __init__(self, folder: str | os.PathLike, key: str) -> None:
+        self.folder = Path(folder)
+        self.state = ServerCheckpoint.load(self.folder, key)
+        self._current = self.state or ServerCheckpoint(key)
+
+    def update(self, **fields: Any) -> None:
+        self._current.__dict__.update(fields)
+        self._current.save(self.folder)
+
+
 def save_result(result: FlowerRunResult, out_dir: str | os.PathLike) -> Path:
-    """``model.pt`` (final arrays), ``trained.pt`` and (after unlearning) ``report.json``, an
+    """``model.pt`` (final arrays), ``trained.pt`` and (after unlearning) ``mask.pt`` and ``report.json``, an
     :class:`UnlearningReport`, under ``out_dir``, each written atomically."""
     out = Path(out_dir)
     for name, arrays in (("model.pt", result.arrays), ("trained.pt", result.trained)):
         save_torch(arrays, out / name)
+    if result.mask is not None:
+        result.mask.save(out / "mask.pt")
     if result.plan is not None:
         write_json(result.report().to_dict(), out / "report.json")
     return out

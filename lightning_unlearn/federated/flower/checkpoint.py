@@ -1,0 +1,70 @@
+"""The ServerApp's checkpoint: a restarted server resumes unlearning with the same mask.
+
+One file, ``server_state.pt`` under the checkpoint folder, rewritten atomically after each
+stage: FedAvg done (the trained arrays), channels selected (the mask), each masked round done
+(the current arrays and the rows so far). A restarted run with the same plan (same :func:`plan_key`)
+skips what is done: no retraining, no re-scoring (the mask is loaded, not re-selected: the same
+mask hash), and continues with the next masked round. A checkpoint of another plan is refused
+with a one-line error instead of being resumed. Loaded with ``weights_only=True`` like every file
+another process may write.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+from torch import Tensor
+
+from lightning_unlearn._io import load_torch_file, save_torch, to_jsonable
+from lightning_unlearn.selection import ParameterMask
+
+STATE_FILE = "server_state.pt"
+
+
+def plan_key(*parts: Any) -> str:
+    """SHA-256 of the plan's settings (JSON): a checkpoint resumes only the plan that wrote it."""
+    return hashlib.sha256(json.dumps(to_jsonable(list(parts)), sort_keys=True).encode()).hexdigest()
+
+
+@dataclass
+class ServerCheckpoint:
+    """What a resumed server needs; ``rounds_done`` masked rounds are finished (``current`` is after them)."""
+
+    key: str
+    trained: dict[str, Tensor] | None = None
+    training: list = field(default_factory=list)
+    mask: ParameterMask | None = None
+    rounds_done: int = 0
+    current: dict[str, Tensor] | None = None
+    unlearning: list = field(default_factory=list)
+    evaluation: list = field(default_factory=list)
+
+    def save(self, folder: str | os.PathLike) -> Path:
+        state = {"key": self.key, "trained": self.trained, "training": to_jsonable(self.training),
+                 "mask": self.mask.to_checkpoint() if self.mask is not None else None,
+                 "rounds_done": self.rounds_done, "current": self.current,
+                 "unlearning": to_jsonable(self.unlearning), "evaluation": to_jsonable(self.evaluation)}
+        return save_torch(state, Path(folder) / STATE_FILE)
+
+    @classmethod
+    def load(cls, folder: str | os.PathLike, key: str) -> "ServerCheckpoint | None":
+        """The checkpoint in ``folder`` (None if there is none); ValueError if it belongs to another plan."""
+        path = Path(folder) / STATE_FILE
+        if not path.exists():
+            return None
+        state = load_torch_file(path, "server checkpoint")
+        if not isinstance(state, Mapping) or "key" not in state:
+            raise ValueError(f"server checkpoint {path} is not a lightning-unlearn server state")
+        if state["key"] != key:
+            raise ValueError(f"server checkpoint {path} was written by another plan (key {str(state['key'])[:12]}, "
+                             f"this plan {key[:12]}); remove it or choose another checkpoint-dir")
+        mask = ParameterMask.from_checkpoint(state["mask"]) if state.get("mask") is not None else None
+        return cls(key, state.get("trained"), list(state.get("training") or []), mask, int(state.get("rounds_done", 0)),
+                   state.get("current"), list(state.get("unlearning") or []), list(state.get("evaluation") or []))
+
+
+__all__ = ["STATE_FILE", "ServerCheckpoint", "plan_key"]

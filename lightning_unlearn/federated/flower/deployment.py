@@ -1,0 +1,190 @@
+"""A real Flower deployment on one host: a SuperLink and N SuperNodes as separate processes.
+
+Used by the deployment test and benchmark, and handy to try a Flower App end to end before
+shipping it to real sites. Every process binds 127.0.0.1 on a free port, runs in a process group
+of its own (a node = its SuperNode + its warm executor), and :meth:`LocalDeployment.stop` (also
+called on leaving the ``with`` block, whatever happened) kills every group it started.
+
+With ``warm=True`` (the default) the SuperLink and SuperNodes run with ``--isolation process``
+and each gets a :mod:`~lightning_unlearn.federated.flower.warm_executor` that forks its tasks
+from a process that has already imported torch; ``poll_interval`` caps the SuperNodes' idle
+sleep (:mod:`~lightning_unlearn.federated.flower.supernode`). ``warm=False, poll_interval=None``
+is stock Flower: a fresh ``flwr-clientapp`` per message and a 3 s poll.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+PYTHON = sys.executable
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_for_port(port: int, timeout: float, proc: subprocess.Popen | None = None, what: str = "server") -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"{what} exited with code {proc.returncode} before listening on 127.0.0.1:{port}")
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.settimeout(0.2)
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.1)
+    raise TimeoutError(f"{what} did not listen on 127.0.0.1:{port} within {timeout:g}s")
+
+
+def toml_value(v: Any) -> str:
+    """A run-config value as ``flwr run --run-config`` parses it (TOML)."""
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    return json.dumps(str(v))  # a TOML basic string
+
+
+@dataclass
+class LocalDeployment:
+    """SuperLink + one SuperNode per ``node_configs`` entry, on 127.0.0.1; logs under ``workdir``."""
+
+    node_configs: Sequence[Mapping[str, Any]]
+    workdir: Path
+    warm: bool = True
+    poll_interval: float | None = 0.1
+    database: str = ":flwr-in-memory:"
+    executor_poll_s: float = 0.05
+    env: Mapping[str, str] = field(default_factory=dict)
+    start_timeout: float = 120.0
+
+    def __post_init__(self) -> None:
+        self.workdir = Path(self.workdir)
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.link_port = free_port()
+        self.node_ports = [free_port() for _ in self.node_configs]
+        self.groups: dict[str, list[subprocess.Popen]] = {}
+        self._logs: list = []
+        home = self.workdir / "flwr-home"
+        home.mkdir(exist_ok=True)
+        (home / "config.toml").write_text(
+            f'[superlink]\ndefault = "local"\n\n[superlink.local]\naddress = "127.0.0.1:{self.link_port}"\n'
+            "insecure = true\n")
+        self.process_env = {**os.environ, "FLWR_HOME": str(home), "FLWR_TELEMETRY_ENABLED": "0",
+                            "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+                            "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", "OMP_NUM_THREADS": "1",
+                            "PYTHONUNBUFFERED": "1", **dict(self.env)}
+
+    # -- processes ---------------------------------------------------------------------------------------
+    def _spawn(self, group: str, argv: Sequence[str], log_name: str) -> subprocess.Popen:
+        log = open(self.workdir / f"{log_name}.log", "ab")  # noqa: SIM115 - closed in stop()
+        self._logs.append(log)
+        members = self.groups.setdefault(group, [])
+        kw = {"process_group": members[0].pid if members else 0}  # one group per node: killpg ends it
+        proc = subprocess.Popen(list(argv), stdout=log, stderr=subprocess.STDOUT, env=self.process_env,
+                                cwd=self.workdir, **kw)
+        members.append(proc)
+        return proc
+
+    def _warm(self, group: str, port: int, name: str) -> None:
+        self._spawn(group, [PYTHON, "-m", "lightning_unlearn.federated.flower.warm_executor", "--insecure",
+                            "--runtime-api-address", f"127.0.0.1:{port}", "--poll-interval", str(self.executor_poll_s)],
+                    name)
+
+    def start_superlink(self) -> None:
+        argv = [str(BIN / "flower-superlink"), "--insecure", "--disable-runtime-dependency-installation",
+                "--host", "127.0.0.1", "--port", str(self.link_port), "--database", self.database]
+        if self.warm:
+            argv += ["--isolation", "process"]
+        proc = self._spawn("superlink", argv, "superlink")
+        wait_for_port(self.link_port, self.start_timeout, proc, "flower-superlink")
+        if self.warm:
+            self._warm("superlink", self.link_port, "superlink-executor")
+
+    def start_node(self, k: int, wait: bool = True) -> None:
+        cfg = " ".join(f"{key}={toml_value(v)}" for key, v in self.node_configs[k].items())
+        argv = [PYTHON, "-m", "lightning_unlearn.federated.flower.supernode"]
+        argv += ["--poll-interval", str(self.poll_interval)] if self.poll_interval is not None else []
+        argv += ["--insecure", "--superlink", f"127.0.0.1:{self.link_port}", "--port", str(self.node_ports[k]),
+                 "--node-config", cfg]
+        if self.warm:
+            argv += ["--isolation", "process"]
+        if self.poll_interval is None:  # stock Flower
+            argv = [str(BIN / "flower-supernode"), *argv[argv.index("--insecure"):]]
+        proc = self._spawn(f"node{k}", argv, f"node{k}")
+        if self.warm:
+            self._warm(f"node{k}", self.node_ports[k], f"node{k}-executor")
+        if wait:
+            wait_for_port(self.node_ports[k], self.start_timeout, proc, f"flower-supernode {k}")
+
+    def start(self) -> "LocalDeployment":
+        self.start_superlink()
+        for k in range(len(self.node_configs)):  # all at once: their start-up overlaps
+            self.start_node(k, wait=False)
+        for k in range(len(self.node_configs)):
+            wait_for_port(self.node_ports[k], self.start_timeout, self.groups[f"node{k}"][0], f"flower-supernode {k}")
+        return self
+
+    def kill(self, group: str, sig: int = signal.SIGKILL, timeout: float = 10.0) -> None:
+        """Kill a whole process group (``"superlink"``, ``"node<k>"``) and wait for its members."""
+        members = self.groups.pop(group, [])
+        if not members:
+            return
+        try:
+            os.killpg(members[0].pid, sig)
+        except ProcessLookupError:
+            pass
+        for p in members:
+            try:
+                p.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(members[0].pid, signal.SIGKILL)
+                p.wait(timeout=timeout)
+
+    def stop(self) -> None:
+        """Stop everything this deployment started (nodes first, then the SuperLink)."""
+        for group in sorted(self.groups, key=lambda g: g == "superlink"):
+            self.kill(group, signal.SIGTERM, timeout=5.0)
+        for log in self._logs:
+            log.close()
+        self._logs.clear()
+
+    def __enter__(self) -> "LocalDeployment":
+        try:
+            return self.start()
+        except BaseException:
+            self.stop()
+            raise
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    # -- runs -------------------------------------------------------------------------------------------
+    def flwr_run(self, app_dir: str | os.PathLike, run_config: Mapping[str, Any] | None = None,
+                 timeout: float = 600.0, stream: bool = True) -> subprocess.CompletedProcess:
+        """``flwr run <app_dir> local --run-config ...`` against this SuperLink; waits for the run to end."""
+        argv = [str(BIN / "flwr"), "run", str(Path(app_dir).resolve()), "local"]
+        if run_config:
+            argv += ["--run-config", " ".join(f"{k}={toml_value(v)}" for k, v in run_config.items())]
+        if stream:
+            argv.append("--stream")
+        return subprocess.run(argv, env=self.process_env, cwd=self.workdir, capture_output=True, text=True,
+                              timeout=timeout)
+
+    def log(self, name: str) -> str:
+        path = self.workdir / f"{name}.log"
+        return path.read_text(errors="replace") if path.exists() else ""
+
+
+__all__ = ["LocalDeployment", "free_port", "wait_for_port"]

@@ -1,0 +1,218 @@
+"""A warm SuperExec: runs each Flower task in a fork of a process that has already imported torch.
+
+Flower 1.41 runs every message a SuperNode receives as a *task* in a fresh ``flwr-clientapp``
+process (and every run as a fresh ``flwr-serverapp``). Each of those imports torch and Lightning
+again: 5-20 s per message on a small machine, which made a three-node unlearning run take
+minutes. Flower has no long-lived ClientApp process in this version (``--isolation process``
+only means "someone else starts the SuperExec"), so this module is that someone else:
+
+    flower-supernode --isolation process --port 9094 ...       # or flower-superlink --isolation process
+    python -m lightning_unlearn.federated.flower.warm_executor --runtime-api-address 127.0.0.1:9094 --insecure
+
+It imports the heavy modules once, polls the Runtime API for tasks (every ``--poll-interval``
+seconds instead of SuperExec's 1 s), and runs each task in ``os.fork()`` of itself by calling
+Flower's own ``flwr-clientapp``/``flwr-serverapp`` entry point with the same arguments the stock
+SuperExec would pass. Each task still gets its own process (a crash or a leak dies with it, and
+state between messages still lives in the node's ``context.state``); it only skips interpreter
+and import start-up. POSIX only (``fork``); the parent never runs torch code, so no thread pool
+exists at fork time.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import os
+import signal
+import sys
+import time
+from typing import Callable, Sequence
+
+from flwr.proto.runtime_pb2 import AcquireTaskRequest  # pylint: disable=no-name-in-module
+from flwr.supercore.constant import TASK_TYPE_TO_APPIO_API_ADDRESS_ARG, TASK_TYPE_TO_COMMAND, TaskType
+from flwr.supercore.interceptors import RuntimeVersionHttpInterceptor
+from flwr.supercore.retry import make_simple_http_retry_invoker
+from flwr.supercore.runtime import RuntimeHttpClient
+from flwr.supercore.tls import validate_and_resolve_root_certificates
+
+log = logging.getLogger(__name__)
+
+#: The task types this executor runs, and the Flower entry point (the console script's function) for each.
+ENTRY_POINTS: dict[TaskType, str] = {
+    TaskType.CLIENT_APP: "flwr.supernode.cli:flwr_clientapp",
+    TaskType.SERVER_APP: "flwr.superlink.cli:flwr_serverapp",
+}
+DEFAULT_PRELOAD = ("torch", "lightning.pytorch", "lightning_unlearn.federated.flower.app")
+
+
+def _entry(ref: str) -> Callable[[], object]:
+    module, name = ref.split(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def task_argv(task_type: TaskType, address: str, token: str, insecure: bool, root_certificates: str | None,
+              parent_pid: int) -> list[str]:
+    """The command line the stock SuperExec would start for this task (``SubprocessExecutor.launch``)."""
+    argv = [TASK_TYPE_TO_COMMAND[task_type], TASK_TYPE_TO_APPIO_API_ADDRESS_ARG[task_type], address, "--token", token]
+    if insecure:
+        argv.append("--insecure")
+    elif root_certificates is not None:
+        argv += ["--root-certificates", root_certificates]
+    return argv + ["--parent-pid", str(parent_pid)]
+
+
+def patch_pull_backoff(initial_s: float = 0.05, cap_s: float = 1.0) -> None:
+    """Re-ask for message objects after ``initial_s`` (doubling up to ``cap_s``) instead of Flower's 1 s (up to 10 s).
+
+    A task forked within milliseconds of being created often asks its SuperNode for the message
+    before the SuperNode has finished downloading it from the SuperLink; Flower then backs off a
+    full second. Only this process (and its forks) is affected.
+    """
+    from flwr.supercore.inflatable import inflatable_utils
+
+    for fn in (inflatable_utils.pull_objects, inflatable_utils.pull_and_inflate_object_from_tree):
+        defaults = fn.__kwdefaults__
+        if not defaults or "initial_backoff" not in defaults or "backoff_cap" not in defaults:
+            log.warning("this flwr version's %s has no initial_backoff/backoff_cap; keeping its back-off", fn.__name__)
+            continue
+        defaults["initial_backoff"], defaults["backoff_cap"] = float(initial_s), float(cap_s)
+
+
+class ForkExecutor:
+    """Runs each task in a fork of this (pre-imported) process; reaps finished children."""
+
+    def __init__(self) -> None:
+        self.children: dict[int, float] = {}  # pid -> launch time (monotonic)
+        self.entries = {t: _entry(ref) for t, ref in ENTRY_POINTS.items()}
+
+    def launch(self, task_type: TaskType, argv: Sequence[str]) -> int:
+        entry = self.entries[task_type]
+        sys.stdout.flush()
+        sys.stderr.flush()
+        pid = os.fork()
+        if pid == 0:  # the task process: Flower's own entry point, exactly as if started by exec
+            code = 1
+            try:
+                signal.signal(signal.SIGTERM, signal.SIG_DFL)
+                sys.argv = list(argv)
+                entry()
+                code = 0
+            except SystemExit as err:
+                code = err.code if isinstance(err.code, int) else (0 if err.code is None else 1)
+            except BaseException:  # noqa: BLE001 - report and leave; never return into the parent's loop
+                logging.getLogger(__name__).exception("task %s failed", argv[0])
+            finally:
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os._exit(code)
+        self.children[pid] = time.monotonic()
+        return pid
+
+    def reap(self) -> None:
+        for pid in list(self.children):
+            try:
+                done, _ = os.waitpid(pid, os.WNOHANG)
+            except ChildProcessError:
+                done = pid
+            if done:
+                log.info("task process %d took %.2fs", pid, time.monotonic() - self.children.pop(pid))
+
+    def close(self, grace_s: float = 3.0) -> None:
+        """Stop running tasks: SIGTERM (Flower pushes the task's status), SIGKILL after ``grace_s``."""
+        for pid in self.children:
+            _signal(pid, signal.SIGTERM)
+        deadline = time.monotonic() + grace_s
+        while self.children and time.monotonic() < deadline:
+            self.reap()
+            time.sleep(0.05)
+        for pid in self.children:
+            _signal(pid, signal.SIGKILL)
+        self.reap()
+        self.children.clear()
+
+
+def _signal(pid: int, sig: int) -> None:
+    try:
+        os.kill(pid, sig)
+    except ProcessLookupError:
+        pass
+
+
+def _parent_alive(pid: int | None) -> bool:
+    if pid is None:
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def serve(address: str, insecure: bool, root_certificates: str | None = None, poll_interval: float = 0.05,
+          preload: Sequence[str] = DEFAULT_PRELOAD, parent_pid: int | None = None,
+          max_tasks: int | None = None) -> None:
+    """Acquire tasks from the Runtime API at ``address`` and run each in a fork, until SIGTERM/SIGINT."""
+    if not 0.001 <= poll_interval <= 60:
+        raise ValueError(f"poll_interval must be in [0.001, 60] seconds, got {poll_interval!r}")
+    for module in preload:
+        importlib.import_module(module)
+    patch_pull_backoff()
+    executor = ForkExecutor()
+    client = RuntimeHttpClient.from_server_address(
+        server_address=address, insecure=insecure,
+        root_certificates=validate_and_resolve_root_certificates(root_certificates, insecure),
+        interceptors=[RuntimeVersionHttpInterceptor(component_name="SuperExec")],
+        retry_invoker=make_simple_http_retry_invoker(),
+    )
+    stop = {"now": False}
+
+    def _stop(signum, frame) -> None:  # noqa: ARG001
+        stop["now"] = True
+
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
+    log.info("warm executor ready on %s (pid %d, preloaded %s)", address, os.getpid(), list(preload))
+    launched = 0
+    try:
+        while not stop["now"] and _parent_alive(parent_pid) and (max_tasks is None or launched < max_tasks):
+            executor.reap()
+            res = client.AcquireTask(AcquireTaskRequest(supported_task_types=[str(t) for t in ENTRY_POINTS]))
+            if res.HasField("task") and res.token:
+                task_type = TaskType(res.task.type)
+                argv = task_argv(task_type, address, res.token, insecure, root_certificates, os.getpid())
+                executor.launch(task_type, argv)
+                launched += 1
+                continue  # another task may be waiting already
+            time.sleep(poll_interval)
+    finally:
+        executor.close()
+        client.close()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--runtime-api-address", required=True, help="the SuperNode's (or SuperLink's) Runtime API host:port")
+    p.add_argument("--insecure", action="store_true", help="plain HTTP to the Runtime API (same host only)")
+    p.add_argument("--root-certificates", default=None, help="CA certificate of a TLS Runtime API")
+    p.add_argument("--poll-interval", type=float, default=0.05, help="seconds between task polls (default 0.05)")
+    p.add_argument("--preload", default=",".join(DEFAULT_PRELOAD),
+                   help="comma-separated modules to import once, before the first task")
+    p.add_argument("--parent-pid", type=int, default=None, help="exit when this process exits")
+    a = p.parse_args(argv)
+    if not a.insecure and a.root_certificates is None:
+        p.error("give --insecure (same host) or --root-certificates")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per poll otherwise
+    try:
+        serve(a.runtime_api_address, a.insecure, a.root_certificates, a.poll_interval,
+              [m for m in a.preload.split(",") if m], a.parent_pid)
+    except ValueError as err:
+        print(f"warm_executor: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

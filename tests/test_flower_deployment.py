@@ -1,0 +1,191 @@
+"""A real Flower deployment on 127.0.0.1: one SuperLink, three SuperNodes (separate processes), ``flwr run``.
+
+One deployment serves the module (starting it is the expensive part): the run must match the
+in-process simulation; the server is killed mid-unlearning and resumes from its checkpoint with
+the same mask; a node disconnects during a masked round and the run goes on with the two others
+(``min-clients=2``), frozen elements exact. Every process the fixture started is killed on
+teardown, whatever happened.
+"""
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from lightning_unlearn import ForgetRequest
+from lightning_unlearn._io import load_torch_file
+from lightning_unlearn.federated import FederatedSimulation, Transport, federated_unlearn, get_arrays, run_fedavg
+from lightning_unlearn.federated.flower import FederatedPartitions, save_partition
+from lightning_unlearn.federated.flower.checkpoint import STATE_FILE, ServerCheckpoint
+from lightning_unlearn.federated.flower.deployment import LocalDeployment, toml_value
+from lightning_unlearn.masking import frozen_elements_equal
+from lightning_unlearn.models import SmallCNN
+from lightning_unlearn.selection import ParameterMask
+
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(sys.platform == "win32", reason="the warm executor forks (POSIX)")]
+
+APP = Path(__file__).resolve().parents[1] / "examples" / "flower_app"
+PARTS = FederatedPartitions("digits", num_clients=3, partition="iid", seed=0, batch_size=32)
+RUN = {"train-rounds": 2, "local-steps": 5, "unlearn-rounds": 2, "unlearn-steps": 3, "forget-class": 3, "ratio": 0.1,
+       "seed": 0, "lr": 0.003}
+TIMEOUT = 400  # seconds for one `flwr run` (a loaded 2-core CI runner); a healthy run takes well under a minute
+
+# The example app plus a client mod that makes a node vanish (SIGKILL to its whole process group:
+# SuperNode, warm executor and this task) when it receives the message type named in the run config.
+FAULT_APP = '''
+import os, signal
+from lightning_unlearn.federated.flower.app import model_from_config, partition_from_config, serverapp
+from lightning_unlearn.federated.flower.client_app import make_client_app
+
+def disconnect(message, context, call_next):
+    victim = str(context.run_config.get("disconnect-data", ""))
+    if victim and message.metadata.message_type == "train.unlearn" and str(context.node_config["data-path"]) == victim:
+        os.killpg(os.getpgrp(), signal.SIGKILL)
+    return call_next(message, context)
+
+clientapp = make_client_app(model_from_config, partition_from_config, mods=[disconnect])
+'''
+
+
+def _fault_app(folder: Path) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    text = (APP / "pyproject.toml").read_text().replace('name = "unlearn-flower-app"', 'name = "unlearn-fault-app"')
+    text = text.replace('"unlearn_app:', '"fault_app:') + 'disconnect-data = ""\n'
+    (folder / "pyproject.toml").write_text(text)
+    (folder / "fault_app.py").write_text(textwrap.dedent(FAULT_APP))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def deployment(tmp_path_factory):
+    root = tmp_path_factory.mktemp("flower-deployment")
+    fdm = PARTS.datamodule()
+    paths = [save_partition(fdm, k, root / f"site{k}" / f"client{k}.pt") for k in range(3)]  # one file per node
+    dep = LocalDeployment([{"data-path": str(p)} for p in paths], root / "deployment", database=str(root / "link.db"))
+    t0 = time.perf_counter()
+    try:
+        dep.start()
+        dep.paths, dep.root, dep.start_s = paths, root, time.perf_counter() - t0
+        yield dep
+    finally:
+        dep.stop()  # every process group it started, also when a test failed
+
+
+def _run(dep: LocalDeployment, out: Path, app: Path = APP, **extra) -> tuple[dict, Path]:
+    t0 = time.perf_counter()
+    res = dep.flwr_run(app, {**RUN, "output-dir": str(out), **extra}, timeout=TIMEOUT)
+    wall = time.perf_counter() - t0
+    runs = sorted(out.glob("run-*/report.json"))
+    assert res.returncode == 0 and runs, (f"flwr run failed ({res.returncode}):\n{res.stdout[-3000:]}\n{res.stderr[-2000:]}"
+                                          f"\nsuperlink log:\n{dep.log('superlink')[-3000:]}")
+    report = json.loads(runs[-1].read_text())
+    report["wall_s"] = wall
+    return report, runs[-1].parent
+
+
+@pytest.fixture(scope="module")
+def in_process():
+    """The same federation, model, schedule and seeds, in one process (the reference)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)  # as each node's task (OMP_NUM_THREADS=1): same float reduction order
+    try:
+        torch.manual_seed(RUN["seed"])
+        model = SmallCNN(lr=RUN["lr"])
+        sim = FederatedSimulation(PARTS.datamodule(), model, rounds=RUN["train-rounds"], progress=False,
+                                  trainer_kwargs={"max_steps": RUN["local-steps"]})
+        transport = Transport()
+        run_fedavg(sim.model, sim.clients, RUN["train-rounds"], transport=transport, progress=False)
+        request = ForgetRequest(classes=[RUN["forget-class"]])
+        sim.request(request)
+        result = federated_unlearn(sim.model, sim.clients, request, transport=transport, rounds=RUN["unlearn-rounds"],
+                                   max_steps=RUN["unlearn-steps"], ratio=RUN["ratio"], seed=RUN["seed"])
+    finally:
+        torch.set_num_threads(before)
+    return sim, result, transport
+
+
+def _model(arrays) -> SmallCNN:
+    model = SmallCNN(lr=RUN["lr"])
+    model.load_state_dict({**model.state_dict(), **arrays})
+    return model
+
+
+def test_deployment_matches_the_in_process_simulation(deployment, in_process, tmp_path):
+    sim, ours, transport = in_process
+    report, out = _run(deployment, tmp_path / "out")
+    trained, final = load_torch_file(out / "trained.pt"), load_torch_file(out / "model.pt")
+    for k, v in get_arrays(sim.model).items():  # FedAvg over three processes = FedAvg in one
+        assert torch.allclose(trained[k], v, atol=1e-5), k
+    assert report["mask"]["sha256"] == ours.mask.sha256()
+    for k, v in get_arrays(ours.model).items():
+        assert torch.allclose(final[k], v, atol=1e-5), k
+    moved = report["bytes_moved"]
+    for prefix in ("fedavg/", "deploy", "score", "unlearn/"):  # the same payload bytes, round by round
+        mine = [(b["down"], b["up"]) for label, b in moved.items() if label.startswith(prefix)]
+        assert mine and mine == [(b.down, b.up) for b in transport.bytes_for(prefix)], prefix
+    mine, theirs = sim.evaluate(_model(final)), sim.evaluate(ours.model)
+    assert mine["forget_acc"] == theirs["forget_acc"] and mine["remaining_acc"] == theirs["remaining_acc"]
+    assert mine["forget_acc"] < sim.evaluate(_model(trained))["forget_acc"]
+    assert frozen_elements_equal(_model(final), _model(trained).state_dict(), ours.mask)
+    print(f"\ndeployment start-up {deployment.start_s:.1f}s, flwr run {report['wall_s']:.1f}s, "
+          f"server phases {json.dumps({k: round(v, 2) for k, v in report['timings_s'].items()})}")
+
+
+def test_server_restart_resumes_with_the_same_mask(deployment, in_process, tmp_path):
+    _, ours, _ = in_process
+    ckpt, out = tmp_path / "ckpt", tmp_path / "out"
+    cfg = {**RUN, "output-dir": str(out), "checkpoint-dir": str(ckpt), "unlearn-rounds": 3}
+    first = subprocess.Popen(  # the run the crash interrupts
+        [str(Path(sys.executable).parent / "flwr"), "run", str(APP), "local", "--stream", "--run-config",
+         " ".join(f"{k}={toml_value(v)}" for k, v in cfg.items())],
+        env=deployment.process_env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + TIMEOUT
+        state = None
+        while time.monotonic() < deadline and not (state and state.rounds_done >= 1):
+            time.sleep(0.2)
+            if (ckpt / STATE_FILE).exists():
+                state = ServerCheckpoint.load(ckpt, _key(ckpt))
+        assert state is not None and state.rounds_done >= 1, "the first run never finished a masked round"
+        deployment.kill("superlink", signal.SIGKILL)  # the server dies mid-unlearning (SuperLink + ServerApp)
+    finally:
+        first.kill()
+        first.wait(timeout=30)
+    assert not list(out.glob("run-*/report.json")), "the interrupted run must not have finished"
+    deployment.start_superlink()  # same port, same state database: the SuperNodes reconnect on their own
+    report, _ = _run(deployment, out, **{"checkpoint-dir": str(ckpt), "unlearn-rounds": 3})
+    resumed = report["extra"]["resumed"]
+    assert resumed["trained"] and resumed["mask"] and resumed["rounds_done"] >= 1
+    assert report["mask"]["sha256"] == state.mask.sha256() == ours.mask.sha256()
+    assert [r["round"] for r in report["extra"]["unlearning"]] == [0, 1, 2]
+    assert report["metrics"]["unlearned"]["forget_acc"] < 0.5
+
+
+def _key(folder: Path) -> str:
+    """The key stored in the checkpoint (the test reads the run's own state, whatever its plan key)."""
+    return load_torch_file(folder / STATE_FILE)["key"]
+
+
+def test_client_disconnect_mid_round_goes_on_with_min_clients(deployment, tmp_path):
+    app = _fault_app(tmp_path / "fault-app")  # not "fault_app": the folder would shadow the module
+    victim = str(deployment.paths[2])
+    report, out = _run(deployment, tmp_path / "out", app=app, **{"disconnect-data": victim, "min-clients": 2,
+                                                                 "round-timeout": 20.0})
+    assert report["extra"]["dropped"] == {"2": "unlearning round 0"}
+    rows = report["extra"]["unlearning"]
+    assert [r["clients"] for r in rows] == [2, 2] and rows[0]["dropped"] == [2]
+    final, trained = load_torch_file(out / "model.pt"), load_torch_file(out / "trained.pt")
+    mask = ParameterMask.load(out / "mask.pt")
+    assert mask.sha256() == report["mask"]["sha256"]
+    # exact on frozen elements although only two clients were averaged; the selected ones moved
+    assert frozen_elements_equal(_model(final), _model(trained).state_dict(), mask)
+    assert any(not torch.equal(final[k], trained[k]) for k in mask.masks)
+    assert report["metrics"]["unlearned"]["forget_acc"] < 0.5
+    assert deployment.groups.get("node2") is None or deployment.groups["node2"][0].poll() is not None

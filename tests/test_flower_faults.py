@@ -1,0 +1,141 @@
+"""Fault handling of the Flower server, without processes: dropouts vs min_clients, checkpoints, polling knobs."""
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+from flwr.app import Error, Message, RecordDict
+from flwr.common.constant import ErrorCode
+from flwr.supercore.task_identity import TaskIdentity
+
+from lightning_unlearn import ForgetRequest, discover_layers
+from lightning_unlearn.federated.flower import UnlearnPlan
+from lightning_unlearn.federated.flower.checkpoint import ServerCheckpoint
+from lightning_unlearn.federated.flower.records import ByteLedger
+from lightning_unlearn.federated.flower.server_app import MaskedUnlearning, PollingGrid, gather
+from lightning_unlearn.federated.flower.supernode import CappedClock, patch_poll_interval
+from lightning_unlearn.models import SmallCNN
+from lightning_unlearn.selection import ParameterMask
+
+NODES = {0: 11, 1: 12, 2: 13}
+
+
+@pytest.fixture(autouse=True)
+def _task_identity(monkeypatch):
+    for key in ("_run_id", "_node_id", "_task_id"):
+        monkeypatch.setattr(TaskIdentity, key, getattr(TaskIdentity, key) or 1)
+
+
+class FakeGrid:
+    """Replies come from ``answer(message) -> Message | None`` (None: that node never answers)."""
+
+    def __init__(self, answer, delay_s: float = 0.0) -> None:
+        self.answer, self.delay_s, self.sent, self.pulls = answer, delay_s, {}, 0
+        self._t0 = 0.0
+
+    def push_messages(self, messages):
+        ids = []
+        for i, m in enumerate(messages):
+            m.metadata.__dict__["_message_id"] = f"m{len(self.sent) + i}"
+            ids.append(m.metadata.message_id)
+        self.sent.update({m.metadata.message_id: m for m in messages})
+        self._t0 = time.monotonic()
+        return ids
+
+    def pull_messages(self, ids):
+        self.pulls += 1
+        if time.monotonic() - self._t0 < self.delay_s:
+            return []
+        return [r for i in list(ids) if (r := self.answer(self.sent[i])) is not None]
+
+    def get_node_ids(self):
+        return list(NODES.values())
+
+
+def _reply(message: Message) -> Message:
+    reply = Message(RecordDict(), reply_to=message)
+    reply.metadata.__dict__["_src_node_id"] = message.metadata.dst_node_id  # as if the node had sent it
+    return reply
+
+
+def _strategy(min_clients=None, round_timeout=0.3) -> MaskedUnlearning:
+    plan = UnlearnPlan(ForgetRequest(classes=[3]), min_clients=min_clients, round_timeout=round_timeout)
+    return MaskedUnlearning(SmallCNN(), NODES, plan, ByteLedger())
+
+
+def _messages(strategy: MaskedUnlearning) -> list[Message]:
+    return [Message(RecordDict(), dst_node_id=n, message_type="train.unlearn") for n in strategy.active.values()]
+
+
+def test_dropout_below_min_clients_stops_with_the_missing_clients():
+    strategy = _strategy()  # default: every client must answer
+    grid = PollingGrid(FakeGrid(lambda m: None if m.metadata.dst_node_id == 13 else _reply(m)), poll_s=0.01)
+    with pytest.raises(RuntimeError, match=r"unlearning round 0: only 2 of 3 clients replied within 0.3s \(missing "
+                                           r"clients \[2\]\); min_clients=3, so the run stops rather than average"):
+        strategy.collect(grid, _messages(strategy), "unlearning round 0")
+
+
+def test_dropout_at_or_above_min_clients_goes_on_without_the_client():
+    strategy = _strategy(min_clients=2)
+    gone = lambda m: Message(Error(code=ErrorCode.NODE_UNAVAILABLE, reason="node gone"), reply_to=m)  # noqa: E731
+    grid = PollingGrid(FakeGrid(lambda m: gone(m) if m.metadata.dst_node_id == 12 else _reply(m)), poll_s=0.01)
+    replies = strategy.collect(grid, _messages(strategy), "unlearning round 0")
+    assert sorted(r.metadata.src_node_id for r in replies) == [11, 13]
+    assert strategy.dropped == {1: "unlearning round 0"} and sorted(strategy.active) == [0, 2]
+    assert len(_messages(strategy)) == 2  # later rounds go to the remaining clients only
+    # a client whose app *failed* is not a dropout: the run stops with its reason
+    failed = PollingGrid(FakeGrid(lambda m: Message(Error(code=0, reason="ValueError: bad shard"), reply_to=m)), 0.01)
+    with pytest.raises(RuntimeError, match="evaluation round 0: 2 of 2 client"):
+        strategy.collect(failed, _messages(strategy), "evaluation round 0")
+
+
+def test_min_clients_is_checked_before_any_round():
+    with pytest.raises(ValueError, match="min_clients must be an integer >= 1 or None"):
+        UnlearnPlan(ForgetRequest(classes=[3]), min_clients=0)
+    with pytest.raises(ValueError, match="round_timeout must be a number of seconds > 0"):
+        UnlearnPlan(ForgetRequest(classes=[3]), round_timeout=-1)
+    with pytest.raises(ValueError, match="min_clients=4 exceeds the 3 connected clients"):
+        _strategy(min_clients=4)
+
+
+def test_gather_polls_until_all_replies_or_the_timeout():
+    slow = FakeGrid(_reply, delay_s=0.2)
+    msgs = [Message(RecordDict(), dst_node_id=n, message_type="query.x") for n in NODES.values()]
+    t0 = time.monotonic()
+    assert len(gather(slow, msgs, timeout=5, poll_s=0.02)) == 3
+    assert time.monotonic() - t0 < 2 and slow.pulls > 3  # returned soon after the replies, not after a 3 s sleep
+    never = FakeGrid(lambda m: None)
+    t0 = time.monotonic()
+    assert gather(never, [Message(RecordDict(), dst_node_id=11, message_type="query.x")], timeout=0.2, poll_s=0.02) == []
+    assert 0.2 <= time.monotonic() - t0 < 2
+
+
+def test_checkpoint_round_trip_and_refuses_another_plan(tmp_path):
+    model = SmallCNN()
+    mask = ParameterMask.from_channels(model, {"conv1": [0, 2]}, discover_layers(model, torch.zeros(1, 1, 8, 8)))
+    arrays = {k: v.clone() for k, v in model.state_dict().items() if v.is_floating_point()}
+    ServerCheckpoint("key-a", trained=arrays, training=[{"round": 0}], mask=mask, rounds_done=1, current=arrays,
+                     unlearning=[{"round": 0, "clients": 3}]).save(tmp_path)
+    back = ServerCheckpoint.load(tmp_path, "key-a")
+    assert back.rounds_done == 1 and back.unlearning == [{"round": 0, "clients": 3}]
+    assert all(torch.equal(back.trained[k], v) for k, v in arrays.items())
+    assert back.mask.sha256() == mask.sha256()
+    assert ServerCheckpoint.load(tmp_path / "empty", "key-a") is None
+    with pytest.raises(ValueError, match=r"was written by another plan .*remove it or choose another checkpoint-dir"):
+        ServerCheckpoint.load(tmp_path, "key-b")
+    assert UnlearnPlan(ForgetRequest(classes=[3])).key() != UnlearnPlan(ForgetRequest(classes=[4])).key()
+    assert UnlearnPlan(ForgetRequest(classes=[3])).key() == UnlearnPlan(ForgetRequest(classes=[3])).key()
+
+
+def test_supernode_poll_interval(monkeypatch):
+    from flwr.supernode import start_client_internal as loop
+
+    monkeypatch.setattr(loop, "time", loop.time)  # restored after the test
+    with pytest.raises(ValueError, match=r"--poll-interval must be in \[0.01, 3\] seconds, got 5"):
+        patch_poll_interval(5)
+    patch_poll_interval(0.05)
+    assert isinstance(loop.time, CappedClock) and loop.time.monotonic() > 0
+    t0 = time.monotonic()
+    loop.time.sleep(3)  # Flower's idle sleep, capped
+    assert time.monotonic() - t0 < 1
