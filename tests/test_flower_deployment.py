@@ -41,8 +41,10 @@ TIMEOUT = 400  # seconds for one `flwr run` (a loaded 2-core CI runner); a healt
 # SuperNode, warm executor and this task) when it receives the message type named in the run config.
 FAULT_APP = '''
 import os, signal
-from lightning_unlearn.federated.flower.app import model_from_config, partition_from_config, serverapp
+from lightning_unlearn.federated.flower import app
 from lightning_unlearn.federated.flower.client_app import make_client_app
+
+serverapp = app.serverapp  # an assignment: `flwr run` checks the components by reading this file's top level
 
 def disconnect(message, context, call_next):
     victim = str(context.run_config.get("disconnect-data", ""))
@@ -50,7 +52,7 @@ def disconnect(message, context, call_next):
         os.killpg(os.getpgrp(), signal.SIGKILL)
     return call_next(message, context)
 
-clientapp = make_client_app(model_from_config, partition_from_config, mods=[disconnect])
+clientapp = make_client_app(app.model_from_config, app.partition_from_config, mods=[disconnect])
 '''
 
 
