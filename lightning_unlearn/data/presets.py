@@ -5,6 +5,7 @@ training data (``lightning-unlearn fit``: the original model) and the retain dat
 """
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from typing import Any
 
 from lightning.pytorch import LightningDataModule
@@ -33,7 +34,7 @@ def build_request(
     return ForgetRequest(classes=forget_classes, sample_ids=forget_sample_ids)
 
 
-class _PresetData(UnlearningDataModule):
+class _PresetData(UnlearningDataModule, ABC):
     """The request and loader arguments every preset shares; a preset adds where its data come from.
 
     Args:
@@ -60,9 +61,9 @@ class _PresetData(UnlearningDataModule):
         super().__init__(train, test, request, batch_size=batch_size, num_workers=num_workers, seed=seed)
         self.train_on = train_on
 
+    @abstractmethod
     def _load(self, seed: int) -> tuple[Dataset, Dataset]:
         """(train, test) datasets of the preset."""
-        raise NotImplementedError
 
     def train_dataloader(self):
         if self.train_on == "all" and not self.combined:
@@ -134,7 +135,7 @@ def _federated_request(num_train, forget_classes, forget_clients, forget_sample_
     return build_request(num_train, forget_classes, forget_sample_ids, forget_random_fraction, seed)
 
 
-class _FederatedPreset(FederatedDataModule):
+class _FederatedPreset(FederatedDataModule, ABC):
     """The partition and request arguments every federated preset shares; a preset adds where its data come from.
 
     Args:
@@ -160,9 +161,9 @@ class _FederatedPreset(FederatedDataModule):
         self.request = _federated_request(len(train), forget_classes, forget_clients, forget_sample_ids,
                                           forget_random_fraction, seed)
 
+    @abstractmethod
     def _load(self, seed: int) -> tuple[Dataset, Dataset]:
         """(train, test) datasets of the preset."""
-        raise NotImplementedError
 
 
 class FederatedDigitsData(_FederatedPreset):

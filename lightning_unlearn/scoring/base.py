@@ -6,12 +6,13 @@ in, nothing global but the registry. A method scores one batch into per-layer ch
 """
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from typing import Any, TypeVar
 
 from torch import Tensor, nn
 
 
-class ChannelScorer:
+class ChannelScorer(ABC):
     """Scores the output channels of ``layers`` of ``model`` for a batch; subclass and register to add a method.
 
     Every method gets the same options (``channel_scores`` passes ``n_steps``) and ignores those it
@@ -25,9 +26,9 @@ class ChannelScorer:
     def __init__(self, model: nn.Module, layers: list[nn.Module], **options: Any) -> None:
         self.model, self.layers = model, list(layers)
 
+    @abstractmethod
     def score_batch(self, x: Tensor, y: Tensor) -> list:
         """Per-layer channel sums over the batch (``(C,)`` tensors, or what ``finalize`` expects)."""
-        raise NotImplementedError
 
     def finalize(self, sums: list, count: int) -> list[Tensor]:
         """Per-layer ``(C,)`` mean score per sample from the sums over ``count`` samples."""
