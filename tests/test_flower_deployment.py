@@ -9,6 +9,7 @@ teardown, whatever happened.
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -29,7 +30,16 @@ from lightning_unlearn.masking import frozen_elements_equal
 from lightning_unlearn.models import SmallCNN
 from lightning_unlearn.selection import ParameterMask
 
-pytestmark = [pytest.mark.slow, pytest.mark.skipif(sys.platform == "win32", reason="the warm executor forks (POSIX)")]
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(sys.platform == "win32", reason="the warm executor forks (POSIX)"),
+    pytest.mark.skipif(
+        os.environ.get("LIGHTNING_UNLEARN_DEPLOYMENT_TESTS") != "1",
+        reason="real Flower deployment (SuperLink + 3 SuperNodes as processes, about 4-5 min on 2 cores): run with "
+               "LIGHTNING_UNLEARN_DEPLOYMENT_TESTS=1; kept out of `make test` until the open deployment issue makes "
+               "it fast and proven stable there",
+    ),
+]
 
 APP = Path(__file__).resolve().parents[1] / "examples" / "flower_app"
 PARTS = FederatedPartitions("digits", num_clients=3, partition="iid", seed=0, batch_size=32)
