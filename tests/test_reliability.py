@@ -251,6 +251,7 @@ def test_interrupted_unlearning_is_marked_and_cleaned_by_the_rerun(monkeypatch, 
     def killed(*_, **__):
         raise KeyboardInterrupt("killed while writing the plots")
 
+    real_plot = evaluate.plot_mia_histograms
     monkeypatch.setattr(evaluate, "plot_mia_histograms", killed)
     with pytest.raises(KeyboardInterrupt):
         main(args)
@@ -259,7 +260,7 @@ def test_interrupted_unlearning_is_marked_and_cleaned_by_the_rerun(monkeypatch, 
     with pytest.raises(ValueError, match="belongs to an unlearning run that did not finish"):
         load_weights(SmallCNN(), target)
     assert not list(out.glob("*.report.json"))
-    monkeypatch.undo()
+    monkeypatch.setattr(evaluate, "plot_mia_histograms", real_plot)  # (undo() would also undo the chdir)
     main(args)  # the rerun removes the leftovers, then writes a complete set under the same names
     assert target.is_file() and not is_incomplete(target) and not list(out.glob(".*.incomplete"))
     assert not (out / "original-unlearned-1.ckpt").exists()
