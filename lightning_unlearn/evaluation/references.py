@@ -240,6 +240,13 @@ def _train_fresh(template: nn.Module, dataset: Dataset, datamodule, epochs: int,
     return model
 
 
+def _recipe(template: nn.Module, datamodule: UnlearningDataModule, epochs: int, trainer_kwargs: dict | None,
+            seed: int) -> dict[str, Any]:
+    """What every cached population's key holds: the data, the architecture, the schedule and the seed."""
+    return {"data": dataset_fingerprint(datamodule.train_dataset), "model": model_description(template),
+            "schedule": _schedule(datamodule, epochs, trainer_kwargs), "seed": seed}
+
+
 def train_references(
     template: nn.Module,
     datamodule: UnlearningDataModule,
@@ -263,14 +270,8 @@ def train_references(
     wanted = _check(k, epochs, indices)
     exclude = np.asarray(sorted(int(i) for i in exclude), dtype=np.int64)
     retain = np.setdiff1d(np.asarray(datamodule.retain_indices, dtype=np.int64), exclude)
-    parts = {
-        "data": dataset_fingerprint(datamodule.train_dataset),
-        "forget": index_hash(datamodule.forget_indices),
-        "train_on": index_hash(retain),
-        "model": model_description(template),
-        "schedule": _schedule(datamodule, epochs, trainer_kwargs),
-        "seed": seed,
-    }
+    parts = {**_recipe(template, datamodule, epochs, trainer_kwargs, seed),
+             "forget": index_hash(datamodule.forget_indices), "train_on": index_hash(retain)}
     dataset = Subset(datamodule.train_dataset, retain.tolist())
     make = lambda i, s: _train_fresh(template, dataset, datamodule, epochs, trainer_kwargs, s)  # noqa: E731
     return _build("reference", template, parts, k, wanted, cache_dir, make, progress)
@@ -292,12 +293,7 @@ def train_originals(
     The key does not depend on the request, so every request on the same data shares them.
     """
     wanted = _check(k, epochs, indices)
-    parts = {
-        "data": dataset_fingerprint(datamodule.train_dataset),
-        "model": model_description(template),
-        "schedule": _schedule(datamodule, epochs, trainer_kwargs),
-        "seed": seed,
-    }
+    parts = _recipe(template, datamodule, epochs, trainer_kwargs, seed)
     make = lambda i, s: _train_fresh(template, datamodule.train_dataset, datamodule, epochs, trainer_kwargs, s)  # noqa: E731
     return _build("original", template, parts, k, wanted, cache_dir, make, progress)
 

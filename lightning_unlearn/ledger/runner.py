@@ -23,6 +23,7 @@ import lightning.pytorch as pl
 import numpy as np
 from torch.utils.data import Dataset, Subset
 
+from lightning_unlearn._system import pid_alive
 from lightning_unlearn._io import load_torch_file, to_jsonable
 from lightning_unlearn.api import unlearn
 from lightning_unlearn.data.unlearning import UnlearningDataModule
@@ -70,7 +71,7 @@ def recover(ledger: Ledger, source: Source, takeover: bool = False, progress: Ca
     """
     done = []
     for row in ledger.jobs(status="running", source=source):
-        if row["host"] == socket.gethostname() and row["pid"] != os.getpid() and _alive(row["pid"]):
+        if row["host"] == socket.gethostname() and row["pid"] != os.getpid() and pid_alive(row["pid"]):
             raise ValueError(f"job {row['id']} is still running in process {row['pid']} on this host; "
                              "wait for it to finish")
         if row["host"] != socket.gethostname() and not takeover:
@@ -208,14 +209,6 @@ def _finalise(ledger: Ledger, job: Job, report_path: Path) -> int:
         trained_ids=np.setdiff1d(held, forget))
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _notify(progress: Callable[[str], None] | None, message: str) -> None:

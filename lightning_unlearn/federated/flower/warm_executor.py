@@ -35,6 +35,8 @@ from flwr.supercore.retry import make_simple_http_retry_invoker
 from flwr.supercore.runtime import RuntimeHttpClient
 from flwr.supercore.tls import validate_and_resolve_root_certificates
 
+from lightning_unlearn._system import pid_alive
+
 log = logging.getLogger(__name__)
 
 #: The task types this executor runs, and the Flower entry point (the console script's function) for each.
@@ -139,15 +141,7 @@ def _signal(pid: int, sig: int) -> None:
 
 
 def _parent_alive(pid: int | None) -> bool:
-    if pid is None:
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+    return True if pid is None else pid_alive(pid)
 
 
 def serve(address: str, insecure: bool, root_certificates: str | None = None, poll_interval: float = 0.05,
