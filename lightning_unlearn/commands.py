@@ -52,7 +52,7 @@ class Engine(Protocol):
 
     def save(self, result: UnlearningResult, target: Path) -> Path: ...
 
-    def evaluation_datamodule(self, datamodule: Any) -> UnlearningDataModule: ...
+    def evaluation_datamodule(self, datamodule: Any, original: pl.LightningModule | None = None) -> UnlearningDataModule: ...
 
     def retrain(self, original: pl.LightningModule, datamodule: Any, epochs: int | None) -> UnlearningResult: ...
 
@@ -102,7 +102,7 @@ class CentralEngine:
         self.trainer.strategy.barrier()
         return target
 
-    def evaluation_datamodule(self, datamodule: Any) -> UnlearningDataModule:
+    def evaluation_datamodule(self, datamodule: Any, original: pl.LightningModule | None = None) -> UnlearningDataModule:
         return datamodule
 
     def retrain(self, original: pl.LightningModule, datamodule: Any, epochs: int | None) -> UnlearningResult:
@@ -137,9 +137,12 @@ class FederatedEngine:
             self._sim, _ = deployed_simulation(copy.deepcopy(original), datamodule, self.settings, self.seed)
         return self._sim
 
-    def evaluation_datamodule(self, datamodule: Any) -> UnlearningDataModule:
+    def evaluation_datamodule(self, datamodule: Any, original: pl.LightningModule | None = None) -> UnlearningDataModule:
+        """The oracle's central view of the request (built from ``original`` if no run built the federation yet)."""
         if self._sim is None:
-            raise RuntimeError("the federation is built by unlearn() or retrain() first")
+            if original is None:
+                raise RuntimeError("the federation is built by unlearn() or retrain(), or from the original model")
+            self._simulation(original, datamodule)
         return self._sim.evaluation_datamodule
 
     def retrain(self, original: pl.LightningModule, datamodule: Any, epochs: int | None) -> UnlearningResult:
@@ -238,12 +241,10 @@ def evaluate_checkpoints(
     timings: dict[str, float] = {}
     reference = engine.retrain(original, datamodule, retrain_epochs) if not retrained_path else None
     if reference is None:
-        if engine.name == "federated":  # the oracle's splits need the federation even without retraining
-            engine._simulation(original, datamodule)
         retrained = load_weights(copy.deepcopy(model), Path(retrained_path))
     else:
         retrained, timings["retrain"] = reference.model, reference.timings_s["retrain"]
-    dm = engine.evaluation_datamodule(datamodule)
+    dm = engine.evaluation_datamodule(datamodule, original)
     evaluation = evaluate_unlearning(original, unlearned, dm, retrained, seed=seed, relearn=relearn)
     attacks = {}
     if attack is not None:

@@ -191,3 +191,17 @@ def test_deprecated_federated_settings_move_into_the_config_with_a_warning():
         merged = settings.merge_deprecated(UnlearnConfig(ratio=0.2))
     assert (merged.max_steps, merged.max_samples, merged.lr_scale, merged.ratio) == (3, 64, 2.0, 0.2)
     assert FederatedSettings().merge_deprecated(UnlearnConfig()) == UnlearnConfig()
+
+
+def test_federated_engine_builds_the_oracle_view_from_the_original_when_nothing_ran():
+    """`evaluate --retrained_path` on a federated config: no unlearning or retraining ran, the splits still exist."""
+    from lightning_unlearn.commands import FederatedEngine
+    from lightning_unlearn.data.presets import FederatedDigitsData
+    from lightning_unlearn.federated.runner import FederatedSettings
+
+    fdm = FederatedDigitsData(num_clients=3, forget_clients=[1])
+    engine = FederatedEngine(FederatedSettings(rounds=1), seed=0)
+    with pytest.raises(RuntimeError, match="federation is built by unlearn"):
+        engine.evaluation_datamodule(fdm)
+    dm = engine.evaluation_datamodule(fdm, SmallCNN())
+    assert sorted(dm.forget_indices.tolist()) == sorted(fdm.client_indices(1).tolist())
