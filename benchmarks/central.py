@@ -42,10 +42,9 @@ from lightning_unlearn.evaluation import (
     evaluate_model,
     library_versions,
     random_samples_request,
-    relearn_time,
 )
+from lightning_unlearn.evaluation.evaluate import relearn_steps
 from lightning_unlearn.evaluation.compare import format_cell
-from lightning_unlearn.evaluation.membership import subsample
 from lightning_unlearn.models import SmallCNN
 
 SECTION = "## Centralised methods (digits, MNIST)"
@@ -127,12 +126,8 @@ def evaluate_row(model, dm, reference: dict | None, seed: int, args, target_acc:
     if reference is not None:
         metrics["avg_gap"] = avg_gap(metrics, reference)
         metrics["acc_gap"] = avg_gap(metrics, reference, ACC_GAP_KEYS)
-    is_class = dm.request.kind == "class"
-    eval_set = Subset(dm.test_dataset, dm.forget_test_indices.tolist()) if is_class else None
-    steps = relearn_time(
-        model, subsample(dm.forget_set, args.eval_samples, seed), dm.retain_set, target_acc, eval_set,
-        dm.num_classes, max_steps=args.relearn_steps, eval_every=10, seed=seed,
-    )
+    steps = relearn_steps(model, dm, target_acc, max_samples=args.eval_samples, max_steps=args.relearn_steps,
+                          eval_every=10, seed=seed)
     metrics["relearn_steps"] = float(steps if steps is not None else args.relearn_steps + 10)
     metrics["relearned"] = steps is not None
     return metrics

@@ -37,6 +37,9 @@ import numpy as np
 import torch
 from torch.utils.data import Subset, TensorDataset
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from central import PARAMS as CENTRAL_PARAMS  # noqa: E402
+
 from lightning_unlearn import ForgetRequest, UnlearningDataModule
 from lightning_unlearn._io import write_json
 from lightning_unlearn._training import quiet_lightning
@@ -63,17 +66,8 @@ from lightning_unlearn.models import SmallCNN
 ROOT = Path(__file__).resolve().parent.parent
 SECTION = "## Evidence: per-example attacks, challenge score, relearn time"
 METHODS = ("retrain", "ours", "random_channels", "output_row", "finetune", "random_label", "salun", "neggrad_plus")
-# Same recipes as benchmarks/central.py; the controls share the core method's objective.
-PARAMS: dict[str, dict[str, Any]] = {
-    "ours": {"method": "grad_x_act", "ratio": 0.1, "objective": "ascent"},
-    "retrain": {},
-    "output_row": {"objective": "ascent"},
-    "random_channels": {"ratio": 0.1, "objective": "ascent"},
-    "finetune": {},
-    "neggrad_plus": {},
-    "random_label": {},
-    "salun": {"ratio": 0.5},
-}
+# The same recipes as benchmarks/central.py (the controls share the core method's objective).
+PARAMS: dict[str, dict[str, Any]] = {name: CENTRAL_PARAMS[name] for name in METHODS}
 RETRAIN_TEST_SEED, RETRAIN_TOW_SEED = 7001, 7002  # fresh retrained models, not references (their seeds are hashed)
 
 

@@ -16,13 +16,13 @@ from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import DataLoader
 
 from lightning_unlearn import ForgetRequest, UnlearnConfig, UnlearningDataModule, retrain, unlearn
 from lightning_unlearn._training import fit
 from lightning_unlearn.baselines import masked_update, random_channel_mask
 from lightning_unlearn.data import load_digits_datasets
-from lightning_unlearn.evaluation import relearn_time
+from lightning_unlearn.evaluation.evaluate import relearn_steps
 from lightning_unlearn.metrics import split_accuracies
 from lightning_unlearn.models import SmallCNN
 
@@ -53,10 +53,9 @@ def main() -> None:
     fit(model, _All(train), args.epochs)
     original = split_accuracies(model, dm)
     target = original["forget_acc"] - 0.02
-    eval_set = Subset(test, dm.forget_test_indices.tolist())
 
     def relearn(m):
-        return relearn_time(m, dm.forget_set, dm.retain_set, target, eval_set, dm.num_classes, max_steps=200, seed=args.seed)
+        return relearn_steps(m, dm, target, seed=args.seed)
 
     rows = []
     start = time.perf_counter()

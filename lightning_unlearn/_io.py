@@ -175,11 +175,7 @@ class RunMarker:
         if not directory.is_dir():
             return removed
         for marker in directory.glob(f".*{cls.SUFFIX}"):
-            try:
-                files = [Path(f) for f in json.loads(marker.read_text()).get("files", [])]
-            except (OSError, ValueError, AttributeError):
-                files = []
-            for f in files:
+            for f in map(Path, _listed(marker)):
                 for leftover in [f, *f.parent.glob(f".{f.name}.*.tmp")]:
                     if leftover.is_file() and leftover.parent == directory.resolve():
                         leftover.unlink()
@@ -191,10 +187,12 @@ class RunMarker:
 def is_incomplete(path: str | os.PathLike) -> bool:
     """True if ``path`` was written by a run that did not finish (its :class:`RunMarker` still lists it)."""
     path = Path(path).resolve()
-    for marker in path.parent.glob(f".*{RunMarker.SUFFIX}"):
-        try:
-            if str(path) in json.loads(marker.read_text()).get("files", []):
-                return True
-        except (OSError, ValueError, AttributeError):
-            continue
-    return False
+    return any(str(path) in _listed(marker) for marker in path.parent.glob(f".*{RunMarker.SUFFIX}"))
+
+
+def _listed(marker: Path) -> list[str]:
+    """The files a run marker lists (none for an unreadable marker)."""
+    try:
+        return list(json.loads(marker.read_text()).get("files", []))
+    except (OSError, ValueError, AttributeError):
+        return []

@@ -13,7 +13,7 @@ import warnings
 import lightning.pytorch as pl
 from rich.console import Console
 from rich.table import Table
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import DataLoader
 
 from lightning_unlearn import ForgetRequest, UnlearningDataModule, retrain, unlearn
 from lightning_unlearn._training import fit
@@ -80,14 +80,12 @@ def add_relearn_steps(results: dict[str, UnlearningResult], dm: UnlearningDataMo
     """Relearn steps of every model but the original, into ``result.extra``: a model that only hides the
     class relearns it faster than the retrained one (Adam steps, half forget / half retain batches, until
     the forget accuracy is back within 2 points of the original's)."""
-    from lightning_unlearn.evaluation import relearn_time
+    from lightning_unlearn.evaluation.evaluate import relearn_steps
 
     target = results["original"].metrics["forget_acc"] - 0.02
-    eval_set = Subset(dm.test_dataset, dm.forget_test_indices.tolist()) if dm.request.kind == "class" else None
     for name, result in results.items():
         if name != "original":
-            result.extra["relearn_steps"] = relearn_time(result.model, dm.forget_set, dm.retain_set, target, eval_set,
-                                                         dm.num_classes, max_steps=200, seed=seed)
+            result.extra["relearn_steps"] = relearn_steps(result.model, dm, target, seed=seed)
 
 
 def print_table(results: dict[str, UnlearningResult], title: str, console: Console | None = None) -> None:

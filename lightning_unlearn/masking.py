@@ -16,7 +16,7 @@ from torch.optim import Optimizer
 from lightning_unlearn.selection import ParameterMask
 
 BN_MODES = ("frozen", "selected")
-_BN_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+BN_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
 
 def check_bn_stats(bn_stats: str) -> str:
@@ -47,7 +47,7 @@ class MaskEnforcer:
             p = params[name]
             keep = None if not bool(m.any()) else m.to(p.device)
             self._frozen.append((p, keep, p.detach().clone()))
-        self._bn = [m for m in model.modules() if isinstance(m, _BN_TYPES)]
+        self._bn = [m for m in model.modules() if isinstance(m, BN_TYPES)]
         self._bn_frozen: list[tuple[Tensor, Tensor | None, Tensor]] = []
         if bn_stats == "selected":
             names = {m: n for n, m in model.named_modules()}

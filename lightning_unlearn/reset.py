@@ -15,12 +15,12 @@ import torch
 from torch import nn
 
 from lightning_unlearn._training import reinitialize
+from lightning_unlearn.masking import BN_TYPES
 from lightning_unlearn.selection import ParameterMask
 
 RESETS = ("none", "reinit", "dampen")
 #: ``reset="dampen"`` multiplies the selected slices by this factor (SSD-style dampening, not removal).
 DAMPEN_FACTOR = 0.1
-_BN_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
 
 def check_reset(reset: str) -> str:
@@ -65,7 +65,7 @@ def reestimate_batchnorm(model: nn.Module, mask: ParameterMask, batches: Iterabl
     targets = _selected_batchnorms(model, mask)
     if not targets:
         return 0
-    every = [m for m in model.modules() if isinstance(m, _BN_TYPES) and m.running_mean is not None]
+    every = [m for m in model.modules() if isinstance(m, BN_TYPES) and m.running_mean is not None]
     saved = {m: (m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.clone(), m.momentum)
              for m in every}
     was_training = model.training
@@ -99,7 +99,7 @@ def _selected_batchnorms(model: nn.Module, mask: ParameterMask) -> list[tuple[nn
     """(BatchNorm, bool vector of its selected channels) for every BatchNorm whose weight the mask selects."""
     out = []
     for name, module in model.named_modules():
-        if isinstance(module, _BN_TYPES) and module.running_mean is not None:
+        if isinstance(module, BN_TYPES) and module.running_mean is not None:
             key = f"{name}.weight" if name else "weight"
             selected = mask.masks.get(key)
             if selected is not None and bool(selected.any()):

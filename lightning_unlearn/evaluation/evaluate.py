@@ -103,17 +103,32 @@ def evaluate_unlearning(
             comparison["tow"] = tug_of_war(out["unlearned"], out["retrained"])
     if relearn:
         target = out["original"]["forget_acc"] - relearn_tolerance
-        is_class = dm.request.kind == "class"
-        eval_set = Subset(dm.test_dataset, dm.forget_test_indices.tolist()) if is_class else None
-        forget = subsample(dm.forget_set, max_samples, seed)
         for name in ("unlearned", "retrained"):
             if name in named:
-                comparison[f"relearn_steps_{name}"] = relearn_time(
-                    named[name], forget, dm.retain_set, target, eval_set, dm.num_classes, max_steps=relearn_max_steps, seed=seed
+                comparison[f"relearn_steps_{name}"] = relearn_steps(
+                    named[name], dm, target, max_samples=max_samples, max_steps=relearn_max_steps, seed=seed
                 )
         comparison["relearn_target_acc"] = target
     out["comparison"] = comparison
     return out
+
+
+def relearn_steps(
+    model: nn.Module,
+    dm: UnlearningDataModule,
+    target_acc: float,
+    max_samples: int | None = None,
+    max_steps: int = 200,
+    eval_every: int = 5,
+    seed: int = 0,
+) -> int | None:
+    """:func:`relearn_time` on ``dm``'s request: fine-tune on (a seeded subsample of ``max_samples``) forget
+    samples mixed with retain samples until the forgotten data's accuracy reaches ``target_acc``; for class
+    requests that accuracy is measured on the forgotten classes' test samples, otherwise on the forget set."""
+    eval_set = Subset(dm.test_dataset, dm.forget_test_indices.tolist()) if dm.request.kind == "class" else None
+    forget = subsample(dm.forget_set, max_samples, seed) if max_samples is not None else dm.forget_set
+    return relearn_time(model, forget, dm.retain_set, target_acc, eval_set, dm.num_classes, max_steps=max_steps,
+                        eval_every=eval_every, seed=seed)
 
 
 def write_report(
