@@ -36,6 +36,7 @@ from lightning_unlearn.federated.protocol import (
     FederatedUnlearningResult,
     all_channels,
     masked_rounds,
+    remove_selected,
     round_bytes,
     unlearn_config,
 )
@@ -72,16 +73,19 @@ def federated_retrain(
 
 def _masked_baseline(
     name: str, model, clients, plan, mask: ParameterMask, channels, rounds, config, transport, t_select: float,
-    extra: dict | None = None,
+    extra: dict | None = None, reset: UnlearnConfig | None = None,
 ) -> FederatedUnlearningResult:
+    """Masked rounds on ``mask``; with ``reset`` (a resolved config) its ``reset`` removes the slices first, as ours."""
     work = copy.deepcopy(model)
     mask.channels = {k: list(v) for k, v in channels.items()}
     t0 = time.perf_counter()
-    _, history = masked_rounds(work, clients, mask, rounds, config, transport, label=name)
+    statistics, stats_bytes = remove_selected(work, clients, mask, reset, transport) if reset else (None, None)
+    _, history = masked_rounds(work, clients, mask, rounds, config, transport, label=name, statistics=statistics)
     elapsed = time.perf_counter() - t0
     return FederatedUnlearningResult(
         work, mask, method=name, timings_s={"scoring": t_select, "unlearning": elapsed, "total": t_select + elapsed},
-        bytes=round_bytes(history, extra.pop("score_bytes", 0) if extra else 0), history=history, extra=extra or {},
+        bytes=round_bytes(history, extra.pop("score_bytes", 0) if extra else 0, stats_bytes.total if stats_bytes else 0),
+        history=history, extra=extra or {}, config=reset,
     )
 
 
@@ -100,13 +104,14 @@ def federated_random_channels(
     model: pl.LightningModule, clients: Sequence[Any], plan: FederatedForgetPlan, layers: Mapping[str, LayerInfo],
     config: UnlearnConfig | None = None, *, rounds: int = 1, **overrides: Any,
 ) -> FederatedUnlearningResult:
-    """Our protocol with channels drawn at random (same ratio, same head rows): is the explanation worth it?"""
+    """Our protocol with channels drawn at random (same ratio, same head rows, same ``reset``): is the explanation
+    worth it?"""
     cfg = UnlearnConfig.build(config, **overrides).resolved(plan.request, "federated")
     gen = torch.Generator().manual_seed(cfg.seed)
     scores = {n: torch.rand(i.out_channels, generator=gen) for n, i in layers.items()}
     mask = select_channels(scores, model, cfg.ratio, cfg.scope, layers=layers, head_rows=cfg.head_rows)
     return _masked_baseline("random_channels", model, clients, plan, mask, mask.channels, rounds, unlearn_config(cfg),
-                            Transport(), 0.0)
+                            Transport(), 0.0, reset=cfg)
 
 
 def cdp_tfidf(docs: Mapping[str, Mapping[str, Tensor]]) -> dict[str, dict[str, Tensor]]:

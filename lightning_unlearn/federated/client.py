@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import copy
 import time
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 import lightning.pytorch as pl
 import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
@@ -28,7 +29,15 @@ from lightning_unlearn.federated.arrays import get_arrays, selected_values, set_
 from lightning_unlearn.data.datasets import dataset_targets
 from lightning_unlearn.data.federated import ClientSplit, FederatedDataModule
 from lightning_unlearn.data.unlearning import UnlearningDataModule
-from lightning_unlearn.federated.messages import Broadcast, MaskedUpdateMessage, ParametersMessage, ScoresMessage
+from lightning_unlearn.federated.messages import (
+    BatchNormStatsMessage,
+    Broadcast,
+    MaskedUpdateMessage,
+    ParametersMessage,
+    ScoresMessage,
+    short_repr,
+)
+from lightning_unlearn.federated.server import batchnorm_channels, statistic_masks
 from lightning_unlearn.objectives import FORGET_AWARE
 from lightning_unlearn.request import ForgetRequest
 from lightning_unlearn.selection import ParameterMask, head_parameter_scales
@@ -139,6 +148,53 @@ def cdp_activations(model: nn.Module, loader: DataLoader, layers: Mapping[str, A
     return {n: (s / max(count, 1)).float() for n, s in sums.items()}, count
 
 
+@torch.no_grad()
+def batchnorm_moments(
+    model: nn.Module, mask: ParameterMask, batches: Iterable, max_batches: int
+) -> tuple[dict[str, Tensor], int]:
+    """Count, sum and sum of squares of each selected BatchNorm channel's input over at most ``max_batches``.
+
+    The model runs in evaluation mode, except that the selected channels (whose running statistics are
+    being estimated) are normalised with the batch's own statistics, as BatchNorm training does; every
+    other channel uses its running statistics, exactly as the final model will. Returns
+    ``({bn name: float64 (3, k)}, samples forwarded)``: the payload of a :class:`BatchNormStatsMessage`.
+    """
+    channels = batchnorm_channels(model, mask)
+    modules = dict(model.named_modules())
+    moments = {bn: torch.zeros(3, int(sel.sum()), dtype=torch.float64) for bn, sel in channels.items()}
+    device = next(model.parameters()).device
+
+    def hook(bn: str, sel: Tensor):
+        def run(module, args, out):
+            x = args[0][:, sel]
+            values = x.transpose(0, 1).reshape(x.shape[1], -1).double()
+            moments[bn] += torch.stack([torch.full_like(values[:, 0], values.shape[1]), values.sum(1),
+                                        values.square().sum(1)]).cpu()
+            weight = module.weight[sel] if module.weight is not None else None
+            bias = module.bias[sel] if module.bias is not None else None
+            out = out.clone()
+            out[:, sel] = F.batch_norm(x, None, None, weight, bias, True, 0.0, module.eps)
+            return out
+        return run
+
+    handles = [modules[bn].register_forward_hook(hook(bn, sel.to(device))) for bn, sel in channels.items()]
+    was_training = model.training
+    model.eval()
+    samples = 0
+    try:
+        for i, batch in enumerate(batches):
+            if i >= max_batches:
+                break
+            x = batch[0] if isinstance(batch, (list, tuple)) else batch
+            model(x.to(device))
+            samples += int(x.shape[0])
+    finally:
+        model.train(was_training)
+        for h in handles:
+            h.remove()
+    return moments, samples
+
+
 # -- one simulated client -----------------------------------------------------------------------------
 class FederatedClient:
     """A client: its shard, its forget split, the deployed global model, and the handlers the server calls.
@@ -224,6 +280,26 @@ class FederatedClient:
                 out.append(ScoresMessage(acts, n, "cdp_activation", meta, tag=f"class_{int(c)}"))
         return out or None
 
+    def bn_statistics(self, message: Broadcast) -> BatchNormStatsMessage | None:
+        """After a reset: the input moments of the selected BatchNorm channels on local retain data.
+
+        The broadcast carries the mask and the reset selected values; the client forwards at most
+        ``config["max_batches"]`` shuffled (``config["seed"]``) retain batches (:func:`batchnorm_moments`).
+        """
+        reference = self._require_deployed()
+        if message.channels is not None:
+            self._mask = self._build_mask(message.channels, "train")
+        if self._mask is None:
+            raise RuntimeError(f"client {self.client_id}: the statistics round needs the channel mask")
+        if self.split is not None and not len(self.split.retain):
+            return None
+        set_arrays(self.model, self._start(reference, message.arrays))
+        cfg = message.config
+        loader = self._loader(self._subset("retain"), shuffle=True, seed=int(cfg.get("seed", 0)))
+        t0 = time.perf_counter()
+        moments, n = batchnorm_moments(self.model, self._mask, loader, int(cfg.get("max_batches", 20)))
+        return BatchNormStatsMessage(moments, n, {"local_compute_s": time.perf_counter() - t0})
+
     def masked_update(self, message: Broadcast) -> MaskedUpdateMessage | None:
         """A masked local round: start from the deployed model with the broadcast selected values.
 
@@ -238,7 +314,7 @@ class FederatedClient:
             raise RuntimeError(f"client {self.client_id}: a masked round needs the channel mask (sent with round 0)")
         if self.split is not None and not len(self.split.retain):
             return None
-        start = write_values(reference, self._mask, message.arrays)
+        start = self._start(reference, message.arrays)
         if self._pruned is not None:
             start = self._zero_pruned(start)
         objective = cfg.get("objective", "retain")
@@ -264,6 +340,21 @@ class FederatedClient:
         if self.deployed is None:
             raise RuntimeError(f"client {self.client_id} holds no global model yet: run FedAvg (or deploy) first")
         return self.deployed
+
+    def _start(self, reference: Mapping[str, Tensor], values: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """The deployed arrays with the broadcast selected values written in: parameter slices, and (after a
+        reset) the running statistics of the selected BatchNorm channels. Any other key is refused."""
+        statistics = statistic_masks(batchnorm_channels(self.model, self._mask)) if values else {}
+        params = {k: v for k, v in values.items() if k in self._mask.masks and bool(self._mask.masks[k].any())}
+        start = write_values(reference, self._mask, params)
+        for key, v in values.items():
+            if key in params:
+                continue
+            if key not in statistics or v.numel() != int(statistics[key].sum()):
+                raise ValueError(f"client {self.client_id}: broadcast value {short_repr(key)} ({v.numel()} values) is "
+                                 "neither a selected parameter slice nor a selected BatchNorm statistic")
+            start[key][statistics[key]] = v.to(start[key].dtype)
+        return start
 
     def _layer_info(self):
         if self._layers is None:

@@ -149,7 +149,37 @@ class ScoresMessage:
         return tensor_bytes(self.scores) + 8
 
 
-UPWARD = (ParametersMessage, MaskedUpdateMessage, ScoresMessage)
+@dataclass(frozen=True)
+class BatchNormStatsMessage:
+    """Client -> server in the statistics round after a reset: the moments of each selected BatchNorm channel's input.
+
+    ``moments[bn]`` is a float64 ``(3, k)`` tensor for the ``k`` selected channels of BatchNorm ``bn`` (in
+    channel order): row 0 the number of values (samples x positions, the same for every channel), row 1 their
+    sum, row 2 their sum of squares, over at most ``max_batches`` local retain batches of ``num_samples``
+    samples. Sums pool exactly over clients, so the server's mean and variance are those of the union of
+    the clients' data (:func:`~lightning_unlearn.federated.server.pool_batchnorm_moments`). Like CDP's mean
+    activations, they are per-channel aggregates, never per-sample values.
+    """
+
+    moments: Mapping[str, Tensor]
+    num_samples: int
+    metrics: Mapping[str, float] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        _check_arrays(self.moments, "BatchNormStatsMessage.moments")
+        for name, t in self.moments.items():
+            if t.dim() != 2 or t.shape[0] != 3:
+                raise ValueError(f"BatchNormStatsMessage.moments[{name!r}] must have shape (3, channels) "
+                                 f"(count, sum, sum of squares), got {tuple(t.shape)}")
+        _check_count(self.num_samples)
+        _check_metrics(self.metrics)
+
+    @property
+    def nbytes(self) -> int:
+        return tensor_bytes(self.moments) + 8
+
+
+UPWARD = (ParametersMessage, MaskedUpdateMessage, ScoresMessage, BatchNormStatsMessage)
 
 # -- the contract ----------------------------------------------------------------------------------
 #: Every metric a library client sends, and nothing else: ``local_fit`` (every training reply),

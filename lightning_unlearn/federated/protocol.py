@@ -4,6 +4,12 @@
    channel with their sample count (:meth:`FederatedClient.score`).
 2. The server averages the scores by count, selects channels (:func:`select_channels`)
    and sends the mask once, as channel indices.
+2b. Remove, then repair (``UnlearnConfig.reset``): the server resets the selected slices of its
+   global model (``"reinit"``: seeded draws from the model's own initialisation; ``"dampen"``) and,
+   when the mask selects BatchNorm channels, runs one statistics round (:func:`remove_selected`):
+   clients send the count, sum and sum of squares of those channels' input on their retain data, and
+   the server writes the pooled mean and variance into their running statistics. Every masked round
+   then carries the selected values and those statistics (the clients' deployed copy no longer holds them).
 3. Clients with retain data run masked local updates (retain data, plus forget data for
    forget-aware objectives); a leaving client sends scores but nothing afterwards.
 4. The server averages only the selected slices (:func:`masked_aggregate`): every frozen
@@ -24,13 +30,24 @@ from lightning_unlearn.attribution import ChannelScores, LayerInfo
 from lightning_unlearn.config import AUTO, UnlearnConfig
 from lightning_unlearn.federated.arrays import get_arrays, selected_values, set_arrays
 from lightning_unlearn.federated.messages import Broadcast, RoundBytes, Transport
-from lightning_unlearn.federated.server import aggregate_scores, check_rounds, masked_aggregate
+from lightning_unlearn.federated.server import (
+    aggregate_scores,
+    batchnorm_channels,
+    check_rounds,
+    masked_aggregate,
+    pool_batchnorm_moments,
+    selected_statistics,
+    write_batchnorm_statistics,
+)
+from lightning_unlearn.reset import reset_selected
 from lightning_unlearn.request import ForgetRequest
 from lightning_unlearn.result import UnlearningResult
 from lightning_unlearn.selection import ParameterMask, select_channels
 
 #: Learning-rate multiplier of the forgotten classes' head rows when ``head_lr_scale="auto"`` (see :data:`AUTO`).
 HEAD_LR_SCALE = AUTO["federated"]["head_lr_scale"]
+#: Retain batches each client forwards in the statistics round (the central re-estimation's default, too).
+STATS_BATCHES = 20
 
 
 @dataclass
@@ -44,11 +61,15 @@ class FederatedUnlearningResult(UnlearningResult):
     history: list[dict] = field(default_factory=list)
 
 
-def round_bytes(history: Sequence[Mapping[str, Any]], extra: int = 0) -> dict[str, float]:
-    """Bytes per unlearning round (mean and max over rounds, down + up) and in total with ``extra`` (scoring)."""
+def round_bytes(history: Sequence[Mapping[str, Any]], extra: int = 0, statistics: int = 0) -> dict[str, float]:
+    """Bytes per unlearning round (mean and max over rounds, down + up) and in total with ``extra`` (scoring)
+    and ``statistics`` (the BatchNorm statistics round after a reset; the key appears only when it ran)."""
     per = [r["bytes_down"] + r["bytes_up"] for r in history]
-    return {"scoring": extra, "unlearning_round": sum(per) / len(per), "unlearning_round_max": max(per),
-            "total": extra + sum(per)}
+    out = {"scoring": extra, "unlearning_round": sum(per) / len(per), "unlearning_round_max": max(per),
+           "total": extra + statistics + sum(per)}
+    if statistics:
+        out["statistics"] = statistics
+    return out
 
 
 def collect_scores(
@@ -96,6 +117,57 @@ def round_config(config: Mapping[str, Any], r: int) -> dict[str, Any]:
     return {**config, "seed": int(config.get("seed", 0)) * 1_000 + r}
 
 
+def masked_broadcast(
+    current: Mapping[str, Tensor], mask: ParameterMask, config: Mapping[str, Any], r: int, send_mask: bool,
+    statistics: Mapping[str, Tensor] | None = None,
+) -> Broadcast:
+    """Masked round ``r``'s broadcast (shared with the Flower strategy).
+
+    Without a reset (``statistics`` None) round 0 sends no values: every client holds the deployed model.
+    After a reset every round sends the selected slices and the running statistics of the selected
+    BatchNorm channels (``statistics``: :func:`~lightning_unlearn.federated.server.batchnorm_channels`).
+    ``send_mask``: the channel indices travel too (round 0, or the first round after a server restart).
+    """
+    values: dict[str, Tensor] = {}
+    if r > 0 or statistics is not None:
+        values = selected_values(current, mask)
+    if statistics is not None:
+        values.update(selected_statistics(current, statistics))
+    channels = {k: tuple(v) for k, v in mask.channels.items()} if send_mask else None
+    return Broadcast(values, round_config(config, r), channels)
+
+
+def statistics_broadcast(model: torch.nn.Module, mask: ParameterMask, config: UnlearnConfig) -> Broadcast:
+    """The statistics round's broadcast: the mask, the reset selected slices and how many batches to forward."""
+    return Broadcast(selected_values(get_arrays(model), mask), {"seed": config.seed, "max_batches": STATS_BATCHES},
+                     {k: tuple(v) for k, v in mask.channels.items()})
+
+
+def remove_selected(
+    model: torch.nn.Module, clients: Sequence[Any], mask: ParameterMask, config: UnlearnConfig, transport: Transport,
+) -> tuple[dict[str, Tensor] | None, RoundBytes | None]:
+    """``config.reset``: reset the selected slices of the server's ``model`` (seeded, so reproducible) and
+    re-estimate the running statistics of its selected BatchNorm channels with the clients.
+
+    Returns ``(statistics, round bytes)``: ``statistics`` (BatchNorm name -> selected channels) is None
+    without a reset (nothing to send beyond today's masked rounds); the bytes are None when no statistics
+    round ran (no reset, or no selected BatchNorm channel: an MLP, GroupNorm). Every other element of
+    ``model``, running statistics included, stays bit-exact.
+    """
+    if config.reset == "none":
+        return None, None
+    reset_selected(model, mask, config.reset, config.seed)
+    channels = batchnorm_channels(model, mask)
+    if not channels:
+        return channels, None
+    rb = transport.start_round("bn_stats")
+    down = statistics_broadcast(model, mask, config)
+    pairs = [(i, m) for i, c in enumerate(clients) if (m := transport.call(c, "bn_statistics", down)) is not None]
+    pooled = pool_batchnorm_moments([m for _, m in pairs], channels, senders=[i for i, _ in pairs])
+    write_batchnorm_statistics(model, channels, pooled)
+    return channels, rb
+
+
 def masked_rounds(
     model: pl.LightningModule,
     clients: Sequence[Any],
@@ -105,22 +177,23 @@ def masked_rounds(
     transport: Transport,
     reference: Mapping[str, Tensor] | None = None,
     label: str = "unlearn",
+    statistics: Mapping[str, Tensor] | None = None,
 ) -> tuple[dict[str, Tensor], list[dict]]:
     """Run ``rounds`` masked FedAvg rounds; returns the global arrays and per-round rows.
 
     Round 0 sends only the mask (as channel indices): every client already holds the deployed
     model. Later rounds send the current selected slices. Replies carry selected slices only.
+    After a reset (``statistics`` from :func:`remove_selected`) every round, round 0 included, sends
+    the selected slices and the selected BatchNorm channels' statistics (:func:`masked_broadcast`).
     """
     check_rounds(rounds)
     reference = {k: v.clone() for k, v in (reference if reference is not None else get_arrays(model)).items()}
     current = reference
     history = []
-    channels = {k: tuple(v) for k, v in mask.channels.items()}
     for r in range(rounds):
         t0 = time.perf_counter()
         rb: RoundBytes = transport.start_round(f"{label}/{r}")
-        cfg = round_config(config, r)
-        down = Broadcast({} if r == 0 else selected_values(current, mask), cfg, channels if r == 0 else None)
+        down = masked_broadcast(current, mask, config, r, r == 0, statistics)
         pairs = [(i, m) for i, c in enumerate(clients) if (m := transport.call(c, "masked_update", down)) is not None]
         replies = [m for _, m in pairs]
         if not replies:
@@ -167,10 +240,14 @@ def federated_unlearn(
     scores, score_bytes = collect_scores(clients, transport, score_config(cfg), work)
     mask = select_channels(scores, work, cfg.ratio, cfg.scope, cfg.threshold, cfg.include_head, cfg.head_rows)
     t1 = time.perf_counter()
-    _, history = masked_rounds(work, clients, mask, rounds, unlearn_config(cfg), transport)
+    statistics, stats_bytes = remove_selected(work, clients, mask, cfg, transport)
     t2 = time.perf_counter()
+    _, history = masked_rounds(work, clients, mask, rounds, unlearn_config(cfg), transport, statistics=statistics)
+    t3 = time.perf_counter()
+    timings = {"scoring": t1 - t0, "unlearning": t3 - t1, "total": t3 - t0}
+    if cfg.reset != "none":
+        timings["reset"] = t2 - t1
     return FederatedUnlearningResult(
-        work, mask, timings_s={"scoring": t1 - t0, "unlearning": t2 - t1, "total": t2 - t0}, scores=scores,
-        extra={"rounds": rounds}, method="ours", config=cfg,
-        bytes=round_bytes(history, score_bytes.total), history=history,
+        work, mask, timings_s=timings, scores=scores, extra={"rounds": rounds}, method="ours", config=cfg,
+        bytes=round_bytes(history, score_bytes.total, stats_bytes.total if stats_bytes else 0), history=history,
     )

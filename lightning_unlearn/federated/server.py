@@ -26,6 +26,7 @@ from lightning_unlearn._io import load_torch_file, save_torch
 from lightning_unlearn.attribution import NORM_TYPES, SCORED_TYPES, ChannelScores, LayerInfo
 from lightning_unlearn.federated.arrays import get_arrays, set_arrays
 from lightning_unlearn.federated.messages import (
+    BatchNormStatsMessage,
     Broadcast,
     MaskedUpdateMessage,
     ParametersMessage,
@@ -37,6 +38,7 @@ from lightning_unlearn.federated.messages import (
     short_repr,
     tensor_bytes,
 )
+from lightning_unlearn.masking import BN_TYPES
 from lightning_unlearn.scoring.base import out_channels
 from lightning_unlearn.selection import ParameterMask
 
@@ -158,6 +160,93 @@ def masked_aggregate(
         mean = sum(wi * msg.values[name].double() for wi, msg in zip(w, messages))
         out[name][m] = mean.to(out[name].dtype)
     return out
+
+
+# -- BatchNorm statistics of reset channels -----------------------------------------------------------------
+STATISTICS = ("running_mean", "running_var")
+
+
+def batchnorm_channels(model: nn.Module, mask: ParameterMask) -> dict[str, Tensor]:
+    """BatchNorm name -> bool vector of its selected channels, for every BatchNorm with running statistics
+    whose weight the mask selects (GroupNorm/LayerNorm keep no statistics: nothing to estimate)."""
+    out = {}
+    for name, module in model.named_modules():
+        if isinstance(module, BN_TYPES) and module.running_mean is not None:
+            selected = mask.masks.get(f"{name}.weight" if name else "weight")
+            if selected is not None and bool(selected.any()):
+                out[name] = selected.clone()
+    return out
+
+
+def _statistic_key(bn: str, stat: str) -> str:
+    return f"{bn}.{stat}" if bn else stat
+
+
+def selected_statistics(arrays: Mapping[str, Tensor], channels: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """The running statistics of the selected BatchNorm channels (``channels``: :func:`batchnorm_channels`)."""
+    return {_statistic_key(bn, s): arrays[_statistic_key(bn, s)][sel].clone()
+            for bn, sel in channels.items() for s in STATISTICS}
+
+
+def statistic_masks(channels: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """``{running statistic name: bool vector}``: where :func:`selected_statistics` values go back."""
+    return {_statistic_key(bn, s): sel for bn, sel in channels.items() for s in STATISTICS}
+
+
+def pool_batchnorm_moments(
+    messages: Sequence[BatchNormStatsMessage],
+    channels: Mapping[str, Tensor],
+    senders: Sequence[int] | None = None,
+) -> dict[str, tuple[Tensor, Tensor]]:
+    """BatchNorm name -> (mean, unbiased variance) of its selected channels' input over all clients' values.
+
+    Counts, sums and sums of squares add up, so this is exactly the estimate on the union of the clients'
+    data. Every reply must hold exactly one float64 ``(3, k)`` tensor per BatchNorm of ``channels`` (``k``
+    selected channels), whose count row is one whole number shared by all channels, positive when the
+    client forwarded samples, and whose sums are moments of real values (sum of squares >= sum^2 / count).
+    """
+    messages = check_upward(messages, (BatchNormStatsMessage,), senders)
+    if not messages:
+        raise ValueError("no client has retain data: no BatchNorm statistics to pool")
+    contract = {bn: ((3, int(sel.sum())), torch.float64) for bn, sel in channels.items()}
+    for i, m in enumerate(messages):
+        who = sender_label(senders, i)
+        check_arrays(m.moments, contract, who, "BatchNormStatsMessage", f"the {len(contract)} selected BatchNorm layers")
+        for bn, t in m.moments.items():
+            count, total, squares = t
+            if not bool((count == count[0]).all()) or float(count[0]) != math.floor(float(count[0])) or count[0] < 0:
+                raise ValueError(f"{who}: BatchNormStatsMessage {bn!r} count row must be one whole number >= 0 shared "
+                                 f"by every channel, got {short_repr(count.tolist())}")
+            if (count[0] > 0) != (m.num_samples > 0):
+                raise ValueError(f"{who}: BatchNormStatsMessage {bn!r} counts {int(count[0])} values from "
+                                 f"{m.num_samples} samples")
+            spread = squares * count[0] - total * total  # count^2 x the variance of the values: never negative
+            if bool((spread < -1e-9 * (squares * count[0]) - 1e-12).any()):
+                raise ValueError(f"{who}: BatchNormStatsMessage {bn!r} sums of squares are below sum^2 / count: "
+                                 "not the moments of real values")
+    pooled = {}
+    for bn in channels:
+        count, total, squares = sum(m.moments[bn] for m in messages)
+        n = float(count[0])
+        if n < 2:
+            raise ValueError(f"BatchNorm {bn!r}: the clients sent {n:g} values; the variance needs at least 2")
+        mean = total / n
+        var = ((squares - total * mean) / (n - 1)).clamp(min=0.0)
+        pooled[bn] = (mean, var)
+    return pooled
+
+
+@torch.no_grad()
+def write_batchnorm_statistics(
+    model: nn.Module, channels: Mapping[str, Tensor], pooled: Mapping[str, tuple[Tensor, Tensor]]
+) -> None:
+    """Write the pooled (mean, variance) into the selected channels' running statistics; nothing else moves."""
+    modules = dict(model.named_modules())
+    for bn, sel in channels.items():
+        module, (mean, var) = modules[bn], pooled[bn]
+        sel = sel.to(module.running_mean.device)
+        module.running_mean[sel] = mean.to(module.running_mean)
+        module.running_var[sel] = var.to(module.running_var)
 
 
 # -- FedAvg -----------------------------------------------------------------------------------------------

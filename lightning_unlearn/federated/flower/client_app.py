@@ -188,7 +188,8 @@ def make_client_app(
     """A ClientApp whose handlers are :class:`FederatedClient`'s, on the node's own partition.
 
     Message types: ``train`` (FedAvg: ``FederatedClient.fit``), ``query.hello`` (client id),
-    ``query.deploy`` (keep the global model), ``query.score`` (``score``), ``train.unlearn``
+    ``query.deploy`` (keep the global model), ``query.score`` (``score``), ``query.bn_stats``
+    (``bn_statistics``, after a reset), ``train.unlearn``
     (``masked_update``) and ``evaluate`` (local accuracy, split by the request when one is set).
     ``model_fn`` may take the node's ``Context`` (to read ``run_config``). ``model_fn``,
     ``partition_fn`` and ``callbacks_fn`` must pickle (module-level functions or small objects):
@@ -241,6 +242,10 @@ def make_client_app(
     @app.query("score")
     def score(message: Message, context: Context) -> Message:
         return answer(message, context, FederatedClient.score)
+
+    @app.query("bn_stats")
+    def bn_stats(message: Message, context: Context) -> Message:
+        return answer(message, context, FederatedClient.bn_statistics)  # the broadcast carries the mask
 
     @app.train("unlearn")
     def unlearn(message: Message, context: Context) -> Message:

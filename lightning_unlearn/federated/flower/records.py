@@ -23,6 +23,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 from torch import Tensor
 
 from lightning_unlearn.federated.messages import (
+    BatchNormStatsMessage,
     Broadcast,
     MaskedUpdateMessage,
     ParametersMessage,
@@ -33,8 +34,8 @@ from lightning_unlearn.federated.messages import (
 
 COUNT_KEY = "num-examples"  # Flower's conventional sample-count key
 COUNT_BYTES = 8  # the in-process transport counts a sample count as 8 bytes
-REPLY_KINDS = ("parameters", "masked_update", "scores", "none")
-UpwardMessage = ParametersMessage | MaskedUpdateMessage | ScoresMessage
+REPLY_KINDS = ("parameters", "masked_update", "scores", "bn_stats", "none")
+UpwardMessage = ParametersMessage | MaskedUpdateMessage | ScoresMessage | BatchNormStatsMessage
 MAX_LAYERS_JSON_CHARS = 65_536  # layer table of a ScoresMessage: ~45 characters a layer
 
 
@@ -109,6 +110,9 @@ def reply_to_content(reply: UpwardMessage | None) -> RecordDict:
     if isinstance(reply, MaskedUpdateMessage):
         return RecordDict({"reply": ConfigRecord({"kind": "masked_update"}), "arrays": arrays_to_record(reply.values),
                            "metrics": metrics})
+    if isinstance(reply, BatchNormStatsMessage):
+        return RecordDict({"reply": ConfigRecord({"kind": "bn_stats"}), "arrays": arrays_to_record(reply.moments),
+                           "metrics": metrics})
     if isinstance(reply, ScoresMessage):
         meta = {"kind": "scores", "method": reply.method, "tag": reply.tag,
                 "layers": json.dumps({n: list(v) for n, v in reply.layers.items()})}
@@ -118,8 +122,9 @@ def reply_to_content(reply: UpwardMessage | None) -> RecordDict:
 
 #: The records and ``reply`` config keys each reply kind carries: anything more is refused, not dropped.
 _REPLY_RECORDS = {"none": {"reply"}, "parameters": {"reply", "arrays", "metrics"},
-                  "masked_update": {"reply", "arrays", "metrics"}, "scores": {"reply", "arrays", "metrics"}}
-_REPLY_META = {"none": {"kind"}, "parameters": {"kind"}, "masked_update": {"kind"},
+                  "masked_update": {"reply", "arrays", "metrics"}, "scores": {"reply", "arrays", "metrics"},
+                  "bn_stats": {"reply", "arrays", "metrics"}}
+_REPLY_META = {"none": {"kind"}, "parameters": {"kind"}, "masked_update": {"kind"}, "bn_stats": {"kind"},
                "scores": {"kind", "method", "tag", "layers"}}
 
 
@@ -168,6 +173,8 @@ def content_to_reply(content: RecordDict) -> UpwardMessage | None:
         return ParametersMessage(arrays, n, metrics)
     if kind == "masked_update":
         return MaskedUpdateMessage(arrays, n, metrics)
+    if kind == "bn_stats":
+        return BatchNormStatsMessage(arrays, n, metrics)
     if metrics:
         raise ValueError(f"a 'scores' reply carries no metrics besides {COUNT_KEY!r}; got {short_repr(sorted(metrics)[0])}")
     return ScoresMessage(arrays, n, meta["method"], _layers_from_json(meta["layers"]), meta["tag"])

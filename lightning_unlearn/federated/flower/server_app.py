@@ -39,7 +39,7 @@ from torch import Tensor
 from lightning_unlearn._io import save_torch, write_json
 from lightning_unlearn.attribution import ChannelScores
 from lightning_unlearn.evaluation.report import UnlearningReport, weights_sha256
-from lightning_unlearn.federated.arrays import get_arrays, selected_values, set_arrays
+from lightning_unlearn.federated.arrays import get_arrays, set_arrays
 from lightning_unlearn.federated.flower.checkpoint import ServerCheckpoint, plan_key
 from lightning_unlearn.federated.flower.records import (
     ByteLedger,
@@ -50,15 +50,19 @@ from lightning_unlearn.federated.flower.records import (
 )
 from lightning_unlearn.federated.messages import Broadcast, RoundBytes, check_metrics
 from lightning_unlearn.config import UnlearnConfig
-from lightning_unlearn.federated.protocol import round_config, score_config, unlearn_config
+from lightning_unlearn.federated.protocol import masked_broadcast, score_config, statistics_broadcast, unlearn_config
 from lightning_unlearn.federated.server import (
     aggregate_scores,
+    batchnorm_channels,
     check_rounds,
     fedavg_aggregate,
     fit_config,
     masked_aggregate,
+    pool_batchnorm_moments,
     sample_clients,
+    write_batchnorm_statistics,
 )
+from lightning_unlearn.reset import reset_selected
 from lightning_unlearn.request import ForgetRequest
 from lightning_unlearn.selection import ParameterMask, select_channels
 
@@ -334,6 +338,7 @@ class MaskedUnlearning(Strategy):
         self.scores: ChannelScores | None = None
         self.mask: ParameterMask | None = None
         self.reference: dict[str, Tensor] = {}
+        self.statistics: dict[str, Tensor] | None = None  # after a reset: BatchNorm name -> selected channels
         self.history: list[dict] = []
         self.evaluation: list[dict] = []
         self.active: dict[int, int] = dict(clients)
@@ -390,14 +395,27 @@ class MaskedUnlearning(Strategy):
         self.mask = select_channels(self.scores, self.model, c.ratio, c.scope, c.threshold, c.include_head, c.head_rows)
         return self.mask
 
+    def remove(self, grid: Grid) -> None:
+        """``config.reset``: reset the selected slices of the global model and re-estimate the selected BatchNorm
+        channels' statistics with one round (as :func:`~lightning_unlearn.federated.protocol.remove_selected`)."""
+        c = self.plan.config
+        if c.reset == "none":
+            return
+        set_arrays(self.model, self.reference)
+        reset_selected(self.model, self.mask, c.reset, c.seed)
+        self.statistics = batchnorm_channels(self.model, self.mask)
+        if self.statistics:
+            msgs = self._to_all(statistics_broadcast(self.model, self.mask, c), "bn_stats", "query.bn_stats")
+            pairs = _client_replies(self.collect(grid, msgs, "statistics round"), self.clients, self.ledger, "bn_stats")
+            pooled = pool_batchnorm_moments([m for _, m in pairs], self.statistics, senders=[i for i, _ in pairs])
+            write_batchnorm_statistics(self.model, self.statistics, pooled)
+        self.reference = get_arrays(self.model)
+
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         r = server_round - 1
         self._t0 = time.perf_counter()
-        cfg = round_config(self.config, r)
-        channels = {k: tuple(v) for k, v in self.mask.channels.items()}
         first = r == self.first_round  # the clients learn the mask here (again, after a server restart)
-        down = Broadcast({} if r == 0 else selected_values(record_to_arrays(arrays), self.mask), cfg,
-                         channels if first else None)
+        down = masked_broadcast(record_to_arrays(arrays), self.mask, self.config, r, first, self.statistics)
         return self._to_all(down, f"unlearn/{r}", "train.unlearn")
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
@@ -450,11 +468,20 @@ class MaskedUnlearning(Strategy):
             current = dict(state.current) if state.current is not None else dict(self.reference)
             log(INFO, "resuming unlearning at round %d with the checkpoint's mask (sha256 %s)", self.first_round,
                 self.mask.sha256()[:12])
+            if self.plan.config.reset != "none":
+                if state.current is None:  # stopped before the reset was saved: redo it (seeded, the same values)
+                    self.remove(grid)
+                    current = dict(self.reference)
+                else:  # the saved arrays hold the reset (and its statistics) outside the trained slices
+                    self.statistics = batchnorm_channels(self.model, self.mask)
+                    self.reference = dict(current)
         else:
             self.select(grid, deployed)
+            self.remove(grid)
             current = dict(self.reference)
             if checkpoint is not None:
-                checkpoint.update(mask=self.mask, rounds_done=0, current=None)
+                checkpoint.update(mask=self.mask, rounds_done=0,
+                                  current=current if self.plan.config.reset != "none" else None)
         self.summary()
         for r in range(self.first_round, self.plan.rounds):
             log(INFO, "[UNLEARNING ROUND %d/%d]", r + 1, self.plan.rounds)
