@@ -353,7 +353,8 @@ def print_tables(args: argparse.Namespace) -> None:
     paths = [Path(args.out)] if args.out else sorted(RESULTS.glob("forgetting_*.json"))
     for path in paths:
         rows += read_rows(path)
-    print(table(rows))
+    latest = {row_key(r): r for r in rows}  # one row per key, the latest written
+    print(table(list(latest.values())))
 
 
 # -- command line ---------------------------------------------------------------------------------------------
@@ -374,7 +375,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="objectives to compare ('default': the library's)")
     p.add_argument("--epochs", type=int, default=0, help="training epochs for every architecture (0: EPOCHS table)")
     p.add_argument("--relearn-max-steps", type=int, default=200)
-    p.add_argument("--relearn-every", type=int, default=5)
+    p.add_argument("--relearn-every", type=int, default=2, help="relearn accuracy check interval (steps)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default=None, help="results file (default: benchmarks/results/forgetting_<dataset>.json)")
     p.add_argument("--table", action="store_true", help="print the markdown tables of the results files and exit")
