@@ -22,14 +22,17 @@ QUIET_TRAINER = dict(
 def fit(
     model: pl.LightningModule,
     datamodule: pl.LightningDataModule,
-    epochs: int,
+    epochs: int | None,
     callbacks: Sequence[Callback] = (),
     trainer_kwargs: dict | None = None,
 ) -> pl.Trainer:
-    """``Trainer.fit`` with quiet defaults that ``trainer_kwargs`` can override."""
-    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
-        raise ValueError(f"epochs must be an integer >= 1, got {epochs!r}")
-    kwargs = {**QUIET_TRAINER, "max_epochs": epochs, **(trainer_kwargs or {})}
+    """``Trainer.fit`` with quiet defaults that ``trainer_kwargs`` can override.
+
+    ``epochs=None``: no epoch limit; a callback that owns its budget (``SelectiveUnlearning``) stops the fit.
+    """
+    if epochs is not None and (isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1):
+        raise ValueError(f"epochs must be an integer >= 1 or None, got {epochs!r}")
+    kwargs = {**QUIET_TRAINER, "max_epochs": -1 if epochs is None else epochs, **(trainer_kwargs or {})}
     kwargs["callbacks"] = list(kwargs.pop("callbacks", [])) + list(callbacks)
     trainer = pl.Trainer(**kwargs)
     trainer.fit(model, datamodule=datamodule)

@@ -25,27 +25,30 @@ def unlearn(
     *,
     trainer_kwargs: dict | None = None,
     inplace: bool = False,
+    mask: ParameterMask | None = None,
     **overrides: Any,
 ) -> UnlearningResult:
-    """Forget ``datamodule.request``: score channels, select, update only the selected slices.
+    """Forget ``datamodule.request``: score channels, select, reset them, repair only the selected slices.
 
     ``config`` (an :class:`UnlearnConfig`; ``overrides`` replace single fields, e.g.
     ``unlearn(model, dm, ratio=0.2, max_steps=50)``) says how. The input model is left untouched
     unless ``inplace=True``. ``trainer_kwargs`` go to the Lightning ``Trainer`` (accelerator,
-    precision, ...); the step budget is the config's.
+    precision, ...); the step budget and the stopping rule are the config's. ``mask``: a precomputed
+    selection (e.g. a control such as random channels): no scoring, the same reset and repair.
+    ``result.extra`` holds the steps taken, why the repair stopped and every check of the stopping rule.
     """
     config = UnlearnConfig.build(config, **overrides)
     if trainer_kwargs and ({"max_epochs", "max_steps"} & set(trainer_kwargs)):
         raise ValueError("set the budget with the config's epochs / max_steps, not trainer_kwargs "
                          f"{sorted({'max_epochs', 'max_steps'} & set(trainer_kwargs))}")
-    budget = {"max_steps": config.max_steps} if config.max_steps is not None else {}
-    callback = SelectiveUnlearning(config, log_metrics=False)
+    callback = SelectiveUnlearning(config, log_metrics=False, mask=mask)
     work = (model if inplace else copy.deepcopy(model)).train()
     start = time.perf_counter()
-    fit(work, datamodule, config.epochs, [callback], {**(trainer_kwargs or {}), **budget})
+    fit(work, datamodule, config.epochs, [callback], trainer_kwargs)
     timings = {**callback.timings, "total": time.perf_counter() - start}
+    extra = {"steps": callback.steps, "stop_reason": callback.stop_reason, "stopping": callback.stopping_history}
     return UnlearningResult(work, callback.mask, split_accuracies(work, datamodule), timings, callback.scores,
-                            config=callback.resolved_config)
+                            extra=extra, config=callback.resolved_config)
 
 
 def retrain(

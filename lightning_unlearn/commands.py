@@ -66,6 +66,7 @@ class CentralEngine:
 
     def __init__(self, trainer: pl.Trainer, seed: int) -> None:
         self.trainer, self.seed = trainer, seed
+        self.train_epochs = trainer.max_epochs  # the training schedule, for retraining
 
     @property
     def is_global_zero(self) -> bool:
@@ -76,16 +77,16 @@ class CentralEngine:
         # never let a ModelCheckpoint from the training config write over the input
         self.trainer.callbacks = [c for c in self.trainer.callbacks if not isinstance(c, (Checkpoint, SelectiveUnlearning))]
         self.trainer.callbacks.append(callback)
-        self.trainer.fit_loop.max_epochs = config.epochs
-        if config.max_steps is not None:
-            self.trainer.fit_loop.epoch_loop.max_steps = config.max_steps
+        # the callback owns the budget (step budget, epochs, stopping rule), like EarlyStopping
+        self.trainer.fit_loop.max_epochs = config.epochs if config.epochs is not None else -1
         if hasattr(datamodule, "train_on"):
             datamodule.train_on = "retain"
         start = time.perf_counter()
         self.trainer.fit(model, datamodule=datamodule)
         timings = {**callback.timings, "total": time.perf_counter() - start}
+        extra = {"steps": callback.steps, "stop_reason": callback.stop_reason, "stopping": callback.stopping_history}
         return UnlearningResult(model, callback.mask, split_accuracies(model, datamodule), timings, callback.scores,
-                                config=callback.resolved_config)
+                                extra=extra, config=callback.resolved_config)
 
     def reserve(self, wanted: Path) -> Path:
         """A fresh path for the checkpoint, chosen on rank 0 and the same on every rank."""
@@ -106,7 +107,7 @@ class CentralEngine:
         return datamodule
 
     def retrain(self, original: pl.LightningModule, datamodule: Any, epochs: int | None) -> UnlearningResult:
-        return retrain(original, datamodule, epochs=epochs or self.trainer.max_epochs or 10, seed=self.seed)
+        return retrain(original, datamodule, epochs=epochs or self.train_epochs or 10, seed=self.seed)
 
     def describe(self, original: pl.LightningModule, result: UnlearningResult | None) -> dict[str, Any]:
         return {"engine": self.name}

@@ -21,12 +21,20 @@ from lightning_unlearn.selection import check_ratio, check_scope
 ENGINES = ("central", "federated")
 
 #: What ``"auto"`` resolves to on each engine (measured in BENCHMARKS.md). Centrally a random-label
-#: forget term at the user's rate; in a federation retain-only masked rounds with the forgotten head
+#: forget term at the user's rate for class requests, retain-only repair for sample and client requests
+#: (their target is the retrained model's accuracy on the forget data, close to held-out accuracy, not 0%:
+#: a forget term drives it below that); in a federation retain-only masked rounds with the forgotten head
 #: rows at 10x (a forget term on shared body channels cost 1-8 points of remaining accuracy there).
 AUTO: dict[str, dict[str, Any]] = {
-    "central": {"objective": "random_label", "head_lr_scale": None},
-    "federated": {"objective": "retain", "head_lr_scale": 10.0},
+    "central": {"objective": {"class": "random_label", "sample": "retain"}, "head_lr_scale": None},
+    "federated": {"objective": {"class": "retain", "sample": "retain"}, "head_lr_scale": 10.0},
 }
+
+#: ``max_steps="auto"`` centrally: two epochs of retain batches, at least :data:`AUTO_STEPS_MIN` and at
+#: most :data:`AUTO_STEPS_MAX` optimizer steps. The repair restores what the reset removed; it needs a
+#: number of steps that grows with the selected parameters, not with the data, so the budget is constant
+#: beyond ~6,400 retain samples (batch 64) while retraining grows linearly with the data.
+AUTO_STEPS_MIN, AUTO_STEPS_MAX = 50, 200
 
 
 @dataclass
@@ -45,14 +53,24 @@ class UnlearnConfig:
         head_rows: head rows always updated; ``"auto"``: the forgotten classes' rows for class requests.
         objective: ``"random_label"``, ``"ascent"``, ``"retain"`` or ``"auto"`` (see :data:`AUTO`).
         forget_weight: weight of the forget term of the forget-aware objectives, >= 0.
-        epochs: passes over the retain data (per client and round when federated).
-        max_steps: cap on optimizer steps (per client and round when federated); None: no cap.
+        epochs: cap on passes over the retain data (None: no epoch cap centrally, one local epoch per client
+            and round when federated).
+        max_steps: hard cap on optimizer steps; ``"auto"``: :func:`auto_max_steps` of the retain data centrally,
+            no cap per client and round when federated; None: no cap (``epochs`` must then be set).
+        early_stopping: check forgetting and remaining accuracy on held-out data every ``check_every`` steps
+            and stop once the forget data is forgotten and remaining accuracy has recovered (central engine;
+            see :class:`~lightning_unlearn.stopping.StoppingRule`).
+        stop_tolerance: accuracy tolerance of the stopping rule, in [0, 1): recovered means within this of the
+            original's remaining accuracy; forgotten means at most this above the target.
+        patience: checks without a new best remaining accuracy (once forgotten) before stopping.
+        check_every: optimizer steps between checks; ``"auto"``: a tenth of the step budget, at least 5.
+        check_samples: held-out samples per check set (seeded subsample).
         lr_scale: multiplier of the user's learning rate for the selected channels.
         head_lr_scale: multiplier for the selected head rows (None: ``lr_scale``; ``"auto"``: see :data:`AUTO`).
         bn_stats: ``"frozen"`` (every BatchNorm in eval mode) or ``"selected"``.
-        reset: before the update, ``"reinit"`` the selected slices from the model's own initialisation
+        reset: before the repair, ``"reinit"`` the selected slices from the model's own initialisation
             (their BatchNorm statistics re-estimated on retain data) or ``"dampen"`` them; ``"none"``
-            fine-tunes them from their trained values. Central engine only, for now.
+            fine-tunes them from their trained values (hides the data behind the head: BENCHMARKS.md).
         seed: seeds scoring subsamples, forget-term labels and the data order.
     """
 
@@ -67,12 +85,17 @@ class UnlearnConfig:
     head_rows: list[int] | str | None = "auto"
     objective: str = "auto"
     forget_weight: float = 1.0
-    epochs: int = 2
-    max_steps: int | None = None
+    epochs: int | None = None
+    max_steps: int | str | None = "auto"
+    early_stopping: bool = True
+    stop_tolerance: float = 0.01
+    patience: int = 3
+    check_every: int | str = "auto"
+    check_samples: int = 512
     lr_scale: float = 1.0
     head_lr_scale: float | str | None = "auto"
     bn_stats: str = "frozen"
-    reset: str = "none"
+    reset: str = "reinit"
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -94,8 +117,19 @@ class UnlearnConfig:
             self.head_rows = sorted({int(r) for r in self.head_rows})
         _check_choice("objective", self.objective, ("auto", *OBJECTIVES))
         _check_number("forget_weight", self.forget_weight, low=0.0)
-        _check_count("epochs", self.epochs)
-        _check_count("max_steps", self.max_steps, allow_none=True)
+        _check_count("epochs", self.epochs, allow_none=True)
+        if self.max_steps != "auto" and (self.max_steps is not None and (not _is_int(self.max_steps) or self.max_steps < 1)):
+            raise ValueError(f"max_steps must be an integer >= 1, 'auto' or None, got {self.max_steps!r}")
+        if self.epochs is None and self.max_steps is None:
+            raise ValueError("epochs and max_steps are both None: set a budget (max_steps='auto' is the default)")
+        _check_flag("early_stopping", self.early_stopping)
+        _check_number("stop_tolerance", self.stop_tolerance, low=0.0)
+        if self.stop_tolerance >= 1:
+            raise ValueError(f"stop_tolerance must be a finite number >= 0 and < 1, got {self.stop_tolerance!r}")
+        _check_count("patience", self.patience)
+        if self.check_every != "auto":
+            _check_count("check_every", self.check_every)
+        _check_count("check_samples", self.check_samples)
         _check_number("lr_scale", self.lr_scale, low=0.0, low_open=True)
         if self.head_lr_scale not in (None, "auto"):
             _check_number("head_lr_scale", self.head_lr_scale, low=0.0, low_open=True)
@@ -128,22 +162,41 @@ class UnlearnConfig:
     def resolved(self, request: ForgetRequest, engine: str = "central") -> "UnlearnConfig":
         """A copy with every ``"auto"`` replaced by its value for ``request`` on ``engine``."""
         _check_choice("engine", engine, ENGINES)
-        if engine == "federated" and self.reset != "none":
-            raise ValueError(f"reset={self.reset!r} is not supported by the federated engine yet (clients would "
-                             "re-estimate BatchNorm statistics on different data); use reset='none'")
         auto = AUTO[engine]
         head_rows = self.head_rows
         if head_rows == "auto":
             head_rows = list(request.classes) or None
+        kind = "class" if request.kind == "class" else "sample"
+        federated = engine == "federated"
         return replace(
             self,
-            objective=auto["objective"] if self.objective == "auto" else self.objective,
+            objective=auto["objective"][kind] if self.objective == "auto" else self.objective,
             head_lr_scale=auto["head_lr_scale"] if self.head_lr_scale == "auto" else self.head_lr_scale,
             head_rows=head_rows,
+            # a federated masked round is budgeted per client: one local epoch unless capped in steps
+            epochs=1 if federated and self.epochs is None else self.epochs,
+            max_steps=None if federated and self.max_steps == "auto" else self.max_steps,
         )
+
+    def step_budget(self, retain_batches: int) -> int | None:
+        """The central hard cap on optimizer steps for ``retain_batches`` batches per epoch (None: epochs decide)."""
+        if self.max_steps == "auto":
+            return auto_max_steps(retain_batches)
+        return self.max_steps
+
+    def check_interval(self, budget: int | None) -> int:
+        """Optimizer steps between two stopping checks."""
+        if self.check_every != "auto":
+            return int(self.check_every)
+        return max(5, (budget or AUTO_STEPS_MAX) // 10)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def auto_max_steps(retain_batches: int) -> int:
+    """Two epochs of ``retain_batches``, clamped to [:data:`AUTO_STEPS_MIN`, :data:`AUTO_STEPS_MAX`]."""
+    return int(min(max(2 * retain_batches, AUTO_STEPS_MIN), AUTO_STEPS_MAX))
 
 
 def field_names() -> list[str]:

@@ -55,7 +55,7 @@ def compare_with_references(
 ) -> dict[str, UnlearningResult]:
     """Train ``model`` on all data, then: unlearn, retrain from scratch (reference), fine-tune all (control).
 
-    The fine-tune-all control gets the unlearning budget (``config.epochs`` / ``max_steps``) on the retain data.
+    The fine-tune-all control gets as many optimizer steps on the retain data as the unlearning took.
     """
     config = config or UnlearnConfig()
     start = time.perf_counter()
@@ -66,8 +66,8 @@ def compare_with_references(
 
     tuned = copy.deepcopy(model).train()
     start = time.perf_counter()
-    budget = {"max_steps": config.max_steps} if config.max_steps else {}
-    fit(tuned, dm, config.epochs, trainer_kwargs=budget)  # same budget, every parameter trainable, retain data only
+    steps = results["unlearned"].extra["steps"]  # same steps, every parameter trainable, retain data only
+    fit(tuned, dm, None, trainer_kwargs={"max_steps": max(steps, 1)})
     results["fine-tune all"] = UnlearningResult(
         tuned, ParameterMask.full(tuned), split_accuracies(tuned, dm), {"total": time.perf_counter() - start},
         method="finetune",
@@ -107,6 +107,11 @@ def print_table(results: dict[str, UnlearningResult], title: str, console: Conso
           "retrained model's means the unlearned model hid what it knew rather than forgot it")
 
 
+def _steps(text: str) -> int | str:
+    """``--max-steps``: an integer or ``auto``."""
+    return text if text == "auto" else int(text)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data-root", default=None, help="MNIST folder (idx .gz files); default: embedded digits")
@@ -114,7 +119,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--forget-class", type=int, default=3)
     defaults = UnlearnConfig()
     for name in ("method", "ratio", "epochs", "max_steps", "seed"):
-        kind = type(getattr(defaults, name)) if getattr(defaults, name) is not None else int
+        kind = _steps if name == "max_steps" else type(getattr(defaults, name)) if getattr(defaults, name) is not None else int
         flags = {"epochs": ["--unlearn-epochs"], "max_steps": ["--max-steps", "--unlearn-steps"]}.get(
             name, ["--" + name.replace("_", "-")])
         parser.add_argument(*flags, dest=f"cfg_{name}", type=kind, default=getattr(defaults, name),

@@ -106,7 +106,8 @@ def test_bad_callback_arguments_fail_at_construction(kwargs, message):
         SelectiveUnlearning(**kwargs)
 
 
-@pytest.mark.parametrize("budget, expected_steps", [({"epochs": 1}, 19), ({"epochs": 3, "max_steps": 7}, 7)])
+@pytest.mark.parametrize("budget, expected_steps", [({"epochs": 1, "early_stopping": False}, 19),
+                                                    ({"epochs": 3, "max_steps": 7}, 7)])
 def test_callback_owns_its_budget_on_a_generous_trainer(digits, class3_dm, trained_model, budget, expected_steps):
     """Like EarlyStopping: a Trainer left at max_epochs=1000 stops after the config's epochs or max_steps."""
     cb = SelectiveUnlearning(objective="retain", log_metrics=False, **budget)

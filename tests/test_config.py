@@ -32,7 +32,12 @@ CLI_VALUES = {
     "lr_scale": ("2.0", 2.0),
     "head_lr_scale": ("5.0", 5.0),
     "bn_stats": ("selected", "selected"),
-    "reset": ("reinit", "reinit"),
+    "early_stopping": ("false", False),
+    "stop_tolerance": ("0.05", 0.05),
+    "patience": ("5", 5),
+    "check_every": ("4", 4),
+    "check_samples": ("100", 100),
+    "reset": ("dampen", "dampen"),
     "seed": ("11", 11),
 }
 
@@ -46,13 +51,13 @@ def test_every_field_has_a_cli_value_in_this_test():
 def test_defaults_live_in_one_place_and_auto_resolves_per_engine():
     class3, sample = ForgetRequest(classes=[3]), ForgetRequest(sample_ids=[1, 2])
     central, federated = UnlearnConfig().resolved(class3, "central"), UnlearnConfig().resolved(class3, "federated")
-    assert (central.objective, central.head_lr_scale) == (AUTO["central"]["objective"], AUTO["central"]["head_lr_scale"])
+    assert (central.objective, central.head_lr_scale) == (AUTO["central"]["objective"]["class"], AUTO["central"]["head_lr_scale"])
+    assert UnlearnConfig().resolved(sample, "central").objective == "retain"
     assert (federated.objective, federated.head_lr_scale) == ("retain", 10.0)
     assert central.head_rows == [3] and UnlearnConfig().resolved(sample).head_rows is None
     explicit = UnlearnConfig(objective="ascent", head_rows=[1], head_lr_scale=None).resolved(class3, "federated")
     assert (explicit.objective, explicit.head_rows, explicit.head_lr_scale) == ("ascent", [1], None)
-    with pytest.raises(ValueError, match=r"reset='reinit' is not supported by the federated engine yet"):
-        UnlearnConfig(reset="reinit").resolved(class3, "federated")
+    assert (federated.reset, federated.epochs, federated.max_steps) == ("reinit", 1, None)  # one local epoch per round
     with pytest.raises(ValueError, match=r"unknown engine 'flower'; allowed values are \['central', 'federated'\]"):
         UnlearnConfig().resolved(class3, "flower")
 
@@ -63,9 +68,9 @@ def test_defaults_live_in_one_place_and_auto_resolves_per_engine():
         ({"ratio": float("nan")}, r"ratio must be in \(0, 1\], got nan"),
         ({"ratio": True}, r"ratio must be in \(0, 1\], got True"),
         ({"threshold": 1.5}, r"threshold must be a finite number >= 0 and <= 1, got 1.5"),
-        ({"epochs": 0}, r"epochs must be an integer >= 1, got 0"),
-        ({"epochs": -1}, r"epochs must be an integer >= 1, got -1"),
-        ({"max_steps": 2.5}, r"max_steps must be an integer >= 1 or None, got 2.5"),
+        ({"epochs": 0}, r"epochs must be an integer >= 1 or None, got 0"),
+        ({"epochs": -1}, r"epochs must be an integer >= 1 or None, got -1"),
+        ({"max_steps": 2.5}, r"max_steps must be an integer >= 1, 'auto' or None, got 2.5"),
         ({"forget_weight": -0.1}, r"forget_weight must be a finite number >= 0, got -0.1"),
         ({"lr_scale": 0}, r"lr_scale must be a finite number > 0, got 0"),
         ({"head_rows": [-1]}, r"head_rows must be 'auto', None or a list of row indices >= 0, got \[-1\]"),
@@ -170,9 +175,9 @@ def test_deprecated_flags_still_reach_the_engine_with_a_warning(monkeypatch, che
 
 
 @pytest.mark.parametrize("flag, value, message", [
-    ("--unlearning.epochs", "-1", "epochs must be an integer >= 1, got -1"),
+    ("--unlearning.epochs", "-1", "epochs must be an integer >= 1 or None, got -1"),
     ("--unlearning.ratio", "nan", "unlearning.ratio: expected float, got 'nan'"),
-    ("--unlearning.epochs", "two", "unlearning.epochs: expected int, got 'two'"),
+    ("--unlearning.epochs", "two", "unlearning.epochs: expected NoneType or int, got 'two'"),
     ("--unlearning.max_stpes", "3", "max_stpes"),
 ])
 def test_bad_cli_values_end_in_one_line_naming_them(flag, value, message, checkpoint, tmp_path, capsys):

@@ -156,9 +156,9 @@ def test_cli_unlearn_and_evaluate_under_ddp_on_two_cpu_processes(tmp_path, check
 
 # -- 4, 9. bad values: one line naming the value, exit code 2, before any work -----------------------------------
 @pytest.mark.parametrize("args, expected", [
-    (["--unlearning.epochs", "-1"], "epochs must be an integer >= 1, got -1"),
-    (["--unlearning.epochs", "0"], "epochs must be an integer >= 1, got 0"),
-    (["--unlearning.epochs", "two"], "unlearning.epochs: expected int, got 'two'"),
+    (["--unlearning.epochs", "-1"], "epochs must be an integer >= 1 or None, got -1"),
+    (["--unlearning.epochs", "0"], "epochs must be an integer >= 1 or None, got 0"),
+    (["--unlearning.epochs", "two"], "unlearning.epochs: expected NoneType or int, got 'two'"),
     (["--unlearning.ratio", "nan"], "unlearning.ratio: expected float, got 'nan'"),
     (["--data.forget_classes", "three"], "data.forget_classes: expected NoneType or list, got 'three'"),
     (["--data.forget_classes", "null", "--data.forget_sample_ids", "[1.5]"], "data.forget_sample_ids"),

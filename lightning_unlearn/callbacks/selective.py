@@ -1,4 +1,4 @@
-"""SelectiveUnlearning: explain, select channels, fine-tune only them. One callback on an existing Trainer."""
+"""SelectiveUnlearning: explain, select channels, reset them, repair only them. One callback on an existing Trainer."""
 from __future__ import annotations
 
 import time
@@ -20,17 +20,23 @@ from lightning_unlearn.mixin import UnlearningMixin
 from lightning_unlearn.objectives import FORGET_AWARE
 from lightning_unlearn.reset import reestimate_batchnorm, reset_selected
 from lightning_unlearn.selection import ParameterMask, head_parameter_scales, select_channels
+from lightning_unlearn.stopping import CheckSets, StoppingRule
 
 
 class SelectiveUnlearning(GradientMask):
     """Make a model forget the data of ``trainer.datamodule`` (an :class:`UnlearningDataModule`).
 
-    At fit start: score channels on ``datamodule.forget_dataloader()`` (scores all-reduced
-    across DDP ranks), select the top channels, install an exact :class:`GradientMask`.
-    With a forget-aware objective the module must subclass :class:`UnlearningMixin`; the
-    callback then routes combined retain/forget batches to it. Like ``EarlyStopping``, the
-    callback owns its budget: it stops the fit after ``config.epochs`` epochs or
-    ``config.max_steps`` optimizer steps, whatever the Trainer's ``max_epochs``.
+    Remove, then repair. At fit start: score channels on ``datamodule.forget_dataloader()``
+    (scores all-reduced across DDP ranks), select the top channels, reset them (``config.reset``;
+    their BatchNorm statistics re-estimated on retain data) and install an exact
+    :class:`GradientMask`, so the fit repairs only the selected slices. With a forget-aware
+    objective the module must subclass :class:`UnlearningMixin`; the callback then routes
+    combined retain/forget batches to it. Like ``EarlyStopping``, the callback owns its budget,
+    whatever the Trainer's ``max_epochs``: it stops at the step budget (``config.max_steps``,
+    ``"auto"``: :func:`~lightning_unlearn.config.auto_max_steps`), after ``config.epochs`` if set,
+    and, with ``config.early_stopping``, as soon as the :class:`~lightning_unlearn.stopping.StoppingRule`
+    sees the forget data forgotten and remaining accuracy recovered on held-out data. Every check
+    is in :attr:`stopping_history`; :attr:`stop_reason` says why the fit ended.
 
     Args:
         config: an :class:`~lightning_unlearn.UnlearnConfig` (default: its defaults); keyword
@@ -59,6 +65,19 @@ class SelectiveUnlearning(GradientMask):
         self._resolved: UnlearnConfig | None = None
         self._resumed = False
         self._lr: ScaleLearningRate | None = None
+        self._rule: StoppingRule | None = None
+        self._checks: CheckSets | None = None
+        self._reference: float | None = None
+        self._budget: int | None = None
+        self._interval = 0
+        self._last_step: int | None = None
+        self.stop_reason: str | None = None
+        self.steps = 0
+
+    @property
+    def stopping_history(self) -> list[dict]:
+        """Every check of the stopping rule: step, forget accuracy and target, remaining accuracy, decision."""
+        return self._rule.rows() if self._rule is not None else []
 
     @property
     def resolved_config(self) -> UnlearnConfig:
@@ -115,6 +134,7 @@ class SelectiveUnlearning(GradientMask):
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         cfg = self.resolved_config
+        self.stop_reason, self._last_step = None, None
         if self.mask is None:  # neither given nor restored from a checkpoint
             start = time.perf_counter()
             self.scores = self._score(trainer, pl_module)
@@ -123,6 +143,7 @@ class SelectiveUnlearning(GradientMask):
                 self.scores, pl_module, cfg.ratio, cfg.scope, cfg.threshold, cfg.include_head, cfg.head_rows
             )
             rank_zero_info(f"SelectiveUnlearning: {cfg.method} selected {self.mask.fraction:.2%} of parameters")
+        self._prepare_stopping(trainer, pl_module)
         if not self._resumed:  # a resumed run's weights were reset before its checkpoint was written
             self._reset(trainer, pl_module)
         self._check_same_mask_on_all_ranks(trainer)
@@ -141,12 +162,57 @@ class SelectiveUnlearning(GradientMask):
         if not self._lr.is_identity:
             self._lr.on_train_start(trainer, pl_module)
 
+    # -- the budget and the stopping rule -------------------------------------------------------
+    def _prepare_stopping(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Step budget, check sets and the original's remaining accuracy (measured before the reset)."""
+        cfg = self.resolved_config
+        dm = trainer.datamodule
+        self._budget = cfg.step_budget(len(dm.retain_dataloader()))
+        self._interval = cfg.check_interval(self._budget)
+        if not cfg.early_stopping:
+            return
+        self._checks = CheckSets(dm, cfg.check_samples, cfg.seed)
+        if self._reference is None:  # a resumed run keeps the reference of its first start
+            self._reference = self._checks.evaluate(pl_module)[2]
+        self._rule = StoppingRule(self._reference, cfg.stop_tolerance, cfg.patience)
+        rank_zero_info(f"SelectiveUnlearning: budget {self._budget} steps, checks every {self._interval}; original "
+                       f"remaining accuracy on held-out data {self._reference:.2%}")
+
     @override
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
-        max_steps = self.resolved_config.max_steps
-        if max_steps is not None and trainer.global_step >= max_steps:
-            trainer.should_stop = True
+        step = trainer.global_step
+        if step == self._last_step:  # gradient accumulation: no optimizer step yet
+            return
+        self._last_step = step
+        reason = None
+        if self._rule is not None and step % self._interval == 0:
+            forget_acc, target, remaining_acc = self._checks.evaluate(pl_module)
+            reason = self._rule.update(step, forget_acc, target, remaining_acc)
+            pl_module.log_dict({"unlearn/check_forget_acc": forget_acc, "unlearn/check_remaining_acc": remaining_acc})
+            if trainer.world_size > 1 and trainer.strategy.reduce_boolean_decision(reason is not None, all=False):
+                reason = reason or "another rank's check"  # every rank checks at the same steps
+        if reason is None and self._budget is not None and step >= self._budget:
+            reason = "step budget"
+        if reason is not None:
+            self._stop(trainer, reason)
+
+    def _stop(self, trainer: pl.Trainer, reason: str) -> None:
+        trainer.should_stop = True
+        self.stop_reason = reason
+        last = self._rule.history[-1] if self._rule is not None and self._rule.history else None
+        if last is None:
+            rank_zero_info(f"SelectiveUnlearning: stopped at step {trainer.global_step} ({reason})")
+            return
+        summary = (f"forget accuracy {last.forget_acc:.2%} (target {last.forget_target:.2%}), remaining accuracy "
+                   f"{last.remaining_acc:.2%} (original {last.remaining_reference:.2%})")
+        rank_zero_info(f"SelectiveUnlearning: stopped at step {trainer.global_step} ({reason}): {summary}")
+        if not (last.forgotten and last.recovered):
+            rank_zero_warn(f"SelectiveUnlearning stopped ({reason}) before forgetting and repair both held: {summary}; "
+                           "raise max_steps or stop_tolerance, or check the learning rate")
+        if last.over_forgotten:
+            rank_zero_warn(f"SelectiveUnlearning over-forgot: {summary}; a retrained model would score about the "
+                           "target on these samples (use objective='retain' for sample requests)")
 
     def _reset(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """``config.reset``: remove the selected slices (same seed on every rank), re-estimate their BatchNorm stats."""
@@ -195,8 +261,9 @@ class SelectiveUnlearning(GradientMask):
     # -- metrics -----------------------------------------------------------------------------
     @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if trainer.current_epoch + 1 >= self.config.epochs:
-            trainer.should_stop = True
+        epochs = self.resolved_config.epochs
+        if epochs is not None and trainer.current_epoch + 1 >= epochs and not trainer.should_stop:
+            self._stop(trainer, "epochs")
         if not self.log_metrics:
             return
         dm = trainer.datamodule
@@ -214,12 +281,16 @@ class SelectiveUnlearning(GradientMask):
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         super().on_fit_end(trainer, pl_module)
         self.timings["unlearning"] = time.perf_counter() - getattr(self, "_fit_start", time.perf_counter())
+        self.steps = trainer.global_step
+        if self.stop_reason is None:
+            self.stop_reason = "trainer"  # the Trainer's own max_epochs / max_steps ended the fit first
 
     @override
     def state_dict(self) -> dict[str, Any]:
         state = super().state_dict()
         state["scores"] = None if self.scores is None else self.scores.state_dict()
         state["config"] = self.config.to_dict()
+        state["stopping_reference"] = self._reference
         return state
 
     @override
@@ -229,6 +300,8 @@ class SelectiveUnlearning(GradientMask):
         self._resumed = state_dict.get("mask") is not None
         if state_dict.get("scores") is not None:
             self.scores = ChannelScores.from_state_dict(state_dict["scores"])
+        if state_dict.get("stopping_reference") is not None:
+            self._reference = float(state_dict["stopping_reference"])
         saved = state_dict.get("config") or {}
         selection = ("method", "ratio", "scope", "threshold", "contrast", "max_samples", "layers", "include_head",
                      "head_rows")

@@ -1,0 +1,142 @@
+"""Remove, then repair: the step budget, the evidence-based stopping rule and exact freezing under the defaults."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from lightning_unlearn import ForgetRequest, UnlearnConfig, UnlearningDataModule, unlearn
+from lightning_unlearn._training import fit
+from lightning_unlearn.callbacks import SelectiveUnlearning
+from lightning_unlearn.config import AUTO_STEPS_MAX, AUTO_STEPS_MIN, auto_max_steps
+from lightning_unlearn.stopping import CheckSets, StoppingRule
+
+
+# -- the rule on its own -----------------------------------------------------------------------------------
+def test_rule_stops_once_forgotten_and_recovered():
+    rule = StoppingRule(reference=0.95, tolerance=0.01, patience=3)
+    assert rule.update(5, forget_acc=0.40, forget_target=0.0, remaining_acc=0.80) is None
+    assert rule.update(10, forget_acc=0.005, forget_target=0.0, remaining_acc=0.93) is None  # forgotten, not repaired
+    assert rule.update(15, forget_acc=0.0, forget_target=0.0, remaining_acc=0.941) == "forgotten and recovered"
+    assert [c.forgotten for c in rule.history] == [False, True, True]
+    assert [c.recovered for c in rule.history] == [False, False, True]
+    assert rule.rows()[-1]["step"] == 15 and rule.rows()[-1]["reason"] == "forgotten and recovered"
+
+
+def test_rule_gives_up_after_patience_checks_without_progress():
+    rule = StoppingRule(reference=0.95, tolerance=0.01, patience=2)
+    assert rule.update(5, 0.0, 0.0, 0.90) is None
+    assert rule.update(10, 0.0, 0.0, 0.90) is None  # no progress 1
+    assert rule.update(15, 0.0, 0.0, 0.89) == "plateau"  # no progress 2
+
+
+def test_falling_forget_accuracy_counts_as_progress_until_forgotten():
+    rule = StoppingRule(reference=0.95, tolerance=0.01, patience=2)
+    for step, forget in ((5, 0.9), (10, 0.7), (15, 0.5), (20, 0.3)):
+        assert rule.update(step, forget, 0.0, 0.95) is None  # remaining flat, forgetting still moving
+    assert rule.update(25, 0.3, 0.0, 0.95) is None
+    assert rule.update(30, 0.3, 0.0, 0.95) == "plateau"
+
+
+def test_sample_requests_aim_at_held_out_accuracy_and_flag_over_forgetting():
+    rule = StoppingRule(reference=0.97, tolerance=0.01, patience=3)
+    assert rule.update(5, forget_acc=1.00, forget_target=0.96, remaining_acc=0.97) is None  # still memorised
+    assert rule.update(10, forget_acc=0.965, forget_target=0.96, remaining_acc=0.97) == "forgotten and recovered"
+    over = StoppingRule(reference=0.97, tolerance=0.01, patience=3)
+    over.update(5, forget_acc=0.50, forget_target=0.96, remaining_acc=0.97)
+    assert over.history[-1].over_forgotten and over.history[-1].forgotten
+
+
+# -- the budget ---------------------------------------------------------------------------------------------
+def test_auto_budget_is_two_epochs_clamped_so_it_stops_growing_with_the_data():
+    assert auto_max_steps(10) == AUTO_STEPS_MIN
+    assert auto_max_steps(40) == 80
+    assert auto_max_steps(844) == auto_max_steps(100_000) == AUTO_STEPS_MAX
+    assert UnlearnConfig().step_budget(40) == 80 and UnlearnConfig(max_steps=7).step_budget(40) == 7
+    assert UnlearnConfig().check_interval(50) == 5 and UnlearnConfig().check_interval(200) == 20
+    assert UnlearnConfig(check_every=3).check_interval(200) == 3
+
+
+@pytest.mark.parametrize("bad, message", [
+    (dict(epochs=None, max_steps=None), "epochs and max_steps are both None"),
+    (dict(stop_tolerance=1.0), "stop_tolerance must be a finite number >= 0 and < 1, got 1.0"),
+    (dict(patience=0), "patience must be an integer >= 1, got 0"),
+    (dict(check_every="often"), "check_every must be an integer >= 1, got 'often'"),
+    (dict(early_stopping="yes"), "early_stopping must be true or false, got 'yes'"),
+])
+def test_bad_stopping_settings_fail_in_one_line(bad, message):
+    with pytest.raises(ValueError, match=message):
+        UnlearnConfig(**bad)
+
+
+def test_federated_engine_budgets_one_local_epoch_per_round():
+    cfg = UnlearnConfig().resolved(ForgetRequest(classes=[3]), "federated")
+    assert cfg.epochs == 1 and cfg.max_steps is None and cfg.reset == "reinit"
+
+
+def test_auto_objective_repairs_on_retain_data_for_sample_requests():
+    assert UnlearnConfig().resolved(ForgetRequest(classes=[3])).objective == "random_label"
+    assert UnlearnConfig().resolved(ForgetRequest(sample_ids=[1, 2])).objective == "retain"
+
+
+# -- the callback on a real fit ------------------------------------------------------------------------------
+def test_without_the_rule_the_fit_runs_exactly_the_step_budget(trained_model, class3_dm, one_thread):
+    exact = unlearn(trained_model, class3_dm, early_stopping=False, max_steps=7)
+    assert exact.extra["steps"] == 7 and exact.extra["stop_reason"] == "step budget" and exact.extra["stopping"] == []
+    auto = unlearn(trained_model, class3_dm, early_stopping=False)
+    assert auto.extra["steps"] == auto_max_steps(len(class3_dm.retain_dataloader()))
+
+
+def test_callback_stops_a_generous_trainer_on_evidence(trained_model, class3_dm, one_thread):
+    """``SelectiveUnlearning()`` on a Trainer with 1000 epochs stops by itself, every check logged."""
+    callback = SelectiveUnlearning(log_metrics=False)
+    fit(trained_model.train(), class3_dm, 1000, [callback])
+    history = callback.stopping_history
+    budget = auto_max_steps(len(class3_dm.retain_dataloader()))
+    assert callback.steps <= budget and history, "the rule never checked"
+    assert [row["step"] for row in history] == list(range(5, callback.steps + 1, 5))
+    assert callback.stop_reason in ("forgotten and recovered", "plateau", "step budget")
+    if callback.stop_reason == "forgotten and recovered":
+        last = history[-1]
+        assert last["forget_acc"] <= 0.01 and last["remaining_acc"] >= last["remaining_reference"] - 0.01
+
+
+def test_check_sets_use_held_out_data_and_the_forget_sets_class_mix(digits):
+    train, test = digits
+    ids = np.random.default_rng(0).choice(len(train), 120, replace=False).tolist()
+    dm = UnlearningDataModule(train, test, ForgetRequest(sample_ids=ids), batch_size=64)
+    sets = CheckSets(dm, max_samples=100, seed=0)
+    assert set(sets.forget.indices) <= set(ids) and len(sets.remaining) == 100
+    assert torch.isclose(sets.forget_class_weights.sum(), torch.tensor(1.0, dtype=torch.float64))
+    class_dm = UnlearningDataModule(train, test, ForgetRequest(classes=[3]), batch_size=64)
+    class_sets = CheckSets(class_dm, max_samples=100, seed=0)
+    assert class_sets.forget.dataset is test and all(int(class_dm.test_targets[i]) == 3 for i in class_sets.forget.indices)
+
+
+def test_sample_request_stops_near_held_out_accuracy_not_zero(trained_model, digits, one_thread):
+    train, test = digits
+    ids = np.random.default_rng(0).choice(len(train), len(train) // 10, replace=False).tolist()
+    dm = UnlearningDataModule(train, test, ForgetRequest(sample_ids=ids), batch_size=64)
+    result = unlearn(trained_model, dm)
+    targets = [row["forget_target"] for row in result.extra["stopping"]]
+    assert targets and min(targets) > 0.8, "a sample request aims at held-out accuracy, not 0"
+    assert result.config.objective == "retain" and result.metrics["forget_acc"] > 0.8
+
+
+def test_default_procedure_leaves_everything_outside_the_mask_bit_exact(trained_model, class3_dm, one_thread):
+    params = {n: p.detach().clone() for n, p in trained_model.named_parameters()}
+    buffers = {n: b.clone() for n, b in trained_model.named_buffers()}
+    result = unlearn(trained_model, class3_dm)
+    assert result.config.reset == "reinit" and "reset" in result.timings_s
+    changed = 0
+    for name, p in result.model.named_parameters():
+        keep = result.mask.masks[name]
+        assert torch.equal(p[~keep], params[name][~keep]), name
+        changed += int((p[keep] != params[name][keep]).sum())
+    assert changed > 0
+    for name, bn in result.model.named_modules():
+        if isinstance(bn, torch.nn.BatchNorm2d):
+            sel = result.mask.masks[f"{name}.weight"]
+            assert torch.equal(bn.running_mean[~sel], buffers[f"{name}.running_mean"][~sel])
+            assert torch.equal(bn.running_var[~sel], buffers[f"{name}.running_var"][~sel])
+            assert torch.equal(bn.num_batches_tracked, buffers[f"{name}.num_batches_tracked"])
