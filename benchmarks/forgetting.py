@@ -28,6 +28,7 @@ import inspect
 import json
 import math
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -236,7 +237,8 @@ def run(args: argparse.Namespace) -> None:
         rows = read_rows(path)
         done = {row_key(r) for r in rows}
         header = {"dataset": dataset, "num_train": len(train), "num_test": len(test), "threads": args.threads,
-                  "versions": library_versions(), "command": " ".join(["python", *sys.argv])}
+                  "versions": library_versions(), "git_commit": _git_commit(),
+                  "command": " ".join(["python", *sys.argv])}
 
         def emit(row: dict[str, Any]) -> None:
             rows.append(row)
@@ -250,6 +252,17 @@ def run(args: argparse.Namespace) -> None:
         for arch in args.archs:
             for seed in args.seeds:
                 run_cell(dataset, arch, seed, train, test, args.requests, done, args, emit)
+
+
+def _git_commit() -> str | None:
+    """The checkout's commit, with ``+dirty`` when the library has uncommitted changes."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True)
+        dirty = subprocess.run(["git", "status", "--porcelain", "lightning_unlearn"], cwd=ROOT, capture_output=True,
+                               text=True, check=True)
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
 
 
 def _pct(value: float | None) -> str:
