@@ -137,8 +137,11 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def print_speed(results: dict[str, UnlearningResult]) -> None:
-    u, r = results["unlearned"].timings_s["total"], results["retrained"].timings_s["total"]
-    print(f"unlearning took {u:.2f}s = {100 * u / r:.1f}% of retraining ({r:.2f}s)")
+    unlearned = results["unlearned"]
+    u, r = unlearned.timings_s["total"], results["retrained"].timings_s["total"]
+    steps, reason = unlearned.extra.get("steps"), unlearned.extra.get("stop_reason")
+    repair = f" (reset {unlearned.config.reset}, repair stopped after {steps} steps: {reason})" if steps is not None else ""
+    print(f"unlearning took {u:.2f}s = {100 * u / r:.1f}% of retraining ({r:.2f}s){repair}")
 
 
 if __name__ == "__main__":

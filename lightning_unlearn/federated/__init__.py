@@ -8,6 +8,7 @@ method; :mod:`.baselines` holds the comparisons; :class:`FederatedSimulation` ti
 from lightning_unlearn.federated.arrays import get_arrays, set_arrays
 from lightning_unlearn.federated.client import FederatedClient, local_fit, make_clients
 from lightning_unlearn.federated.messages import (
+    BatchNormStatsMessage,
     Broadcast,
     MaskedUpdateMessage,
     ParametersMessage,
@@ -25,6 +26,7 @@ from lightning_unlearn.federated.server import (
 from lightning_unlearn.federated.simulation import FederatedSimulation, write_json
 
 __all__ = [
+    "BatchNormStatsMessage",
     "Broadcast",
     "FedAvgResult",
     "FederatedClient",
