@@ -4,7 +4,8 @@
 set in that ``pyproject.toml``, overridable with ``flwr run --run-config``):
 ``dataset``, ``data-root``, ``num-clients``, ``partition``, ``alpha``, ``seed``,
 ``batch-size``, ``lr``, ``train-rounds``, ``local-steps``, ``forget-class``, ``method``,
-``ratio``, ``unlearn-rounds``, ``unlearn-steps``, ``output-dir``; optional: ``min-clients`` (0: every
+``ratio``, ``unlearn-rounds``, ``unlearn-steps``, ``output-dir``; optional: ``reset`` (``UnlearnConfig.reset``;
+empty or absent: the library's default), ``min-clients`` (0: every
 client must answer each masked round), ``round-timeout`` (seconds, 0: the run's timeout) and
 ``checkpoint-dir`` (a restarted server resumes from it; empty: no checkpoint).
 
@@ -75,10 +76,11 @@ def main(grid: Grid, context: Context) -> None:
     seed = int(_get(c, "seed", 0))
     train = FedAvgPlan(rounds=int(c["train-rounds"]), seed=seed, local_config={"max_steps": int(c["local-steps"])})
     min_clients, round_timeout = int(_get(c, "min-clients", 0)), float(_get(c, "round-timeout", 0.0))
+    reset = str(_get(c, "reset", ""))
     unlearn = UnlearnPlan(ForgetRequest(classes=[int(c["forget-class"])]), method=str(_get(c, "method", "grad_x_act")),
                           ratio=float(_get(c, "ratio", 0.1)), rounds=int(c["unlearn-rounds"]),
                           max_steps=int(c["unlearn-steps"]), seed=seed, min_clients=min_clients or None,
-                          round_timeout=round_timeout or None)
+                          round_timeout=round_timeout or None, **({"reset": reset} if reset else {}))
     checkpoint = str(_get(c, "checkpoint-dir", "")) or None
     result = run_server(grid, model_from_config(context), int(c["num-clients"]), train, unlearn, checkpoint=checkpoint)
     out = save_result(result, Path(str(c["output-dir"])) / f"run-{context.run_id}")

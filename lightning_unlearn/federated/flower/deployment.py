@@ -26,6 +26,8 @@ from typing import Any, Mapping, Sequence
 
 PYTHON = sys.executable
 BIN = Path(sys.executable).parent
+READY_MARK = "warm executor ready"  # what a warm executor logs once it polls for tasks
+SUPERNODE = Path(__file__).with_name("supernode.py")  # run as a file: Flower only, no torch import (~1 s start)
 
 
 def free_port() -> int:
@@ -76,6 +78,7 @@ class LocalDeployment:
         self.node_ports = [free_port() for _ in self.node_configs]
         self.groups: dict[str, list[subprocess.Popen]] = {}
         self._logs: list = []
+        self._executors: dict[str, tuple[int, subprocess.Popen]] = {}  # log name -> (log offset, process)
         home = self.workdir / "flwr-home"
         home.mkdir(exist_ok=True)
         (home / "config.toml").write_text(
@@ -98,9 +101,11 @@ class LocalDeployment:
         return proc
 
     def _warm(self, group: str, port: int, name: str) -> None:
-        self._spawn(group, [PYTHON, "-m", "lightning_unlearn.federated.flower.warm_executor", "--insecure",
-                            "--runtime-api-address", f"127.0.0.1:{port}", "--poll-interval", str(self.executor_poll_s)],
-                    name)
+        path = self.workdir / f"{name}.log"
+        offset = path.stat().st_size if path.exists() else 0  # a restarted executor appends to its old log
+        argv = [PYTHON, "-m", "lightning_unlearn.federated.flower.warm_executor", "--insecure",
+                "--runtime-api-address", f"127.0.0.1:{port}", "--poll-interval", str(self.executor_poll_s)]
+        self._executors[name] = (offset, self._spawn(group, argv, name))
 
     def start_superlink(self) -> None:
         argv = [str(BIN / "flower-superlink"), "--insecure", "--disable-runtime-dependency-installation",
@@ -114,7 +119,7 @@ class LocalDeployment:
 
     def start_node(self, k: int, wait: bool = True) -> None:
         cfg = " ".join(f"{key}={toml_value(v)}" for key, v in self.node_configs[k].items())
-        argv = [PYTHON, "-m", "lightning_unlearn.federated.flower.supernode"]
+        argv = [PYTHON, str(SUPERNODE)]
         argv += ["--poll-interval", str(self.poll_interval)] if self.poll_interval is not None else []
         argv += ["--insecure", "--superlink", f"127.0.0.1:{self.link_port}", "--port", str(self.node_ports[k]),
                  "--node-config", cfg]
@@ -134,28 +139,48 @@ class LocalDeployment:
             self.start_node(k, wait=False)
         for k in range(len(self.node_configs)):
             wait_for_port(self.node_ports[k], self.start_timeout, self.groups[f"node{k}"][0], f"flower-supernode {k}")
+        self.wait_for_executors()
         return self
+
+    def wait_for_executors(self, timeout: float | None = None) -> None:
+        """Wait until every warm executor has imported torch and polls for tasks (its log says ``ready``).
+
+        Without this the first ``flwr run`` would wait for the imports instead: the time is the same,
+        but it would be booked to the run rather than to the start-up.
+        """
+        deadline = time.monotonic() + (self.start_timeout if timeout is None else timeout)
+        waiting = dict(self._executors)
+        while waiting:
+            for name, (offset, proc) in list(waiting.items()):
+                if READY_MARK in self.log(name, offset):
+                    del waiting[name]
+                elif proc.poll() is not None:
+                    raise RuntimeError(f"warm executor {name} exited with code {proc.returncode}:\n{self.log(name)[-2000:]}")
+            if waiting and time.monotonic() > deadline:
+                raise TimeoutError(f"warm executors {sorted(waiting)} were not ready within {self.start_timeout:g}s")
+            time.sleep(0.1)
 
     def kill(self, group: str, sig: int = signal.SIGKILL, timeout: float = 10.0) -> None:
         """Kill a whole process group (``"superlink"``, ``"node<k>"``) and wait for its members."""
-        members = self.groups.pop(group, [])
-        if not members:
-            return
-        try:
-            os.killpg(members[0].pid, sig)
-        except ProcessLookupError:
-            pass
-        for p in members:
-            try:
-                p.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                os.killpg(members[0].pid, signal.SIGKILL)
-                p.wait(timeout=timeout)
+        self._end([group], sig, timeout)
 
-    def stop(self) -> None:
-        """Stop everything this deployment started (nodes first, then the SuperLink)."""
-        for group in sorted(self.groups, key=lambda g: g == "superlink"):
-            self.kill(group, signal.SIGTERM, timeout=5.0)
+    def _end(self, groups: Sequence[str], sig: int, timeout: float) -> None:
+        """Signal every group at once, wait up to ``timeout`` seconds in all, then SIGKILL what is left."""
+        members = {g: self.groups.pop(g) for g in groups if self.groups.get(g)}
+        for procs in members.values():
+            _killpg(procs[0].pid, sig)
+        deadline = time.monotonic() + timeout
+        for procs in members.values():
+            for p in procs:
+                try:
+                    p.wait(timeout=max(0.0, deadline - time.monotonic()))
+                except subprocess.TimeoutExpired:
+                    _killpg(procs[0].pid, signal.SIGKILL)
+                    p.wait(timeout=timeout)
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Stop everything this deployment started: SIGTERM to every process group, SIGKILL after ``timeout`` s."""
+        self._end(list(self.groups), signal.SIGTERM, timeout)
         for log in self._logs:
             log.close()
         self._logs.clear()
@@ -182,9 +207,17 @@ class LocalDeployment:
         return subprocess.run(argv, env=self.process_env, cwd=self.workdir, capture_output=True, text=True,
                               timeout=timeout)
 
-    def log(self, name: str) -> str:
+    def log(self, name: str, offset: int = 0) -> str:
+        """The log of ``name`` (``"superlink"``, ``"node<k>"``, ``"<either>-executor"``) from byte ``offset``."""
         path = self.workdir / f"{name}.log"
-        return path.read_text(errors="replace") if path.exists() else ""
+        return path.read_bytes()[offset:].decode(errors="replace") if path.exists() else ""
+
+
+def _killpg(pgid: int, sig: int) -> None:
+    try:
+        os.killpg(pgid, sig)
+    except ProcessLookupError:
+        pass
 
 
 __all__ = ["LocalDeployment", "free_port", "wait_for_port"]

@@ -7,6 +7,14 @@ dataclass from it (refusing records or keys the kind does not carry), so the dat
 checks and the aggregation functions' contract guard Flower traffic exactly as they guard the
 in-process :class:`Transport`.
 
+Inside a message, the named tensors of a record travel *packed*: one ``uint8`` Array holding
+every tensor's bytes one after the other, and a ``<record>-layout`` ConfigRecord (JSON: name,
+numpy dtype, shape per tensor) to cut them apart again. Flower moves every Array (and every
+chunk of it) as an object of its own, one HTTP request per object and hop (ServerApp ->
+SuperLink -> SuperNode -> ClientApp and back): SmallCNN's 16 tensors were 27 objects a message,
+packed they are 7. In-memory records (a strategy's ``ArrayRecord``, a node's ``context.state``)
+stay one Array per tensor (:func:`arrays_to_record`).
+
 Two byte counts per message: ``payload`` counts what the in-process transport counts (tensor
 bytes, 4 per channel index, 8 per sample count), so the two engines compare one to one;
 ``wire`` is Flower's own record size (numpy headers, keys, config and metric entries).
@@ -57,6 +65,63 @@ def record_to_channels(record: ArrayRecord) -> dict[str, tuple[int, ...]]:
     return {k: tuple(int(i) for i in v.numpy()) for k, v in record.items()}
 
 
+# -- packed tensors (inside messages) ----------------------------------------------------------------
+PACKED_KEY = "packed"
+LAYOUT_SUFFIX = "-layout"
+PACKED_DTYPES = ("<f2", "<f4", "<f8", "|i1", "<i2", "<i4", "<i8", "|u1", "|b1")
+MAX_LAYOUT_CHARS = 1 << 20  # ~40 characters a tensor
+
+
+def pack(content: dict, key: str, arrays: Mapping[str, Any]) -> None:
+    """Put ``arrays`` (tensors or numpy arrays) into ``content`` as ``key`` (one uint8 Array) + ``key-layout``."""
+    parts = [np.ascontiguousarray(v.detach().cpu().numpy() if isinstance(v, Tensor) else v) for v in arrays.values()]
+    layout = [[name, a.dtype.str, list(a.shape)] for name, a in zip(arrays, parts)]
+    blob = np.frombuffer(b"".join(a.tobytes() for a in parts), dtype=np.uint8)
+    content[key] = ArrayRecord({PACKED_KEY: Array(blob)})
+    content[key + LAYOUT_SUFFIX] = ConfigRecord({"layout": json.dumps(layout)})
+
+
+def unpack(content: RecordDict, key: str) -> dict[str, np.ndarray]:
+    """The named arrays under ``key``: those :func:`pack` packed, plus any Array stored by name (unpacked).
+
+    Unpacked Arrays are decoded as they are, so that the receiver's contract (the dataclass checks, the
+    aggregation's expected keys) refuses what does not belong, the same as for any other reply. A
+    layout that does not fit the packed bytes is a one-line ValueError.
+    """
+    record, meta = content[key], content.get(key + LAYOUT_SUFFIX)
+    out = {k: a.numpy() for k, a in record.items() if k != PACKED_KEY}
+    if PACKED_KEY not in record:
+        return out
+    text = dict(meta).get("layout") if meta is not None else None
+    try:
+        layout = json.loads(text) if isinstance(text, str) and len(text) <= MAX_LAYOUT_CHARS else None
+    except ValueError:
+        layout = None
+    ok = isinstance(layout, list) and all(
+        isinstance(e, list) and len(e) == 3 and isinstance(e[0], str) and e[1] in PACKED_DTYPES
+        and isinstance(e[2], list) and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in e[2])
+        for e in layout)
+    if not ok or len({e[0] for e in layout}) != len(layout) or {e[0] for e in layout} & set(out):
+        raise ValueError(f"record {key!r}: {key + LAYOUT_SUFFIX!r} must hold a 'layout', JSON [[name, dtype in "
+                         f"{list(PACKED_DTYPES)}, shape], ...] with unique names, at most {MAX_LAYOUT_CHARS} "
+                         f"characters; got {short_repr(text)}")
+    blob = record[PACKED_KEY].numpy()
+    sizes = [int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize for _, dtype, shape in layout]
+    if blob.dtype != np.uint8 or blob.ndim != 1 or sum(sizes) != blob.size:
+        raise ValueError(f"record {key!r}: the layout describes {sum(sizes)} bytes, the packed array holds "
+                         f"{blob.size} ({blob.dtype}, {blob.ndim}-D; expected uint8, 1-D)")
+    offset = 0
+    for (name, dtype, shape), size in zip(layout, sizes):
+        out[name] = np.frombuffer(blob, dtype=np.dtype(dtype), count=size // np.dtype(dtype).itemsize,
+                                  offset=offset).reshape(shape)
+        offset += size
+    return out
+
+
+def _tensors(arrays: Mapping[str, np.ndarray]) -> dict[str, Tensor]:
+    return {k: torch.from_numpy(np.array(v, copy=True)) for k, v in arrays.items()}
+
+
 # -- config ------------------------------------------------------------------------------------------
 def to_config(values: Mapping[str, Any]) -> ConfigRecord:
     """A config mapping as a ConfigRecord; ``None`` entries are dropped (clients read them with ``.get``)."""
@@ -82,18 +147,19 @@ def from_config(record: ConfigRecord) -> dict[str, Any]:
 # -- server -> client ----------------------------------------------------------------------------------
 def broadcast_to_content(message: Broadcast, extra: Mapping[str, Any] | None = None) -> RecordDict:
     """``extra`` (e.g. the forget request) joins the config: settings, not payload."""
-    content = RecordDict({"arrays": arrays_to_record(message.arrays),
-                          "config": to_config({**message.config, **(extra or {})})})
+    records: dict[str, Any] = {"config": to_config({**message.config, **(extra or {})})}
+    pack(records, "arrays", message.arrays)
     if message.channels is not None:
-        content["channels"] = channels_to_record(message.channels)
-    return content
+        pack(records, "channels", {k: np.asarray(v, dtype=np.int32).reshape(-1) for k, v in message.channels.items()})
+    return RecordDict(records)
 
 
 def content_to_broadcast(content: RecordDict) -> tuple[Broadcast, dict[str, Any]]:
     """The Broadcast a client handler takes, plus the full config (request included)."""
     config = from_config(content["config"]) if "config" in content else {}
-    channels = record_to_channels(content["channels"]) if "channels" in content else None
-    arrays = record_to_arrays(content["arrays"]) if "arrays" in content else {}
+    channels = ({k: tuple(int(i) for i in v) for k, v in unpack(content, "channels").items()}
+                if "channels" in content else None)
+    arrays = _tensors(unpack(content, "arrays")) if "arrays" in content else {}
     return Broadcast(arrays, config, channels), config
 
 
@@ -104,26 +170,24 @@ def reply_to_content(reply: UpwardMessage | None) -> RecordDict:
         return RecordDict({"reply": ConfigRecord({"kind": "none"})})
     metrics = MetricRecord({**{k: float(v) for k, v in reply.metrics.items()}, COUNT_KEY: reply.num_samples}
                            if not isinstance(reply, ScoresMessage) else {COUNT_KEY: reply.num_samples})
-    if isinstance(reply, ParametersMessage):
-        return RecordDict({"reply": ConfigRecord({"kind": "parameters"}), "arrays": arrays_to_record(reply.arrays),
-                           "metrics": metrics})
-    if isinstance(reply, MaskedUpdateMessage):
-        return RecordDict({"reply": ConfigRecord({"kind": "masked_update"}), "arrays": arrays_to_record(reply.values),
-                           "metrics": metrics})
-    if isinstance(reply, BatchNormStatsMessage):
-        return RecordDict({"reply": ConfigRecord({"kind": "bn_stats"}), "arrays": arrays_to_record(reply.moments),
-                           "metrics": metrics})
-    if isinstance(reply, ScoresMessage):
-        meta = {"kind": "scores", "method": reply.method, "tag": reply.tag,
-                "layers": json.dumps({n: list(v) for n, v in reply.layers.items()})}
-        return RecordDict({"reply": ConfigRecord(meta), "arrays": arrays_to_record(reply.scores), "metrics": metrics})
+    kinds = ((ParametersMessage, "parameters", "arrays"), (MaskedUpdateMessage, "masked_update", "values"),
+             (BatchNormStatsMessage, "bn_stats", "moments"), (ScoresMessage, "scores", "scores"))
+    for cls, kind, field_ in kinds:
+        if isinstance(reply, cls):
+            meta: dict[str, Any] = {"kind": kind}
+            if isinstance(reply, ScoresMessage):
+                meta.update(method=reply.method, tag=reply.tag,
+                            layers=json.dumps({n: list(v) for n, v in reply.layers.items()}))
+            records: dict[str, Any] = {"reply": ConfigRecord(meta), "metrics": metrics}
+            pack(records, "arrays", getattr(reply, field_))
+            return RecordDict(records)
     raise TypeError(f"a client may only send {[t.__name__ for t in UpwardMessage.__args__]}, got {type(reply).__name__}")
 
 
 #: The records and ``reply`` config keys each reply kind carries: anything more is refused, not dropped.
-_REPLY_RECORDS = {"none": {"reply"}, "parameters": {"reply", "arrays", "metrics"},
-                  "masked_update": {"reply", "arrays", "metrics"}, "scores": {"reply", "arrays", "metrics"},
-                  "bn_stats": {"reply", "arrays", "metrics"}}
+_WITH_ARRAYS = {"reply", "arrays", "arrays" + LAYOUT_SUFFIX, "metrics"}
+_REPLY_RECORDS = {"none": {"reply"}, "parameters": _WITH_ARRAYS, "masked_update": _WITH_ARRAYS, "scores": _WITH_ARRAYS,
+                  "bn_stats": _WITH_ARRAYS}
 _REPLY_META = {"none": {"kind"}, "parameters": {"kind"}, "masked_update": {"kind"}, "bn_stats": {"kind"},
                "scores": {"kind", "method", "tag", "layers"}}
 
@@ -164,7 +228,7 @@ def content_to_reply(content: RecordDict) -> UpwardMessage | None:
     missing = sorted(_REPLY_RECORDS[kind] - set(content)) or sorted(_REPLY_META[kind] - set(meta))
     if missing:
         raise ValueError(f"a {kind!r} reply is missing key {missing[0]!r}")
-    arrays = record_to_arrays(content["arrays"])
+    arrays = _tensors(unpack(content, "arrays"))
     metrics = dict(content["metrics"])
     n = metrics.pop(COUNT_KEY, None)
     if isinstance(n, bool) or not isinstance(n, int):

@@ -12,15 +12,22 @@ sleeps capped at ``--poll-interval`` seconds (default 0.1):
 Every other argument goes to ``flower-supernode`` as is. The cost is more pull requests to the
 SuperLink (one per node per ``--poll-interval`` while idle): fine for tens of nodes, keep Flower's
 default (``--poll-interval 3``) for thousands.
+
+This module imports only Flower, never torch or the rest of lightning-unlearn, so that a SuperNode
+starts in about a second. ``python -m lightning_unlearn.federated.flower.supernode`` imports the
+package (and with it torch) first; run the file itself (``python .../flower/supernode.py``, as
+:class:`~lightning_unlearn.federated.flower.deployment.LocalDeployment` does) to skip that.
 """
 from __future__ import annotations
 
+import logging
 import sys
 import time
 import types
 from typing import Sequence
 
 FLOWER_IDLE_SLEEP_S = 3.0
+log = logging.getLogger(__name__)
 
 
 class CappedClock(types.SimpleNamespace):
@@ -48,6 +55,23 @@ def patch_poll_interval(limit_s: float) -> None:
     loop.time = CappedClock(limit_s)
 
 
+def patch_pull_backoff(initial_s: float = 0.05, cap_s: float = 1.0) -> None:
+    """Re-ask for message objects after ``initial_s`` (doubling up to ``cap_s``) instead of Flower's 1 s (up to 10 s).
+
+    A task forked within milliseconds of being created often asks its SuperNode for the message
+    before the SuperNode has finished downloading it from the SuperLink; Flower then backs off a
+    full second. Only this process (and its forks) is affected.
+    """
+    from flwr.supercore.inflatable import inflatable_utils
+
+    for fn in (inflatable_utils.pull_objects, inflatable_utils.pull_and_inflate_object_from_tree):
+        defaults = fn.__kwdefaults__
+        if not defaults or "initial_backoff" not in defaults or "backoff_cap" not in defaults:
+            log.warning("this flwr version's %s has no initial_backoff/backoff_cap; keeping its back-off", fn.__name__)
+            continue
+        defaults["initial_backoff"], defaults["backoff_cap"] = float(initial_s), float(cap_s)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     args = list(sys.argv[1:] if argv is None else argv)
     limit = 0.1
@@ -66,8 +90,6 @@ def main(argv: Sequence[str] | None = None) -> None:
         print(f"lightning_unlearn.federated.flower.supernode: error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
     from flwr.supernode.cli import flower_supernode
-
-    from lightning_unlearn.federated.flower.warm_executor import patch_pull_backoff
 
     patch_pull_backoff()  # the node downloads a message's objects as soon as the server has pushed them
 

@@ -36,6 +36,7 @@ from flwr.supercore.runtime import RuntimeHttpClient
 from flwr.supercore.tls import validate_and_resolve_root_certificates
 
 from lightning_unlearn._system import pid_alive
+from lightning_unlearn.federated.flower.supernode import patch_pull_backoff
 
 log = logging.getLogger(__name__)
 
@@ -61,23 +62,6 @@ def task_argv(task_type: TaskType, address: str, token: str, insecure: bool, roo
     elif root_certificates is not None:
         argv += ["--root-certificates", root_certificates]
     return argv + ["--parent-pid", str(parent_pid)]
-
-
-def patch_pull_backoff(initial_s: float = 0.05, cap_s: float = 1.0) -> None:
-    """Re-ask for message objects after ``initial_s`` (doubling up to ``cap_s``) instead of Flower's 1 s (up to 10 s).
-
-    A task forked within milliseconds of being created often asks its SuperNode for the message
-    before the SuperNode has finished downloading it from the SuperLink; Flower then backs off a
-    full second. Only this process (and its forks) is affected.
-    """
-    from flwr.supercore.inflatable import inflatable_utils
-
-    for fn in (inflatable_utils.pull_objects, inflatable_utils.pull_and_inflate_object_from_tree):
-        defaults = fn.__kwdefaults__
-        if not defaults or "initial_backoff" not in defaults or "backoff_cap" not in defaults:
-            log.warning("this flwr version's %s has no initial_backoff/backoff_cap; keeping its back-off", fn.__name__)
-            continue
-        defaults["initial_backoff"], defaults["backoff_cap"] = float(initial_s), float(cap_s)
 
 
 class ForkExecutor:
@@ -160,17 +144,19 @@ def serve(address: str, insecure: bool, root_certificates: str | None = None, po
         interceptors=[RuntimeVersionHttpInterceptor(component_name="SuperExec")],
         retry_invoker=make_simple_http_retry_invoker(),
     )
-    stop = {"now": False}
 
     def _stop(signum, frame) -> None:  # noqa: ARG001
-        stop["now"] = True
+        # raise, not set a flag: a poll to a Runtime API that is already gone retries (with back-off) forever
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        raise _Stopped(signum)
 
     signal.signal(signal.SIGTERM, _stop)
     signal.signal(signal.SIGINT, _stop)
     log.info("warm executor ready on %s (pid %d, preloaded %s)", address, os.getpid(), list(preload))
     launched = 0
     try:
-        while not stop["now"] and _parent_alive(parent_pid) and (max_tasks is None or launched < max_tasks):
+        while _parent_alive(parent_pid) and (max_tasks is None or launched < max_tasks):
             executor.reap()
             res = client.AcquireTask(AcquireTaskRequest(supported_task_types=[str(t) for t in ENTRY_POINTS]))
             if res.HasField("task") and res.token:
@@ -180,9 +166,15 @@ def serve(address: str, insecure: bool, root_certificates: str | None = None, po
                 launched += 1
                 continue  # another task may be waiting already
             time.sleep(poll_interval)
+    except _Stopped as stopped:
+        log.info("stopping on signal %d", stopped.args[0])
     finally:
         executor.close()
         client.close()
+
+
+class _Stopped(Exception):
+    """SIGTERM/SIGINT reached the executor's loop."""
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -199,6 +191,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         p.error("give --insecure (same host) or --root-certificates")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per poll otherwise
+    logging.getLogger("alembic").setLevel(logging.WARNING)  # Flower's imports set up its plugins: 7 lines
     try:
         serve(a.runtime_api_address, a.insecure, a.root_certificates, a.poll_interval,
               [m for m in a.preload.split(",") if m], a.parent_pid)
@@ -208,5 +201,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
+def _exit_now(code: int) -> None:
+    """Leave without interpreter finalisation: after SIGTERM in a deployment it hung in native code for
+    seconds (the executor has nothing left to clean up once :func:`serve` returned; logs are flushed)."""
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    _exit_now(main())
