@@ -346,7 +346,8 @@ def _table_row(arch: str, variant: tuple, runs: list[dict[str, Any]], refs: dict
     cells = [arch if is_ref else "", "**retrain**" if is_ref else _label(variant),
              *(_cell(acc[k]) for k in acc), *("-" if is_ref else _cell(gaps[k]) for k in gaps),
              relearn_text, "-" if is_ref else _cell(steps, 1.0, 0), _cell(_stats(seconds), 1.0, 1),
-             "-" if is_ref else _cell(ratio, 1.0, 3), _cell(params, 100.0, 2), "" if is_ref else
+             "-" if is_ref else _cell(ratio, 1.0, 3), _cell(params, 100.0, 2 if params and params[0] >= 1e-3 else 4),
+             "" if is_ref else
              _targets(gaps, relearn_stat, _stats([cap if r.get("relearn_steps") is None else r["relearn_steps"]
                                                   for r in refs.values() if r["seed"] in {x["seed"] for x in runs}]),
                       request)]
