@@ -107,6 +107,11 @@ def load(dataset: str, args: argparse.Namespace) -> tuple[Dataset, Dataset]:
     return train, test
 
 
+def dataset_label(dataset: str, args: argparse.Namespace) -> str:
+    """``digits``, ``mnist`` (all 60,000) or ``mnist-<N>`` (a seeded training subset): rows of different sizes never mix."""
+    return f"{dataset}-{args.mnist_train}" if dataset == "mnist" and args.mnist_train else dataset
+
+
 def make_request(kind: str, num_train: int, seed: int) -> ForgetRequest:
     return ForgetRequest(classes=[3]) if kind == "class" else random_samples_request(num_train, fraction=0.1, seed=seed)
 
@@ -185,9 +190,10 @@ def run_cell(dataset: str, arch: str, seed: int, train: Dataset, test: Dataset, 
     pending = {k: [r for r in planned_rows(dataset, arch, seed, k, args) if row_key(r) not in done] for k in kinds}
     if not any(pending.values()):
         return
-    epochs = args.epochs or EPOCHS[dataset][arch]
+    kind = dataset.split("-")[0]
+    epochs = args.epochs or EPOCHS[kind][arch]
     pl.seed_everything(seed, verbose=False)
-    original = build(arch, num_classes=10, image_size=IMAGE_SIZE[dataset], epochs=epochs)
+    original = build(arch, num_classes=10, image_size=IMAGE_SIZE[kind], epochs=epochs)
     start = time.perf_counter()
     fit(original, _AllData(train, seed), epochs)
     train_seconds = time.perf_counter() - start
@@ -233,10 +239,11 @@ def run(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
     for dataset in args.datasets:
         train, test = load(dataset, args)
-        path = results_path(dataset, args)
+        label = dataset_label(dataset, args)
+        path = results_path(label, args)
         rows = read_rows(path)
         done = {row_key(r) for r in rows}
-        header = {"dataset": dataset, "num_train": len(train), "num_test": len(test), "threads": args.threads,
+        header = {"dataset": label, "num_train": len(train), "num_test": len(test), "threads": args.threads,
                   "versions": library_versions(), "git_commit": _git_commit(),
                   "command": " ".join(["python", *sys.argv])}
 
@@ -251,7 +258,7 @@ def run(args: argparse.Namespace) -> None:
 
         for arch in args.archs:
             for seed in args.seeds:
-                run_cell(dataset, arch, seed, train, test, args.requests, done, args, emit)
+                run_cell(label, arch, seed, train, test, args.requests, done, args, emit)
 
 
 def _git_commit() -> str | None:
@@ -288,7 +295,12 @@ def _group_rows(rows: list[dict[str, Any]]) -> Iterator[tuple[tuple, list[dict[s
     groups: dict[tuple, list[dict[str, Any]]] = {}
     for r in rows:
         groups.setdefault((r["dataset"], r["request"]), []).append(r)
-    yield from sorted(groups.items(), key=lambda kv: (DATASETS.index(kv[0][0]), REQUESTS.index(kv[0][1])))
+    def order(item):
+        (dataset, request), _ = item
+        name, _, size = dataset.partition("-")
+        return DATASETS.index(name), -int(size or 10**9), REQUESTS.index(request)
+
+    yield from sorted(groups.items(), key=order)
 
 
 def _variant(row: dict[str, Any]) -> tuple:
