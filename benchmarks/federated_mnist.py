@@ -2,9 +2,12 @@
 
 Trains the federation once (FedAvg, server checkpoint per round: a rerun resumes), then for
 each request runs federated retraining (the reference), our method and the baselines, writes
-one JSON per (request, method) under ``--out`` and a markdown table ``federated_mnist.md``.
+one JSON per (request, method) under ``--out`` and a markdown table ``federated_mnist.md`` (``--prefix``
+names the files). ``--reset`` (default: the library's, ``UnlearnConfig.reset``) is how ours and the other
+masked methods remove the selected channels before repairing them; it is recorded in every result.
 
     python benchmarks/federated_mnist.py --data-root ../shared/data/mnist
+    python benchmarks/federated_mnist.py --data-root ../shared/data/mnist --reset none --prefix federated_mnist_none
 """
 from __future__ import annotations
 
@@ -16,15 +19,18 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from lightning_unlearn.config import UnlearnConfig
 from lightning_unlearn.data import FederatedDataModule, load_mnist
 from lightning_unlearn.federated import FederatedSimulation, federated_unlearn, write_json
 from lightning_unlearn.federated import baselines as B
 from lightning_unlearn.federated.protocol import HEAD_LR_SCALE
 from lightning_unlearn.models import SmallCNN
+from lightning_unlearn.reset import RESETS
 from lightning_unlearn.request import ForgetRequest
 
 METHODS = ("ours", "head_rows_only", "ours_random_label", "finetune", "random_channels", "cdp", "federaser")
 CLASS_ONLY = ("head_rows_only", "ours_random_label")  # controls that only make sense for class requests
+RESETTABLE = ("ours", "head_rows_only", "ours_random_label", "random_channels")  # methods that honour --reset
 LABELS = {"original": "original", "retrain": "retrain (reference)",
           "ours": "**ours (best default: explained channels + forgotten head row)**",
           "head_rows_only": "control: forgotten head row only", "ours_random_label": "ours, forget-aware (random labels)",
@@ -36,6 +42,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--data-root", required=True, help="folder with the MNIST idx .gz files")
     p.add_argument("--out", default="benchmarks/results", help="where JSONs and the markdown table go")
+    p.add_argument("--prefix", default="federated_mnist", help="file names: <prefix>_<request>_<method>.json, ...")
     p.add_argument("--checkpoint-dir", default="outputs/federated_mnist", help="server checkpoints (resume)")
     p.add_argument("--clients", type=int, default=10)
     p.add_argument("--alpha", type=float, default=0.5)
@@ -52,16 +59,37 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--head-lr-scale", type=float, default=HEAD_LR_SCALE,
                    help="learning-rate multiplier of the forgotten classes' head rows (class requests)")
     p.add_argument("--objective", default="auto", help="objective of ours and random channels")
+    p.add_argument("--reset", choices=RESETS, default=UnlearnConfig().reset,
+                   help="remove the selected channels before the masked rounds (ours, its controls, random channels)")
     p.add_argument("--score-samples", type=int, default=64, help="forget samples scored per client (at most)")
     p.add_argument("--forget-client", type=int, default=3)
     p.add_argument("--forget-class", type=int, default=3)
     p.add_argument("--sample-fraction", type=float, default=0.01, help="sample request: this fraction of the training set")
     p.add_argument("--requests", default="class,client,sample")
-    p.add_argument("--methods", default=",".join(METHODS))
+    p.add_argument("--methods", default=",".join(METHODS),
+                   help="comma-separated; NAME@RESET runs a masked method with another reset than --reset "
+                        "(e.g. ours,ours@none,random_channels)")
     p.add_argument("--train-only", action="store_true", help="only train (and checkpoint) the federation")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    try:
+        for spec in args.methods.split(","):
+            method_spec(spec)  # fail before any training on an unknown method or reset
+    except ValueError as err:
+        p.error(str(err))
+    return args
+
+
+def method_spec(spec: str) -> tuple[str, str | None]:
+    """``"ours"`` -> ("ours", None); ``"ours@none"`` -> ("ours", "none"): the method and its reset override."""
+    name, _, reset = spec.partition("@")
+    if name not in METHODS:
+        raise ValueError(f"unknown method {name!r}; allowed methods are {list(METHODS)}")
+    if reset and (reset not in RESETS or name not in RESETTABLE):
+        raise ValueError(f"method spec {spec!r}: a reset override must be one of {list(RESETS)} "
+                         f"on one of {list(RESETTABLE)}")
+    return name, reset or None
 
 
 def make_request(kind: str, args, n_train: int) -> ForgetRequest:
@@ -84,7 +112,7 @@ def main(argv=None) -> None:
                               seed=args.seed, batch_size=args.batch_size)
     fdm.setup("fit")
     print(fdm.summary_table())
-    fdm.plot_partition(out / "federated_mnist_partition.png")
+    fdm.plot_partition(out / f"{args.prefix}_partition.png")
     torch.manual_seed(args.seed)
     sim = FederatedSimulation(
         fdm, SmallCNN(lr=args.lr), rounds=args.rounds, seed=args.seed, checkpoint_dir=args.checkpoint_dir,
@@ -100,22 +128,22 @@ def main(argv=None) -> None:
     common = dict(rounds=args.unlearn_rounds, max_steps=args.unlearn_steps, seed=args.seed)
     rates = dict(lr_scale=args.lr_scale, head_lr_scale=args.head_lr_scale)
 
-    def ours(req, plan, layers_=None, objective=args.objective):
+    def ours(req, plan, reset, layers_=None, objective=args.objective):
         return federated_unlearn(sim.model, sim.clients, req, method=args.method, ratio=args.ratio, objective=objective,
-                                 layers=layers_, max_samples=args.score_samples, **rates, **common)
+                                 layers=layers_, max_samples=args.score_samples, reset=reset, **rates, **common)
 
     runners = {
         "ours": ours,
-        "head_rows_only": lambda req, plan: ours(req, plan, layers_=head),
-        "ours_random_label": lambda req, plan: ours(req, plan, objective="random_label"),
-        "finetune": lambda req, plan: B.federated_finetune(sim.model, sim.clients, plan, layers, **common),
-        "random_channels": lambda req, plan: B.federated_random_channels(sim.model, sim.clients, plan, layers,
-                                                                          ratio=args.ratio, objective=args.objective,
-                                                                          **rates, **common),
-        "cdp": lambda req, plan: B.federated_cdp(sim.model, sim.clients, plan, layers, args.ratio,
-                                                 max_samples=args.score_samples, **common),
-        "federaser": lambda req, plan: B.federated_eraser(sim.model, sim.clients, plan, training.store,
-                                                           local_steps=args.local_steps, seed=args.seed),
+        "head_rows_only": lambda req, plan, reset: ours(req, plan, reset, layers_=head),
+        "ours_random_label": lambda req, plan, reset: ours(req, plan, reset, objective="random_label"),
+        "finetune": lambda req, plan, reset: B.federated_finetune(sim.model, sim.clients, plan, layers, **common),
+        "random_channels": lambda req, plan, reset: B.federated_random_channels(
+            sim.model, sim.clients, plan, layers, ratio=args.ratio, objective=args.objective, reset=reset,
+            **rates, **common),
+        "cdp": lambda req, plan, reset: B.federated_cdp(sim.model, sim.clients, plan, layers, args.ratio,
+                                                        max_samples=args.score_samples, **common),
+        "federaser": lambda req, plan, reset: B.federated_eraser(sim.model, sim.clients, plan, training.store,
+                                                                  local_steps=args.local_steps, seed=args.seed),
     }
     summary = {"config": vars(args), "training": {"wall_s": training.wall_s, "history": training.history,
                                                    "overhead_fraction": training.overhead_fraction}, "requests": {}}
@@ -127,12 +155,14 @@ def main(argv=None) -> None:
         retrained_metrics = sim.evaluate(retrained.model)
         rows = {"original": _row(original, None, training.bytes_per_round, training.wall_s, None),
                 "retrain": _row(retrained_metrics, 1.0, retrained.bytes["fedavg_round"], retrained.timings_s["retrain"], 1.0)}
-        for method in args.methods.split(","):
-            if method in CLASS_ONLY and kind != "class":
+        for spec in args.methods.split(","):
+            name, reset = method_spec(spec)
+            if name in CLASS_ONLY and kind != "class":
                 continue  # no head rows to isolate; the forget-aware variant is studied separately there
-            result = runners[method](request, plan)
+            method = name if reset in (None, args.reset) else f"{name}_reset_{reset}"
+            result = runners[name](request, plan, reset or args.reset)
             record = sim.report(result, original, retrained, retrained_metrics)
-            write_json(record, out / f"federated_mnist_{kind}_{method}.json")
+            write_json(record, out / f"{args.prefix}_{kind}_{method}.json")
             rows[method] = _row(record["metrics"]["unlearned"], record["mask"]["fraction"],
                                 record["bytes"]["unlearning_round"], record["timings_s"]["total"],
                                 record["speedup_vs_retrain"], record)
@@ -140,8 +170,8 @@ def main(argv=None) -> None:
         summary["requests"][kind] = {"request": request.to_dict() if kind != "sample" else
                                      {"kind": "sample", "count": len(request.sample_ids)}, "rows": rows,
                                      "fedavg_round_bytes": training.bytes_per_round}
-    write_json(summary, out / "federated_mnist_summary.json")
-    (out / "federated_mnist.md").write_text(markdown(summary))
+    write_json(summary, out / f"{args.prefix}_summary.json")
+    (out / f"{args.prefix}.md").write_text(markdown(summary))
     print(markdown(summary))
 
 
@@ -150,6 +180,7 @@ def _row(metrics, fraction, bytes_round, wall, speedup, record=None) -> dict:
     row.update({"params_updated": fraction, "bytes_round": bytes_round, "wall_s": wall, "speedup": speedup})
     if record is not None:
         row["storage_bytes"] = record["extra"].get("storage_bytes")
+        row["statistics_bytes"] = record["bytes"].get("statistics")
     return row
 
 
@@ -167,19 +198,27 @@ def markdown(summary: dict) -> str:
     lines = []
     for kind, block in summary["requests"].items():
         rows = block["rows"]
-        lines += [f"#### {kind}-level request: `{json.dumps(block['request'])}`", "",
+        reset = summary["config"].get("reset", "none")
+        lines += [f"#### {kind}-level request: `{json.dumps(block['request'])}` (reset: {reset})", "",
                   "| method | forget acc % | remaining acc % | test acc % | % params updated | bytes / round | wall s | speedup vs retrain |",
                   "|---|---|---|---|---|---|---|---|"]
         for name, r in rows.items():
             speed = "-" if r["speedup"] is None else f"{r['speedup']:.1f}x"
             note = f" (+{_bytes(r['storage_bytes'])} stored)" if r.get("storage_bytes") else ""
-            lines.append(f"| {LABELS.get(name, name)} | {_pct(r['forget_acc'])} | {_pct(r['remaining_acc'])} | "
+            note += f" (+{_bytes(r['statistics_bytes'])} statistics round)" if r.get("statistics_bytes") else ""
+            lines.append(f"| {label(name)} | {_pct(r['forget_acc'])} | {_pct(r['remaining_acc'])} | "
                          f"{_pct(r['test_acc'])} | {_pct(r['params_updated'])} | {_bytes(r['bytes_round'])}{note} | "
                          f"{r['wall_s']:.1f} | {speed} |")
         if "ours" in rows:
             lines += ["", targets_line(rows, block["fedavg_round_bytes"])]
         lines.append("")
     return "\n".join(lines)
+
+
+def label(name: str) -> str:
+    """The table label of a row name (``ours_reset_none``: ours with the reset overridden)."""
+    base, _, reset = name.partition("_reset_")
+    return f"{LABELS.get(base, base)}, reset {reset}" if reset else LABELS.get(name, name)
 
 
 def targets_line(rows: dict, fedavg_round: float) -> str:
@@ -190,7 +229,10 @@ def targets_line(rows: dict, fedavg_round: float) -> str:
         ">= 20x faster than retrain": (ours["speedup"] or 0) >= 20,
         "<= 10% of a FedAvg round's bytes": ours["bytes_round"] <= 0.10 * fedavg_round,
     }
-    return "Targets for ours: " + "; ".join(f"{k}: {'met' if v else '**missed**'}" for k, v in checks.items())
+    gap = 100 * (ours["forget_acc"] - ref["forget_acc"])
+    side = "equal to" if abs(gap) < 0.005 else ("above (under-forgetting)" if gap > 0 else "below (over-forgetting)")
+    return ("Targets for ours: " + "; ".join(f"{k}: {'met' if v else '**missed**'}" for k, v in checks.items())
+            + f". Forget accuracy {side} the retrained model's ({gap:+.2f} pts).")
 
 
 if __name__ == "__main__":
