@@ -34,7 +34,7 @@ AUTO: dict[str, dict[str, Any]] = {
 #: most :data:`AUTO_STEPS_MAX` optimizer steps. The repair restores what the reset removed; it needs a
 #: number of steps that grows with the selected parameters, not with the data, so the budget is constant
 #: beyond ~6,400 retain samples (batch 64) while retraining grows linearly with the data.
-AUTO_STEPS_MIN, AUTO_STEPS_MAX = 50, 200
+AUTO_STEPS_MIN, AUTO_STEPS_MAX = 100, 200
 
 
 @dataclass
@@ -89,7 +89,7 @@ class UnlearnConfig:
     max_steps: int | str | None = "auto"
     early_stopping: bool = True
     stop_tolerance: float = 0.01
-    patience: int = 3
+    patience: int = 5
     check_every: int | str = "auto"
     check_samples: int = 512
     lr_scale: float = 1.0

@@ -50,10 +50,10 @@ def test_sample_requests_aim_at_held_out_accuracy_and_flag_over_forgetting():
 # -- the budget ---------------------------------------------------------------------------------------------
 def test_auto_budget_is_two_epochs_clamped_so_it_stops_growing_with_the_data():
     assert auto_max_steps(10) == AUTO_STEPS_MIN
-    assert auto_max_steps(40) == 80
+    assert auto_max_steps(70) == 140
     assert auto_max_steps(844) == auto_max_steps(100_000) == AUTO_STEPS_MAX
-    assert UnlearnConfig().step_budget(40) == 80 and UnlearnConfig(max_steps=7).step_budget(40) == 7
-    assert UnlearnConfig().check_interval(50) == 5 and UnlearnConfig().check_interval(200) == 20
+    assert UnlearnConfig().step_budget(70) == 140 and UnlearnConfig(max_steps=7).step_budget(40) == 7
+    assert UnlearnConfig().check_interval(100) == 10 and UnlearnConfig().check_interval(200) == 20
     assert UnlearnConfig(check_every=3).check_interval(200) == 3
 
 
@@ -94,7 +94,8 @@ def test_callback_stops_a_generous_trainer_on_evidence(trained_model, class3_dm,
     history = callback.stopping_history
     budget = auto_max_steps(len(class3_dm.retain_dataloader()))
     assert callback.steps <= budget and history, "the rule never checked"
-    assert [row["step"] for row in history] == list(range(5, callback.steps + 1, 5))
+    interval = UnlearnConfig().check_interval(budget)
+    assert [row["step"] for row in history] == list(range(interval, callback.steps + 1, interval))
     assert callback.stop_reason in ("forgotten and recovered", "plateau", "step budget")
     if callback.stop_reason == "forgotten and recovered":
         last = history[-1]
