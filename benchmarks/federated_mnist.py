@@ -54,7 +54,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--ratio", type=float, default=0.05, help="fraction of channels per layer to update")
     p.add_argument("--method", default="grad_x_act", help="channel scoring method")
     p.add_argument("--unlearn-rounds", type=int, default=1)
-    p.add_argument("--unlearn-steps", type=int, default=5, help="local steps per client per unlearning round")
+    p.add_argument("--unlearn-steps", type=steps, default=5,
+                   help="local steps per client per unlearning round; 'auto': the library's federated budget "
+                        "(one local epoch per client and round)")
     p.add_argument("--lr-scale", type=float, default=1.0, help="learning-rate multiplier of the masked rounds")
     p.add_argument("--head-lr-scale", type=float, default=HEAD_LR_SCALE,
                    help="learning-rate multiplier of the forgotten classes' head rows (class requests)")
@@ -92,6 +94,15 @@ def method_spec(spec: str) -> tuple[str, str | None]:
     return name, reset or None
 
 
+def steps(value: str) -> int | str:
+    """``--unlearn-steps``: an integer >= 1 or ``"auto"``."""
+    if value == "auto":
+        return value
+    if not value.isdigit() or int(value) < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1 or 'auto', got {value!r}")
+    return int(value)
+
+
 def make_request(kind: str, args, n_train: int) -> ForgetRequest:
     if kind == "class":
         return ForgetRequest(classes=[args.forget_class])
@@ -126,6 +137,8 @@ def main(argv=None) -> None:
     layers = sim.layers()
     head = [n for n, i in layers.items() if i.is_head]
     common = dict(rounds=args.unlearn_rounds, max_steps=args.unlearn_steps, seed=args.seed)
+    # the baselines outside UnlearnConfig take a step count; None = their one local epoch, as "auto" for ours
+    baseline = dict(common, max_steps=None if args.unlearn_steps == "auto" else args.unlearn_steps)
     rates = dict(lr_scale=args.lr_scale, head_lr_scale=args.head_lr_scale)
 
     def ours(req, plan, reset, layers_=None, objective=args.objective):
@@ -136,12 +149,12 @@ def main(argv=None) -> None:
         "ours": ours,
         "head_rows_only": lambda req, plan, reset: ours(req, plan, reset, layers_=head),
         "ours_random_label": lambda req, plan, reset: ours(req, plan, reset, objective="random_label"),
-        "finetune": lambda req, plan, reset: B.federated_finetune(sim.model, sim.clients, plan, layers, **common),
+        "finetune": lambda req, plan, reset: B.federated_finetune(sim.model, sim.clients, plan, layers, **baseline),
         "random_channels": lambda req, plan, reset: B.federated_random_channels(
             sim.model, sim.clients, plan, layers, ratio=args.ratio, objective=args.objective, reset=reset,
             **rates, **common),
         "cdp": lambda req, plan, reset: B.federated_cdp(sim.model, sim.clients, plan, layers, args.ratio,
-                                                        max_samples=args.score_samples, **common),
+                                                        max_samples=args.score_samples, **baseline),
         "federaser": lambda req, plan, reset: B.federated_eraser(sim.model, sim.clients, plan, training.store,
                                                                   local_steps=args.local_steps, seed=args.seed),
     }
@@ -162,6 +175,7 @@ def main(argv=None) -> None:
             method = name if reset in (None, args.reset) else f"{name}_reset_{reset}"
             result = runners[name](request, plan, reset or args.reset)
             record = sim.report(result, original, retrained, retrained_metrics)
+            record["timings_s"].update({k: v for k, v in result.timings_s.items() if k not in record["timings_s"]})
             write_json(record, out / f"{args.prefix}_{kind}_{method}.json")
             rows[method] = _row(record["metrics"]["unlearned"], record["mask"]["fraction"],
                                 record["bytes"]["unlearning_round"], record["timings_s"]["total"],
