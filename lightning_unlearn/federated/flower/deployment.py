@@ -2,12 +2,13 @@
 
 Used by the deployment test and benchmark, and handy to try a Flower App end to end before
 shipping it to real sites. Every process binds 127.0.0.1 on a free port, runs in a process group
-of its own (a node = its SuperNode + its warm executor), and :meth:`LocalDeployment.stop` (also
-called on leaving the ``with`` block, whatever happened) kills every group it started.
+of its own (a node = its SuperNode + its warm executor + its tasks), and :meth:`LocalDeployment.stop`
+(also called on leaving the ``with`` block, whatever happened) kills every group it started.
 
 With ``warm=True`` (the default) the SuperLink and SuperNodes run with ``--isolation process``
-and each gets a :mod:`~lightning_unlearn.federated.flower.warm_executor` that forks its tasks
-from a process that has already imported torch; ``poll_interval`` caps the SuperNodes' idle
+and one :mod:`~lightning_unlearn.federated.flower.warm_executor` process imports torch once and
+forks an executor for each of them (into that one's process group), which forks its tasks in
+turn; ``poll_interval`` caps the SuperNodes' idle
 sleep (:mod:`~lightning_unlearn.federated.flower.supernode`). ``warm=False, poll_interval=None``
 is stock Flower: a fresh ``flwr-clientapp`` per message and a 3 s poll.
 """
@@ -78,7 +79,7 @@ class LocalDeployment:
         self.node_ports = [free_port() for _ in self.node_configs]
         self.groups: dict[str, list[subprocess.Popen]] = {}
         self._logs: list = []
-        self._executors: dict[str, tuple[int, subprocess.Popen]] = {}  # log name -> (log offset, process)
+        self._executors: dict[str, tuple[int, subprocess.Popen, list[int]]] = {}  # log name -> (offset, process, ports)
         home = self.workdir / "flwr-home"
         home.mkdir(exist_ok=True)
         (home / "config.toml").write_text(
@@ -100,24 +101,29 @@ class LocalDeployment:
         members.append(proc)
         return proc
 
-    def _warm(self, group: str, port: int, name: str) -> None:
+    def _warm(self, group: str, ports: Sequence[int], name: str, pgids: Sequence[int] | None = None) -> None:
+        """One warm executor process for ``ports`` (one import; a forked executor per port, in ``pgids``' groups)."""
         path = self.workdir / f"{name}.log"
         offset = path.stat().st_size if path.exists() else 0  # a restarted executor appends to its old log
         argv = [PYTHON, "-m", "lightning_unlearn.federated.flower.warm_executor", "--insecure",
-                "--runtime-api-address", f"127.0.0.1:{port}", "--poll-interval", str(self.executor_poll_s)]
-        self._executors[name] = (offset, self._spawn(group, argv, name))
+                "--poll-interval", str(self.executor_poll_s)]
+        for i, port in enumerate(ports):
+            argv += ["--runtime-api-address", f"127.0.0.1:{port}"]
+            argv += ["--process-group", str(pgids[i])] if pgids is not None else []
+        self._executors[name] = (offset, self._spawn(group, argv, name), list(ports))
 
-    def start_superlink(self) -> None:
+    def start_superlink(self, executor: bool = True) -> None:
+        """The SuperLink (and, with ``executor``, a warm executor of its own: a restart needs one)."""
         argv = [str(BIN / "flower-superlink"), "--insecure", "--disable-runtime-dependency-installation",
                 "--host", "127.0.0.1", "--port", str(self.link_port), "--database", self.database]
         if self.warm:
             argv += ["--isolation", "process"]
         proc = self._spawn("superlink", argv, "superlink")
         wait_for_port(self.link_port, self.start_timeout, proc, "flower-superlink")
-        if self.warm:
-            self._warm("superlink", self.link_port, "superlink-executor")
+        if self.warm and executor:
+            self._warm("superlink", [self.link_port], "superlink-executor")
 
-    def start_node(self, k: int, wait: bool = True) -> None:
+    def start_node(self, k: int, wait: bool = True, executor: bool = True) -> None:
         cfg = " ".join(f"{key}={toml_value(v)}" for key, v in self.node_configs[k].items())
         argv = [PYTHON, str(SUPERNODE)]
         argv += ["--poll-interval", str(self.poll_interval)] if self.poll_interval is not None else []
@@ -128,15 +134,21 @@ class LocalDeployment:
         if self.poll_interval is None:  # stock Flower
             argv = [str(BIN / "flower-supernode"), *argv[argv.index("--insecure"):]]
         proc = self._spawn(f"node{k}", argv, f"node{k}")
-        if self.warm:
-            self._warm(f"node{k}", self.node_ports[k], f"node{k}-executor")
+        if self.warm and executor:
+            self._warm(f"node{k}", [self.node_ports[k]], f"node{k}-executor")
         if wait:
             wait_for_port(self.node_ports[k], self.start_timeout, proc, f"flower-supernode {k}")
 
     def start(self) -> "LocalDeployment":
-        self.start_superlink()
+        """SuperLink, then every SuperNode, then one warm executor process for all of them (torch imported once,
+        an executor forked per SuperLink/SuperNode into that one's process group); returns once all are ready."""
+        self.start_superlink(executor=False)
         for k in range(len(self.node_configs)):  # all at once: their start-up overlaps
-            self.start_node(k, wait=False)
+            self.start_node(k, wait=False, executor=False)
+        if self.warm:
+            names = ["superlink", *(f"node{k}" for k in range(len(self.node_configs)))]
+            self._warm("executors", [self.link_port, *self.node_ports], "executors",
+                       [self.groups[g][0].pid for g in names])
         for k in range(len(self.node_configs)):
             wait_for_port(self.node_ports[k], self.start_timeout, self.groups[f"node{k}"][0], f"flower-supernode {k}")
         self.wait_for_executors()
@@ -151,11 +163,12 @@ class LocalDeployment:
         deadline = time.monotonic() + (self.start_timeout if timeout is None else timeout)
         waiting = dict(self._executors)
         while waiting:
-            for name, (offset, proc) in list(waiting.items()):
-                if READY_MARK in self.log(name, offset):
+            for name, (offset, proc, ports) in list(waiting.items()):
+                text = self.log(name, offset)
+                if all(f"{READY_MARK} on 127.0.0.1:{port}" in text for port in ports):
                     del waiting[name]
                 elif proc.poll() is not None:
-                    raise RuntimeError(f"warm executor {name} exited with code {proc.returncode}:\n{self.log(name)[-2000:]}")
+                    raise RuntimeError(f"warm executor {name} exited with code {proc.returncode}:\n{text[-2000:]}")
             if waiting and time.monotonic() > deadline:
                 raise TimeoutError(f"warm executors {sorted(waiting)} were not ready within {self.start_timeout:g}s")
             time.sleep(0.1)

@@ -16,6 +16,11 @@ SuperExec would pass. Each task still gets its own process (a crash or a leak di
 state between messages still lives in the node's ``context.state``); it only skips interpreter
 and import start-up. POSIX only (``fork``); the parent never runs torch code, so no thread pool
 exists at fork time.
+
+Several ``--runtime-api-address`` (every SuperNode and the SuperLink on one host) share one
+import: the process imports once and forks one executor per address (:func:`serve_many`);
+``--process-group`` puts each of them into its node's process group, so that killing a node's
+group also ends its executor and tasks.
 """
 from __future__ import annotations
 
@@ -173,13 +178,64 @@ def serve(address: str, insecure: bool, root_certificates: str | None = None, po
         client.close()
 
 
+def serve_many(addresses: Sequence[str], insecure: bool, root_certificates: str | None = None,
+               poll_interval: float = 0.05, preload: Sequence[str] = DEFAULT_PRELOAD,
+               process_groups: Sequence[int | None] | None = None) -> None:
+    """Import ``preload`` once, then serve each address in a fork of this process (one executor each).
+
+    ``process_groups[i]`` (optional): the process group the executor of ``addresses[i]`` joins (its
+    node's). This process forwards SIGTERM/SIGINT to the executors and returns once all have ended.
+    """
+    groups = list(process_groups) if process_groups is not None else [None] * len(addresses)
+    if len(groups) != len(addresses):
+        raise ValueError(f"got {len(groups)} process groups for {len(addresses)} addresses; give one per address")
+    if not 0.001 <= poll_interval <= 60:
+        raise ValueError(f"poll_interval must be in [0.001, 60] seconds, got {poll_interval!r}")
+    for module in preload:
+        importlib.import_module(module)
+    children: dict[int, str] = {}
+    for address, group in zip(addresses, groups):
+        sys.stdout.flush()
+        sys.stderr.flush()
+        pid = os.fork()
+        if pid == 0:  # one executor: the serving loop of a single address, imports already done
+            code = 0
+            try:
+                if group is not None:
+                    os.setpgid(0, group)
+                serve(address, insecure, root_certificates, poll_interval, preload=(), parent_pid=os.getppid())
+            except BaseException:  # noqa: BLE001 - report and leave; never return into the parent's loop
+                log.exception("executor for %s failed", address)
+                code = 1
+            finally:
+                _exit_now(code)
+        children[pid] = address
+
+    def _forward(signum, frame) -> None:  # noqa: ARG001
+        for pid in children:
+            _signal(pid, signum)
+
+    signal.signal(signal.SIGTERM, _forward)
+    signal.signal(signal.SIGINT, _forward)
+    while children:
+        try:
+            pid, _ = os.wait()
+        except ChildProcessError:
+            break
+        log.info("executor for %s ended", children.pop(pid, "?"))
+
+
 class _Stopped(Exception):
     """SIGTERM/SIGINT reached the executor's loop."""
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--runtime-api-address", required=True, help="the SuperNode's (or SuperLink's) Runtime API host:port")
+    p.add_argument("--runtime-api-address", required=True, action="append",
+                   help="the SuperNode's (or SuperLink's) Runtime API host:port; repeat it to serve several "
+                        "from one import (one forked executor each)")
+    p.add_argument("--process-group", type=int, action="append", default=None,
+                   help="with several addresses: the process group each executor joins (one per address)")
     p.add_argument("--insecure", action="store_true", help="plain HTTP to the Runtime API (same host only)")
     p.add_argument("--root-certificates", default=None, help="CA certificate of a TLS Runtime API")
     p.add_argument("--poll-interval", type=float, default=0.05, help="seconds between task polls (default 0.05)")
@@ -192,9 +248,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per poll otherwise
     logging.getLogger("alembic").setLevel(logging.WARNING)  # Flower's imports set up its plugins: 7 lines
+    preload = [m for m in a.preload.split(",") if m]
     try:
-        serve(a.runtime_api_address, a.insecure, a.root_certificates, a.poll_interval,
-              [m for m in a.preload.split(",") if m], a.parent_pid)
+        if len(a.runtime_api_address) == 1 and not a.process_group:
+            serve(a.runtime_api_address[0], a.insecure, a.root_certificates, a.poll_interval, preload, a.parent_pid)
+        else:
+            serve_many(a.runtime_api_address, a.insecure, a.root_certificates, a.poll_interval, preload,
+                       a.process_group)
     except ValueError as err:
         print(f"warm_executor: error: {err}", file=sys.stderr)
         return 2
