@@ -11,8 +11,10 @@
    the server writes the pooled mean and variance into their running statistics. Every masked round
    then carries the selected values and those statistics (the clients' deployed copy no longer holds them).
 3. Clients with retain data run masked local updates (retain data, plus forget data for
-   forget-aware objectives); a leaving client sends scores but nothing afterwards.
-4. The server averages only the selected slices (:func:`masked_aggregate`): every frozen
+   forget-aware objectives); a leaving client sends scores but nothing afterwards. With
+   ``fraction < 1`` each round calls a seeded sample of the clients (as FedAvg does); a client
+   gets the mask with its first call. Scoring and statistics rounds always ask every client.
+4. The server averages only the selected slices of the round's replies (:func:`masked_aggregate`): every frozen
    element of the global model stays bit-exact.
 """
 from __future__ import annotations
@@ -24,6 +26,7 @@ from typing import Any, Mapping, Sequence
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
 from lightning_unlearn.attribution import ChannelScores, LayerInfo
@@ -33,9 +36,11 @@ from lightning_unlearn.federated.messages import Broadcast, RoundBytes, Transpor
 from lightning_unlearn.federated.server import (
     aggregate_scores,
     batchnorm_channels,
+    check_fraction,
     check_rounds,
     masked_aggregate,
     pool_batchnorm_moments,
+    sample_clients,
     selected_statistics,
     write_batchnorm_statistics,
 )
@@ -178,31 +183,56 @@ def masked_rounds(
     reference: Mapping[str, Tensor] | None = None,
     label: str = "unlearn",
     statistics: Mapping[str, Tensor] | None = None,
+    fraction: float = 1.0,
+    seed: int | None = None,
 ) -> tuple[dict[str, Tensor], list[dict]]:
     """Run ``rounds`` masked FedAvg rounds; returns the global arrays and per-round rows.
 
-    Round 0 sends only the mask (as channel indices): every client already holds the deployed
-    model. Later rounds send the current selected slices. Replies carry selected slices only.
-    After a reset (``statistics`` from :func:`remove_selected`) every round, round 0 included, sends
-    the selected slices and the selected BatchNorm channels' statistics (:func:`masked_broadcast`).
+    Round ``r`` calls the clients of ``sample_clients(range(len(clients)), fraction, seed, r)`` (the
+    draw FedAvg uses; ``seed`` defaults to ``config["seed"]``); ``fraction=1.0`` calls every client.
+    A client gets the mask (as channel indices) with its first call; then it needs no values in round 0
+    (it holds the deployed model), and the current selected slices from round 1 on. After a reset
+    (``statistics`` from :func:`remove_selected`) every call carries the selected slices and the selected
+    BatchNorm channels' statistics (:func:`masked_broadcast`). Replies carry selected slices only; only the
+    replies of the round's clients are averaged (by sample count), every other element stays bit-exact.
+    A sampled round in which no client has retain data keeps the selected values (with a warning).
     """
     check_rounds(rounds)
+    check_fraction(fraction)
+    seed = int(config.get("seed", 0)) if seed is None else seed
     reference = {k: v.clone() for k, v in (reference if reference is not None else get_arrays(model)).items()}
     current = reference
     history = []
+    has_mask: set[int] = set()
     for r in range(rounds):
         t0 = time.perf_counter()
         rb: RoundBytes = transport.start_round(f"{label}/{r}")
-        down = masked_broadcast(current, mask, config, r, r == 0, statistics)
-        pairs = [(i, m) for i, c in enumerate(clients) if (m := transport.call(c, "masked_update", down)) is not None]
+        picked = [int(i) for i in sample_clients(range(len(clients)), fraction, seed, r)]
+        down = {send: masked_broadcast(current, mask, config, r, send, statistics) for send in (True, False)}
+        pairs = []
+        for i in picked:
+            reply = transport.call(clients[i], "masked_update", down[i not in has_mask])
+            has_mask.add(i)
+            if reply is not None:
+                pairs.append((i, reply))
         replies = [m for _, m in pairs]
-        if not replies:
+        if not replies and len(picked) == len(clients):
             raise ValueError("no client has retain data for the masked rounds")
-        current = masked_aggregate(reference, mask, replies, senders=[i for i, _ in pairs])
+        if replies:
+            current = masked_aggregate(reference, mask, replies, senders=[i for i, _ in pairs])
+        else:
+            rank_zero_warn(f"masked round {r}: none of the sampled clients {picked} has retain data; "
+                           "the selected values stay as they are")
         local = sum(m.metrics.get("local_compute_s", 0.0) for m in replies)
         round_s = time.perf_counter() - t0
-        history.append({"round": r, "clients": len(replies), "round_s": round_s, "local_compute_s": local,
-                        "overhead_s": round_s - local, "bytes_down": rb.down, "bytes_up": rb.up})
+        row = {"round": r, "clients": len(replies), "round_s": round_s, "local_compute_s": local,
+               "overhead_s": round_s - local, "bytes_down": rb.down, "bytes_up": rb.up}
+        if fraction < 1:
+            row["sampled"] = picked
+        history.append(row)
+    if not any(row["clients"] for row in history):
+        raise ValueError(f"no sampled client had retain data in any of the {rounds} masked rounds "
+                         f"(fraction {fraction}); raise the fraction or the rounds")
     set_arrays(model, current)
     return current, history
 
@@ -214,6 +244,7 @@ def federated_unlearn(
     config: UnlearnConfig | None = None,
     *,
     rounds: int = 1,
+    fraction: float = 1.0,
     transport: Transport | None = None,
     inplace: bool = False,
     **overrides: Any,
@@ -226,6 +257,14 @@ def federated_unlearn(
     fields): ``epochs`` / ``max_steps`` are each client's budget per masked round, ``max_samples``
     caps each client's scored forget samples, ``layers`` restricts scoring and selection.
 
+    ``fraction``: share of the clients each masked round calls (a seeded draw per round with
+    ``config.seed``, :func:`~lightning_unlearn.federated.server.sample_clients`, as FedAvg samples).
+    The scoring round and the BatchNorm statistics round after a reset still ask every client: the
+    scores and the moments are count-weighted sums over the whole federation's forget / retain data,
+    and a sample of them would select (and re-estimate) different channels. Both are one forward/backward
+    pass over at most ``max_samples`` (scoring) or ``STATS_BATCHES`` batches (statistics) per client,
+    with no training; see BENCHMARKS.md "Federated scale" for their cost at 100 clients.
+
     Defaults (``"auto"``, see :data:`~lightning_unlearn.config.AUTO`; MNIST, 10 Dirichlet clients,
     BENCHMARKS.md): retain-only updates, explained channels at the user's rate (``lr_scale=1``) and
     the forgotten classes' head rows at 10x. The head rows are used by no other class and must move
@@ -233,6 +272,7 @@ def federated_unlearn(
     remaining classes, and a 10x rate on them cost 3-8 points of remaining accuracy.
     """
     check_rounds(rounds)
+    check_fraction(fraction)
     cfg = UnlearnConfig.build(config, **overrides).resolved(request, "federated")
     transport = transport or Transport()
     work = model if inplace else copy.deepcopy(model)
@@ -242,12 +282,13 @@ def federated_unlearn(
     t1 = time.perf_counter()
     statistics, stats_bytes = remove_selected(work, clients, mask, cfg, transport)
     t2 = time.perf_counter()
-    _, history = masked_rounds(work, clients, mask, rounds, unlearn_config(cfg), transport, statistics=statistics)
+    _, history = masked_rounds(work, clients, mask, rounds, unlearn_config(cfg), transport, statistics=statistics,
+                               fraction=fraction, seed=cfg.seed)
     t3 = time.perf_counter()
     timings = {"scoring": t1 - t0, "unlearning": t3 - t1, "total": t3 - t0}
     if cfg.reset != "none":
         timings["reset"] = t2 - t1
     return FederatedUnlearningResult(
-        work, mask, timings_s=timings, scores=scores, extra={"rounds": rounds}, method="ours", config=cfg,
+        work, mask, timings_s=timings, scores=scores, extra={"rounds": rounds, "fraction": fraction}, method="ours", config=cfg,
         bytes=round_bytes(history, score_bytes.total, stats_bytes.total if stats_bytes else 0), history=history,
     )

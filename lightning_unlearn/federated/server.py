@@ -300,6 +300,12 @@ def check_rounds(rounds: int, name: str = "rounds") -> None:
         raise ValueError(f"{name} must be an integer >= 1, got {rounds!r}")
 
 
+def check_fraction(fraction: float, name: str = "fraction") -> None:
+    """A share of clients per round: a number in (0, 1]."""
+    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction <= 1:
+        raise ValueError(f"{name} must be in (0, 1], got {fraction!r}")
+
+
 def sample_clients(pool: Sequence[int], fraction: float, seed: int, r: int) -> np.ndarray:
     """Round ``r``'s clients (sorted): a seeded draw of ``round(fraction * len(pool))``, at least one.
 
@@ -354,8 +360,7 @@ def run_fedavg(
     """
     check_rounds(rounds)
     check_rounds(local_epochs, "local_epochs")
-    if not 0 < fraction <= 1:
-        raise ValueError(f"fraction must be in (0, 1], got {fraction!r}")
+    check_fraction(fraction)
     if data not in ("all", "retain"):
         raise ValueError(f"unknown data {data!r}; allowed values are ['all', 'retain']")
     transport = transport or Transport()
