@@ -198,3 +198,20 @@ def test_a_sampled_round_without_retain_data_keeps_the_selected_values(digits):
     sim.request(only_client_0)
     with pytest.warns(UserWarning), pytest.raises(ValueError, match=r"no sampled client had retain data in any of the 2"):
         federated_unlearn(sim.model, sim.clients, only_client_0, rounds=2, fraction=FRACTION, **UNLEARN)
+
+
+def test_the_cli_fraction_also_samples_the_unlearning_rounds(one_thread):
+    """``federated.fraction`` reaches the masked rounds through the CLI's federated engine, and the report records it."""
+    from lightning_unlearn.commands import FederatedEngine
+    from lightning_unlearn.data.presets import FederatedDigitsData
+    from lightning_unlearn.federated.runner import FederatedSettings
+
+    fdm = FederatedDigitsData(num_clients=8, forget_classes=[3], batch_size=64)
+    torch.manual_seed(0)
+    model = SmallCNN(**TINY)
+    engine = FederatedEngine(FederatedSettings(rounds=1, fraction=FRACTION, unlearn_rounds=2), seed=0)
+    result = engine.unlearn(model, fdm, UnlearnConfig(ratio=0.2, max_steps=1, seed=5))
+    assert result.extra["fraction"] == FRACTION
+    assert [row["sampled"] for row in result.history] == [
+        [int(i) for i in sample_clients(range(8), FRACTION, 5, r)] for r in range(2)]  # the config's seed
+    assert engine.describe(model, result)["federated"]["fraction"] == FRACTION

@@ -35,7 +35,8 @@ class FederatedSettings:
         rounds: FedAvg rounds for training (and for the retrained reference).
         local_epochs: local epochs per client per round.
         local_steps: cap on local optimizer steps per client per round (None: whole epochs).
-        fraction: share of clients sampled per round.
+        fraction: share of clients sampled per round, in FedAvg and in the masked unlearning rounds (scoring
+            and the statistics round after a reset ask every client).
         unlearn_rounds: masked unlearning rounds (each client's budget per round: ``unlearning.epochs`` /
             ``unlearning.max_steps``).
         output_dir: where ``fit`` writes ``original.ckpt`` and the per-round server checkpoints.
@@ -129,7 +130,7 @@ def federated_unlearn_checkpoint(
     """Run the federated unlearning protocol from a trained global model; returns (simulation, result)."""
     sim, _ = deployed_simulation(model, fdm, settings, seed)
     result = federated_unlearn(sim.model, sim.clients, fdm.request, settings.merge_deprecated(config),
-                               rounds=settings.unlearn_rounds)
+                               rounds=settings.unlearn_rounds, fraction=settings.fraction)
     result.metrics = sim.evaluate(result.model)
     return sim, result
 
