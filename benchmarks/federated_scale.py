@@ -10,8 +10,11 @@ Both federations split the same data (a 10,000-image MNIST subset, or digits) wi
 * per round: wall time split into the clients' local compute (inside Lightning's training loop)
   and everything else (orchestration: Trainer set-up, message building and checks, aggregation);
   per client: ms of orchestration and bytes moved;
-* the unlearning rounds as they are: ``federated_unlearn`` asks *every* client (it has no client
-  sampling), so its rounds grow with the number of clients.
+* the unlearning rounds with the setting's client sampling (``federated_unlearn(fraction=...)``:
+  each masked round calls a seeded ``fraction`` of the clients), ``reset="none"``; with 100 clients
+  also every client per masked round (fraction 1.0, the protocol before sampling) for comparison;
+* the rounds that still ask every client: scoring, and the BatchNorm statistics round after a reset
+  (a second ``federated_unlearn`` with ``reset="reinit"`` at the setting's fraction).
 
 Writes ``federated_scale.json`` and ``federated_scale.md`` under ``--out``.
 
@@ -56,6 +59,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--min-client-samples", type=int, default=5,
                    help="Dirichlet redraws until each client holds this many (10 is not reachable for 100 clients, "
                         "alpha 0.1 and 10k images)")
+    p.add_argument("--no-all-clients", action="store_true",
+                   help="skip the fraction-1.0 unlearning run of the sampled setting (the slowest part)")
     p.add_argument("--out", default="benchmarks/results")
     return p.parse_args(argv)
 
@@ -95,11 +100,17 @@ def one_setting(name: str, num_clients: int, fraction: float, train, test, args)
     plan = fdm.forget_plan(request)
     for c, split in zip(clients, plan.splits):
         c.receive_request(request, split)
-    result = federated_unlearn(model, clients, request, transport=transport, rounds=args.unlearn_rounds,
-                               max_steps=args.unlearn_steps, ratio=0.1, seed=0, reset="none")
+
+    def unlearn(unlearn_fraction: float, reset: str):
+        return federated_unlearn(model, clients, request, transport=transport, rounds=args.unlearn_rounds,
+                                 fraction=unlearn_fraction, max_steps=args.unlearn_steps, ratio=0.1, seed=0, reset=reset)
+
+    result = unlearn(fraction, "none")
     _, py_peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
     rss_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    reinit = unlearn(fraction, "reinit")
+    everyone = unlearn(1.0, "none") if fraction < 1 and not args.no_all_clients else None
 
     def per_round(rows, clients_of) -> dict:
         n = [clients_of(r) for r in rows]
@@ -112,6 +123,15 @@ def one_setting(name: str, num_clients: int, fraction: float, train, test, args)
                 "bytes_per_round": float(np.mean([r["bytes_down"] + r["bytes_up"] for r in rows])),
                 "bytes_per_client": float(np.mean([(r["bytes_down"] + r["bytes_up"]) / k for r, k in zip(rows, n)]))}
 
+    def called(row) -> int:  # clients the masked round called (some may hold no retain data and not reply)
+        return len(row["sampled"]) if "sampled" in row else num_clients
+
+    def unlearning(res) -> dict:
+        return {**per_round(res.history, called), "fraction": res.extra["fraction"],
+                "replies_per_round": float(np.mean([r["clients"] for r in res.history])),
+                "scoring_s": res.timings_s["scoring"], "scoring_bytes": res.bytes["scoring"],
+                "mask_sha256": res.mask.sha256()}
+
     sizes = [len(fdm.client_indices(k)) for k in range(num_clients)]
     return {
         "setting": name, "num_clients": num_clients, "fraction": fraction,
@@ -123,7 +143,10 @@ def one_setting(name: str, num_clients: int, fraction: float, train, test, args)
         "tracemalloc_clients_bytes_per_client": (py1 - py0) / num_clients,
         "tracemalloc_peak_bytes": py_peak, "rss_peak_bytes": rss_peak, "train_s": train_s,
         "fedavg": per_round(fed.history, lambda r: len(r["clients"])),
-        "unlearning": per_round(result.history, lambda r: r["clients"]),
+        "unlearning": unlearning(result),
+        "unlearning_all_clients": unlearning(everyone) if everyone is not None else None,
+        "unlearning_reinit": {**unlearning(reinit), "statistics_round_s": reinit.timings_s["reset"],
+                              "statistics_bytes": reinit.bytes.get("statistics", 0)},
         "scoring_s": result.timings_s["scoring"], "scoring_bytes": result.bytes["scoring"],
         "forget_acc_note": "not measured here (see federated_mnist.py); this benchmark measures cost",
     }
@@ -146,6 +169,29 @@ def table(results: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def unlearning_table(results: list[dict]) -> str:
+    """One row per unlearning run: the masked rounds, and the all-client scoring (and statistics) rounds."""
+    lines = ["| setting | unlearning run | clients called per masked round (replies) | masked round s | local compute s | "
+             "orchestration s | orchestration ms / called client | KB / masked round | KB / called client | "
+             "scoring round s (KB) | statistics round s (KB) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    runs = (("unlearning", "reset none"), ("unlearning_all_clients", "reset none, every client"),
+            ("unlearning_reinit", "reset reinit"))
+    for r in results:
+        for key, label in runs:
+            u = r.get(key)
+            if u is None:
+                continue
+            stats = (f"{u['statistics_round_s']:.2f} ({u['statistics_bytes'] / 1024:.0f})"
+                     if "statistics_round_s" in u else "-")
+            lines.append(
+                f"| {r['setting']} | {label}, fraction {u['fraction']:g} | {u['clients_per_round']:.0f} "
+                f"({u['replies_per_round']:.0f}) | {u['round_s']:.2f} | {u['local_compute_s']:.2f} | "
+                f"{u['overhead_s']:.2f} | {u['overhead_ms_per_client']:.0f} | {u['bytes_per_round'] / 1024:.0f} | "
+                f"{u['bytes_per_client'] / 1024:.1f} | {u['scoring_s']:.2f} ({u['scoring_bytes'] / 1024:.1f}) | {stats} |")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
     torch.set_num_threads(1)
@@ -155,7 +201,7 @@ def main(argv=None) -> None:
     record = {"config": vars(args), "host": {"cpus": os.cpu_count(), "machine": platform.machine(),
                                             "torch_threads": torch.get_num_threads()}, "results": results}
     write_json(record, out / "federated_scale.json")
-    md = table(results)
+    md = table(results) + "\n" + unlearning_table(results)
     (out / "federated_scale.md").write_text(md)
     print(md)
 
