@@ -248,6 +248,7 @@ def run(args: argparse.Namespace) -> None:
                   "command": " ".join(["python", *sys.argv])}
 
         def emit(row: dict[str, Any]) -> None:
+            row = {**row, "git_commit": header["git_commit"]}  # the defaults a row ran with
             rows.append(row)
             write_json({**header, "rows": rows}, path)
             shown = {k: row.get(k) for k in ("arch", "seed", "request", "selection", "ratio", "reset", "objective")}
@@ -330,7 +331,8 @@ def table(rows: list[dict[str, Any]]) -> str:
             cap = max((r.get("relearn_max_steps") or 0) for r in mine)
             order = [("retrain", None, None, None)]
             variants = sorted({_variant(r) for r in mine if r["selection"] not in ("retrain", "original")},
-                              key=lambda v: (SELECTIONS.index(v[0]), str(v[2]), str(v[3]), v[1] or 0))
+                              key=lambda v: (SELECTIONS.index(v[0]), v[2] != DEFAULT or v[3] != DEFAULT, str(v[2]),
+                                             str(v[3]), v[1] or 0))
             for variant in order + variants:
                 runs = [r for r in mine if _variant(r) == variant and r["seed"] in refs] if variant[0] != "retrain" \
                     else list(refs.values())
