@@ -34,10 +34,10 @@ CLI_VALUES = {
     "bn_stats": ("selected", "selected"),
     "early_stopping": ("false", False),
     "stop_tolerance": ("0.05", 0.05),
-    "patience": ("5", 5),
+    "patience": ("7", 7),
     "check_every": ("4", 4),
     "check_samples": ("100", 100),
-    "reset": ("dampen", "dampen"),
+    "reset": ("reinit", "reinit"),
     "seed": ("11", 11),
 }
 
@@ -57,7 +57,7 @@ def test_defaults_live_in_one_place_and_auto_resolves_per_engine():
     assert central.head_rows == [3] and UnlearnConfig().resolved(sample).head_rows is None
     explicit = UnlearnConfig(objective="ascent", head_rows=[1], head_lr_scale=None).resolved(class3, "federated")
     assert (explicit.objective, explicit.head_rows, explicit.head_lr_scale) == ("ascent", [1], None)
-    assert (federated.reset, federated.epochs, federated.max_steps) == ("reinit", 1, None)  # one local epoch per round
+    assert (federated.reset, federated.epochs, federated.max_steps) == ("dampen", 1, None)  # one local epoch per round
     with pytest.raises(ValueError, match=r"unknown engine 'flower'; allowed values are \['central', 'federated'\]"):
         UnlearnConfig().resolved(class3, "flower")
 

@@ -71,7 +71,7 @@ def test_bad_stopping_settings_fail_in_one_line(bad, message):
 
 def test_federated_engine_budgets_one_local_epoch_per_round():
     cfg = UnlearnConfig().resolved(ForgetRequest(classes=[3]), "federated")
-    assert cfg.epochs == 1 and cfg.max_steps is None and cfg.reset == "reinit"
+    assert cfg.epochs == 1 and cfg.max_steps is None and cfg.reset == "dampen"
 
 
 def test_auto_objective_repairs_on_retain_data_for_sample_requests():
@@ -128,7 +128,7 @@ def test_default_procedure_leaves_everything_outside_the_mask_bit_exact(trained_
     params = {n: p.detach().clone() for n, p in trained_model.named_parameters()}
     buffers = {n: b.clone() for n, b in trained_model.named_buffers()}
     result = unlearn(trained_model, class3_dm)
-    assert result.config.reset == "reinit" and "reset" in result.timings_s
+    assert result.config.reset == "dampen" and "reset" in result.timings_s
     changed = 0
     for name, p in result.model.named_parameters():
         keep = result.mask.masks[name]
@@ -141,3 +141,14 @@ def test_default_procedure_leaves_everything_outside_the_mask_bit_exact(trained_
             assert torch.equal(bn.running_mean[~sel], buffers[f"{name}.running_mean"][~sel])
             assert torch.equal(bn.running_var[~sel], buffers[f"{name}.running_var"][~sel])
             assert torch.equal(bn.num_batches_tracked, buffers[f"{name}.num_batches_tracked"])
+
+
+def test_the_forget_term_pauses_once_held_out_data_shows_the_class_forgotten(trained_model, class3_dm, one_thread):
+    """random_label is the means to forget; after a check shows the class gone, only the repair goes on."""
+    callback = SelectiveUnlearning(log_metrics=False, forget_weight=0.7)
+    fit(trained_model.train(), class3_dm, None, [callback])
+    last = callback.stopping_history[-1]
+    assert callback.resolved_config.objective == "random_label"
+    assert trained_model.forget_weight == (0.0 if last["forgotten"] else 0.7)
+    callback._pause_forget_term_once_forgotten(trained_model, forgotten=False)  # the class came back: resume
+    assert trained_model.forget_weight == 0.7

@@ -189,6 +189,7 @@ class SelectiveUnlearning(GradientMask):
         if self._rule is not None and step % self._interval == 0:
             forget_acc, target, remaining_acc = self._checks.evaluate(pl_module)
             reason = self._rule.update(step, forget_acc, target, remaining_acc)
+            self._pause_forget_term_once_forgotten(pl_module, self._rule.history[-1].forgotten)
             pl_module.log_dict({"unlearn/check_forget_acc": forget_acc, "unlearn/check_remaining_acc": remaining_acc})
             if trainer.world_size > 1 and trainer.strategy.reduce_boolean_decision(reason is not None, all=False):
                 reason = reason or "another rank's check"  # every rank checks at the same steps
@@ -196,6 +197,14 @@ class SelectiveUnlearning(GradientMask):
             reason = "step budget"
         if reason is not None:
             self._stop(trainer, reason)
+
+    def _pause_forget_term_once_forgotten(self, pl_module: pl.LightningModule, forgotten: bool) -> None:
+        """A forget-aware term is the means to forget, not the repair: once held-out data shows the forget data
+        forgotten it is paused (weight 0) so it stops pulling shared features away from the retain data; a
+        later check that shows the data back resumes it."""
+        cfg = self.resolved_config
+        if cfg.objective in FORGET_AWARE and isinstance(pl_module, UnlearningMixin):
+            pl_module.forget_weight = 0.0 if forgotten else cfg.forget_weight
 
     def _stop(self, trainer: pl.Trainer, reason: str) -> None:
         trainer.should_stop = True
