@@ -40,7 +40,7 @@ from torch.utils.data import Subset, TensorDataset
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from central import PARAMS as CENTRAL_PARAMS  # noqa: E402
 
-from lightning_unlearn import ForgetRequest, UnlearningDataModule
+from lightning_unlearn import ForgetRequest, UnlearnConfig, UnlearningDataModule
 from lightning_unlearn._io import write_json
 from lightning_unlearn._training import quiet_lightning
 from lightning_unlearn.baselines import run_method
@@ -65,9 +65,22 @@ from lightning_unlearn.models import SmallCNN
 
 ROOT = Path(__file__).resolve().parent.parent
 SECTION = "## Evidence: per-example attacks, challenge score, relearn time"
-METHODS = ("retrain", "ours", "random_channels", "output_row", "finetune", "random_label", "salun", "neggrad_plus")
-# The same recipes as benchmarks/central.py (the controls share the core method's objective).
-PARAMS: dict[str, dict[str, Any]] = {name: CENTRAL_PARAMS[name] for name in METHODS}
+METHODS = ("retrain", "ours", "default", "random_channels", "output_row", "finetune", "random_label", "salun",
+           "neggrad_plus")
+# The same recipes as benchmarks/central.py (the controls share the core method's objective). ``default``: the
+# library's own defaults (``unlearn(model, dm)``: remove, then repair, step budget and stopping rule); ``ours``:
+# central.py's fixed recipe (3 epochs of capped ascent, no stopping rule).
+PARAMS: dict[str, dict[str, Any]] = {name: CENTRAL_PARAMS.get(name, {}) for name in METHODS}
+
+
+def _baseline(name: str) -> str:
+    return "ours" if name == "default" else name
+
+
+def _recipe(name: str, args) -> dict[str, Any]:
+    """The population cache key: a method's parameters and epochs (plus the library defaults for ``default``)."""
+    extra = {"defaults": UnlearnConfig().to_dict()} if name == "default" else {}
+    return {**PARAMS[name], "epochs": method_epochs(name, args), **extra}
 RETRAIN_TEST_SEED, RETRAIN_TOW_SEED = 7001, 7002  # fresh retrained models, not references (their seeds are hashed)
 
 
@@ -88,12 +101,14 @@ def unlearn_fn(name: str, epochs: int):
     kw = PARAMS[name]
 
     def run(model, dm, seed):
-        return run_method(name, model, dm, epochs=epochs, seed=seed, **kw).model
+        return run_method(_baseline(name), model, dm, epochs=epochs, seed=seed, **kw).model
 
     return run
 
 
-def method_epochs(name: str, args) -> int:
+def method_epochs(name: str, args) -> int | None:
+    if name == "default":
+        return None  # the step budget and the stopping rule decide
     return args.epochs if name == "retrain" else args.unlearn_epochs
 
 
@@ -109,8 +124,7 @@ def fill_cache(dm, args) -> None:
     for name in args.methods:
         if name != "retrain":
             unlearned_population(template, dm, unlearn_fn(name, method_epochs(name, args)), name,
-                                 {**PARAMS[name], "epochs": method_epochs(name, args)}, k, args.epochs,
-                                 indices=mine, **cache)
+                                 _recipe(name, args), k, args.epochs, indices=mine, **cache)
 
 
 def run_request(dataset, req_name, request, train, test, originals, args) -> list[dict[str, Any]]:
@@ -165,11 +179,12 @@ def run_request(dataset, req_name, request, train, test, originals, args) -> lis
     for name in args.methods:
         t0 = time.perf_counter()
         seed = RETRAIN_TEST_SEED if name == "retrain" else 0
-        model = run_method(name, original, dm, epochs=method_epochs(name, args), seed=seed, **PARAMS[name]).model.eval()
+        model = run_method(_baseline(name), original, dm, epochs=method_epochs(name, args), seed=seed,
+                           **PARAMS[name]).model.eval()
         seconds = time.perf_counter() - t0
         population = retrain_population if name == "retrain" else unlearned_population(
-            template, dm, unlearn_fn(name, method_epochs(name, args)), name,
-            {**PARAMS[name], "epochs": method_epochs(name, args)}, k, args.epochs, **cache).models
+            template, dm, unlearn_fn(name, method_epochs(name, args)), name, _recipe(name, args), k, args.epochs,
+            **cache).models
         rows.append(row_for(name, model, seconds, population))
         _log(rows[-1])
     for r in rows:
