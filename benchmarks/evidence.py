@@ -73,13 +73,17 @@ METHODS = ("retrain", "ours", "default", "random_channels", "output_row", "finet
 PARAMS: dict[str, dict[str, Any]] = {name: CENTRAL_PARAMS.get(name, {}) for name in METHODS}
 
 
+#: --default-config: UnlearnConfig overrides for the ``default`` method (e.g. another objective), set in main().
+DEFAULT_OVERRIDES: dict[str, Any] = {}
+
+
 def _baseline(name: str) -> str:
     return "ours" if name == "default" else name
 
 
 def _recipe(name: str, args) -> dict[str, Any]:
     """The population cache key: a method's parameters and epochs (plus the library defaults for ``default``)."""
-    extra = {"defaults": UnlearnConfig().to_dict()} if name == "default" else {}
+    extra = {"defaults": UnlearnConfig.build(**DEFAULT_OVERRIDES).to_dict()} if name == "default" else {}
     return {**PARAMS[name], "epochs": method_epochs(name, args), **extra}
 RETRAIN_TEST_SEED, RETRAIN_TOW_SEED = 7001, 7002  # fresh retrained models, not references (their seeds are hashed)
 
@@ -388,7 +392,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=None, help="results file name under benchmarks/results/ (one dataset; default evidence_<dataset>)")
     p.add_argument("--shard", type=_shard, default=None, metavar="J/P",
                    help="only train members J, J+P, ... of every population into the cache (no evaluation)")
+    p.add_argument("--default-config", default="{}", help="UnlearnConfig overrides (JSON) for the 'default' method")
     args = p.parse_args(argv)
+    DEFAULT_OVERRIDES.update(json.loads(args.default_config))
+    PARAMS["default"] = dict(DEFAULT_OVERRIDES)
     torch.set_num_threads(args.threads)
     if args.render:
         names = [args.out] if args.out else [f"evidence_{d}" for d in args.datasets]

@@ -74,7 +74,7 @@ def main() -> None:
                      "timings_s": result.timings_s, "reset": result.config.reset,
                      "relearn_steps": relearn_steps(result.model, dm, target, seed=args.seed)})
         print(rows[-1], flush=True)
-    write_json(args.out, {"epochs": args.epochs, "seed": args.seed, "rows": rows})
+    write_json({"epochs": args.epochs, "seed": args.seed, "rows": rows}, args.out)
     print("| model | forget % | remaining % | test % | relearn steps | repair steps (stop) | time (s) | / retrain |")
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
