@@ -1,10 +1,10 @@
 """Issue 13 on full MNIST: the default procedure against retraining, with the reset alternatives, in one process.
 
-SmallCNN trained on all 60,000 images for ``--epochs``; class 3 forgotten; retraining from scratch on the
+``--arch`` (benchmarks/architectures.py; default SmallCNN) trained on all 60,000 images for ``--epochs``; class 3 forgotten; retraining from scratch on the
 retain data for the same epochs is the reference (its wall time is the denominator of the speed ratio).
 Then ``unlearn`` with the library's defaults and with each ``--variants`` override (JSON objects of
 UnlearnConfig fields). Relearn steps: Adam steps until class 3 is back within 2 points of the original.
-Writes benchmarks/results/full_mnist_default.json.
+Writes benchmarks/results/full_mnist_default.json (``full_mnist_default_<arch>.json`` for other architectures).
 
     .venv/bin/python benchmarks/full_mnist_default.py --data-root ../shared/data/mnist
 """
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -25,7 +26,9 @@ from lightning_unlearn._training import fit
 from lightning_unlearn.data import load_mnist
 from lightning_unlearn.evaluation.evaluate import relearn_steps
 from lightning_unlearn.metrics import split_accuracies
-from lightning_unlearn.models import SmallCNN
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from architectures import ARCHITECTURES, build  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 KEYS = ("forget_acc", "remaining_acc", "test_acc")
@@ -45,15 +48,18 @@ def main() -> None:
     p.add_argument("--data-root", required=True, help="folder with the MNIST idx .gz files")
     p.add_argument("--epochs", type=int, default=2, help="training and retraining epochs")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--arch", choices=list(ARCHITECTURES), default="SmallCNN")
     p.add_argument("--variants", nargs="*", default=['{"reset": "reinit"}'], help="UnlearnConfig overrides (JSON)")
-    p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "full_mnist_default.json")
+    p.add_argument("--out", type=Path, default=None)
     args = p.parse_args()
+    suffix = "" if args.arch == "SmallCNN" else f"_{args.arch}"
+    args.out = args.out or ROOT / "benchmarks" / "results" / f"full_mnist_default{suffix}.json"
     overrides = [json.loads(v) for v in args.variants]
     torch.set_num_threads(1)
     train, test = load_mnist(args.data_root)
     dm = UnlearningDataModule(train, test, ForgetRequest(classes=[3]), batch_size=64, seed=args.seed)
     pl.seed_everything(args.seed, verbose=False)
-    model = SmallCNN()
+    model = build(args.arch, image_size=28, epochs=args.epochs)
     start = time.perf_counter()
     fit(model, _All(train, args.seed), args.epochs)
     rows = [{"model": "original", **{k: split_accuracies(model, dm)[k] for k in KEYS},
@@ -74,7 +80,7 @@ def main() -> None:
                      "timings_s": result.timings_s, "reset": result.config.reset,
                      "relearn_steps": relearn_steps(result.model, dm, target, seed=args.seed)})
         print(rows[-1], flush=True)
-    write_json({"epochs": args.epochs, "seed": args.seed, "rows": rows}, args.out)
+    write_json({"arch": args.arch, "epochs": args.epochs, "seed": args.seed, "rows": rows}, args.out)
     print("| model | forget % | remaining % | test % | relearn steps | repair steps (stop) | time (s) | / retrain |")
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
