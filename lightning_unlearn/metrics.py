@@ -71,13 +71,14 @@ class ClassAccuracy(Metric):
 def _run(model: nn.Module, loader: DataLoader, metric: Metric) -> Metric:
     device = next(model.parameters()).device
     metric = metric.to(device)
-    was_training = model.training
+    modes = [(m, m.training) for m in model.modules()]  # per module: a frozen BatchNorm stays in eval mode
     model.eval()
     try:
         for batch in loader:
             metric.update(model(batch[0].to(device)), batch[1].to(device))
     finally:
-        model.train(was_training)
+        for m, mode in modes:
+            m.training = mode
     return metric
 
 

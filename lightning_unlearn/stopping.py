@@ -16,7 +16,6 @@ Patience stops a repair whose remaining accuracy no longer improves; the step bu
 """
 from __future__ import annotations
 
-import logging
 from dataclasses import asdict, dataclass
 from typing import Sequence
 
@@ -25,7 +24,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
-logger = logging.getLogger(__name__)
+from lightning_unlearn.metrics import class_accuracies
+
 
 #: A forget accuracy this many tolerances below its (non-zero) target is flagged as over-forgetting.
 OVERFORGET_TOLERANCES = 5
@@ -97,7 +97,7 @@ class CheckSets:
         dm = datamodule
         self.is_class_request = bool(dm.request.classes)
         rng = np.random.default_rng(seed)
-        self.batch_size = dm.batch_size
+        self.batch_size, self.num_classes = dm.batch_size, dm.num_classes
         if self.is_class_request and len(dm.forget_test_indices):
             self.forget = _subset(dm.test_dataset, dm.forget_test_indices, max_samples, rng)
         else:
@@ -107,22 +107,16 @@ class CheckSets:
         counts = torch.bincount(forget_targets, minlength=dm.num_classes).double()
         self.forget_class_weights = counts / counts.sum()
 
-    @torch.no_grad()
     def evaluate(self, model: nn.Module) -> tuple[float, float, float]:
         """``(forget accuracy, its target, remaining accuracy)`` of ``model``; module modes are restored."""
-        modes = [(m, m.training) for m in model.modules()]
-        model.eval()
-        try:
-            device = next(model.parameters()).device
-            fp, fy = _predict(model, self.forget, self.batch_size, device)
-            rp, ry = _predict(model, self.remaining, self.batch_size, device)
-        finally:
-            for m, mode in modes:
-                m.training = mode
-        forget_acc = float((fp == fy).double().mean())
-        remaining_acc = float((rp == ry).double().mean())
-        target = 0.0 if self.is_class_request else _class_weighted_accuracy(rp, ry, self.forget_class_weights)
-        return forget_acc, target, remaining_acc
+        forget = class_accuracies(model, DataLoader(self.forget, self.batch_size), self.num_classes)
+        remaining = class_accuracies(model, DataLoader(self.remaining, self.batch_size), self.num_classes)
+        if self.is_class_request:
+            target = 0.0
+        else:  # held-out accuracy per class, weighted by the forget set's class mix (absent classes: overall)
+            per_class = torch.tensor(remaining["per_class"], dtype=torch.float64).nan_to_num(remaining["acc"])
+            target = float((per_class * self.forget_class_weights).sum())
+        return forget["acc"], target, remaining["acc"]
 
 
 def _subset(dataset: Dataset, indices: Sequence[int], max_samples: int, rng: np.random.Generator) -> Subset:
@@ -130,23 +124,3 @@ def _subset(dataset: Dataset, indices: Sequence[int], max_samples: int, rng: np.
     if len(indices) > max_samples:
         indices = np.sort(rng.choice(indices, size=max_samples, replace=False))
     return Subset(dataset, indices.tolist())
-
-
-def _predict(model: nn.Module, dataset: Dataset, batch_size: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    preds, labels = [], []
-    for x, y in DataLoader(dataset, batch_size=batch_size, shuffle=False):
-        preds.append(model(x.to(device)).argmax(-1).cpu())
-        labels.append(torch.as_tensor(y))
-    return torch.cat(preds), torch.cat(labels)
-
-
-def _class_weighted_accuracy(pred: torch.Tensor, y: torch.Tensor, weights: torch.Tensor) -> float:
-    """Accuracy per class weighted by ``weights`` (classes absent from ``y`` take the overall accuracy)."""
-    overall = float((pred == y).double().mean())
-    total = 0.0
-    for c, w in enumerate(weights.tolist()):
-        if w == 0:
-            continue
-        in_class = y == c
-        total += w * (float((pred[in_class] == c).double().mean()) if bool(in_class.any()) else overall)
-    return total
