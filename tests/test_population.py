@@ -1,0 +1,100 @@
+"""The population harness (benchmarks/population.py, issue 22): U-LiRA scores two samples of one population at
+chance, separated populations near 1, the class calibration removes a per-model global shift, plug-ins load,
+and masked candidate updates keep every parameter element outside the mask bit-for-bit."""
+from __future__ import annotations
+
+import copy
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import Subset
+
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+sys.path.insert(0, str(BENCHMARKS))
+
+import population  # noqa: E402
+import population_methods as pm  # noqa: E402
+
+from lightning_unlearn import ForgetRequest, UnlearningDataModule  # noqa: E402
+from lightning_unlearn.data import load_digits_datasets  # noqa: E402
+from lightning_unlearn.evaluation.attacks import population_statistics  # noqa: E402
+
+
+def _population(rng, k: int, n: int, mu: np.ndarray, model_sd: float = 1.0) -> np.ndarray:
+    return mu[None] + model_sd * rng.standard_normal((k, n))
+
+
+def test_two_samples_of_one_gaussian_population_score_chance():
+    rng = np.random.default_rng(0)
+    mu = rng.normal(0, 3, 300)  # per-example means differ, as real phi does
+    aucs = [population.ulira_auc(_population(rng, 8, 300, mu), _population(rng, 8, 300, mu)) for _ in range(5)]
+    assert abs(np.mean(aucs) - 0.5) < 0.03
+    assert abs(population.halves_auc(_population(rng, 16, 300, mu)) - 0.5) < 0.05
+
+
+def test_separated_populations_score_near_one():
+    rng = np.random.default_rng(1)
+    mu = rng.normal(0, 3, 300)
+    assert population.ulira_auc(_population(rng, 8, 300, mu + 4.0), _population(rng, 8, 300, mu)) > 0.97
+
+
+def test_class_calibration_removes_a_per_model_global_shift():
+    rng = np.random.default_rng(2)
+    n_f, n_h = 200, 400
+    f_labels, h_labels = rng.integers(0, 3, n_f), rng.integers(0, 3, n_h)
+    mu_f, mu_h = rng.normal(0, 2, n_f), rng.normal(0, 2, n_h)
+
+    def pop(shift: float):
+        offset = shift + 0.1 * rng.standard_normal((8, 1))  # each model: one global offset on every sample
+        return (_population(rng, 8, n_f, mu_f, 0.5) + offset, _population(rng, 8, n_h, mu_h, 0.5) + offset)
+
+    (uf, uh), (rf, rh) = pop(3.0), pop(0.0)
+    assert population.ulira_auc(uf, rf) > 0.95  # raw: the shift gives every model away
+    cal_u, cal_r = (population.calibrate(f, f_labels, h, h_labels) for f, h in ((uf, uh), (rf, rh)))
+    assert abs(population.ulira_auc(cal_u, cal_r) - 0.5) < 0.06
+
+
+def test_calibration_fails_without_heldout_samples_of_a_class():
+    with pytest.raises(ValueError, match="class 2"):
+        population.calibrate(np.zeros((2, 3)), np.array([0, 1, 2]), np.zeros((2, 2)), np.array([0, 1]))
+
+
+def test_two_halves_of_one_real_population_score_about_chance():
+    train, _ = load_digits_datasets()
+    data = Subset(train, list(range(400)))
+    models = [population.train_plain(population.ARCHS["MLP"](image_size=8), data, 3, 64, seed=s) for s in range(8)]
+    phi = population_statistics(models, Subset(train, list(range(400, 600))))  # nobody trained on these
+    assert abs(population.halves_auc(phi, splits=20) - 0.5) < 0.1
+
+
+def test_plugin_entries_become_methods(tmp_path):
+    good = tmp_path / "peers.py"
+    good.write_text("PEERS = {'noop': lambda task: task.original}\n")
+    assert list(population.load_plugin(good)) == ["noop"]
+    bad = tmp_path / "bad.py"
+    bad.write_text("PEERS = ['noop']\n")
+    with pytest.raises(ValueError, match="PEERS"):
+        population.load_plugin(bad)
+    with pytest.raises(SystemExit) as exit_:
+        population.main(["--plugin", str(tmp_path / "missing.py"), "--render"])
+    assert exit_.value.code == 2
+
+
+def test_masked_distillation_keeps_everything_outside_the_mask_bit_for_bit():
+    train, test = load_digits_datasets()
+    dm = UnlearningDataModule(train, test, ForgetRequest(classes=[3]), batch_size=32, num_classes=10)
+    model = population.ARCHS["SmallCNN"]()
+    before = copy.deepcopy(model.state_dict())
+    masks = {"fc2.weight": torch.zeros_like(model.fc2.weight, dtype=torch.bool)}
+    masks["fc2.weight"][3] = True
+    task = population.Task(original=model, datamodule=dm, recipe={}, num_classes=10, seed=0)
+    out = pm.distill(task, steps=5, masks=masks)
+    after = out.state_dict()
+    assert not torch.equal(after["fc2.weight"][3], before["fc2.weight"][3])
+    assert torch.equal(after["fc2.weight"][:3], before["fc2.weight"][:3])
+    for name, value in before.items():  # every other parameter and every BatchNorm buffer
+        if name != "fc2.weight":
+            assert torch.equal(after[name], value), name
