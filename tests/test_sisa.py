@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
 import subprocess
 import sys
@@ -279,3 +280,106 @@ def test_ledger_records_sisa_deletions_as_exact_and_verify_passes(fitted, train_
         assert np.array_equal(ledger.held(outcome["version"]), fitted.held_ids())
         checks = ledger_mod.verify(ledger, [request_id])
         assert checks and all(c.ok for c in checks), [c for c in checks if not c.ok]
+
+
+# -- issue 21: deletions that stay deleted ---------------------------------------------------------------------------
+FORK = multiprocessing.get_context("fork")  # forked children skip the interpreter start and the imports
+
+
+def _forget_in_child(run: SISA, sample: int, barrier) -> None:
+    barrier.wait(timeout=60)
+    run.forget(ForgetRequest(sample_ids=[sample]))
+
+
+def test_two_concurrent_deletions_on_one_run_both_land(fitted, train_set, tmp_path):
+    """Two processes deleting from the same shard at once: both deletions land, and no report claims more."""
+    shard = 0
+    first, second = (int(i) for i in fitted.slices[shard][0][:2])  # slice 0: each retrains the whole shard
+    barrier = FORK.Barrier(2)
+    children = [FORK.Process(target=_forget_in_child, args=(fitted, s, barrier)) for s in (first, second)]
+    for child in children:
+        child.start()
+    for child in children:
+        child.join(timeout=240)
+    assert [c.exitcode for c in children] == [0, 0]
+    deleted = set(fitted.shard_state(shard)["deleted"])
+    assert {first, second} <= deleted
+    reports = [json.loads(p.read_text()) for p in sorted((fitted.root / "reports").glob("deletion*.json"))]
+    assert len(reports) == 2
+    for report in reports:  # every report's claim is in the state the ensemble is served from
+        assert report["num_samples_removed"] == 1 and set(report["request"]["sample_ids"]) <= deleted
+    # and in the weights: the shard equals one trained from scratch without both samples
+    reference = SISA(tmp_path / "scratch", tiny_cnn, train_set, CONFIG)
+    reference.fit(shards=[shard], exclude=[first, second])
+    assert states_equal(fitted.shard_model(shard).state_dict(), reference.shard_model(shard).state_dict())
+
+
+def test_a_failed_deletion_changes_nothing_and_the_rerun_completes_it(fitted, digits):
+    """Every file a deletion reads is checked before any work; after a failure the run is as it was."""
+    sample = int(fitted.slices[1][1][0])
+    other = fitted.root / "shard_002" / fitted.shard_state(2)["stages"][-1]["file"]  # read by the evaluation
+    good = other.read_bytes()
+    other.write_bytes(good[:-1] + bytes([good[-1] ^ 0xFF]))
+    before = files_of(fitted)
+    with pytest.raises(ValueError, match=r"shard_002/slice_002\.g0\.pt changed since it was written"):
+        fitted.forget(ForgetRequest(sample_ids=[sample]), test_dataset=digits[1])
+    assert files_of(fitted) == before  # no state written, no checkpoint retrained or swept
+    assert not (fitted.root / "reports").exists()
+    other.write_bytes(good)
+    result = fitted.forget(ForgetRequest(sample_ids=[sample]), test_dataset=digits[1])
+    report = json.loads(result.report_path.read_text())
+    assert report["num_samples_removed"] == 1 and sample in fitted.shard_state(1)["deleted"]
+
+
+def test_a_failure_while_retraining_leaves_every_shard_state_unchanged(fitted, monkeypatch):
+    """A request over two shards that fails on the second: the first shard's state is not committed alone."""
+    ids = [int(fitted.slices[0][1][0]), int(fitted.slices[2][1][0])]
+    before = {s: fitted.shard_state(s) for s in range(CONFIG.shards)}
+    real, calls = SISA._train_stage, []
+
+    def fail_on_second_shard(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) > CONFIG.slices - 1:  # shard 0 retrained slices 1..2; shard 2 fails
+            raise RuntimeError("out of memory")
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(SISA, "_train_stage", fail_on_second_shard)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        fitted.forget(ForgetRequest(sample_ids=ids))
+    assert {s: fitted.shard_state(s) for s in range(CONFIG.shards)} == before
+    monkeypatch.setattr(SISA, "_train_stage", real)
+    result = fitted.forget(ForgetRequest(sample_ids=ids))  # the rerun removes both
+    assert sorted(result.affected) == [0, 2] and result.to_dict()["num_samples_removed"] == 2
+    assert not [p for p in fitted.root.glob("shard_*/slice_*.pt")
+                if p.name not in {st["file"] for s in range(3) for st in fitted.shard_state(s)["stages"]}]
+
+
+def test_corrupt_run_files_are_named_in_one_line(fitted, train_set, tmp_path, capsys):
+    state_file = fitted.root / "shard_001" / "state.json"
+    good = state_file.read_text()
+    before = files_of(fitted)
+    untouched_shard_sample = int(fitted.slices[0][0][0])
+    for text, problem in ((good.replace(",", "", 1), r"is not valid JSON \(Expecting ',' delimiter: line \d+ column \d+"),
+                          ('{"shard": 1, "generation": 0, "deleted": "all", "stages": []}', "is malformed: deleted must be a list"),
+                          (good.replace('"slice_000.g0.pt"', '"../../escape.pt"'), "is malformed: stage 0: file must be a checkpoint name")):
+        state_file.write_text(text)
+        for action in (lambda: fitted.forget(ForgetRequest(sample_ids=[untouched_shard_sample])), fitted.ensemble):
+            with pytest.raises(ValueError, match=rf"SISA shard state {state_file} {problem}") as info:
+                action()
+            assert "\n" not in str(info.value)
+    state_file.write_text(good)
+    assert files_of(fitted) == before  # the deletion did nothing while a state was unreadable
+
+    plan = fitted.root / "plan.json"
+    plan.write_text(plan.read_text()[:-20])
+    with pytest.raises(ValueError, match=rf"SISA plan {plan} is not valid JSON"):
+        SISA(fitted.root, tiny_cnn, train_set, CONFIG)
+    config = tmp_path / "sisa.yaml"
+    config.write_text(CLI_CONFIG)
+    assert sisa_main(["unlearn", "--config", str(config), "--sisa.dir", str(fitted.root)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"lightning-unlearn: error: SISA plan {plan} is not valid JSON") and "\n" not in err
+    plan.write_text('{"format": "lightning-unlearn/sisa/1"}')
+    with pytest.raises(ValueError, match=rf"SISA plan {plan} lacks config"):
+        SISA.stored_config(fitted.root)
+

@@ -12,11 +12,17 @@ Each shard is written only by the process training it, so shards can train in pa
 the last checkpoint before the first slice holding a deleted sample; other shards' files are
 not touched. Before a checkpoint is reused its file hash and the hash of the data it was
 trained on (ids, order, content) are checked against the current dataset.
+
+A deletion holds every shard's lock (:mod:`~lightning_unlearn.exact.locks`), checks every file it
+will read before any work, writes its new checkpoints under new names and commits the shard
+states only once all of them (and the evaluation) succeeded: two deletions at once both land,
+and one that fails leaves the run as it was, so rerunning it removes the samples.
 """
 from __future__ import annotations
 
 import json
 import logging
+import re
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -33,6 +39,7 @@ from lightning_unlearn._io import load_torch_file, save_torch, to_jsonable, uniq
 from lightning_unlearn._training import fit, quiet_lightning
 from lightning_unlearn.data.datasets import dataset_targets
 from lightning_unlearn.exact.ensemble import SISAEnsemble
+from lightning_unlearn.exact.locks import ShardLocks
 from lightning_unlearn.exact.plan import (
     SISAConfig,
     file_sha256,
@@ -47,6 +54,9 @@ from lightning_unlearn.request import ForgetRequest
 
 log = logging.getLogger(__name__)
 FORMAT = "lightning-unlearn/sisa/1"
+PLAN_KEYS = ("format", "config", "num_samples", "model", "order")
+CHECKPOINT_NAME = re.compile(r"slice_\d{3}\.g\d+\.pt")
+SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
 @dataclass
@@ -115,6 +125,7 @@ class SISA:
                 self.location[ids] = (s, j)
         self.trainer_kwargs = dict(trainer_kwargs or {})
         self._digests: list[bytes] | None = None
+        self._locks = ShardLocks(self.root)
         self._open_plan()
 
     # -- plan and shard state ------------------------------------------------------------------
@@ -146,8 +157,8 @@ class SISA:
                 return
             except FileExistsError:  # another shard process wrote it first: it must agree
                 pass
-        stored = json.loads(path.read_text())
-        for key in ("format", "num_samples", "config", "model", "order"):
+        stored = _read_plan(path)
+        for key in PLAN_KEYS:
             if stored.get(key) != plan[key]:
                 there, now = stored.get(key), plan[key]
                 if isinstance(there, dict) and isinstance(now, dict):
@@ -166,18 +177,62 @@ class SISA:
         path = Path(root) / "plan.json"
         if not path.exists():
             return None
-        stored = json.loads(path.read_text())
-        return SISAConfig(**stored["config"], aggregation=stored.get("aggregation", "mean_proba"))
+        stored = _read_plan(path)
+        try:
+            return SISAConfig(**stored["config"], aggregation=stored.get("aggregation", "mean_proba"))
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"SISA plan {path} is malformed: config {_short(stored['config'])} ({err})") from None
 
     def _shard_dir(self, shard: int) -> Path:
         return self.root / f"shard_{shard:03d}"
 
     def shard_state(self, shard: int) -> dict[str, Any]:
-        """The shard's recorded state: ``deleted`` ids, ``generation`` and the trained ``stages``."""
+        """The shard's recorded state: ``deleted`` ids, ``generation`` and the trained ``stages``.
+
+        The file is untrusted: a state that is not valid JSON or not a shard state of this plan
+        raises one ValueError naming the file and what is wrong.
+        """
         path = self._shard_dir(shard) / "state.json"
         if not path.exists():
             return {"shard": shard, "generation": 0, "deleted": [], "stages": []}
-        return json.loads(path.read_text())
+        state = _read_json(path, "SISA shard state")
+        problem = self._state_problem(shard, state)
+        if problem:
+            raise ValueError(f"SISA shard state {path} is malformed: {problem}; restore it, or start fresh in a "
+                             "new directory")
+        return state
+
+    def _state_problem(self, shard: int, state: Any) -> str | None:
+        """What makes ``state`` unusable as shard ``shard``'s state (None if nothing)."""
+        if not isinstance(state, dict):
+            return f"expected a JSON object, got {type(state).__name__}"
+        missing = [k for k in ("generation", "deleted", "stages") if k not in state]
+        if missing:
+            return f"it lacks {', '.join(missing)}"
+        if state.get("shard", shard) != shard:
+            return f"it names shard {state['shard']!r}, not {shard}"
+        if not _is_int(state["generation"]) or state["generation"] < 0:
+            return f"generation must be an integer >= 0, got {_short(state['generation'])}"
+        deleted, n = state["deleted"], len(self.targets)
+        if not isinstance(deleted, list) or not all(_is_int(i) and 0 <= i < n for i in deleted):
+            return f"deleted must be a list of sample ids in 0..{n - 1}, got {_short(deleted)}"
+        foreign = [i for i in deleted if self.location[i, 0] != shard]
+        if foreign:
+            return f"deleted lists sample(s) {_short(foreign)} that shard {shard} does not hold"
+        stages = state["stages"]
+        if not isinstance(stages, list) or len(stages) > self.config.slices:
+            return f"stages must be a list of at most {self.config.slices} slice checkpoints"
+        for j, stage in enumerate(stages):
+            if not isinstance(stage, dict) or stage.get("slice") != j:
+                return f"stage {j} must be an object with slice {j}"
+            if not isinstance(stage.get("file"), str) or not CHECKPOINT_NAME.fullmatch(stage["file"]):
+                return f"stage {j}: file must be a checkpoint name like slice_000.g0.pt, got {_short(stage.get('file'))}"
+            for key in ("sha256", "data_sha256"):
+                if not isinstance(stage.get(key), str) or not SHA256.fullmatch(stage[key]):
+                    return f"stage {j}: {key} must be a SHA-256 hex digest"
+            if not _is_int(stage.get("samples")) or stage["samples"] < 0:
+                return f"stage {j}: samples must be an integer >= 0"
+        return None
 
     def _write_state(self, shard: int, state: dict[str, Any]) -> None:
         write_json(state, self._shard_dir(shard) / "state.json")
@@ -227,21 +282,26 @@ class SISA:
             raise ValueError(f"exclude ids out of range; allowed ids are 0..{len(self.targets) - 1}")
         seconds = {}
         for s in shards:
-            state = self.shard_state(s)
-            self._sweep(s, state)
-            excluded = set(exclude_ids[self.location[exclude_ids, 0] == s].tolist())
-            if excluded - set(state["deleted"]):
-                if state["stages"]:
-                    raise ValueError(f"shard {s} is already trained: delete samples from it with forget(), not exclude=")
-                state = {**state, "deleted": sorted(excluded)}
-            deleted = set(state["deleted"])
-            done = len(state["stages"])
-            start = time.perf_counter()
-            if done < self.config.slices:
-                model, opt_state = self._resume(s, state, done, deleted)
-                self._train_stages(s, done, model, opt_state, deleted, state, write_each=True)
-            seconds[s] = time.perf_counter() - start
-            log.info("SISA shard %d: %d slices trained in %.1f s", s, self.config.slices - done, seconds[s])
+            with self._locks.hold([s]):  # one process per shard; a deletion waits for it
+                seconds[s] = self._fit_shard(s, exclude_ids)
+        return seconds
+
+    def _fit_shard(self, s: int, exclude_ids: np.ndarray) -> float:
+        state = self.shard_state(s)
+        self._sweep(s, state)
+        excluded = set(exclude_ids[self.location[exclude_ids, 0] == s].tolist())
+        if excluded - set(state["deleted"]):
+            if state["stages"]:
+                raise ValueError(f"shard {s} is already trained: delete samples from it with forget(), not exclude=")
+            state = {**state, "deleted": sorted(excluded)}
+        deleted = set(state["deleted"])
+        done = len(state["stages"])
+        start = time.perf_counter()
+        if done < self.config.slices:
+            model, opt_state = self._resume(s, state, done, deleted)
+            self._train_stages(s, done, model, opt_state, deleted, state, write_each=True)
+        seconds = time.perf_counter() - start
+        log.info("SISA shard %d: %d slices trained in %.1f s", s, self.config.slices - done, seconds)
         return seconds
 
     def _new_model(self, shard: int) -> pl.LightningModule:
@@ -336,7 +396,8 @@ class SISA:
 
     def deleted_ids(self) -> np.ndarray:
         """Sorted ids of every sample deleted from the run so far."""
-        parts = [self.shard_state(s)["deleted"] for s in range(self.config.shards)]
+        with self._locks.hold(range(self.config.shards)):  # not half of a deletion
+            parts = [self.shard_state(s)["deleted"] for s in range(self.config.shards)]
         return np.unique(np.concatenate([np.asarray(p, dtype=np.int64) for p in parts]))
 
     def held_ids(self) -> np.ndarray:
@@ -349,41 +410,62 @@ class SISA:
 
         Unaffected shards are not touched. With ``test_dataset`` the report carries the ensemble's
         forget / remaining / test accuracies; the report is written to ``report_dir``
-        (default ``root/reports``).
+        (default ``root/reports``). Holds every shard's lock: a concurrent deletion or fit waits.
+        Nothing is committed until every affected shard is retrained (and evaluated): a failure
+        leaves every shard state as it was.
         """
         ids = self.resolve(request)
-        states = {s: self.shard_state(s) for s in range(self.config.shards)}
+        with self._locks.hold(range(self.config.shards)):
+            return self._forget_locked(request, ids, test_dataset, report_dir)
+
+    def _forget_locked(self, request: ForgetRequest, ids: np.ndarray, test_dataset: Dataset | None,
+                       report_dir: str | Path | None) -> SISADeletion:
+        states = {s: self.shard_state(s) for s in range(self.config.shards)}  # read under the lock, validated
         untrained = [s for s, st in states.items() if len(st["stages"]) < self.config.slices]
         if untrained:
             raise ValueError(f"shard(s) {untrained} are not fully trained in {self.root}: run fit first")
         all_deleted = set().union(*(st["deleted"] for st in states.values())) | set(ids.tolist())
         if len(all_deleted) >= len(self.targets):
             raise ValueError(f"{request.to_dict()} would delete every training sample: nothing would be retained")
-        affected, before, after = {}, {}, {}
-        start = time.perf_counter()
-        for s in range(self.config.shards):
-            state = states[s]
-            deleted = set(state["deleted"])
+        todo: dict[int, tuple[int, list[int]]] = {}  # shard -> (first slice to retrain, newly deleted ids)
+        for s, state in states.items():
             mine = ids[self.location[ids, 0] == s]
-            new = mine[~np.isin(mine, np.asarray(sorted(deleted), dtype=np.int64))].tolist()
-            if not new:
-                continue
-            first = int(self.location[new, 1].min())
+            new = mine[~np.isin(mine, np.asarray(state["deleted"], dtype=np.int64))].tolist()
+            if new:
+                todo[s] = (int(self.location[new, 1].min()), new)
+        # every checkpoint this deletion reads, checked before any work: the prefixes the affected
+        # shards resume from, and (for the evaluation) the unaffected shards' served models
+        for s, state in states.items():
+            deleted = set(state["deleted"])
+            if s in todo:
+                for stage in state["stages"][: todo[s][0]]:
+                    self._verify_stage(s, stage, deleted)
+            elif test_dataset is not None:
+                self._verify_stage(s, state["stages"][-1], deleted)
+        for s, state in states.items():
+            self._sweep(s, state)  # checkpoints an interrupted deletion left uncommitted
+        affected, pending, before, after = {}, {}, {}, {}
+        start = time.perf_counter()
+        for s, (first, new) in todo.items():
+            state = states[s]
             t0 = time.perf_counter()
+            deleted = set(state["deleted"])
             model, opt_state = self._resume(s, state, first, deleted)
             deleted |= set(new)
             work = {**state, "generation": int(state["generation"]) + 1, "deleted": sorted(deleted)}
-            work = self._train_stages(s, first, model, opt_state, deleted, work, write_each=False)
-            self._write_state(s, work)  # the new checkpoints count from here on
-            self._sweep(s, work)  # the superseded ones (they saw the deleted data) go
+            pending[s] = self._train_stages(s, first, model, opt_state, deleted, work, write_each=False)
             before[s] = [st["sha256"] for st in state["stages"]]
-            after[s] = [st["sha256"] for st in work["stages"]]
+            after[s] = [st["sha256"] for st in pending[s]["stages"]]
             affected[s] = {"first_slice": first, "slices_retrained": self.config.slices - first,
-                           "samples_removed": len(new), "samples_left": work["stages"][-1]["samples"],
+                           "samples_removed": len(new), "samples_left": pending[s]["stages"][-1]["samples"],
                            "seconds": time.perf_counter() - t0}
         result = SISADeletion(request, ids, affected, time.perf_counter() - start, before, after)
-        if test_dataset is not None:
-            result.metrics = self.evaluate(request, ids, test_dataset)
+        if test_dataset is not None:  # the ensemble as it will be served, before anything is committed
+            result.metrics = self._evaluate(request, ids, test_dataset, {**states, **pending})
+        for s, work in pending.items():
+            self._write_state(s, work)  # the new checkpoints count from here on
+        for s, work in pending.items():
+            self._sweep(s, work)  # the superseded ones (they saw the deleted data) go
         folder = Path(report_dir) if report_dir is not None else self.root / "reports"
         result.report_path = write_json(result.to_dict(), unique_path(folder / "deletion.json"), overwrite=False)
         log.info("SISA deletion %s: shards %s retrained in %.1f s", request.to_dict(), sorted(affected), result.seconds)
@@ -391,40 +473,55 @@ class SISA:
 
     def evaluate(self, request: ForgetRequest, ids: np.ndarray, test_dataset: Dataset) -> dict[str, Any]:
         """The ensemble's accuracy splits for a request (the same numbers the approximate reports carry)."""
+        with self._locks.hold(range(self.config.shards)):
+            states = {s: self.shard_state(s) for s in range(self.config.shards)}
+            return self._evaluate(request, ids, test_dataset, states)
+
+    def _evaluate(self, request: ForgetRequest, ids: np.ndarray, test_dataset: Dataset,
+                  states: dict[int, dict[str, Any]]) -> dict[str, Any]:
         from lightning_unlearn.data.unlearning import UnlearningDataModule
         from lightning_unlearn.metrics import split_accuracies
 
         dm = UnlearningDataModule(self.dataset, test_dataset, request, batch_size=256, forget_indices=ids)
-        return split_accuracies(self.ensemble(), dm)
+        return split_accuracies(self._ensemble_of(states), dm)
 
-    # -- the model -----------------------------------------------------------------------------
+    # -- the model ----------------------------------------------------------------------------
     def shard_model(self, shard: int) -> pl.LightningModule:
         """Shard ``shard``'s current model (last slice), verified before use."""
         (shard,) = self._check_shards([shard])
-        state = self.shard_state(shard)
-        if len(state["stages"]) < self.config.slices:
-            raise ValueError(f"shard {shard} is not fully trained in {self.root}: run fit first")
+        with self._locks.hold([shard]):
+            state = self.shard_state(shard)
+            if len(state["stages"]) < self.config.slices:
+                raise ValueError(f"shard {shard} is not fully trained in {self.root}: run fit first")
+            return self._model_of(shard, state)
+
+    def _model_of(self, shard: int, state: dict[str, Any]) -> pl.LightningModule:
         model = self._new_model(shard)
         model.load_state_dict(self._load_stage(shard, state["stages"][-1], set(state["deleted"]))["model"])
         return model.eval()
 
     def ensemble(self, aggregation: str | None = None) -> SISAEnsemble:
-        """All shard models with data left, as one LightningModule."""
-        states = {s: self.shard_state(s) for s in range(self.config.shards)}
-        untrained = [s for s, st in states.items() if len(st["stages"]) < self.config.slices]
-        if untrained:
-            raise ValueError(f"shard(s) {untrained} are not trained in {self.root}: run fit first "
-                             f"(e.g. lightning-unlearn sisa fit ... --sisa.shard_ids {untrained[0]})")
+        """All shard models with data left, as one LightningModule (read while no deletion is half done)."""
+        with self._locks.hold(range(self.config.shards)):
+            states = {s: self.shard_state(s) for s in range(self.config.shards)}
+            untrained = [s for s, st in states.items() if len(st["stages"]) < self.config.slices]
+            if untrained:
+                raise ValueError(f"shard(s) {untrained} are not trained in {self.root}: run fit first "
+                                 f"(e.g. lightning-unlearn sisa fit ... --sisa.shard_ids {untrained[0]})")
+            return self._ensemble_of(states, aggregation)
+
+    def _ensemble_of(self, states: dict[int, dict[str, Any]], aggregation: str | None = None) -> SISAEnsemble:
         live = [s for s, st in states.items() if st["stages"][-1]["samples"] > 0]
-        models = [self.shard_model(s) for s in live]
+        models = [self._model_of(s, states[s]) for s in live]
         return SISAEnsemble(models, aggregation or self.config.aggregation, live).eval()
 
     def storage_bytes(self) -> int:
         """Bytes of the checkpoint files the run keeps (every shard x slice)."""
         total = 0
-        for s in range(self.config.shards):
-            for stage in self.shard_state(s)["stages"]:
-                total += (self._shard_dir(s) / stage["file"]).stat().st_size
+        with self._locks.hold(range(self.config.shards)):
+            for s in range(self.config.shards):
+                for stage in self.shard_state(s)["stages"]:
+                    total += (self._shard_dir(s) / stage["file"]).stat().st_size
         return total
 
 
@@ -479,6 +576,33 @@ def _to_cpu(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return type(value)(_to_cpu(v) for v in value)
     return value
+
+
+def _read_json(path: Path, what: str) -> Any:
+    """A JSON file another process or a user may have damaged: errors name the file and the problem."""
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{what} {path} is not valid JSON ({err.msg}: line {err.lineno} column {err.colno}); "
+                         "restore it, or start fresh in a new directory") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise ValueError(f"{what} {path} cannot be read ({getattr(err, 'strerror', None) or err})") from None
+
+
+def _read_plan(path: Path) -> dict[str, Any]:
+    plan = _read_json(path, "SISA plan")
+    if not isinstance(plan, dict):
+        raise ValueError(f"SISA plan {path} is malformed: expected a JSON object, got {type(plan).__name__}")
+    missing = [k for k in PLAN_KEYS if k not in plan]
+    if missing:
+        raise ValueError(f"SISA plan {path} lacks {', '.join(missing)}: restore it, or start fresh in a new directory")
+    if not isinstance(plan["config"], dict):
+        raise ValueError(f"SISA plan {path} is malformed: config must be an object, got {_short(plan['config'])}")
+    return plan
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _short(value: Any, limit: int = 80) -> str:
