@@ -106,6 +106,119 @@ def distill(task: Task, steps: int = 100, lr: float = 1e-3, batch: int = 32,
     return model.eval()
 
 
+def head_layer(model: nn.Module) -> nn.Linear:
+    """The classifier head: the last ``nn.Linear`` in module order."""
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    if not linears:
+        raise ValueError(f"{type(model).__name__} has no nn.Linear head to calibrate")
+    return linears[-1]
+
+
+@torch.no_grad()
+def head_inputs(model: nn.Module, dataset: Dataset, batch: int = 512) -> tuple[torch.Tensor, torch.Tensor]:
+    """The head's input features (eval mode) and labels of ``dataset``, computed once."""
+    head, feats, labels = head_layer(model), [], []
+    hook = head.register_forward_hook(lambda m, inp, out: feats.append(inp[0].detach()))
+    was = model.training
+    model.eval()
+    try:
+        for x, y in DataLoader(dataset, batch_size=batch):
+            model(x)
+            labels.append(y.long())
+    finally:
+        hook.remove()
+        model.train(was)
+    return torch.cat(feats), torch.cat(labels)
+
+
+def _optimizer(recipe: dict, params: list[torch.Tensor]) -> torch.optim.Optimizer:
+    """The original's optimizer kind and settings (SGD gets momentum 0.9)."""
+    name, lr, wd = recipe.get("optimizer", "Adam"), recipe.get("lr", 1e-3), recipe.get("weight_decay", 0.0)
+    if name == "SGD":
+        return torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=wd)
+    return getattr(torch.optim, name, torch.optim.Adam)(params, lr=lr, weight_decay=wd)
+
+
+def head_fit(task: Task, model: nn.Module | None = None, epochs: float | None = None) -> nn.Module:
+    """Re-initialise only the forgotten classes' head rows (seeded) and fit them on retain features computed once,
+    for the original's schedule (epochs x batches, its optimizer): how retraining pushes a never-seen class down."""
+    model = task.original if model is None else model
+    classes = list(task.datamodule.request.classes)
+    if not classes:
+        return model.eval()
+    head = head_layer(model)
+    x, y = head_inputs(model, task.datamodule.retain_set)
+    gen = torch.Generator().manual_seed(task.seed)
+    fresh = nn.Linear(head.in_features, head.out_features, bias=head.bias is not None)
+    torch.manual_seed(task.seed)
+    fresh.reset_parameters()
+    w_rows = fresh.weight.detach()[classes].clone().requires_grad_(True)
+    b_rows = fresh.bias.detach()[classes].clone().requires_grad_(True) if head.bias is not None else None
+    w_all = head.weight.detach().clone()
+    b_all = head.bias.detach().clone() if head.bias is not None else torch.zeros(head.out_features)
+    opt = _optimizer(task.recipe, [w_rows] + ([b_rows] if b_rows is not None else []))
+    bs = int(task.recipe.get("batch_size", 64))
+    steps = int(round((epochs if epochs is not None else task.recipe.get("epochs", 10)) * -(-len(x) // bs)))
+    idx = torch.tensor(classes)
+    for step in range(steps):
+        if step % -(-len(x) // bs) == 0:
+            order = torch.randperm(len(x), generator=gen)
+        j = order[(step % -(-len(x) // bs)) * bs:][:bs]
+        w = w_all.index_copy(0, idx, w_rows)
+        b = b_all.index_copy(0, idx, b_rows) if b_rows is not None else b_all
+        loss = F.cross_entropy(x[j] @ w.T + b, y[j])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        head.weight[classes] = w_rows.detach()
+        if b_rows is not None:
+            head.bias[classes] = b_rows.detach()
+    return model.eval()
+
+
+def channel_masks(model: nn.Module, scores: dict[str, torch.Tensor], ratio: float, seed: int | None = None
+                  ) -> dict[str, torch.Tensor]:
+    """Per layer, the top ``ratio`` of output channels by score (``seed``: random channels instead); a channel
+    owns row c of every parameter of its module (weight, bias, norm affine)."""
+    gen = torch.Generator().manual_seed(seed) if seed is not None else None
+    masks = {}
+    for mname, module in model.named_modules():
+        own = [(n, p) for n, p in module.named_parameters(recurse=False)]
+        if not own:
+            continue
+        channels = own[0][1].shape[0]
+        if seed is not None:
+            score = torch.rand(channels, generator=gen)
+        else:
+            score = sum(scores[f"{mname}.{n}" if mname else n].reshape(channels, -1).sum(1) for n, _ in own)
+        keep = max(1, int(round(ratio * channels)))
+        chosen = torch.zeros(channels, dtype=torch.bool)
+        chosen[score.topk(keep).indices] = True
+        for n, p in own:
+            masks[f"{mname}.{n}" if mname else n] = chosen.view(-1, *([1] * (p.dim() - 1))).expand_as(p).clone()
+    return masks
+
+
+def distill_grad_scores(task: Task, batches: int = 4, batch: int = 32) -> dict[str, torch.Tensor]:
+    """|gradient x weight| of the distillation loss at the original (what the target needs to move)."""
+    model, dm = copy.deepcopy(task.original), task.datamodule
+    _norm_eval(model)
+    forget = _stream(dm.forget_set, batch, task.seed)
+    model.zero_grad()
+    for _ in range(batches):
+        xf, yf = next(forget)
+        target = masked_target(task.original.eval(), xf, yf, task.num_classes, tuple(dm.request.classes))
+        F.kl_div(F.log_softmax(model(xf), 1), target, reduction="batchmean").backward()
+    return {n: (p.grad * p).abs().detach() if p.grad is not None else torch.zeros_like(p)
+            for n, p in model.named_parameters()}
+
+
+def retrain_budget(task: Task, fraction: float) -> int:
+    """Steps = ``fraction`` of retraining's optimizer steps (epochs x steps per epoch), at least 5."""
+    return max(5, int(round(fraction * task.recipe["epochs"] * task.recipe["steps_per_epoch"])))
+
+
 # -- methods ------------------------------------------------------------------------------
 def default(task: Task) -> nn.Module:
     """The library's ``unlearn()`` at its defaults."""
@@ -118,7 +231,41 @@ def distill_whole(task: Task) -> nn.Module:
     return distill(task)
 
 
+def headfit(task: Task) -> nn.Module:
+    """(a) Head-row calibration alone: forgotten rows re-initialised and fit on retain features, original's schedule."""
+    return head_fit(task)
+
+
+def distill_headfit(task: Task) -> nn.Module:
+    """(a) Whole-model distillation, then the head-row calibration."""
+    return head_fit(task, distill(task))
+
+
+def _distill_masked(ratio: float, random: bool = False) -> Method:
+    def method(task: Task) -> nn.Module:
+        scores = {} if random else distill_grad_scores(task)
+        masks = channel_masks(task.original, scores, ratio, seed=task.seed if random else None)
+        return distill(task, masks=masks)
+    method.__name__ = method.__qualname__ = f"distill_{'random' if random else 'gradmask'}_{int(ratio * 100)}"
+    method.__doc__ = f"(a, d) Distillation restricted to {ratio:.0%} of each layer's channels ({'random' if random else 'distillation gradient x weight'})."
+    return method
+
+
+def _distill_budget(fraction: float, then_headfit: bool = False) -> Method:
+    def method(task: Task) -> nn.Module:
+        model = distill(task, steps=retrain_budget(task, fraction))
+        return head_fit(task, model) if then_headfit else model
+    method.__name__ = method.__qualname__ = f"distill{'_headfit' if then_headfit else ''}_b{int(fraction * 100)}"
+    return method
+
+
 CANDIDATES: dict[str, Method] = {
     "default": default,
     "distill_whole": distill_whole,
+    "headfit": headfit,
+    "distill_headfit": distill_headfit,
+    **{f"distill_gradmask_{r}": _distill_masked(r / 100) for r in (5, 10, 30)},
+    "distill_random_10": _distill_masked(0.10, random=True),
+    **{f"distill_b{f}": _distill_budget(f / 100) for f in (3, 6)},
+    **{f"distill_headfit_b{f}": _distill_budget(f / 100, True) for f in (3, 6)},
 }

@@ -45,12 +45,14 @@ Method = Callable[[Task], torch.nn.Module]
 
 
 def method_fingerprint(method: Method) -> str:
-    """SHA-256 of a method's source (so an edited method gets a new cache key), or its qualified name."""
-    try:
-        text = inspect.getsource(method)
-    except (OSError, TypeError):
-        text = f"{getattr(method, '__module__', '?')}.{getattr(method, '__qualname__', repr(method))}"
-    return hashlib.sha256(text.encode()).hexdigest()
+    """SHA-256 of a method's source and of its module's file (an edited method or helper gets a new cache key)."""
+    parts = [f"{getattr(method, '__module__', '?')}.{getattr(method, '__qualname__', repr(method))}"]
+    for get in (inspect.getsource, lambda m: Path(inspect.getsourcefile(m) or "").read_text()):
+        try:
+            parts.append(get(method))
+        except (OSError, TypeError):
+            pass
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()
 
 
 def load_plugin(path: str | Path) -> dict[str, Method]:
