@@ -219,6 +219,116 @@ def retrain_budget(task: Task, fraction: float) -> int:
     return max(5, int(round(fraction * task.recipe["epochs"] * task.recipe["steps_per_epoch"])))
 
 
+@torch.no_grad()
+def _phi(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    logits = model(x).double()
+    others = logits.scatter(1, y[:, None], float("-inf"))
+    return logits.gather(1, y[:, None]).squeeze(1) - torch.logsumexp(others, 1)
+
+
+@torch.no_grad()
+def memorisation_gap(model: nn.Module, task: Task, n: int = 512) -> torch.Tensor:
+    """Per class: median phi on retain (trained) samples minus median phi on held-out test samples, under ``model``."""
+    model.eval()
+    dm, gen = task.datamodule, torch.Generator().manual_seed(task.seed)
+    def sample(ds):
+        idx = torch.randperm(len(ds), generator=gen)[:n].tolist()
+        xs, ys = zip(*(ds[i] for i in idx))
+        return torch.stack(xs), torch.as_tensor(ys).long()
+    (xr, yr), (xt, yt) = sample(dm.retain_set), sample(dm.test_dataset)
+    pr, pt = _phi(model, xr, yr), _phi(model, xt, yt)
+    gap = torch.zeros(task.num_classes, dtype=torch.float64)
+    for c in range(task.num_classes):
+        if (yr == c).any() and (yt == c).any():
+            gap[c] = (pr[yr == c].median() - pt[yt == c].median()).clamp(min=0)
+    return gap
+
+
+def heldout_distill(task: Task, steps: int, lr: float = 1e-3, batch: int = 32, noise: float = 0.0) -> nn.Module:
+    """(b) Forget samples distilled toward the original's softmax with the true logit lowered by its class's
+    memorisation gap (train-vs-held-out median phi): a held-out-like confidence; retain samples by cross-entropy.
+    ``noise``: seeded Gaussian noise (this fraction of each tensor's std) added first (c)."""
+    model, teacher = task.original, copy.deepcopy(task.original).eval()
+    gap = memorisation_gap(teacher, task).float()
+    torch.manual_seed(task.seed)
+    if noise > 0:
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.numel() > 1:
+                    p.add_(noise * p.std() * torch.randn_like(p))
+    dm = task.datamodule
+    forget, retain = _stream(dm.forget_set, batch, task.seed), _stream(dm.retain_set, batch, task.seed + 1)
+    _norm_eval(model)
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    for _ in range(steps):
+        (xf, yf), (xr, yr) = next(forget), next(retain)
+        with torch.no_grad():
+            logits = teacher(xf).float()
+            target = logits.scatter_add(1, yf[:, None], -gap[yf][:, None]).softmax(1)
+        loss = F.kl_div(F.log_softmax(model(xf), 1), target, reduction="batchmean") + F.cross_entropy(model(xr), yr)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return model.eval()
+
+
+def augment_distill(task: Task, steps: int, lr: float = 1e-3, batch: int = 32, copies: int = 4) -> nn.Module:
+    """(b) Forget samples distilled toward the original's mean softmax on perturbed copies (1-pixel shifts and
+    noise): the model's behaviour next to the sample, not on it; retain samples by cross-entropy."""
+    model, teacher = task.original, copy.deepcopy(task.original).eval()
+    dm = task.datamodule
+    forget, retain = _stream(dm.forget_set, batch, task.seed), _stream(dm.retain_set, batch, task.seed + 1)
+    gen = torch.Generator().manual_seed(task.seed)
+    torch.manual_seed(task.seed)
+    _norm_eval(model)
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    for _ in range(steps):
+        (xf, yf), (xr, yr) = next(forget), next(retain)
+        with torch.no_grad():
+            probs = 0
+            for _c in range(copies):
+                sh = torch.randint(-1, 2, (2,), generator=gen).tolist()
+                xa = torch.roll(xf, shifts=sh, dims=(-2, -1))
+                xa = xa + 0.1 * xf.std() * torch.randn(xf.shape, generator=gen)
+                probs = probs + teacher(xa).float().softmax(1) / copies
+        loss = F.kl_div(F.log_softmax(model(xf), 1), probs, reduction="batchmean") + F.cross_entropy(model(xr), yr)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return model.eval()
+
+
+def reinit_repair(task: Task, share: float, steps: int, lr: float = 1e-3, batch: int = 64) -> nn.Module:
+    """(b) Destroy then repair: re-initialise (seeded) the ``share`` of weight elements with the largest
+    |forget-loss gradient x weight|, then train the whole model on retain data for ``steps`` Adam steps."""
+    model, dm = task.original, task.datamodule
+    _norm_eval(model)
+    xf, yf = next(_stream(dm.forget_set, 256, task.seed))
+    model.zero_grad()
+    F.cross_entropy(model(xf), yf).backward()
+    torch.manual_seed(task.seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() < 2 or p.grad is None:
+                continue
+            score = (p.grad * p).abs().flatten()
+            k = max(1, int(share * score.numel()))
+            idx = score.topk(k).indices
+            fresh = torch.empty_like(p)
+            nn.init.kaiming_uniform_(fresh, a=5 ** 0.5)
+            p.view(-1)[idx] = fresh.view(-1)[idx]
+    model.zero_grad()
+    retain = _stream(dm.retain_set, batch, task.seed + 1)
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    for _ in range(steps):
+        xr, yr = next(retain)
+        loss = F.cross_entropy(model(xr), yr)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return model.eval()
+
+
 # -- methods ------------------------------------------------------------------------------
 def default(task: Task) -> nn.Module:
     """The library's ``unlearn()`` at its defaults."""
@@ -269,3 +379,32 @@ CANDIDATES: dict[str, Method] = {
     **{f"distill_b{f}": _distill_budget(f / 100) for f in (3, 6)},
     **{f"distill_headfit_b{f}": _distill_budget(f / 100, True) for f in (3, 6)},
 }
+
+
+def heldout_b6(task: Task) -> nn.Module:
+    """(b) Held-out-like target, 6% of retraining's steps."""
+    return heldout_distill(task, retrain_budget(task, 0.06))
+
+
+def heldout_noise_b6(task: Task) -> nn.Module:
+    """(b, c) The same after seeded Gaussian noise (2% of each tensor's std)."""
+    return heldout_distill(task, retrain_budget(task, 0.06), noise=0.02)
+
+
+def augment_b6(task: Task) -> nn.Module:
+    """(b) Perturbed-copies target, 6% of retraining's steps."""
+    return augment_distill(task, retrain_budget(task, 0.06))
+
+
+def reinit30_repair_b10(task: Task) -> nn.Module:
+    """(b) Destroy 30% (forget-gradient-explained), repair on retain for 10% of retraining's steps."""
+    return reinit_repair(task, 0.3, retrain_budget(task, 0.10))
+
+
+SAMPLE_CANDIDATES: dict[str, Method] = {
+    "heldout_b6": heldout_b6,
+    "heldout_noise_b6": heldout_noise_b6,
+    "augment_b6": augment_b6,
+    "reinit30_repair_b10": reinit30_repair_b10,
+}
+CANDIDATES.update(SAMPLE_CANDIDATES)
