@@ -353,7 +353,7 @@ def test_cli_session(db_url, digits, tmp_path, capsys, one_thread):
                           "--max-steps", "3"]) == 0
     assert "requests [1, 2] done" in capsys.readouterr().out
     assert requests_main(["verify", *db]) == 0
-    assert "12/12 checks passed" in capsys.readouterr().out
+    assert "14/14 checks passed" in capsys.readouterr().out  # 12 on the job, 1 per request on later versions
     assert requests_main(["lineage", *db, "2", "--subject", "user-42"]) == 0
     assert "trained, then unlearned" in capsys.readouterr().out
     assert requests_main(["export", *db, "--output", str(tmp_path / "audit.json")]) == 0
@@ -367,3 +367,124 @@ def test_cli_session(db_url, digits, tmp_path, capsys, one_thread):
     assert "already exists" in capsys.readouterr().err
     assert requests_main(["show", *db, "1"]) == 0
     assert "user-42" in capsys.readouterr().out
+
+
+# -- issue 21: deletions that stay deleted ---------------------------------------------------------------------------
+RUN_CONFIG = """
+seed_everything: 0
+trainer: {max_epochs: 1}
+model: {class_path: lightning_unlearn.models.SmallCNN}
+data:
+  class_path: lightning_unlearn.data.presets.DigitsData
+  init_args: {forget_classes: [3], batch_size: 64}
+"""
+
+
+def test_an_old_version_never_brings_deleted_data_back(db_url, digits, tmp_path, capsys, one_thread):
+    _, cb = _fit_version(db_url, digits, tmp_path, epochs=1, demo_subjects=50)
+    (first,) = cb.versions
+    config = tmp_path / "digits.yaml"
+    config.write_text(RUN_CONFIG)
+    db = ["--db", db_url]
+    with Ledger(db_url) as ledger:
+        r1 = ledger.add_request("digits", ForgetRequest(subjects=["user-42"]), "user 42")
+        deleted = ledger.request(r1)["sample_ids"]
+        second = run_pending(ledger, "digits", SmallCNN(), *digits, tmp_path / "jobs", **QUICK).version_id
+        r2 = ledger.add_request("digits", ForgetRequest(sample_ids=[5]), "auditor")
+
+    # serving the new request on version 1 would train user-42's samples back in: refused before any work
+    assert requests_main(["run", *db, "--config", str(config), "--output-dir", str(tmp_path / "jobs"),
+                          "--version", str(first)]) == 2
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("lightning-unlearn: error:")]
+    assert len(err) == 1, err  # (after the progress lines)
+    err = err[0]
+    assert (f"model version {first} still holds {len(deleted)} sample(s) of done request(s) [{r1}]" in err
+            and f"--version {second}" in err)
+    with Ledger(db_url) as ledger:
+        assert ledger.request(r2)["status"] == "received" and ledger.jobs(status="running") == []
+        assert [v["id"] for v in ledger.versions("digits")] == [first, second]
+
+        # a version recorded later from version 1's weights (a fine-tune of the old model) holds them again:
+        # verify fails, naming it, and no request is served on it
+        v1 = ledger.version(first)
+        third = ledger.record_version("digits", v1["weights_sha256"], np.arange(len(digits[0])),
+                                      checkpoint_path=v1["checkpoint_path"], parent_id=first)
+        failed = [c for c in verify(ledger) if not c.ok]
+        assert [(c.request_ids, c.name) for c in failed] == [((r1,), "later versions keep the deletion")]
+        assert f"version {third} holds {len(deleted)} of its {len(deleted)} sample(s)" in failed[0].detail
+        with pytest.raises(ValueError, match=rf"model version {third} still holds .* request\(s\) \[{r1}\]"):
+            run_pending(ledger, "digits", SmallCNN(), *digits, tmp_path / "jobs", **QUICK)
+        assert ledger.request(r2)["status"] == "received"
+
+
+def test_two_jobs_on_one_version_cannot_both_become_the_head(db_url, tmp_path):
+    """Compare-and-swap on the version chain: a job finished on a superseded version would drop a deletion."""
+    with Ledger(db_url) as ledger:
+        source = ledger.register_source("shared", [f"{i:064x}" for i in range(100)])
+        base = ledger.record_version(source, "a" * 64, np.arange(100), checkpoint_path=str(tmp_path / "v1.pt"))
+        r1 = ledger.add_request(source, ForgetRequest(sample_ids=[1, 2]), "alice")
+        job_a = ledger.start_job(source, tmp_path / "jobs")
+        r2 = ledger.add_request(source, ForgetRequest(sample_ids=[3]), "bob")
+        job_b = ledger.start_job(source, tmp_path / "jobs")  # another worker, on the same head
+        assert job_a.version_id == job_b.version_id == base
+
+        def finish(job, tag):
+            return ledger.finish_job(job, weights_sha256=tag * 64, weights_path=tmp_path / f"{tag}.pt",
+                                     report_path=tmp_path / f"{tag}.json", report_text="{}", method="test",
+                                     metrics={}, attacks={},
+                                     trained_ids=np.setdiff1d(ledger.held(job.version_id), job.forget_ids))
+
+        second = finish(job_a, "b")
+        with pytest.raises(ValueError, match=rf"model version {base} was superseded .* request\(s\) \[{r1}\]"):
+            finish(job_b, "c")
+        assert [v["id"] for v in ledger.versions(source)] == [base, second]
+        assert ledger.request(r2)["status"] == "received"  # back in the queue, for the new head
+        assert {j["id"]: j["status"] for j in ledger.jobs()} == {job_a.id: "done", job_b.id: "abandoned"}
+        job_c = ledger.start_job(source, tmp_path / "jobs")
+        assert job_c.version_id == second and job_c.request_ids == (r2,)
+        finish(job_c, "d")
+        assert (ledger.lineage(ledger.head(source)["id"], [1, 2, 3]) == 2).all()
+
+
+def test_commands_on_a_missing_or_foreign_ledger_refuse_without_creating_it(tmp_path, capsys):
+    typo = tmp_path / "some" / "dir" / "ledgr.db"
+    commands = [["verify"], ["list"], ["export", "--output", str(tmp_path / "audit.json")], ["show", "1"],
+                ["lineage", "1"], ["deploy", "1", "--by", "ops"],
+                ["add", "--source", "digits", "--sample-id", "1", "--requester", "x"],
+                ["run", "--config", str(tmp_path / "none.yaml")]]
+    for args in commands:
+        assert requests_main([*args, "--db", str(typo)]) == 2, args
+        err = capsys.readouterr().err
+        assert err == f"lightning-unlearn: error: no ledger at {typo}: the file does not exist (check --db)\n", args
+    assert not (tmp_path / "some").exists() and not (tmp_path / "audit.json").exists()
+    for content in (b"", b"not a database at all"):  # a file that is not a ledger is left as it was
+        other = tmp_path / "other.db"
+        other.write_bytes(content)
+        assert requests_main(["verify", "--db", str(other)]) == 2
+        assert capsys.readouterr().err.startswith(f"lightning-unlearn: error: {other} is not a ledger")
+        assert other.read_bytes() == content
+    with pytest.raises(ValueError, match="no ledger at"):
+        Ledger(typo, create=False)
+    Ledger(typo).close()  # the Python API (RecordLineage, sisa fit --sisa.ledger) creates one
+    assert typo.is_file()
+
+
+def test_huge_ids_end_in_one_line(db_url, tmp_path, capsys):
+    with Ledger(db_url) as ledger:
+        ledger.register_source("small", [f"{i:064x}" for i in range(100)], clients=[i % 4 for i in range(100)])
+        ledger.record_version("small", "a" * 64, np.arange(100), checkpoint_path=str(tmp_path / "v1.pt"))
+    huge = "99999999999999999999999"
+    db = ["--db", db_url]
+    for args, expected in (
+        (["add", "--source", "small", "--sample-id", "3", huge, "--requester", "x"],
+         f"unknown sample id(s) [{huge}] for data source 'small'; allowed ids are 0..99"),
+        (["add", "--source", "small", "--client", huge, "--requester", "x"],
+         f"unknown client(s) [{huge}] for data source 'small'"),
+        (["lineage", "1", "--sample-id", huge], f"sample id(s) [{huge}] out of range; allowed ids are 0..99"),
+        (["lineage", huge], f"unknown model version {huge}; allowed ids are 1..1"),
+        (["show", huge], f"unknown request id(s) [{huge}]"),
+        (["deploy", huge, "--by", "ops"], f"unknown model version {huge}; allowed ids are 1..1"),
+    ):
+        assert requests_main([*args, *db]) == 2, args
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and expected in err, err

@@ -156,7 +156,7 @@ def _serve_ledger(run, db: str, source_name: str, test) -> int:
     from lightning_unlearn.exact.ledger import serve_requests
     from lightning_unlearn.ledger import Ledger
 
-    with Ledger(db) as ledger:
+    with Ledger(db, create=False) as ledger:  # serving needs the ledger sisa fit --sisa.ledger recorded
         outcome = serve_requests(run, ledger, source_name, test, run.root / "jobs")
     if outcome["status"] == "idle":
         print("no pending requests")

@@ -1,8 +1,10 @@
 """``lightning-unlearn requests add | list | show | run | verify | export | lineage | deploy``.
 
 The ledger is ``--db`` (a SQLite file path or a SQLAlchemy URL; default ``$LIGHTNING_UNLEARN_LEDGER``
-or ``ledger.db``). Mistakes end with one line ``lightning-unlearn: error: ...`` and exit code 2;
-``verify`` exits 1 when a check fails.
+or ``ledger.db``). It must exist: training with ``RecordLineage`` (or ``sisa fit --sisa.ledger``)
+creates it, and no command here creates one, so a mistyped path fails instead of auditing an empty
+ledger. Mistakes end with one line ``lightning-unlearn: error: ...`` and exit code 2; ``verify``
+exits 1 when a check fails.
 """
 from __future__ import annotations
 
@@ -142,7 +144,7 @@ def _time(text: str) -> datetime:
 # -- commands -----------------------------------------------------------------------------
 def cmd_add(args) -> int:
     request = ForgetRequest(subjects=args.subject, sample_ids=args.sample_id, clients=args.client)
-    with Ledger(args.db) as ledger:
+    with _open(args) as ledger:
         request_id = ledger.add_request(args.source, request, args.requester, args.note)
         row = ledger.request(request_id)
     print(f"request {request_id} received: {row['kind']} {_short(row['targets'])} -> "
@@ -154,7 +156,7 @@ def cmd_list(args) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    with Ledger(args.db) as ledger:
+    with _open(args) as ledger:
         rows = ledger.requests(args.status, args.source, args.since, args.until)
         deployed = ledger.deployed_at([r["version_after_id"] for r in rows])
         names = {src.id: src.name for src in ledger.sources()}
@@ -179,7 +181,7 @@ def cmd_list(args) -> int:
 
 
 def cmd_show(args) -> int:
-    with Ledger(args.db) as ledger:
+    with _open(args) as ledger:
         record = audit_records(ledger, ledger.requests(ids=[args.request_id]))[0]
     if args.json:
         print(dumps_json(record))
@@ -218,12 +220,12 @@ def cmd_run(args) -> int:
 
     from lightning_unlearn.ledger.runner import run_pending
 
-    model, train, test, batch_size, seed = load_config(args.config)
-    kwargs = {k: v for k, v in (("method", args.method), ("ratio", args.ratio), ("epochs", args.epochs),
-                                ("max_steps", args.max_steps)) if v is not None}
-    console = Console(stderr=True)
-    with Ledger(args.db) as ledger:
+    with _open(args) as ledger:  # the ledger first: a mistyped --db fails before the model and data load
         source = args.source or _only_source(ledger)
+        model, train, test, batch_size, seed = load_config(args.config)
+        kwargs = {k: v for k, v in (("method", args.method), ("ratio", args.ratio), ("epochs", args.epochs),
+                                    ("max_steps", args.max_steps)) if v is not None}
+        console = Console(stderr=True)
         import lightning.pytorch as pl
 
         pl.seed_everything(seed, verbose=False)
@@ -256,7 +258,7 @@ def cmd_verify(args) -> int:
 
     from lightning_unlearn.ledger.verify import verify
 
-    with Ledger(args.db) as ledger:
+    with _open(args) as ledger:
         checks = verify(ledger, args.request_ids or None)
     table = Table(title="verification")
     for col in ("requests", "job", "check", "result", "detail"):
@@ -277,7 +279,7 @@ def cmd_export(args) -> int:
         raise ValueError(f"unknown export format {fmt!r}; allowed formats are {list(FORMATS)} (use --format)")
     if out.exists():
         raise FileExistsError(f"{out} already exists; refusing to overwrite it")
-    with Ledger(args.db) as ledger:
+    with _open(args) as ledger:
         rows = ledger.requests(args.status, args.source, args.since, args.until, ids=args.request)
         records = audit_records(ledger, rows)
         url = ledger.engine.url.render_as_string(hide_password=True)
@@ -296,7 +298,7 @@ def cmd_export(args) -> int:
 def cmd_lineage(args) -> int:
     import numpy as np
 
-    with Ledger(args.db) as ledger:
+    with _open(args) as ledger:
         version = ledger.version(args.version_id)
         if args.subject:
             ids = ledger.resolve(ForgetRequest(subjects=args.subject), version["source"]).sample_ids
@@ -314,13 +316,18 @@ def cmd_lineage(args) -> int:
 
 
 def cmd_deploy(args) -> int:
-    with Ledger(args.db) as ledger:
+    with _open(args) as ledger:
         ledger.deploy(args.version_id, args.by)
     print(f"model version {args.version_id} recorded as deployed by {args.by}")
     return 0
 
 
 # -- helpers ------------------------------------------------------------------------------
+def _open(args) -> Ledger:
+    """The existing ledger ``--db`` names (never a new one)."""
+    return Ledger(args.db, create=False)
+
+
 def load_config(path: str) -> tuple[Any, Any, Any, int, int]:
     """Model and data from a LightningCLI YAML (its ``model`` and ``data`` sections), plus batch size and seed."""
     import yaml

@@ -4,6 +4,11 @@ A SQLite file by default (embedded, nothing to start; WAL mode, a busy timeout a
 write transactions, so concurrent processes queue instead of failing), or any SQLAlchemy URL
 (``postgresql+psycopg://...``) for a shared server. Finished requests, model versions and
 evidence are append-only: the API refuses to change them, and database triggers refuse raw SQL.
+
+A deletion reported done stays done: a job never starts from a model version that still holds
+samples of a done request, and a job's new version is committed only if it holds none of them
+(compare-and-swap on the version chain: a job that ran on a version superseded by another
+deletion goes back to the queue instead of becoming the newest version).
 """
 from __future__ import annotations
 
@@ -12,6 +17,7 @@ import hashlib
 import logging
 import os
 import socket
+import sqlite3
 import uuid
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -31,6 +37,7 @@ log = logging.getLogger(__name__)
 LEDGER_KINDS = ("subject", "sample", "client")
 EDITABLE_FIELDS = ("requester", "note")
 _CHUNK = 500  # ids per IN (...) clause: far below every database's bound-parameter limit
+_INT64 = (-(2 ** 63), 2 ** 63)  # what a database integer column holds
 
 
 @dataclass(frozen=True)
@@ -65,13 +72,20 @@ def database_url(url_or_path: str | os.PathLike) -> str:
     return f"sqlite:///{Path(text).expanduser().resolve()}"
 
 
-def make_engine(url: str) -> Engine:
-    """An engine whose SQLite connections use WAL, a 30 s busy timeout and ``BEGIN IMMEDIATE`` for writes."""
+def make_engine(url: str, create: bool = True) -> Engine:
+    """An engine whose SQLite connections use WAL, a 30 s busy timeout and ``BEGIN IMMEDIATE`` for writes.
+
+    ``create=False``: the SQLite file must already be a ledger (nothing is created, not even its folder).
+    """
     if not url.startswith("sqlite"):
         return create_engine(url, pool_pre_ping=True)
     if url in ("sqlite://", "sqlite:///:memory:"):
         raise ValueError("an in-memory SQLite ledger would vanish with its connection; give a file path")
-    Path(url.split(":///", 1)[1]).parent.mkdir(parents=True, exist_ok=True)
+    path = Path(url.split(":///", 1)[1])
+    if create:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    else:
+        _check_sqlite_ledger(path)
     engine = create_engine(url, connect_args={"timeout": 30})
 
     @event.listens_for(engine, "connect")
@@ -97,11 +111,20 @@ class Ledger:
 
     ``Ledger("ledger.db")`` opens (and creates or migrates) a SQLite file;
     ``Ledger("postgresql+psycopg://user@host/db")`` a PostgreSQL database.
+    ``create=False`` opens only an existing ledger (what the ``requests`` commands do, so a
+    mistyped path fails instead of auditing a new, empty ledger).
     """
 
-    def __init__(self, url: str | os.PathLike) -> None:
+    def __init__(self, url: str | os.PathLike, create: bool = True) -> None:
         self.url = database_url(url)
-        self.engine = make_engine(self.url)
+        self.engine = make_engine(self.url, create=create)
+        if not create:
+            with self._read() as conn:
+                found = s.current_version(conn)
+            if found == 0:
+                self.engine.dispose()
+                where = self.engine.url.render_as_string(hide_password=True)
+                raise ValueError(f"{where} is not a ledger (the database has no ledger tables; check --db)")
         with self._write() as conn:
             s.migrate(conn)
 
@@ -305,16 +328,47 @@ class Ledger:
         """
         version = self.version(version_id)
         n = self.source(version["source"]).num_samples
-        ids = np.arange(n) if sample_ids is None else np.asarray(sample_ids, dtype=np.int64)
-        bad = ids[(ids < 0) | (ids >= n)]
-        if len(bad):
-            raise ValueError(f"sample id(s) {bad[:10].tolist()} out of range; allowed ids are 0..{n - 1}")
+        ids = np.arange(n) if sample_ids is None else _id_array(sample_ids, n, "sample id(s) {bad} out of range")
         with self._read() as conn:
-            events = self._chain_events(conn, version_id)
-        state = np.zeros(n, dtype=np.int8)
-        for _, relation, start, stop in events:  # ancestors first (ids increase down the chain)
-            state[start:stop] = 1 if relation == "trained" else np.where(state[start:stop] > 0, 2, state[start:stop])
+            state = self._state(conn, version_id, n)
         return state[ids]
+
+    def _state(self, conn: Connection, version_id: int, n: int) -> np.ndarray:
+        """:meth:`lineage` of every sample, inside the caller's transaction."""
+        state = np.zeros(n, dtype=np.int8)
+        for _, relation, start, stop in self._chain_events(conn, version_id):  # ancestors first
+            state[start:stop] = 1 if relation == "trained" else np.where(state[start:stop] > 0, 2, state[start:stop])
+        return state
+
+    def _held_deletions(self, conn: Connection, source: Source, state: np.ndarray) -> dict[int, list[int]]:
+        """Done requests of ``source`` with samples a version of lineage ``state`` still holds: id -> those samples."""
+        rows = conn.execute(select(s.requests.c.id, s.requests.c.sample_ids).where(
+            s.requests.c.source_id == source.id, s.requests.c.status == "done").order_by(s.requests.c.id)).all()
+        held = {}
+        for request_id, ids in rows:
+            ids = np.asarray(ids, dtype=np.int64)
+            back = ids[state[ids] == 1] if len(ids) else ids
+            if len(back):
+                held[int(request_id)] = back.tolist()
+        return held
+
+    def _check_keeps_deletions(self, conn: Connection, source: Source, version_id: int) -> None:
+        """Refuse to start from a model version that still holds samples of a done request."""
+        held = self._held_deletions(conn, source, self._state(conn, version_id, source.num_samples))
+        if not held:
+            return
+        samples = sorted(set().union(*held.values()))
+        safe = None
+        for row in conn.execute(select(s.model_versions.c.id).where(
+                s.model_versions.c.source_id == source.id, s.model_versions.c.checkpoint_path.is_not(None))
+                .order_by(s.model_versions.c.id.desc())).scalars():
+            if not self._held_deletions(conn, source, self._state(conn, row, source.num_samples)):
+                safe = row
+                break
+        hint = (f"start from model version {safe} (--version {safe})" if safe is not None
+                else "no version with a checkpoint is free of them: retrain without them first")
+        raise ValueError(f"model version {version_id} still holds {len(samples)} sample(s) of done request(s) "
+                         f"{sorted(held)[:10]}: serving requests on it would bring deleted data back; {hint}")
 
     def held(self, version_id: int) -> np.ndarray:
         """Sorted ids of the samples whose influence this version's weights still hold."""
@@ -333,17 +387,14 @@ class Ledger:
             raise ValueError(f"the ledger serves deletion requests of kind {list(LEDGER_KINDS)}, got {request.kind!r} "
                              "(forget a class with lightning-unlearn unlearn)")
         if request.kind == "sample":
-            ids = np.asarray(request.sample_ids, dtype=np.int64)
-            bad = ids[(ids < 0) | (ids >= source.num_samples)]
-            if len(bad):
-                raise ValueError(f"unknown sample id(s) {bad[:20].tolist()} for data source {source.name!r}; "
-                                 f"allowed ids are 0..{source.num_samples - 1}")
-            return ids
+            return _id_array(request.sample_ids, source.num_samples,
+                             f"unknown sample id(s) {{bad}} for data source {source.name!r}")
         column = s.samples.c.subject_id if request.kind == "subject" else s.samples.c.client_id
         wanted = list(request.subjects if request.kind == "subject" else request.clients)
         found_ids, found_keys = [], set()
+        storable = [w for w in wanted if request.kind == "subject" or _INT64[0] <= w < _INT64[1]]
         with self._read() as conn:
-            for chunk in _chunks(wanted):
+            for chunk in _chunks(storable):
                 rows = conn.execute(select(s.samples.c.sample_index, column).where(
                     s.samples.c.source_id == source.id, column.in_(chunk))).all()
                 found_ids += [r[0] for r in rows]
@@ -394,8 +445,9 @@ class Ledger:
             query = query.where(s.requests.c.received_at < _aware(until))
         if ids is not None:
             query = query.where(s.requests.c.id.in_(bindparam("ids", expanding=True)))
+        storable = [i for i in ids if _INT64[0] <= i < _INT64[1]] if ids is not None else None
         with self._read() as conn:
-            rows = conn.execute(query, {"ids": list(ids)} if ids is not None else {}).mappings().all()
+            rows = conn.execute(query, {"ids": storable} if ids is not None else {}).mappings().all()
         found = [_plain(r) for r in rows]
         if ids is not None and len(found) != len(set(ids)):
             missing = sorted(set(ids) - {r["id"] for r in found})
@@ -443,6 +495,7 @@ class Ledger:
                                 .order_by(s.requests.c.id).with_for_update()).all()
             if not rows:
                 return None
+            self._check_keeps_deletions(conn, source, int(version["id"]))
             conn.execute(insert(s.jobs).values(
                 id=job_id, source_id=source.id, version_id=version["id"], status="running",
                 output_dir=str(output_dir), host=socket.gethostname(), pid=os.getpid(), started_at=now))
@@ -492,23 +545,38 @@ class Ledger:
         recorded as unlearned. Returns the new version id.
         """
         now = utcnow()
-        with self._write() as conn:
-            status = conn.execute(select(s.jobs.c.status).where(s.jobs.c.id == job.id)).scalar()
-            if status != "running":
-                raise ValueError(f"job {job.id} is {status}, not running: it cannot be finished again")
-            version_id = self._insert_version(
-                conn, job.source, weights_sha256, trained_ids if trained_ids is not None else [], weights_path,
-                job.version_id, job.forget_ids, None, "unlearn", {"job": job.id, "requests": list(job.request_ids)}, None)
-            conn.execute(insert(s.evidence).values(
-                job_id=job.id, version_id=version_id, method=method, weights_path=str(weights_path),
-                weights_sha256=weights_sha256, report_path=str(report_path),
-                report_sha256=hashlib.sha256(report_text.encode()).hexdigest(), report_json=report_text,
-                mask_path=str(mask_path) if mask_path else None, mask_sha256=mask_sha256,
-                metrics=dict(metrics), attacks=dict(attacks), created_at=now))
-            conn.execute(update(s.jobs).where(s.jobs.c.id == job.id).values(
-                status="done", finished_at=now, result_version_id=version_id))
-            conn.execute(update(s.requests).where(s.requests.c.job_id == job.id, s.requests.c.status == "running")
-                         .values(status="done", finished_at=now, version_after_id=version_id))
+        try:
+            with self._write() as conn:
+                status = conn.execute(select(s.jobs.c.status).where(s.jobs.c.id == job.id)).scalar()
+                if status != "running":
+                    raise ValueError(f"job {job.id} is {status}, not running: it cannot be finished again")
+                version_id = self._insert_version(
+                    conn, job.source, weights_sha256, trained_ids if trained_ids is not None else [], weights_path,
+                    job.version_id, job.forget_ids, None, "unlearn", {"job": job.id, "requests": list(job.request_ids)}, None)
+                # compare-and-swap: the new version must keep every deletion done since the job started
+                dropped = self._held_deletions(conn, job.source, self._state(conn, version_id, job.source.num_samples))
+                if dropped:
+                    newest = conn.execute(select(func.max(s.model_versions.c.id)).where(
+                        s.model_versions.c.source_id == job.source.id, s.model_versions.c.id != version_id)).scalar()
+                    count = len(set().union(*dropped.values()))
+                    raise _Superseded(
+                        f"model version {job.version_id} was superseded by version {newest} while job {job.id[:12]} ran: "
+                        f"its result would still hold {count} sample(s) of done request(s) {sorted(dropped)[:10]}; "
+                        f"request(s) {list(job.request_ids)} go back to the queue: run again to serve them on the newest "
+                        "version")
+                conn.execute(insert(s.evidence).values(
+                    job_id=job.id, version_id=version_id, method=method, weights_path=str(weights_path),
+                    weights_sha256=weights_sha256, report_path=str(report_path),
+                    report_sha256=hashlib.sha256(report_text.encode()).hexdigest(), report_json=report_text,
+                    mask_path=str(mask_path) if mask_path else None, mask_sha256=mask_sha256,
+                    metrics=dict(metrics), attacks=dict(attacks), created_at=now))
+                conn.execute(update(s.jobs).where(s.jobs.c.id == job.id).values(
+                    status="done", finished_at=now, result_version_id=version_id))
+                conn.execute(update(s.requests).where(s.requests.c.job_id == job.id, s.requests.c.status == "running")
+                             .values(status="done", finished_at=now, version_after_id=version_id))
+        except _Superseded as err:  # rolled back: the requests go back to the queue, for the newest version
+            self.abandon_job(job.id, str(err))
+            raise ValueError(str(err)) from None
         return version_id
 
     def close_without_change(self, job: Job, reason: str) -> None:
@@ -563,6 +631,47 @@ class Ledger:
 
 
 # -- helpers ------------------------------------------------------------------------------
+class _Superseded(ValueError):
+    """A job's result would undo a deletion recorded since the job started."""
+
+
+def _check_sqlite_ledger(path: Path) -> None:
+    """An existing SQLite file with the ledger's tables, read without writing to it."""
+    if not path.exists():
+        raise ValueError(f"no ledger at {path}: the file does not exist (check --db)")
+    if not path.is_file():
+        raise ValueError(f"{path} is not a ledger (not a file; check --db)")
+    with path.open("rb") as f:
+        header = f.read(16)
+    if header != b"SQLite format 3\x00":
+        what = "an empty file" if not header else "not an SQLite database"
+        raise ValueError(f"{path} is not a ledger ({what}; check --db)")
+    try:
+        with contextlib.closing(sqlite3.connect(f"{path.as_uri()}?mode=ro", uri=True)) as conn:
+            found = conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'schema_version'").fetchone()
+    except sqlite3.DatabaseError as err:
+        raise ValueError(f"{path} is not a ledger (SQLite cannot read it: {err})") from None
+    if found is None:
+        raise ValueError(f"{path} is not a ledger (the database has no ledger tables; check --db)")
+
+
+def _id_array(values: np.ndarray | Sequence[int], n: int, message: str) -> np.ndarray:
+    """``values`` as int64 ids in ``0..n-1``; else ValueError(message with {bad}, plus the allowed range).
+
+    Checked before the conversion: an id too large for int64 is named, not an OverflowError.
+    """
+    if isinstance(values, np.ndarray) and np.issubdtype(values.dtype, np.integer):
+        ids = values.astype(np.int64, copy=False)
+        bad = ids[(ids < 0) | (ids >= n)].tolist()
+    else:
+        values = list(values)
+        bad = [v for v in values if not 0 <= v < n]
+        ids = np.asarray(values if not bad else [], dtype=np.int64)
+    if bad:
+        raise ValueError(message.format(bad=bad[:20]) + f"; allowed ids are 0..{n - 1}")
+    return ids
+
+
 def to_ranges(ids: np.ndarray | Sequence[int]) -> list[tuple[int, int]]:
     """Sorted unique ids as half-open ``(start, stop)`` runs: ``[0, 1, 2, 5]`` -> ``[(0, 3), (5, 6)]``."""
     ids = np.unique(np.asarray(ids, dtype=np.int64))
@@ -584,12 +693,7 @@ def ids_sha256(ids: np.ndarray | Sequence[int]) -> str:
 
 
 def _check_ids(ids, source: Source, what: str) -> np.ndarray:
-    ids = np.unique(np.asarray(ids, dtype=np.int64))
-    bad = ids[(ids < 0) | (ids >= source.num_samples)]
-    if len(bad):
-        raise ValueError(f"{what} id(s) {bad[:10].tolist()} out of range for source {source.name!r}; "
-                         f"allowed ids are 0..{source.num_samples - 1}")
-    return ids
+    return np.unique(_id_array(ids, source.num_samples, f"{what} id(s) {{bad}} out of range for source {source.name!r}"))
 
 
 def _chunks(values: Sequence, size: int = _CHUNK) -> Iterator[list]:
@@ -606,10 +710,15 @@ def _aware(value: datetime | None) -> datetime | None:
 
 
 def _row_by_id(conn: Connection, table: Table, row_id: Any, what: str) -> Mapping:
-    """The row of ``table`` with this id, else a one-line ValueError naming the unknown id."""
-    row = conn.execute(select(table).where(table.c.id == row_id)).mappings().first()
+    """The row of ``table`` with this id, else a one-line ValueError naming the unknown id (and the known range)."""
+    storable = not isinstance(row_id, int) or _INT64[0] <= row_id < _INT64[1]
+    row = conn.execute(select(table).where(table.c.id == row_id)).mappings().first() if storable else None
     if row is None:
-        raise ValueError(f"unknown {what} {row_id!r}")
+        known = ""
+        if isinstance(row_id, int):
+            lo, hi = conn.execute(select(func.min(table.c.id), func.max(table.c.id))).one()
+            known = f"; allowed ids are {lo}..{hi}" if lo is not None else "; the ledger has none yet"
+        raise ValueError(f"unknown {what} {row_id!r}{known}")
     return row
 
 

@@ -32,7 +32,8 @@ def verify(ledger: Ledger, request_ids: Sequence[int] | None = None) -> list[Che
     hash to the recorded hash and equal the stored report; the report names those weights, the
     parent version's weights and the job's forget set; the mask file is the mask in the report;
     the lineage marks the forgotten samples as unlearned. Requests closed without a new model:
-    the lineage shows the version never held their samples.
+    the lineage shows the version never held their samples. Every done request: no model version
+    recorded after it holds its samples again (e.g. one trained from an older version's weights).
     """
     rows = ledger.requests(ids=request_ids) if request_ids is not None else ledger.requests()
     checks: list[Check] = []
@@ -51,7 +52,31 @@ def verify(ledger: Ledger, request_ids: Sequence[int] | None = None) -> list[Che
             checks += _unchanged(ledger, ids, job_id, reqs)
         else:
             checks += _job_checks(ledger, ids, job_id, reqs, evidence)
+    done = [r for reqs in by_job.values() for r in reqs]
+    checks += _kept_by_later_versions(ledger, sorted(done, key=lambda r: r["id"]))
     return checks
+
+
+def _kept_by_later_versions(ledger: Ledger, done: list[dict]) -> list[Check]:
+    """A deletion reported done stays done: no version recorded after it holds the request's samples."""
+    versions: dict[int, list[int]] = {}  # source id -> its version ids
+    states: dict[int, np.ndarray] = {}  # version id -> lineage of every sample
+    out = []
+    for r in done:
+        if r["source_id"] not in versions:
+            versions[r["source_id"]] = [v["id"] for v in ledger.versions() if v["source_id"] == r["source_id"]]
+        later = [v for v in versions[r["source_id"]] if v > r["version_after_id"]]
+        ids = np.asarray(r["sample_ids"], dtype=np.int64)
+        holding = []
+        for v in later:
+            if v not in states:
+                states[v] = ledger.lineage(v)
+            back = int((states[v][ids] == 1).sum()) if len(ids) else 0
+            if back:
+                holding.append(f"version {v} holds {back} of its {len(ids)} sample(s)")
+        out.append(Check((r["id"],), r["job_id"], "later versions keep the deletion", not holding,
+                         "; ".join(holding) if holding else f"{len(later)} later version(s) hold none of its samples"))
+    return out
 
 
 def _unchanged(ledger: Ledger, ids, job_id, reqs) -> list[Check]:
