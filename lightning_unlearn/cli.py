@@ -322,8 +322,11 @@ def _one_line(message: str) -> str:
     lines = [line.strip(" -") for line in str(message).splitlines() if line.strip()]
     keys = [m.group(1) for line in lines if (m := re.match(r'Parser key "([^"]+)"', line))]
     where = ".".join(dict.fromkeys(keys)) or None
-    values = [re.split(r"(?:Given|Got) value: ", line, maxsplit=1)[1] for line in lines
-              if re.search(r"(?:Given|Got) value: ", line) and "NestedArg" not in line]
+    # A class's own error (``batch_size must be >= 1, got 0``) comes with the whole section as the "given value",
+    # a ``Namespace(...)`` dump: the error already names the value, so only values a user typed are appended.
+    given = [re.split(r"(?:Given|Got) value: ", line, maxsplit=1)[1] for line in lines
+             if re.search(r"(?:Given|Got) value: ", line) and "NestedArg" not in line]
+    values = [value for value in given if not value.startswith("Namespace(")]
     expected = sorted({re.sub(r"<class '(?:[\w.]+\.)?(\w+)'>", r"\1", line[len("Expected a "):]).split(".")[0]
                        for line in lines if line.startswith("Expected a ")})
     noise = ("Expected a", "Given value", "Subtypes:", "Errors:", "Does not validate", "Problem with", "Parser key")

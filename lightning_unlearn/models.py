@@ -12,24 +12,24 @@ OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch
 
 
 class ClassifierModule(UnlearningMixin, pl.LightningModule):
-    """An ordinary cross-entropy classifier: ``training_step`` takes ``(x, y)`` batches.
+    """An ordinary cross-entropy classifier: ``training_step`` takes ``(x, y)`` batches (extra fields ignored).
 
     The mixin only adds the forget-aware objectives; subclasses define the network.
     """
 
     def training_step(self, batch, batch_idx):
-        x, y = batch
+        x, y = batch[0], batch[1]  # (input, label, *extra) items
         loss = F.cross_entropy(self(x), y)
         self.log("train_loss", loss, prog_bar=True, batch_size=len(y))
         return loss
 
     def validation_step(self, batch, batch_idx):
-        x, y = batch
+        x, y = batch[0], batch[1]  # (input, label, *extra) items
         self.log("val_acc", (self(x).argmax(-1) == y).float().mean(), prog_bar=True, batch_size=len(y))
 
     def test_step(self, batch, batch_idx, dataloader_idx: int = 0):
         """``lightning-unlearn test``: accuracy per test loader (an UnlearningDataModule gives forget / remaining)."""
-        x, y = batch
+        x, y = batch[0], batch[1]  # (input, label, *extra) items
         self.log("test_acc", (self(x).argmax(-1) == y).float().mean(), batch_size=len(y))
 
 

@@ -96,6 +96,29 @@ def test_user_errors_exit_2_with_one_line(args, message, capsys, tmp_path, monke
     assert "Traceback" not in "\n".join(err)
 
 
+@pytest.mark.parametrize(
+    "args, line",
+    [
+        (["--data.init_args.batch_size", "0"], "batch_size must be >= 1, got 0"),
+        (["--model.init_args.optimizer", "sgdx"], "unknown optimizer 'sgdx'; allowed are ['adam', 'adamw', 'sgd']"),
+        (["--data.forget_classes", "null"], "no forget request: set one of forget_classes, forget_sample_ids, "
+         "forget_random_fraction; got forget_classes=None, forget_sample_ids=None, forget_random_fraction=None"),
+        (["--data.forget_classes", "[]"], "no forget request: set one of forget_classes, forget_sample_ids, "
+         "forget_random_fraction; got forget_classes=[], forget_sample_ids=None, forget_random_fraction=None"),
+        (["--data.forget_random_fraction", "0.1"], "give only one of forget_classes, forget_sample_ids, "
+         "forget_random_fraction; got forget_classes=[3], forget_random_fraction=0.1"),
+    ],
+)
+def test_errors_raised_by_a_class_are_one_line_without_the_config_dump(args, line, capsys, tmp_path, monkeypatch):
+    """A data module's or model's own error is the whole line: no ``Namespace(...)`` of the section appended."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as done:
+        main(["fit", "--config", DIGITS, *args])
+    assert done.value.code == 2
+    err = [ln for ln in capsys.readouterr().err.strip().splitlines() if not ln.startswith("Seed set")]
+    assert err == [f"lightning-unlearn: error: {line}"]
+
+
 def test_help_documents_the_unlearn_options(capsys):
     with pytest.raises(SystemExit):
         main(["unlearn", "--help"])

@@ -1,4 +1,5 @@
-"""load_mnist on small fake idx files: a valid set loads; each corruption names the file and what is wrong."""
+"""load_mnist on small fake idx files (a valid set loads; each corruption names the file and what is wrong), and
+the check every data module makes of its datasets (item shape, finite inputs, labels in range)."""
 from __future__ import annotations
 
 import gzip
@@ -8,9 +9,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from torch.utils.data import ConcatDataset, Dataset, Subset, TensorDataset
 
 from lightning_unlearn.data import load_mnist
 from lightning_unlearn.data.datasets import MNIST_MEAN, MNIST_STD
+from lightning_unlearn.data.validation import checked_targets
 
 TRAIN_IMAGES, TRAIN_LABELS = "train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"
 TEST_IMAGES, TEST_LABELS = "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"
@@ -137,3 +140,72 @@ def test_a_missing_file_of_a_found_set_is_named(tmp_path):
     (tmp_path / TEST_LABELS).unlink()
     with pytest.raises(FileNotFoundError, match=rf"^MNIST file {re.escape(str(tmp_path / TEST_LABELS))} is missing$"):
         load_mnist(tmp_path)
+
+
+# -- checked_targets: the one pass a data module makes over its data before any work (issue 21) ----------------------
+class ItemsOnly(Dataset):
+    """No tensors exposed: the check reads every item, in batches; counts the reads."""
+
+    def __init__(self, base: Dataset) -> None:
+        self.base, self.reads = base, 0
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, i: int):
+        self.reads += 1
+        x, y = self.base[i]
+        return x, int(y), i
+
+
+class Arrays(ItemsOnly):
+    """torchvision's layout: ``data`` (uint8 or float array) and ``targets`` (a list), items built on access."""
+
+    def __init__(self, data: np.ndarray, targets: list[int]) -> None:
+        super().__init__(list(zip(data, targets)))
+        self.data, self.targets = data, targets
+
+
+def _message(dataset, **kwargs) -> str:
+    with pytest.raises(ValueError) as info:
+        checked_targets(dataset, "training dataset", **kwargs)
+    assert "\n" not in str(info.value)
+    return str(info.value)
+
+
+def test_tensor_and_item_by_item_checks_agree(tmp_path):
+    write_set(tmp_path, n_train=1200)  # more than one read batch (SCAN_BATCH)
+    train, _ = load_mnist(tmp_path)
+    labels = train.tensors[1]
+    items = ItemsOnly(train)
+    for dataset in (train, items, Subset(train, range(1200)), ConcatDataset([Subset(items, range(7)), items])):
+        expected = labels if len(dataset) == 1200 else torch.cat([labels[:7], labels])
+        assert torch.equal(checked_targets(dataset, "training dataset", num_classes=10), expected)
+    assert items.reads >= 2 * 1200  # read in full, once per check
+    x = train.tensors[0].clone()
+    x[1100, 0, 1, 3], x[1150, 0, 0, 0] = float("inf"), float("nan")
+    poisoned = TensorDataset(x, labels)
+    expected = ("training dataset: the input of sample 1100 is not finite (inf at [0, 1, 3]); "
+                "inputs must be finite numbers")
+    assert _message(poisoned) == _message(ItemsOnly(poisoned)) == expected
+    assert _message(Subset(poisoned, [0, 1150, 1100])).startswith(  # the index into the dataset as given
+        "training dataset: the input of sample 1 is not finite (nan at [0, 0, 0])")
+
+
+def test_arrays_are_checked_without_reading_every_item():
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (300, 5, 5), dtype=np.uint8)
+    dataset = Arrays(images, rng.integers(0, 10, 300).tolist())
+    assert checked_targets(dataset, "training dataset", num_classes=10).tolist() == dataset.targets
+    assert dataset.reads == 1  # only item 0, for its shape: uint8 pixels are finite by construction
+    floats = images.astype(np.float64)
+    floats[:, 0, 0] = 1e308  # finite, but its sum overflows: the per-sample check must not call it infinite
+    assert len(checked_targets(Arrays(floats, dataset.targets), "training dataset")) == 300
+    floats[42, 4, 1] = -np.inf
+    assert "sample 42 is not finite (-inf at [4, 1])" in _message(Arrays(floats, dataset.targets))
+    labels = list(dataset.targets)
+    labels[7] = 10
+    assert _message(Arrays(images, labels), num_classes=10) == (
+        "training dataset: sample 7 has label 10; allowed labels are 0..9 (num_classes=10)")
+    assert _message(TensorDataset(torch.zeros(3, 2), torch.tensor([0.0, 1.0, 1.0]))).startswith(
+        "training dataset: labels must be integer class ids")

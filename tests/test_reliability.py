@@ -16,9 +16,11 @@ from pathlib import Path
 import pytest
 import torch
 from rich.console import Console
+from torch.utils.data import Dataset, TensorDataset
 
-from lightning_unlearn import ForgetRequest, ParameterMask, UnlearnConfig
+from lightning_unlearn import ForgetRequest, ParameterMask, UnlearnConfig, UnlearningDataModule, unlearn
 from lightning_unlearn._io import is_incomplete
+from lightning_unlearn.baselines.ssd import ssd
 from lightning_unlearn.callbacks import GradientMask, SelectiveUnlearning
 from lightning_unlearn.cli import main
 from lightning_unlearn.commands import load_weights
@@ -286,3 +288,35 @@ def test_test_subcommand_and_evaluate_table(tmp_path, capsys):
     compare([{"method": "u", "forget_acc": 0.0, "relearn_steps": 12, "tow": 0.98}], console=console)
     text = console.export_text()
     assert "relearn steps" in text and "0.980" in text
+
+
+# -- 14. data that would poison the repair is refused before any work; items may carry extra fields (issue 21) ----
+def test_a_nan_pixel_is_refused_before_unlearning_starts(digits, trained_model, one_thread):
+    x, y = (t.clone() for t in digits[0].tensors)
+    x[100, 0, 4, 4] = float("nan")
+    before = copy.deepcopy(trained_model.state_dict())
+    with pytest.raises(ValueError, match=r"^training dataset: the input of sample 100 is not finite \(nan at \[0, 4, 4\]\)"):
+        dm = UnlearningDataModule(TensorDataset(x, y), digits[1], ForgetRequest(classes=[3]))
+        unlearn(trained_model, dm, max_steps=3, inplace=True)  # (before the check: every weight NaN, "step budget")
+    assert all(torch.equal(before[k], v) for k, v in trained_model.state_dict().items())
+
+
+def test_items_with_an_index_field_unlearn_like_pairs(digits, trained_model, one_thread):
+    class WithIndex(Dataset):
+        def __init__(self, base):
+            self.base = base
+
+        def __len__(self):
+            return len(self.base)
+
+        def __getitem__(self, i):
+            return (*self.base[i], i)
+
+    dm = UnlearningDataModule(WithIndex(digits[0]), WithIndex(digits[1]), ForgetRequest(classes=[3]), num_classes=10)
+    for objective in ("random_label", "retain"):  # forget-aware (combined batches) and retain-only repair
+        result = unlearn(trained_model, dm, max_steps=3, objective=objective)
+        assert result.extra["steps"] == 3
+        assert all(torch.isfinite(p).all() for p in result.model.parameters())
+        assert result.metrics["forget_acc"] is not None
+    pairs = UnlearningDataModule(digits[0], digits[1], ForgetRequest(classes=[3]), num_classes=10)
+    assert ssd(trained_model, dm, max_samples=64).mask == ssd(trained_model, pairs, max_samples=64).mask

@@ -1,7 +1,9 @@
 """ForgetRequest and UnlearningDataModule: splits and bad input."""
+import re
+
 import pytest
 import torch
-from torch.utils.data import TensorDataset
+from torch.utils.data import ConcatDataset, Dataset, Subset, TensorDataset
 
 from lightning_unlearn import ForgetRequest, UnlearningDataModule
 from lightning_unlearn.data import dataset_targets
@@ -87,3 +89,90 @@ def test_wraps_an_existing_lightning_datamodule(digits):
 
     dm = UnlearningDataModule.from_datamodule(UserData(), ForgetRequest(classes=[3]))
     assert dm.batch_size == 32 and len(dm.forget_indices) > 0
+
+
+# -- data checked once at setup (issue 21, items 6 and 12) ---------------------------------------------------------
+class ItemsOnly(Dataset):
+    """A dataset that exposes no tensors: the check has to read its items (in batches)."""
+
+    def __init__(self, base: Dataset, extra: bool = False) -> None:
+        self.base, self.extra = base, extra
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, i: int):
+        x, y = self.base[i]
+        return (x, int(y), i) if self.extra else (x, int(y))
+
+
+def _poisoned(dataset: TensorDataset, at: int, value: float, label: int | None = None) -> TensorDataset:
+    x, y = (t.clone() for t in dataset.tensors)
+    x[at, 0, 2, 5] = value
+    if label is not None:
+        y[at] = label
+    return TensorDataset(x, y)
+
+
+WRAPS = {
+    "tensors": lambda ds: ds,
+    "subset": lambda ds: Subset(ds, list(range(len(ds)))),
+    "items": ItemsOnly,
+    "items_with_index": lambda ds: ItemsOnly(ds, extra=True),
+    "concat": lambda ds: ConcatDataset([Subset(ds, range(10)), Subset(ds, range(10, len(ds)))]),
+}
+
+
+@pytest.mark.parametrize("wrap", WRAPS)
+def test_non_finite_inputs_are_refused_naming_the_dataset_index_and_value(digits, wrap):
+    train = WRAPS[wrap](_poisoned(_poisoned(digits[0], 17, float("nan")), 40, float("inf")))
+    with pytest.raises(ValueError) as info:
+        UnlearningDataModule(train, digits[1], ForgetRequest(classes=[3]))
+    message = str(info.value)
+    assert "\n" not in message
+    assert re.fullmatch(r"training dataset: the input of sample 17 is not finite \(nan at \[0, 2, 5\]\); "
+                        r"inputs must be finite numbers", message), message
+    test = WRAPS[wrap](_poisoned(digits[1], 3, float("-inf")))
+    with pytest.raises(ValueError, match=r"^test dataset: the input of sample 3 is not finite \(-inf at \[0, 2, 5\]\)"):
+        UnlearningDataModule(digits[0], test, ForgetRequest(classes=[3]))
+
+
+@pytest.mark.parametrize("wrap", WRAPS)
+@pytest.mark.parametrize("label, num_classes, allowed", [
+    (12, 10, "allowed labels are 0..9 (num_classes=10)"),
+    (-1, 10, "allowed labels are 0..9 (num_classes=10)"),
+    (-1, None, "labels are class ids >= 0"),
+])
+def test_labels_out_of_range_are_refused(digits, wrap, label, num_classes, allowed):
+    train = WRAPS[wrap](_poisoned(digits[0], 5, 0.0, label=label))
+    with pytest.raises(ValueError) as info:
+        UnlearningDataModule(train, digits[1], ForgetRequest(classes=[3]), num_classes=num_classes)
+    assert str(info.value) == f"training dataset: sample 5 has label {label}; {allowed}"
+
+
+@pytest.mark.parametrize("item, shape", [
+    ({"x": torch.zeros(1, 8, 8), "y": 1}, "a dict"),
+    (torch.zeros(1, 8, 8), "a Tensor"),
+    ((torch.zeros(1, 8, 8),), "a tuple of 1 element (no labels)"),
+])
+def test_items_that_are_not_input_label_tuples_are_refused(digits, item, shape):
+    class Odd(Dataset):
+        def __len__(self):
+            return 4
+
+        def __getitem__(self, i):
+            return item
+
+    with pytest.raises(ValueError) as info:
+        UnlearningDataModule(Odd(), digits[1], ForgetRequest(classes=[3]))
+    assert str(info.value) == (f"training dataset: item 0 is {shape}; expected a tuple (input, label) "
+                               "or (input, label, *extra)")
+
+
+def test_items_with_extra_fields_are_split_like_pairs(digits):
+    dm = UnlearningDataModule(ItemsOnly(digits[0], extra=True), ItemsOnly(digits[1], extra=True),
+                              ForgetRequest(classes=[3]), batch_size=16, num_classes=10)
+    plain = UnlearningDataModule(digits[0], digits[1], ForgetRequest(classes=[3]), batch_size=16, num_classes=10)
+    assert dm.forget_indices.tolist() == plain.forget_indices.tolist()
+    x, y, idx = next(iter(dm.forget_dataloader()))
+    assert set(y.tolist()) == {3} and idx.tolist() == dm.forget_indices[:16].tolist()

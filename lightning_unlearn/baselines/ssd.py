@@ -29,7 +29,7 @@ def fisher_diagonal(model: nn.Module, dataset: Dataset, batch_size: int = 64) ->
     was_training = model.training
     model.eval()
     try:
-        for x, y in DataLoader(dataset, batch_size=batch_size, shuffle=False):
+        for x, y, *_ in DataLoader(dataset, batch_size=batch_size, shuffle=False):
             g = torch.autograd.grad(F.cross_entropy(model(x.to(device)), y.to(device).long()), list(params.values()))
             for n, gi in zip(params, g):
                 imp[n] += gi.detach() ** 2

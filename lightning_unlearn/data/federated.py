@@ -16,7 +16,7 @@ import torch
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from lightning_unlearn.data.datasets import dataset_targets
+from lightning_unlearn.data.validation import checked_targets
 from lightning_unlearn.request import ForgetRequest
 
 PARTITIONS = ("iid", "dirichlet", "shards")
@@ -153,7 +153,8 @@ class FederatedDataModule(LightningDataModule):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.train_dataset, self.test_dataset = train_dataset, test_dataset
-        self.targets = dataset_targets(train_dataset).numpy()
+        self.targets = checked_targets(train_dataset, "training dataset", num_classes).numpy()
+        test_targets = checked_targets(test_dataset, "test dataset", num_classes)
         if num_clients > len(self.targets):
             raise ValueError(
                 f"num_clients={num_clients} is more than the {len(self.targets)} training samples; "
@@ -162,7 +163,7 @@ class FederatedDataModule(LightningDataModule):
         self._num_clients, self.partition, self.alpha, self.seed = num_clients, partition, float(alpha), seed
         self.batch_size, self.classes_per_client, self.num_workers = batch_size, classes_per_client, num_workers
         self.min_client_samples = min_client_samples
-        seen = int(max(self.targets.max(), int(dataset_targets(test_dataset).max()) if len(test_dataset) else 0)) + 1
+        seen = int(max(self.targets.max(), int(test_targets.max()) if len(test_targets) else 0)) + 1
         self.num_classes = num_classes if num_classes is not None else seen
         self._parts: list[np.ndarray] | None = None
 

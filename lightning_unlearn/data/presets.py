@@ -11,7 +11,7 @@ from typing import Any
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, Dataset
 
-from lightning_unlearn.data.datasets import dataset_targets, load_digits_datasets, load_mnist
+from lightning_unlearn.data.datasets import load_digits_datasets, load_mnist
 from lightning_unlearn.data.federated import FederatedDataModule
 from lightning_unlearn.data.unlearning import UnlearningDataModule
 from lightning_unlearn.request import ForgetRequest, random_samples_request
@@ -27,11 +27,22 @@ def build_request(
     seed: int = 0,
 ) -> ForgetRequest:
     """A ForgetRequest from config fields: classes, explicit sample ids, or a seeded random fraction."""
+    _one_request_field(forget_classes=forget_classes, forget_sample_ids=forget_sample_ids,
+                       forget_random_fraction=forget_random_fraction)
     if forget_random_fraction is not None:
-        if forget_classes or forget_sample_ids:
-            raise ValueError("give only one of forget_classes, forget_sample_ids, forget_random_fraction")
         return random_samples_request(num_train, fraction=forget_random_fraction, seed=seed)
     return ForgetRequest(classes=forget_classes, sample_ids=forget_sample_ids)
+
+
+def _one_request_field(**fields: Any) -> None:
+    """Exactly one request field set (a config's ``null`` or ``[]`` is unset): one line with the values if not."""
+    given = {k: v for k, v in fields.items() if v is not None and not (isinstance(v, (list, tuple)) and not v)}
+    if len(given) == 1:
+        return
+    names = ", ".join(fields)
+    if given:
+        raise ValueError(f"give only one of {names}; got " + ", ".join(f"{k}={v!r}" for k, v in given.items()))
+    raise ValueError(f"no forget request: set one of {names}; got " + ", ".join(f"{k}={v!r}" for k, v in fields.items()))
 
 
 class _PresetData(UnlearningDataModule, ABC):
@@ -57,7 +68,7 @@ class _PresetData(UnlearningDataModule, ABC):
         if train_on not in TRAIN_ON:
             raise ValueError(f"unknown train_on {train_on!r}; allowed values are {list(TRAIN_ON)}")
         train, test = self._load(seed)
-        request = build_request(len(dataset_targets(train)), forget_classes, forget_sample_ids, forget_random_fraction, seed)
+        request = build_request(len(train), forget_classes, forget_sample_ids, forget_random_fraction, seed)
         super().__init__(train, test, request, batch_size=batch_size, num_workers=num_workers, seed=seed)
         self.train_on = train_on
 
@@ -128,9 +139,9 @@ class CIFAR10Data(_PresetData):
 
 
 def _federated_request(num_train, forget_classes, forget_clients, forget_sample_ids, forget_random_fraction, seed):
+    _one_request_field(forget_classes=forget_classes, forget_clients=forget_clients,
+                       forget_sample_ids=forget_sample_ids, forget_random_fraction=forget_random_fraction)
     if forget_clients:
-        if forget_classes or forget_sample_ids or forget_random_fraction is not None:
-            raise ValueError("give only one of forget_classes, forget_clients, forget_sample_ids, forget_random_fraction")
         return ForgetRequest(clients=forget_clients)
     return build_request(num_train, forget_classes, forget_sample_ids, forget_random_fraction, seed)
 

@@ -7,7 +7,7 @@ from lightning.pytorch import LightningDataModule
 from lightning.pytorch.utilities import CombinedLoader
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from lightning_unlearn.data.datasets import dataset_targets
+from lightning_unlearn.data.validation import checked_targets
 from lightning_unlearn.request import ForgetRequest
 
 
@@ -18,7 +18,8 @@ class UnlearningDataModule(LightningDataModule):
     (the forget-aware objectives set it) it yields ``{"retain": (x, y), "forget": (x, y)}``
     through Lightning's ``CombinedLoader``, cycling the smaller forget set.
     ``test_dataloader()`` returns ``[forget_test, remaining_test]`` for class requests
-    and ``[test]`` otherwise.
+    and ``[test]`` otherwise. Items are ``(input, label, *extra)``; both datasets are checked once,
+    here, before any work (:func:`~lightning_unlearn.data.validation.checked_targets`).
     """
 
     def __init__(
@@ -38,8 +39,10 @@ class UnlearningDataModule(LightningDataModule):
         self.train_dataset, self.test_dataset, self.request = train_dataset, test_dataset, request
         self.batch_size, self.num_workers, self.seed = batch_size, num_workers, seed
         self.combined = False
-        self.train_targets = dataset_targets(train_dataset)
-        self.test_targets = dataset_targets(test_dataset)
+        # one pass over all the data before any work: item shape, finite inputs, labels in range
+        self.train_targets = checked_targets(train_dataset, "training dataset", num_classes)
+        self.test_targets = (self.train_targets if test_dataset is train_dataset
+                             else checked_targets(test_dataset, "test dataset", num_classes))
         seen = int(torch.cat([self.train_targets, self.test_targets]).max()) + 1
         self.num_classes = num_classes if num_classes is not None else seen
         if forget_indices is None:
