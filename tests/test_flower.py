@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import re
 import sys
 
 import numpy as np
@@ -159,6 +160,16 @@ def test_local_split_matches_the_simulations_forget_plan(digits, tmp_path):
     assert torch.equal(loaded.dataset.tensors[0][5], fdm.client_dataset(2)[5][0])
     sample = requests[-1]
     assert np.array_equal(client_split(sample, loaded).forget, fdm.forget_plan(sample).splits[2].forget)
+    blob = torch.load(path, weights_only=True)  # a node's file with a NaN pixel or a label out of range: refused
+    blob["x"][4, 0, 1, 1] = float("nan")
+    torch.save(blob, path)
+    with pytest.raises(FlowerDataError, match=rf"^data-path='{re.escape(str(path))}': the input of sample 4 is not "
+                                              r"finite \(nan at \[0, 1, 1\]\); inputs must be finite numbers$"):
+        file_partition(_context({"data-path": str(path)}))
+    blob["x"][4, 0, 1, 1], blob["y"][6] = 0.0, 10
+    torch.save(blob, path)
+    with pytest.raises(FlowerDataError, match=r"sample 6 has label 10; allowed labels are 0\.\.9 \(num_classes=10\)$"):
+        file_partition(_context({"data-path": str(path)}))
 
 
 @pytest.mark.slow

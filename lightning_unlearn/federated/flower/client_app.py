@@ -32,6 +32,7 @@ from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 from lightning_unlearn._io import load_torch_file, save_torch
 from lightning_unlearn.data.datasets import dataset_targets, load_digits_datasets, load_mnist
 from lightning_unlearn.data.federated import ClientSplit, FederatedDataModule
+from lightning_unlearn.data.validation import checked_targets
 from lightning_unlearn.federated.arrays import set_arrays
 from lightning_unlearn.federated.client import FederatedClient
 from lightning_unlearn.federated.flower.records import (
@@ -154,7 +155,12 @@ def file_partition(context: Context) -> ClientPartition:
     missing = [k for k in ("x", "y", "sample_ids", "client_id", "num_classes", "batch_size") if k not in blob]
     if missing:
         raise FlowerDataError(f"{DATA_PATH_KEY}={str(path)!r} is not a partition file: it lacks {missing}")
-    return ClientPartition(int(blob["client_id"]), TensorDataset(blob["x"], blob["y"]), blob["sample_ids"].numpy(),
+    dataset = TensorDataset(blob["x"], blob["y"])
+    try:  # the node's data, checked once before it takes part: finite inputs, labels in range
+        checked_targets(dataset, f"{DATA_PATH_KEY}={str(path)!r}", int(blob["num_classes"]))
+    except ValueError as err:
+        raise FlowerDataError(str(err)) from None
+    return ClientPartition(int(blob["client_id"]), dataset, blob["sample_ids"].numpy(),
                            int(blob["num_classes"]), int(blob["batch_size"]))
 
 
