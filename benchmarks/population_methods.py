@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+from pathlib import Path
 from typing import Callable, Iterator
 
 import torch
@@ -18,6 +19,8 @@ from torch.utils.data import DataLoader, Dataset
 
 from lightning_unlearn import unlearn
 from population_task import Method, Task
+
+SOURCE_AT_IMPORT = Path(__file__).read_text()  # part of every candidate's cache key (population_task.method_fingerprint)
 
 
 # -- shared pieces ----------------------------------------------------------------------
@@ -83,10 +86,29 @@ class FrozenOutside:
                 p.copy_(torch.where(m, p, self.saved[n]))
 
 
+def perturbed(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """A copy of image batch ``x`` shifted by up to one pixel each way, plus noise of 10% of its std (seeded)."""
+    sh = torch.randint(-1, 2, (2,), generator=gen).tolist()
+    return torch.roll(x, shifts=sh, dims=(-2, -1)) + 0.1 * x.std() * torch.randn(x.shape, generator=gen)
+
+
+def keep_loss(kind: str, model: nn.Module, teacher: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """The retain term: cross-entropy on labels (``"ce"``) or KL toward the original's softmax (``"kl"``)."""
+    if kind == "ce":
+        return F.cross_entropy(model(x), y)
+    with torch.no_grad():
+        target = teacher(x).float().softmax(1)
+    return F.kl_div(F.log_softmax(model(x), 1), target, reduction="batchmean")
+
+
 def distill(task: Task, steps: int = 100, lr: float = 1e-3, batch: int = 32,
-            masks: dict[str, torch.Tensor] | None = None, model: nn.Module | None = None) -> nn.Module:
+            masks: dict[str, torch.Tensor] | None = None, model: nn.Module | None = None,
+            copies: int = 0, keep: str = "ce") -> nn.Module:
     """Masked-logit distillation: forget samples toward the original's softmax without the forgotten logit,
-    retain samples by cross-entropy; Adam, ``batch`` forget + ``batch`` retain per step."""
+    retain samples by cross-entropy; Adam, ``batch`` forget + ``batch`` retain per step. ``copies`` > 0: the
+    target is the mean over that many perturbed copies of each forget sample (the original next to the sample,
+    closer to how it treats unseen samples of the class). ``keep``: the retain term, ``"ce"`` (cross-entropy on
+    labels: keeps training, sharpens every logit) or ``"kl"`` (toward the original's own softmax: keeps the function)."""
     model = task.original if model is None else model
     teacher = copy.deepcopy(task.original).eval()
     dm, classes = task.datamodule, tuple(task.datamodule.request.classes)
@@ -95,10 +117,15 @@ def distill(task: Task, steps: int = 100, lr: float = 1e-3, batch: int = 32,
     _norm_eval(model)
     frozen = FrozenOutside(model, masks)
     opt = torch.optim.Adam(frozen.trainable(), lr=lr)
+    gen = torch.Generator().manual_seed(task.seed + 2)
     for _ in range(steps):
         (xf, yf), (xr, yr) = next(forget), next(retain)
-        target = masked_target(teacher, xf, yf, task.num_classes, classes)
-        loss = F.kl_div(F.log_softmax(model(xf), 1), target, reduction="batchmean") + F.cross_entropy(model(xr), yr)
+        if copies:
+            target = sum(masked_target(teacher, perturbed(xf, gen), yf, task.num_classes, classes)
+                         for _ in range(copies)) / copies
+        else:
+            target = masked_target(teacher, xf, yf, task.num_classes, classes)
+        loss = F.kl_div(F.log_softmax(model(xf), 1), target, reduction="batchmean") + keep_loss(keep, model, teacher, xr, yr)
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -244,7 +271,8 @@ def memorisation_gap(model: nn.Module, task: Task, n: int = 512) -> torch.Tensor
     return gap
 
 
-def heldout_distill(task: Task, steps: int, lr: float = 1e-3, batch: int = 32, noise: float = 0.0) -> nn.Module:
+def heldout_distill(task: Task, steps: int, lr: float = 1e-3, batch: int = 32, noise: float = 0.0,
+                    keep: str = "ce") -> nn.Module:
     """(b) Forget samples distilled toward the original's softmax with the true logit lowered by its class's
     memorisation gap (train-vs-held-out median phi): a held-out-like confidence; retain samples by cross-entropy.
     ``noise``: seeded Gaussian noise (this fraction of each tensor's std) added first (c)."""
@@ -265,7 +293,7 @@ def heldout_distill(task: Task, steps: int, lr: float = 1e-3, batch: int = 32, n
         with torch.no_grad():
             logits = teacher(xf).float()
             target = logits.scatter_add(1, yf[:, None], -gap[yf][:, None]).softmax(1)
-        loss = F.kl_div(F.log_softmax(model(xf), 1), target, reduction="batchmean") + F.cross_entropy(model(xr), yr)
+        loss = F.kl_div(F.log_softmax(model(xf), 1), target, reduction="batchmean") + keep_loss(keep, model, teacher, xr, yr)
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -361,11 +389,21 @@ def _distill_masked(ratio: float, random: bool = False) -> Method:
     return method
 
 
-def _distill_budget(fraction: float, then_headfit: bool = False) -> Method:
+def _distill_budget(fraction: float, then_headfit: bool = False, copies: int = 0, keep: str = "ce") -> Method:
     def method(task: Task) -> nn.Module:
-        model = distill(task, steps=retrain_budget(task, fraction))
+        model = distill(task, steps=retrain_budget(task, fraction), copies=copies, keep=keep)
         return head_fit(task, model) if then_headfit else model
-    method.__name__ = method.__qualname__ = f"distill{'_headfit' if then_headfit else ''}_b{int(fraction * 100)}"
+    method.__name__ = method.__qualname__ = (f"distill{'_aug' if copies else ''}{'_headfit' if then_headfit else ''}"
+                                             f"{'_kl' if keep == 'kl' else ''}_b{int(fraction * 100)}")
+    return method
+
+
+def _masked_headfit(ratio: float) -> Method:
+    def method(task: Task) -> nn.Module:
+        masks = channel_masks(task.original, distill_grad_scores(task), ratio)
+        return head_fit(task, distill(task, steps=retrain_budget(task, 0.06), masks=masks))
+    method.__name__ = method.__qualname__ = f"gradmask_{int(ratio * 100)}_headfit_b6"
+    method.__doc__ = f"(a) Distillation on {ratio:.0%} of each layer's channels (gradient x weight), then the head-row fit."
     return method
 
 
@@ -378,6 +416,10 @@ CANDIDATES: dict[str, Method] = {
     "distill_random_10": _distill_masked(0.10, random=True),
     **{f"distill_b{f}": _distill_budget(f / 100) for f in (3, 6)},
     **{f"distill_headfit_b{f}": _distill_budget(f / 100, True) for f in (3, 6)},
+    "distill_aug_headfit_b6": _distill_budget(0.06, True, copies=4),
+    "distill_headfit_kl_b6": _distill_budget(0.06, True, keep="kl"),
+    "distill_aug_headfit_kl_b6": _distill_budget(0.06, True, copies=4, keep="kl"),
+    **{f"gradmask_{r}_headfit_b6": _masked_headfit(r / 100) for r in (10, 30)},
 }
 
 
@@ -401,7 +443,24 @@ def reinit30_repair_b10(task: Task) -> nn.Module:
     return reinit_repair(task, 0.3, retrain_budget(task, 0.10))
 
 
+def heldout_kl_b6(task: Task) -> nn.Module:
+    """(b) Held-out-like target, retain samples kept at the original's softmax (KL), 6% of retraining's steps."""
+    return heldout_distill(task, retrain_budget(task, 0.06), keep="kl")
+
+
+def heldout_kl_noise_b6(task: Task) -> nn.Module:
+    """(b, c) The same after seeded Gaussian noise (2% of each tensor's std)."""
+    return heldout_distill(task, retrain_budget(task, 0.06), noise=0.02, keep="kl")
+
+
+def noop(task: Task) -> nn.Module:
+    """Doing nothing (the original itself, as a method: its timing and the same population code path)."""
+    return task.original.eval()
+
+
 SAMPLE_CANDIDATES: dict[str, Method] = {
+    "heldout_kl_b6": heldout_kl_b6,
+    "heldout_kl_noise_b6": heldout_kl_noise_b6,
     "heldout_b6": heldout_b6,
     "heldout_noise_b6": heldout_noise_b6,
     "augment_b6": augment_b6,

@@ -10,8 +10,9 @@ selectable method names. The interface is kept stable: add fields at the end, ne
 from __future__ import annotations
 
 import importlib.util
-import inspect
 import hashlib
+import inspect
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -47,9 +48,13 @@ Method = Callable[[Task], torch.nn.Module]
 def method_fingerprint(method: Method) -> str:
     """SHA-256 of a method's source and of its module's file (an edited method or helper gets a new cache key)."""
     parts = [f"{getattr(method, '__module__', '?')}.{getattr(method, '__qualname__', repr(method))}"]
-    for get in (inspect.getsource, lambda m: Path(inspect.getsourcefile(m) or "").read_text()):
+    module = sys.modules.get(getattr(method, "__module__", ""), None)
+    snapshot = getattr(module, "SOURCE_AT_IMPORT", None)  # the code that runs, even if the file was edited since
+    if snapshot is not None:
+        parts.append(snapshot)
+    else:
         try:
-            parts.append(get(method))
+            parts.append(Path(inspect.getsourcefile(method) or "").read_text())
         except (OSError, TypeError):
             pass
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()
@@ -63,7 +68,10 @@ def load_plugin(path: str | Path) -> dict[str, Method]:
     spec = importlib.util.spec_from_file_location(f"population_plugin_{path.stem}", path)
     module = importlib.util.module_from_spec(spec)
     assert spec.loader is not None
+    source = path.read_text()
+    sys.modules[spec.name] = module
     spec.loader.exec_module(module)
+    module.SOURCE_AT_IMPORT = source
     peers = getattr(module, "PEERS", None)
     if not isinstance(peers, dict) or not all(isinstance(k, str) and callable(v) for k, v in peers.items()):
         raise ValueError(f"plugin {str(path)!r} must expose PEERS: dict[str, Method] (name -> callable)")
