@@ -383,3 +383,51 @@ def test_corrupt_run_files_are_named_in_one_line(fitted, train_set, tmp_path, ca
     with pytest.raises(ValueError, match=rf"SISA plan {plan} lacks config"):
         SISA.stored_config(fitted.root)
 
+
+
+def _serve_in_child(run: SISA, db: str, jobs: str, claimed, go) -> None:
+    from lightning_unlearn import ledger as ledger_mod
+    from lightning_unlearn.exact.ledger import serve_requests
+
+    real = run.forget
+
+    def forget_when_told(*args, **kwargs):
+        if claimed is not None:  # the first server: hold its claim until the second one has started
+            claimed.set()
+            go.wait(timeout=60)
+        return real(*args, **kwargs)
+
+    run.forget = forget_when_told
+    with ledger_mod.Ledger(db) as ledger:
+        assert serve_requests(run, ledger, "digits", None, jobs)["status"] == "done"
+
+
+def test_two_ledger_servers_on_one_run_serve_both_requests(fitted, train_set, tmp_path):
+    """`sisa unlearn --sisa.ledger` twice at once: the second claims its request only after the first is recorded."""
+    from lightning_unlearn import ledger as ledger_mod
+    from lightning_unlearn.exact.ledger import record_fit
+
+    db = str(tmp_path / "ledger.db")
+    with ledger_mod.Ledger(db) as ledger:
+        source = ledger.register_source("digits", ledger_mod.sample_hashes(train_set))
+        record_fit(fitted, ledger, source, tmp_path / "v1.pt")
+        first = ledger.add_request(source, ForgetRequest(sample_ids=[int(fitted.slices[0][1][0])]), "alice")
+    claimed, go = FORK.Event(), FORK.Event()
+    a = FORK.Process(target=_serve_in_child, args=(fitted, db, str(tmp_path / "jobs"), claimed, go))
+    a.start()
+    assert claimed.wait(timeout=120)
+    with ledger_mod.Ledger(db) as ledger:
+        second = ledger.add_request(source, ForgetRequest(sample_ids=[int(fitted.slices[2][1][0])]), "bob")
+    b = FORK.Process(target=_serve_in_child, args=(fitted, db, str(tmp_path / "jobs"), None, None))
+    b.start()
+    b.join(timeout=2)  # time for it to claim, if nothing stops it
+    go.set()
+    for child in (a, b):
+        child.join(timeout=240)
+    assert [a.exitcode, b.exitcode] == [0, 0]
+    with ledger_mod.Ledger(db) as ledger:
+        assert [ledger.request(r)["status"] for r in (first, second)] == ["done", "done"]
+        head = ledger.head("digits")["id"]
+        assert np.array_equal(ledger.held(head), fitted.held_ids())  # the ledger records what the run holds
+        checks = ledger_mod.verify(ledger)
+        assert checks and all(c.ok for c in checks), [c for c in checks if not c.ok]

@@ -40,9 +40,16 @@ def serve_requests(run: SISA, ledger, source, test_dataset: Dataset | None,
                    output_root: str | os.PathLike) -> dict[str, Any]:
     """Serve every pending request of ``source`` with one exact SISA deletion.
 
-    The ledger's head version must be this run's current ensemble (same weights hash).
+    The ledger's head version must be this run's current ensemble (same weights hash). The run's
+    locks are held from claiming the requests to recording the new version, so two servers on one
+    run take turns (the second claims on the version the first recorded).
     Returns ``{"status": "idle" | "unchanged" | "done", ...}``.
     """
+    with run.lock():
+        return _serve(run, ledger, source, test_dataset, output_root)
+
+
+def _serve(run: SISA, ledger, source, test_dataset: Dataset | None, output_root: str | os.PathLike) -> dict[str, Any]:
     from lightning_unlearn.evaluation.report import weights_sha256
 
     job = ledger.start_job(source, output_root)

@@ -202,6 +202,14 @@ class SISA:
                              "new directory")
         return state
 
+    def lock(self):
+        """Hold every shard's lock (a context manager, reentrant in this thread): no other fit or deletion meanwhile.
+
+        For work that must see the run unchanged from start to end, such as serving a ledger job
+        (the ledger's head must be this run's ensemble when the job is claimed and when it is recorded).
+        """
+        return self._locks.hold(range(self.config.shards))
+
     def _state_problem(self, shard: int, state: Any) -> str | None:
         """What makes ``state`` unusable as shard ``shard``'s state (None if nothing)."""
         if not isinstance(state, dict):
