@@ -5,8 +5,8 @@ request (class 3; a random 10% of the training samples) the exact reference is r
 from scratch on the retain set, then every method unlearns from the same original. Each
 unlearned model is evaluated with lightning_unlearn.evaluation (accuracy splits, MIA-efficacy
 with its shadow accuracy, loss-attack AUC, probe, relearn steps) and compared with the
-retrained one (Avg. Gap). Writes benchmarks/results/central_<dataset>.json and replaces the
-"## Centralised methods (digits, MNIST)" section of BENCHMARKS.md.
+retrained one (Avg. Gap). Writes benchmarks/results/central_<dataset>.json and renders
+docs/benchmarks/central.md from the result files on disk (``--markdown FILE``: that file's section instead).
 
     .venv/bin/python benchmarks/central.py --datasets digits mnist --mnist-root ../shared/data/mnist
 
@@ -263,7 +263,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
-    p.add_argument("--markdown", type=Path, default=ROOT / "BENCHMARKS.md")
+    p.add_argument("--markdown", type=Path, default=None,
+                   help="replace our section of this markdown file (default: render docs/benchmarks/central.md)")
     p.add_argument("--render-only", action="store_true", help="rewrite the markdown section from the JSON on disk")
     p.add_argument("--smoke", action="store_true", help="digits, one seed, ours + retrain, class request, 1 epoch")
     args = p.parse_args(argv)
@@ -294,8 +295,28 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     # the section shows every result file on disk, so datasets (and the backdoor run) can be run separately
     files = [args.out / f"central_{d}{p}{suffix}.json" for d in ("digits", "mnist") for p in ("", "_backdoor")]
     results = [json.loads(f.read_text()) for f in files if f.exists()]
-    write_section(args.markdown, markdown(results))
+    if args.markdown is not None:
+        write_section(args.markdown, markdown(results))
+    elif not args.smoke:
+        (ROOT / "docs" / "benchmarks" / "central.md").write_text(render_page(args.out))
     return results
+
+
+PAGE_FILES = ["central_digits.json", "central_digits_backdoor.json", "central_mnist.json"]
+
+
+def render_page(results: Path) -> str:
+    """docs/benchmarks/central.md from the PAGE_FILES results."""
+    import pagekit
+
+    records = [pagekit.load(results, name) for name in PAGE_FILES]
+    body = markdown(records).split("\n")
+    body = body[4:]  # drop the section title and the line naming the old section's files
+    text = "\n".join(body).replace("(README.md#evidence-of-forgetting)", "(../evidence.md)")
+    machines = [pagekit.machine(r) + f"; {r.get('cpu_threads', 1)} torch thread(s)" for r in records]
+    lines = pagekit.header("Centralised methods (digits, MNIST)", "central.py", PAGE_FILES,
+                           [r["command"] for r in records], machines)
+    return pagekit.finish(lines + text.splitlines())
 
 
 if __name__ == "__main__":

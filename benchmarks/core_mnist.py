@@ -127,5 +127,37 @@ def main() -> None:
                                           "mask_overhead": overhead, "scoring_cost": cost, "torch_threads": torch.get_num_threads()}, indent=1))
 
 
+def render_page(results: Path) -> str:
+    """docs/benchmarks/core_mnist.md from core_mnist.json."""
+    import pagekit
+
+    rec = pagekit.load(results, "core_mnist.json")
+    m, cost = rec["mask_overhead"], rec["scoring_cost"]
+    intro = ("MNIST 60k/10k, SmallCNN with 32/64 conv channels and 128 hidden units, Adam lr 1e-3, batch 64. Original "
+             "and retrained model: 3 epochs (the retrained one on the retain data only); unlearning: "
+             "`SelectiveUnlearning` with grad x activation, top 10% channels per layer + the class-3 output row, "
+             "random-label objective, 150 steps; fine-tune all: every parameter, retain data, the same 150 steps. "
+             "Forget class 3. Wall times were taken while other jobs shared the machine: compare them within a table.")
+    lines = pagekit.header("Core: the demo on MNIST, mask overhead, scoring cost", "core_mnist.py", ["core_mnist.json"],
+                           [rec["command"]], [pagekit.machine(rec) + (f"; {rec['torch_threads']} torch threads"
+                                                                       if "torch_threads" in rec else "")], intro)
+    lines += ["## The demo table", "", rec["table_md"].strip(), "",
+              "## Mask overhead per training step", "",
+              f"AdamW, {100 * m['mask_fraction']:.1f}% of the parameters in the mask, {m['steps']} steps x "
+              f"{m['repeats']} interleaved repeats: a plain step takes {m['plain_step_ms']:.1f} ms, a masked step "
+              f"{m['masked_step_ms']:.1f} ms ({m['end_to_end_overhead_pct']:+.1f}%); the mask's own work (zero the "
+              f"frozen gradients, write the frozen elements back) timed alone is {m['mask_work_ms']:.2f} ms = "
+              f"{m['mask_work_pct_of_step']:.1f}% of a step.", "",
+              "## Scoring time per method", "",
+              f"Relative to one training epoch over the {cost['forget_samples']:,} forget samples "
+              f"({cost['epoch_over_forget_s']:.1f} s); each method streams over the forget loader in eval mode. "
+              "Perturbation methods (ablation, conductance) score a seeded subsample (`max_samples`).", ""]
+    methods = [k for k, v in cost.items() if isinstance(v, dict)]
+    lines += pagekit.table(["method", "samples scored", "seconds", "x one epoch over the forget data"],
+                           [[k, f"{cost[k]['samples_scored']:,}", f"{cost[k]['seconds']:.1f}",
+                             f"{cost[k]['relative_to_epoch']:.2f}"] for k in methods])
+    return pagekit.finish(lines)
+
+
 if __name__ == "__main__":
     main()

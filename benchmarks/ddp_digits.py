@@ -48,5 +48,26 @@ def main() -> None:
     print("masks identical and frozen elements exact on every rank:", all(r["same_mask"] and r["frozen_exact"] for r in rows))
 
 
+def render_page(results: Path) -> str:
+    """docs/benchmarks/ddp_digits.md from ddp_digits.json."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import pagekit
+
+    rec = pagekit.load(results, "ddp_digits.json")
+    intro = ("`tests/scripts/ddp_unlearn.py` (SelectiveUnlearning, 2 epochs, class 3, SmallCNN with AdamW + weight "
+             "decay) with `devices=1` and with `strategy=\"ddp\", devices=2, accelerator=\"cpu\"` (gloo), "
+             "interleaved. Two CPU processes split the same cores: this shows that DDP is correct (same mask on every "
+             "rank, frozen elements and BatchNorm buffers bit-exact) and what process start and gloo set-up cost on "
+             "tiny data, not a speed-up; no GPU was available to measure one.")
+    lines = pagekit.header("DDP: 1 vs 2 processes (digits)", "ddp_digits.py", ["ddp_digits.json"],
+                           [f"python {rec['command']} --repeats 2"], [f"{rec['cpus']} CPUs, shared with other jobs"], intro)
+    lines += pagekit.table(["run", "processes", "process wall s", "fit s", "same mask on every rank", "frozen exact"],
+                           [[i + 1, r["devices"], f"{r['process_wall_s']:.1f}", f"{r['fit_s']:.1f}", r["same_mask"],
+                             r["frozen_exact"]] for i, r in enumerate(rec["runs"])])
+    lines += ["", "Median over runs: " + "; ".join(f"{k} process(es): fit {v['fit_s']:.1f} s, process "
+                                                   f"{v['process_wall_s']:.1f} s" for k, v in rec["median"].items()) + "."]
+    return pagekit.finish(lines)
+
+
 if __name__ == "__main__":
     main()

@@ -314,5 +314,38 @@ def plot(results: dict, path: Path) -> Path:
     return path
 
 
+def render_page(results: Path) -> str:
+    """docs/benchmarks/dp_mnist.md from dp_mnist.json and dp_mnist_timing.json."""
+    import sys as _sys
+
+    _sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import pagekit
+
+    rec, timing = pagekit.load(results, "dp_mnist.json"), pagekit.load(results, "dp_mnist_timing.json")
+    c = rec["config"]
+    intro = (f"Federated MNIST: a seeded {c['train_samples']:,}-sample subsample of the training set, {c['clients']} "
+             f"clients with Dirichlet({c['alpha']}) label skew (sizes {', '.join(map(str, rec['client_sizes']))}), "
+             f"SmallCNN, FedAvg {c['rounds']} rounds x {c['local_steps']} local steps. DP runs: local DP-SGD at every "
+             f"client (`attach_client_dp`, GroupNorm model from `make_dp_compatible`), clipping norm "
+             f"{c['max_grad_norm']}, delta {c['delta']}, target epsilons {c['epsilons']} (worst client shown). Rows: "
+             "the non-DP original; non-DP + unlearning; retraining without the forget data (the reference); DP-SGD at "
+             "each epsilon without unlearning; DP + unlearning. MIA-eff: SalUn's SVC attack (shadow accuracy in "
+             "brackets, `!` when below 55%: the score is then uninformative); loss-attack AUC on the forget data "
+             "(50 = no trace). The plot is `benchmarks/results/dp_mnist_utility_vs_mia.png`.")
+    lines = pagekit.header("DP-SGD vs unlearning (MNIST, federated)", "dp_mnist.py",
+                           ["dp_mnist.json", "dp_mnist_timing.json"],
+                           ["python benchmarks/dp_mnist.py --data-root ../shared/data/mnist",
+                            f"python benchmarks/dp_mnist.py --data-root ../shared/data/mnist --timing {timing['reps']}"],
+                           [f"{c.get('threads', 1)} torch thread; cores not recorded"], intro)
+    lines += [f"Total wall time {rec['wall_s'] / 60:.1f} min.", ""]
+    lines += markdown(rec).replace("#### ", "## ").splitlines()
+    lines += ["## Cost of a DP-SGD step", "",
+              f"{timing['reps']} interleaved repeats of {timing['local_steps']} local steps, batch "
+              f"{timing['batch_size']}: median plain fit {timing['median_plain_s']:.2f} s, DP-SGD fit "
+              f"{timing['median_dp_s']:.2f} s ({timing['median_ratio']:.2f}x); epsilon accounting "
+              f"{min(timing['epsilon_accounting_s']):.2f}-{max(timing['epsilon_accounting_s']):.2f} s."]
+    return pagekit.finish(lines)
+
+
 if __name__ == "__main__":
     main()

@@ -334,6 +334,43 @@ def markdown(results: list[dict[str, Any]], args) -> str:
     return "\n".join(out)
 
 
+PAGE_GROUPS = [
+    ("At the library's defaults", ["evidence_digits_default.json", "evidence_digits_default_retain.json"],
+     "`default` is `unlearn` with the library's defaults (the second file: with `objective=\"retain\"`); `ours` "
+     "is the fixed recipe of the method comparison below (3 epochs of capped ascent on the same channels, no reset, "
+     "no stopping rule). The K = 8 reference populations are the cached ones of the comparison below."),
+    ("Methods compared (fixed recipes)", ["evidence_digits.json", "evidence_mnist.json", "evidence_mnist_class3_k8.json"],
+     "Every baseline of `lightning_unlearn.baselines` with the recipes of `benchmarks/central.py`; `ours` is the "
+     "explained-channel method at those recipes (not the library's current defaults)."),
+]
+
+
+def render_page(results: Path) -> str:
+    """docs/benchmarks/evidence.md: the defaults first, then the method comparison, then the CLI attack's cost."""
+    import pagekit
+
+    names = [n for _, files, _ in PAGE_GROUPS for n in files] + ["evidence_digits_cheap.json"]
+    records = {n: pagekit.load(results, n) for n in names}
+    intro = INTRO.split(". ", 1)[1]  # the first sentence names the old section's files
+    lines = pagekit.header("Evidence: per-example attacks, challenge score, relearn time", "evidence.py", names,
+                           [records[n]["command"] for n in names],
+                           ["1 CPU thread of a shared 2-core machine (elapsed minutes per file below)"], intro)
+    for title, files, note in PAGE_GROUPS:
+        lines += [f"## {title}", "", note, ""]
+        body = markdown([records[n] for n in files], None).split(INTRO, 1)[1]
+        lines += body.strip("\n").splitlines() + [""]
+    cheap_rec = records["evidence_digits_cheap.json"]
+    ulira = cheap_rec["result"]["ulira"]
+    lines += ["## Cost of the command-line attack", "",
+              f"`{cheap_rec['command']}`: {cheap_rec['references']} reference models of {cheap_rec['epochs']} epochs "
+              f"trained into an empty cache in {cheap_rec['attack_evidence_s']:.0f} s; the same call with the cache "
+              f"filled {cheap_rec['attack_evidence_cached_s']:.1f} s; training the original and unlearning "
+              f"{cheap_rec['original_and_unlearning_s']:.0f} s. Forget AUC of the unlearned model "
+              f"{ulira['forget']['auc']:.3f} ({'informative' if ulira['informative'] else 'uninformative'}: "
+              f"{ulira['informative_rule']}).", ""]
+    return pagekit.finish(lines)
+
+
 def cheap(args) -> dict[str, Any]:
     """What ``lightning-unlearn evaluate --attack ulira --references K`` costs on digits: one call, an empty cache."""
     import tempfile

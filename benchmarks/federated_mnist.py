@@ -249,5 +249,69 @@ def targets_line(rows: dict, fedavg_round: float) -> str:
             + f". Forget accuracy {side} the retrained model's ({gap:+.2f} pts).")
 
 
+PAGE_SUMMARIES = [  # (summary file, heading); the current default reset (dampen) first
+    ("federated_requests_dampen_summary.json", "Client and sample requests at the default reset (dampen)"),
+    ("federated_requests_summary.json", "Client and sample requests: reset reinit vs none, explained vs random channels"),
+    ("federated_requests_epoch_summary.json", "Client and sample requests with an automatic step budget"),
+    ("federated_mnist_summary.json", "Every method, class, client and sample requests (before remove-then-repair: no reset)"),
+]
+
+
+def _command(config: dict) -> str:
+    """The command line that reproduces a summary, from the configuration it records."""
+    parts = ["python benchmarks/federated_mnist.py --data-root ../shared/data/mnist"]
+    for key in ("prefix", "reset", "requests", "methods", "unlearn_steps"):
+        if key in config and str(config[key]) != str(PAGE_DEFAULTS.get(key)):
+            parts.append(f"--{key.replace('_', '-')} {config[key]}")
+    return " ".join(parts)
+
+
+PAGE_DEFAULTS = {"prefix": "federated_mnist", "unlearn_steps": 5}
+
+
+def render_page(results: Path) -> str:
+    """docs/benchmarks/federated_mnist.md from the summaries of PAGE_SUMMARIES and the CLI session's record."""
+    import pagekit
+
+    records = {name: pagekit.load(results, name) for name, _ in PAGE_SUMMARIES}
+    cli = pagekit.load(results, "federated_requests_cli_digits.json")
+    first = records["federated_mnist_summary.json"]["config"]
+    intro = (f"MNIST, {first['clients']} clients, Dirichlet({first['alpha']}) partition, SmallCNN, "
+             f"{first['rounds']} FedAvg rounds of {first['local_steps']} local steps (lr {first['lr']}); "
+             f"explained channels ({first['method']}, ratio {first['ratio']} per layer); requests: class "
+             f"{first['forget_class']}, client {first['forget_client']}, a random {100 * first['sample_fraction']:g}% "
+             "of the training samples. Retraining the federation without the forgotten data is the reference "
+             "(speed-up = its wall time / the method's). The per-(request, method) JSONs beside each summary hold "
+             "the masks, timings and histories. Targets: forget and remaining accuracy within 1 point of retraining, "
+             "20x faster than retraining, a masked round under 10% of a FedAvg round's bytes.")
+    commands = [_command(r["config"]) for r in records.values()] + [c for c in cli["commands"]]
+    lines = pagekit.header("Federated unlearning (MNIST)", "federated_mnist.py",
+                           [*records, "federated_requests_cli_digits.json"], commands,
+                           [f"{r['config'].get('threads', 1)} torch thread; cores not recorded" for r in records.values()]
+                           + [pagekit.machine(cli)], intro)
+    for name, title in PAGE_SUMMARIES:
+        rec = records[name]
+        lines += [f"## {title}", "", f"`{_command(rec['config'])}` (`{name}`; unlearning: "
+                  f"{rec['config']['unlearn_rounds']} masked round(s) of {rec['config']['unlearn_steps']} steps).", ""]
+        lines += markdown(rec).replace("#### ", "### ").splitlines() + [""]
+    lines += ["## The command-line session (digits, one client leaves)", "",
+              "`configs/digits_fed.yaml` (5 clients, Dirichlet 0.5, client 1 leaves) through `lightning-unlearn fit / "
+              f"unlearn / evaluate` at commit {cli['commit']}, with reset reinit (then the default) and none; no file "
+              "records the session at the current default (dampen). Forget = accuracy on the leaving client's "
+              "training data.", ""]
+    rows = []
+    for reset, run in cli["runs"].items():
+        m, rl, b = run["metrics"], run["relearn_steps"], run["bytes_moved"]
+        for model in ("original", "unlearned", "retrained"):
+            steps = {"unlearned": rl.get("relearn_steps_unlearned"), "retrained": rl.get("relearn_steps_retrained")}
+            rows.append([reset if model == "unlearned" else "", model, pagekit.pct(m[model]["forget_acc"]),
+                         pagekit.pct(m[model]["remaining_acc"]), pagekit.pct(m[model]["test_acc"]),
+                         steps.get(model, "-") if steps.get(model) is not None else "-",
+                         f"{b['unlearning_round'] / 1e3:.1f} kB" if model == "unlearned" else "-"])
+    lines += pagekit.table(["reset", "model", "forget % (leaving client's data)", "remaining %", "test %",
+                            "relearn steps", "bytes / masked round"], rows)
+    return pagekit.finish(lines)
+
+
 if __name__ == "__main__":
     main()

@@ -206,5 +206,30 @@ def main(argv=None) -> None:
     print(md)
 
 
+def render_page(results: Path) -> str:
+    """docs/benchmarks/federated_scale.md from federated_scale.json."""
+    import sys as _sys
+
+    _sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import pagekit
+
+    rec = pagekit.load(results, "federated_scale.json")
+    c = rec["config"]
+    intro = (f"In-process simulation (`make_clients` + `run_fedavg`, then `federated_unlearn` for class 3): the first "
+             f"{c['train_size']:,} {c['data'].upper() if c['data'] == 'mnist' else c['data']} training images split "
+             f"with a Dirichlet {c['alpha']} partition (each client at least {c['min_client_samples']} images), "
+             f"SmallCNN. FedAvg: {c['rounds']} rounds of at most {c['local_steps']} local steps per sampled client. "
+             f"Unlearning: {c['unlearn_rounds']} masked rounds of at most {c['unlearn_steps']} steps, run from the same "
+             "model with the setting's client sampling, with every client, and with `reset=\"reinit\"` (adds the "
+             "BatchNorm statistics round, which asks every client). Orchestration = round time minus the clients' "
+             "summed local compute.")
+    lines = pagekit.header("Federated scale: 100 clients", "federated_scale.py", ["federated_scale.json"],
+                           [f"python benchmarks/federated_scale.py --data-root ../shared/data/mnist"],
+                           [pagekit.machine(rec)], intro)
+    lines += ["## Training rounds", "", *table(rec["results"]).splitlines(), "",
+              "## Unlearning runs", "", *unlearning_table(rec["results"]).splitlines()]
+    return pagekit.finish(lines)
+
+
 if __name__ == "__main__":
     main()

@@ -80,6 +80,40 @@ def one_mode(args, mode: str, paths: list[Path], work: Path) -> dict:
             "messages_per_run": len(runs[0]["rows"])}
 
 
+def table(results: list[dict]) -> list[str]:
+    """One row per mode."""
+    lines = ["| mode | start-up s | `flwr run` s | ServerApp s | round s | local compute s (sum over clients) | "
+             "round - compute s |", "|---|---|---|---|---|---|---|"]
+    for r in results:
+        runs = ", ".join(f"{x['flwr_run_s']:.1f}" for x in r["runs"])
+        lines.append(f"| {r['mode']} | {r['start_s']:.1f} | {r['flwr_run_s']:.1f} ({runs}) | {r['server_total_s']:.1f} | "
+                     f"{r['round_s']:.2f} | {r['local_compute_s']:.2f} | {r['overhead_s']:.2f} |")
+    return lines
+
+
+def render_page(results: Path) -> str:
+    """docs/benchmarks/flower_deployment.md from flower_deployment.json."""
+    import pagekit
+
+    rec = pagekit.load(results, "flower_deployment.json")
+    c, h = rec["config"], rec["host"]
+    intro = (f"A real deployment: one SuperLink and {c['clients']} SuperNodes as separate processes on 127.0.0.1, each "
+             "node reading its own digits shard file; the library's example App run with `flwr run` "
+             f"({c['train_rounds']} FedAvg round(s) of {c['local_steps']} local steps, the scoring round, "
+             f"{c['unlearn_rounds']} masked round(s) of {c['unlearn_steps']} steps, `reset={c['reset']}` pinned). Each "
+             f"mode ran {c['repeats']} times on the same deployment. `warm`: warm executors (torch imported once, "
+             "tasks forked from a pre-imported process), SuperNode poll capped at 0.1 s, server polling every 0.05 s "
+             "(the defaults of `LocalDeployment`); `warm-stock-poll`: the same executors with Flower's 3 s SuperNode "
+             "poll. Start-up ends when every executor polls for tasks. ServerApp s is the ServerApp's own run; the "
+             "rest of `flwr run` is Flower's (packaging, starting the run, streaming logs).")
+    machine = (pagekit.machine(rec) + f"; load average {' '.join(h['loadavg_before'])} before, "
+               f"{' '.join(h['loadavg_after'])} after (other jobs running)")
+    lines = pagekit.header("Flower deployment on one host", "flower_deployment.py", ["flower_deployment.json"],
+                           [f"python benchmarks/flower_deployment.py --repeats {c['repeats']} --modes {c['modes']} "
+                            f"--reset {c['reset']}"], [machine], intro)
+    return pagekit.finish(lines + table(rec["results"]))
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
     torch.set_num_threads(1)
@@ -97,12 +131,7 @@ def main(argv=None) -> None:
                                             "loadavg_before": load_before, "loadavg_after": load_after},
               "results": results}
     write_json(record, out / "flower_deployment.json")
-    lines = ["| mode | start-up s | `flwr run` s | ServerApp s | round s | local compute s (sum over clients) | "
-             "round - compute s |", "|---|---|---|---|---|---|---|"]
-    for r in results:
-        runs = ", ".join(f"{x['flwr_run_s']:.1f}" for x in r["runs"])
-        lines.append(f"| {r['mode']} | {r['start_s']:.1f} | {r['flwr_run_s']:.1f} ({runs}) | {r['server_total_s']:.1f} | "
-                     f"{r['round_s']:.2f} | {r['local_compute_s']:.2f} | {r['overhead_s']:.2f} |")
+    lines = table(results)
     (out / "flower_deployment.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

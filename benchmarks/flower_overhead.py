@@ -88,13 +88,56 @@ def flower(args, parts, init, model_fn, request, workers: int) -> dict:
             "history": {"training": res.training, "unlearning": res.unlearning}}
 
 
+TABLE_HEAD = ["| dataset | engine | FedAvg round s | local compute s | overhead s | unlearn round s | overhead s | "
+              "payload B/round (FedAvg, unlearn) | wire B/round (FedAvg, unlearn) | start-up s | forget acc |",
+              "|---|---|---|---|---|---|---|---|---|---|---|"]
+
+
+def table_rows(record: dict) -> list[str]:
+    """One row per engine of one dataset's record (flower_<dataset>.json)."""
+    dataset, ref, lines = record["dataset"], record["in_process"], []
+    for name, r in [("in-process", ref)] + [(f"Flower ({f['workers']} worker{'s' if f['workers'] > 1 else ''})", f)
+                                         for f in record["flower"]]:
+        t, u = r["training"], r["unlearning"]
+        wire = f"{t['wire_down'] + t['wire_up']:,.0f}, {u['wire_down'] + u['wire_up']:,.0f}" if "wire_down" in t else "-"
+        start = r["wall_s"].get("with_engine_start_stop", 0) - r["wall_s"].get("total", 0) + r["wall_s"].get("connect", 0) \
+            if "connect" in r["wall_s"] else 0.0
+        lines.append(f"| {dataset} | {name} | {t['round_s']:.2f} | {t['local_compute_s']:.2f} | {t['overhead_s']:.2f} | "
+                     f"{u['round_s']:.2f} | {u['overhead_s']:.2f} | {t['bytes_down'] + t['bytes_up']:,.0f}, "
+                     f"{u['bytes_down'] + u['bytes_up']:,.0f} | {wire} | {start:.1f} | "
+                     f"{r['metrics']['unlearned']['forget_acc']:.3f} |")
+    return lines
+
+
+def render_page(results: Path) -> str:
+    """docs/benchmarks/flower_overhead.md from flower_digits.json and flower_mnist.json."""
+    import pagekit
+
+    names = ["flower_digits.json", "flower_mnist.json"]
+    records = [pagekit.load(results, n) for n in names]
+    c = records[0]["config"]
+    intro = (f"The same federation in two engines: {c['clients']} iid clients, SmallCNN, the same initial model and "
+             f"seeds, {c['train_rounds']} FedAvg rounds of {c['local_steps']} local steps, then forgetting class "
+             f"{c['forget_class']} with {c['unlearn_rounds']} masked rounds of {c['unlearn_steps']} steps at ratio "
+             f"{c['ratio']}. In-process: the library's own loop; Flower: `run_flower_simulation` (Flower's simulation "
+             "engine on Ray, 1 CPU per client; workers = the CPUs given to Ray). Means per round; local compute = the "
+             "clients' summed time inside their training loops; overhead = round time minus that (orchestration: "
+             "serialisation, transport, Trainer set-up; negative when 2 workers train in parallel); start-up = "
+             "Flower's one-off cost (Ray start and stop, worker imports, first contact). Payload bytes are identical "
+             "in both engines (checked by the script).")
+    lines = pagekit.header("Flower vs in-process federation", "flower_overhead.py", names,
+                           [f"python benchmarks/flower_overhead.py --datasets {c['datasets']} --data-root "
+                            f"../shared/data/mnist --workers {c['workers']}"],
+                           [pagekit.machine(r) for r in records], intro)
+    lines += TABLE_HEAD + [row for r in records for row in table_rows(r)]
+    return pagekit.finish(lines)
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
     torch.set_num_threads(1)
     out = Path(args.out)
-    lines = ["| dataset | engine | FedAvg round s | local compute s | overhead s | unlearn round s | overhead s | "
-             "payload B/round (FedAvg, unlearn) | wire B/round (FedAvg, unlearn) | start-up s | forget acc |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = list(TABLE_HEAD)
     for dataset in args.datasets.split(","):
         parts = FederatedPartitions(dataset, args.clients, "iid", seed=args.seed, batch_size=32,
                                     data_root=args.data_root if dataset == "mnist" else None)
@@ -115,16 +158,7 @@ def main(argv=None) -> None:
             fl["same_mask_as_in_process"] = fl["mask_sha256"] == ref["mask_sha256"]
             record["flower"].append(fl)
         write_json(record, out / f"flower_{dataset}.json")
-        for name, r in [("in-process", ref)] + [(f"Flower ({f['workers']} worker{'s' if f['workers'] > 1 else ''})", f)
-                                                 for f in record["flower"]]:
-            t, u = r["training"], r["unlearning"]
-            wire = f"{t['wire_down'] + t['wire_up']:,.0f}, {u['wire_down'] + u['wire_up']:,.0f}" if "wire_down" in t else "-"
-            start = r["wall_s"].get("with_engine_start_stop", 0) - r["wall_s"].get("total", 0) + r["wall_s"].get("connect", 0) \
-                if "connect" in r["wall_s"] else 0.0
-            lines.append(f"| {dataset} | {name} | {t['round_s']:.2f} | {t['local_compute_s']:.2f} | {t['overhead_s']:.2f} | "
-                         f"{u['round_s']:.2f} | {u['overhead_s']:.2f} | {t['bytes_down'] + t['bytes_up']:,.0f}, "
-                         f"{u['bytes_down'] + u['bytes_up']:,.0f} | {wire} | {start:.1f} | "
-                         f"{r['metrics']['unlearned']['forget_acc']:.3f} |")
+        lines += table_rows(record)
         print("\n".join(lines))
     (out / "flower_overhead.md").write_text("\n".join(lines) + "\n")
 

@@ -90,5 +90,42 @@ def main() -> None:
               f"{r.get('relearn_steps', '-')} | {stop} | {r['seconds']:.1f} | {ratio} |")
 
 
+PAGE_FILES = [  # (results file, the command that wrote it: the files do not record it)
+    ("full_mnist_default.json", "python benchmarks/full_mnist_default.py --data-root ../shared/data/mnist --variants "
+                                "'{\"reset\": \"reinit\"}' '{\"reset\": \"none\"}' '{\"objective\": \"retain\"}'"),
+    ("full_mnist_default_MLP.json", "python benchmarks/full_mnist_default.py --data-root ../shared/data/mnist --arch MLP"),
+    ("full_mnist_default_ResNetBN.json",
+     "python benchmarks/full_mnist_default.py --data-root ../shared/data/mnist --arch ResNetBN"),
+]
+
+
+def render_page(results: Path) -> str:
+    """docs/benchmarks/full_mnist_default.md from the PAGE_FILES results."""
+    import pagekit
+
+    records = {name: pagekit.load(results, name) for name, _ in PAGE_FILES}
+    intro = ("Full MNIST (60,000 training / 10,000 test images), class 3 forgotten, seed 0: the library's defaults "
+             "(`unlearn (defaults)`) and reset/objective variants against retraining from scratch on the retain data "
+             "for the same epochs in the same process (the speed reference, `/ retrain`). Accuracies in %; relearn "
+             "steps: Adam steps until class 3 is back within 2 points of the original; repair steps with the stopping "
+             "rule's reason. One torch thread. The commands listed are those documented when the files were written "
+             "(the files record epochs and seed, not the command line).")
+    lines = pagekit.header("Full MNIST at the defaults", "full_mnist_default.py", records,
+                           [cmd for _, cmd in PAGE_FILES], [pagekit.UNKNOWN_MACHINE], intro)
+    for name, _ in PAGE_FILES:
+        rec = records[name]
+        arch = rec.get("arch", "SmallCNN")
+        lines += [f"## {arch}", "", f"`{name}`: {rec['epochs']} training epochs, seed {rec['seed']}.", ""]
+        rows = []
+        for r in rec["rows"]:
+            steps = f"{r['steps']} ({r['stop_reason']})" if "steps" in r else "-"
+            ratio = f"{r['ratio_to_retrain']:.3f}" if "ratio_to_retrain" in r else "-"
+            rows.append([r["model"], *(f"{100 * r[k]:.2f}" for k in KEYS), r.get("relearn_steps", "-"), steps,
+                         f"{r['seconds']:.1f}", ratio])
+        lines += pagekit.table(["model", "forget %", "remaining %", "test %", "relearn steps", "repair steps (stop)",
+                                "time (s)", "/ retrain"], rows) + [""]
+    return pagekit.finish(lines)
+
+
 if __name__ == "__main__":
     main()

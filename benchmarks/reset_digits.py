@@ -83,5 +83,31 @@ def main() -> None:
     print(f"retrain: relearn {rows[0]['relearn_steps']} steps; wrote {args.out}")
 
 
+def render_page(results: Path) -> str:
+    """docs/benchmarks/reset_digits.md from reset_digits.json."""
+    import pagekit
+
+    rec = pagekit.load(results, "reset_digits.json")
+    o = rec["original"]
+    intro = ("Does removing the selected channels before the masked repair make the forgotten class as slow to "
+             "relearn as after retraining? SmallCNN on digits, class 3, seed 0; explained (grad x activation) vs "
+             "random channels at several ratios, each with `reset=\"none\"` (repair the selected slices as they are) "
+             "and `reset=\"reinit\"` (re-initialise them first), the same head row and budget. Relearn steps: Adam "
+             "steps (half forget, half retain batches) until the forgotten class's test accuracy is back within 2 "
+             f"points of the original's ({pagekit.pct(o['forget_acc'])}%). These runs predate the current "
+             "defaults (see [Forgetting at the defaults](forgetting.md)); times are not comparable (loaded machine).")
+    lines = pagekit.header("Remove, then repair: a first look (digits, one seed)", "reset_digits.py",
+                           ["reset_digits.json"], [rec["command"]], [pagekit.machine(rec)], intro)
+    rows = []
+    for r in rec["rows"]:
+        ref = r["method"] == "retrain"
+        rows.append(["retrain (reference)" if ref else r["method"], r.get("ratio", "-"), r.get("reset", "-"),
+                     pagekit.pct(r["forget_acc"]), pagekit.pct(r["remaining_acc"]), pagekit.pct(r["test_acc"]),
+                     r["relearn_steps"], "100" if ref else f"{100 * r['params']:.1f}", f"{r['seconds']:.1f}"])
+    lines += pagekit.table(["channels", "ratio", "reset", "forget acc %", "remaining acc %", "test acc %",
+                            "relearn steps", "% params", "time (s)"], rows)
+    return pagekit.finish(lines)
+
+
 if __name__ == "__main__":
     main()

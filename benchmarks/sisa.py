@@ -241,6 +241,28 @@ def write_markdown(result: dict, data: str) -> None:
     print(text)
 
 
+def render_page(results: Path) -> str:
+    """docs/benchmarks/sisa.md from sisa_digits.json and sisa_mnist.json."""
+    import sys as _sys
+
+    _sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import pagekit
+
+    names = {"digits": "sisa_digits.json", "MNIST (full: 60,000 train / 10,000 test)": "sisa_mnist.json"}
+    records = {title: pagekit.load(results, n) for title, n in names.items()}
+    intro = ("For every shards x slices setting a SISA run is trained (`lightning_unlearn.exact.SISA`, SmallCNN per "
+             "shard, mean-of-probabilities ensemble), then the same requests are served one after another: "
+             "single-sample requests, then class 3. \"Retrain\" and the approximate method start from the single "
+             "model (shards=1, slices=1) on the same requests. Accuracies are deterministic; timings were taken while "
+             "other jobs shared the machine: compare them within a table, as ratios.")
+    lines = pagekit.header("Exact unlearning (SISA)", "sisa.py", names.values(),
+                           [r["command"] for r in records.values()],
+                           ["1 CPU thread per process on a shared 2-core machine (not recorded in the files)"], intro)
+    for title, rec in records.items():
+        lines += [f"## {title}", "", *markdown(rec).splitlines(), ""]
+    return pagekit.finish(lines)
+
+
 def merge(data: str) -> int:
     """Join the parts of a grid run in several processes (settings in the parts' order)."""
     import json
