@@ -468,7 +468,53 @@ def noop(task: Task) -> nn.Module:
     return task.original.eval()
 
 
+def _add_noise(model: nn.Module, noise: float, seed: int) -> nn.Module:
+    """(c) Seeded Gaussian noise, ``noise`` x each weight tensor's std (biases and norm scales left alone)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() > 1:
+                p.add_(noise * p.std() * torch.randn(p.shape, generator=gen))
+    return model
+
+
+def distill_headfit_noise_b6(task: Task) -> nn.Module:
+    """(a, c) Seeded noise (5% of each weight tensor's std), distillation (6% of retraining's steps), head-row fit."""
+    _add_noise(task.original, 0.05, task.seed)
+    return head_fit(task, distill(task, steps=retrain_budget(task, 0.06)))
+
+
+def reinit30_distill_headfit_b10(task: Task) -> nn.Module:
+    """(a) Destroy 30% of weights (largest forget-gradient x weight, seeded re-init), repair by the masked-logit
+    distillation for 10% of retraining's steps, then the head-row fit."""
+    model, dm = task.original, task.datamodule
+    teacher = copy.deepcopy(model).eval()
+    _norm_eval(model)
+    xf, yf = next(_stream(dm.forget_set, 256, task.seed))
+    model.zero_grad()
+    F.cross_entropy(model(xf), yf).backward()
+    torch.manual_seed(task.seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() < 2 or p.grad is None:
+                continue
+            score = (p.grad * p).abs().flatten()
+            idx = score.topk(max(1, int(0.3 * score.numel()))).indices
+            fresh = torch.empty_like(p)
+            nn.init.kaiming_uniform_(fresh, a=5 ** 0.5)
+            p.view(-1)[idx] = fresh.view(-1)[idx]
+    model.zero_grad()
+    task = Task(original=teacher, datamodule=dm, recipe=task.recipe, num_classes=task.num_classes, seed=task.seed)
+    return head_fit(task, distill(task, steps=retrain_budget(task, 0.10), model=model))
+
+
+def heldout_kl_b3(task: Task) -> nn.Module:
+    """(b) Held-out-like target with the KL retain term, 3% of retraining's steps."""
+    return heldout_distill(task, retrain_budget(task, 0.03), keep="kl")
+
+
 SAMPLE_CANDIDATES: dict[str, Method] = {
+    "heldout_kl_b3": heldout_kl_b3,
     "heldout_kl_b6": heldout_kl_b6,
     "heldout_kl_noise_b6": heldout_kl_noise_b6,
     "heldout_b6": heldout_b6,
@@ -477,3 +523,5 @@ SAMPLE_CANDIDATES: dict[str, Method] = {
     "reinit30_repair_b10": reinit30_repair_b10,
 }
 CANDIDATES.update(SAMPLE_CANDIDATES)
+CANDIDATES.update({"distill_headfit_noise_b6": distill_headfit_noise_b6,
+                   "reinit30_distill_headfit_b10": reinit30_distill_headfit_b10})
