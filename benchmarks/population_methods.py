@@ -181,22 +181,30 @@ def head_fit(task: Task, model: nn.Module | None = None, epochs: float | None = 
     fresh.reset_parameters()
     w_rows = fresh.weight.detach()[classes].clone().requires_grad_(True)
     b_rows = fresh.bias.detach()[classes].clone().requires_grad_(True) if head.bias is not None else None
-    w_all = head.weight.detach().clone()
-    b_all = head.bias.detach().clone() if head.bias is not None else torch.zeros(head.out_features)
+    with torch.no_grad():  # the other rows' logits never change: computed once
+        base = F.linear(x, head.weight, head.bias)
     opt = _optimizer(task.recipe, [w_rows] + ([b_rows] if b_rows is not None else []))
     bs = int(task.recipe.get("batch_size", 64))
-    steps = int(round((epochs if epochs is not None else task.recipe.get("epochs", 10)) * -(-len(x) // bs)))
+    per_epoch = -(-len(x) // bs)
+    steps = int(round((epochs if epochs is not None else task.recipe.get("epochs", 10)) * per_epoch))
     idx = torch.tensor(classes)
-    for step in range(steps):
-        if step % -(-len(x) // bs) == 0:
-            order = torch.randperm(len(x), generator=gen)
-        j = order[(step % -(-len(x) // bs)) * bs:][:bs]
-        w = w_all.index_copy(0, idx, w_rows)
-        b = b_all.index_copy(0, idx, b_rows) if b_rows is not None else b_all
-        loss = F.cross_entropy(x[j] @ w.T + b, y[j])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    # softmax of the forgotten rows by hand, the other rows' share summed once (no autograd: ~3x faster per step)
+    shift = base.max(1, keepdim=True).values.detach()
+    base_sum = (base - shift).exp().sum(1, keepdim=True) - (base[:, classes] - shift).exp().sum(1, keepdim=True)
+    is_row = (y[:, None] == idx[None]).float()  # (N, rows): one-hot of the forgotten rows (0 on retain data)
+    with torch.no_grad():
+        for step in range(steps):
+            if step % per_epoch == 0:
+                perm = torch.randperm(len(x), generator=gen)
+            j = perm[(step % per_epoch) * bs:][:bs]
+            rows = x[j] @ w_rows.T + (b_rows if b_rows is not None else 0)  # (B, rows)
+            e = (rows - shift[j]).exp()
+            p = e / (base_sum[j] + e.sum(1, keepdim=True))  # softmax probability of each forgotten row
+            g = (p - is_row[j]) / len(j)  # d mean-CE / d row logits
+            w_rows.grad = g.T @ x[j]
+            if b_rows is not None:
+                b_rows.grad = g.sum(0)
+            opt.step()
     with torch.no_grad():
         head.weight[classes] = w_rows.detach()
         if b_rows is not None:
