@@ -82,7 +82,7 @@ class DataSpec:
 
 
 DATASETS = {"digits": DataSpec(epochs=30, batch_size=64, image_size=8),
-            "mnist": DataSpec(epochs=15, batch_size=64, image_size=28)}
+            "mnist": DataSpec(epochs=12, batch_size=64, image_size=28)}
 REQUESTS = ("class3", "samples100")
 
 
