@@ -1,0 +1,238 @@
+"""Partial retraining candidates for the population harness (issue 22): retrain the top of the network from scratch.
+
+A retrained model treats a forgotten class (or forgotten samples) as never seen. These candidates reproduce
+that mechanism on the top of the network only: the network is cut before its last ``k`` parametrised
+blocks, the inputs at the cut are computed once for the retain data (eval-mode bottom), the top is
+re-initialised (seeded, each module's own ``reset_parameters``) and trained from scratch on the cached
+inputs with the original's own recipe (the optimizer and scheduler its ``configure_optimizers`` builds,
+restricted to the top's parameters; the original's epochs and batch size). The bottom is never run in
+train mode and never receives a gradient: it stays bit-for-bit the original's (its "mask").
+
+Blocks are found generically with ``torch.fx``: a *cut point* is a node through which everything
+downstream depends on the rest of the graph (one tensor crosses the cut: never inside a residual unit);
+the graph between consecutive cut points is a segment; segments without a weight matrix (norms,
+activations, pooling, flattening) join the segment before them; each result with parameters is a block.
+BatchNorm inside the top trains in train mode on the cached inputs (its running statistics reset with it),
+as it would in retraining.
+
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/population.py --plugin benchmarks/population_partial.py \
+        --methods top_retrain_1 top_retrain_2 --out-suffix _partial
+"""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader
+
+from population_methods import distill, retrain_budget  # noqa: F401  (M's masked-logit distillation)
+from population_task import Method, Task
+
+SOURCE_AT_IMPORT = Path(__file__).read_text()
+
+
+# -- cutting the network --------------------------------------------------------------------
+@dataclass
+class Split:
+    """The network cut before its last ``k`` blocks: ``bottom(x) -> z``, ``top(z) -> logits`` (sharing modules)."""
+
+    bottom: fx.GraphModule
+    top: fx.GraphModule
+    top_modules: list[str]  # qualified names of the modules the top calls
+    top_params: dict[str, nn.Parameter]  # qualified name in the model -> parameter
+    blocks: list[list[str]]  # every block's module names, in forward order
+
+
+def _own_params(model: nn.Module, target: str) -> list[tuple[str, nn.Parameter]]:
+    mod = model.get_submodule(target)
+    return [(f"{target}.{n}", p) for n, p in mod.named_parameters()]
+
+
+def _has_matrix(model: nn.Module, node: fx.Node) -> bool:
+    if node.op == "call_module":
+        return any(p.dim() >= 2 for _, p in _own_params(model, node.target))
+    if node.op == "get_attr":
+        attr = model.get_parameter(node.target) if node.target in dict(model.named_parameters()) else None
+        return attr is not None and attr.dim() >= 2
+    return False
+
+
+def _has_params(model: nn.Module, node: fx.Node) -> bool:
+    if node.op == "call_module":
+        return bool(_own_params(model, node.target))
+    return node.op == "get_attr" and node.target in dict(model.named_parameters())
+
+
+def cut_points(graph: fx.Graph) -> list[int]:
+    """Indices ``c`` of compute nodes such that every later compute node reads only node ``c``, later nodes,
+    or attributes (one tensor crosses a cut after node ``c``)."""
+    nodes = [n for n in graph.nodes if n.op != "output"]
+    index = {n: i for i, n in enumerate(nodes)}
+    earliest = [len(nodes)] * (len(nodes) + 1)  # suffix min of the earliest non-attr input read from j on
+    for j in range(len(nodes) - 1, -1, -1):
+        reads = [index[a] for a in nodes[j].all_input_nodes if a.op != "get_attr"]
+        earliest[j] = min([earliest[j + 1]] + reads)
+    out = next(n for n in graph.nodes if n.op == "output")
+    last_read = min(index[a] for a in out.all_input_nodes)
+    points = []
+    for c in range(len(nodes) - 1):
+        if nodes[c].op == "get_attr":
+            continue
+        if earliest[c + 1] >= c and last_read >= c:
+            points.append(c)
+    return points
+
+
+def split_network(model: nn.Module, k: int) -> Split:
+    """Trace ``model`` and cut it before its last ``k`` blocks (see the module docstring)."""
+    try:
+        gm = fx.symbolic_trace(model)
+    except Exception as err:  # data-dependent control flow etc.
+        raise ValueError(f"{type(model).__name__} cannot be traced by torch.fx ({err}); partial retraining needs a cut") from err
+    nodes = [n for n in gm.graph.nodes if n.op != "output"]
+    points = cut_points(gm.graph)
+    # segments (c_i, c_{i+1}] between consecutive cut points; parameterless or matrix-less ones join the previous
+    bounds = points + [len(nodes) - 1]
+    segments: list[tuple[int, int]] = []  # (cut index before the segment, last node index)
+    for a, b in zip(bounds[:-1], bounds[1:]):
+        seg = nodes[a + 1: b + 1]
+        if segments and not any(_has_matrix(model, n) for n in seg):
+            segments[-1] = (segments[-1][0], b)
+        else:
+            segments.append((a, b))
+    blocks = [(a, b) for a, b in segments if any(_has_params(model, n) for n in nodes[a + 1: b + 1])]
+    if not 1 <= k <= len(blocks) - 1:
+        raise ValueError(f"k={k} blocks to retrain; {type(model).__name__} has {len(blocks)} blocks, allowed are 1..{len(blocks) - 1}")
+    cut = blocks[-k][0]
+    names = [[n.target for n in nodes[a + 1: b + 1] if n.op == "call_module" and _has_params(model, n)] for a, b in blocks]
+
+    bottom_graph, env = fx.Graph(), {}
+    for n in nodes[: cut + 1]:
+        env[n] = bottom_graph.node_copy(n, lambda a: env[a])
+    bottom_graph.output(env[nodes[cut]])
+    top_graph, env2 = fx.Graph(), {}
+    env2[nodes[cut]] = top_graph.placeholder("z")
+    for n in nodes[cut + 1:]:
+        env2[n] = top_graph.node_copy(n, lambda a: env2[a])
+    out = next(n for n in gm.graph.nodes if n.op == "output")
+    top_graph.output(env2[out.args[0]])
+    bottom, top = fx.GraphModule(model, bottom_graph), fx.GraphModule(model, top_graph)  # share the model's modules
+    top_nodes = nodes[cut + 1:]
+    top_modules = [n.target for n in top_nodes if n.op == "call_module"]
+    params: dict[str, nn.Parameter] = {}
+    for n in top_nodes:
+        if n.op == "call_module":
+            params.update(_own_params(model, n.target))
+        elif n.op == "get_attr" and n.target in dict(model.named_parameters()):
+            params[n.target] = model.get_parameter(n.target)
+    bottom_ids = {id(p) for n in nodes[: cut + 1] if n.op == "call_module" for _, p in _own_params(model, n.target)}
+    if bottom_ids & {id(p) for p in params.values()}:
+        raise ValueError(f"{type(model).__name__} shares parameters between the bottom and the top of the cut")
+    return Split(bottom, top, top_modules, params, names)
+
+
+@torch.no_grad()
+def cut_inputs(bottom: nn.Module, dataset, batch: int = 512) -> tuple[torch.Tensor, torch.Tensor]:
+    """The bottom's outputs (eval mode) and labels for ``dataset``, computed once."""
+    bottom.eval()
+    zs, ys = [], []
+    for x, y in DataLoader(dataset, batch_size=batch):
+        zs.append(bottom(x))
+        ys.append(y.long())
+    return torch.cat(zs), torch.cat(ys)
+
+
+def _own_recipe(model: nn.Module, params: dict[str, nn.Parameter]):
+    """The model's own optimizer (and per-epoch scheduler), with its parameter groups restricted to ``params``."""
+    conf = model.configure_optimizers()
+    opt, sched = (conf[0][0], conf[1][0]["scheduler"] if conf[1] else None) if isinstance(conf, tuple) else (conf, None)
+    keep = {id(p) for p in params.values()}
+    for group in opt.param_groups:
+        group["params"] = [p for p in group["params"] if id(p) in keep]
+    opt.param_groups = [g for g in opt.param_groups if g["params"]]
+    return opt, sched
+
+
+def retrain_top(task: Task, k: int, model: nn.Module | None = None) -> nn.Module:
+    """Cut before the last ``k`` blocks, re-initialise the top (seeded) and train it from scratch on the retain
+    data's cached cut inputs with the original's recipe (optimizer, scheduler, epochs, batch size)."""
+    model = task.original if model is None else model
+    split = split_network(model, k)
+    z, y = cut_inputs(split.bottom, task.datamodule.retain_set)
+    torch.manual_seed(task.seed)
+    for name in split.top_modules:
+        mod = model.get_submodule(name)
+        if hasattr(mod, "reset_parameters"):
+            mod.reset_parameters()
+        if hasattr(mod, "reset_running_stats"):
+            mod.reset_running_stats()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for p in split.top_params.values():
+        p.requires_grad_(True)
+    opt, sched = _own_recipe(model, split.top_params)
+    bs, epochs = int(task.recipe["batch_size"]), int(task.recipe["epochs"])
+    gen = torch.Generator().manual_seed(task.seed)
+    split.top.train()
+    for _ in range(epochs):
+        perm = torch.randperm(len(z), generator=gen)
+        for j in perm.split(bs):
+            opt.zero_grad()
+            F.cross_entropy(split.top(z[j]), y[j]).backward()
+            opt.step()
+        if sched is not None:
+            sched.step()
+    for p in model.parameters():
+        p.requires_grad_(True)
+        p.grad = None
+    return model.eval()
+
+
+def param_share(model: nn.Module, k: int) -> float:
+    """Share of the model's parameter elements the top-``k`` retraining updates."""
+    split = split_network(model, k)
+    return sum(p.numel() for p in split.top_params.values()) / sum(p.numel() for p in model.parameters())
+
+
+def state_digest(model: nn.Module, names: list[str]) -> str:
+    """SHA-256 of the named entries of ``model.state_dict()`` (to check the bottom stays bit-for-bit)."""
+    sd, h = model.state_dict(), hashlib.sha256()
+    for n in names:
+        h.update(n.encode())
+        h.update(sd[n].detach().cpu().numpy().tobytes())
+    return h.hexdigest()
+
+
+# -- methods ---------------------------------------------------------------------------------
+def _top(k: int) -> Method:
+    def method(task: Task) -> nn.Module:
+        return retrain_top(task, k)
+    method.__name__ = method.__qualname__ = f"top_retrain_{k}"
+    method.__doc__ = f"Re-initialise the last {k} block(s) and retrain them from scratch on cached retain cut inputs."
+    return method
+
+
+def _distill_top(k: int, fraction: float = 0.06) -> Method:
+    def method(task: Task) -> nn.Module:
+        model = task.original
+        if task.datamodule.request.kind == "class":  # the masked-logit target needs a forgotten logit
+            model = distill(task, steps=retrain_budget(task, fraction))  # in place; its teacher is a copy
+        return retrain_top(task, k, model)
+    method.__name__ = method.__qualname__ = f"distill_top_retrain_{k}"
+    method.__doc__ = (f"Class requests: masked-logit distillation of the whole model ({fraction:.0%} of retraining's "
+                      f"steps), then the top-{k} retraining; sample requests: the top-{k} retraining alone.")
+    return method
+
+
+PEERS: dict[str, Method] = {
+    "top_retrain_1": _top(1),  # = head_retrain: the whole linear head re-initialised and retrained
+    "top_retrain_2": _top(2),
+    "top_retrain_3": _top(3),
+    "distill_top_retrain_1": _distill_top(1),
+    "distill_top_retrain_2": _distill_top(2),
+}
