@@ -98,3 +98,24 @@ def test_masked_distillation_keeps_everything_outside_the_mask_bit_for_bit():
     for name, value in before.items():  # every other parameter and every BatchNorm buffer
         if name != "fc2.weight":
             assert torch.equal(after[name], value), name
+
+
+def test_head_fit_changes_only_the_forgotten_rows_and_pushes_their_logit_down():
+    train, test = load_digits_datasets()
+    dm = UnlearningDataModule(train, test, ForgetRequest(classes=[3]), batch_size=64, num_classes=10)
+    model = population.train_plain(population.ARCHS["MLP"](image_size=8), train, 3, 64, seed=0)
+    before = copy.deepcopy(model.state_dict())
+    recipe = {"optimizer": "SGD", "lr": 0.05, "weight_decay": 0.0, "batch_size": 64, "epochs": 3}
+    out = pm.head_fit(population.Task(original=model, datamodule=dm, recipe=recipe, num_classes=10, seed=0))
+    after = out.state_dict()
+    for name, value in before.items():
+        if name.startswith("head."):
+            keep = torch.ones(len(value), dtype=torch.bool)
+            keep[3] = False
+            assert torch.equal(after[name][keep], value[keep]), name
+            assert not torch.equal(after[name][3], value[3]), name
+        else:
+            assert torch.equal(after[name], value), name
+    x = torch.stack([dm.forget_set[i][0] for i in range(len(dm.forget_set))])
+    with torch.no_grad():
+        assert (out(x).argmax(1) != 3).all()  # the forgotten class is never predicted for its own samples
