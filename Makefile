@@ -13,7 +13,7 @@ $(BIN)/python:
 $(STAMP): $(BIN)/python pyproject.toml
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e ".[dev,flower,dp]"
+	$(BIN)/pip install -q -e ".[dev,flower,dp,docs]"
 	touch $(STAMP)
 
 install: $(STAMP)
