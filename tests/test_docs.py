@@ -74,6 +74,17 @@ def test_docs_name_no_issue_or_how_the_work_was_organised() -> None:
     assert not hits, hits
 
 
+def test_settings_table_lists_every_field_with_its_default() -> None:
+    from dataclasses import MISSING, fields
+
+    from lightning_unlearn import UnlearnConfig
+
+    text = (DOCS / "concepts" / "settings.md").read_text()
+    rows = dict(re.findall(r"^\| `(\w+)` \| `([^`]*)` \|", text, re.M))
+    expected = {f.name: str(f.default) for f in fields(UnlearnConfig) if f.default is not MISSING}
+    assert rows == expected, {k: (rows.get(k), v) for k, v in expected.items() if rows.get(k) != v}
+
+
 def test_mkdocs_build_strict(tmp_path) -> None:
     pytest.importorskip("mkdocs", reason="the docs extra is not installed: pip install -e '.[docs]'")
     pytest.importorskip("mkdocstrings", reason="the docs extra is not installed: pip install -e '.[docs]'")
