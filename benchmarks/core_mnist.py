@@ -2,7 +2,7 @@
 
     python benchmarks/core_mnist.py --data-root ../shared/data/mnist
 
-Writes benchmarks/results/core_mnist.json and prints markdown for BENCHMARKS.md.
+Writes benchmarks/results/core_mnist.json; its page, docs/benchmarks/core_mnist.md, is rendered by render_page (benchmarks/render_all.py).
 """
 from __future__ import annotations
 

@@ -270,7 +270,7 @@ PAGE_DEFAULTS = {"prefix": "federated_mnist", "unlearn_steps": 5}
 
 
 def render_page(results: Path) -> str:
-    """docs/benchmarks/federated_mnist.md from the summaries of PAGE_SUMMARIES and the CLI session's record."""
+    """docs/benchmarks/federated_mnist.md from the summaries of PAGE_SUMMARIES and the command-line run's record."""
     import pagekit
 
     records = {name: pagekit.load(results, name) for name, _ in PAGE_SUMMARIES}
@@ -294,10 +294,10 @@ def render_page(results: Path) -> str:
         lines += [f"## {title}", "", f"`{_command(rec['config'])}` (`{name}`; unlearning: "
                   f"{rec['config']['unlearn_rounds']} masked round(s) of {rec['config']['unlearn_steps']} steps).", ""]
         lines += markdown(rec).replace("#### ", "### ").splitlines() + [""]
-    lines += ["## The command-line session (digits, one client leaves)", "",
+    lines += ["## From the command line (digits, one client leaves)", "",
               "`configs/digits_fed.yaml` (5 clients, Dirichlet 0.5, client 1 leaves) through `lightning-unlearn fit / "
               f"unlearn / evaluate` at commit {cli['commit']}, with reset reinit (then the default) and none; no file "
-              "records the session at the current default (dampen). Forget = accuracy on the leaving client's "
+              "records this run at the current default (dampen). Forget = accuracy on the leaving client's "
               "training data.", ""]
     rows = []
     for reset, run in cli["runs"].items():

@@ -69,7 +69,7 @@ def test_benchmark_pages_equal_their_render_from_the_committed_results() -> None
 
 
 def test_docs_name_no_issue_or_how_the_work_was_organised() -> None:
-    bad = re.compile(r"\bissues?\s*#?\d+|\bhelpers?\b|#\d{1,3}\b", re.I)
+    bad = re.compile(r"\bissues?\s*#?\d+|\bhelpers?\b|\bsessions?\b|#\d{1,3}\b", re.I)
     hits = [f"{p.relative_to(ROOT)}: {m.group(0)}" for p in DOCS.rglob("*.md") for m in bad.finditer(p.read_text())]
     assert not hits, hits
 
