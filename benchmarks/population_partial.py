@@ -158,12 +158,48 @@ def _own_recipe(model: nn.Module, params: dict[str, nn.Parameter]):
     return opt, sched
 
 
-def retrain_top(task: Task, k: int, model: nn.Module | None = None) -> nn.Module:
+@torch.no_grad()
+def forget_subspace(z_retain: torch.Tensor, z_forget: torch.Tensor) -> torch.Tensor:
+    """Orthonormal basis (d, r) of the cut-space directions where a forget sample carries more energy than a
+    retain sample (generalised eigenvalues of the second moments, C_f v = lambda C_r v, lambda > 1)."""
+    zr, zf = z_retain.flatten(1).double(), z_forget.flatten(1).double()
+    cr, cf = zr.T @ zr / len(zr), zf.T @ zf / len(zf)
+    d = cr.shape[0]
+    evals, evecs = torch.linalg.eigh(cr + 1e-6 * cr.diagonal().mean() * torch.eye(d, dtype=cr.dtype))
+    w = evecs @ torch.diag(evals.clamp_min(1e-12).rsqrt()) @ evecs.T  # C_r^{-1/2}
+    lam, u = torch.linalg.eigh(w @ cf @ w)
+    v = w @ u[:, lam > 1]
+    if v.shape[1] == 0:
+        return torch.zeros(d, 0, dtype=z_retain.dtype)
+    q, _ = torch.linalg.qr(v)
+    return q.to(z_retain.dtype)
+
+
+def _fold_projection(split: Split, model: nn.Module, q: torch.Tensor) -> None:
+    """Fold z -> z - Q Q^T z into every nn.Linear that reads the cut input (refuses any other reader)."""
+    placeholder = next(n for n in split.top.graph.nodes if n.op == "placeholder")
+    readers = list(placeholder.users)
+    mods = [model.get_submodule(n.target) if n.op == "call_module" else None for n in readers]
+    if not all(isinstance(m, nn.Linear) for m in mods):
+        raise ValueError("the forget-subspace projection needs the top to read the cut input with nn.Linear layers only")
+    proj = torch.eye(q.shape[0], dtype=q.dtype) - q @ q.T
+    with torch.no_grad():
+        for m in mods:
+            m.weight.copy_(m.weight @ proj)
+
+
+def retrain_top(task: Task, k: int, model: nn.Module | None = None, project: bool = False) -> nn.Module:
     """Cut before the last ``k`` blocks, re-initialise the top (seeded) and train it from scratch on the retain
-    data's cached cut inputs with the original's recipe (optimizer, scheduler, epochs, batch size)."""
+    data's cached cut inputs with the original's recipe (optimizer, scheduler, epochs, batch size).
+    ``project`` (class requests): the top trains on, and reads, the cut inputs with the forget-dominant
+    subspace removed (:func:`forget_subspace`), so it cannot use what only the forgotten class has."""
     model = task.original if model is None else model
     split = split_network(model, k)
     z, y = cut_inputs(split.bottom, task.datamodule.retain_set)
+    q = None
+    if project and task.datamodule.request.kind == "class":
+        q = forget_subspace(z, cut_inputs(split.bottom, task.datamodule.forget_set)[0])
+        z = z - (z.flatten(1) @ q @ q.T).view_as(z)
     torch.manual_seed(task.seed)
     for name in split.top_modules:
         mod = model.get_submodule(name)
@@ -187,6 +223,8 @@ def retrain_top(task: Task, k: int, model: nn.Module | None = None) -> nn.Module
             opt.step()
         if sched is not None:
             sched.step()
+    if q is not None:
+        _fold_projection(split, model, q)
     for p in model.parameters():
         p.requires_grad_(True)
         p.grad = None
@@ -217,6 +255,15 @@ def _top(k: int) -> Method:
     return method
 
 
+def _project_top(k: int) -> Method:
+    def method(task: Task) -> nn.Module:
+        return retrain_top(task, k, project=True)
+    method.__name__ = method.__qualname__ = f"top_retrain_proj_{k}"
+    method.__doc__ = (f"Class requests: the top-{k} retraining on cut inputs without the forget-dominant subspace "
+                      f"(folded into the top's first linear layer); sample requests: the top-{k} retraining alone.")
+    return method
+
+
 def _distill_top(k: int, fraction: float = 0.06) -> Method:
     def method(task: Task) -> nn.Module:
         model = task.original
@@ -233,6 +280,8 @@ PEERS: dict[str, Method] = {
     "top_retrain_1": _top(1),  # = head_retrain: the whole linear head re-initialised and retrained
     "top_retrain_2": _top(2),
     "top_retrain_3": _top(3),
+    "top_retrain_proj_1": _project_top(1),
+    "top_retrain_proj_2": _project_top(2),
     "distill_top_retrain_1": _distill_top(1),
     "distill_top_retrain_2": _distill_top(2),
 }
