@@ -166,7 +166,8 @@ def _optimizer(recipe: dict, params: list[torch.Tensor]) -> torch.optim.Optimize
     return getattr(torch.optim, name, torch.optim.Adam)(params, lr=lr, weight_decay=wd)
 
 
-def head_fit(task: Task, model: nn.Module | None = None, epochs: float | None = None) -> nn.Module:
+def head_fit(task: Task, model: nn.Module | None = None, epochs: float | None = None,
+             all_rows: bool = False) -> nn.Module:
     """Re-initialise only the forgotten classes' head rows (seeded) and fit them on retain features computed once,
     for the original's schedule (epochs x batches, its optimizer): how retraining pushes a never-seen class down."""
     model = task.original if model is None else model
@@ -174,6 +175,8 @@ def head_fit(task: Task, model: nn.Module | None = None, epochs: float | None = 
     if not classes:
         return model.eval()
     head = head_layer(model)
+    if all_rows:  # a linear probe: every row re-initialised and refit on the retain features
+        classes = list(range(head.out_features))
     x, y = head_inputs(model, task.datamodule.retain_set)
     gen = torch.Generator().manual_seed(task.seed)
     fresh = nn.Linear(head.in_features, head.out_features, bias=head.bias is not None)
@@ -516,6 +519,57 @@ def reinit30_distill_headfit_b10(task: Task) -> nn.Module:
     return head_fit(task, distill(task, steps=retrain_budget(task, 0.10), model=model))
 
 
+def neighbour_distill(task: Task, steps: int, lr: float = 1e-3, batch: int = 32) -> nn.Module:
+    """(a) Forget samples trained by cross-entropy toward the original's best remaining class (hard label: a
+    retrained model sends them confidently to a neighbour), retain samples by cross-entropy."""
+    model, teacher, dm = task.original, copy.deepcopy(task.original).eval(), task.datamodule
+    classes = tuple(dm.request.classes)
+    forget, retain = _stream(dm.forget_set, batch, task.seed), _stream(dm.retain_set, batch, task.seed + 1)
+    torch.manual_seed(task.seed)
+    _norm_eval(model)
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    for _ in range(steps):
+        (xf, yf), (xr, yr) = next(forget), next(retain)
+        label = masked_target(teacher, xf, yf, task.num_classes, classes).argmax(1)
+        loss = F.cross_entropy(model(xf), label) + F.cross_entropy(model(xr), yr)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return model.eval()
+
+
+def neighbour_headfit_b6(task: Task) -> nn.Module:
+    """(a) Hard neighbour labels for 6% of retraining's steps, then the head-row fit."""
+    return head_fit(task, neighbour_distill(task, retrain_budget(task, 0.06)))
+
+
+def probe_b0(task: Task) -> nn.Module:
+    """(a) The whole head re-initialised and refit on the original's retain features for its schedule (body kept)."""
+    return head_fit(task, all_rows=True)
+
+
+def distill_probe_b6(task: Task) -> nn.Module:
+    """(a) Distillation (6% of retraining's steps), then the whole head refit on retain features."""
+    return head_fit(task, distill(task, steps=retrain_budget(task, 0.06)), all_rows=True)
+
+
+def _adam_recipe(task: Task) -> Task:
+    recipe = {**task.recipe, "optimizer": "Adam", "lr": 1e-3, "weight_decay": 0.0}
+    return Task(original=task.original, datamodule=task.datamodule, recipe=recipe, num_classes=task.num_classes,
+                seed=task.seed)
+
+
+def distill_headfit_adam_b6(task: Task) -> nn.Module:
+    """(a) Distillation (6%), then the head-row fit with Adam lr 1e-3 whatever the original's optimizer (Adam's
+    normalised steps keep pushing the never-seen logit down after its probability is tiny; SGD's stop)."""
+    return head_fit(_adam_recipe(task), distill(task, steps=retrain_budget(task, 0.06)))
+
+
+def headfit_adam(task: Task) -> nn.Module:
+    """(a) The head-row fit alone, with Adam lr 1e-3 for the original's epochs x batches."""
+    return head_fit(_adam_recipe(task))
+
+
 def heldout_kl_b3(task: Task) -> nn.Module:
     """(b) Held-out-like target with the KL retain term, 3% of retraining's steps."""
     return heldout_distill(task, retrain_budget(task, 0.03), keep="kl")
@@ -532,4 +586,6 @@ SAMPLE_CANDIDATES: dict[str, Method] = {
 }
 CANDIDATES.update(SAMPLE_CANDIDATES)
 CANDIDATES.update({"distill_headfit_noise_b6": distill_headfit_noise_b6,
+                   "neighbour_headfit_b6": neighbour_headfit_b6, "distill_headfit_adam_b6": distill_headfit_adam_b6,
+                   "headfit_adam": headfit_adam, "probe_b0": probe_b0, "distill_probe_b6": distill_probe_b6,
                    "reinit30_distill_headfit_b10": reinit30_distill_headfit_b10})
