@@ -390,7 +390,9 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         p.error(f"unknown methods {unknown}; allowed are {sorted(METHODS)}")
     if args.render:
-        results = [json.loads(f.read_text()) for f in sorted(RESULTS.glob("population_*.json"))]
+        # the cells of this harness only (runs with --out-suffix render their own pages)
+        cells = [result_path(d, a, r) for d in DATASETS for a in ARCHS for r in REQUESTS]
+        results = [json.loads(f.read_text()) for f in cells if f.exists()]
         (RESULTS / "population.md").write_text(render(results) + "\n")
         print(f"wrote {RESULTS / 'population.md'} ({len(results)} cells)")
         return 0
