@@ -3,7 +3,7 @@
 For each dataset and seed one original model is trained on all training data; for each
 request (class 3; a random 10% of the training samples) the exact reference is retrained
 from scratch on the retain set, then every method unlearns from the same original. Each
-unlearned model is evaluated with lightning_unlearn.evaluation (accuracy splits, MIA-efficacy
+unlearned model is evaluated with lightning_unlearn.evidence (accuracy splits, MIA-efficacy
 with its shadow accuracy, loss-attack AUC, probe, relearn steps) and compared with the
 retrained one (Avg. Gap). Writes benchmarks/results/central_<dataset>.json and replaces the
 "## Centralised methods (digits, MNIST)" section of BENCHMARKS.md.
@@ -32,7 +32,7 @@ from lightning_unlearn._training import fit
 from lightning_unlearn.baselines import BASELINES, run_method
 from lightning_unlearn.data import load_digits_datasets, load_mnist
 from lightning_unlearn.data import dataset_targets
-from lightning_unlearn.evaluation import (
+from lightning_unlearn.evidence import (
     ACC_GAP_KEYS,
     BackdoorDataset,
     BackdoorSpec,
@@ -43,8 +43,8 @@ from lightning_unlearn.evaluation import (
     library_versions,
     random_samples_request,
 )
-from lightning_unlearn.evaluation.evaluate import relearn_steps
-from lightning_unlearn.evaluation.compare import format_cell
+from lightning_unlearn.evidence.evaluate import relearn_steps
+from lightning_unlearn.evidence.compare import format_cell
 from lightning_unlearn.models import SmallCNN
 
 SECTION = "## Centralised methods (digits, MNIST)"

@@ -22,7 +22,7 @@ import torch
 from torch.utils.data import TensorDataset
 
 from lightning_unlearn.data import FederatedDataModule, UnlearningDataModule, load_mnist
-from lightning_unlearn.evaluation import evaluate_model
+from lightning_unlearn.evidence import evaluate_model
 from lightning_unlearn.federated import FederatedSimulation, federated_unlearn, write_json
 from lightning_unlearn.federated import baselines as B
 from lightning_unlearn.models import SmallCNN

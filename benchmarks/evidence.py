@@ -10,7 +10,7 @@ references; the audit points measure retain-side exposure), on the whole retain 
 "retrained" population of U-LiRA and the challenge score) and the same again with other seeds
 (the retrain row's population: the attack's calibration check). Two more retrained models with
 fresh seeds: the retrain method's model under test and the reference of ToW. Every model is
-cached under --cache-dir (lightning_unlearn.evaluation.references), so a rerun only evaluates.
+cached under --cache-dir (lightning_unlearn.evidence.references), so a rerun only evaluates.
 
 Per method: accuracies, offline-LiRA AUC / TPR@1%FPR (forget vs held-out test samples of the
 same classes, against the references), U-LiRA AUC (the method run on the K originals vs the K
@@ -45,8 +45,8 @@ from lightning_unlearn._io import write_json
 from lightning_unlearn._training import quiet_lightning
 from lightning_unlearn.baselines import run_method
 from lightning_unlearn.data import load_digits_datasets, load_mnist
-from lightning_unlearn.evaluation import relearn_time
-from lightning_unlearn.evaluation.attacks import (
+from lightning_unlearn.evidence import relearn_time
+from lightning_unlearn.evidence.attacks import (
     INFORMATIVE_AUC,
     evidence_sets,
     logit_confidence,
@@ -58,8 +58,8 @@ from lightning_unlearn.evaluation.attacks import (
     tug_of_war,
     ulira_attack,
 )
-from lightning_unlearn.evaluation.evaluate import random_samples_request
-from lightning_unlearn.evaluation.references import train_originals, train_references, unlearned_population
+from lightning_unlearn.evidence.evaluate import random_samples_request
+from lightning_unlearn.evidence.references import train_originals, train_references, unlearned_population
 from lightning_unlearn.metrics import split_accuracies
 from lightning_unlearn.models import SmallCNN
 
@@ -338,7 +338,7 @@ def cheap(args) -> dict[str, Any]:
     """What ``lightning-unlearn evaluate --attack ulira --references K`` costs on digits: one call, an empty cache."""
     import tempfile
 
-    from lightning_unlearn.evaluation.attacks import attack_evidence
+    from lightning_unlearn.evidence.attacks import attack_evidence
 
     train, test = load("digits", args)
     dm = UnlearningDataModule(train, test, ForgetRequest(classes=[3]), batch_size=args.batch_size, num_classes=10)

@@ -47,8 +47,8 @@ from lightning_unlearn._io import write_json  # noqa: E402
 from lightning_unlearn._training import fit  # noqa: E402
 from lightning_unlearn.baselines import output_row_mask, random_channel_mask  # noqa: E402
 from lightning_unlearn.data import load_digits_datasets, load_mnist  # noqa: E402
-from lightning_unlearn.evaluation import library_versions  # noqa: E402
-from lightning_unlearn.evaluation.evaluate import relearn_steps  # noqa: E402
+from lightning_unlearn.evidence import library_versions  # noqa: E402
+from lightning_unlearn.evidence.evaluate import relearn_steps  # noqa: E402
 from lightning_unlearn.metrics import split_accuracies  # noqa: E402
 from lightning_unlearn.request import random_samples_request  # noqa: E402
 from lightning_unlearn.reset import RESETS  # noqa: E402

@@ -24,7 +24,7 @@ from lightning_unlearn import ForgetRequest, UnlearningDataModule, retrain, unle
 from lightning_unlearn._io import write_json
 from lightning_unlearn._training import fit
 from lightning_unlearn.data import load_mnist
-from lightning_unlearn.evaluation.evaluate import relearn_steps
+from lightning_unlearn.evidence.evaluate import relearn_steps
 from lightning_unlearn.metrics import split_accuracies
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))

@@ -22,7 +22,7 @@ from lightning_unlearn import ForgetRequest, UnlearnConfig, UnlearningDataModule
 from lightning_unlearn._training import fit
 from lightning_unlearn.baselines import masked_update, random_channel_mask
 from lightning_unlearn.data import load_digits_datasets
-from lightning_unlearn.evaluation.evaluate import relearn_steps
+from lightning_unlearn.evidence.evaluate import relearn_steps
 from lightning_unlearn.metrics import split_accuracies
 from lightning_unlearn.models import SmallCNN
 

@@ -114,7 +114,7 @@ def run_evaluate(engine, model, datamodule, ckpt_path: str, unlearned_path: str,
                  attack: str | None = None, references: int = 8, reference_epochs: int | None = None,
                  reference_cache: str = "outputs/references") -> Path:
     """``lightning-unlearn evaluate`` on ``engine``: the comparison table, the plot and ``evaluation.json``."""
-    from lightning_unlearn.evaluation import compare
+    from lightning_unlearn.evidence import compare
 
     for path in (ckpt_path, unlearned_path, retrained_path):
         if path:

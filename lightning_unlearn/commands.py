@@ -23,8 +23,8 @@ from lightning_unlearn.api import retrain
 from lightning_unlearn.callbacks.selective import SelectiveUnlearning
 from lightning_unlearn.config import UnlearnConfig
 from lightning_unlearn.data.unlearning import UnlearningDataModule
-from lightning_unlearn.evaluation import attack_evidence, evaluate_unlearning, plot_per_class_accuracy, write_report
-from lightning_unlearn.evaluation.report import UnlearningReport
+from lightning_unlearn.evidence import attack_evidence, evaluate_unlearning, plot_per_class_accuracy, write_report
+from lightning_unlearn.evidence.report import UnlearningReport
 from lightning_unlearn.federated.runner import (
     FederatedSettings,
     deployed_simulation,
@@ -231,7 +231,7 @@ def evaluate_checkpoints(
     """Original vs unlearned vs retrained (``retrained_path`` or a fresh retraining): metrics, plot, ``evaluation.json``.
 
     ``attack="ulira"`` adds the per-example membership attack with ``references`` cached reference
-    models (:func:`~lightning_unlearn.evaluation.attack_evidence`), written under the attack's name.
+    models (:func:`~lightning_unlearn.evidence.attack_evidence`), written under the attack's name.
     """
     if attack is not None and engine.name != "central":
         raise ValueError(f"attack={attack!r} needs reference models retrained centrally; the {engine.name} engine "

@@ -80,7 +80,7 @@ def add_relearn_steps(results: dict[str, UnlearningResult], dm: UnlearningDataMo
     """Relearn steps of every model but the original, into ``result.extra``: a model that only hides the
     class relearns it faster than the retrained one (Adam steps, half forget / half retain batches, until
     the forget accuracy is back within 2 points of the original's)."""
-    from lightning_unlearn.evaluation.evaluate import relearn_steps
+    from lightning_unlearn.evidence.evaluate import relearn_steps
 
     target = results["original"].metrics["forget_acc"] - 0.02
     for name, result in results.items():

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from lightning_unlearn.baselines import METHODS, output_row_mask, random_channel_mask, run_method, saliency_mask
-from lightning_unlearn.evaluation import weights_sha256
+from lightning_unlearn.evidence import weights_sha256
 from lightning_unlearn.masking import frozen_elements_equal
 from lightning_unlearn.metrics import split_accuracies
 

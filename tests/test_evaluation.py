@@ -12,7 +12,7 @@ from torch.utils.data import Subset, TensorDataset
 from torchmetrics.classification import MulticlassAccuracy
 
 from lightning_unlearn._training import fit
-from lightning_unlearn.evaluation import (
+from lightning_unlearn.evidence import (
     BackdoorDataset,
     ClassAccuracy,
     attack_success_rate,

@@ -9,7 +9,7 @@ import torch
 from rich.console import Console
 
 from lightning_unlearn import unlearn
-from lightning_unlearn.evaluation import (
+from lightning_unlearn.evidence import (
     UnlearningReport,
     compare,
     plot_channel_scores,

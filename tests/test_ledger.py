@@ -24,7 +24,7 @@ from lightning_unlearn import ForgetRequest
 from lightning_unlearn._training import fit
 from lightning_unlearn.data import load_digits_datasets
 from lightning_unlearn.data.federated import FederatedDataModule
-from lightning_unlearn.evaluation.report import weights_sha256
+from lightning_unlearn.evidence.report import weights_sha256
 from lightning_unlearn.ledger import Ledger, RecordLineage, record_federated, run_pending, sample_hashes, verify
 from lightning_unlearn.ledger import schema
 from lightning_unlearn.ledger.cli import main as requests_main
@@ -258,7 +258,7 @@ FORK = multiprocessing.get_context("fork")
 
 
 def _run_until_killed(url: str, out: str, point: str) -> None:
-    from lightning_unlearn.evaluation.report import UnlearningReport
+    from lightning_unlearn.evidence.report import UnlearningReport
     from lightning_unlearn.ledger import runner, store
 
     def die(*args, **kwargs):

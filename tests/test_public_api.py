@@ -13,7 +13,7 @@ PACKAGES = (
     "lightning_unlearn",
     "lightning_unlearn.callbacks",
     "lightning_unlearn.data",
-    "lightning_unlearn.evaluation",
+    "lightning_unlearn.evidence",
     "lightning_unlearn.baselines",
     "lightning_unlearn.federated",
     "lightning_unlearn.federated.flower",

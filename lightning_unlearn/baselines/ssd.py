@@ -15,7 +15,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
 from lightning_unlearn.result import UnlearningResult
-from lightning_unlearn.evaluation.membership import subsample
+from lightning_unlearn.evidence.membership import subsample
 from lightning_unlearn.metrics import split_accuracies
 from lightning_unlearn.selection import ParameterMask
 

@@ -136,7 +136,7 @@ def _record_in_ledger(run, db: str, source_name: str, train) -> None:
     from lightning_unlearn.exact.ledger import record_fit
     from lightning_unlearn.ledger import Ledger, sample_hashes
 
-    from lightning_unlearn.evaluation.report import weights_sha256
+    from lightning_unlearn.evidence.report import weights_sha256
 
     untrained = [s for s in range(run.config.shards) if len(run.shard_state(s)["stages"]) < run.config.slices]
     if untrained:

@@ -9,7 +9,7 @@ from typing import Sequence
 
 import numpy as np
 
-from lightning_unlearn.evaluation.report import weights_sha256
+from lightning_unlearn.evidence.report import weights_sha256
 from lightning_unlearn.ledger.store import Ledger
 from lightning_unlearn.selection import ParameterMask
 

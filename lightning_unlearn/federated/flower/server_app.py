@@ -38,7 +38,7 @@ from torch import Tensor
 
 from lightning_unlearn._io import save_torch, write_json
 from lightning_unlearn.attribution import ChannelScores
-from lightning_unlearn.evaluation.report import UnlearningReport, weights_sha256
+from lightning_unlearn.evidence.report import UnlearningReport, weights_sha256
 from lightning_unlearn.federated.arrays import get_arrays, set_arrays
 from lightning_unlearn.federated.flower.checkpoint import ServerCheckpoint, plan_key
 from lightning_unlearn.federated.flower.records import (

@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from lightning_unlearn.attribution import discover_layers
 from lightning_unlearn.data.datasets import dataset_targets
-from lightning_unlearn.evaluation.membership import subsample
+from lightning_unlearn.evidence.membership import subsample
 
 
 @dataclass(frozen=True)
