@@ -170,29 +170,6 @@ def _console():
     return Console(width=120)
 
 
-#: Flags of ``unlearn`` / ``demo`` from before the ``unlearning:`` section (kept for one release).
-DEPRECATED_FLAGS = {
-    "unlearn": {f: f for f in ("method", "ratio", "objective", "epochs", "scope", "contrast", "max_samples")},
-    "demo": {"method": "method", "ratio": "ratio", "unlearn_epochs": "epochs", "unlearn_steps": "max_steps"},
-}
-
-
-def _rewrite_deprecated(argv: list[str]) -> list[str]:
-    """``unlearn --ratio 0.2`` -> ``unlearn --unlearning.ratio 0.2``, with a deprecation line on stderr."""
-    sub = next((a for a in argv if not a.startswith("-")), None)
-    flags = DEPRECATED_FLAGS.get(sub or "", {})
-    out = []
-    for arg in argv:
-        name, eq, value = arg[2:].partition("=") if arg.startswith("--") else ("", "", "")
-        if name in flags:
-            new = f"--unlearning.{flags[name]}"
-            print(f"lightning-unlearn: warning: --{name} is deprecated and will be removed in the next release; "
-                  f"use {new}", file=sys.stderr)
-            arg = new + eq + value
-        out.append(arg)
-    return out
-
-
 class UnlearnCLI(LightningCLI):
     """LightningCLI with the ``unlearn``, ``evaluate`` and ``demo`` subcommands and the ``unlearning:`` section."""
 
@@ -292,7 +269,6 @@ def main(args: list[str] | None = None) -> None:
         import importlib
 
         sys.exit(importlib.import_module(COMMAND_GROUPS[argv[0]]).main(argv[1:]))
-    argv = _rewrite_deprecated(argv)
 
     trainer_defaults = {"logger": _default_logger()}
     quiet = {"exit_on_error": False}

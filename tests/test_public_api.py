@@ -47,12 +47,3 @@ def test_readme_api_matches_all(package):
         for name in module.__all__:  # every listed name exists, and none of them is a deprecated alias
             getattr(module, name)
 
-
-def test_deprecated_names_still_work_with_a_warning():
-    import lightning_unlearn
-    import lightning_unlearn.baselines as baselines
-
-    with pytest.deprecated_call(match="SCORING_METHODS"):
-        assert lightning_unlearn.METHODS == lightning_unlearn.SCORING_METHODS
-    with pytest.deprecated_call(match="BASELINES"):
-        assert baselines.METHODS is baselines.BASELINES

@@ -7,7 +7,6 @@ channels).
 """
 from __future__ import annotations
 
-import warnings
 from typing import Any, Callable
 
 from lightning_unlearn.api import retrain, unlearn
@@ -54,13 +53,6 @@ def run_method(name: str, model, dm, **kwargs: Any) -> UnlearningResult:
     if name not in BASELINES:
         raise ValueError(f"unknown method {name!r}; allowed methods are {list(BASELINES)}")
     return BASELINES[name](model, dm, **kwargs)
-
-
-def __getattr__(name: str) -> Any:
-    if name == "METHODS":
-        warnings.warn("lightning_unlearn.baselines.METHODS is deprecated; use BASELINES", DeprecationWarning, stacklevel=2)
-        return BASELINES
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 __all__ = [

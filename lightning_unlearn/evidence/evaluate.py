@@ -18,7 +18,8 @@ from lightning_unlearn.evidence.gap import ACC_GAP_KEYS, avg_gap, check_forget_s
 from lightning_unlearn.evidence.membership import loss_attack_auc, mia_efficacy, sample_outputs, subsample
 from lightning_unlearn.evidence.plots import plot_channel_scores, plot_mia_histograms, plot_per_class_accuracy
 from lightning_unlearn.evidence.probe import probe_accuracy
-from lightning_unlearn.evidence.report import UnlearningReport, save_weights, unique_path, weights_sha256
+from lightning_unlearn._io import unique_path
+from lightning_unlearn.evidence.report import UnlearningReport, save_weights, weights_sha256
 from lightning_unlearn.metrics import split_accuracies
 from lightning_unlearn.request import ForgetRequest, random_samples_request  # noqa: F401 - re-exported
 

@@ -9,7 +9,7 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from lightning_unlearn.evidence.report import unique_path
+from lightning_unlearn._io import unique_path
 from lightning_unlearn.selection import ParameterMask
 
 
