@@ -35,7 +35,7 @@ from lightning_unlearn.federated.flower import (
     save_partition,
 )
 from lightning_unlearn.federated.flower.records import (
-    ByteLedger,
+    ByteCounter,
     broadcast_to_content,
     content_to_broadcast,
     content_to_reply,
@@ -110,7 +110,7 @@ def test_client_that_cannot_reach_its_partition_fails_clearly(tmp_path):
 
 def test_unlearning_strategy_without_federated_evaluation_sends_nothing():
     strategy = MaskedUnlearning(MODEL_FN(), {0: 11, 1: 12}, UnlearnPlan(ForgetRequest(classes=[3]), evaluate=False),
-                                ByteLedger())
+                                ByteCounter())
     assert list(strategy.configure_evaluate(1, ArrayRecord(), ConfigRecord(), grid=None)) == []
     assert strategy.aggregate_evaluate(1, []) is None
     with pytest.raises(ValueError, match="unknown objective 'forget_all'"):

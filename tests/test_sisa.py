@@ -259,7 +259,7 @@ def test_cli_two_shard_processes_in_parallel_then_unlearn_and_evaluate(tmp_path,
 
 def test_ledger_records_sisa_deletions_as_exact_and_verify_passes(fitted, train_set, digits, tmp_path):
     from lightning_unlearn import ledger as ledger_mod
-    from lightning_unlearn.exact.ledger import record_fit, serve_requests
+    from lightning_unlearn.exact.serving import record_fit, serve_requests
 
     with ledger_mod.Ledger(tmp_path / "ledger.db") as ledger:
         source = ledger.register_source("digits", ledger_mod.sample_hashes(train_set),

@@ -133,7 +133,7 @@ def _run(command: str, cfg: Namespace) -> int:
 
 def _record_in_ledger(run, db: str, source_name: str, train) -> None:
     from lightning_unlearn._io import unique_path
-    from lightning_unlearn.exact.ledger import record_fit
+    from lightning_unlearn.exact.serving import record_fit
     from lightning_unlearn.ledger import Ledger, sample_hashes
 
     from lightning_unlearn.evidence.report import weights_sha256
@@ -153,7 +153,7 @@ def _record_in_ledger(run, db: str, source_name: str, train) -> None:
 
 
 def _serve_ledger(run, db: str, source_name: str, test) -> int:
-    from lightning_unlearn.exact.ledger import serve_requests
+    from lightning_unlearn.exact.serving import serve_requests
     from lightning_unlearn.ledger import Ledger
 
     with Ledger(db) as ledger:

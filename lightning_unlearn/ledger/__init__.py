@@ -9,10 +9,10 @@ from lightning_unlearn.ledger.identity import demo_subjects, read_subjects, samp
 from lightning_unlearn.ledger.lineage import RecordLineage, record_federated
 from lightning_unlearn.ledger.runner import RunOutcome, recover, run_pending
 from lightning_unlearn.ledger.store import Job, Ledger, Source
-from lightning_unlearn.ledger.verify import Check, verify
+from lightning_unlearn.ledger.verify import Verification, verify
 
 __all__ = [
-    "Check",
+    "Verification",
     "Job",
     "Ledger",
     "RecordLineage",

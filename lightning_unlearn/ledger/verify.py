@@ -15,7 +15,7 @@ from lightning_unlearn.selection import ParameterMask
 
 
 @dataclass(frozen=True)
-class Check:
+class Verification:
     """One verified statement about one request's job."""
 
     request_ids: tuple[int, ...]
@@ -25,7 +25,7 @@ class Check:
     detail: str = ""
 
 
-def verify(ledger: Ledger, request_ids: Sequence[int] | None = None) -> list[Check]:
+def verify(ledger: Ledger, request_ids: Sequence[int] | None = None) -> list[Verification]:
     """Recompute hashes and compare the evidence for finished requests (all of them by default).
 
     Per job: the weights file hashes to the version the ledger names; the report file's bytes
@@ -35,11 +35,11 @@ def verify(ledger: Ledger, request_ids: Sequence[int] | None = None) -> list[Che
     the lineage shows the version never held their samples.
     """
     rows = ledger.requests(ids=request_ids) if request_ids is not None else ledger.requests()
-    checks: list[Check] = []
+    checks: list[Verification] = []
     by_job: dict[str, list[dict]] = {}
     for row in rows:
         if row["status"] != "done":
-            checks.append(Check((row["id"],), row["job_id"], "status", row["status"] != "failed" or bool(row["error"]),
+            checks.append(Verification((row["id"],), row["job_id"], "status", row["status"] != "failed" or bool(row["error"]),
                                 f"{row['status']}: nothing to verify yet" if row["status"] != "failed"
                                 else f"failed: {row['error']}"))
             continue
@@ -54,22 +54,22 @@ def verify(ledger: Ledger, request_ids: Sequence[int] | None = None) -> list[Che
     return checks
 
 
-def _unchanged(ledger: Ledger, ids, job_id, reqs) -> list[Check]:
+def _unchanged(ledger: Ledger, ids, job_id, reqs) -> list[Verification]:
     out = []
     for r in reqs:
         state = ledger.lineage(r["version_after_id"], r["sample_ids"])
         held = np.asarray(r["sample_ids"])[state == 1]
-        out.append(Check((r["id"],), job_id, "lineage: version never held the samples", not len(held),
+        out.append(Verification((r["id"],), job_id, "lineage: version never held the samples", not len(held),
                          f"version {r['version_after_id']} holds sample(s) {held[:10].tolist()}" if len(held) else
                          f"version {r['version_after_id']} holds none of {len(r['sample_ids'])} sample(s)"))
     return out
 
 
-def _job_checks(ledger: Ledger, ids, job_id, reqs, ev: dict) -> list[Check]:
-    out: list[Check] = []
+def _job_checks(ledger: Ledger, ids, job_id, reqs, ev: dict) -> list[Verification]:
+    out: list[Verification] = []
 
     def check(name: str, ok: bool, detail: str = "") -> bool:
-        out.append(Check(ids, job_id, name, bool(ok), detail))
+        out.append(Verification(ids, job_id, name, bool(ok), detail))
         return bool(ok)
 
     version = ledger.version(ev["version_id"])

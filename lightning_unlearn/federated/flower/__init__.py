@@ -43,7 +43,7 @@ from lightning_unlearn.federated.flower.client_app import (  # noqa: E402
     make_client_app,
     save_partition,
 )
-from lightning_unlearn.federated.flower.records import ByteLedger  # noqa: E402
+from lightning_unlearn.federated.flower.records import ByteCounter  # noqa: E402
 from lightning_unlearn.federated.flower.server_app import (  # noqa: E402
     FedAvgPlan,
     FlowerRunResult,
@@ -52,10 +52,10 @@ from lightning_unlearn.federated.flower.server_app import (  # noqa: E402
     UnlearnPlan,
     make_server_app,
 )
-from lightning_unlearn.federated.flower.simulation import run_flower_simulation  # noqa: E402
+from lightning_unlearn.federated.flower.ray_engine import run_flower_simulation  # noqa: E402
 
 __all__ = [
-    "ByteLedger",
+    "ByteCounter",
     "ClientPartition",
     "FedAvgPlan",
     "FederatedPartitions",
