@@ -26,5 +26,5 @@ class UnlearningResult:
     timings_s: dict[str, float] = field(default_factory=dict)
     scores: ChannelScores | None = None
     extra: dict[str, Any] = field(default_factory=dict)
-    method: str = "ours"
+    method: str = "selective"
     config: UnlearnConfig | None = None

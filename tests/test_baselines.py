@@ -8,12 +8,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from lightning_unlearn.baselines import METHODS, output_row_mask, random_channel_mask, run_method, saliency_mask
+from lightning_unlearn.baselines import BASELINES, output_row_mask, random_channel_mask, run_method, saliency_mask
 from lightning_unlearn.evidence import weights_sha256
 from lightning_unlearn.masking import frozen_elements_equal
 from lightning_unlearn.metrics import split_accuracies
 
-FORGETTERS = ("ours", "random_channels", "neggrad_plus", "random_label", "salun")
+FORGETTERS = ("selective", "random_channels", "neggrad_plus", "random_label", "salun")
 
 
 @pytest.fixture(scope="module")
@@ -22,7 +22,7 @@ def results(_trained, digits):
 
     dm = UnlearningDataModule(digits[0], digits[1], ForgetRequest(classes=[3]), batch_size=64)
     before = weights_sha256(_trained)
-    out = {name: run_method(name, _trained, dm, epochs=3 if name == "retrain" else 2, seed=0) for name in METHODS}
+    out = {name: run_method(name, _trained, dm, epochs=3 if name == "retrain" else 2, seed=0) for name in BASELINES}
     assert weights_sha256(_trained) == before, "a baseline modified its input model"
     return dm, out
 
@@ -52,7 +52,7 @@ def test_output_row_only_changes_the_forgotten_row(results, _trained):
 
 def test_random_channels_match_ours_in_size_not_in_choice(results, _trained):
     dm, out = results
-    ours, rnd = out["ours"].mask, out["random_channels"].mask
+    ours, rnd = out["selective"].mask, out["random_channels"].mask
     assert {k: len(v) for k, v in ours.channels.items()} == {k: len(v) for k, v in rnd.channels.items()}
     assert ours.channels != rnd.channels and rnd.channels["fc2"] == [3]
     assert random_channel_mask(_trained, dm, 0.1, seed=0) == rnd  # seeded
@@ -81,7 +81,7 @@ def test_output_row_mask_for_sample_requests_is_the_whole_head(_trained, digits)
 
 def test_unknown_method_names_the_allowed_ones(results):
     dm, _ = results
-    with pytest.raises(ValueError, match=r"unknown method 'fisher'; allowed methods are \['ours', 'retrain'"):
+    with pytest.raises(ValueError, match=r"unknown method 'fisher'; allowed methods are \['selective', 'retrain'"):
         run_method("fisher", None, dm)
 
 

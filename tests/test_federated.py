@@ -187,7 +187,7 @@ def test_each_request_kind_end_to_end(sim, request_, tmp_path):
     record = sim.report(result, original, retrained, retrained_metrics)
     path = write_json(record, tmp_path / "run.json")
     loaded = json.loads(path.read_text())
-    assert loaded["request"]["kind"] == request_.kind and loaded["method"] == "ours" and loaded["seed"] == 0
+    assert loaded["request"]["kind"] == request_.kind and loaded["method"] == "selective" and loaded["seed"] == 0
     for which in ("original", "unlearned", "retrained"):
         for key in ("forget_acc", "remaining_acc", "test_acc"):
             assert 0.0 <= loaded["metrics"][which][key] <= 1.0

@@ -289,6 +289,6 @@ def federated_unlearn(
     if cfg.reset != "none":
         timings["reset"] = t2 - t1
     return FederatedUnlearningResult(
-        work, mask, timings_s=timings, scores=scores, extra={"rounds": rounds, "fraction": fraction}, method="ours", config=cfg,
+        work, mask, timings_s=timings, scores=scores, extra={"rounds": rounds, "fraction": fraction}, method="selective", config=cfg,
         bytes=round_bytes(history, score_bytes.total, stats_bytes.total if stats_bytes else 0), history=history,
     )
