@@ -31,18 +31,13 @@ from lightning_unlearn import ForgetRequest, UnlearningDataModule
 from lightning_unlearn._training import fit
 from lightning_unlearn.baselines import BASELINES, run_method
 from lightning_unlearn.data import load_digits_datasets, load_mnist
-from lightning_unlearn.data import dataset_targets
-from lightning_unlearn.evidence import (
-    ACC_GAP_KEYS,
-    BackdoorDataset,
-    BackdoorSpec,
-    aggregate,
-    choose_poison,
-    avg_gap,
-    evaluate_model,
-    library_versions,
-    random_samples_request,
-)
+from lightning_unlearn.data.datasets import dataset_targets
+from lightning_unlearn.evidence import evaluate_model
+from lightning_unlearn.evidence.gap import ACC_GAP_KEYS, avg_gap
+from lightning_unlearn.evidence.backdoor import BackdoorDataset, choose_poison
+from lightning_unlearn.evidence.evaluate import BackdoorSpec, random_samples_request
+from lightning_unlearn.evidence.compare import aggregate
+from lightning_unlearn.evidence.report import library_versions
 from lightning_unlearn.evidence.evaluate import relearn_steps
 from lightning_unlearn.evidence.compare import format_cell
 from lightning_unlearn.models import SmallCNN

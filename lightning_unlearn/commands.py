@@ -23,7 +23,8 @@ from lightning_unlearn.api import retrain
 from lightning_unlearn.callbacks.selective import SelectiveUnlearning
 from lightning_unlearn.config import UnlearnConfig
 from lightning_unlearn.data.unlearning import UnlearningDataModule
-from lightning_unlearn.evidence import attack_evidence, evaluate_unlearning, plot_per_class_accuracy, write_report
+from lightning_unlearn.evidence import attack_evidence, evaluate_unlearning, write_report
+from lightning_unlearn.evidence.plots import plot_per_class_accuracy
 from lightning_unlearn.evidence.report import UnlearningReport
 from lightning_unlearn.federated.runner import (
     FederatedSettings,

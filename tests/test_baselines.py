@@ -8,8 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from lightning_unlearn.baselines import BASELINES, output_row_mask, random_channel_mask, run_method, saliency_mask
-from lightning_unlearn.evidence import weights_sha256
+from lightning_unlearn.baselines import BASELINES, run_method
+from lightning_unlearn.baselines.controls import output_row_mask, random_channel_mask
+from lightning_unlearn.baselines.salun import saliency_mask
+from lightning_unlearn.evidence.report import weights_sha256
 from lightning_unlearn.masking import frozen_elements_equal
 from lightning_unlearn.metrics import split_accuracies
 

@@ -12,22 +12,13 @@ from torch.utils.data import DataLoader, Dataset
 
 from lightning_unlearn import ForgetRequest, ParameterMask
 from lightning_unlearn.data import FederatedDataModule
-from lightning_unlearn.federated import (
-    Broadcast,
-    FederatedSimulation,
-    MaskedUpdateMessage,
-    ParametersMessage,
-    ScoresMessage,
-    Transport,
-    aggregate_scores,
-    fedavg_aggregate,
-    federated_unlearn,
-    get_arrays,
-    make_clients,
-    masked_aggregate,
-    run_fedavg,
-    write_json,
+from lightning_unlearn.federated import FederatedSimulation, federated_unlearn, make_clients, run_fedavg
+from lightning_unlearn.federated.messages import (
+    Broadcast, MaskedUpdateMessage, ParametersMessage, ScoresMessage, Transport,
 )
+from lightning_unlearn.federated.server import aggregate_scores, fedavg_aggregate, masked_aggregate
+from lightning_unlearn.federated.arrays import get_arrays
+from lightning_unlearn._io import write_json
 from lightning_unlearn.federated import baselines as B
 from lightning_unlearn.federated.messages import BatchNormStatsMessage
 from lightning_unlearn.masking import frozen_elements_equal

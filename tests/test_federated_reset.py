@@ -11,7 +11,10 @@ from torch.utils.data import ConcatDataset, DataLoader, Subset
 
 from lightning_unlearn import ForgetRequest
 from lightning_unlearn.data import FederatedDataModule
-from lightning_unlearn.federated import FederatedSimulation, Transport, federated_unlearn, get_arrays, masked_aggregate
+from lightning_unlearn.federated import FederatedSimulation, federated_unlearn
+from lightning_unlearn.federated.messages import Transport
+from lightning_unlearn.federated.arrays import get_arrays
+from lightning_unlearn.federated.server import masked_aggregate
 from lightning_unlearn.federated import baselines as B
 from lightning_unlearn.federated.arrays import selected_values
 from lightning_unlearn.federated.messages import INDEX_BYTES, BatchNormStatsMessage, Broadcast

@@ -12,7 +12,10 @@ import torch
 from lightning_unlearn import ForgetRequest
 from lightning_unlearn.config import UnlearnConfig
 from lightning_unlearn.data import FederatedDataModule
-from lightning_unlearn.federated import FederatedSimulation, Transport, federated_unlearn, get_arrays, masked_aggregate
+from lightning_unlearn.federated import FederatedSimulation, federated_unlearn
+from lightning_unlearn.federated.messages import Transport
+from lightning_unlearn.federated.arrays import get_arrays
+from lightning_unlearn.federated.server import masked_aggregate
 from lightning_unlearn.federated.arrays import selected_values
 from lightning_unlearn.federated.protocol import (
     collect_scores,

@@ -12,28 +12,15 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, 
 from flwr.supercore.task_identity import TaskIdentity
 
 from lightning_unlearn import ForgetRequest
-from lightning_unlearn.federated import (
-    Broadcast,
-    FederatedSimulation,
-    MaskedUpdateMessage,
-    ParametersMessage,
-    ScoresMessage,
-    Transport,
-    federated_unlearn,
-    get_arrays,
-    run_fedavg,
+from lightning_unlearn.federated import FederatedSimulation, federated_unlearn, run_fedavg
+from lightning_unlearn.federated.messages import (
+    Broadcast, MaskedUpdateMessage, ParametersMessage, ScoresMessage, Transport,
 )
+from lightning_unlearn.federated.arrays import get_arrays
 from lightning_unlearn.federated.flower import (
-    FedAvgPlan,
-    FederatedPartitions,
-    FlowerDataError,
-    UnlearnPlan,
-    client_split,
-    file_partition,
-    make_client_app,
-    run_flower_simulation,
-    save_partition,
+    FedAvgPlan, FederatedPartitions, UnlearnPlan, make_client_app, run_flower_simulation,
 )
+from lightning_unlearn.federated.flower.client_app import FlowerDataError, client_split, file_partition, save_partition
 from lightning_unlearn.federated.flower.records import (
     ByteCounter,
     broadcast_to_content,

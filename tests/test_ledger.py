@@ -25,7 +25,9 @@ from lightning_unlearn._training import fit
 from lightning_unlearn.data import load_digits_datasets
 from lightning_unlearn.data.federated import FederatedDataModule
 from lightning_unlearn.evidence.report import weights_sha256
-from lightning_unlearn.ledger import Ledger, RecordLineage, record_federated, run_pending, sample_hashes, verify
+from lightning_unlearn.ledger import Ledger, RecordLineage, run_pending, verify
+from lightning_unlearn.ledger.lineage import record_federated
+from lightning_unlearn.ledger.identity import sample_hashes
 from lightning_unlearn.ledger import schema
 from lightning_unlearn.ledger.cli import main as requests_main
 from lightning_unlearn.ledger.store import from_ranges, to_ranges

@@ -102,8 +102,8 @@ def test_planted_pickles_are_refused_everywhere_and_never_run(tmp_path, checkpoi
     with pytest.raises(ValueError, match="holds objects other than tensors"):
         file_partition(context)
     # a SISA ensemble file, and the weights a ledger verifies (weights_sha256 of the file on disk)
-    from lightning_unlearn.evidence import weights_sha256
-    from lightning_unlearn.exact import SISAEnsemble
+    from lightning_unlearn.evidence.report import weights_sha256
+    from lightning_unlearn.exact.ensemble import SISAEnsemble
 
     for load in (lambda: SISAEnsemble.load(evil), lambda: weights_sha256(evil)):
         with pytest.raises(ValueError, match="holds objects other than tensors"):

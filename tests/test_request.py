@@ -4,7 +4,7 @@ import torch
 from torch.utils.data import TensorDataset
 
 from lightning_unlearn import ForgetRequest, UnlearningDataModule
-from lightning_unlearn.data import dataset_targets
+from lightning_unlearn.data.datasets import dataset_targets
 
 
 def test_class_request_splits_train_and_test(class3_dm, digits):

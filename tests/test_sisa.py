@@ -16,7 +16,8 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_unlearn import ForgetRequest
 from lightning_unlearn._training import quiet_lightning
-from lightning_unlearn.exact import SISA, SISAConfig, SISAEnsemble
+from lightning_unlearn.exact import SISA, SISAConfig
+from lightning_unlearn.exact.ensemble import SISAEnsemble
 from lightning_unlearn.exact.cli import main as sisa_main
 from lightning_unlearn.exact.plan import file_sha256
 from lightning_unlearn.metrics import accuracy

@@ -12,9 +12,9 @@ from typing import Any, Callable
 from lightning_unlearn.api import retrain, unlearn
 from lightning_unlearn.result import UnlearningResult
 from lightning_unlearn.baselines.common import masked_update
-from lightning_unlearn.baselines.controls import output_row, output_row_mask, random_channel_mask, random_channels
-from lightning_unlearn.baselines.salun import salun, saliency_mask
-from lightning_unlearn.baselines.ssd import dampen, fisher_diagonal, ssd
+from lightning_unlearn.baselines.controls import output_row, random_channels
+from lightning_unlearn.baselines.salun import salun
+from lightning_unlearn.baselines.ssd import ssd
 from lightning_unlearn.selection import ParameterMask
 
 
@@ -55,8 +55,4 @@ def run_method(name: str, model, dm, **kwargs: Any) -> UnlearningResult:
     return BASELINES[name](model, dm, **kwargs)
 
 
-__all__ = [
-    "BASELINES", "dampen", "finetune", "fisher_diagonal", "masked_update", "neggrad_plus", "output_row",
-    "output_row_mask", "random_channel_mask", "random_channels", "random_label", "retrain", "run_method",
-    "saliency_mask", "salun", "selective", "ssd",
-]
+__all__ = ["BASELINES", "run_method"]

@@ -134,7 +134,8 @@ def _run(command: str, cfg: Namespace) -> int:
 def _record_in_ledger(run, db: str, source_name: str, train) -> None:
     from lightning_unlearn._io import unique_path
     from lightning_unlearn.exact.serving import record_fit
-    from lightning_unlearn.ledger import Ledger, sample_hashes
+    from lightning_unlearn.ledger import Ledger
+    from lightning_unlearn.ledger.identity import sample_hashes
 
     from lightning_unlearn.evidence.report import weights_sha256
 

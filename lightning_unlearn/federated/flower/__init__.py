@@ -34,40 +34,21 @@ def require_ray() -> None:
 
 require_flwr("lightning_unlearn.federated.flower")
 
-from lightning_unlearn.federated.flower.client_app import (  # noqa: E402
-    ClientPartition,
-    FederatedPartitions,
-    FlowerDataError,
-    client_split,
-    file_partition,
-    make_client_app,
-    save_partition,
-)
-from lightning_unlearn.federated.flower.records import ByteCounter  # noqa: E402
+from lightning_unlearn.federated.flower.client_app import FederatedPartitions, make_client_app  # noqa: E402
+from lightning_unlearn.federated.flower.ray_engine import run_flower_simulation  # noqa: E402
 from lightning_unlearn.federated.flower.server_app import (  # noqa: E402
     FedAvgPlan,
     FlowerRunResult,
-    LightningFedAvg,
-    MaskedUnlearning,
     UnlearnPlan,
     make_server_app,
 )
-from lightning_unlearn.federated.flower.ray_engine import run_flower_simulation  # noqa: E402
 
 __all__ = [
-    "ByteCounter",
-    "ClientPartition",
     "FedAvgPlan",
     "FederatedPartitions",
-    "FlowerDataError",
     "FlowerRunResult",
-    "LightningFedAvg",
-    "MaskedUnlearning",
     "UnlearnPlan",
-    "client_split",
-    "file_partition",
     "make_client_app",
     "make_server_app",
     "run_flower_simulation",
-    "save_partition",
 ]
