@@ -23,7 +23,7 @@ from lightning_unlearn import SCORING_METHODS, UnlearnConfig, ForgetRequest, Unl
 from lightning_unlearn.callbacks import GradientMask
 from lightning_unlearn.data import load_mnist
 from lightning_unlearn.demo import run
-from lightning_unlearn.masking import MaskEnforcer
+from lightning_unlearn.mask import MaskEnforcer
 from lightning_unlearn.models import SmallCNN
 
 

@@ -52,7 +52,7 @@ from lightning_unlearn.evidence.evaluate import relearn_steps  # noqa: E402
 from lightning_unlearn.metrics import split_accuracies  # noqa: E402
 from lightning_unlearn.request import random_samples_request  # noqa: E402
 from lightning_unlearn.reset import RESETS  # noqa: E402
-from lightning_unlearn.objectives import OBJECTIVES  # noqa: E402
+from lightning_unlearn.repair.objectives import OBJECTIVES  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"

@@ -6,18 +6,17 @@ update only those, with every other parameter left bit-for-bit unchanged.
 from typing import Any
 
 from lightning_unlearn.api import retrain, unlearn
-from lightning_unlearn.attribution import ChannelScores, LayerInfo, channel_scores, discover_layers
 from lightning_unlearn.config import UnlearnConfig
 from lightning_unlearn.data.unlearning import UnlearningDataModule
-from lightning_unlearn.masking import MaskEnforcer
-from lightning_unlearn.mixin import UnlearningMixin
-from lightning_unlearn.objectives import OBJECTIVES
+from lightning_unlearn.mask import MaskEnforcer, ParameterMask, select_channels
+from lightning_unlearn.repair import OBJECTIVES, UnlearningMixin
 from lightning_unlearn.request import ForgetRequest
 from lightning_unlearn.result import UnlearningResult
-from lightning_unlearn.selection import ParameterMask, select_channels
+from lightning_unlearn.scoring import ChannelScorer, ChannelScores, LayerInfo, channel_scores, discover_layers
 
 __version__ = "0.1.0"
 __all__ = [
+    "ChannelScorer",
     "ChannelScores",
     "ForgetRequest",
     "LayerInfo",
@@ -38,15 +37,9 @@ __all__ = [
 
 
 def __getattr__(name: str) -> Any:
-    """``SCORING_METHODS`` follows the scorer registry (user-registered methods included); ``METHODS`` is deprecated."""
-    from lightning_unlearn import attribution
-
+    """``SCORING_METHODS`` follows the scorer registry (user-registered methods included)."""
     if name == "SCORING_METHODS":
-        return attribution.SCORING_METHODS
-    if name == "METHODS":
-        import warnings
+        from lightning_unlearn import scoring
 
-        warnings.warn("lightning_unlearn.METHODS is deprecated and will be removed in the next release; "
-                      "use SCORING_METHODS", DeprecationWarning, stacklevel=2)
-        return attribution.SCORING_METHODS
+        return scoring.SCORING_METHODS
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -13,6 +13,7 @@ from typing import Any
 import lightning.pytorch as pl
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.utilities.model_helpers import is_overridden
 
 from lightning_unlearn._io import load_torch_file
 from lightning_unlearn.commands import CentralEngine, FederatedEngine, evaluate_checkpoints, unlearn_checkpoint
@@ -194,14 +195,14 @@ class UnlearnCLI(LightningCLI):
             load_torch_file(path, "checkpoint")
         super()._parse_ckpt_path()
 
-    def before_fit(self) -> None:
-        if hasattr(self.datamodule, "train_on"):
-            self.datamodule.train_on = "all"  # the original model learns from everything
-
     # A federated data module in the config switches these to the federated engine.
     def fit(self, model: pl.LightningModule, datamodule=None, **kwargs: Any) -> Any:
         if is_federated(datamodule):
             return federated_fit(model, datamodule, self._section("federated"), _seed(), echo=print)
+        if isinstance(datamodule, UnlearningDataModule):  # the original model learns from every sample
+            val = datamodule.val_dataloader() if is_overridden("val_dataloader", datamodule, pl.LightningDataModule) else None
+            return self.trainer.fit(model, train_dataloaders=datamodule.full_train_dataloader(), val_dataloaders=val,
+                                    **kwargs)
         return self.trainer.fit(model, datamodule=datamodule, **kwargs)
 
     def unlearn(self, model: pl.LightningModule, datamodule=None, ckpt_path: str = "", output_dir: str | None = None,

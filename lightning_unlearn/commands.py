@@ -19,7 +19,7 @@ import torch
 from lightning.pytorch.callbacks import Checkpoint
 
 from lightning_unlearn._io import RunMarker, check_writable_dir, is_incomplete, load_torch_file, unique_path, write_json
-from lightning_unlearn.api import retrain
+from lightning_unlearn.api import result_of, retrain
 from lightning_unlearn.callbacks.selective import SelectiveUnlearning
 from lightning_unlearn.config import UnlearnConfig
 from lightning_unlearn.data.unlearning import UnlearningDataModule
@@ -34,7 +34,6 @@ from lightning_unlearn.federated.runner import (
     fedavg_round_bytes,
     save_checkpoint,
 )
-from lightning_unlearn.metrics import split_accuracies
 from lightning_unlearn.result import UnlearningResult
 
 
@@ -80,14 +79,9 @@ class CentralEngine:
         self.trainer.callbacks.append(callback)
         # the callback owns the budget (step budget, epochs, stopping rule), like EarlyStopping
         self.trainer.fit_loop.max_epochs = config.epochs if config.epochs is not None else -1
-        if hasattr(datamodule, "train_on"):
-            datamodule.train_on = "retain"
         start = time.perf_counter()
         self.trainer.fit(model, datamodule=datamodule)
-        timings = {**callback.timings, "total": time.perf_counter() - start}
-        extra = {"steps": callback.steps, "stop_reason": callback.stop_reason, "stopping": callback.stopping_history}
-        return UnlearningResult(model, callback.mask, split_accuracies(model, datamodule), timings, callback.scores,
-                                extra=extra, config=callback.resolved_config)
+        return result_of(callback, model, datamodule, time.perf_counter() - start)
 
     def reserve(self, wanted: Path) -> Path:
         """A fresh path for the checkpoint, chosen on rank 0 and the same on every rank."""

@@ -22,7 +22,7 @@ from lightning_unlearn.config import UnlearnConfig
 from lightning_unlearn.data import load_digits_datasets, load_mnist
 from lightning_unlearn.metrics import split_accuracies
 from lightning_unlearn.models import SmallCNN
-from lightning_unlearn.selection import ParameterMask
+from lightning_unlearn.mask import ParameterMask
 
 
 class _AllTrainData(pl.LightningDataModule):

@@ -6,9 +6,9 @@ from typing import Any
 
 from torch import nn
 
-from lightning_unlearn.attribution import ChannelScores
+from lightning_unlearn.scoring import ChannelScores
 from lightning_unlearn.config import UnlearnConfig
-from lightning_unlearn.selection import ParameterMask
+from lightning_unlearn.mask import ParameterMask
 
 
 @dataclass

@@ -12,7 +12,7 @@ from lightning_unlearn.baselines import BASELINES, run_method
 from lightning_unlearn.baselines.controls import output_row_mask, random_channel_mask
 from lightning_unlearn.baselines.salun import saliency_mask
 from lightning_unlearn.evidence.report import weights_sha256
-from lightning_unlearn.masking import frozen_elements_equal
+from lightning_unlearn.mask import frozen_elements_equal
 from lightning_unlearn.metrics import split_accuracies
 
 FORGETTERS = ("selective", "random_channels", "neggrad_plus", "random_label", "salun")

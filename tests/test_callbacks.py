@@ -10,7 +10,7 @@ from torch import nn
 from lightning_unlearn import ForgetRequest, UnlearningDataModule, UnlearningMixin, retrain, unlearn
 from lightning_unlearn._training import fit
 from lightning_unlearn.callbacks import SelectiveUnlearning
-from lightning_unlearn.masking import frozen_elements_equal
+from lightning_unlearn.mask import frozen_elements_equal
 from lightning_unlearn.metrics import split_accuracies
 
 

@@ -12,7 +12,7 @@ from lightning_unlearn import unlearn
 from lightning_unlearn.evidence import UnlearningReport, compare, write_report
 from lightning_unlearn.evidence.plots import plot_channel_scores, plot_mia_histograms, plot_per_class_accuracy
 from lightning_unlearn.evidence.report import save_weights, weights_sha256
-from lightning_unlearn.selection import ParameterMask
+from lightning_unlearn.mask import ParameterMask
 
 PNG = b"\x89PNG\r\n\x1a\n"
 

@@ -17,11 +17,11 @@ from lightning_unlearn.federated.messages import (
     Broadcast, MaskedUpdateMessage, ParametersMessage, ScoresMessage, Transport,
 )
 from lightning_unlearn.federated.server import aggregate_scores, fedavg_aggregate, masked_aggregate
-from lightning_unlearn.federated.arrays import get_arrays
+from lightning_unlearn.mask.arrays import get_arrays
 from lightning_unlearn._io import write_json
 from lightning_unlearn.federated import baselines as B
 from lightning_unlearn.federated.messages import BatchNormStatsMessage
-from lightning_unlearn.masking import frozen_elements_equal
+from lightning_unlearn.mask import frozen_elements_equal
 from lightning_unlearn.models import SmallCNN
 
 TINY = dict(channels=(8, 16), hidden=32, lr=3e-3)

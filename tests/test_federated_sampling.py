@@ -14,9 +14,9 @@ from lightning_unlearn.config import UnlearnConfig
 from lightning_unlearn.data import FederatedDataModule
 from lightning_unlearn.federated import FederatedSimulation, federated_unlearn
 from lightning_unlearn.federated.messages import Transport
-from lightning_unlearn.federated.arrays import get_arrays
+from lightning_unlearn.mask.arrays import get_arrays
 from lightning_unlearn.federated.server import masked_aggregate
-from lightning_unlearn.federated.arrays import selected_values
+from lightning_unlearn.mask.arrays import selected_values
 from lightning_unlearn.federated.protocol import (
     collect_scores,
     masked_broadcast,
@@ -27,7 +27,7 @@ from lightning_unlearn.federated.protocol import (
 )
 from lightning_unlearn.federated.server import sample_clients
 from lightning_unlearn.models import SmallCNN
-from lightning_unlearn.selection import select_channels
+from lightning_unlearn.mask import select_channels
 
 TINY = dict(channels=(8, 16), hidden=32, lr=3e-3)
 REQUEST = ForgetRequest(classes=[3])

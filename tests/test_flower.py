@@ -16,7 +16,7 @@ from lightning_unlearn.federated import FederatedSimulation, federated_unlearn, 
 from lightning_unlearn.federated.messages import (
     Broadcast, MaskedUpdateMessage, ParametersMessage, ScoresMessage, Transport,
 )
-from lightning_unlearn.federated.arrays import get_arrays
+from lightning_unlearn.mask.arrays import get_arrays
 from lightning_unlearn.federated.flower import (
     FedAvgPlan, FederatedPartitions, UnlearnPlan, make_client_app, run_flower_simulation,
 )
@@ -30,9 +30,9 @@ from lightning_unlearn.federated.flower.records import (
     reply_to_content,
 )
 from lightning_unlearn.federated.flower.server_app import MaskedUnlearning, check_replies
-from lightning_unlearn.masking import frozen_elements_equal
+from lightning_unlearn.mask import frozen_elements_equal
 from lightning_unlearn.models import SmallCNN
-from lightning_unlearn.selection import select_channels
+from lightning_unlearn.mask import select_channels
 
 MODEL_FN = functools.partial(SmallCNN, channels=(8, 16), hidden=32, lr=3e-3)  # picklable: Flower ships it to workers
 PARTS = FederatedPartitions("digits", num_clients=3, partition="iid", seed=0, batch_size=32)

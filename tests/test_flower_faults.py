@@ -16,7 +16,7 @@ from lightning_unlearn.federated.flower.records import ByteCounter
 from lightning_unlearn.federated.flower.server_app import MaskedUnlearning, PollingGrid, gather
 from lightning_unlearn.federated.flower.supernode import CappedClock, patch_poll_interval
 from lightning_unlearn.models import SmallCNN
-from lightning_unlearn.selection import ParameterMask
+from lightning_unlearn.mask import ParameterMask
 
 NODES = {0: 11, 1: 12, 2: 13}
 

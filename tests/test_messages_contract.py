@@ -16,12 +16,12 @@ import torch
 from flwr.app import Array, ConfigRecord, MetricRecord
 
 from lightning_unlearn import ForgetRequest, ParameterMask
-from lightning_unlearn.attribution import SCORING_METHODS, discover_layers
+from lightning_unlearn.scoring import SCORING_METHODS, discover_layers
 from lightning_unlearn.federated import federated_unlearn, run_fedavg
 from lightning_unlearn.federated.messages import MaskedUpdateMessage, ParametersMessage, ScoresMessage
 from lightning_unlearn.federated.server import aggregate_scores, fedavg_aggregate, masked_aggregate
-from lightning_unlearn.federated.arrays import get_arrays
-from lightning_unlearn.federated.arrays import selected_values
+from lightning_unlearn.mask.arrays import get_arrays
+from lightning_unlearn.mask.arrays import selected_values
 from lightning_unlearn.federated.flower.records import ByteCounter, content_to_reply, reply_to_content
 from lightning_unlearn.federated.flower.server_app import _client_replies
 from lightning_unlearn.federated.messages import MAX_METRICS, METRIC_KEYS, check_metrics

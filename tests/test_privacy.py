@@ -18,7 +18,7 @@ from lightning_unlearn._training import fit
 from lightning_unlearn.callbacks import SelectiveUnlearning
 from lightning_unlearn.data import FederatedDataModule
 from lightning_unlearn.federated import FederatedSimulation, federated_unlearn
-from lightning_unlearn.masking import frozen_elements_equal
+from lightning_unlearn.mask import frozen_elements_equal
 from lightning_unlearn.metrics import accuracy
 from lightning_unlearn.models import SmallCNN
 from lightning_unlearn.privacy import DifferentialPrivacy, attach_client_dp, epsilon_for, make_dp_compatible, noise_for

@@ -8,9 +8,9 @@ import torch
 
 from lightning_unlearn import UnlearnConfig, unlearn
 from lightning_unlearn._training import reinitialize
-from lightning_unlearn.masking import frozen_elements_equal
+from lightning_unlearn.mask import frozen_elements_equal
 from lightning_unlearn.reset import DAMPEN_FACTOR, reestimate_batchnorm, reset_selected
-from lightning_unlearn.selection import select_channels
+from lightning_unlearn.mask import select_channels
 
 
 @pytest.fixture

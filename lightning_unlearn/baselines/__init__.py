@@ -15,7 +15,7 @@ from lightning_unlearn.baselines.common import masked_update
 from lightning_unlearn.baselines.controls import output_row, random_channels
 from lightning_unlearn.baselines.salun import salun
 from lightning_unlearn.baselines.ssd import ssd
-from lightning_unlearn.selection import ParameterMask
+from lightning_unlearn.mask import ParameterMask
 
 
 def selective(model, dm, epochs: int = 1, seed: int = 0, trainer_kwargs=None, **settings: Any) -> UnlearningResult:

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from lightning_unlearn._io import ON_EXISTS, load_torch_file, save_torch, unique_path, write_json
-from lightning_unlearn.selection import ParameterMask
+from lightning_unlearn.mask import ParameterMask
 
 REPORT_VERSION = 1
 __all__ = ["UnlearningReport", "library_versions", "save_weights", "weights_sha256"]

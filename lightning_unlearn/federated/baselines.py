@@ -20,9 +20,9 @@ import torch
 from torch import Tensor
 
 from lightning_unlearn._training import reinitialize
-from lightning_unlearn.attribution import LayerInfo
+from lightning_unlearn.scoring import LayerInfo
 from lightning_unlearn.data.federated import FederatedForgetPlan
-from lightning_unlearn.federated.arrays import get_arrays, set_arrays
+from lightning_unlearn.mask.arrays import get_arrays, set_arrays
 from lightning_unlearn.federated.messages import (
     Broadcast,
     ParametersMessage,
@@ -41,7 +41,7 @@ from lightning_unlearn.federated.protocol import (
     unlearn_config,
 )
 from lightning_unlearn.federated.server import UpdateStore, run_fedavg
-from lightning_unlearn.selection import ParameterMask, select_channels
+from lightning_unlearn.mask import ParameterMask, select_channels
 
 
 def federated_retrain(

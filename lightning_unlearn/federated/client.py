@@ -21,11 +21,11 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from lightning_unlearn._training import fit, quiet_lightning
-from lightning_unlearn.attribution import channel_scores, discover_layers
+from lightning_unlearn.scoring import channel_scores, discover_layers
 from lightning_unlearn.callbacks.gradient_mask import GradientMask
 from lightning_unlearn.callbacks.learning_rate import ScaleLearningRate
 from lightning_unlearn.callbacks.selective import SelectiveUnlearning
-from lightning_unlearn.federated.arrays import get_arrays, selected_values, set_arrays, write_values
+from lightning_unlearn.mask.arrays import get_arrays, selected_values, set_arrays, write_values
 from lightning_unlearn.data.datasets import dataset_targets
 from lightning_unlearn.data.federated import ClientSplit, FederatedDataModule
 from lightning_unlearn.data.unlearning import UnlearningDataModule
@@ -38,9 +38,9 @@ from lightning_unlearn.federated.messages import (
     short_repr,
 )
 from lightning_unlearn.federated.server import batchnorm_channels, statistic_masks
-from lightning_unlearn.objectives import FORGET_AWARE
+from lightning_unlearn.repair.objectives import FORGET_AWARE
 from lightning_unlearn.request import ForgetRequest
-from lightning_unlearn.selection import ParameterMask, head_parameter_scales
+from lightning_unlearn.mask import ParameterMask, head_parameter_scales
 
 
 class _LocalTimer(Callback):

@@ -29,9 +29,9 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
-from lightning_unlearn.attribution import ChannelScores, LayerInfo
+from lightning_unlearn.scoring import ChannelScores, LayerInfo
 from lightning_unlearn.config import AUTO, UnlearnConfig
-from lightning_unlearn.federated.arrays import get_arrays, selected_values, set_arrays
+from lightning_unlearn.mask.arrays import get_arrays, selected_values, set_arrays
 from lightning_unlearn.federated.messages import Broadcast, RoundBytes, Transport
 from lightning_unlearn.federated.server import (
     aggregate_scores,
@@ -47,7 +47,7 @@ from lightning_unlearn.federated.server import (
 from lightning_unlearn.reset import reset_selected
 from lightning_unlearn.request import ForgetRequest
 from lightning_unlearn.result import UnlearningResult
-from lightning_unlearn.selection import ParameterMask, select_channels
+from lightning_unlearn.mask import ParameterMask, select_channels
 
 #: Learning-rate multiplier of the forgotten classes' head rows when ``head_lr_scale="auto"`` (see :data:`AUTO`).
 HEAD_LR_SCALE = AUTO["federated"]["head_lr_scale"]

@@ -18,7 +18,7 @@ from lightning_unlearn._io import save_torch, unique_path
 from lightning_unlearn.config import UnlearnConfig
 from lightning_unlearn.data.federated import FederatedDataModule
 from lightning_unlearn.federated.baselines import federated_retrain
-from lightning_unlearn.federated.arrays import get_arrays
+from lightning_unlearn.mask.arrays import get_arrays
 from lightning_unlearn.federated.messages import Broadcast, tensor_bytes
 from lightning_unlearn.federated.protocol import FederatedUnlearningResult, federated_unlearn
 from lightning_unlearn.federated.simulation import FederatedSimulation

@@ -23,8 +23,8 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from lightning_unlearn._io import load_torch_file, save_torch
-from lightning_unlearn.attribution import NORM_TYPES, SCORED_TYPES, ChannelScores, LayerInfo
-from lightning_unlearn.federated.arrays import get_arrays, set_arrays
+from lightning_unlearn.scoring import NORM_TYPES, SCORED_TYPES, ChannelScores, LayerInfo
+from lightning_unlearn.mask.arrays import get_arrays, set_arrays
 from lightning_unlearn.federated.messages import (
     BatchNormStatsMessage,
     Broadcast,
@@ -38,9 +38,9 @@ from lightning_unlearn.federated.messages import (
     short_repr,
     tensor_bytes,
 )
-from lightning_unlearn.masking import BN_TYPES
+from lightning_unlearn.mask import BN_TYPES
 from lightning_unlearn.scoring.base import out_channels
-from lightning_unlearn.selection import ParameterMask
+from lightning_unlearn.mask import ParameterMask
 
 
 # -- aggregation ------------------------------------------------------------------------------------

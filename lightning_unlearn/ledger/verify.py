@@ -11,7 +11,7 @@ import numpy as np
 
 from lightning_unlearn.evidence.report import weights_sha256
 from lightning_unlearn.ledger.store import Ledger
-from lightning_unlearn.selection import ParameterMask
+from lightning_unlearn.mask import ParameterMask
 
 
 @dataclass(frozen=True)

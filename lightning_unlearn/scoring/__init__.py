@@ -1,5 +1,7 @@
-"""Channel-scoring methods: one class per method behind one interface, and their registry.
+"""Channel scores: which output channels of which layer carry the data to forget.
 
+One class per method behind one interface (:class:`ChannelScorer`, captum-backed), their registry,
+layer discovery, and :func:`channel_scores`, which streams a loader through a scorer.
 ``SCORING_METHODS`` (the registry's names) and ``DEFAULT_MAX_SAMPLES`` are derived from
 ``SCORERS`` on access, so a method added with :func:`register_scorer` appears in both.
 """
@@ -7,6 +9,9 @@ from typing import Any
 
 from lightning_unlearn.scoring import methods
 from lightning_unlearn.scoring.base import SCORERS, ChannelScorer, check_method, register_scorer, registry_views
+from lightning_unlearn.scoring.channels import ChannelScores, average_scores, channel_scores
+from lightning_unlearn.scoring.layers import NORM_TYPES, SCORED_TYPES, LayerInfo, discover_layers, layer_info
+from lightning_unlearn.scoring.methods import Ablation, Conductance, GradCam, GradientXActivation, WeightSaliency
 
 
 def __getattr__(name: str) -> Any:
@@ -16,4 +21,8 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-__all__ = ["DEFAULT_MAX_SAMPLES", "SCORERS", "SCORING_METHODS", "ChannelScorer", "check_method", "methods", "register_scorer"]
+__all__ = [
+    "DEFAULT_MAX_SAMPLES", "NORM_TYPES", "SCORED_TYPES", "SCORERS", "SCORING_METHODS", "Ablation", "ChannelScorer",
+    "ChannelScores", "Conductance", "GradCam", "GradientXActivation", "LayerInfo", "WeightSaliency", "average_scores",
+    "channel_scores", "check_method", "discover_layers", "layer_info", "methods", "register_scorer",
+]

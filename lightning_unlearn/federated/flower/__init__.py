@@ -6,7 +6,7 @@ simulation; the ``ServerApp`` (:func:`make_server_app`) runs FedAvg and the unle
 with strategies built on the same aggregation and selection functions
 (:func:`~lightning_unlearn.federated.server.fedavg_aggregate`,
 :func:`~lightning_unlearn.federated.server.aggregate_scores`,
-:func:`~lightning_unlearn.selection.select_channels`,
+:func:`~lightning_unlearn.mask.select_channels`,
 :func:`~lightning_unlearn.federated.server.masked_aggregate`). Every client message is
 rebuilt into the library's own message dataclasses on the server, so the data-stays-home
 checks run on Flower traffic too.

@@ -37,9 +37,9 @@ from flwr.supercore import log
 from torch import Tensor
 
 from lightning_unlearn._io import save_torch, write_json
-from lightning_unlearn.attribution import ChannelScores
+from lightning_unlearn.scoring import ChannelScores
 from lightning_unlearn.evidence.report import UnlearningReport, weights_sha256
-from lightning_unlearn.federated.arrays import get_arrays, set_arrays
+from lightning_unlearn.mask.arrays import get_arrays, set_arrays
 from lightning_unlearn.federated.flower.checkpoint import ServerCheckpoint, plan_key
 from lightning_unlearn.federated.flower.records import (
     ByteCounter,
@@ -64,7 +64,7 @@ from lightning_unlearn.federated.server import (
 )
 from lightning_unlearn.reset import reset_selected
 from lightning_unlearn.request import ForgetRequest
-from lightning_unlearn.selection import ParameterMask, select_channels
+from lightning_unlearn.mask import ParameterMask, select_channels
 
 DATA_CHOICES = ("all", "retain")
 POLL_S = 0.05  # how often the server asks the SuperLink for replies (Flower's HTTP grid waits 3 s)
