@@ -27,7 +27,8 @@ import lightning.pytorch as pl
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from lightning_unlearn import ForgetRequest, UnlearningDataModule
+from lightning_unlearn import ForgetRequest
+from lightning_unlearn.data import UnlearningDataModule
 from lightning_unlearn._training import fit
 from lightning_unlearn.baselines import BASELINES, run_method
 from lightning_unlearn.data import load_digits_datasets, load_mnist

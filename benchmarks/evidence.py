@@ -40,7 +40,8 @@ from torch.utils.data import Subset, TensorDataset
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from central import PARAMS as CENTRAL_PARAMS  # noqa: E402
 
-from lightning_unlearn import ForgetRequest, UnlearnConfig, UnlearningDataModule
+from lightning_unlearn import ForgetRequest, UnlearnConfig
+from lightning_unlearn.data import UnlearningDataModule
 from lightning_unlearn._io import write_json
 from lightning_unlearn._training import quiet_lightning
 from lightning_unlearn.baselines import run_method

@@ -42,7 +42,8 @@ from torch.utils.data import DataLoader, Dataset, Subset
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from architectures import ARCHITECTURES, build  # noqa: E402
 
-from lightning_unlearn import ForgetRequest, UnlearnConfig, UnlearningDataModule, retrain, unlearn  # noqa: E402
+from lightning_unlearn import ForgetRequest, UnlearnConfig, retrain, unlearn
+from lightning_unlearn.data import UnlearningDataModule
 from lightning_unlearn._io import write_json  # noqa: E402
 from lightning_unlearn._training import fit  # noqa: E402
 from lightning_unlearn.baselines.controls import output_row_mask, random_channel_mask

@@ -20,7 +20,8 @@ import lightning.pytorch as pl
 import torch
 from torch.utils.data import DataLoader
 
-from lightning_unlearn import ForgetRequest, UnlearningDataModule, retrain, unlearn
+from lightning_unlearn import ForgetRequest, retrain, unlearn
+from lightning_unlearn.data import UnlearningDataModule
 from lightning_unlearn._io import write_json
 from lightning_unlearn._training import fit
 from lightning_unlearn.data import load_mnist

@@ -18,7 +18,8 @@ import lightning.pytorch as pl
 import torch
 from torch.utils.data import DataLoader
 
-from lightning_unlearn import ForgetRequest, UnlearnConfig, UnlearningDataModule, retrain, unlearn
+from lightning_unlearn import ForgetRequest, UnlearnConfig, retrain, unlearn
+from lightning_unlearn.data import UnlearningDataModule
 from lightning_unlearn._training import fit
 from lightning_unlearn.baselines.common import masked_update
 from lightning_unlearn.baselines.controls import random_channel_mask

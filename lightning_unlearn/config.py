@@ -56,7 +56,7 @@ class UnlearnConfig:
     """How to forget: scoring, selection, objective and update budget.
 
     Args:
-        method: channel scoring method: a registered name (``lightning_unlearn.SCORING_METHODS``) or a
+        method: channel scoring method: a registered name (``lightning_unlearn.scoring.SCORING_METHODS``) or a
             :class:`~lightning_unlearn.scoring.ChannelScorer` subclass.
         ratio: fraction of channels to update, in (0, 1]: per layer (``scope="layer"``) or overall.
         scope: ``"layer"`` (top ``ratio`` per layer) or ``"global"``.

@@ -15,7 +15,8 @@ from rich.console import Console
 from rich.table import Table
 from torch.utils.data import DataLoader
 
-from lightning_unlearn import ForgetRequest, UnlearningDataModule, retrain, unlearn
+from lightning_unlearn import ForgetRequest, retrain, unlearn
+from lightning_unlearn.data import UnlearningDataModule
 from lightning_unlearn._training import fit
 from lightning_unlearn.result import UnlearningResult
 from lightning_unlearn.config import UnlearnConfig

@@ -16,7 +16,8 @@ from lightning_unlearn.config import FORGET_AWARE, UnlearnConfig
 from lightning_unlearn.mask import ParameterMask, head_parameter_scales, select_channels
 from lightning_unlearn.repair import LearningRateGroups
 from lightning_unlearn.reset import reestimate_batchnorm, reset_selected, selected_batchnorm_channels
-from lightning_unlearn.scoring import ChannelScores, LayerInfo
+from lightning_unlearn.scoring.channels import ChannelScores
+from lightning_unlearn.scoring.layers import LayerInfo
 
 __all__ = ["RepairPlan", "ResetOutcome", "apply_reset", "frozen_parameters", "plan_repair", "prepare"]
 

@@ -6,7 +6,7 @@ from typing import Any
 
 from torch import nn
 
-from lightning_unlearn.scoring import ChannelScores
+from lightning_unlearn.scoring.channels import ChannelScores
 from lightning_unlearn.config import UnlearnConfig
 from lightning_unlearn.mask import ParameterMask
 

@@ -20,7 +20,8 @@ FORGETTERS = ("selective", "random_channels", "neggrad_plus", "random_label", "s
 
 @pytest.fixture(scope="module")
 def results(_trained, digits):
-    from lightning_unlearn import ForgetRequest, UnlearningDataModule
+    from lightning_unlearn import ForgetRequest
+    from lightning_unlearn.data import UnlearningDataModule
 
     dm = UnlearningDataModule(digits[0], digits[1], ForgetRequest(classes=[3]), batch_size=64)
     before = weights_sha256(_trained)
@@ -75,7 +76,8 @@ def test_salun_mask_is_half_of_the_elements_and_ssd_only_dampens_its_mask(result
 
 
 def test_output_row_mask_for_sample_requests_is_the_whole_head(_trained, digits):
-    from lightning_unlearn import ForgetRequest, UnlearningDataModule
+    from lightning_unlearn import ForgetRequest
+    from lightning_unlearn.data import UnlearningDataModule
 
     dm = UnlearningDataModule(digits[0], digits[1], ForgetRequest(sample_ids=range(20)), batch_size=64)
     assert output_row_mask(_trained, dm).channels == {"fc2": list(range(10))}

@@ -13,7 +13,8 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, Subset
 
-from lightning_unlearn import ForgetRequest, UnlearningDataModule, unlearn
+from lightning_unlearn import ForgetRequest, unlearn
+from lightning_unlearn.data import UnlearningDataModule
 from lightning_unlearn._training import fit
 from lightning_unlearn.scoring import channel_scores, discover_layers
 from lightning_unlearn.repair.mixin import UnlearningMixin

@@ -7,7 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lightning_unlearn import ForgetRequest, UnlearningDataModule, UnlearningMixin, retrain, unlearn
+from lightning_unlearn import ForgetRequest, UnlearningMixin, retrain, unlearn
+from lightning_unlearn.data import UnlearningDataModule
 from lightning_unlearn._training import fit
 from lightning_unlearn.callbacks import SelectiveUnlearning
 from lightning_unlearn.mask import frozen_elements_equal

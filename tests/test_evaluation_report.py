@@ -20,7 +20,8 @@ PNG = b"\x89PNG\r\n\x1a\n"
 @pytest.fixture(scope="module")
 def run(tmp_path_factory, _trained, digits):
     """One unlearning run on digits class 3 and its written report (built once for this module)."""
-    from lightning_unlearn import ForgetRequest, UnlearningDataModule
+    from lightning_unlearn import ForgetRequest
+    from lightning_unlearn.data import UnlearningDataModule
 
     dm = UnlearningDataModule(digits[0], digits[1], ForgetRequest(classes=[3]), batch_size=64)
     original = _trained

@@ -9,7 +9,8 @@ from flwr.app import Error, Message, RecordDict
 from flwr.common.constant import ErrorCode
 from flwr.supercore.task_identity import TaskIdentity
 
-from lightning_unlearn import ForgetRequest, discover_layers
+from lightning_unlearn import ForgetRequest
+from lightning_unlearn.scoring import discover_layers
 from lightning_unlearn.federated.flower import UnlearnPlan
 from lightning_unlearn.federated.flower.checkpoint import ServerCheckpoint
 from lightning_unlearn.federated.flower.records import ByteCounter

@@ -13,7 +13,8 @@ from torch import nn
 from torch.utils.data import DataLoader, IterableDataset
 
 import lightning_unlearn
-from lightning_unlearn import ForgetRequest, UnlearningDataModule
+from lightning_unlearn import ForgetRequest
+from lightning_unlearn.data import UnlearningDataModule
 from lightning_unlearn._training import fit
 from lightning_unlearn.callbacks import SelectiveUnlearning
 from lightning_unlearn.data import FederatedDataModule

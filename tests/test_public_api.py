@@ -95,12 +95,12 @@ def test_every_listed_name_lives_in_its_package_and_is_not_wire_level(package):
 
 def test_the_generator_replaces_only_the_api_section(tmp_path, monkeypatch):
     readme = tmp_path / "README.md"
-    readme.write_text("# x\n\n## API\n\nold\n\n## Next\n\nkept\n")
+    readme.write_text("# x\n\n## API\n\nstale list\n\n## Next\n\nkept\n")
     monkeypatch.setattr(sys.modules[__name__], "README", readme)
     write_readme()
     text = readme.read_text()
     assert text.startswith("# x\n\n## API\n\nWhat is public") and text.endswith("\n## Next\n\nkept\n")
-    assert "old" not in text and re.search(r"- `lightning_unlearn.ledger`: .*`verify`", text)
+    assert "stale list" not in text and re.search(r"- `lightning_unlearn.ledger`: .*`verify`", text)
 
 
 if __name__ == "__main__":

@@ -3,7 +3,8 @@ import pytest
 import torch
 from torch.utils.data import TensorDataset
 
-from lightning_unlearn import ForgetRequest, UnlearningDataModule
+from lightning_unlearn import ForgetRequest
+from lightning_unlearn.data import UnlearningDataModule
 from lightning_unlearn.data.datasets import dataset_targets
 
 

@@ -15,7 +15,7 @@ from lightning_unlearn.mask import select_channels
 
 @pytest.fixture
 def selected(trained_model, class3_dm):
-    from lightning_unlearn import channel_scores
+    from lightning_unlearn.scoring import channel_scores
 
     scores = channel_scores(trained_model, class3_dm.forget_dataloader())
     return select_channels(scores, trained_model, ratio=0.25, head_rows=[3])

@@ -24,7 +24,9 @@ from lightning_unlearn.repair import (
     UnlearningMixin,
     check_finite,
 )
-from lightning_unlearn.scoring import ChannelScores, average_scores, channel_scores, layer_info
+from lightning_unlearn.scoring import channel_scores
+from lightning_unlearn.scoring.channels import ChannelScores, average_scores
+from lightning_unlearn.scoring.layers import layer_info
 
 #: Settings that decide the mask: a resumed run keeps the checkpoint's mask whatever these say now.
 SELECTION_SETTINGS = ("method", "ratio", "scope", "threshold", "contrast", "max_samples", "layers", "include_head",

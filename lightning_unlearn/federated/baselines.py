@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from lightning_unlearn._training import reinitialize
-from lightning_unlearn.scoring import LayerInfo
+from lightning_unlearn.scoring.layers import LayerInfo
 from lightning_unlearn.data.federated import FederatedForgetPlan
 from lightning_unlearn.mask.arrays import get_arrays, set_arrays
 from lightning_unlearn.federated.messages import (

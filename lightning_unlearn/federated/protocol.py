@@ -29,7 +29,8 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
-from lightning_unlearn.scoring import ChannelScores, LayerInfo
+from lightning_unlearn.scoring.channels import ChannelScores
+from lightning_unlearn.scoring.layers import LayerInfo
 from lightning_unlearn.config import AUTO, UnlearnConfig
 from lightning_unlearn.mask.arrays import get_arrays, selected_values, set_arrays
 from lightning_unlearn.federated.messages import Broadcast, RoundBytes, Transport

@@ -23,7 +23,8 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from lightning_unlearn._io import load_torch_file, save_torch
-from lightning_unlearn.scoring import NORM_TYPES, SCORED_TYPES, ChannelScores, LayerInfo
+from lightning_unlearn.scoring.layers import NORM_TYPES, SCORED_TYPES, LayerInfo
+from lightning_unlearn.scoring.channels import ChannelScores
 from lightning_unlearn.mask.arrays import get_arrays, set_arrays
 from lightning_unlearn.federated.messages import (
     BatchNormStatsMessage,

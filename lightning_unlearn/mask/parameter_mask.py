@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_unlearn._io import load_torch_file, save_torch
-from lightning_unlearn.scoring import LayerInfo
+from lightning_unlearn.scoring.layers import LayerInfo
 
 
 class ParameterMask:

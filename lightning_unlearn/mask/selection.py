@@ -9,7 +9,8 @@ from torch import Tensor, nn
 
 from lightning_unlearn.config import check_ratio, check_scope
 from lightning_unlearn.mask.parameter_mask import ParameterMask
-from lightning_unlearn.scoring import ChannelScores, LayerInfo
+from lightning_unlearn.scoring.channels import ChannelScores
+from lightning_unlearn.scoring.layers import LayerInfo
 
 
 def select_channels(

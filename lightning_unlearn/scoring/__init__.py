@@ -7,10 +7,9 @@ layer discovery, and :func:`channel_scores`, which streams a loader through a sc
 """
 from typing import Any
 
-from lightning_unlearn.scoring import methods
-from lightning_unlearn.scoring.base import SCORERS, ChannelScorer, check_method, register_scorer, registry_views
-from lightning_unlearn.scoring.channels import ChannelScores, average_scores, channel_scores
-from lightning_unlearn.scoring.layers import NORM_TYPES, SCORED_TYPES, LayerInfo, discover_layers, layer_info
+from lightning_unlearn.scoring.base import ChannelScorer, register_scorer, registry_views
+from lightning_unlearn.scoring.channels import channel_scores
+from lightning_unlearn.scoring.layers import discover_layers
 from lightning_unlearn.scoring.methods import Ablation, Conductance, GradCam, GradientXActivation, WeightSaliency
 
 
@@ -22,7 +21,6 @@ def __getattr__(name: str) -> Any:
 
 
 __all__ = [
-    "DEFAULT_MAX_SAMPLES", "NORM_TYPES", "SCORED_TYPES", "SCORERS", "SCORING_METHODS", "Ablation", "ChannelScorer",
-    "ChannelScores", "Conductance", "GradCam", "GradientXActivation", "LayerInfo", "WeightSaliency", "average_scores",
-    "channel_scores", "check_method", "discover_layers", "layer_info", "methods", "register_scorer",
+    "Ablation", "ChannelScorer", "Conductance", "GradCam", "GradientXActivation", "SCORING_METHODS", "WeightSaliency",
+    "channel_scores", "discover_layers", "register_scorer",
 ]

@@ -37,7 +37,7 @@ from flwr.supercore import log
 from torch import Tensor
 
 from lightning_unlearn._io import save_torch, write_json
-from lightning_unlearn.scoring import ChannelScores
+from lightning_unlearn.scoring.channels import ChannelScores
 from lightning_unlearn.evidence.report import UnlearningReport, weights_sha256
 from lightning_unlearn.mask.arrays import get_arrays, set_arrays
 from lightning_unlearn.federated.flower.checkpoint import ServerCheckpoint, plan_key
