@@ -273,15 +273,14 @@ def test_unlearning_needs_forget_data_and_a_deployed_model(sim):
 
 # -- learning rates of the masked rounds -------------------------------------------------------------------
 def test_scale_learning_rate_gives_named_parameters_their_own_group():
-    from types import SimpleNamespace
-
     from lightning_unlearn.callbacks.learning_rate import ScaleLearningRate
+    from lightning_unlearn.repair import LearningRateGroups
     from lightning_unlearn.config import UnlearnConfig
     from lightning_unlearn.federated.protocol import HEAD_LR_SCALE, unlearn_config
 
     model = _model()
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-    ScaleLearningRate(2.0, {"fc2.weight": 10.0, "fc2.bias": 10.0}).on_train_start(SimpleNamespace(optimizers=[opt]), model)
+    LearningRateGroups(2.0, {"fc2.weight": 10.0, "fc2.bias": 10.0}).apply(model, [opt])
     by_id = {id(p): g["lr"] for g in opt.param_groups for p in g["params"]}
     params = dict(model.named_parameters())
     assert by_id[id(params["fc2.weight"])] == pytest.approx(1e-2) and by_id[id(params["fc2.bias"])] == pytest.approx(1e-2)
