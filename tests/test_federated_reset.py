@@ -19,7 +19,8 @@ from lightning_unlearn.federated import baselines as B
 from lightning_unlearn.mask.arrays import selected_values
 from lightning_unlearn.federated.messages import INDEX_BYTES, BatchNormStatsMessage, Broadcast
 from lightning_unlearn.federated.protocol import STATS_BATCHES, collect_scores, round_config, score_config, unlearn_config
-from lightning_unlearn.federated.server import batchnorm_channels, pool_batchnorm_moments
+from lightning_unlearn.federated.server import pool_batchnorm_moments
+from lightning_unlearn.reset import selected_batchnorm_channels
 from lightning_unlearn.config import UnlearnConfig
 from lightning_unlearn.mask import BN_TYPES
 from lightning_unlearn.models import SmallCNN
@@ -151,7 +152,7 @@ def test_no_statistics_round_without_batchnorm_channels(digits):
     transport = Transport()
     result = federated_unlearn(sim.model, sim.clients, REQUEST, reset="reinit", transport=transport, **UNLEARN)
     assert "bn_stats" not in transport.rounds and "statistics" not in result.bytes
-    assert batchnorm_channels(result.model, result.mask) == {}
+    assert selected_batchnorm_channels(result.model, result.mask) == {}
     after = _state(result.model)
     for name, m in result.mask.masks.items():
         assert torch.equal(after[name][~m], original[name][~m]), name

@@ -37,8 +37,9 @@ from lightning_unlearn.federated.messages import (
     ScoresMessage,
     short_repr,
 )
-from lightning_unlearn.federated.server import batchnorm_channels, statistic_masks
+from lightning_unlearn.federated.server import statistic_masks
 from lightning_unlearn.repair.objectives import FORGET_AWARE
+from lightning_unlearn.reset import selected_batchnorm_channels
 from lightning_unlearn.request import ForgetRequest
 from lightning_unlearn.mask import ParameterMask, head_parameter_scales
 
@@ -159,7 +160,7 @@ def batchnorm_moments(
     other channel uses its running statistics, exactly as the final model will. Returns
     ``({bn name: float64 (3, k)}, samples forwarded)``: the payload of a :class:`BatchNormStatsMessage`.
     """
-    channels = batchnorm_channels(model, mask)
+    channels = selected_batchnorm_channels(model, mask)
     modules = dict(model.named_modules())
     moments = {bn: torch.zeros(3, int(sel.sum()), dtype=torch.float64) for bn, sel in channels.items()}
     device = next(model.parameters()).device
@@ -344,7 +345,7 @@ class FederatedClient:
     def _start(self, reference: Mapping[str, Tensor], values: Mapping[str, Tensor]) -> dict[str, Tensor]:
         """The deployed arrays with the broadcast selected values written in: parameter slices, and (after a
         reset) the running statistics of the selected BatchNorm channels. Any other key is refused."""
-        statistics = statistic_masks(batchnorm_channels(self.model, self._mask)) if values else {}
+        statistics = statistic_masks(selected_batchnorm_channels(self.model, self._mask)) if values else {}
         params = {k: v for k, v in values.items() if k in self._mask.masks and bool(self._mask.masks[k].any())}
         start = write_values(reference, self._mask, params)
         for key, v in values.items():

@@ -3,10 +3,10 @@
 The ``ClientApp`` (:func:`make_client_app`) answers Flower messages by calling the same
 :class:`~lightning_unlearn.federated.client.FederatedClient` handlers as the in-process
 simulation; the ``ServerApp`` (:func:`make_server_app`) runs FedAvg and the unlearning rounds
-with strategies built on the same aggregation and selection functions
+with strategies built on the same aggregation functions and the shared orchestration
 (:func:`~lightning_unlearn.federated.server.fedavg_aggregate`,
 :func:`~lightning_unlearn.federated.server.aggregate_scores`,
-:func:`~lightning_unlearn.mask.select_channels`,
+:func:`~lightning_unlearn.orchestration.prepare`, :func:`~lightning_unlearn.orchestration.apply_reset`,
 :func:`~lightning_unlearn.federated.server.masked_aggregate`). Every client message is
 rebuilt into the library's own message dataclasses on the server, so the data-stays-home
 checks run on Flower traffic too.

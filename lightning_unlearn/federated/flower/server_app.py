@@ -3,7 +3,7 @@
 :class:`LightningFedAvg` is Flower's FedAvg with the library's client sampling and per-client
 seeds (those of :func:`~lightning_unlearn.federated.server.run_fedavg`) and its aggregation
 (:func:`~lightning_unlearn.federated.server.fedavg_aggregate`). :class:`MaskedUnlearning`
-scores (``query.score`` -> :func:`aggregate_scores` -> :func:`select_channels`), then runs
+scores (``query.score`` -> :func:`aggregate_scores` -> :func:`~lightning_unlearn.orchestration.prepare`, the shared selection), then runs
 masked rounds that send and aggregate only the selected slices (:func:`masked_aggregate`:
 frozen values are copied from the deployed model, never averaged). Client failures stop the
 run with the client's reason: Flower's own strategies would log them and go on with fewer
@@ -53,7 +53,6 @@ from lightning_unlearn.config import UnlearnConfig
 from lightning_unlearn.federated.protocol import masked_broadcast, score_config, statistics_broadcast, unlearn_config
 from lightning_unlearn.federated.server import (
     aggregate_scores,
-    batchnorm_channels,
     check_rounds,
     fedavg_aggregate,
     fit_config,
@@ -62,9 +61,10 @@ from lightning_unlearn.federated.server import (
     sample_clients,
     write_batchnorm_statistics,
 )
-from lightning_unlearn.reset import reset_selected
+from lightning_unlearn.mask import ParameterMask
+from lightning_unlearn.orchestration import apply_reset, prepare
 from lightning_unlearn.request import ForgetRequest
-from lightning_unlearn.mask import ParameterMask, select_channels
+from lightning_unlearn.reset import selected_batchnorm_channels
 
 DATA_CHOICES = ("all", "retain")
 POLL_S = 0.05  # how often the server asks the SuperLink for replies (Flower's HTTP grid waits 3 s)
@@ -392,7 +392,7 @@ class MaskedUnlearning(Strategy):
         self.scores = aggregate_scores([m for _, m in pairs], senders=[c for c, _ in pairs], model=self.model)
         self.reference = {k: v.clone() for k, v in deployed.items()}
         set_arrays(self.model, self.reference)
-        self.mask = select_channels(self.scores, self.model, c.ratio, c.scope, c.threshold, c.include_head, c.head_rows)
+        self.mask = prepare(self.model, self.scores, c)  # the shared orchestration, as in-process and centrally
         return self.mask
 
     def remove(self, grid: Grid) -> None:
@@ -402,13 +402,12 @@ class MaskedUnlearning(Strategy):
         if c.reset == "none":
             return
         set_arrays(self.model, self.reference)
-        reset_selected(self.model, self.mask, c.reset, c.seed)
-        self.statistics = batchnorm_channels(self.model, self.mask)
+        self.statistics = apply_reset(self.model, self.mask, c).batchnorm_channels
         if self.statistics:
             msgs = self._to_all(statistics_broadcast(self.model, self.mask, c), "bn_stats", "query.bn_stats")
             pairs = _client_replies(self.collect(grid, msgs, "statistics round"), self.clients, self.traffic, "bn_stats")
-            pooled = pool_batchnorm_moments([m for _, m in pairs], self.statistics, senders=[i for i, _ in pairs])
-            write_batchnorm_statistics(self.model, self.statistics, pooled)
+            write_batchnorm_statistics(self.model, self.statistics, pool_batchnorm_moments(
+                [m for _, m in pairs], self.statistics, senders=[i for i, _ in pairs]))
         self.reference = get_arrays(self.model)
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
@@ -473,7 +472,7 @@ class MaskedUnlearning(Strategy):
                     self.remove(grid)
                     current = dict(self.reference)
                 else:  # the saved arrays hold the reset (and its statistics) outside the trained slices
-                    self.statistics = batchnorm_channels(self.model, self.mask)
+                    self.statistics = selected_batchnorm_channels(self.model, self.mask)
                     self.reference = dict(current)
         else:
             self.select(grid, deployed)
