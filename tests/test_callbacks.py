@@ -72,6 +72,31 @@ def test_mixin_in_either_position_forgets_with_the_users_own_training_step(cls, 
     assert "training_step" not in vars(model)  # routing removed after fit
 
 
+class _NoInstancePatch(pl.Callback):
+    """Records, at every batch, whether anything replaced the module's training_step on the instance."""
+
+    def __init__(self):
+        self.patched, self.batches = [], []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.patched.append("training_step" in vars(pl_module))
+        self.batches.append(sorted(batch) if isinstance(batch, dict) else "plain")
+
+
+def test_the_mixin_dispatches_combined_batches_without_patching_the_instance(digits, class3_dm):
+    model = _pretrained(MixinLast, digits)
+    spy = _NoInstancePatch()
+    cb = SelectiveUnlearning(objective="random_label", max_steps=3, early_stopping=False, log_metrics=False)
+    pl.Trainer(max_epochs=-1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+               enable_model_summary=False, callbacks=[cb, spy]).fit(model, datamodule=class3_dm)
+    assert spy.patched == [False] * 3 and spy.batches == [["forget", "retain"]] * 3
+    assert not hasattr(class3_dm, "combined") and not hasattr(class3_dm, "train_on")  # no flag to flip back
+    spy = _NoInstancePatch()  # the next fit without the callback trains on plain retain batches
+    pl.Trainer(max_steps=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+               enable_model_summary=False, callbacks=[spy]).fit(model, datamodule=class3_dm)
+    assert spy.batches == ["plain"] * 2
+
+
 def test_without_mixin_retain_objective_works_and_forget_aware_names_the_mixin(digits, class3_dm):
     model = _pretrained(PlainNet, digits)
     with pytest.raises(TypeError, match="needs the model to subclass lightning_unlearn.UnlearningMixin"):
