@@ -295,7 +295,7 @@ def test_run_killed_at_any_point_leaves_the_ledger_consistent(db_url, digits, tm
             assert len(ledger.versions("digits")) == 1
         assert not ledger.job(job_ids[0]).output_dir.exists()
         assert not ledger.job(job_ids[1]).output_dir.exists()  # the third run discarded the weights-without-report
-        assert (ledger.job(job_ids[2]).output_dir / "ours.report.json").exists()
+        assert (ledger.job(job_ids[2]).output_dir / "selective.report.json").exists()
 
         out = run_pending(ledger, "digits", SmallCNN(), *digits, jobs_dir, **QUICK)
         assert out.status == "idle" and out.recovered == [(job_ids[2], "finalised")]  # no retraining needed

@@ -294,7 +294,7 @@ CLI_CONFIG = """
 seed_everything: 0
 trainer: {{accelerator: cpu, devices: 1, logger: false}}
 model:
-  class_path: lightning_unlearn.privacy.DPSmallCNN
+  class_path: lightning_unlearn.privacy.models.DPSmallCNN
   init_args: {{channels: [8, 16], hidden: 32, lr: 0.003}}
 data:
   class_path: lightning_unlearn.data.presets.FederatedDigitsData

@@ -259,11 +259,12 @@ def test_cli_two_shard_processes_in_parallel_then_unlearn_and_evaluate(tmp_path,
 
 
 def test_ledger_records_sisa_deletions_as_exact_and_verify_passes(fitted, train_set, digits, tmp_path):
-    from lightning_unlearn import ledger as ledger_mod
     from lightning_unlearn.exact.serving import record_fit, serve_requests
+    from lightning_unlearn.ledger import Ledger, verify
+    from lightning_unlearn.ledger.identity import sample_hashes
 
-    with ledger_mod.Ledger(tmp_path / "ledger.db") as ledger:
-        source = ledger.register_source("digits", ledger_mod.sample_hashes(train_set),
+    with Ledger(tmp_path / "ledger.db") as ledger:
+        source = ledger.register_source("digits", sample_hashes(train_set),
                                         subjects=[f"person-{i % 50}" for i in range(len(train_set))])
         first = record_fit(fitted, ledger, source, tmp_path / "v1.pt")
         assert serve_requests(fitted, ledger, source, None, tmp_path / "jobs") == {"status": "idle"}
@@ -278,5 +279,5 @@ def test_ledger_records_sisa_deletions_as_exact_and_verify_passes(fitted, train_
         assert json.loads(evidence["report_json"])["exact"] is True
         assert ledger.version(outcome["version"])["parent_id"] == first
         assert np.array_equal(ledger.held(outcome["version"]), fitted.held_ids())
-        checks = ledger_mod.verify(ledger, [request_id])
+        checks = verify(ledger, [request_id])
         assert checks and all(c.ok for c in checks), [c for c in checks if not c.ok]
