@@ -8,7 +8,7 @@ from torch import Tensor, nn
 
 import lightning_unlearn.scoring as attribution
 from lightning_unlearn.scoring import SCORING_METHODS, ChannelScorer, channel_scores, discover_layers, register_scorer
-from lightning_unlearn.scoring.base import SCORERS, check_method
+from lightning_unlearn.config import SCORERS, check_method
 
 BUILT_IN = ("grad_x_act", "ablation", "gradcam", "conductance", "weight_saliency")
 

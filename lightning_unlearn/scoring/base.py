@@ -11,7 +11,7 @@ from typing import Any, TypeVar
 
 from torch import Tensor, nn
 
-from lightning_unlearn.config import SCORERS, check_method
+from lightning_unlearn.config import SCORERS
 
 
 class ChannelScorer(ABC):

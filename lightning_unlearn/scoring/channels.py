@@ -7,14 +7,14 @@ streams the data through one and aggregates.
 """
 from __future__ import annotations
 
-from typing import Any, Iterable, Sequence
+from typing import Iterable, Sequence
 
 import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
-from lightning_unlearn.config import check_method, method_name
+from lightning_unlearn.config import check_method
 from lightning_unlearn.scoring.base import SCORERS, ChannelScorer
 from lightning_unlearn.scoring.layers import LayerInfo, discover_layers
 
