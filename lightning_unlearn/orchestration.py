@@ -19,7 +19,7 @@ from lightning_unlearn.reset import reestimate_batchnorm, reset_selected, select
 from lightning_unlearn.scoring.channels import ChannelScores
 from lightning_unlearn.scoring.layers import LayerInfo
 
-__all__ = ["RepairPlan", "ResetOutcome", "apply_reset", "frozen_parameters", "plan_repair", "prepare"]
+__all__ = ["RepairPlan", "ResetOutcome", "apply_reset", "exclude_frozen", "frozen_parameters", "plan_repair", "prepare"]
 
 
 def prepare(
@@ -37,14 +37,13 @@ def prepare(
     if config.head_rows == "auto" or config.objective == "auto":
         raise ValueError("prepare() needs a resolved config: pass config.resolved(request, engine)")
     layers = layers if layers is not None else getattr(scores, "layers", None)
-    frozen = frozen_parameters(model)
     modules = dict(model.named_modules())
-    usable = {n: s for n, s in scores.items() if not _all_frozen(modules.get(n), frozen)}
+    usable = {n: s for n, s in scores.items() if not _all_frozen(modules.get(n))}
     if not usable:
         raise ValueError(f"every scored layer is frozen (requires_grad=False): {sorted(scores)}; nothing to unlearn")
     mask = select_channels(usable, model, config.ratio, config.scope, config.threshold, config.include_head,
                            config.head_rows, layers=layers)
-    return _without(mask, frozen)
+    return exclude_frozen(mask, model)
 
 
 @dataclass
@@ -119,13 +118,16 @@ def frozen_parameters(model: nn.Module) -> set[str]:
     return {n for n, p in model.named_parameters() if not p.requires_grad}
 
 
-def _all_frozen(module: nn.Module | None, frozen: set[str]) -> bool:
+def _all_frozen(module: nn.Module | None) -> bool:
     params = list(module.parameters()) if module is not None else []
     return bool(params) and all(not p.requires_grad for p in params)
 
 
-def _without(mask: ParameterMask, frozen: set[str]) -> ParameterMask:
-    if not frozen:
+def exclude_frozen(mask: ParameterMask, model: nn.Module) -> ParameterMask:
+    """``mask`` without the parameters the user froze (the same mask when nothing is frozen): a given or restored
+    mask must not mark them trainable, nor let a reset touch them."""
+    frozen = frozen_parameters(model)
+    if not frozen or not any(bool(mask.masks[n].any()) for n in frozen if n in mask.masks):
         return mask
     masks = {n: (torch.zeros_like(m) if n in frozen else m) for n, m in mask.masks.items()}
     channels = {k: v for k, v in mask.channels.items() if f"{k}.weight" not in frozen}

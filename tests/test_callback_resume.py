@@ -15,6 +15,7 @@ from torch.utils.data import DataLoader
 from lightning_unlearn import ForgetRequest, unlearn
 from lightning_unlearn.data import UnlearningDataModule
 from lightning_unlearn.callbacks import SelectiveUnlearning
+from lightning_unlearn.mask import ParameterMask
 from lightning_unlearn.models import SmallCNN
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -121,6 +122,9 @@ def test_a_frozen_layer_is_neither_selected_nor_dampened(trained_model, class3_d
         assert torch.equal(result.model.state_dict()[name], original[name]), name  # dampened x0.1 before
     assert "conv1" not in result.mask.channels
     assert result.mask.masks["conv2.weight"].any()  # the other layers are still unlearned
+    given = unlearn(trained_model, class3_dm, mask=ParameterMask.full(trained_model), max_steps=3, early_stopping=False)
+    assert not given.mask.masks["conv1.weight"].any() and given.mask.masks["conv2.weight"].all()  # a given mask too
+    assert torch.equal(given.model.conv1.weight, original["conv1.weight"])
 
 
 # -- item 10: a resumed repair keeps its stopping history -----------------------------------------------------------

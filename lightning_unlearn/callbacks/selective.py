@@ -15,7 +15,14 @@ from typing_extensions import override
 from lightning_unlearn.config import FORGET_AWARE, UnlearnConfig
 from lightning_unlearn.mask import MaskEnforcer, ParameterMask
 from lightning_unlearn.metrics import accuracy
-from lightning_unlearn.orchestration import RepairPlan, ResetOutcome, apply_reset, plan_repair, prepare
+from lightning_unlearn.orchestration import (
+    RepairPlan,
+    ResetOutcome,
+    apply_reset,
+    exclude_frozen,
+    plan_repair,
+    prepare,
+)
 from lightning_unlearn.repair import (
     CheckSets,
     LearningRateGroups,
@@ -184,6 +191,7 @@ class SelectiveUnlearning(Callback):
             rank_zero_info(f"SelectiveUnlearning: {cfg.to_dict()['method']} selected {self.mask.fraction:.2%} of "
                            "parameters")
         self.mask.check(pl_module)
+        self.mask = exclude_frozen(self.mask, pl_module)  # a given mask too: what the user froze stays as it is
         dm = trainer.datamodule
         layers = self.scores.layers if self.scores is not None else layer_info(pl_module, dm)
         self._plan = plan_repair(self.mask, cfg, layers, len(dm.retain_dataloader()))
