@@ -161,3 +161,30 @@ def test_unlearn_and_retrain_on_a_sample_request(trained_model, digits):
     reference = retrain(trained_model, dm, epochs=3)
     assert reference.metrics["test_acc"] > 0.8 and reference.timings_s["retrain"] > 0
     assert not torch.equal(reference.model.conv1.weight, trained_model.conv1.weight)
+
+
+class HeadRowOnly(SelectiveUnlearning):
+    """A subclass replaces one step (selection) and wraps another (reset): the extension points."""
+
+    def select(self, pl_module, scores):
+        from lightning_unlearn.mask import ParameterMask
+
+        mask = ParameterMask.empty(pl_module)
+        mask.masks["fc2.weight"][3] = True
+        return mask
+
+    def reset(self, trainer, pl_module, mask):
+        self.reset_masks = getattr(self, "reset_masks", []) + [mask.sha256()]
+        return super().reset(trainer, pl_module, mask)
+
+
+def test_a_subclass_overrides_selection_and_reset(trained_model, class3_dm):
+    original = {k: v.clone() for k, v in trained_model.state_dict().items()}
+    callback = HeadRowOnly(log_metrics=False, objective="retain", max_steps=3, early_stopping=False)
+    pl.Trainer(max_epochs=-1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+               enable_model_summary=False, callbacks=[callback]).fit(trained_model, datamodule=class3_dm)
+    assert callback.mask.num_selected == trained_model.fc2.weight.shape[1] and callback.scores is not None
+    assert callback.reset_masks == [callback.mask.sha256()]
+    changed = {k for k, v in trained_model.state_dict().items() if not torch.equal(v, original[k])}
+    assert changed == {"fc2.weight"}
+    assert torch.equal(trained_model.fc2.weight[:3], original["fc2.weight"][:3])
