@@ -46,7 +46,7 @@ class UnlearningDataModule(LightningDataModule):
         self.num_classes = num_classes if num_classes is not None else seen
         if forget_indices is None:
             request.validate(self.train_targets, self.num_classes)
-            mask = request.forget_mask(self.train_targets)
+            mask = request.resolve(self.train_targets)
         else:  # resolved elsewhere (a federated client request)
             mask = np.zeros(len(self.train_targets), dtype=bool)
             mask[np.asarray(forget_indices, dtype=np.int64)] = True
