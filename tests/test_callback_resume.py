@@ -164,3 +164,13 @@ def test_with_gradient_accumulation_checks_follow_optimizer_steps(trained_model,
     _trainer(callback, accumulate_grad_batches=2).fit(trained_model, datamodule=class3_dm)
     steps = [row["step"] for row in callback.stopping_history]
     assert steps == list(range(1, len(steps) + 1)) and steps  # a check ran at step 0, before any update
+
+
+def test_non_finite_batchnorm_statistics_are_caught_and_other_buffers_ignored(trained_model):
+    from lightning_unlearn.repair import NonFiniteError, check_finite
+
+    trained_model.register_buffer("attention_mask", torch.tensor([0.0, float("-inf")]))  # infinite on purpose
+    check_finite(trained_model, "here")
+    trained_model.bn2.running_var[0] = float("nan")
+    with pytest.raises(NonFiniteError, match="unlearning stopped here: bn2.running_var holds non-finite values"):
+        check_finite(trained_model, "here")

@@ -155,11 +155,15 @@ class NonFiniteError(ValueError):
 
 
 def check_finite(model: nn.Module, where: str, loss: torch.Tensor | None = None) -> None:
-    """Raise :class:`NonFiniteError` naming the first non-finite loss, parameter or BatchNorm statistic of ``model``."""
+    """Raise :class:`NonFiniteError` naming the first non-finite loss, parameter or normalisation running statistic
+    of ``model`` (other buffers may hold infinities on purpose, e.g. attention masks)."""
     if loss is not None and not bool(torch.isfinite(loss.detach()).all()):
         raise NonFiniteError(f"unlearning stopped {where}: the loss is {float(loss.detach().float().mean())} "
                              "(non-finite input data, or a learning rate too large?); no result is reported")
-    for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+    statistics = [(f"{name}.{stat}" if name else stat, getattr(module, stat))
+                  for name, module in model.named_modules() for stat in ("running_mean", "running_var")
+                  if isinstance(getattr(module, stat, None), torch.Tensor)]
+    for name, tensor in [*model.named_parameters(), *statistics]:
         if tensor.is_floating_point() and not bool(torch.isfinite(tensor.detach()).all()):
             raise NonFiniteError(f"unlearning stopped {where}: {name} holds non-finite values (non-finite input "
                                  "data, or a learning rate too large?); no result is reported")
