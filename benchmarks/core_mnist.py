@@ -19,11 +19,15 @@ import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
 
-from lightning_unlearn import SCORING_METHODS, UnlearnConfig, ForgetRequest, UnlearningDataModule, channel_scores, select_channels
+from lightning_unlearn import ForgetRequest, UnlearnConfig
+from lightning_unlearn.scoring import SCORING_METHODS
+from lightning_unlearn.data import UnlearningDataModule
+from lightning_unlearn.scoring import channel_scores
+from lightning_unlearn.mask import select_channels
 from lightning_unlearn.callbacks import GradientMask
 from lightning_unlearn.data import load_mnist
 from lightning_unlearn.demo import run
-from lightning_unlearn.masking import MaskEnforcer
+from lightning_unlearn.mask import MaskEnforcer
 from lightning_unlearn.models import SmallCNN
 
 

@@ -22,8 +22,9 @@ import torch
 from torch.utils.data import TensorDataset
 
 from lightning_unlearn.data import FederatedDataModule, UnlearningDataModule, load_mnist
-from lightning_unlearn.evaluation import evaluate_model
-from lightning_unlearn.federated import FederatedSimulation, federated_unlearn, write_json
+from lightning_unlearn.evidence import evaluate_model
+from lightning_unlearn.federated import FederatedSimulation, federated_unlearn
+from lightning_unlearn._io import write_json
 from lightning_unlearn.federated import baselines as B
 from lightning_unlearn.models import SmallCNN
 from lightning_unlearn.privacy import attach_client_dp, make_dp_compatible

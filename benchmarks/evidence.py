@@ -10,7 +10,7 @@ references; the audit points measure retain-side exposure), on the whole retain 
 "retrained" population of U-LiRA and the challenge score) and the same again with other seeds
 (the retrain row's population: the attack's calibration check). Two more retrained models with
 fresh seeds: the retrain method's model under test and the reference of ToW. Every model is
-cached under --cache-dir (lightning_unlearn.evaluation.references), so a rerun only evaluates.
+cached under --cache-dir (lightning_unlearn.evidence.references), so a rerun only evaluates.
 
 Per method: accuracies, offline-LiRA AUC / TPR@1%FPR (forget vs held-out test samples of the
 same classes, against the references), U-LiRA AUC (the method run on the K originals vs the K
@@ -40,13 +40,14 @@ from torch.utils.data import Subset, TensorDataset
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from central import PARAMS as CENTRAL_PARAMS  # noqa: E402
 
-from lightning_unlearn import ForgetRequest, UnlearnConfig, UnlearningDataModule
+from lightning_unlearn import ForgetRequest, UnlearnConfig
+from lightning_unlearn.data import UnlearningDataModule
 from lightning_unlearn._io import write_json
 from lightning_unlearn._training import quiet_lightning
 from lightning_unlearn.baselines import run_method
 from lightning_unlearn.data import load_digits_datasets, load_mnist
-from lightning_unlearn.evaluation import relearn_time
-from lightning_unlearn.evaluation.attacks import (
+from lightning_unlearn.evidence import relearn_time
+from lightning_unlearn.evidence.attacks import (
     INFORMATIVE_AUC,
     evidence_sets,
     logit_confidence,
@@ -58,8 +59,8 @@ from lightning_unlearn.evaluation.attacks import (
     tug_of_war,
     ulira_attack,
 )
-from lightning_unlearn.evaluation.evaluate import random_samples_request
-from lightning_unlearn.evaluation.references import train_originals, train_references, unlearned_population
+from lightning_unlearn.evidence.evaluate import random_samples_request
+from lightning_unlearn.evidence.references import train_originals, train_references, unlearned_population
 from lightning_unlearn.metrics import split_accuracies
 from lightning_unlearn.models import SmallCNN
 
@@ -78,7 +79,7 @@ DEFAULT_OVERRIDES: dict[str, Any] = {}
 
 
 def _baseline(name: str) -> str:
-    return "ours" if name == "default" else name
+    return "selective" if name in ("default", "ours") else name  # the benchmark's "ours" is the library's "selective"
 
 
 def _recipe(name: str, args) -> dict[str, Any]:
@@ -375,14 +376,14 @@ def cheap(args) -> dict[str, Any]:
     """What ``lightning-unlearn evaluate --attack ulira --references K`` costs on digits: one call, an empty cache."""
     import tempfile
 
-    from lightning_unlearn.evaluation.attacks import attack_evidence
+    from lightning_unlearn.evidence.attacks import attack_evidence
 
     train, test = load("digits", args)
     dm = UnlearningDataModule(train, test, ForgetRequest(classes=[3]), batch_size=args.batch_size, num_classes=10)
     with tempfile.TemporaryDirectory() as cache:
         t0 = time.perf_counter()
         original = train_originals(SmallCNN(), dm, 1, args.epochs, cache_dir=cache, progress=False).models[0]
-        unlearned = run_method("ours", original, dm, epochs=args.unlearn_epochs, **PARAMS["ours"]).model
+        unlearned = run_method("selective", original, dm, epochs=args.unlearn_epochs, **PARAMS["ours"]).model
         setup_s = time.perf_counter() - t0
         t0 = time.perf_counter()
         out = attack_evidence(original, unlearned, dm, references=args.references, epochs=args.epochs,

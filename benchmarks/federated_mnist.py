@@ -21,7 +21,8 @@ import torch
 
 from lightning_unlearn.config import UnlearnConfig
 from lightning_unlearn.data import FederatedDataModule, load_mnist
-from lightning_unlearn.federated import FederatedSimulation, federated_unlearn, write_json
+from lightning_unlearn.federated import FederatedSimulation, federated_unlearn
+from lightning_unlearn._io import write_json
 from lightning_unlearn.federated import baselines as B
 from lightning_unlearn.federated.protocol import HEAD_LR_SCALE
 from lightning_unlearn.models import SmallCNN

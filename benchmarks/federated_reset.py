@@ -16,8 +16,9 @@ from pathlib import Path
 import torch
 
 from lightning_unlearn.data import FederatedDataModule, load_mnist
-from lightning_unlearn.evaluation.evaluate import relearn_steps
-from lightning_unlearn.federated import FederatedSimulation, federated_unlearn, write_json
+from lightning_unlearn.evidence.evaluate import relearn_steps
+from lightning_unlearn.federated import FederatedSimulation, federated_unlearn
+from lightning_unlearn._io import write_json
 from lightning_unlearn.federated import baselines as B
 from lightning_unlearn.federated.runner import fedavg_round_bytes
 from lightning_unlearn.models import SmallCNN

@@ -37,7 +37,8 @@ from torch.utils.data import Subset
 
 from lightning_unlearn._io import write_json
 from lightning_unlearn.data import FederatedDataModule, load_digits_datasets, load_mnist
-from lightning_unlearn.federated import Transport, federated_unlearn, make_clients, run_fedavg
+from lightning_unlearn.federated import federated_unlearn, make_clients, run_fedavg
+from lightning_unlearn.federated.messages import Transport
 from lightning_unlearn.federated.messages import tensor_bytes
 from lightning_unlearn.models import SmallCNN
 from lightning_unlearn.request import ForgetRequest

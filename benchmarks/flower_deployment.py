@@ -26,7 +26,8 @@ import numpy as np
 import torch
 
 from lightning_unlearn._io import write_json
-from lightning_unlearn.federated.flower import FederatedPartitions, save_partition
+from lightning_unlearn.federated.flower import FederatedPartitions
+from lightning_unlearn.federated.flower.client_app import save_partition
 from lightning_unlearn.federated.flower.deployment import LocalDeployment
 
 APP = Path(__file__).resolve().parents[1] / "examples" / "flower_app"

@@ -20,7 +20,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lightning_unlearn.federated import FederatedSimulation, Transport, federated_unlearn, run_fedavg, write_json
+from lightning_unlearn.federated import FederatedSimulation, federated_unlearn, run_fedavg
+from lightning_unlearn.federated.messages import Transport
+from lightning_unlearn._io import write_json
 from lightning_unlearn.federated.flower import FedAvgPlan, FederatedPartitions, UnlearnPlan, run_flower_simulation
 from lightning_unlearn.models import SmallCNN
 from lightning_unlearn.request import ForgetRequest

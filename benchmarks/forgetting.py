@@ -42,17 +42,18 @@ from torch.utils.data import DataLoader, Dataset, Subset
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from architectures import ARCHITECTURES, build  # noqa: E402
 
-from lightning_unlearn import ForgetRequest, UnlearnConfig, UnlearningDataModule, retrain, unlearn  # noqa: E402
+from lightning_unlearn import ForgetRequest, UnlearnConfig, retrain, unlearn
+from lightning_unlearn.data import UnlearningDataModule
 from lightning_unlearn._io import write_json  # noqa: E402
 from lightning_unlearn._training import fit  # noqa: E402
-from lightning_unlearn.baselines import output_row_mask, random_channel_mask  # noqa: E402
+from lightning_unlearn.baselines.controls import output_row_mask, random_channel_mask
 from lightning_unlearn.data import load_digits_datasets, load_mnist  # noqa: E402
-from lightning_unlearn.evaluation import library_versions  # noqa: E402
-from lightning_unlearn.evaluation.evaluate import relearn_steps  # noqa: E402
+from lightning_unlearn.evidence.report import library_versions
+from lightning_unlearn.evidence.evaluate import relearn_steps  # noqa: E402
 from lightning_unlearn.metrics import split_accuracies  # noqa: E402
 from lightning_unlearn.request import random_samples_request  # noqa: E402
 from lightning_unlearn.reset import RESETS  # noqa: E402
-from lightning_unlearn.objectives import OBJECTIVES  # noqa: E402
+from lightning_unlearn.repair.objectives import OBJECTIVES  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"

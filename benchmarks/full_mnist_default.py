@@ -20,11 +20,12 @@ import lightning.pytorch as pl
 import torch
 from torch.utils.data import DataLoader
 
-from lightning_unlearn import ForgetRequest, UnlearningDataModule, retrain, unlearn
+from lightning_unlearn import ForgetRequest, retrain, unlearn
+from lightning_unlearn.data import UnlearningDataModule
 from lightning_unlearn._io import write_json
 from lightning_unlearn._training import fit
 from lightning_unlearn.data import load_mnist
-from lightning_unlearn.evaluation.evaluate import relearn_steps
+from lightning_unlearn.evidence.evaluate import relearn_steps
 from lightning_unlearn.metrics import split_accuracies
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))

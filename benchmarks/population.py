@@ -4,7 +4,7 @@ Per cell (dataset x architecture x request): K originals trained to memorise the
 the architecture's own optimizer schedule, K models retrained on the retain data with the same schedule,
 K with half and K with double that schedule (the "schedule band"), and each method applied to each
 original (a :class:`Task` per member; see ``population_task.py``). Every population is cached by content
-hash (``lightning_unlearn.evaluation.references``), so a rerun only evaluates. Per method: forget /
+hash (``lightning_unlearn.evidence.references``), so a rerun only evaluates. Per method: forget /
 remaining / test accuracy, mean logit-scaled confidence on the forget data, U-LiRA raw and
 class-calibrated (each forget sample's statistic minus the same model's mean statistic on held-out test
 samples of its class), the NeurIPS'23 challenge score, relearn steps, and the wall-time ratio to
@@ -42,13 +42,14 @@ from architectures import ARCHITECTURES  # noqa: E402
 from population_methods import CANDIDATES  # noqa: E402
 from population_task import Method, Task, load_plugin, method_fingerprint  # noqa: E402
 
-from lightning_unlearn import ForgetRequest, UnlearningDataModule  # noqa: E402
+from lightning_unlearn import ForgetRequest  # noqa: E402
+from lightning_unlearn.data import UnlearningDataModule  # noqa: E402
 from lightning_unlearn._io import write_json  # noqa: E402
 from lightning_unlearn._training import quiet_lightning, reinitialize  # noqa: E402
 from lightning_unlearn.data import load_digits_datasets, load_mnist  # noqa: E402
-from lightning_unlearn.evaluation import relearn_time  # noqa: E402
-from lightning_unlearn.evaluation.attacks import challenge_score, logit_confidence, roc_result, ulira_scores  # noqa: E402
-from lightning_unlearn.evaluation.references import derived_seed, train_originals, train_references, unlearned_population  # noqa: E402
+from lightning_unlearn.evidence import relearn_time  # noqa: E402
+from lightning_unlearn.evidence.attacks import challenge_score, logit_confidence, roc_result, ulira_scores  # noqa: E402
+from lightning_unlearn.evidence.references import derived_seed, train_originals, train_references, unlearned_population  # noqa: E402
 from lightning_unlearn.models import SmallCNN  # noqa: E402
 
 __all__ = ["Task", "Method", "METHODS", "load_plugin"]

@@ -18,11 +18,13 @@ import lightning.pytorch as pl
 import torch
 from torch.utils.data import DataLoader
 
-from lightning_unlearn import ForgetRequest, UnlearnConfig, UnlearningDataModule, retrain, unlearn
+from lightning_unlearn import ForgetRequest, UnlearnConfig, retrain, unlearn
+from lightning_unlearn.data import UnlearningDataModule
 from lightning_unlearn._training import fit
-from lightning_unlearn.baselines import masked_update, random_channel_mask
+from lightning_unlearn.baselines.common import masked_update
+from lightning_unlearn.baselines.controls import random_channel_mask
 from lightning_unlearn.data import load_digits_datasets
-from lightning_unlearn.evaluation.evaluate import relearn_steps
+from lightning_unlearn.evidence.evaluate import relearn_steps
 from lightning_unlearn.metrics import split_accuracies
 from lightning_unlearn.models import SmallCNN
 

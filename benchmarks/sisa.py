@@ -23,7 +23,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lightning_unlearn import ForgetRequest, UnlearningDataModule, retrain, unlearn
+from lightning_unlearn import ForgetRequest, retrain, unlearn
+from lightning_unlearn.data import UnlearningDataModule
 from lightning_unlearn._io import atomic_write, to_jsonable, write_json
 from lightning_unlearn._training import quiet_lightning
 from lightning_unlearn.data import load_digits_datasets, load_mnist

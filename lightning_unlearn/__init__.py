@@ -3,50 +3,12 @@
 Explain the model (captum), select the channels most tied to the data to forget, and
 update only those, with every other parameter left bit-for-bit unchanged.
 """
-from typing import Any
-
 from lightning_unlearn.api import retrain, unlearn
-from lightning_unlearn.attribution import ChannelScores, LayerInfo, channel_scores, discover_layers
 from lightning_unlearn.config import UnlearnConfig
-from lightning_unlearn.data.unlearning import UnlearningDataModule
-from lightning_unlearn.masking import MaskEnforcer
-from lightning_unlearn.mixin import UnlearningMixin
-from lightning_unlearn.objectives import OBJECTIVES
+from lightning_unlearn.mask import ParameterMask
+from lightning_unlearn.repair import UnlearningMixin
 from lightning_unlearn.request import ForgetRequest
 from lightning_unlearn.result import UnlearningResult
-from lightning_unlearn.selection import ParameterMask, select_channels
 
 __version__ = "0.1.0"
-__all__ = [
-    "ChannelScores",
-    "ForgetRequest",
-    "LayerInfo",
-    "MaskEnforcer",
-    "OBJECTIVES",
-    "ParameterMask",
-    "SCORING_METHODS",
-    "UnlearnConfig",
-    "UnlearningDataModule",
-    "UnlearningMixin",
-    "UnlearningResult",
-    "channel_scores",
-    "discover_layers",
-    "retrain",
-    "select_channels",
-    "unlearn",
-]
-
-
-def __getattr__(name: str) -> Any:
-    """``SCORING_METHODS`` follows the scorer registry (user-registered methods included); ``METHODS`` is deprecated."""
-    from lightning_unlearn import attribution
-
-    if name == "SCORING_METHODS":
-        return attribution.SCORING_METHODS
-    if name == "METHODS":
-        import warnings
-
-        warnings.warn("lightning_unlearn.METHODS is deprecated and will be removed in the next release; "
-                      "use SCORING_METHODS", DeprecationWarning, stacklevel=2)
-        return attribution.SCORING_METHODS
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__all__ = ["ForgetRequest", "ParameterMask", "UnlearnConfig", "UnlearningMixin", "UnlearningResult", "retrain", "unlearn"]

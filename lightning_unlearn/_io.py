@@ -163,11 +163,6 @@ class RunMarker:
         self.path.unlink(missing_ok=True)
 
     @classmethod
-    def marker_for(cls, path: str | os.PathLike) -> Path:
-        path = Path(path)
-        return path.parent / f".{path.name}{cls.SUFFIX}"
-
-    @classmethod
     def clean(cls, directory: str | os.PathLike) -> list[Path]:
         """Delete the files of every interrupted run in ``directory`` (and their temporary files); returns them."""
         removed: list[Path] = []

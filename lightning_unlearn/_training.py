@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 from typing import Sequence
 
@@ -40,7 +41,11 @@ def fit(
 
 
 def reinitialize(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    """Fresh weights for every submodule that knows how to reset itself."""
+    """Fresh weights for every submodule that knows how to reset itself.
+
+    Seeds the global torch RNG (modules draw their initialisation from it): the start of a from-scratch run,
+    like ``seed_everything``. Inside a run use :func:`initialised_copy`, which leaves the global RNG alone.
+    """
     torch.manual_seed(seed)
     for module in model.modules():
         if hasattr(module, "reset_parameters"):
@@ -48,6 +53,14 @@ def reinitialize(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
         if hasattr(module, "reset_running_stats"):
             module.reset_running_stats()
     return model
+
+
+def initialised_copy(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """A re-initialised copy of ``model`` (as :func:`reinitialize` with ``seed``); the global RNG state of every
+    device is forked and put back, so a reset in the middle of a fit does not re-seed the user's run."""
+    devices = sorted({p.device.index or 0 for p in model.parameters() if p.device.type == "cuda"})
+    with torch.random.fork_rng(devices=devices):
+        return reinitialize(copy.deepcopy(model), seed)
 
 
 @contextlib.contextmanager

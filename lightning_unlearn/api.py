@@ -13,9 +13,9 @@ from lightning_unlearn.config import UnlearnConfig
 from lightning_unlearn.data.unlearning import UnlearningDataModule
 from lightning_unlearn.metrics import split_accuracies
 from lightning_unlearn.result import UnlearningResult
-from lightning_unlearn.selection import ParameterMask
+from lightning_unlearn.mask import ParameterMask
 
-__all__ = ["UnlearningResult", "retrain", "unlearn"]
+__all__ = ["UnlearningResult", "retrain", "result_of", "unlearn"]
 
 
 def unlearn(
@@ -45,9 +45,18 @@ def unlearn(
     work = (model if inplace else copy.deepcopy(model)).train()
     start = time.perf_counter()
     fit(work, datamodule, config.epochs, [callback], trainer_kwargs)
-    timings = {**callback.timings, "total": time.perf_counter() - start}
-    extra = {"steps": callback.steps, "stop_reason": callback.stop_reason, "stopping": callback.stopping_history}
-    return UnlearningResult(work, callback.mask, split_accuracies(work, datamodule), timings, callback.scores,
+    return result_of(callback, work, datamodule, time.perf_counter() - start)
+
+
+def result_of(
+    callback: SelectiveUnlearning, model: pl.LightningModule, datamodule: UnlearningDataModule, seconds: float
+) -> UnlearningResult:
+    """The :class:`UnlearningResult` of a fit with ``callback`` (``seconds``: the whole fit): the one place a
+    central run's result is assembled (``unlearn`` and ``lightning-unlearn unlearn``)."""
+    timings = {**callback.timings, "total": seconds}
+    stop_reason = None if callback.stop_reason is None else str(callback.stop_reason)
+    extra = {"steps": callback.steps, "stop_reason": stop_reason, "stopping": callback.stopping_history}
+    return UnlearningResult(model, callback.mask, split_accuracies(model, datamodule), timings, callback.scores,
                             extra=extra, config=callback.resolved_config)
 
 
@@ -60,7 +69,6 @@ def retrain(
 ) -> UnlearningResult:
     """The exact reference: a fresh copy of ``model`` trained from scratch on the retain data only."""
     fresh = reinitialize(copy.deepcopy(model), seed).train()
-    datamodule.combined = False
     start = time.perf_counter()
     fit(fresh, datamodule, epochs, trainer_kwargs=trainer_kwargs)
     elapsed = time.perf_counter() - start

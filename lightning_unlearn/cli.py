@@ -13,6 +13,7 @@ from typing import Any
 import lightning.pytorch as pl
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.utilities.model_helpers import is_overridden
 
 from lightning_unlearn._io import load_torch_file
 from lightning_unlearn.commands import CentralEngine, FederatedEngine, evaluate_checkpoints, unlearn_checkpoint
@@ -114,7 +115,7 @@ def run_evaluate(engine, model, datamodule, ckpt_path: str, unlearned_path: str,
                  attack: str | None = None, references: int = 8, reference_epochs: int | None = None,
                  reference_cache: str = "outputs/references") -> Path:
     """``lightning-unlearn evaluate`` on ``engine``: the comparison table, the plot and ``evaluation.json``."""
-    from lightning_unlearn.evaluation import compare
+    from lightning_unlearn.evidence import compare
 
     for path in (ckpt_path, unlearned_path, retrained_path):
         if path:
@@ -170,29 +171,6 @@ def _console():
     return Console(width=120)
 
 
-#: Flags of ``unlearn`` / ``demo`` from before the ``unlearning:`` section (kept for one release).
-DEPRECATED_FLAGS = {
-    "unlearn": {f: f for f in ("method", "ratio", "objective", "epochs", "scope", "contrast", "max_samples")},
-    "demo": {"method": "method", "ratio": "ratio", "unlearn_epochs": "epochs", "unlearn_steps": "max_steps"},
-}
-
-
-def _rewrite_deprecated(argv: list[str]) -> list[str]:
-    """``unlearn --ratio 0.2`` -> ``unlearn --unlearning.ratio 0.2``, with a deprecation line on stderr."""
-    sub = next((a for a in argv if not a.startswith("-")), None)
-    flags = DEPRECATED_FLAGS.get(sub or "", {})
-    out = []
-    for arg in argv:
-        name, eq, value = arg[2:].partition("=") if arg.startswith("--") else ("", "", "")
-        if name in flags:
-            new = f"--unlearning.{flags[name]}"
-            print(f"lightning-unlearn: warning: --{name} is deprecated and will be removed in the next release; "
-                  f"use {new}", file=sys.stderr)
-            arg = new + eq + value
-        out.append(arg)
-    return out
-
-
 class UnlearnCLI(LightningCLI):
     """LightningCLI with the ``unlearn``, ``evaluate`` and ``demo`` subcommands and the ``unlearning:`` section."""
 
@@ -217,14 +195,14 @@ class UnlearnCLI(LightningCLI):
             load_torch_file(path, "checkpoint")
         super()._parse_ckpt_path()
 
-    def before_fit(self) -> None:
-        if hasattr(self.datamodule, "train_on"):
-            self.datamodule.train_on = "all"  # the original model learns from everything
-
     # A federated data module in the config switches these to the federated engine.
     def fit(self, model: pl.LightningModule, datamodule=None, **kwargs: Any) -> Any:
         if is_federated(datamodule):
             return federated_fit(model, datamodule, self._section("federated"), _seed(), echo=print)
+        if isinstance(datamodule, UnlearningDataModule):  # the original model learns from every sample
+            val = datamodule.val_dataloader() if is_overridden("val_dataloader", datamodule, pl.LightningDataModule) else None
+            return self.trainer.fit(model, train_dataloaders=datamodule.full_train_dataloader(), val_dataloaders=val,
+                                    **kwargs)
         return self.trainer.fit(model, datamodule=datamodule, **kwargs)
 
     def unlearn(self, model: pl.LightningModule, datamodule=None, ckpt_path: str = "", output_dir: str | None = None,
@@ -292,7 +270,6 @@ def main(args: list[str] | None = None) -> None:
         import importlib
 
         sys.exit(importlib.import_module(COMMAND_GROUPS[argv[0]]).main(argv[1:]))
-    argv = _rewrite_deprecated(argv)
 
     trainer_defaults = {"logger": _default_logger()}
     quiet = {"exit_on_error": False}

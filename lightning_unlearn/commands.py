@@ -19,12 +19,13 @@ import torch
 from lightning.pytorch.callbacks import Checkpoint
 
 from lightning_unlearn._io import RunMarker, check_writable_dir, is_incomplete, load_torch_file, unique_path, write_json
-from lightning_unlearn.api import retrain
+from lightning_unlearn.api import result_of, retrain
 from lightning_unlearn.callbacks.selective import SelectiveUnlearning
 from lightning_unlearn.config import UnlearnConfig
 from lightning_unlearn.data.unlearning import UnlearningDataModule
-from lightning_unlearn.evaluation import attack_evidence, evaluate_unlearning, plot_per_class_accuracy, write_report
-from lightning_unlearn.evaluation.report import UnlearningReport
+from lightning_unlearn.evidence import attack_evidence, evaluate_unlearning, write_report
+from lightning_unlearn.evidence.plots import plot_per_class_accuracy
+from lightning_unlearn.evidence.report import UnlearningReport
 from lightning_unlearn.federated.runner import (
     FederatedSettings,
     deployed_simulation,
@@ -33,7 +34,6 @@ from lightning_unlearn.federated.runner import (
     fedavg_round_bytes,
     save_checkpoint,
 )
-from lightning_unlearn.metrics import split_accuracies
 from lightning_unlearn.result import UnlearningResult
 
 
@@ -79,14 +79,9 @@ class CentralEngine:
         self.trainer.callbacks.append(callback)
         # the callback owns the budget (step budget, epochs, stopping rule), like EarlyStopping
         self.trainer.fit_loop.max_epochs = config.epochs if config.epochs is not None else -1
-        if hasattr(datamodule, "train_on"):
-            datamodule.train_on = "retain"
         start = time.perf_counter()
         self.trainer.fit(model, datamodule=datamodule)
-        timings = {**callback.timings, "total": time.perf_counter() - start}
-        extra = {"steps": callback.steps, "stop_reason": callback.stop_reason, "stopping": callback.stopping_history}
-        return UnlearningResult(model, callback.mask, split_accuracies(model, datamodule), timings, callback.scores,
-                                extra=extra, config=callback.resolved_config)
+        return result_of(callback, model, datamodule, time.perf_counter() - start)
 
     def reserve(self, wanted: Path) -> Path:
         """A fresh path for the checkpoint, chosen on rank 0 and the same on every rank."""
@@ -231,7 +226,7 @@ def evaluate_checkpoints(
     """Original vs unlearned vs retrained (``retrained_path`` or a fresh retraining): metrics, plot, ``evaluation.json``.
 
     ``attack="ulira"`` adds the per-example membership attack with ``references`` cached reference
-    models (:func:`~lightning_unlearn.evaluation.attack_evidence`), written under the attack's name.
+    models (:func:`~lightning_unlearn.evidence.attack_evidence`), written under the attack's name.
     """
     if attack is not None and engine.name != "central":
         raise ValueError(f"attack={attack!r} needs reference models retrained centrally; the {engine.name} engine "

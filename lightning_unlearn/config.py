@@ -8,17 +8,31 @@ is built, so a bad value fails before any work with a line that names it.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field, fields, replace
-from typing import Any, Mapping, Sequence
-
-from lightning_unlearn.attribution import check_method
-from lightning_unlearn.masking import check_bn_stats
-from lightning_unlearn.objectives import OBJECTIVES
-from lightning_unlearn.request import ForgetRequest
-from lightning_unlearn.reset import check_reset
-from lightning_unlearn.selection import check_ratio, check_scope
+from dataclasses import dataclass, fields, replace
+from typing import Any, Callable, Mapping, Protocol, Sequence
 
 ENGINES = ("central", "federated")
+#: Channel selection over layers: the top ``ratio`` per layer, or over all layers at once.
+SCOPES = ("layer", "global")
+#: Repair objectives; the first two add a forget term on forget batches (the module needs the mixin).
+OBJECTIVES = ("random_label", "ascent", "retain")
+FORGET_AWARE = ("random_label", "ascent")
+#: How the selected slices are removed before the repair (or a callable ``(model, mask, generator) -> changed``).
+RESETS = ("none", "reinit", "dampen")
+#: BatchNorm running statistics during the repair.
+BN_MODES = ("frozen", "selected")
+
+#: The registry of channel-scoring methods, name -> scorer class, in registration order. It lives with the
+#: settings (filled by :func:`lightning_unlearn.scoring.register_scorer`), so they check a method name
+#: without importing any algorithm.
+SCORERS: dict[str, type] = {}
+
+
+class RequestLike(Protocol):
+    """What resolving ``"auto"`` reads from a :class:`~lightning_unlearn.ForgetRequest`."""
+
+    kind: str
+    classes: Sequence[int]
 
 #: What ``"auto"`` resolves to on each engine (measured in BENCHMARKS.md). Centrally a random-label
 #: forget term at the user's rate for class requests, retain-only repair for sample and client requests
@@ -42,7 +56,8 @@ class UnlearnConfig:
     """How to forget: scoring, selection, objective and update budget.
 
     Args:
-        method: channel scoring method (``lightning_unlearn.SCORING_METHODS``).
+        method: channel scoring method: a registered name (``lightning_unlearn.scoring.SCORING_METHODS``) or a
+            :class:`~lightning_unlearn.scoring.ChannelScorer` subclass.
         ratio: fraction of channels to update, in (0, 1]: per layer (``scope="layer"``) or overall.
         scope: ``"layer"`` (top ``ratio`` per layer) or ``"global"``.
         threshold: select channels whose per-layer normalised score is >= this, in [0, 1], instead of ``ratio``.
@@ -59,7 +74,7 @@ class UnlearnConfig:
             no cap per client and round when federated; None: no cap (``epochs`` must then be set).
         early_stopping: check forgetting and remaining accuracy on held-out data every ``check_every`` steps
             and stop once the forget data is forgotten and remaining accuracy has recovered (central engine;
-            see :class:`~lightning_unlearn.stopping.StoppingRule`).
+            see :class:`~lightning_unlearn.repair.stopping.StoppingRule`).
         stop_tolerance: accuracy tolerance of the stopping rule, in [0, 1): recovered means within this of the
             original's remaining accuracy; forgotten means at most this above the target.
         patience: checks without a new best remaining accuracy (once forgotten) before stopping.
@@ -72,10 +87,11 @@ class UnlearnConfig:
             own initialisation (their BatchNorm statistics re-estimated on retain data either way); ``"none"``
             fine-tunes them from their trained values (hides the data behind the head). Dampening is the default:
             at equal accuracy it relearned the class as slowly as retraining more often (BENCHMARKS.md).
+            A callable ``(model, mask, generator) -> changed elements`` is a custom reset.
         seed: seeds scoring subsamples, forget-term labels and the data order.
     """
 
-    method: str = "grad_x_act"
+    method: str | Callable[..., Any] = "grad_x_act"
     ratio: float = 0.1
     scope: str = "layer"
     threshold: float | None = None
@@ -96,7 +112,7 @@ class UnlearnConfig:
     lr_scale: float = 1.0
     head_lr_scale: float | str | None = "auto"
     bn_stats: str = "frozen"
-    reset: str = "dampen"
+    reset: str | Callable[..., int] = "dampen"
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -147,7 +163,7 @@ class UnlearnConfig:
         Unknown names fail with the list of fields: nothing is silently ignored.
         """
         if isinstance(config, UnlearnConfig):
-            base = asdict(config)
+            base = {f.name: getattr(config, f.name) for f in fields(config)}
         elif config is None:
             base = {}
         elif isinstance(config, Mapping):
@@ -160,7 +176,7 @@ class UnlearnConfig:
             raise ValueError(f"unknown unlearning setting(s) {unknown}; allowed settings are {field_names()}")
         return cls(**merged)
 
-    def resolved(self, request: ForgetRequest, engine: str = "central") -> "UnlearnConfig":
+    def resolved(self, request: RequestLike, engine: str = "central") -> "UnlearnConfig":
         """A copy with every ``"auto"`` replaced by its value for ``request`` on ``engine``."""
         _check_choice("engine", engine, ENGINES)
         auto = AUTO[engine]
@@ -192,7 +208,13 @@ class UnlearnConfig:
         return max(5, (budget or AUTO_STEPS_MAX) // 10)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """Plain values (a scorer class or reset callable by its name), e.g. for a report."""
+        out = {f.name: getattr(self, f.name) for f in fields(self)}
+        out["layers"] = None if self.layers is None else list(self.layers)
+        out["head_rows"] = self.head_rows if not isinstance(self.head_rows, list) else list(self.head_rows)
+        out["method"] = method_name(self.method)
+        out["reset"] = self.reset if isinstance(self.reset, str) else getattr(self.reset, "__name__", repr(self.reset))
+        return out
 
 
 def auto_max_steps(retain_batches: int) -> int:
@@ -203,6 +225,49 @@ def auto_max_steps(retain_batches: int) -> int:
 def field_names() -> list[str]:
     """The settings' names, in declaration order."""
     return [f.name for f in fields(UnlearnConfig)]
+
+
+# -- validators of the settings (the algorithms import them from here) ------------------------------
+def method_name(method: Any) -> str:
+    """The name of a scoring method given as a name, a scorer class or a scorer instance."""
+    return method if isinstance(method, str) else str(getattr(method, "name", "") or type(method).__name__)
+
+
+def check_method(method: Any) -> Any:
+    """A registered method name, or a scorer class/instance (anything with ``score_batch``)."""
+    if isinstance(method, str):
+        if method not in SCORERS:
+            raise ValueError(f"unknown scoring method {method!r}; allowed methods are {list(SCORERS)}")
+        return method
+    if callable(getattr(method, "score_batch", None)):
+        return method
+    raise ValueError(f"method must be a scoring method name or a ChannelScorer, got {method!r}; "
+                     f"allowed methods are {list(SCORERS)}")
+
+
+def check_ratio(ratio: float) -> float:
+    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not (0 < ratio <= 1):
+        raise ValueError(f"ratio must be in (0, 1], got {ratio!r}")
+    return ratio
+
+
+def check_scope(scope: str) -> str:
+    if scope not in SCOPES:
+        raise ValueError(f"unknown scope {scope!r}; allowed scopes are {list(SCOPES)}")
+    return scope
+
+
+def check_reset(reset: Any) -> Any:
+    """A reset name or a callable ``(model, mask, generator) -> changed``."""
+    if callable(reset):
+        return reset
+    _check_choice("reset", reset, RESETS)
+    return reset
+
+
+def check_bn_stats(bn_stats: str) -> str:
+    _check_choice("bn_stats", bn_stats, BN_MODES)
+    return bn_stats
 
 
 # -- validation helpers: one line naming the value and what is allowed ----------------------------

@@ -15,14 +15,15 @@ from rich.console import Console
 from rich.table import Table
 from torch.utils.data import DataLoader
 
-from lightning_unlearn import ForgetRequest, UnlearningDataModule, retrain, unlearn
+from lightning_unlearn import ForgetRequest, retrain, unlearn
+from lightning_unlearn.data import UnlearningDataModule
 from lightning_unlearn._training import fit
 from lightning_unlearn.result import UnlearningResult
 from lightning_unlearn.config import UnlearnConfig
 from lightning_unlearn.data import load_digits_datasets, load_mnist
 from lightning_unlearn.metrics import split_accuracies
 from lightning_unlearn.models import SmallCNN
-from lightning_unlearn.selection import ParameterMask
+from lightning_unlearn.mask import ParameterMask
 
 
 class _AllTrainData(pl.LightningDataModule):
@@ -80,7 +81,7 @@ def add_relearn_steps(results: dict[str, UnlearningResult], dm: UnlearningDataMo
     """Relearn steps of every model but the original, into ``result.extra``: a model that only hides the
     class relearns it faster than the retrained one (Adam steps, half forget / half retain batches, until
     the forget accuracy is back within 2 points of the original's)."""
-    from lightning_unlearn.evaluation.evaluate import relearn_steps
+    from lightning_unlearn.evidence.evaluate import relearn_steps
 
     target = results["original"].metrics["forget_acc"] - 0.02
     for name, result in results.items():

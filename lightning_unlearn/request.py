@@ -79,10 +79,6 @@ class ForgetRequest:
             if len(set(self.sample_ids)) >= n:
                 raise ValueError("the forget set covers the whole training set: nothing would be retained")
 
-    def forget_mask(self, targets: torch.Tensor) -> np.ndarray:
-        """Boolean array over the training samples: True where a sample is to be forgotten (central data)."""
-        return self.resolve(targets)
-
     def resolve(
         self,
         targets: torch.Tensor | np.ndarray,

@@ -8,39 +8,42 @@ channel, stays bit-for-bit what it was.
 """
 from __future__ import annotations
 
-import copy
-from typing import Iterable
+from typing import Callable, Iterable, Union
 
 import torch
 from torch import nn
 
-from lightning_unlearn._training import reinitialize
-from lightning_unlearn.masking import BN_TYPES
-from lightning_unlearn.selection import ParameterMask
+from lightning_unlearn._training import initialised_copy
+from lightning_unlearn.config import RESETS, check_reset
+from lightning_unlearn.mask import BN_TYPES, ParameterMask
 
-RESETS = ("none", "reinit", "dampen")
 #: ``reset="dampen"`` multiplies the selected slices by this factor (SSD-style dampening, not removal).
 DAMPEN_FACTOR = 0.1
 
+#: A custom reset: ``(model, mask, generator) -> number of elements changed``; it must change nothing outside ``mask``.
+ResetFunction = Callable[[nn.Module, ParameterMask, torch.Generator], int]
+Reset = Union[str, ResetFunction]
 
-def check_reset(reset: str) -> str:
-    if reset not in RESETS:
-        raise ValueError(f"unknown reset {reset!r}; allowed values are {list(RESETS)}")
-    return reset
+__all__ = ["DAMPEN_FACTOR", "RESETS", "Reset", "ResetFunction", "reestimate_batchnorm", "reset_selected",
+           "selected_batchnorm_channels"]
 
 
 @torch.no_grad()
-def reset_selected(model: nn.Module, mask: ParameterMask, reset: str, seed: int = 0) -> int:
+def reset_selected(model: nn.Module, mask: ParameterMask, reset: Reset, seed: int = 0) -> int:
     """Reset the elements ``mask`` selects: ``"reinit"`` draws them from the model's own initialisation
-    (a re-initialised copy, seeded), ``"dampen"`` scales them by :data:`DAMPEN_FACTOR`. Returns how many
-    elements changed hands. The running statistics of the selected BatchNorm channels go back to their
-    initial values (mean 0, variance 1) with ``"reinit"``; call :func:`reestimate_batchnorm` next.
+    (a re-initialised copy, seeded), ``"dampen"`` scales them by :data:`DAMPEN_FACTOR`, a callable
+    ``(model, mask, generator)`` does its own (``generator``: a ``torch.Generator`` seeded with ``seed``).
+    Returns how many elements changed hands. The running statistics of the selected BatchNorm channels go
+    back to their initial values (mean 0, variance 1) with ``"reinit"``; call :func:`reestimate_batchnorm` next.
+    The global torch RNG is left as it was: a reset in the middle of a fit does not re-seed it.
     """
     check_reset(reset)
     if reset == "none":
         return 0
     mask.check(model)
-    fresh = dict(reinitialize(copy.deepcopy(model), seed).named_parameters()) if reset == "reinit" else {}
+    if callable(reset):
+        return int(reset(model, mask, torch.Generator().manual_seed(seed)))
+    fresh = dict(initialised_copy(model, seed).named_parameters()) if reset == "reinit" else {}
     count = 0
     for name, p in model.named_parameters():
         keep = mask.masks[name].to(p.device)
@@ -93,6 +96,13 @@ def reestimate_batchnorm(model: nn.Module, mask: ParameterMask, batches: Iterabl
             m.momentum = momentum
         model.train(was_training)
     return used
+
+
+def selected_batchnorm_channels(model: nn.Module, mask: ParameterMask) -> dict[str, torch.Tensor]:
+    """BatchNorm name -> bool vector of its selected channels, for every BatchNorm with running statistics whose
+    weight ``mask`` selects: the statistics a reset leaves to re-estimate."""
+    names = {m: n for n, m in model.named_modules()}
+    return {names[bn]: selected.cpu() for bn, selected in _selected_batchnorms(model, mask)}
 
 
 def _selected_batchnorms(model: nn.Module, mask: ParameterMask) -> list[tuple[nn.Module, torch.Tensor]]:

@@ -6,9 +6,9 @@ from typing import Any
 
 from torch import nn
 
-from lightning_unlearn.attribution import ChannelScores
+from lightning_unlearn.scoring.channels import ChannelScores
 from lightning_unlearn.config import UnlearnConfig
-from lightning_unlearn.selection import ParameterMask
+from lightning_unlearn.mask import ParameterMask
 
 
 @dataclass
@@ -26,5 +26,5 @@ class UnlearningResult:
     timings_s: dict[str, float] = field(default_factory=dict)
     scores: ChannelScores | None = None
     extra: dict[str, Any] = field(default_factory=dict)
-    method: str = "ours"
+    method: str = "selective"
     config: UnlearnConfig | None = None

@@ -16,10 +16,11 @@ import torch
 from torch import nn
 from torch.utils.data import Subset, TensorDataset
 
-from lightning_unlearn import ForgetRequest, UnlearningDataModule
+from lightning_unlearn import ForgetRequest
+from lightning_unlearn.data import UnlearningDataModule
 from lightning_unlearn._io import dumps_json, save_torch
-from lightning_unlearn.evaluation import attacks as A
-from lightning_unlearn.evaluation import references as R
+from lightning_unlearn.evidence import attacks as A
+from lightning_unlearn.evidence import references as R
 from lightning_unlearn.models import ClassifierModule
 
 N_TRAIN, N_FORGET, N_TEST, DIM, CLASSES = 400, 120, 400, 24, 10

@@ -8,28 +8,31 @@ from pathlib import Path
 import pytest
 import torch
 
-from lightning_unlearn.baselines import METHODS, output_row_mask, random_channel_mask, run_method, saliency_mask
-from lightning_unlearn.evaluation import weights_sha256
-from lightning_unlearn.masking import frozen_elements_equal
+from lightning_unlearn.baselines import BASELINES, run_method
+from lightning_unlearn.baselines.controls import output_row_mask, random_channel_mask
+from lightning_unlearn.baselines.salun import saliency_mask
+from lightning_unlearn.evidence.report import weights_sha256
+from lightning_unlearn.mask import frozen_elements_equal
 from lightning_unlearn.metrics import split_accuracies
 
-FORGETTERS = ("ours", "random_channels", "neggrad_plus", "random_label", "salun")
+FORGETTERS = ("selective", "random_channels", "neggrad_plus", "random_label", "salun")
 
 
 @pytest.fixture(scope="module")
 def results(_trained, digits):
-    from lightning_unlearn import ForgetRequest, UnlearningDataModule
+    from lightning_unlearn import ForgetRequest
+    from lightning_unlearn.data import UnlearningDataModule
 
     dm = UnlearningDataModule(digits[0], digits[1], ForgetRequest(classes=[3]), batch_size=64)
     before = weights_sha256(_trained)
-    out = {name: run_method(name, _trained, dm, epochs=3 if name == "retrain" else 2, seed=0) for name in METHODS}
+    out = {name: run_method(name, _trained, dm, epochs=3 if name == "retrain" else 2, seed=0) for name in BASELINES}
     assert weights_sha256(_trained) == before, "a baseline modified its input model"
     return dm, out
 
 
 def test_every_method_returns_a_result_with_metrics(results):
     _, out = results
-    assert set(out) == set(METHODS)
+    assert set(out) == set(BASELINES)
     for name, r in out.items():
         assert r.model(torch.zeros(2, 1, 8, 8)).shape == (2, 10), name
         assert 0 <= r.metrics["remaining_acc"] <= 1 and r.timings_s["total"] >= 0, name
@@ -52,7 +55,7 @@ def test_output_row_only_changes_the_forgotten_row(results, _trained):
 
 def test_random_channels_match_ours_in_size_not_in_choice(results, _trained):
     dm, out = results
-    ours, rnd = out["ours"].mask, out["random_channels"].mask
+    ours, rnd = out["selective"].mask, out["random_channels"].mask
     assert {k: len(v) for k, v in ours.channels.items()} == {k: len(v) for k, v in rnd.channels.items()}
     assert ours.channels != rnd.channels and rnd.channels["fc2"] == [3]
     assert random_channel_mask(_trained, dm, 0.1, seed=0) == rnd  # seeded
@@ -73,7 +76,8 @@ def test_salun_mask_is_half_of_the_elements_and_ssd_only_dampens_its_mask(result
 
 
 def test_output_row_mask_for_sample_requests_is_the_whole_head(_trained, digits):
-    from lightning_unlearn import ForgetRequest, UnlearningDataModule
+    from lightning_unlearn import ForgetRequest
+    from lightning_unlearn.data import UnlearningDataModule
 
     dm = UnlearningDataModule(digits[0], digits[1], ForgetRequest(sample_ids=range(20)), batch_size=64)
     assert output_row_mask(_trained, dm).channels == {"fc2": list(range(10))}
@@ -81,7 +85,7 @@ def test_output_row_mask_for_sample_requests_is_the_whole_head(_trained, digits)
 
 def test_unknown_method_names_the_allowed_ones(results):
     dm, _ = results
-    with pytest.raises(ValueError, match=r"unknown method 'fisher'; allowed methods are \['ours', 'retrain'"):
+    with pytest.raises(ValueError, match=r"unknown method 'fisher'; allowed methods are \['selective', 'retrain'"):
         run_method("fisher", None, dm)
 
 

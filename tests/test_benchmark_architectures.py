@@ -13,13 +13,14 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, Subset
 
-from lightning_unlearn import ForgetRequest, UnlearningDataModule, unlearn
+from lightning_unlearn import ForgetRequest, unlearn
+from lightning_unlearn.data import UnlearningDataModule
 from lightning_unlearn._training import fit
-from lightning_unlearn.attribution import channel_scores, discover_layers
-from lightning_unlearn.mixin import UnlearningMixin
+from lightning_unlearn.scoring import channel_scores, discover_layers
+from lightning_unlearn.repair.mixin import UnlearningMixin
 from lightning_unlearn.models import ClassifierModule
 from lightning_unlearn.reset import reset_selected
-from lightning_unlearn.selection import select_channels
+from lightning_unlearn.mask import select_channels
 
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 

@@ -7,10 +7,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lightning_unlearn import ForgetRequest, UnlearningDataModule, UnlearningMixin, retrain, unlearn
+from lightning_unlearn import ForgetRequest, UnlearningMixin, retrain, unlearn
+from lightning_unlearn.data import UnlearningDataModule
 from lightning_unlearn._training import fit
 from lightning_unlearn.callbacks import SelectiveUnlearning
-from lightning_unlearn.masking import frozen_elements_equal
+from lightning_unlearn.mask import frozen_elements_equal
 from lightning_unlearn.metrics import split_accuracies
 
 
@@ -69,6 +70,31 @@ def test_mixin_in_either_position_forgets_with_the_users_own_training_step(cls, 
     assert set(cb.scores) == {"net.0", "net.3"}
     assert [r["epoch"] for r in cb.history] == [0, 1] and cb.history[-1]["forget_acc"] == pytest.approx(after["forget_acc"])
     assert "training_step" not in vars(model)  # routing removed after fit
+
+
+class _NoInstancePatch(pl.Callback):
+    """Records, at every batch, whether anything replaced the module's training_step on the instance."""
+
+    def __init__(self):
+        self.patched, self.batches = [], []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.patched.append("training_step" in vars(pl_module))
+        self.batches.append(sorted(batch) if isinstance(batch, dict) else "plain")
+
+
+def test_the_mixin_dispatches_combined_batches_without_patching_the_instance(digits, class3_dm):
+    model = _pretrained(MixinLast, digits)
+    spy = _NoInstancePatch()
+    cb = SelectiveUnlearning(objective="random_label", max_steps=3, early_stopping=False, log_metrics=False)
+    pl.Trainer(max_epochs=-1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+               enable_model_summary=False, callbacks=[cb, spy]).fit(model, datamodule=class3_dm)
+    assert spy.patched == [False] * 3 and spy.batches == [["forget", "retain"]] * 3
+    assert not hasattr(class3_dm, "combined") and not hasattr(class3_dm, "train_on")  # no flag to flip back
+    spy = _NoInstancePatch()  # the next fit without the callback trains on plain retain batches
+    pl.Trainer(max_steps=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+               enable_model_summary=False, callbacks=[spy]).fit(model, datamodule=class3_dm)
+    assert spy.batches == ["plain"] * 2
 
 
 def test_without_mixin_retain_objective_works_and_forget_aware_names_the_mixin(digits, class3_dm):
@@ -135,3 +161,30 @@ def test_unlearn_and_retrain_on_a_sample_request(trained_model, digits):
     reference = retrain(trained_model, dm, epochs=3)
     assert reference.metrics["test_acc"] > 0.8 and reference.timings_s["retrain"] > 0
     assert not torch.equal(reference.model.conv1.weight, trained_model.conv1.weight)
+
+
+class HeadRowOnly(SelectiveUnlearning):
+    """A subclass replaces one step (selection) and wraps another (reset): the extension points."""
+
+    def select(self, pl_module, scores):
+        from lightning_unlearn.mask import ParameterMask
+
+        mask = ParameterMask.empty(pl_module)
+        mask.masks["fc2.weight"][3] = True
+        return mask
+
+    def reset(self, trainer, pl_module, mask):
+        self.reset_masks = getattr(self, "reset_masks", []) + [mask.sha256()]
+        return super().reset(trainer, pl_module, mask)
+
+
+def test_a_subclass_overrides_selection_and_reset(trained_model, class3_dm):
+    original = {k: v.clone() for k, v in trained_model.state_dict().items()}
+    callback = HeadRowOnly(log_metrics=False, objective="retain", max_steps=3, early_stopping=False)
+    pl.Trainer(max_epochs=-1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+               enable_model_summary=False, callbacks=[callback]).fit(trained_model, datamodule=class3_dm)
+    assert callback.mask.num_selected == trained_model.fc2.weight.shape[1] and callback.scores is not None
+    assert callback.reset_masks == [callback.mask.sha256()]
+    changed = {k for k, v in trained_model.state_dict().items() if not torch.equal(v, original[k])}
+    assert changed == {"fc2.weight"}
+    assert torch.equal(trained_model.fc2.weight[:3], original["fc2.weight"][:3])

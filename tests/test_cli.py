@@ -34,7 +34,7 @@ def test_fit_unlearn_evaluate_on_digits(tmp_path):
     assert original.is_file()
     before = _sha(original)
 
-    run = _cli("unlearn", "--config", DIGITS, "--ckpt_path", str(original), "--epochs", "2", cwd=tmp_path)
+    run = _cli("unlearn", "--config", DIGITS, "--ckpt_path", str(original), "--unlearning.epochs", "2", cwd=tmp_path)
     assert run.returncode == 0, run.stderr[-2000:]
     assert _sha(original) == before  # the input checkpoint is never touched
     unlearned = tmp_path / "outputs" / "digits" / "original-unlearned.ckpt"
@@ -52,7 +52,7 @@ def test_fit_unlearn_evaluate_on_digits(tmp_path):
     assert all(Path(p).stat().st_size > 1000 for p in report["plots"])
     assert "unlearned" in run.stdout and "forget acc" in run.stdout
 
-    again = _cli("unlearn", "--config", DIGITS, "--ckpt_path", str(original), "--epochs", "1", cwd=tmp_path)
+    again = _cli("unlearn", "--config", DIGITS, "--ckpt_path", str(original), "--unlearning.epochs", "1", cwd=tmp_path)
     assert again.returncode == 0, again.stderr[-2000:]
     assert (tmp_path / "outputs" / "digits" / "original-unlearned-1.ckpt").is_file()  # never overwrites
 

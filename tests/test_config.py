@@ -156,23 +156,6 @@ def test_every_cli_option_reaches_the_federated_engine(monkeypatch, checkpoint, 
     assert seen["rounds"] == 2
 
 
-def test_deprecated_flags_still_reach_the_engine_with_a_warning(monkeypatch, checkpoint, tmp_path, capsys):
-    import lightning_unlearn.commands as commands
-
-    seen = {}
-
-    class Spy(commands.SelectiveUnlearning):
-        def __init__(self, config, **kwargs):
-            seen["config"] = config
-            raise _Reached
-
-    monkeypatch.setattr(commands, "SelectiveUnlearning", Spy)
-    with pytest.raises(_Reached):
-        main(["unlearn", "--config", str(CONFIGS / "digits_cnn.yaml"), "--ckpt_path", str(checkpoint),
-              "--trainer.logger", "false", "--ratio", "0.3", "--epochs=2", "--scope", "global"])
-    assert (seen["config"].ratio, seen["config"].epochs, seen["config"].scope) == (0.3, 2, "global")
-    assert "--ratio is deprecated" in capsys.readouterr().err
-
 
 @pytest.mark.parametrize("flag, value, message", [
     ("--unlearning.epochs", "-1", "epochs must be an integer >= 1 or None, got -1"),
@@ -187,15 +170,6 @@ def test_bad_cli_values_end_in_one_line_naming_them(flag, value, message, checkp
     err = capsys.readouterr().err.strip().splitlines()
     assert exit_info.value.code == 2 and len(err) == 1 and message in err[0], err
 
-
-def test_deprecated_federated_settings_move_into_the_config_with_a_warning():
-    from lightning_unlearn.federated.runner import FederatedSettings
-
-    settings = FederatedSettings(unlearn_steps=3, score_samples=64, lr_scale=2.0)
-    with pytest.deprecated_call(match="federated.unlearn_steps is deprecated"):
-        merged = settings.merge_deprecated(UnlearnConfig(ratio=0.2))
-    assert (merged.max_steps, merged.max_samples, merged.lr_scale, merged.ratio) == (3, 64, 2.0, 0.2)
-    assert FederatedSettings().merge_deprecated(UnlearnConfig()) == UnlearnConfig()
 
 
 def test_federated_engine_builds_the_oracle_view_from_the_original_when_nothing_ran():

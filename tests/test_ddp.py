@@ -9,7 +9,7 @@ from types import SimpleNamespace
 import pytest
 
 from lightning_unlearn.callbacks import SelectiveUnlearning
-from lightning_unlearn.selection import ParameterMask
+from lightning_unlearn.mask import ParameterMask
 
 SCRIPT = Path(__file__).parent / "scripts" / "ddp_unlearn.py"
 

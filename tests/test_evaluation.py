@@ -12,23 +12,13 @@ from torch.utils.data import Subset, TensorDataset
 from torchmetrics.classification import MulticlassAccuracy
 
 from lightning_unlearn._training import fit
-from lightning_unlearn.evaluation import (
-    BackdoorDataset,
-    ClassAccuracy,
-    attack_success_rate,
-    avg_gap,
-    check_same_classes,
-    choose_poison,
-    evaluate_unlearning,
-    loss_attack_auc,
-    mia_efficacy,
-    penultimate_features,
-    probe_accuracy,
-    random_samples_request,
-    relearn_time,
-    split_accuracies,
-    stamp_trigger,
-)
+from lightning_unlearn.evidence import evaluate_unlearning, relearn_time
+from lightning_unlearn.evidence.backdoor import BackdoorDataset, attack_success_rate, choose_poison, stamp_trigger
+from lightning_unlearn.metrics import ClassAccuracy, split_accuracies
+from lightning_unlearn.evidence.gap import avg_gap, check_same_classes
+from lightning_unlearn.evidence.membership import loss_attack_auc, mia_efficacy
+from lightning_unlearn.evidence.probe import penultimate_features, probe_accuracy
+from lightning_unlearn.evidence.evaluate import random_samples_request
 from lightning_unlearn.models import SmallCNN
 
 from conftest import FullTrainData

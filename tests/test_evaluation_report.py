@@ -9,17 +9,10 @@ import torch
 from rich.console import Console
 
 from lightning_unlearn import unlearn
-from lightning_unlearn.evaluation import (
-    UnlearningReport,
-    compare,
-    plot_channel_scores,
-    plot_mia_histograms,
-    plot_per_class_accuracy,
-    save_weights,
-    weights_sha256,
-    write_report,
-)
-from lightning_unlearn.selection import ParameterMask
+from lightning_unlearn.evidence import UnlearningReport, compare, write_report
+from lightning_unlearn.evidence.plots import plot_channel_scores, plot_mia_histograms, plot_per_class_accuracy
+from lightning_unlearn.evidence.report import save_weights, weights_sha256
+from lightning_unlearn.mask import ParameterMask
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -27,7 +20,8 @@ PNG = b"\x89PNG\r\n\x1a\n"
 @pytest.fixture(scope="module")
 def run(tmp_path_factory, _trained, digits):
     """One unlearning run on digits class 3 and its written report (built once for this module)."""
-    from lightning_unlearn import ForgetRequest, UnlearningDataModule
+    from lightning_unlearn import ForgetRequest
+    from lightning_unlearn.data import UnlearningDataModule
 
     dm = UnlearningDataModule(digits[0], digits[1], ForgetRequest(classes=[3]), batch_size=64)
     original = _trained

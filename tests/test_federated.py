@@ -12,25 +12,16 @@ from torch.utils.data import DataLoader, Dataset
 
 from lightning_unlearn import ForgetRequest, ParameterMask
 from lightning_unlearn.data import FederatedDataModule
-from lightning_unlearn.federated import (
-    Broadcast,
-    FederatedSimulation,
-    MaskedUpdateMessage,
-    ParametersMessage,
-    ScoresMessage,
-    Transport,
-    aggregate_scores,
-    fedavg_aggregate,
-    federated_unlearn,
-    get_arrays,
-    make_clients,
-    masked_aggregate,
-    run_fedavg,
-    write_json,
+from lightning_unlearn.federated import FederatedSimulation, federated_unlearn, make_clients, run_fedavg
+from lightning_unlearn.federated.messages import (
+    Broadcast, MaskedUpdateMessage, ParametersMessage, ScoresMessage, Transport,
 )
+from lightning_unlearn.federated.server import aggregate_scores, fedavg_aggregate, masked_aggregate
+from lightning_unlearn.mask.arrays import get_arrays
+from lightning_unlearn._io import write_json
 from lightning_unlearn.federated import baselines as B
 from lightning_unlearn.federated.messages import BatchNormStatsMessage
-from lightning_unlearn.masking import frozen_elements_equal
+from lightning_unlearn.mask import frozen_elements_equal
 from lightning_unlearn.models import SmallCNN
 
 TINY = dict(channels=(8, 16), hidden=32, lr=3e-3)
@@ -187,7 +178,7 @@ def test_each_request_kind_end_to_end(sim, request_, tmp_path):
     record = sim.report(result, original, retrained, retrained_metrics)
     path = write_json(record, tmp_path / "run.json")
     loaded = json.loads(path.read_text())
-    assert loaded["request"]["kind"] == request_.kind and loaded["method"] == "ours" and loaded["seed"] == 0
+    assert loaded["request"]["kind"] == request_.kind and loaded["method"] == "selective" and loaded["seed"] == 0
     for which in ("original", "unlearned", "retrained"):
         for key in ("forget_acc", "remaining_acc", "test_acc"):
             assert 0.0 <= loaded["metrics"][which][key] <= 1.0
@@ -282,15 +273,14 @@ def test_unlearning_needs_forget_data_and_a_deployed_model(sim):
 
 # -- learning rates of the masked rounds -------------------------------------------------------------------
 def test_scale_learning_rate_gives_named_parameters_their_own_group():
-    from types import SimpleNamespace
-
     from lightning_unlearn.callbacks.learning_rate import ScaleLearningRate
+    from lightning_unlearn.repair import LearningRateGroups
     from lightning_unlearn.config import UnlearnConfig
     from lightning_unlearn.federated.protocol import HEAD_LR_SCALE, unlearn_config
 
     model = _model()
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-    ScaleLearningRate(2.0, {"fc2.weight": 10.0, "fc2.bias": 10.0}).on_train_start(SimpleNamespace(optimizers=[opt]), model)
+    LearningRateGroups(2.0, {"fc2.weight": 10.0, "fc2.bias": 10.0}).apply(model, [opt])
     by_id = {id(p): g["lr"] for g in opt.param_groups for p in g["params"]}
     params = dict(model.named_parameters())
     assert by_id[id(params["fc2.weight"])] == pytest.approx(1e-2) and by_id[id(params["fc2.bias"])] == pytest.approx(1e-2)

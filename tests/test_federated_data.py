@@ -7,7 +7,8 @@ import torch
 from torch.utils.data import TensorDataset
 
 from lightning_unlearn import ForgetRequest
-from lightning_unlearn.data import FederatedDataModule, dataset_targets
+from lightning_unlearn.data import FederatedDataModule
+from lightning_unlearn.data.datasets import dataset_targets
 from lightning_unlearn.data.federated import partition_dirichlet
 
 

@@ -11,18 +11,22 @@ from torch.utils.data import ConcatDataset, DataLoader, Subset
 
 from lightning_unlearn import ForgetRequest
 from lightning_unlearn.data import FederatedDataModule
-from lightning_unlearn.federated import FederatedSimulation, Transport, federated_unlearn, get_arrays, masked_aggregate
+from lightning_unlearn.federated import FederatedSimulation, federated_unlearn
+from lightning_unlearn.federated.messages import Transport
+from lightning_unlearn.mask.arrays import get_arrays
+from lightning_unlearn.federated.server import masked_aggregate
 from lightning_unlearn.federated import baselines as B
-from lightning_unlearn.federated.arrays import selected_values
+from lightning_unlearn.mask.arrays import selected_values
 from lightning_unlearn.federated.messages import INDEX_BYTES, BatchNormStatsMessage, Broadcast
 from lightning_unlearn.federated.protocol import STATS_BATCHES, collect_scores, round_config, score_config, unlearn_config
-from lightning_unlearn.federated.server import batchnorm_channels, pool_batchnorm_moments
+from lightning_unlearn.federated.server import pool_batchnorm_moments
+from lightning_unlearn.reset import selected_batchnorm_channels
 from lightning_unlearn.config import UnlearnConfig
-from lightning_unlearn.masking import BN_TYPES
+from lightning_unlearn.mask import BN_TYPES
 from lightning_unlearn.models import SmallCNN
 from lightning_unlearn.privacy.models import DPSmallCNN
 from lightning_unlearn.reset import reset_selected
-from lightning_unlearn.selection import ParameterMask, select_channels
+from lightning_unlearn.mask import ParameterMask, select_channels
 
 TINY = dict(channels=(8, 16), hidden=32, lr=3e-3)
 REQUEST = ForgetRequest(classes=[3])
@@ -148,7 +152,7 @@ def test_no_statistics_round_without_batchnorm_channels(digits):
     transport = Transport()
     result = federated_unlearn(sim.model, sim.clients, REQUEST, reset="reinit", transport=transport, **UNLEARN)
     assert "bn_stats" not in transport.rounds and "statistics" not in result.bytes
-    assert batchnorm_channels(result.model, result.mask) == {}
+    assert selected_batchnorm_channels(result.model, result.mask) == {}
     after = _state(result.model)
     for name, m in result.mask.masks.items():
         assert torch.equal(after[name][~m], original[name][~m]), name

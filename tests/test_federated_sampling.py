@@ -12,8 +12,11 @@ import torch
 from lightning_unlearn import ForgetRequest
 from lightning_unlearn.config import UnlearnConfig
 from lightning_unlearn.data import FederatedDataModule
-from lightning_unlearn.federated import FederatedSimulation, Transport, federated_unlearn, get_arrays, masked_aggregate
-from lightning_unlearn.federated.arrays import selected_values
+from lightning_unlearn.federated import FederatedSimulation, federated_unlearn
+from lightning_unlearn.federated.messages import Transport
+from lightning_unlearn.mask.arrays import get_arrays
+from lightning_unlearn.federated.server import masked_aggregate
+from lightning_unlearn.mask.arrays import selected_values
 from lightning_unlearn.federated.protocol import (
     collect_scores,
     masked_broadcast,
@@ -24,7 +27,7 @@ from lightning_unlearn.federated.protocol import (
 )
 from lightning_unlearn.federated.server import sample_clients
 from lightning_unlearn.models import SmallCNN
-from lightning_unlearn.selection import select_channels
+from lightning_unlearn.mask import select_channels
 
 TINY = dict(channels=(8, 16), hidden=32, lr=3e-3)
 REQUEST = ForgetRequest(classes=[3])

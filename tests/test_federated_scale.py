@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from lightning_unlearn.data import FederatedDataModule
-from lightning_unlearn.federated import Transport, make_clients, run_fedavg
+from lightning_unlearn.federated import make_clients, run_fedavg
+from lightning_unlearn.federated.messages import Transport
 from lightning_unlearn.federated.messages import tensor_bytes
 from lightning_unlearn.models import SmallCNN
 

@@ -13,30 +13,17 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, 
 from flwr.supercore.task_identity import TaskIdentity
 
 from lightning_unlearn import ForgetRequest
-from lightning_unlearn.federated import (
-    Broadcast,
-    FederatedSimulation,
-    MaskedUpdateMessage,
-    ParametersMessage,
-    ScoresMessage,
-    Transport,
-    federated_unlearn,
-    get_arrays,
-    run_fedavg,
+from lightning_unlearn.federated import FederatedSimulation, federated_unlearn, run_fedavg
+from lightning_unlearn.federated.messages import (
+    Broadcast, MaskedUpdateMessage, ParametersMessage, ScoresMessage, Transport,
 )
+from lightning_unlearn.mask.arrays import get_arrays
 from lightning_unlearn.federated.flower import (
-    FedAvgPlan,
-    FederatedPartitions,
-    FlowerDataError,
-    UnlearnPlan,
-    client_split,
-    file_partition,
-    make_client_app,
-    run_flower_simulation,
-    save_partition,
+    FedAvgPlan, FederatedPartitions, UnlearnPlan, make_client_app, run_flower_simulation,
 )
+from lightning_unlearn.federated.flower.client_app import FlowerDataError, client_split, file_partition, save_partition
 from lightning_unlearn.federated.flower.records import (
-    ByteLedger,
+    ByteCounter,
     broadcast_to_content,
     content_to_broadcast,
     content_to_reply,
@@ -44,9 +31,9 @@ from lightning_unlearn.federated.flower.records import (
     reply_to_content,
 )
 from lightning_unlearn.federated.flower.server_app import MaskedUnlearning, check_replies
-from lightning_unlearn.masking import frozen_elements_equal
+from lightning_unlearn.mask import frozen_elements_equal
 from lightning_unlearn.models import SmallCNN
-from lightning_unlearn.selection import select_channels
+from lightning_unlearn.mask import select_channels
 
 MODEL_FN = functools.partial(SmallCNN, channels=(8, 16), hidden=32, lr=3e-3)  # picklable: Flower ships it to workers
 PARTS = FederatedPartitions("digits", num_clients=3, partition="iid", seed=0, batch_size=32)
@@ -111,7 +98,7 @@ def test_client_that_cannot_reach_its_partition_fails_clearly(tmp_path):
 
 def test_unlearning_strategy_without_federated_evaluation_sends_nothing():
     strategy = MaskedUnlearning(MODEL_FN(), {0: 11, 1: 12}, UnlearnPlan(ForgetRequest(classes=[3]), evaluate=False),
-                                ByteLedger())
+                                ByteCounter())
     assert list(strategy.configure_evaluate(1, ArrayRecord(), ConfigRecord(), grid=None)) == []
     assert strategy.aggregate_evaluate(1, []) is None
     with pytest.raises(ValueError, match="unknown objective 'forget_all'"):

@@ -23,13 +23,16 @@ import torch
 
 from lightning_unlearn import ForgetRequest
 from lightning_unlearn._io import load_torch_file
-from lightning_unlearn.federated import FederatedSimulation, Transport, federated_unlearn, get_arrays, run_fedavg
-from lightning_unlearn.federated.flower import FederatedPartitions, save_partition
+from lightning_unlearn.federated import FederatedSimulation, federated_unlearn, run_fedavg
+from lightning_unlearn.federated.messages import Transport
+from lightning_unlearn.mask.arrays import get_arrays
+from lightning_unlearn.federated.flower import FederatedPartitions
+from lightning_unlearn.federated.flower.client_app import save_partition
 from lightning_unlearn.federated.flower.checkpoint import STATE_FILE, ServerCheckpoint
 from lightning_unlearn.federated.flower.deployment import LocalDeployment, toml_value
-from lightning_unlearn.masking import frozen_elements_equal
+from lightning_unlearn.mask import frozen_elements_equal
 from lightning_unlearn.models import SmallCNN
-from lightning_unlearn.selection import ParameterMask
+from lightning_unlearn.mask import ParameterMask
 
 pytestmark = [
     pytest.mark.slow,

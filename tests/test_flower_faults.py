@@ -9,14 +9,15 @@ from flwr.app import Error, Message, RecordDict
 from flwr.common.constant import ErrorCode
 from flwr.supercore.task_identity import TaskIdentity
 
-from lightning_unlearn import ForgetRequest, discover_layers
+from lightning_unlearn import ForgetRequest
+from lightning_unlearn.scoring import discover_layers
 from lightning_unlearn.federated.flower import UnlearnPlan
 from lightning_unlearn.federated.flower.checkpoint import ServerCheckpoint
-from lightning_unlearn.federated.flower.records import ByteLedger
+from lightning_unlearn.federated.flower.records import ByteCounter
 from lightning_unlearn.federated.flower.server_app import MaskedUnlearning, PollingGrid, gather
 from lightning_unlearn.federated.flower.supernode import CappedClock, patch_poll_interval
 from lightning_unlearn.models import SmallCNN
-from lightning_unlearn.selection import ParameterMask
+from lightning_unlearn.mask import ParameterMask
 
 NODES = {0: 11, 1: 12, 2: 13}
 
@@ -61,7 +62,7 @@ def _reply(message: Message) -> Message:
 
 def _strategy(min_clients=None, round_timeout=0.3) -> MaskedUnlearning:
     plan = UnlearnPlan(ForgetRequest(classes=[3]), min_clients=min_clients, round_timeout=round_timeout)
-    return MaskedUnlearning(SmallCNN(), NODES, plan, ByteLedger())
+    return MaskedUnlearning(SmallCNN(), NODES, plan, ByteCounter())
 
 
 def _messages(strategy: MaskedUnlearning) -> list[Message]:

@@ -62,15 +62,35 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
 
 def test_no_unit_imports_a_higher_layer():
     graph = import_graph()
-    assert {"config", "federated", "evaluation", "callbacks", "_io"} <= set(graph)
+    assert {"config", "federated", "evidence", "callbacks", "_io"} <= set(graph)
     cycle = find_cycle(graph)
     assert cycle is None, " -> ".join(cycle)
 
 
 def test_the_lowest_layer_imports_nothing_of_the_package():
     graph = import_graph()
-    for low in ("_io", "request", "objectives"):
+    for low in ("_io", "request", "config"):
         assert graph.get(low, set()) == set(), (low, graph.get(low))
+
+
+def test_the_settings_are_a_leaf_every_step_builds_on():
+    """``config`` imports no other unit (its validators live in it); the steps of the flow sit above it in order."""
+    graph = import_graph()
+    assert graph["config"] == set()
+    for unit in ("scoring", "mask", "reset", "repair", "orchestration", "callbacks"):
+        assert "config" in _reachable(graph, unit), unit
+    assert "callbacks" not in _reachable(graph, "orchestration")
+    assert "orchestration" in _reachable(graph, "callbacks")
+
+
+def _reachable(graph: dict[str, set[str]], start: str) -> set[str]:
+    seen, todo = set(), [start]
+    while todo:
+        for nxt in graph.get(todo.pop(), ()):
+            if nxt not in seen:
+                seen.add(nxt)
+                todo.append(nxt)
+    return seen
 
 
 def test_a_cycle_is_found():

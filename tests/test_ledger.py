@@ -24,8 +24,10 @@ from lightning_unlearn import ForgetRequest
 from lightning_unlearn._training import fit
 from lightning_unlearn.data import load_digits_datasets
 from lightning_unlearn.data.federated import FederatedDataModule
-from lightning_unlearn.evaluation.report import weights_sha256
-from lightning_unlearn.ledger import Ledger, RecordLineage, record_federated, run_pending, sample_hashes, verify
+from lightning_unlearn.evidence.report import weights_sha256
+from lightning_unlearn.ledger import Ledger, RecordLineage, run_pending, verify
+from lightning_unlearn.ledger.lineage import record_federated
+from lightning_unlearn.ledger.identity import sample_hashes
 from lightning_unlearn.ledger import schema
 from lightning_unlearn.ledger.cli import main as requests_main
 from lightning_unlearn.ledger.store import from_ranges, to_ranges
@@ -258,7 +260,7 @@ FORK = multiprocessing.get_context("fork")
 
 
 def _run_until_killed(url: str, out: str, point: str) -> None:
-    from lightning_unlearn.evaluation.report import UnlearningReport
+    from lightning_unlearn.evidence.report import UnlearningReport
     from lightning_unlearn.ledger import runner, store
 
     def die(*args, **kwargs):
@@ -293,7 +295,7 @@ def test_run_killed_at_any_point_leaves_the_ledger_consistent(db_url, digits, tm
             assert len(ledger.versions("digits")) == 1
         assert not ledger.job(job_ids[0]).output_dir.exists()
         assert not ledger.job(job_ids[1]).output_dir.exists()  # the third run discarded the weights-without-report
-        assert (ledger.job(job_ids[2]).output_dir / "ours.report.json").exists()
+        assert (ledger.job(job_ids[2]).output_dir / "selective.report.json").exists()
 
         out = run_pending(ledger, "digits", SmallCNN(), *digits, jobs_dir, **QUICK)
         assert out.status == "idle" and out.recovered == [(job_ids[2], "finalised")]  # no retraining needed

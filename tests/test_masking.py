@@ -6,10 +6,11 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from lightning_unlearn import MaskEnforcer, channel_scores, select_channels
+from lightning_unlearn.mask import MaskEnforcer, select_channels
+from lightning_unlearn.scoring import channel_scores
 from lightning_unlearn._training import fit
 from lightning_unlearn.callbacks import GradientMask, SelectiveUnlearning
-from lightning_unlearn.masking import frozen_elements_equal
+from lightning_unlearn.mask import frozen_elements_equal
 from lightning_unlearn.models import SmallCNN
 
 OPTIMIZERS = {

@@ -16,20 +16,13 @@ import torch
 from flwr.app import Array, ConfigRecord, MetricRecord
 
 from lightning_unlearn import ForgetRequest, ParameterMask
-from lightning_unlearn.attribution import SCORING_METHODS, discover_layers
-from lightning_unlearn.federated import (
-    MaskedUpdateMessage,
-    ParametersMessage,
-    ScoresMessage,
-    aggregate_scores,
-    fedavg_aggregate,
-    federated_unlearn,
-    get_arrays,
-    masked_aggregate,
-    run_fedavg,
-)
-from lightning_unlearn.federated.arrays import selected_values
-from lightning_unlearn.federated.flower.records import ByteLedger, content_to_reply, reply_to_content
+from lightning_unlearn.scoring import SCORING_METHODS, discover_layers
+from lightning_unlearn.federated import federated_unlearn, run_fedavg
+from lightning_unlearn.federated.messages import MaskedUpdateMessage, ParametersMessage, ScoresMessage
+from lightning_unlearn.federated.server import aggregate_scores, fedavg_aggregate, masked_aggregate
+from lightning_unlearn.mask.arrays import get_arrays
+from lightning_unlearn.mask.arrays import selected_values
+from lightning_unlearn.federated.flower.records import ByteCounter, content_to_reply, reply_to_content
 from lightning_unlearn.federated.flower.server_app import _client_replies
 from lightning_unlearn.federated.messages import MAX_METRICS, METRIC_KEYS, check_metrics
 from lightning_unlearn.models import SmallCNN
@@ -284,24 +277,24 @@ def test_flower_replies_are_checked_and_name_the_client(model, layers, images):
     nodes = {3: 103}
     expected = get_arrays(model)
     honest = reply_to_content(ParametersMessage(dict(expected), 4, {"fit_s": 0.1}))
-    pairs = _client_replies([_flower_reply(honest)], nodes, ByteLedger(), "fedavg/0")
+    pairs = _client_replies([_flower_reply(honest)], nodes, ByteCounter(), "fedavg/0")
     assert pairs[0][0] == 3 and torch.equal(fedavg_aggregate([pairs[0][1]], expected, [3])["fc2.bias"], expected["fc2.bias"])
 
     extra_record = reply_to_content(ParametersMessage(dict(expected), 4))
     extra_record["labels"] = ConfigRecord({"y": [int(v) for v in y]})
     with pytest.raises(ValueError) as err:
-        _client_replies([_flower_reply(extra_record)], nodes, ByteLedger(), "fedavg/0")
+        _client_replies([_flower_reply(extra_record)], nodes, ByteCounter(), "fedavg/0")
     one_line(err, r"^client 3: a 'parameters' reply has unexpected key 'labels' \(expected records")
 
     extra_meta = reply_to_content(ParametersMessage(dict(expected), 4))
     extra_meta["reply"]["x_train"] = base64.b64encode(x.numpy().tobytes()).decode()
     with pytest.raises(ValueError) as err:
-        _client_replies([_flower_reply(extra_meta)], nodes, ByteLedger(), "fedavg/0")
+        _client_replies([_flower_reply(extra_meta)], nodes, ByteCounter(), "fedavg/0")
     one_line(err, r"^client 3: a 'parameters' reply has unexpected key 'x_train'")
 
     extra_array = reply_to_content(ParametersMessage(dict(expected), 4))
     extra_array["arrays"]["x_train"] = Array(x.numpy())
-    (cid, msg), = _client_replies([_flower_reply(extra_array)], nodes, ByteLedger(), "fedavg/0")
+    (cid, msg), = _client_replies([_flower_reply(extra_array)], nodes, ByteCounter(), "fedavg/0")
     with pytest.raises(ValueError) as err:  # decoded fine; the aggregation knows the model's keys
         fedavg_aggregate([msg], expected, senders=[cid])
     one_line(err, r"^client 3: ParametersMessage has unexpected key 'x_train' \(expected the 16 model arrays\)$")
@@ -309,12 +302,12 @@ def test_flower_replies_are_checked_and_name_the_client(model, layers, images):
     scores = reply_to_content(FakeClient(0, model, layers).score(SimpleNamespace(config={"method": "grad_x_act"})))
     scores["metrics"] = MetricRecord({"num-examples": 5, "label_0": float(y[0])})
     with pytest.raises(ValueError) as err:
-        _client_replies([_flower_reply(scores)], nodes, ByteLedger(), "score")
+        _client_replies([_flower_reply(scores)], nodes, ByteCounter(), "score")
     one_line(err, r"^client 3: a 'scores' reply carries no metrics besides 'num-examples'; got 'label_0'$")
     scores["metrics"] = MetricRecord({"num-examples": 5})
     scores["reply"]["layers"] = "[1, 2, 3]"
     with pytest.raises(ValueError) as err:
-        _client_replies([_flower_reply(scores)], nodes, ByteLedger(), "score")
+        _client_replies([_flower_reply(scores)], nodes, ByteCounter(), "score")
     one_line(err, r"^client 3: ScoresMessage layers metadata must be JSON")
 
 

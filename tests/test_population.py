@@ -18,9 +18,10 @@ sys.path.insert(0, str(BENCHMARKS))
 import population  # noqa: E402
 import population_methods as pm  # noqa: E402
 
-from lightning_unlearn import ForgetRequest, UnlearningDataModule  # noqa: E402
+from lightning_unlearn import ForgetRequest  # noqa: E402
+from lightning_unlearn.data import UnlearningDataModule  # noqa: E402
 from lightning_unlearn.data import load_digits_datasets  # noqa: E402
-from lightning_unlearn.evaluation.attacks import population_statistics  # noqa: E402
+from lightning_unlearn.evidence.attacks import population_statistics  # noqa: E402
 
 
 def _population(rng, k: int, n: int, mu: np.ndarray, model_sd: float = 1.0) -> np.ndarray:

@@ -13,22 +13,17 @@ from torch import nn
 from torch.utils.data import DataLoader, IterableDataset
 
 import lightning_unlearn
-from lightning_unlearn import ForgetRequest, UnlearningDataModule
+from lightning_unlearn import ForgetRequest
+from lightning_unlearn.data import UnlearningDataModule
 from lightning_unlearn._training import fit
 from lightning_unlearn.callbacks import SelectiveUnlearning
 from lightning_unlearn.data import FederatedDataModule
 from lightning_unlearn.federated import FederatedSimulation, federated_unlearn
-from lightning_unlearn.masking import frozen_elements_equal
+from lightning_unlearn.mask import frozen_elements_equal
 from lightning_unlearn.metrics import accuracy
 from lightning_unlearn.models import SmallCNN
-from lightning_unlearn.privacy import (
-    DifferentialPrivacy,
-    UnsupportedModelError,
-    attach_client_dp,
-    epsilon_for,
-    make_dp_compatible,
-    noise_for,
-)
+from lightning_unlearn.privacy import DifferentialPrivacy, attach_client_dp, epsilon_for, make_dp_compatible, noise_for
+from lightning_unlearn.privacy.compat import UnsupportedModelError
 
 try:
     from opacus.accountants import RDPAccountant
@@ -299,7 +294,7 @@ CLI_CONFIG = """
 seed_everything: 0
 trainer: {{accelerator: cpu, devices: 1, logger: false}}
 model:
-  class_path: lightning_unlearn.privacy.DPSmallCNN
+  class_path: lightning_unlearn.privacy.models.DPSmallCNN
   init_args: {{channels: [8, 16], hidden: 32, lr: 0.003}}
 data:
   class_path: lightning_unlearn.data.presets.FederatedDigitsData
@@ -312,7 +307,7 @@ federated: {{rounds: 2, local_steps: 3, output_dir: {out}, dp_noise_multiplier: 
 def test_federated_dp_fit_from_a_config(tmp_path, capsys):
     """`lightning-unlearn fit` with dp_* settings: local DP-SGD per client, epsilons printed, a GroupNorm checkpoint."""
     from lightning_unlearn.cli import main
-    from lightning_unlearn.privacy import DPSmallCNN
+    from lightning_unlearn.privacy.models import DPSmallCNN
 
     config = tmp_path / "dp.yaml"
     config.write_text(CLI_CONFIG.format(out=tmp_path / "out"))
@@ -333,7 +328,7 @@ def test_dp_small_cnn_is_what_make_dp_compatible_makes_of_small_cnn():
         make_dp_compatible(made)
     else:  # without opacus the class still builds (reading DP checkpoints needs no Opacus)
         made.bn1, made.bn2 = nn.GroupNorm(8, 8), nn.GroupNorm(16, 16)
-    from lightning_unlearn.privacy import DPSmallCNN
+    from lightning_unlearn.privacy.models import DPSmallCNN
 
     born = DPSmallCNN(**TINY)
     assert {k: v.shape for k, v in born.state_dict().items()} == {k: v.shape for k, v in made.state_dict().items()}

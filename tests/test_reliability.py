@@ -18,7 +18,8 @@ import torch
 from rich.console import Console
 from torch.utils.data import Dataset, TensorDataset
 
-from lightning_unlearn import ForgetRequest, ParameterMask, UnlearnConfig, UnlearningDataModule, unlearn
+from lightning_unlearn import ForgetRequest, ParameterMask, UnlearnConfig, unlearn
+from lightning_unlearn.data import UnlearningDataModule
 from lightning_unlearn._io import is_incomplete
 from lightning_unlearn.baselines.ssd import ssd
 from lightning_unlearn.callbacks import GradientMask, SelectiveUnlearning
@@ -104,8 +105,8 @@ def test_planted_pickles_are_refused_everywhere_and_never_run(tmp_path, checkpoi
     with pytest.raises(ValueError, match="holds objects other than tensors"):
         file_partition(context)
     # a SISA ensemble file, and the weights a ledger verifies (weights_sha256 of the file on disk)
-    from lightning_unlearn.evaluation import weights_sha256
-    from lightning_unlearn.exact import SISAEnsemble
+    from lightning_unlearn.evidence.report import weights_sha256
+    from lightning_unlearn.exact.ensemble import SISAEnsemble
 
     for load in (lambda: SISAEnsemble.load(evil), lambda: weights_sha256(evil)):
         with pytest.raises(ValueError, match="holds objects other than tensors"):
@@ -244,7 +245,7 @@ def test_python_api_names_what_it_would_otherwise_do_quietly(tmp_path, trained_m
 
 # -- 12. a killed run leaves nothing that looks finished; a rerun cleans up ------------------------------------
 def test_interrupted_unlearning_is_marked_and_cleaned_by_the_rerun(monkeypatch, tmp_path, checkpoint, capsys):
-    import lightning_unlearn.evaluation.evaluate as evaluate
+    import lightning_unlearn.evidence.evaluate as evaluate
 
     out = tmp_path / "out"
     args = ["unlearn", "--config", DIGITS, "--ckpt_path", str(checkpoint), *QUIET, "--output_dir", str(out),
@@ -279,7 +280,7 @@ def test_test_subcommand_and_evaluate_table(tmp_path, capsys):
     lightning_ckpt = save_checkpoint(SmallCNN(), tmp_path / "model.ckpt")  # what `fit` writes for a federation
     main(["test", "--config", DIGITS, "--ckpt_path", str(lightning_ckpt), *QUIET])
     assert "test_acc" in capsys.readouterr().out
-    from lightning_unlearn.evaluation import compare
+    from lightning_unlearn.evidence import compare
 
     console = Console(width=200, record=True)
     compare([{"method": "unlearned", "forget_acc": 0.0, "remaining_acc": 0.9}], console=console)

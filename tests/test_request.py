@@ -5,8 +5,9 @@ import pytest
 import torch
 from torch.utils.data import ConcatDataset, Dataset, Subset, TensorDataset
 
-from lightning_unlearn import ForgetRequest, UnlearningDataModule
-from lightning_unlearn.data import dataset_targets
+from lightning_unlearn import ForgetRequest
+from lightning_unlearn.data import UnlearningDataModule
+from lightning_unlearn.data.datasets import dataset_targets
 
 
 def test_class_request_splits_train_and_test(class3_dm, digits):
@@ -23,8 +24,8 @@ def test_sample_request_and_combined_loader(digits):
     dm = UnlearningDataModule(digits[0], digits[1], ForgetRequest(sample_ids=[0, 5, 7]), batch_size=16)
     assert dm.forget_indices.tolist() == [0, 5, 7]
     assert dm.request.kind == "sample"
-    dm.combined = True
-    batch = next(iter(dm.train_dataloader()))
+    assert isinstance(next(iter(dm.train_dataloader())), list)  # no fit asks for forget batches: retain only
+    batch = next(iter(dm.combined_dataloader()))
     batch = batch[0] if isinstance(batch, tuple) else batch
     assert set(batch) == {"retain", "forget"}
     assert batch["forget"][0].shape[0] == 3 and batch["retain"][0].shape[0] == 16

@@ -8,14 +8,14 @@ import torch
 
 from lightning_unlearn import UnlearnConfig, unlearn
 from lightning_unlearn._training import reinitialize
-from lightning_unlearn.masking import frozen_elements_equal
+from lightning_unlearn.mask import frozen_elements_equal
 from lightning_unlearn.reset import DAMPEN_FACTOR, reestimate_batchnorm, reset_selected
-from lightning_unlearn.selection import select_channels
+from lightning_unlearn.mask import select_channels
 
 
 @pytest.fixture
 def selected(trained_model, class3_dm):
-    from lightning_unlearn import channel_scores
+    from lightning_unlearn.scoring import channel_scores
 
     scores = channel_scores(trained_model, class3_dm.forget_dataloader())
     return select_channels(scores, trained_model, ratio=0.25, head_rows=[3])
@@ -69,3 +69,34 @@ def test_unlearn_with_reset_keeps_frozen_elements_and_statistics_exact(trained_m
 def test_reset_is_refused_where_it_cannot_run():
     with pytest.raises(ValueError, match=r"unknown reset 'zero'; allowed values are \['none', 'reinit', 'dampen'\]"):
         UnlearnConfig(reset="zero")
+
+
+def test_reinit_leaves_the_global_rng_alone(trained_model, selected):
+    """A reset in the middle of a fit must not re-seed the user's run (it did: torch.manual_seed(config.seed))."""
+    torch.manual_seed(1234)
+    state = torch.get_rng_state()
+    reset_selected(trained_model, selected, "reinit", seed=0)
+    assert torch.equal(torch.get_rng_state(), state)
+
+
+def test_a_callable_reset_gets_a_seeded_generator(trained_model, selected, class3_dm, one_thread):
+    draws = []
+
+    def noise(model, mask, generator):
+        draws.append(torch.rand(3, generator=generator))
+        changed = 0
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                keep = mask.masks[name]
+                p.copy_(torch.where(keep, torch.zeros_like(p), p))
+                changed += int(keep.sum())
+        return changed
+
+    original = copy.deepcopy(trained_model)
+    assert reset_selected(trained_model, selected, noise, seed=5) == selected.num_selected
+    assert frozen_elements_equal(trained_model, dict(original.named_parameters()), selected)
+    assert all(not p[selected.masks[n]].any() for n, p in trained_model.named_parameters())
+    reset_selected(copy.deepcopy(original), selected, noise, seed=5)
+    assert torch.equal(draws[0], draws[1])  # seeded from the config's seed
+    result = unlearn(original, class3_dm, reset=noise, max_steps=3, early_stopping=False)
+    assert result.config.to_dict()["reset"] == "noise" and len(draws) == 3

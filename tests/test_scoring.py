@@ -6,16 +6,9 @@ import torch
 from captum.attr import LayerFeatureAblation
 from torch import Tensor, nn
 
-import lightning_unlearn.attribution as attribution
-from lightning_unlearn.attribution import (
-    SCORERS,
-    SCORING_METHODS,
-    ChannelScorer,
-    channel_scores,
-    check_method,
-    discover_layers,
-    register_scorer,
-)
+import lightning_unlearn.scoring as attribution
+from lightning_unlearn.scoring import SCORING_METHODS, ChannelScorer, channel_scores, discover_layers, register_scorer
+from lightning_unlearn.config import SCORERS, check_method
 
 BUILT_IN = ("grad_x_act", "ablation", "gradcam", "conductance", "weight_saliency")
 
@@ -85,15 +78,34 @@ def test_register_scorer_refuses_a_taken_name_or_a_non_scorer(user_scorer):
     assert SCORERS["test_weight_norm"] is WeightNorm
 
 
-def test_methods_is_a_deprecated_alias():
-    with pytest.warns(DeprecationWarning, match="use SCORING_METHODS"):
-        from lightning_unlearn.attribution import METHODS
-    assert METHODS == SCORING_METHODS
+def test_the_deprecated_methods_alias_is_gone():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        assert attribution.SCORING_METHODS == SCORING_METHODS  # the new name does not warn
-    with pytest.raises(AttributeError, match="has no attribute 'NOPE'"):
-        attribution.NOPE
+        assert attribution.SCORING_METHODS == SCORING_METHODS
+    for name in ("METHODS", "NOPE"):
+        with pytest.raises(AttributeError, match=f"has no attribute '{name}'"):
+            getattr(attribution, name)
+
+
+def test_a_scorer_class_or_instance_works_like_its_name(trained_model, class3_dm):
+    """channel_scores and the settings take a method name, a ChannelScorer subclass (registered or not) or an
+    instance built on the model; all three give the same scores."""
+    from lightning_unlearn import UnlearnConfig
+    from lightning_unlearn.scoring import GradientXActivation, discover_layers
+
+    loader = class3_dm.forget_dataloader()
+    by_name = channel_scores(trained_model, loader, "grad_x_act")
+    by_class = channel_scores(trained_model, loader, GradientXActivation)
+    layers = list(discover_layers(trained_model, next(iter(loader))[0][:2]))
+    modules = dict(trained_model.named_modules())
+    by_instance = channel_scores(trained_model, loader, GradientXActivation(trained_model, [modules[n] for n in layers]))
+    for other in (by_class, by_instance):
+        assert list(other) == list(by_name) and all(torch.equal(other[k], by_name[k]) for k in by_name)
+    unregistered = type("Unregistered", (WeightNorm,), {"name": "not_registered"})
+    assert channel_scores(trained_model, loader, unregistered, layers=["fc2"]).method == "not_registered"
+    assert UnlearnConfig(method=GradientXActivation).to_dict()["method"] == "grad_x_act"
+    with pytest.raises(ValueError, match="method must be a scoring method name or a ChannelScorer"):
+        UnlearnConfig(method=3)
 
 
 def test_discovers_layers_head_and_batchnorm(trained_model, digits):

@@ -4,7 +4,9 @@ import math
 import pytest
 import torch
 
-from lightning_unlearn import ParameterMask, channel_scores, select_channels
+from lightning_unlearn import ParameterMask
+from lightning_unlearn.scoring import channel_scores
+from lightning_unlearn.mask import select_channels
 
 
 @pytest.fixture
@@ -73,7 +75,7 @@ def test_bad_scope_and_head_rows(trained_model, scores):
 
 def test_groupnorm_follows_its_conv_like_batchnorm():
     """DP models swap BatchNorm for GroupNorm: a selected channel still brings its norm's affine parameters."""
-    from lightning_unlearn import discover_layers
+    from lightning_unlearn.scoring import discover_layers
     from lightning_unlearn.privacy.models import DPSmallCNN
 
     model = DPSmallCNN().eval()

@@ -17,7 +17,8 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_unlearn import ForgetRequest
 from lightning_unlearn._training import quiet_lightning
-from lightning_unlearn.exact import SISA, SISAConfig, SISAEnsemble
+from lightning_unlearn.exact import SISA, SISAConfig
+from lightning_unlearn.exact.ensemble import SISAEnsemble
 from lightning_unlearn.exact.cli import main as sisa_main
 from lightning_unlearn.exact.plan import file_sha256
 from lightning_unlearn.metrics import accuracy
@@ -259,11 +260,12 @@ def test_cli_two_shard_processes_in_parallel_then_unlearn_and_evaluate(tmp_path,
 
 
 def test_ledger_records_sisa_deletions_as_exact_and_verify_passes(fitted, train_set, digits, tmp_path):
-    from lightning_unlearn import ledger as ledger_mod
-    from lightning_unlearn.exact.ledger import record_fit, serve_requests
+    from lightning_unlearn.exact.serving import record_fit, serve_requests
+    from lightning_unlearn.ledger import Ledger, verify
+    from lightning_unlearn.ledger.identity import sample_hashes
 
-    with ledger_mod.Ledger(tmp_path / "ledger.db") as ledger:
-        source = ledger.register_source("digits", ledger_mod.sample_hashes(train_set),
+    with Ledger(tmp_path / "ledger.db") as ledger:
+        source = ledger.register_source("digits", sample_hashes(train_set),
                                         subjects=[f"person-{i % 50}" for i in range(len(train_set))])
         first = record_fit(fitted, ledger, source, tmp_path / "v1.pt")
         assert serve_requests(fitted, ledger, source, None, tmp_path / "jobs") == {"status": "idle"}
@@ -278,7 +280,7 @@ def test_ledger_records_sisa_deletions_as_exact_and_verify_passes(fitted, train_
         assert json.loads(evidence["report_json"])["exact"] is True
         assert ledger.version(outcome["version"])["parent_id"] == first
         assert np.array_equal(ledger.held(outcome["version"]), fitted.held_ids())
-        checks = ledger_mod.verify(ledger, [request_id])
+        checks = verify(ledger, [request_id])
         assert checks and all(c.ok for c in checks), [c for c in checks if not c.ok]
 
 
@@ -387,7 +389,7 @@ def test_corrupt_run_files_are_named_in_one_line(fitted, train_set, tmp_path, ca
 
 def _serve_in_child(run: SISA, db: str, jobs: str, claimed, go) -> None:
     from lightning_unlearn import ledger as ledger_mod
-    from lightning_unlearn.exact.ledger import serve_requests
+    from lightning_unlearn.exact.serving import serve_requests
 
     real = run.forget
 
@@ -405,11 +407,12 @@ def _serve_in_child(run: SISA, db: str, jobs: str, claimed, go) -> None:
 def test_two_ledger_servers_on_one_run_serve_both_requests(fitted, train_set, tmp_path):
     """`sisa unlearn --sisa.ledger` twice at once: the second claims its request only after the first is recorded."""
     from lightning_unlearn import ledger as ledger_mod
-    from lightning_unlearn.exact.ledger import record_fit
+    from lightning_unlearn.exact.serving import record_fit
+    from lightning_unlearn.ledger.identity import sample_hashes
 
     db = str(tmp_path / "ledger.db")
     with ledger_mod.Ledger(db) as ledger:
-        source = ledger.register_source("digits", ledger_mod.sample_hashes(train_set))
+        source = ledger.register_source("digits", sample_hashes(train_set))
         record_fit(fitted, ledger, source, tmp_path / "v1.pt")
         first = ledger.add_request(source, ForgetRequest(sample_ids=[int(fitted.slices[0][1][0])]), "alice")
     claimed, go = FORK.Event(), FORK.Event()

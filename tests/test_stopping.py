@@ -5,11 +5,12 @@ import numpy as np
 import pytest
 import torch
 
-from lightning_unlearn import ForgetRequest, UnlearnConfig, UnlearningDataModule, unlearn
+from lightning_unlearn import ForgetRequest, UnlearnConfig, unlearn
+from lightning_unlearn.data import UnlearningDataModule
 from lightning_unlearn._training import fit
 from lightning_unlearn.callbacks import SelectiveUnlearning
 from lightning_unlearn.config import AUTO_STEPS_MAX, AUTO_STEPS_MIN, auto_max_steps
-from lightning_unlearn.stopping import CheckSets, StoppingRule
+from lightning_unlearn.repair.stopping import CheckSets, StoppingRule
 
 
 # -- the rule on its own -----------------------------------------------------------------------------------

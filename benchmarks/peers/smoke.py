@@ -25,7 +25,7 @@ sys.path.insert(0, str(HERE))
 from population import ARCHS, DATASETS, make_request, make_task, recipe_of, train_plain  # noqa: E402
 from population_task import load_plugin  # noqa: E402
 
-from lightning_unlearn import UnlearningDataModule  # noqa: E402
+from lightning_unlearn.data import UnlearningDataModule  # noqa: E402
 from lightning_unlearn.data import load_digits_datasets  # noqa: E402
 
 

@@ -2,24 +2,23 @@
 
 Every entry of :data:`BASELINES` is ``fn(model, dm, epochs=..., seed=..., trainer_kwargs=..., **params)
 -> UnlearningResult`` and leaves ``model`` untouched. ``retrain`` is the exact reference
-(:func:`lightning_unlearn.retrain`); ``ours`` is :func:`lightning_unlearn.unlearn` (explanation-selected
-channels).
+(:func:`lightning_unlearn.retrain`); ``selective`` is :func:`lightning_unlearn.unlearn` (explanation-selected
+channels; the benchmarks' "ours").
 """
 from __future__ import annotations
 
-import warnings
 from typing import Any, Callable
 
 from lightning_unlearn.api import retrain, unlearn
 from lightning_unlearn.result import UnlearningResult
 from lightning_unlearn.baselines.common import masked_update
-from lightning_unlearn.baselines.controls import output_row, output_row_mask, random_channel_mask, random_channels
-from lightning_unlearn.baselines.salun import salun, saliency_mask
-from lightning_unlearn.baselines.ssd import dampen, fisher_diagonal, ssd
-from lightning_unlearn.selection import ParameterMask
+from lightning_unlearn.baselines.controls import output_row, random_channels
+from lightning_unlearn.baselines.salun import salun
+from lightning_unlearn.baselines.ssd import ssd
+from lightning_unlearn.mask import ParameterMask
 
 
-def ours(model, dm, epochs: int = 1, seed: int = 0, trainer_kwargs=None, **settings: Any) -> UnlearningResult:
+def selective(model, dm, epochs: int = 1, seed: int = 0, trainer_kwargs=None, **settings: Any) -> UnlearningResult:
     """The core method, :func:`lightning_unlearn.unlearn`; ``settings`` are :class:`~lightning_unlearn.UnlearnConfig` fields."""
     return unlearn(model, dm, epochs=epochs, seed=seed, trainer_kwargs=trainer_kwargs, **settings)
 
@@ -37,7 +36,7 @@ neggrad_plus = _full("ascent", "NegGrad+: retain cross-entropy plus capped gradi
 random_label = _full("random_label", "Random labels on the forget set plus retain cross-entropy, all parameters.")
 
 BASELINES: dict[str, Callable[..., UnlearningResult]] = {
-    "ours": ours,
+    "selective": selective,
     "retrain": retrain,
     "output_row": output_row,
     "random_channels": random_channels,
@@ -56,15 +55,4 @@ def run_method(name: str, model, dm, **kwargs: Any) -> UnlearningResult:
     return BASELINES[name](model, dm, **kwargs)
 
 
-def __getattr__(name: str) -> Any:
-    if name == "METHODS":
-        warnings.warn("lightning_unlearn.baselines.METHODS is deprecated; use BASELINES", DeprecationWarning, stacklevel=2)
-        return BASELINES
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-__all__ = [
-    "BASELINES", "dampen", "finetune", "fisher_diagonal", "masked_update", "neggrad_plus", "ours", "output_row",
-    "output_row_mask", "random_channel_mask", "random_channels", "random_label", "retrain", "run_method",
-    "saliency_mask", "salun", "ssd",
-]
+__all__ = ["BASELINES", "run_method"]

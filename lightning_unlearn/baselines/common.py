@@ -10,11 +10,12 @@ from torch import nn
 
 from lightning_unlearn._training import fit
 from lightning_unlearn.result import UnlearningResult
-from lightning_unlearn.attribution import LayerInfo, discover_layers
-from lightning_unlearn.callbacks.selective import SelectiveUnlearning, layer_info
+from lightning_unlearn.scoring import discover_layers
+from lightning_unlearn.scoring.layers import LayerInfo, layer_info
+from lightning_unlearn.callbacks.selective import SelectiveUnlearning
 from lightning_unlearn.data.unlearning import UnlearningDataModule
 from lightning_unlearn.metrics import split_accuracies
-from lightning_unlearn.selection import ParameterMask
+from lightning_unlearn.mask import ParameterMask
 
 
 def masked_update(

@@ -12,7 +12,7 @@ import torch
 
 from lightning_unlearn.result import UnlearningResult
 from lightning_unlearn.baselines.common import forget_rows, head_name, layer_info, masked_update
-from lightning_unlearn.selection import ParameterMask, select_channels
+from lightning_unlearn.mask import ParameterMask, select_channels
 
 
 def output_row_mask(model, dm) -> ParameterMask:

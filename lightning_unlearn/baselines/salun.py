@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader
 
 from lightning_unlearn.result import UnlearningResult
 from lightning_unlearn.baselines.common import masked_update
-from lightning_unlearn.selection import ParameterMask
+from lightning_unlearn.mask import ParameterMask
 
 
 def saliency_mask(model: nn.Module, forget_loader: DataLoader, ratio: float = 0.5) -> ParameterMask:

@@ -15,9 +15,9 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
 from lightning_unlearn.result import UnlearningResult
-from lightning_unlearn.evaluation.membership import subsample
+from lightning_unlearn.evidence.membership import subsample
 from lightning_unlearn.metrics import split_accuracies
-from lightning_unlearn.selection import ParameterMask
+from lightning_unlearn.mask import ParameterMask
 
 
 def fisher_diagonal(model: nn.Module, dataset: Dataset, batch_size: int = 64) -> dict[str, Tensor]:

@@ -8,8 +8,8 @@ import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
 
-from lightning_unlearn.masking import MaskEnforcer, check_bn_stats
-from lightning_unlearn.selection import ParameterMask
+from lightning_unlearn.config import check_bn_stats
+from lightning_unlearn.mask import MaskEnforcer, ParameterMask
 
 
 class GradientMask(Callback):
@@ -23,7 +23,7 @@ class GradientMask(Callback):
 
     Args:
         mask: a :class:`ParameterMask` or a path written by ``ParameterMask.save``.
-        bn_stats: ``"frozen"`` or ``"selected"`` (see :class:`~lightning_unlearn.masking.MaskEnforcer`).
+        bn_stats: ``"frozen"`` or ``"selected"`` (see :class:`~lightning_unlearn.mask.MaskEnforcer`).
     """
 
     def __init__(self, mask: ParameterMask | str | os.PathLike | None = None, bn_stats: str = "frozen") -> None:

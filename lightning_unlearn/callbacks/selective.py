@@ -1,42 +1,66 @@
 """SelectiveUnlearning: explain, select channels, reset them, repair only them. One callback on an existing Trainer."""
 from __future__ import annotations
 
-import time
 import os
+import time
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader, Subset
 from typing_extensions import override
 
-from lightning_unlearn.attribution import ChannelScores, channel_scores, discover_layers
-from lightning_unlearn.callbacks.gradient_mask import GradientMask
-from lightning_unlearn.callbacks.learning_rate import ScaleLearningRate
-from lightning_unlearn.config import UnlearnConfig
+from lightning_unlearn.config import FORGET_AWARE, UnlearnConfig
+from lightning_unlearn.mask import MaskEnforcer, ParameterMask
 from lightning_unlearn.metrics import accuracy
-from lightning_unlearn.mixin import UnlearningMixin
-from lightning_unlearn.objectives import FORGET_AWARE
-from lightning_unlearn.reset import reestimate_batchnorm, reset_selected
-from lightning_unlearn.selection import ParameterMask, head_parameter_scales, select_channels
-from lightning_unlearn.stopping import CheckSets, StoppingRule
+from lightning_unlearn.orchestration import (
+    RepairPlan,
+    ResetOutcome,
+    apply_reset,
+    exclude_frozen,
+    plan_repair,
+    prepare,
+)
+from lightning_unlearn.repair import (
+    CheckSets,
+    LearningRateGroups,
+    StoppingRule,
+    StopReason,
+    UnlearningMixin,
+    check_finite,
+)
+from lightning_unlearn.scoring import channel_scores
+from lightning_unlearn.scoring.channels import ChannelScores, average_scores
+from lightning_unlearn.scoring.layers import layer_info
+
+#: Settings that decide the mask: a resumed run keeps the checkpoint's mask whatever these say now.
+SELECTION_SETTINGS = ("method", "ratio", "scope", "threshold", "contrast", "max_samples", "layers", "include_head",
+                      "head_rows")
 
 
-class SelectiveUnlearning(GradientMask):
+class SelectiveUnlearning(Callback):
     """Make a model forget the data of ``trainer.datamodule`` (an :class:`UnlearningDataModule`).
 
-    Remove, then repair. At fit start: score channels on ``datamodule.forget_dataloader()``
-    (scores all-reduced across DDP ranks), select the top channels, reset them (``config.reset``;
-    their BatchNorm statistics re-estimated on retain data) and install an exact
-    :class:`GradientMask`, so the fit repairs only the selected slices. With a forget-aware
-    objective the module must subclass :class:`UnlearningMixin`; the callback then routes
-    combined retain/forget batches to it. Like ``EarlyStopping``, the callback owns its budget,
-    whatever the Trainer's ``max_epochs``: it stops at the step budget (``config.max_steps``,
-    ``"auto"``: :func:`~lightning_unlearn.config.auto_max_steps`), after ``config.epochs`` if set,
-    and, with ``config.early_stopping``, as soon as the :class:`~lightning_unlearn.stopping.StoppingRule`
-    sees the forget data forgotten and remaining accuracy recovered on held-out data. Every check
-    is in :attr:`stopping_history`; :attr:`stop_reason` says why the fit ended.
+    Remove, then repair. At fit start: :meth:`score` channels on ``datamodule.forget_dataloader()``
+    (count-weighted across DDP ranks), :meth:`select` the top channels, :meth:`reset` them
+    (``config.reset``; their BatchNorm statistics re-estimated on retain data), and enforce the mask
+    exactly with a :class:`~lightning_unlearn.mask.MaskEnforcer`, so the fit repairs only the selected
+    slices. Subclass and override :meth:`score`, :meth:`select` or :meth:`reset` to change a step.
+    With a forget-aware objective the module must subclass :class:`UnlearningMixin`, which dispatches
+    the combined retain/forget batches the data module then yields. Like ``EarlyStopping``, the callback
+    owns its budget, whatever the Trainer's ``max_epochs``: it stops at the step budget
+    (``config.max_steps``, ``"auto"``: :func:`~lightning_unlearn.config.auto_max_steps`), after
+    ``config.epochs`` if set, and, with ``config.early_stopping``, as soon as the
+    :class:`~lightning_unlearn.repair.StoppingRule` sees the forget data forgotten and remaining accuracy
+    recovered on held-out data. Every check is in :attr:`stopping_history`; :attr:`stop_reason`
+    (a :class:`~lightning_unlearn.repair.StopReason`) says why the fit ended. A non-finite loss,
+    parameter or BatchNorm statistic ends the fit with a :class:`~lightning_unlearn.repair.NonFiniteError`.
+
+    Each fit is one request: the mask, scores and stopping state of a previous fit are dropped at
+    setup, unless a checkpoint of the same request restores them (``trainer.fit(..., ckpt_path=...)``);
+    a resumed run continues with the checkpoint's mask, learning-rate groups and stopping state.
 
     Args:
         config: an :class:`~lightning_unlearn.UnlearnConfig` (default: its defaults); keyword
@@ -44,7 +68,7 @@ class SelectiveUnlearning(GradientMask):
         log_metrics: log forget / remaining / test accuracy (torchmetrics) at the end of every epoch.
         progress: show a progress bar while scoring.
         mask: a precomputed :class:`ParameterMask` or a path to one (e.g. broadcast by a federated
-            server): no scoring happens, only the masked update with ``config.objective``.
+            server): no scoring happens, only the reset and the masked update.
     """
 
     def __init__(
@@ -56,24 +80,35 @@ class SelectiveUnlearning(GradientMask):
         **overrides: Any,
     ) -> None:
         self.config = UnlearnConfig.build(config, **overrides)
-        super().__init__(mask=mask, bn_stats=self.config.bn_stats)
+        if mask is not None and not isinstance(mask, (ParameterMask, str, os.PathLike)):
+            raise ValueError(f"mask must be a ParameterMask or a path to a saved mask, got {type(mask).__name__}")
         self.log_metrics, self.progress = log_metrics, progress
+        self._given_mask = ParameterMask.load(mask) if isinstance(mask, (str, os.PathLike)) else mask
+        self._start_request()
+
+    def _start_request(self) -> None:
+        """Per-request state: what one fit computes, saves and restores."""
+        self.mask: ParameterMask | None = self._given_mask
         self.scores: ChannelScores | None = None
         self.timings: dict[str, float] = {}
         self.history: list[dict[str, float | None]] = []
-        self._user_step = None
-        self._resolved: UnlearnConfig | None = None
-        self._resumed = False
-        self._lr: ScaleLearningRate | None = None
-        self._rule: StoppingRule | None = None
-        self._checks: CheckSets | None = None
-        self._reference: float | None = None
-        self._budget: int | None = None
-        self._interval = 0
-        self._last_step: int | None = None
-        self.stop_reason: str | None = None
+        self.stop_reason: StopReason | None = None
         self.steps = 0
+        self._request: dict | None = None
+        self._resolved: UnlearnConfig | None = None
+        self._restored = False
+        self._plan: RepairPlan | None = None
+        self._learning_rates: LearningRateGroups | None = None
+        self._enforcer: MaskEnforcer | None = None
+        self._checks: CheckSets | None = None
+        self._rule: StoppingRule | None = None
+        self._rule_state: dict | None = None
+        self._reference: float | None = None
+        self._forget_state: dict | None = None
+        self._last_step = 0
+        self._fit_start = 0.0
 
+    # -- public state ------------------------------------------------------------------------
     @property
     def stopping_history(self) -> list[dict]:
         """Every check of the stopping rule: step, forget accuracy and target, remaining accuracy, decision."""
@@ -86,7 +121,44 @@ class SelectiveUnlearning(GradientMask):
             raise RuntimeError("the config is resolved in setup(): call trainer.fit first")
         return self._resolved
 
-    # -- set-up: data mode and objective routing ---------------------------------------------
+    @property
+    def needs_forget_batches(self) -> bool:
+        """The resolved objective has a forget term: the data module yields combined retain/forget batches."""
+        return self._resolved is not None and self._resolved.objective in FORGET_AWARE
+
+    # -- extension points: override to change a step -----------------------------------------------
+    def score(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> ChannelScores:
+        """Channel scores of the forget set. Each DDP rank scores its shard; the scores are count-weighted
+        over the ranks, so every rank holds the same scores."""
+        cfg = self.resolved_config
+        dm = trainer.datamodule
+        forget, retain = dm.forget_dataloader(), dm.retain_dataloader() if cfg.contrast else None
+        world, rank = trainer.world_size, trainer.global_rank
+        if world > 1:
+            forget = _shard(forget, rank, world)
+            retain = _shard(retain, rank, world) if retain is not None else None
+        scores = channel_scores(
+            pl_module, forget, cfg.method, cfg.layers, retain, cfg.max_samples, cfg.seed, progress=self.progress
+        )
+        if world > 1:
+            device = pl_module.device
+            counts = trainer.strategy.all_gather(torch.tensor(float(scores.num_samples), device=device)).cpu()
+            gathered = {n: trainer.strategy.all_gather(s.to(device)).cpu() for n, s in scores.items()}
+            parts = [({n: g[r] for n, g in gathered.items()}, int(counts[r])) for r in range(world)]
+            scores = ChannelScores(average_scores(parts), int(counts.sum()), scores.method, scores.layers)
+        return scores
+
+    def select(self, pl_module: pl.LightningModule, scores: ChannelScores) -> ParameterMask:
+        """Scores -> mask (:func:`~lightning_unlearn.orchestration.prepare`): the config's ratio, scope and head rows;
+        layers the user froze are never selected."""
+        return prepare(pl_module, scores, self.resolved_config)
+
+    def reset(self, trainer: pl.Trainer, pl_module: pl.LightningModule, mask: ParameterMask) -> ResetOutcome:
+        """Remove the selected slices (:func:`~lightning_unlearn.orchestration.apply_reset`: ``config.reset``,
+        seeded, the same on every rank) and re-estimate their BatchNorm statistics on retain data."""
+        return apply_reset(pl_module, mask, self.resolved_config, trainer.datamodule.retain_dataloader(shuffle=False))
+
+    # -- set-up -------------------------------------------------------------------------------
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
@@ -97,116 +169,116 @@ class SelectiveUnlearning(GradientMask):
                 "SelectiveUnlearning needs trainer.fit(model, datamodule=UnlearningDataModule(...)); "
                 f"got datamodule {type(dm).__name__ if dm is not None else None}"
             )
+        self._start_request()  # a new fit is a new request; a checkpoint of this request restores it next
+        self._request = dm.request.to_dict()
         cfg = self._resolved = self.config.resolved(dm.request, "central")
-        forget_aware = cfg.objective in FORGET_AWARE
-        if forget_aware and not isinstance(pl_module, UnlearningMixin):
-            raise TypeError(
-                f"objective {cfg.objective!r} needs the model to subclass lightning_unlearn.UnlearningMixin "
-                f"({type(pl_module).__name__} does not); add the mixin or use objective='retain'"
-            )
-        dm.combined = forget_aware
-        if forget_aware:
+        if self.needs_forget_batches:
+            if not isinstance(pl_module, UnlearningMixin):
+                raise TypeError(
+                    f"objective {cfg.objective!r} needs the model to subclass lightning_unlearn.UnlearningMixin "
+                    f"({type(pl_module).__name__} does not); add the mixin or use objective='retain'"
+                )
             pl_module.configure_unlearning(cfg.objective, dm.request.classes, cfg.forget_weight, cfg.seed)
-            self._route_combined_batches(pl_module)
 
-    def _route_combined_batches(self, pl_module: pl.LightningModule) -> None:
-        """Instance-level wrapper: works whatever the mixin's position in the bases (MRO)."""
-        user_step = pl_module.training_step
-
-        def training_step(batch, batch_idx=0, *args, **kwargs):
-            if isinstance(batch, dict) and "forget" in batch:
-                return pl_module.unlearning_step(batch, batch_idx, user_step)
-            return user_step(batch, batch_idx, *args, **kwargs)
-
-        self._user_step = user_step
-        pl_module.training_step = training_step
-
-    @override
-    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        super().teardown(trainer, pl_module, stage)
-        if self._user_step is not None and "training_step" in vars(pl_module):
-            del pl_module.training_step
-            self._user_step = None
-        if trainer.datamodule is not None and hasattr(trainer.datamodule, "combined"):
-            trainer.datamodule.combined = False
-
-    # -- scoring and selection ---------------------------------------------------------------
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         cfg = self.resolved_config
-        self.stop_reason, self._last_step = None, None
         if self.mask is None:  # neither given nor restored from a checkpoint
             start = time.perf_counter()
-            self.scores = self._score(trainer, pl_module)
+            self.scores = self.score(trainer, pl_module)
             self.timings["scoring"] = time.perf_counter() - start
-            self.mask = select_channels(
-                self.scores, pl_module, cfg.ratio, cfg.scope, cfg.threshold, cfg.include_head, cfg.head_rows
-            )
-            rank_zero_info(f"SelectiveUnlearning: {cfg.method} selected {self.mask.fraction:.2%} of parameters")
-        self._prepare_stopping(trainer, pl_module)
-        if not self._resumed:  # a resumed run's weights were reset before its checkpoint was written
-            self._reset(trainer, pl_module)
+            self.mask = self.select(pl_module, self.scores)
+            rank_zero_info(f"SelectiveUnlearning: {cfg.to_dict()['method']} selected {self.mask.fraction:.2%} of "
+                           "parameters")
+        self.mask.check(pl_module)
+        self.mask = exclude_frozen(self.mask, pl_module)  # a given mask too: what the user froze stays as it is
+        dm = trainer.datamodule
+        layers = self.scores.layers if self.scores is not None else layer_info(pl_module, dm)
+        self._plan = plan_repair(self.mask, cfg, layers, len(dm.retain_dataloader()))
+        self._prepare_stopping(pl_module, dm)
+        if not self._restored:  # a resumed run's weights were reset before its checkpoint was written
+            start = time.perf_counter()
+            outcome = self.reset(trainer, pl_module, self.mask)
+            self.timings["reset"] = time.perf_counter() - start
+            if outcome.changed:
+                rank_zero_info(f"SelectiveUnlearning: reset ({cfg.reset}) {outcome.changed} elements; BatchNorm "
+                               f"statistics of the selected channels re-estimated on {outcome.batchnorm_batches} "
+                               "retain batches")
+            check_finite(pl_module, "after the reset")
+        elif self._forget_state is not None and isinstance(pl_module, UnlearningMixin):
+            pl_module.load_unlearning_state_dict(self._forget_state)
         self._check_same_mask_on_all_ranks(trainer)
+        self._enforcer = MaskEnforcer(pl_module, self.mask, cfg.bn_stats)
+        self._enforcer.attach(trainer.optimizers)
+        # before Lightning restores the optimizer: a resumed run gets the checkpoint's groups and rates
+        if self._learning_rates is None:
+            self._learning_rates = self._plan.learning_rates
+        self._learning_rates.apply(pl_module, trainer.optimizers, [c.scheduler for c in trainer.lr_scheduler_configs])
         self._fit_start = time.perf_counter()
-        super().on_fit_start(trainer, pl_module)
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        cfg = self.resolved_config
-        head = cfg.head_lr_scale if cfg.head_lr_scale is not None else cfg.lr_scale
-        params = {}
-        if head != cfg.lr_scale:
-            layers = self.scores.layers if self.scores is not None else layer_info(pl_module, trainer.datamodule)
-            params = head_parameter_scales(self.mask, layers, head)
-        self._lr = ScaleLearningRate(cfg.lr_scale, params)
-        if not self._lr.is_identity:
-            self._lr.on_train_start(trainer, pl_module)
+        self._last_step = trainer.global_step  # checks count optimizer steps from here (0, or the restored step)
+
+    @override
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+        if self._enforcer is not None:
+            self._enforcer.freeze_batchnorm()
+
+    @override
+    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer) -> None:
+        if self._enforcer is not None:
+            self._enforcer.zero_frozen_grads()  # before Lightning's gradient clipping: norms of trainable elements
 
     # -- the budget and the stopping rule -------------------------------------------------------
-    def _prepare_stopping(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Step budget, check sets and the original's remaining accuracy (measured before the reset)."""
-        cfg = self.resolved_config
-        dm = trainer.datamodule
-        self._budget = cfg.step_budget(len(dm.retain_dataloader()))
-        self._interval = cfg.check_interval(self._budget)
+    def _prepare_stopping(self, pl_module: pl.LightningModule, datamodule: Any) -> None:
+        """Check sets, the original's remaining accuracy (measured before the reset) and the rule's state."""
+        cfg, plan = self.resolved_config, self._plan
         if not cfg.early_stopping:
             return
-        self._checks = CheckSets(dm, cfg.check_samples, cfg.seed)
+        self._checks = CheckSets(datamodule, cfg.check_samples, cfg.seed)
         if self._reference is None:  # a resumed run keeps the reference of its first start
             self._reference = self._checks.evaluate(pl_module)[2]
         self._rule = StoppingRule(self._reference, cfg.stop_tolerance, cfg.patience)
-        rank_zero_info(f"SelectiveUnlearning: budget {self._budget} steps, checks every {self._interval}; original "
-                       f"remaining accuracy on held-out data {self._reference:.2%}")
+        if self._rule_state is not None:
+            self._rule.load_state_dict(self._rule_state)
+        rank_zero_info(f"SelectiveUnlearning: budget {plan.max_steps} steps, checks every {plan.check_every}; "
+                       f"original remaining accuracy on held-out data {self._reference:.2%}")
 
     @override
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
+        loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
+        if isinstance(loss, torch.Tensor):
+            check_finite_loss(pl_module, loss, trainer.global_step)
         step = trainer.global_step
-        if step == self._last_step:  # gradient accumulation: no optimizer step yet
+        if step == self._last_step:  # gradient accumulation: no optimizer step since the last check
             return
         self._last_step = step
+        plan = self._plan
         reason = None
-        if self._rule is not None and step % self._interval == 0:
+        if self._rule is not None and step % plan.check_every == 0:
+            check_finite(pl_module, f"at step {step}")
             forget_acc, target, remaining_acc = self._checks.evaluate(pl_module)
             reason = self._rule.update(step, forget_acc, target, remaining_acc)
             self._pause_forget_term_once_forgotten(pl_module, self._rule.history[-1].forgotten)
             pl_module.log_dict({"unlearn/check_forget_acc": forget_acc, "unlearn/check_remaining_acc": remaining_acc})
             if trainer.world_size > 1 and trainer.strategy.reduce_boolean_decision(reason is not None, all=False):
-                reason = reason or "another rank's check"  # every rank checks at the same steps
-        if reason is None and self._budget is not None and step >= self._budget:
-            reason = "step budget"
+                reason = reason or StopReason.OTHER_RANK  # every rank checks at the same steps
+        if reason is None and plan.max_steps is not None and step >= plan.max_steps:
+            reason = StopReason.STEP_BUDGET
         if reason is not None:
-            self._stop(trainer, reason)
+            self._stop(trainer, pl_module, reason)
 
     def _pause_forget_term_once_forgotten(self, pl_module: pl.LightningModule, forgotten: bool) -> None:
         """A forget-aware term is the means to forget, not the repair: once held-out data shows the forget data
         forgotten it is paused (weight 0) so it stops pulling shared features away from the retain data; a
         later check that shows the data back resumes it."""
-        cfg = self.resolved_config
-        if cfg.objective in FORGET_AWARE and isinstance(pl_module, UnlearningMixin):
-            pl_module.forget_weight = 0.0 if forgotten else cfg.forget_weight
+        if self.needs_forget_batches and isinstance(pl_module, UnlearningMixin):
+            pl_module.forget_weight = 0.0 if forgotten else self.resolved_config.forget_weight
 
-    def _stop(self, trainer: pl.Trainer, reason: str) -> None:
+    def _stop(self, trainer: pl.Trainer, pl_module: pl.LightningModule, reason: StopReason) -> None:
+        check_finite(pl_module, f"at step {trainer.global_step}")
         trainer.should_stop = True
         self.stop_reason = reason
         last = self._rule.history[-1] if self._rule is not None and self._rule.history else None
@@ -223,39 +295,6 @@ class SelectiveUnlearning(GradientMask):
             rank_zero_warn(f"SelectiveUnlearning over-forgot: {summary}; a retrained model would score about the "
                            "target on these samples (use objective='retain' for sample requests)")
 
-    def _reset(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """``config.reset``: remove the selected slices (same seed on every rank), re-estimate their BatchNorm stats."""
-        cfg = self.resolved_config
-        if cfg.reset == "none":
-            return
-        start = time.perf_counter()
-        changed = reset_selected(pl_module, self.mask, cfg.reset, cfg.seed)
-        batches = reestimate_batchnorm(pl_module, self.mask, trainer.datamodule.retain_dataloader(shuffle=False))
-        self.timings["reset"] = time.perf_counter() - start
-        rank_zero_info(f"SelectiveUnlearning: reset ({cfg.reset}) {changed} elements; BatchNorm statistics of the "
-                       f"selected channels re-estimated on {batches} retain batches")
-
-    def _score(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> ChannelScores:
-        """Each rank scores its shard of the forget set; sums and counts are all-reduced."""
-        dm = trainer.datamodule
-        forget, retain = dm.forget_dataloader(), dm.retain_dataloader() if self.config.contrast else None
-        world, rank = trainer.world_size, trainer.global_rank
-        if world > 1:
-            forget = _shard(forget, rank, world)
-            retain = _shard(retain, rank, world) if retain is not None else None
-        cfg = self.resolved_config
-        scores = channel_scores(
-            pl_module, forget, cfg.method, cfg.layers, retain, cfg.max_samples, cfg.seed, progress=self.progress
-        )
-        if world > 1:
-            count = trainer.strategy.reduce(torch.tensor(float(scores.num_samples), device=pl_module.device), reduce_op="sum")
-            summed = {
-                n: trainer.strategy.reduce(s.to(pl_module.device) * scores.num_samples, reduce_op="sum") / count
-                for n, s in scores.items()
-            }
-            scores = ChannelScores({n: s.cpu() for n, s in summed.items()}, int(count), scores.method, scores.layers)
-        return scores
-
     def _check_same_mask_on_all_ranks(self, trainer: pl.Trainer) -> None:
         if trainer.world_size <= 1:
             return
@@ -267,12 +306,12 @@ class SelectiveUnlearning(GradientMask):
                 "refusing to unlearn with inconsistent masks"
             )
 
-    # -- metrics -----------------------------------------------------------------------------
+    # -- metrics and the end of the fit ------------------------------------------------------------
     @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         epochs = self.resolved_config.epochs
         if epochs is not None and trainer.current_epoch + 1 >= epochs and not trainer.should_stop:
-            self._stop(trainer, "epochs")
+            self._stop(trainer, pl_module, StopReason.EPOCHS)
         if not self.log_metrics:
             return
         dm = trainer.datamodule
@@ -288,42 +327,70 @@ class SelectiveUnlearning(GradientMask):
 
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        super().on_fit_end(trainer, pl_module)
-        self.timings["unlearning"] = time.perf_counter() - getattr(self, "_fit_start", time.perf_counter())
+        if self._enforcer is not None:
+            self._enforcer.restore()
+            self._enforcer.detach()
+        check_finite(pl_module, "at the end of the repair")
+        self.timings["unlearning"] = time.perf_counter() - self._fit_start
         self.steps = trainer.global_step
         if self.stop_reason is None:
-            self.stop_reason = "trainer"  # the Trainer's own max_epochs / max_steps ended the fit first
+            self.stop_reason = StopReason.TRAINER  # the Trainer's own max_epochs / max_steps ended the fit first
 
     @override
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if self._enforcer is not None:
+            self._enforcer.detach()
+
+    # -- checkpoints: everything a resumed run needs to continue exactly ----------------------------
+    @override
     def state_dict(self) -> dict[str, Any]:
-        state = super().state_dict()
-        state["scores"] = None if self.scores is None else self.scores.state_dict()
-        state["config"] = self.config.to_dict()
-        state["stopping_reference"] = self._reference
-        return state
+        forget = None
+        module = self._enforcer.model if self._enforcer is not None else None
+        if self.needs_forget_batches and isinstance(module, UnlearningMixin):
+            forget = module.unlearning_state_dict()
+        return {
+            "mask": None if self.mask is None else self.mask.to_checkpoint(),
+            "bn_stats": self.config.bn_stats,
+            "scores": None if self.scores is None else self.scores.state_dict(),
+            "config": self.config.to_dict(),
+            "request": self._request,
+            "stopping_reference": self._reference,
+            "stopping": None if self._rule is None else self._rule.state_dict(),
+            "learning_rates": None if self._learning_rates is None else self._learning_rates.state_dict(),
+            "forget_term": forget,
+        }
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        had_mask = self.mask is not None
-        super().load_state_dict(state_dict)
-        self._resumed = state_dict.get("mask") is not None
+        saved_request = state_dict.get("request")
+        if self._request is not None and saved_request is not None and saved_request != self._request:
+            raise ValueError(f"the checkpoint holds unlearning state of request {saved_request}, not of this fit's "
+                             f"request {self._request}; resume with the checkpoint's request or start without it")
+        if state_dict.get("mask") is None:
+            return
+        had_mask = self._given_mask is not None
+        self.mask = ParameterMask.from_checkpoint(state_dict["mask"])
+        self._restored = True
         if state_dict.get("scores") is not None:
             self.scores = ChannelScores.from_state_dict(state_dict["scores"])
         if state_dict.get("stopping_reference") is not None:
             self._reference = float(state_dict["stopping_reference"])
+        self._rule_state = state_dict.get("stopping")
+        if state_dict.get("learning_rates") is not None:
+            self._learning_rates = LearningRateGroups.from_state_dict(state_dict["learning_rates"])
+        self._forget_state = state_dict.get("forget_term")
         saved = state_dict.get("config") or {}
-        selection = ("method", "ratio", "scope", "threshold", "contrast", "max_samples", "layers", "include_head",
-                     "head_rows")
-        changed = [k for k in selection if k in saved and saved[k] != getattr(self.config, k)]
-        if state_dict.get("mask") is not None and (changed or had_mask):
+        current = self.config.to_dict()
+        changed = [k for k in SELECTION_SETTINGS if k in saved and saved[k] != current[k]]
+        if changed or had_mask:
             rank_zero_warn(f"SelectiveUnlearning resumes with the checkpoint's mask ({self.mask.sha256()[:12]}); "
                            f"this callback's {', '.join(changed) or 'mask'} setting does not apply to it")
 
 
-def layer_info(model: pl.LightningModule, datamodule: Any) -> dict:
-    """Scorable layers of ``model``, traced on one training sample of ``datamodule``."""
-    x = datamodule.train_dataset[0][0][None]
-    return discover_layers(model, x.to(next(model.parameters()).device))
+def check_finite_loss(pl_module: pl.LightningModule, loss: torch.Tensor, step: int) -> None:
+    """The loss of every training batch must be finite (one NaN input turns every later step non-finite)."""
+    if not bool(torch.isfinite(loss.detach()).all()):
+        check_finite(pl_module, f"at step {step}", loss)
 
 
 def _shard(loader: DataLoader, rank: int, world: int) -> DataLoader:

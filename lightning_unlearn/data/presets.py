@@ -1,7 +1,7 @@
 """Config-friendly data modules (digits, MNIST): the request is given as plain arguments.
 
-LightningCLI builds these from YAML; ``train_on`` switches ``train_dataloader`` between all
-training data (``lightning-unlearn fit``: the original model) and the retain data (unlearning).
+LightningCLI builds these from YAML. ``lightning-unlearn fit`` trains the original model on
+``full_train_dataloader()`` (every sample); unlearning and retraining use the retain data.
 """
 from __future__ import annotations
 
@@ -15,9 +15,6 @@ from lightning_unlearn.data.datasets import load_digits_datasets, load_mnist
 from lightning_unlearn.data.federated import FederatedDataModule
 from lightning_unlearn.data.unlearning import UnlearningDataModule
 from lightning_unlearn.request import ForgetRequest, random_samples_request
-
-TRAIN_ON = ("retain", "all")
-
 
 def build_request(
     num_train: int,
@@ -52,7 +49,6 @@ class _PresetData(UnlearningDataModule, ABC):
         forget_classes: classes to forget, e.g. ``[3]``.
         forget_sample_ids: training-set indices to forget.
         forget_random_fraction: forget this fraction of training samples, chosen with ``seed``.
-        train_on: ``"retain"`` (unlearning, retraining) or ``"all"`` (training the original model).
     """
 
     def __init__(
@@ -63,23 +59,14 @@ class _PresetData(UnlearningDataModule, ABC):
         batch_size: int = 64,
         num_workers: int = 0,
         seed: int = 0,
-        train_on: str = "retain",
     ) -> None:
-        if train_on not in TRAIN_ON:
-            raise ValueError(f"unknown train_on {train_on!r}; allowed values are {list(TRAIN_ON)}")
         train, test = self._load(seed)
         request = build_request(len(train), forget_classes, forget_sample_ids, forget_random_fraction, seed)
         super().__init__(train, test, request, batch_size=batch_size, num_workers=num_workers, seed=seed)
-        self.train_on = train_on
 
     @abstractmethod
     def _load(self, seed: int) -> tuple[Dataset, Dataset]:
         """(train, test) datasets of the preset."""
-
-    def train_dataloader(self):
-        if self.train_on == "all" and not self.combined:
-            return self._loader(self.train_dataset, shuffle=True)
-        return super().train_dataloader()
 
     def val_dataloader(self) -> DataLoader:
         return self.full_test_dataloader()

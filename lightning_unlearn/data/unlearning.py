@@ -14,9 +14,12 @@ from lightning_unlearn.request import ForgetRequest
 class UnlearningDataModule(LightningDataModule):
     """Splits training data into forget and retain sets for a :class:`ForgetRequest`.
 
-    ``train_dataloader()`` yields retain batches ``(x, y)``; once ``combined`` is set
-    (the forget-aware objectives set it) it yields ``{"retain": (x, y), "forget": (x, y)}``
-    through Lightning's ``CombinedLoader``, cycling the smaller forget set.
+    ``train_dataloader()`` yields retain batches ``(x, y)``; when a callback of the fit asks for forget
+    batches (``SelectiveUnlearning`` with a forget-aware objective: its ``needs_forget_batches``) it yields
+    ``{"retain": (x, y), "forget": (x, y)}`` (:meth:`combined_dataloader`) through Lightning's
+    ``CombinedLoader``, cycling the smaller forget set. No flag is set on the data module: each fit's
+    callbacks say what that fit trains on. :meth:`full_train_dataloader` is every training sample
+    (what the original model was trained on).
     ``test_dataloader()`` returns ``[forget_test, remaining_test]`` for class requests
     and ``[test]`` otherwise. Items are ``(input, label, *extra)``; both datasets are checked once,
     here, before any work (:func:`~lightning_unlearn.data.validation.checked_targets`).
@@ -38,7 +41,6 @@ class UnlearningDataModule(LightningDataModule):
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.train_dataset, self.test_dataset, self.request = train_dataset, test_dataset, request
         self.batch_size, self.num_workers, self.seed = batch_size, num_workers, seed
-        self.combined = False
         # one pass over all the data before any work: item shape, finite inputs, labels in range
         self.train_targets = checked_targets(train_dataset, "training dataset", num_classes)
         self.test_targets = (self.train_targets if test_dataset is train_dataset
@@ -47,7 +49,7 @@ class UnlearningDataModule(LightningDataModule):
         self.num_classes = num_classes if num_classes is not None else seen
         if forget_indices is None:
             request.validate(self.train_targets, self.num_classes)
-            mask = request.forget_mask(self.train_targets)
+            mask = request.resolve(self.train_targets)
         else:  # resolved elsewhere (a federated client request)
             mask = np.zeros(len(self.train_targets), dtype=bool)
             mask[np.asarray(forget_indices, dtype=np.int64)] = True
@@ -91,11 +93,23 @@ class UnlearningDataModule(LightningDataModule):
         )
 
     def train_dataloader(self):
+        if self._fit_needs_forget_batches():
+            return self.combined_dataloader()
+        return self._loader(self.retain_set, shuffle=True)
+
+    def combined_dataloader(self) -> CombinedLoader:
+        """``{"retain": (x, y), "forget": (x, y)}`` batches, the smaller forget set cycled."""
         retain = self._loader(self.retain_set, shuffle=True)
-        if not self.combined:
-            return retain
         forget = self._loader(self.forget_set, shuffle=True, offset=1)
         return CombinedLoader({"retain": retain, "forget": forget}, mode="max_size_cycle")
+
+    def full_train_dataloader(self) -> DataLoader:
+        """Every training sample, shuffled: what the original model learns from."""
+        return self._loader(self.train_dataset, shuffle=True)
+
+    def _fit_needs_forget_batches(self) -> bool:
+        trainer = self.trainer
+        return trainer is not None and any(getattr(cb, "needs_forget_batches", False) for cb in trainer.callbacks)
 
     def retain_dataloader(self, shuffle: bool = False) -> DataLoader:
         return self._loader(self.retain_set, shuffle=shuffle)
@@ -118,9 +132,3 @@ class UnlearningDataModule(LightningDataModule):
     def test_dataloader(self):
         forget = self.forget_test_dataloader()
         return [forget, self.remaining_test_dataloader()] if forget is not None else [self.full_test_dataloader()]
-
-    def state_dict(self) -> dict:
-        return {"combined": self.combined}
-
-    def load_state_dict(self, state_dict: dict) -> None:
-        self.combined = state_dict.get("combined", self.combined)

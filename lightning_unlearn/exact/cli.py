@@ -133,10 +133,11 @@ def _run(command: str, cfg: Namespace) -> int:
 
 def _record_in_ledger(run, db: str, source_name: str, train) -> None:
     from lightning_unlearn._io import unique_path
-    from lightning_unlearn.exact.ledger import record_fit
-    from lightning_unlearn.ledger import Ledger, sample_hashes
+    from lightning_unlearn.exact.serving import record_fit
+    from lightning_unlearn.ledger import Ledger
+    from lightning_unlearn.ledger.identity import sample_hashes
 
-    from lightning_unlearn.evaluation.report import weights_sha256
+    from lightning_unlearn.evidence.report import weights_sha256
 
     untrained = [s for s in range(run.config.shards) if len(run.shard_state(s)["stages"]) < run.config.slices]
     if untrained:
@@ -153,7 +154,7 @@ def _record_in_ledger(run, db: str, source_name: str, train) -> None:
 
 
 def _serve_ledger(run, db: str, source_name: str, test) -> int:
-    from lightning_unlearn.exact.ledger import serve_requests
+    from lightning_unlearn.exact.serving import serve_requests
     from lightning_unlearn.ledger import Ledger
 
     with Ledger(db, create=False) as ledger:  # serving needs the ledger sisa fit --sisa.ledger recorded

@@ -393,7 +393,7 @@ class SISA:
         if request.kind == "client":
             if self.groups is None:
                 raise ValueError("a client request needs a client id per training sample: pass groups= to SISA "
-                                 "(e.g. lightning_unlearn.exact.client_ids(federated_datamodule))")
+                                 "(e.g. lightning_unlearn.exact.sisa.client_ids(federated_datamodule))")
             known = sorted(int(g) for g in np.unique(self.groups))
             bad = [c for c in request.clients if c not in known]
             if bad:

@@ -20,9 +20,9 @@ import torch
 from torch import Tensor
 
 from lightning_unlearn._training import reinitialize
-from lightning_unlearn.attribution import LayerInfo
+from lightning_unlearn.scoring.layers import LayerInfo
 from lightning_unlearn.data.federated import FederatedForgetPlan
-from lightning_unlearn.federated.arrays import get_arrays, set_arrays
+from lightning_unlearn.mask.arrays import get_arrays, set_arrays
 from lightning_unlearn.federated.messages import (
     Broadcast,
     ParametersMessage,
@@ -41,7 +41,8 @@ from lightning_unlearn.federated.protocol import (
     unlearn_config,
 )
 from lightning_unlearn.federated.server import UpdateStore, run_fedavg
-from lightning_unlearn.selection import ParameterMask, select_channels
+from lightning_unlearn.mask import ParameterMask, select_channels
+from lightning_unlearn.orchestration import prepare
 
 
 def federated_retrain(
@@ -109,7 +110,7 @@ def federated_random_channels(
     cfg = UnlearnConfig.build(config, **overrides).resolved(plan.request, "federated")
     gen = torch.Generator().manual_seed(cfg.seed)
     scores = {n: torch.rand(i.out_channels, generator=gen) for n, i in layers.items()}
-    mask = select_channels(scores, model, cfg.ratio, cfg.scope, layers=layers, head_rows=cfg.head_rows)
+    mask = prepare(model, scores, cfg, layers)  # the selection ours runs, on random scores
     return _masked_baseline("random_channels", model, clients, plan, mask, mask.channels, rounds, unlearn_config(cfg),
                             Transport(), 0.0, reset=cfg)
 

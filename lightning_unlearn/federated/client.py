@@ -21,11 +21,11 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from lightning_unlearn._training import fit, quiet_lightning
-from lightning_unlearn.attribution import channel_scores, discover_layers
+from lightning_unlearn.scoring import channel_scores, discover_layers
 from lightning_unlearn.callbacks.gradient_mask import GradientMask
 from lightning_unlearn.callbacks.learning_rate import ScaleLearningRate
 from lightning_unlearn.callbacks.selective import SelectiveUnlearning
-from lightning_unlearn.federated.arrays import get_arrays, selected_values, set_arrays, write_values
+from lightning_unlearn.mask.arrays import get_arrays, selected_values, set_arrays, write_values
 from lightning_unlearn.data.datasets import dataset_targets
 from lightning_unlearn.data.federated import ClientSplit, FederatedDataModule
 from lightning_unlearn.data.unlearning import UnlearningDataModule
@@ -37,10 +37,11 @@ from lightning_unlearn.federated.messages import (
     ScoresMessage,
     short_repr,
 )
-from lightning_unlearn.federated.server import batchnorm_channels, statistic_masks
-from lightning_unlearn.objectives import FORGET_AWARE
+from lightning_unlearn.federated.server import statistic_masks
+from lightning_unlearn.repair.objectives import FORGET_AWARE
+from lightning_unlearn.reset import selected_batchnorm_channels
 from lightning_unlearn.request import ForgetRequest
-from lightning_unlearn.selection import ParameterMask, head_parameter_scales
+from lightning_unlearn.mask import ParameterMask, head_parameter_scales
 
 
 class _LocalTimer(Callback):
@@ -159,7 +160,7 @@ def batchnorm_moments(
     other channel uses its running statistics, exactly as the final model will. Returns
     ``({bn name: float64 (3, k)}, samples forwarded)``: the payload of a :class:`BatchNormStatsMessage`.
     """
-    channels = batchnorm_channels(model, mask)
+    channels = selected_batchnorm_channels(model, mask)
     modules = dict(model.named_modules())
     moments = {bn: torch.zeros(3, int(sel.sum()), dtype=torch.float64) for bn, sel in channels.items()}
     device = next(model.parameters()).device
@@ -344,7 +345,7 @@ class FederatedClient:
     def _start(self, reference: Mapping[str, Tensor], values: Mapping[str, Tensor]) -> dict[str, Tensor]:
         """The deployed arrays with the broadcast selected values written in: parameter slices, and (after a
         reset) the running statistics of the selected BatchNorm channels. Any other key is refused."""
-        statistics = statistic_masks(batchnorm_channels(self.model, self._mask)) if values else {}
+        statistics = statistic_masks(selected_batchnorm_channels(self.model, self._mask)) if values else {}
         params = {k: v for k, v in values.items() if k in self._mask.masks and bool(self._mask.masks[k].any())}
         start = write_values(reference, self._mask, params)
         for key, v in values.items():

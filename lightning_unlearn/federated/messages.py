@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
 
 import torch
@@ -308,11 +308,6 @@ def check_upward(messages, allowed: tuple[type, ...] = UPWARD, senders: Sequence
     return out
 
 
-def message_payload(message: Any) -> dict[str, Any]:
-    """Field name -> value of a message (what a test inspects)."""
-    return {f.name: getattr(message, f.name) for f in fields(message)}
-
-
 # -- the wire ------------------------------------------------------------------------------------
 @dataclass
 class RoundBytes:
@@ -367,6 +362,3 @@ class Transport:
     def bytes_for(self, prefix: str) -> list[RoundBytes]:
         return [b for label, b in self.rounds.items() if label.startswith(prefix)]
 
-
-def mean_round_bytes(rounds: list[RoundBytes]) -> float:
-    return float(sum(r.total for r in rounds) / len(rounds)) if rounds else math.nan

@@ -2,11 +2,13 @@
 
 1. Clients holding forget data explain the deployed model on it and send one score per
    channel with their sample count (:meth:`FederatedClient.score`).
-2. The server averages the scores by count, selects channels (:func:`select_channels`)
-   and sends the mask once, as channel indices.
+2. The server averages the scores by count and selects channels with the shared orchestration
+   (:func:`~lightning_unlearn.orchestration.prepare`, as the central callback and the Flower server do);
+   it sends the mask once, as channel indices.
 2b. Remove, then repair (``UnlearnConfig.reset``): the server resets the selected slices of its
-   global model (``"reinit"``: seeded draws from the model's own initialisation; ``"dampen"``) and,
-   when the mask selects BatchNorm channels, runs one statistics round (:func:`remove_selected`):
+   global model (:func:`~lightning_unlearn.orchestration.apply_reset`: ``"reinit"``, seeded draws from the
+   model's own initialisation; ``"dampen"``) and, when the mask selects BatchNorm channels, runs one
+   statistics round (:func:`remove_selected`):
    clients send the count, sum and sum of squares of those channels' input on their retain data, and
    the server writes the pooled mean and variance into their running statistics. Every masked round
    then carries the selected values and those statistics (the clients' deployed copy no longer holds them).
@@ -29,13 +31,13 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
-from lightning_unlearn.attribution import ChannelScores, LayerInfo
+from lightning_unlearn.scoring.channels import ChannelScores
+from lightning_unlearn.scoring.layers import LayerInfo
 from lightning_unlearn.config import AUTO, UnlearnConfig
-from lightning_unlearn.federated.arrays import get_arrays, selected_values, set_arrays
+from lightning_unlearn.mask.arrays import get_arrays, selected_values, set_arrays
 from lightning_unlearn.federated.messages import Broadcast, RoundBytes, Transport
 from lightning_unlearn.federated.server import (
     aggregate_scores,
-    batchnorm_channels,
     check_fraction,
     check_rounds,
     masked_aggregate,
@@ -44,10 +46,10 @@ from lightning_unlearn.federated.server import (
     selected_statistics,
     write_batchnorm_statistics,
 )
-from lightning_unlearn.reset import reset_selected
+from lightning_unlearn.mask import ParameterMask
+from lightning_unlearn.orchestration import apply_reset, prepare
 from lightning_unlearn.request import ForgetRequest
 from lightning_unlearn.result import UnlearningResult
-from lightning_unlearn.selection import ParameterMask, select_channels
 
 #: Learning-rate multiplier of the forgotten classes' head rows when ``head_lr_scale="auto"`` (see :data:`AUTO`).
 HEAD_LR_SCALE = AUTO["federated"]["head_lr_scale"]
@@ -130,7 +132,7 @@ def masked_broadcast(
 
     Without a reset (``statistics`` None) round 0 sends no values: every client holds the deployed model.
     After a reset every round sends the selected slices and the running statistics of the selected
-    BatchNorm channels (``statistics``: :func:`~lightning_unlearn.federated.server.batchnorm_channels`).
+    BatchNorm channels (``statistics``: :func:`~lightning_unlearn.reset.selected_batchnorm_channels`).
     ``send_mask``: the channel indices travel too (round 0, or the first round after a server restart).
     """
     values: dict[str, Tensor] = {}
@@ -151,8 +153,9 @@ def statistics_broadcast(model: torch.nn.Module, mask: ParameterMask, config: Un
 def remove_selected(
     model: torch.nn.Module, clients: Sequence[Any], mask: ParameterMask, config: UnlearnConfig, transport: Transport,
 ) -> tuple[dict[str, Tensor] | None, RoundBytes | None]:
-    """``config.reset``: reset the selected slices of the server's ``model`` (seeded, so reproducible) and
-    re-estimate the running statistics of its selected BatchNorm channels with the clients.
+    """``config.reset``: reset the selected slices of the server's ``model`` (the shared
+    :func:`~lightning_unlearn.orchestration.apply_reset`, seeded) and re-estimate the running statistics of
+    its selected BatchNorm channels with the clients (the server holds no data).
 
     Returns ``(statistics, round bytes)``: ``statistics`` (BatchNorm name -> selected channels) is None
     without a reset (nothing to send beyond today's masked rounds); the bytes are None when no statistics
@@ -161,16 +164,44 @@ def remove_selected(
     """
     if config.reset == "none":
         return None, None
-    reset_selected(model, mask, config.reset, config.seed)
-    channels = batchnorm_channels(model, mask)
+    channels = apply_reset(model, mask, config).batchnorm_channels
     if not channels:
         return channels, None
     rb = transport.start_round("bn_stats")
     down = statistics_broadcast(model, mask, config)
     pairs = [(i, m) for i, c in enumerate(clients) if (m := transport.call(c, "bn_statistics", down)) is not None]
-    pooled = pool_batchnorm_moments([m for _, m in pairs], channels, senders=[i for i, _ in pairs])
-    write_batchnorm_statistics(model, channels, pooled)
+    write_batchnorm_statistics(model, channels, pool_batchnorm_moments([m for _, m in pairs], channels,
+                                                                       senders=[i for i, _ in pairs]))
     return channels, rb
+
+
+@dataclass
+class Removal:
+    """The server's steps before the masked rounds: the averaged ``scores``, the ``mask``, and the selected
+    BatchNorm channels whose statistics the clients re-estimated (``statistics``; None without a reset)."""
+
+    scores: ChannelScores
+    mask: ParameterMask
+    statistics: dict[str, Tensor] | None
+    score_bytes: int = 0
+    statistics_bytes: int = 0
+    timings_s: dict[str, float] = field(default_factory=dict)
+
+
+def select_and_remove(
+    model: torch.nn.Module, clients: Sequence[Any], config: UnlearnConfig, transport: Transport,
+) -> Removal:
+    """Scoring round -> :func:`~lightning_unlearn.orchestration.prepare` -> :func:`remove_selected`, on the
+    server's ``model`` with a resolved ``config``: the score -> select -> reset path every engine shares."""
+    t0 = time.perf_counter()
+    scores, score_bytes = collect_scores(clients, transport, score_config(config), model)
+    mask = prepare(model, scores, config)
+    t1 = time.perf_counter()
+    statistics, stats_bytes = remove_selected(model, clients, mask, config, transport)
+    timings = {"scoring": t1 - t0}
+    if config.reset != "none":
+        timings["reset"] = time.perf_counter() - t1
+    return Removal(scores, mask, statistics, score_bytes.total, stats_bytes.total if stats_bytes else 0, timings)
 
 
 def masked_rounds(
@@ -277,18 +308,14 @@ def federated_unlearn(
     transport = transport or Transport()
     work = model if inplace else copy.deepcopy(model)
     t0 = time.perf_counter()
-    scores, score_bytes = collect_scores(clients, transport, score_config(cfg), work)
-    mask = select_channels(scores, work, cfg.ratio, cfg.scope, cfg.threshold, cfg.include_head, cfg.head_rows)
-    t1 = time.perf_counter()
-    statistics, stats_bytes = remove_selected(work, clients, mask, cfg, transport)
-    t2 = time.perf_counter()
-    _, history = masked_rounds(work, clients, mask, rounds, unlearn_config(cfg), transport, statistics=statistics,
-                               fraction=fraction, seed=cfg.seed)
+    removal = select_and_remove(work, clients, cfg, transport)
+    t1 = t0 + removal.timings_s["scoring"]
+    _, history = masked_rounds(work, clients, removal.mask, rounds, unlearn_config(cfg), transport,
+                               statistics=removal.statistics, fraction=fraction, seed=cfg.seed)
     t3 = time.perf_counter()
-    timings = {"scoring": t1 - t0, "unlearning": t3 - t1, "total": t3 - t0}
-    if cfg.reset != "none":
-        timings["reset"] = t2 - t1
+    timings = {**removal.timings_s, "unlearning": t3 - t1, "total": t3 - t0}
     return FederatedUnlearningResult(
-        work, mask, timings_s=timings, scores=scores, extra={"rounds": rounds, "fraction": fraction}, method="ours", config=cfg,
-        bytes=round_bytes(history, score_bytes.total, stats_bytes.total if stats_bytes else 0), history=history,
+        work, removal.mask, timings_s=timings, scores=removal.scores, extra={"rounds": rounds, "fraction": fraction},
+        method="selective", config=cfg, bytes=round_bytes(history, removal.score_bytes, removal.statistics_bytes),
+        history=history,
     )

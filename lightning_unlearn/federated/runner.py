@@ -13,13 +13,12 @@ from typing import Any, Callable
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.utilities import rank_zero_deprecation
 
 from lightning_unlearn._io import save_torch, unique_path
 from lightning_unlearn.config import UnlearnConfig
 from lightning_unlearn.data.federated import FederatedDataModule
 from lightning_unlearn.federated.baselines import federated_retrain
-from lightning_unlearn.federated.arrays import get_arrays
+from lightning_unlearn.mask.arrays import get_arrays
 from lightning_unlearn.federated.messages import Broadcast, tensor_bytes
 from lightning_unlearn.federated.protocol import FederatedUnlearningResult, federated_unlearn
 from lightning_unlearn.federated.simulation import FederatedSimulation
@@ -45,8 +44,6 @@ class FederatedSettings:
         dp_target_epsilon, dp_noise_multiplier: local DP-SGD at every client during ``fit`` (Opacus, the
             ``dp`` extra); give one. The epsilon is per client, for the whole training.
         dp_max_grad_norm, dp_delta: per-sample clipping norm and delta of the DP runs.
-        unlearn_steps, lr_scale, score_samples: deprecated, use ``unlearning.max_steps``,
-            ``unlearning.lr_scale`` and ``unlearning.max_samples``.
     """
 
     rounds: int = 5
@@ -60,21 +57,6 @@ class FederatedSettings:
     dp_noise_multiplier: float | None = None
     dp_max_grad_norm: float = 1.0
     dp_delta: float = 1e-5
-    unlearn_steps: int | None = None
-    lr_scale: float | None = None
-    score_samples: int | None = None
-
-    def merge_deprecated(self, config: UnlearnConfig) -> UnlearnConfig:
-        """``config`` with the values of the deprecated fields moved in (one warning per field)."""
-        moved = {"unlearn_steps": "max_steps", "lr_scale": "lr_scale", "score_samples": "max_samples"}
-        updates = {}
-        for old, new in moved.items():
-            value = getattr(self, old)
-            if value is not None:
-                rank_zero_deprecation(f"federated.{old} is deprecated and will be removed in the next release; "
-                                      f"use unlearning.{new}")
-                updates[new] = value
-        return UnlearnConfig.build(config, **updates) if updates else config
 
 
 def is_federated(datamodule: Any) -> bool:
@@ -129,7 +111,7 @@ def federated_unlearn_checkpoint(
 ) -> tuple[FederatedSimulation, FederatedUnlearningResult]:
     """Run the federated unlearning protocol from a trained global model; returns (simulation, result)."""
     sim, _ = deployed_simulation(model, fdm, settings, seed)
-    result = federated_unlearn(sim.model, sim.clients, fdm.request, settings.merge_deprecated(config),
+    result = federated_unlearn(sim.model, sim.clients, fdm.request, config,
                                rounds=settings.unlearn_rounds, fraction=settings.fraction)
     result.metrics = sim.evaluate(result.model)
     return sim, result

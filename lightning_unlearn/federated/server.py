@@ -23,8 +23,9 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from lightning_unlearn._io import load_torch_file, save_torch
-from lightning_unlearn.attribution import NORM_TYPES, SCORED_TYPES, ChannelScores, LayerInfo
-from lightning_unlearn.federated.arrays import get_arrays, set_arrays
+from lightning_unlearn.scoring.layers import NORM_TYPES, SCORED_TYPES, LayerInfo
+from lightning_unlearn.scoring.channels import ChannelScores, average_scores
+from lightning_unlearn.mask.arrays import get_arrays, set_arrays
 from lightning_unlearn.federated.messages import (
     BatchNormStatsMessage,
     Broadcast,
@@ -38,9 +39,8 @@ from lightning_unlearn.federated.messages import (
     short_repr,
     tensor_bytes,
 )
-from lightning_unlearn.masking import BN_TYPES
 from lightning_unlearn.scoring.base import out_channels
-from lightning_unlearn.selection import ParameterMask
+from lightning_unlearn.mask import ParameterMask
 
 
 # -- aggregation ------------------------------------------------------------------------------------
@@ -128,9 +128,8 @@ def aggregate_scores(
             raise ValueError(f"{who}: ScoresMessage layers differ from {sender_label(senders, 0)}'s at {short_repr(diff[0])}")
         check_arrays(m.scores, contract, who, "ScoresMessage", f"the {len(contract)} scored layers",
                      vector=("scores", "channels"))
-    w = _weights(messages)
     layers = {n: LayerInfo(n, out, bn, head) for n, (out, bn, head) in first.items()}
-    scores = {n: sum(wi * m.scores[n].double() for wi, m in zip(w, messages)).float() for n in first}
+    scores = average_scores([({n: m.scores[n] for n in first}, m.num_samples) for m in messages])
     return ChannelScores(scores, sum(m.num_samples for m in messages), methods.pop(), layers)
 
 
@@ -166,24 +165,13 @@ def masked_aggregate(
 STATISTICS = ("running_mean", "running_var")
 
 
-def batchnorm_channels(model: nn.Module, mask: ParameterMask) -> dict[str, Tensor]:
-    """BatchNorm name -> bool vector of its selected channels, for every BatchNorm with running statistics
-    whose weight the mask selects (GroupNorm/LayerNorm keep no statistics: nothing to estimate)."""
-    out = {}
-    for name, module in model.named_modules():
-        if isinstance(module, BN_TYPES) and module.running_mean is not None:
-            selected = mask.masks.get(f"{name}.weight" if name else "weight")
-            if selected is not None and bool(selected.any()):
-                out[name] = selected.clone()
-    return out
-
-
 def _statistic_key(bn: str, stat: str) -> str:
     return f"{bn}.{stat}" if bn else stat
 
 
 def selected_statistics(arrays: Mapping[str, Tensor], channels: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    """The running statistics of the selected BatchNorm channels (``channels``: :func:`batchnorm_channels`)."""
+    """The running statistics of the selected BatchNorm channels (``channels``:
+    :func:`~lightning_unlearn.reset.selected_batchnorm_channels`)."""
     return {_statistic_key(bn, s): arrays[_statistic_key(bn, s)][sel].clone()
             for bn, sel in channels.items() for s in STATISTICS}
 

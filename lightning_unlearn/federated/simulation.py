@@ -17,8 +17,9 @@ import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback
 
-from lightning_unlearn._io import to_jsonable, write_json  # noqa: F401 - write_json is re-exported
-from lightning_unlearn.attribution import LayerInfo, discover_layers
+from lightning_unlearn._io import to_jsonable
+from lightning_unlearn.scoring import discover_layers
+from lightning_unlearn.scoring.layers import LayerInfo
 from lightning_unlearn.data.federated import FederatedDataModule, FederatedForgetPlan
 from lightning_unlearn.data.unlearning import UnlearningDataModule
 from lightning_unlearn.federated.client import FederatedClient, make_clients

@@ -2,27 +2,13 @@
 
 ``Ledger`` keeps sources, sample identities, model versions, requests, jobs and evidence
 (SQLite file or any SQLAlchemy URL); ``RecordLineage`` records lineage during ``fit``;
-``run_pending`` serves the pending requests in one unlearning job; ``verify`` re-checks the
-evidence from the ledger alone. The command line is ``lightning-unlearn requests ...``.
+``run_pending`` serves the pending requests in one unlearning job (``recover`` finalises or abandons
+the jobs of processes that died); ``verify`` re-checks the evidence from the ledger alone. The command
+line is ``lightning-unlearn requests ...``.
 """
-from lightning_unlearn.ledger.identity import demo_subjects, read_subjects, sample_hashes
-from lightning_unlearn.ledger.lineage import RecordLineage, record_federated
-from lightning_unlearn.ledger.runner import RunOutcome, recover, run_pending
-from lightning_unlearn.ledger.store import Job, Ledger, Source
-from lightning_unlearn.ledger.verify import Check, verify
+from lightning_unlearn.ledger.lineage import RecordLineage
+from lightning_unlearn.ledger.runner import recover, run_pending
+from lightning_unlearn.ledger.store import Ledger
+from lightning_unlearn.ledger.verify import verify
 
-__all__ = [
-    "Check",
-    "Job",
-    "Ledger",
-    "RecordLineage",
-    "RunOutcome",
-    "Source",
-    "demo_subjects",
-    "read_subjects",
-    "record_federated",
-    "recover",
-    "run_pending",
-    "sample_hashes",
-    "verify",
-]
+__all__ = ["Ledger", "RecordLineage", "recover", "run_pending", "verify"]

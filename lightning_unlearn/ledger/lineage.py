@@ -24,7 +24,7 @@ from torch.utils.data.distributed import DistributedSampler
 from typing_extensions import override
 
 from lightning_unlearn._io import load_torch_file, save_torch
-from lightning_unlearn.evaluation.report import weights_sha256
+from lightning_unlearn.evidence.report import weights_sha256
 from lightning_unlearn.ledger.identity import base_dataset, demo_subjects, sample_hashes, subject_list
 from lightning_unlearn.ledger.schema import utcnow
 from lightning_unlearn.ledger.store import Ledger, Source

@@ -27,8 +27,8 @@ from lightning_unlearn._system import pid_alive
 from lightning_unlearn._io import load_torch_file, to_jsonable
 from lightning_unlearn.api import unlearn
 from lightning_unlearn.data.unlearning import UnlearningDataModule
-from lightning_unlearn.evaluation.evaluate import write_report
-from lightning_unlearn.evaluation.report import weights_sha256
+from lightning_unlearn.evidence.evaluate import write_report
+from lightning_unlearn.evidence.report import weights_sha256
 from lightning_unlearn.ledger.identity import sample_hashes
 from lightning_unlearn.ledger.store import Job, Ledger, Source
 from lightning_unlearn.request import ForgetRequest

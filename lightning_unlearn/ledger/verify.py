@@ -9,13 +9,13 @@ from typing import Sequence
 
 import numpy as np
 
-from lightning_unlearn.evaluation.report import weights_sha256
+from lightning_unlearn.evidence.report import weights_sha256
 from lightning_unlearn.ledger.store import Ledger
-from lightning_unlearn.selection import ParameterMask
+from lightning_unlearn.mask import ParameterMask
 
 
 @dataclass(frozen=True)
-class Check:
+class Verification:
     """One verified statement about one request's job."""
 
     request_ids: tuple[int, ...]
@@ -25,7 +25,7 @@ class Check:
     detail: str = ""
 
 
-def verify(ledger: Ledger, request_ids: Sequence[int] | None = None) -> list[Check]:
+def verify(ledger: Ledger, request_ids: Sequence[int] | None = None) -> list[Verification]:
     """Recompute hashes and compare the evidence for finished requests (all of them by default).
 
     Per job: the weights file hashes to the version the ledger names; the report file's bytes
@@ -36,11 +36,11 @@ def verify(ledger: Ledger, request_ids: Sequence[int] | None = None) -> list[Che
     recorded after it holds its samples again (e.g. one trained from an older version's weights).
     """
     rows = ledger.requests(ids=request_ids) if request_ids is not None else ledger.requests()
-    checks: list[Check] = []
+    checks: list[Verification] = []
     by_job: dict[str, list[dict]] = {}
     for row in rows:
         if row["status"] != "done":
-            checks.append(Check((row["id"],), row["job_id"], "status", row["status"] != "failed" or bool(row["error"]),
+            checks.append(Verification((row["id"],), row["job_id"], "status", row["status"] != "failed" or bool(row["error"]),
                                 f"{row['status']}: nothing to verify yet" if row["status"] != "failed"
                                 else f"failed: {row['error']}"))
             continue
@@ -57,7 +57,7 @@ def verify(ledger: Ledger, request_ids: Sequence[int] | None = None) -> list[Che
     return checks
 
 
-def _kept_by_later_versions(ledger: Ledger, done: list[dict]) -> list[Check]:
+def _kept_by_later_versions(ledger: Ledger, done: list[dict]) -> list[Verification]:
     """A deletion reported done stays done: no version recorded after it holds the request's samples."""
     versions: dict[int, list[int]] = {}  # source id -> its version ids
     states: dict[int, np.ndarray] = {}  # version id -> lineage of every sample
@@ -74,27 +74,27 @@ def _kept_by_later_versions(ledger: Ledger, done: list[dict]) -> list[Check]:
             back = int((states[v][ids] == 1).sum()) if len(ids) else 0
             if back:
                 holding.append(f"version {v} holds {back} of its {len(ids)} sample(s)")
-        out.append(Check((r["id"],), r["job_id"], "later versions keep the deletion", not holding,
+        out.append(Verification((r["id"],), r["job_id"], "later versions keep the deletion", not holding,
                          "; ".join(holding) if holding else f"{len(later)} later version(s) hold none of its samples"))
     return out
 
 
-def _unchanged(ledger: Ledger, ids, job_id, reqs) -> list[Check]:
+def _unchanged(ledger: Ledger, ids, job_id, reqs) -> list[Verification]:
     out = []
     for r in reqs:
         state = ledger.lineage(r["version_after_id"], r["sample_ids"])
         held = np.asarray(r["sample_ids"])[state == 1]
-        out.append(Check((r["id"],), job_id, "lineage: version never held the samples", not len(held),
+        out.append(Verification((r["id"],), job_id, "lineage: version never held the samples", not len(held),
                          f"version {r['version_after_id']} holds sample(s) {held[:10].tolist()}" if len(held) else
                          f"version {r['version_after_id']} holds none of {len(r['sample_ids'])} sample(s)"))
     return out
 
 
-def _job_checks(ledger: Ledger, ids, job_id, reqs, ev: dict) -> list[Check]:
-    out: list[Check] = []
+def _job_checks(ledger: Ledger, ids, job_id, reqs, ev: dict) -> list[Verification]:
+    out: list[Verification] = []
 
     def check(name: str, ok: bool, detail: str = "") -> bool:
-        out.append(Check(ids, job_id, name, bool(ok), detail))
+        out.append(Verification(ids, job_id, name, bool(ok), detail))
         return bool(ok)
 
     version = ledger.version(ev["version_id"])

@@ -109,14 +109,14 @@ def prepare_model(model) -> list[str]:
     """Make the global model Opacus-compatible in place before a federation is built from it.
 
     A swap changes the checkpoint's layers, so it is reported: a config should name a model that is
-    compatible from the start (e.g. :class:`~lightning_unlearn.privacy.DPSmallCNN`) for ``unlearn`` and
+    compatible from the start (e.g. :class:`~lightning_unlearn.privacy.models.DPSmallCNN`) for ``unlearn`` and
     ``evaluate`` to load what DP training wrote.
     """
     replaced = make_dp_compatible(model)
     if replaced:
         warnings.warn(
             "DP-SGD: replaced " + "; ".join(replaced) + ". The checkpoint will hold the new layers; name a "
-            "compatible model in the config (lightning_unlearn.privacy.DPSmallCNN for SmallCNN) to load it later",
+            "compatible model in the config (lightning_unlearn.privacy.models.DPSmallCNN for SmallCNN) to load it later",
             UserWarning, stacklevel=2,
         )
     return replaced

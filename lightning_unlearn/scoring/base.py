@@ -11,6 +11,8 @@ from typing import Any, TypeVar
 
 from torch import Tensor, nn
 
+from lightning_unlearn.config import SCORERS
+
 
 class ChannelScorer(ABC):
     """Scores the output channels of ``layers`` of ``model`` for a batch; subclass and register to add a method.
@@ -36,7 +38,6 @@ class ChannelScorer(ABC):
 
 
 ScorerType = TypeVar("ScorerType", bound=type[ChannelScorer])
-SCORERS: dict[str, type[ChannelScorer]] = {}
 
 
 def register_scorer(cls: ScorerType) -> ScorerType:
@@ -47,13 +48,6 @@ def register_scorer(cls: ScorerType) -> ScorerType:
         raise ValueError(f"scorer name {cls.name!r} is empty or taken; registered methods are {list(SCORERS)}")
     SCORERS[cls.name] = cls
     return cls
-
-
-def check_method(name: str) -> str:
-    """``name`` if it is a registered scoring method, else a one-line ValueError naming the allowed ones."""
-    if name not in SCORERS:
-        raise ValueError(f"unknown scoring method {name!r}; allowed methods are {list(SCORERS)}")
-    return name
 
 
 def registry_views() -> dict[str, Any]:

@@ -13,10 +13,11 @@ from pathlib import Path
 import lightning.pytorch as pl
 import torch
 
-from lightning_unlearn import ForgetRequest, UnlearningDataModule
+from lightning_unlearn import ForgetRequest
+from lightning_unlearn.data import UnlearningDataModule
 from lightning_unlearn.callbacks import SelectiveUnlearning
 from lightning_unlearn.data import load_digits_datasets
-from lightning_unlearn.masking import frozen_elements_equal
+from lightning_unlearn.mask import frozen_elements_equal
 from lightning_unlearn.models import SmallCNN
 
 

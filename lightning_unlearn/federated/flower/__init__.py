@@ -3,10 +3,10 @@
 The ``ClientApp`` (:func:`make_client_app`) answers Flower messages by calling the same
 :class:`~lightning_unlearn.federated.client.FederatedClient` handlers as the in-process
 simulation; the ``ServerApp`` (:func:`make_server_app`) runs FedAvg and the unlearning rounds
-with strategies built on the same aggregation and selection functions
+with strategies built on the same aggregation functions and the shared orchestration
 (:func:`~lightning_unlearn.federated.server.fedavg_aggregate`,
 :func:`~lightning_unlearn.federated.server.aggregate_scores`,
-:func:`~lightning_unlearn.selection.select_channels`,
+:func:`~lightning_unlearn.orchestration.prepare`, :func:`~lightning_unlearn.orchestration.apply_reset`,
 :func:`~lightning_unlearn.federated.server.masked_aggregate`). Every client message is
 rebuilt into the library's own message dataclasses on the server, so the data-stays-home
 checks run on Flower traffic too.
@@ -34,40 +34,21 @@ def require_ray() -> None:
 
 require_flwr("lightning_unlearn.federated.flower")
 
-from lightning_unlearn.federated.flower.client_app import (  # noqa: E402
-    ClientPartition,
-    FederatedPartitions,
-    FlowerDataError,
-    client_split,
-    file_partition,
-    make_client_app,
-    save_partition,
-)
-from lightning_unlearn.federated.flower.records import ByteLedger  # noqa: E402
+from lightning_unlearn.federated.flower.client_app import FederatedPartitions, make_client_app  # noqa: E402
+from lightning_unlearn.federated.flower.ray_engine import run_flower_simulation  # noqa: E402
 from lightning_unlearn.federated.flower.server_app import (  # noqa: E402
     FedAvgPlan,
     FlowerRunResult,
-    LightningFedAvg,
-    MaskedUnlearning,
     UnlearnPlan,
     make_server_app,
 )
-from lightning_unlearn.federated.flower.simulation import run_flower_simulation  # noqa: E402
 
 __all__ = [
-    "ByteLedger",
-    "ClientPartition",
     "FedAvgPlan",
     "FederatedPartitions",
-    "FlowerDataError",
     "FlowerRunResult",
-    "LightningFedAvg",
-    "MaskedUnlearning",
     "UnlearnPlan",
-    "client_split",
-    "file_partition",
     "make_client_app",
     "make_server_app",
     "run_flower_simulation",
-    "save_partition",
 ]

@@ -20,7 +20,7 @@ from typing import Any, Mapping
 from torch import Tensor
 
 from lightning_unlearn._io import load_torch_file, save_torch, to_jsonable
-from lightning_unlearn.selection import ParameterMask
+from lightning_unlearn.mask import ParameterMask
 
 STATE_FILE = "server_state.pt"
 

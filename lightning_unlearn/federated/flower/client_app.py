@@ -33,7 +33,7 @@ from lightning_unlearn._io import load_torch_file, save_torch
 from lightning_unlearn.data.datasets import dataset_targets, load_digits_datasets, load_mnist
 from lightning_unlearn.data.federated import ClientSplit, FederatedDataModule
 from lightning_unlearn.data.validation import checked_targets
-from lightning_unlearn.federated.arrays import set_arrays
+from lightning_unlearn.mask.arrays import set_arrays
 from lightning_unlearn.federated.client import FederatedClient
 from lightning_unlearn.federated.flower.records import (
     COUNT_KEY,

@@ -262,7 +262,7 @@ def wire_bytes(content: RecordDict) -> int:
 
 
 @dataclass
-class ByteLedger:
+class ByteCounter:
     """Bytes per round label (``fedavg/0``, ``deploy``, ``score``, ``unlearn/0``, ...), counted on the server."""
 
     payload: dict[str, RoundBytes] = field(default_factory=dict)

@@ -3,7 +3,7 @@
 :class:`LightningFedAvg` is Flower's FedAvg with the library's client sampling and per-client
 seeds (those of :func:`~lightning_unlearn.federated.server.run_fedavg`) and its aggregation
 (:func:`~lightning_unlearn.federated.server.fedavg_aggregate`). :class:`MaskedUnlearning`
-scores (``query.score`` -> :func:`aggregate_scores` -> :func:`select_channels`), then runs
+scores (``query.score`` -> :func:`aggregate_scores` -> :func:`~lightning_unlearn.orchestration.prepare`, the shared selection), then runs
 masked rounds that send and aggregate only the selected slices (:func:`masked_aggregate`:
 frozen values are copied from the deployed model, never averaged). Client failures stop the
 run with the client's reason: Flower's own strategies would log them and go on with fewer
@@ -37,12 +37,12 @@ from flwr.supercore import log
 from torch import Tensor
 
 from lightning_unlearn._io import save_torch, write_json
-from lightning_unlearn.attribution import ChannelScores
-from lightning_unlearn.evaluation.report import UnlearningReport, weights_sha256
-from lightning_unlearn.federated.arrays import get_arrays, set_arrays
+from lightning_unlearn.scoring.channels import ChannelScores
+from lightning_unlearn.evidence.report import UnlearningReport, weights_sha256
+from lightning_unlearn.mask.arrays import get_arrays, set_arrays
 from lightning_unlearn.federated.flower.checkpoint import ServerCheckpoint, plan_key
 from lightning_unlearn.federated.flower.records import (
-    ByteLedger,
+    ByteCounter,
     arrays_to_record,
     broadcast_to_content,
     content_to_reply,
@@ -53,7 +53,6 @@ from lightning_unlearn.config import UnlearnConfig
 from lightning_unlearn.federated.protocol import masked_broadcast, score_config, statistics_broadcast, unlearn_config
 from lightning_unlearn.federated.server import (
     aggregate_scores,
-    batchnorm_channels,
     check_rounds,
     fedavg_aggregate,
     fit_config,
@@ -62,9 +61,10 @@ from lightning_unlearn.federated.server import (
     sample_clients,
     write_batchnorm_statistics,
 )
-from lightning_unlearn.reset import reset_selected
+from lightning_unlearn.mask import ParameterMask
+from lightning_unlearn.orchestration import apply_reset, prepare
 from lightning_unlearn.request import ForgetRequest
-from lightning_unlearn.selection import ParameterMask, select_channels
+from lightning_unlearn.reset import selected_batchnorm_channels
 
 DATA_CHOICES = ("all", "retain")
 POLL_S = 0.05  # how often the server asks the SuperLink for replies (Flower's HTTP grid waits 3 s)
@@ -139,7 +139,7 @@ class FlowerRunResult:
     mask: ParameterMask | None = None
     unlearning: list[dict] = field(default_factory=list)
     evaluation: list[dict] = field(default_factory=list)
-    ledger: ByteLedger = field(default_factory=ByteLedger)
+    traffic: ByteCounter = field(default_factory=ByteCounter)
     timings_s: dict[str, float] = field(default_factory=dict)
     plan: UnlearnPlan | None = None
     dropped: dict[int, str] = field(default_factory=dict)  # client id -> the round it dropped out in
@@ -147,7 +147,7 @@ class FlowerRunResult:
 
     def round_bytes(self, prefix: str, wire: bool = False) -> list[RoundBytes]:
         """Bytes of every round whose label starts with ``prefix`` (``"fedavg/"``, ``"unlearn/"``, ``"score"``)."""
-        book = self.ledger.wire if wire else self.ledger.payload
+        book = self.traffic.wire if wire else self.traffic.payload
         return [b for label, b in book.items() if label.startswith(prefix)]
 
     def report(self) -> UnlearningReport:
@@ -162,7 +162,7 @@ class FlowerRunResult:
             unlearned_sha256=weights_sha256(self.arrays),
             metrics={"unlearned": {k: v for k, v in unlearned.items() if k != "round"}},
             timings_s=dict(self.timings_s), mask=UnlearningReport.mask_summary(self.mask),
-            bytes_moved=self.ledger.as_dict(),
+            bytes_moved=self.traffic.as_dict(),
             extra={"clients": self.clients, "training": self.training, "unlearning": self.unlearning,
                    "evaluation": self.evaluation, "dropped": self.dropped, "resumed": self.resumed},
         )
@@ -256,12 +256,12 @@ def discover_clients(grid: Grid, num_clients: int, timeout: float = 600.0) -> di
     return ids
 
 
-def _client_replies(replies: Sequence[Message], nodes: Mapping[int, int], ledger: ByteLedger, label: str) -> list:
+def _client_replies(replies: Sequence[Message], nodes: Mapping[int, int], traffic: ByteCounter, label: str) -> list:
     """Upward messages in client-id order (aggregation order fixed, as in-process), bytes booked."""
     by_node = {n: c for c, n in nodes.items()}
     out = []
     for m in sorted(replies, key=lambda m: by_node[m.metadata.src_node_id]):
-        ledger.up(label, m.content)
+        traffic.up(label, m.content)
         cid = by_node[m.metadata.src_node_id]
         try:
             msg = content_to_reply(m.content)
@@ -272,21 +272,21 @@ def _client_replies(replies: Sequence[Message], nodes: Mapping[int, int], ledger
     return out
 
 
-def _row(r: int, t0: float, msgs: Sequence[Any], ledger: ByteLedger, label: str) -> dict[str, Any]:
+def _row(r: int, t0: float, msgs: Sequence[Any], traffic: ByteCounter, label: str) -> dict[str, Any]:
     local = float(sum(m.metrics.get("local_compute_s", 0.0) for m in msgs))
     round_s = time.perf_counter() - t0
     return {"round": r, "clients": len(msgs), "round_s": round_s, "local_compute_s": local, "overhead_s": round_s - local,
-            "bytes_down": ledger.payload[label].down, "bytes_up": ledger.payload[label].up,
-            "wire_down": ledger.wire[label].down, "wire_up": ledger.wire[label].up}
+            "bytes_down": traffic.payload[label].down, "bytes_up": traffic.payload[label].up,
+            "wire_down": traffic.wire[label].down, "wire_up": traffic.wire[label].up}
 
 
 # -- FedAvg --------------------------------------------------------------------------------------------------
 class LightningFedAvg(FedAvg):
     """Flower FedAvg with :func:`run_fedavg`'s sampling, seeds and aggregation, so both engines agree."""
 
-    def __init__(self, clients: Mapping[int, int], plan: FedAvgPlan, ledger: ByteLedger, timeout: float = 3600) -> None:
+    def __init__(self, clients: Mapping[int, int], plan: FedAvgPlan, traffic: ByteCounter, timeout: float = 3600) -> None:
         super().__init__(fraction_train=plan.fraction, min_train_nodes=1, min_available_nodes=len(clients))
-        self.clients, self.plan, self.ledger, self.timeout = dict(clients), plan, ledger, timeout
+        self.clients, self.plan, self.traffic, self.timeout = dict(clients), plan, traffic, timeout
         self.history: list[dict] = []
         self._t0, self._picked = 0.0, 0
         self._expected: dict[str, Tensor] | None = None
@@ -300,7 +300,7 @@ class LightningFedAvg(FedAvg):
         for cid in sample_clients(list(self.clients), p.fraction, p.seed, r):  # the same draw as run_fedavg
             cfg = fit_config(int(cid), r, p.seed, p.local_epochs, p.data, p.local_config)
             content = broadcast_to_content(Broadcast(global_arrays, cfg))
-            self.ledger.down(f"fedavg/{r}", content)
+            self.traffic.down(f"fedavg/{r}", content)
             out.append(Message(content, message_type=MessageType.TRAIN, dst_node_id=self.clients[int(cid)]))
         self._picked = len(out)
         return out
@@ -308,12 +308,12 @@ class LightningFedAvg(FedAvg):
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         r, label = server_round - 1, f"fedavg/{server_round - 1}"
         replies = check_replies(list(replies), self._picked, f"FedAvg round {r}")
-        pairs = _client_replies(replies, self.clients, self.ledger, label)
+        pairs = _client_replies(replies, self.clients, self.traffic, label)
         if not pairs:
             raise ValueError(f"round {r}: no sampled client had data to train on")
         msgs = [m for _, m in pairs]
         new = fedavg_aggregate(msgs, self._expected, senders=[c for c, _ in pairs])
-        row = _row(r, self._t0, msgs, self.ledger, label)
+        row = _row(r, self._t0, msgs, self.traffic, label)
         row["clients"] = [c for c, _ in pairs]
         self.history.append(row)
         return arrays_to_record(new), MetricRecord({"local_compute_s": row["local_compute_s"]})
@@ -330,9 +330,9 @@ class MaskedUnlearning(Strategy):
     :class:`UnlearnPlan`'s ``min_clients``) is removed from it for the rest of the run.
     """
 
-    def __init__(self, model: pl.LightningModule, clients: Mapping[int, int], plan: UnlearnPlan, ledger: ByteLedger,
+    def __init__(self, model: pl.LightningModule, clients: Mapping[int, int], plan: UnlearnPlan, traffic: ByteCounter,
                  timeout: float = 3600) -> None:
-        self.model, self.clients, self.plan, self.ledger, self.timeout = model, dict(clients), plan, ledger, timeout
+        self.model, self.clients, self.plan, self.traffic, self.timeout = model, dict(clients), plan, traffic, timeout
         self.request_json = json.dumps(plan.request.to_dict())
         self.config = unlearn_config(plan.config)
         self.scores: ChannelScores | None = None
@@ -354,7 +354,7 @@ class MaskedUnlearning(Strategy):
         content = broadcast_to_content(broadcast, {"request": self.request_json})
         out = []
         for cid in sorted(self.active):
-            self.ledger.down(label, content)
+            self.traffic.down(label, content)
             out.append(Message(content, message_type=message_type, dst_node_id=self.active[cid]))
         return out
 
@@ -388,11 +388,11 @@ class MaskedUnlearning(Strategy):
         c = self.plan.config
         msgs = self._to_all(Broadcast({}, score_config(c)), "score", "query.score")
         replies = check_replies(list(grid.send_and_receive(msgs, timeout=self.timeout)), len(msgs), "scoring")
-        pairs = _client_replies(replies, self.clients, self.ledger, "score")
+        pairs = _client_replies(replies, self.clients, self.traffic, "score")
         self.scores = aggregate_scores([m for _, m in pairs], senders=[c for c, _ in pairs], model=self.model)
         self.reference = {k: v.clone() for k, v in deployed.items()}
         set_arrays(self.model, self.reference)
-        self.mask = select_channels(self.scores, self.model, c.ratio, c.scope, c.threshold, c.include_head, c.head_rows)
+        self.mask = prepare(self.model, self.scores, c)  # the shared orchestration, as in-process and centrally
         return self.mask
 
     def remove(self, grid: Grid) -> None:
@@ -402,13 +402,12 @@ class MaskedUnlearning(Strategy):
         if c.reset == "none":
             return
         set_arrays(self.model, self.reference)
-        reset_selected(self.model, self.mask, c.reset, c.seed)
-        self.statistics = batchnorm_channels(self.model, self.mask)
+        self.statistics = apply_reset(self.model, self.mask, c).batchnorm_channels
         if self.statistics:
             msgs = self._to_all(statistics_broadcast(self.model, self.mask, c), "bn_stats", "query.bn_stats")
-            pairs = _client_replies(self.collect(grid, msgs, "statistics round"), self.clients, self.ledger, "bn_stats")
-            pooled = pool_batchnorm_moments([m for _, m in pairs], self.statistics, senders=[i for i, _ in pairs])
-            write_batchnorm_statistics(self.model, self.statistics, pooled)
+            pairs = _client_replies(self.collect(grid, msgs, "statistics round"), self.clients, self.traffic, "bn_stats")
+            write_batchnorm_statistics(self.model, self.statistics, pool_batchnorm_moments(
+                [m for _, m in pairs], self.statistics, senders=[i for i, _ in pairs]))
         self.reference = get_arrays(self.model)
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
@@ -421,12 +420,12 @@ class MaskedUnlearning(Strategy):
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         r, label = server_round - 1, f"unlearn/{server_round - 1}"
         replies = check_replies(list(replies), len(self.active), f"unlearning round {r}")
-        pairs = _client_replies(replies, self.clients, self.ledger, label)
+        pairs = _client_replies(replies, self.clients, self.traffic, label)
         msgs = [m for _, m in pairs]
         if not msgs:
             raise ValueError("no client has retain data for the masked rounds")
         current = masked_aggregate(self.reference, self.mask, msgs, senders=[c for c, _ in pairs])
-        row = _row(r, self._t0, msgs, self.ledger, label)
+        row = _row(r, self._t0, msgs, self.traffic, label)
         row["dropped"] = sorted(c for c, what in self.dropped.items() if what == f"unlearning round {r}")
         self.history.append(row)
         return arrays_to_record(current), MetricRecord({"local_compute_s": self.history[-1]["local_compute_s"]})
@@ -442,7 +441,7 @@ class MaskedUnlearning(Strategy):
         replies = check_replies(list(replies), len(self.active), f"evaluation round {server_round - 1}")
         by_node = {n: c for c, n in self.clients.items()}
         for m in replies:
-            self.ledger.up(f"evaluate/{server_round - 1}", m.content)
+            self.traffic.up(f"evaluate/{server_round - 1}", m.content)
             check_metrics(dict(m.content["metrics"]), f"client {by_node[m.metadata.src_node_id]}", "evaluation reply")
         row: dict[str, float] = {"round": server_round - 1}
         for split in ("forget", "retain"):
@@ -473,7 +472,7 @@ class MaskedUnlearning(Strategy):
                     self.remove(grid)
                     current = dict(self.reference)
                 else:  # the saved arrays hold the reset (and its statistics) outside the trained slices
-                    self.statistics = batchnorm_channels(self.model, self.mask)
+                    self.statistics = selected_batchnorm_channels(self.model, self.mask)
                     self.reference = dict(current)
         else:
             self.select(grid, deployed)
@@ -498,15 +497,15 @@ class MaskedUnlearning(Strategy):
 
 
 # -- the workflow and the app ------------------------------------------------------------------------------------
-def deploy(grid: Grid, clients: Mapping[int, int], arrays: Mapping[str, Tensor], ledger: ByteLedger,
+def deploy(grid: Grid, clients: Mapping[int, int], arrays: Mapping[str, Tensor], traffic: ByteCounter,
            timeout: float = 3600) -> None:
     """Every client keeps the global model: the reference its masked rounds start from."""
     content = broadcast_to_content(Broadcast(arrays))
     for _ in clients:
-        ledger.down("deploy", content)
+        traffic.down("deploy", content)
     replies = _send(grid, [(clients[c], content) for c in sorted(clients)], "query.deploy", timeout)
     for m in check_replies(list(replies), len(clients), "deploy"):
-        ledger.up("deploy", m.content)
+        traffic.up("deploy", m.content)
 
 
 def run_server(
@@ -541,7 +540,7 @@ def run_server(
         result.resumed = {"trained": True, "mask": state.mask is not None, "rounds_done": state.rounds_done}
         log(INFO, "resuming from checkpoint %s: %s", checkpoint, result.resumed)
     elif train is not None:
-        strategy = LightningFedAvg(result.clients, train, result.ledger, timeout)
+        strategy = LightningFedAvg(result.clients, train, result.traffic, timeout)
         out = strategy.start(grid, arrays_to_record(arrays), num_rounds=train.rounds, timeout=timeout,
                              evaluate_fn=evaluate_fn)
         arrays, result.training = record_to_arrays(out.arrays), strategy.history
@@ -549,10 +548,10 @@ def run_server(
     result.trained = {k: v.clone() for k, v in arrays.items()}
     if saver is not None and (state is None or state.trained is None):
         saver.update(trained=result.trained, training=result.training)
-    deploy(grid, result.clients, arrays, result.ledger, timeout)
+    deploy(grid, result.clients, arrays, result.traffic, timeout)
     t3 = time.perf_counter()
     if unlearn is not None:
-        strategy = MaskedUnlearning(model, result.clients, unlearn, result.ledger, timeout)
+        strategy = MaskedUnlearning(model, result.clients, unlearn, result.traffic, timeout)
         arrays = strategy.run(grid, arrays, saver)
         result.scores, result.mask = strategy.scores, strategy.mask
         result.unlearning, result.evaluation = strategy.history, strategy.evaluation

@@ -1,7 +1,6 @@
 """Model <-> arrays: what FedAvg exchanges, and the selected slices a masked round sends.
 
-The lowest layer of :mod:`lightning_unlearn.federated`: clients, server, protocol and the
-Flower apps all build on it.
+Clients, server, protocol and the Flower apps of :mod:`lightning_unlearn.federated` build on it.
 """
 from __future__ import annotations
 
@@ -10,7 +9,7 @@ from typing import Mapping
 import torch
 from torch import Tensor, nn
 
-from lightning_unlearn.selection import ParameterMask
+from lightning_unlearn.mask.parameter_mask import ParameterMask
 
 
 def get_arrays(model: nn.Module) -> dict[str, Tensor]:

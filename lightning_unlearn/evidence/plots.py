@@ -9,8 +9,8 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from lightning_unlearn.evaluation.report import unique_path
-from lightning_unlearn.selection import ParameterMask
+from lightning_unlearn._io import unique_path
+from lightning_unlearn.mask import ParameterMask
 
 
 def _save(fig: Figure, path: str | os.PathLike, on_exists: str) -> Path:

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import ConcatDataset, DataLoader, Dataset
 
-from lightning_unlearn.evaluation.membership import subsample
+from lightning_unlearn.evidence.membership import subsample
 from lightning_unlearn.metrics import accuracy
 
 GAP_KEYS = ("forget_acc", "remaining_acc", "test_acc", "mia_efficacy")

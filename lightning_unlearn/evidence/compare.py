@@ -8,8 +8,8 @@ from typing import Iterable, Mapping, Sequence
 from rich.console import Console
 from rich.table import Table
 
-from lightning_unlearn.evaluation.membership import INFORMATIVE_SHADOW_ACC
-from lightning_unlearn.evaluation.report import UnlearningReport
+from lightning_unlearn.evidence.membership import INFORMATIVE_SHADOW_ACC
+from lightning_unlearn.evidence.report import UnlearningReport
 
 HEADERS = {
     "forget_acc": "forget", "remaining_acc": "remain", "test_acc": "test", "mia_efficacy": "MIA-eff [shadow]",

@@ -13,16 +13,10 @@ import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
-from lightning_unlearn.selection import ParameterMask
+from lightning_unlearn.config import check_bn_stats
+from lightning_unlearn.mask.parameter_mask import ParameterMask
 
-BN_MODES = ("frozen", "selected")
 BN_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
-
-
-def check_bn_stats(bn_stats: str) -> str:
-    if bn_stats not in BN_MODES:
-        raise ValueError(f"unknown bn_stats {bn_stats!r}; allowed values are {list(BN_MODES)}")
-    return bn_stats
 
 
 class MaskEnforcer:

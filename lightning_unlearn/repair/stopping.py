@@ -17,7 +17,8 @@ Patience stops a repair whose remaining accuracy no longer improves; the step bu
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Sequence
+from enum import Enum
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -29,6 +30,20 @@ from lightning_unlearn.metrics import class_accuracies
 
 #: A forget accuracy this many tolerances below its (non-zero) target is flagged as over-forgetting.
 OVERFORGET_TOLERANCES = 5
+
+
+class StopReason(str, Enum):
+    """Why a repair ended (a ``str``: compares and serialises as its value, e.g. ``"step budget"``)."""
+
+    FORGOTTEN_AND_RECOVERED = "forgotten and recovered"
+    PLATEAU = "plateau"
+    STEP_BUDGET = "step budget"
+    EPOCHS = "epochs"
+    OTHER_RANK = "another rank's check"
+    TRAINER = "trainer"  # the Trainer's own max_epochs / max_steps ended the fit first
+
+    def __str__(self) -> str:
+        return self.value
 
 
 @dataclass
@@ -62,8 +77,17 @@ class StoppingRule:
         self._best, self._lowest_forget = -1.0, 2.0
         self._stale = 0
 
-    def update(self, step: int, forget_acc: float, forget_target: float, remaining_acc: float) -> str | None:
-        """Record a check; returns why to stop (``"forgotten and recovered"``, ``"plateau"``) or None."""
+    def state_dict(self) -> dict[str, Any]:
+        """Every check, the best values and the patience count: a resumed repair decides as an uninterrupted one."""
+        return {"history": self.rows(), "best": self._best, "lowest_forget": self._lowest_forget, "stale": self._stale}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.history = [Check(**row) for row in state["history"]]
+        self._best, self._lowest_forget = float(state["best"]), float(state["lowest_forget"])
+        self._stale = int(state["stale"])
+
+    def update(self, step: int, forget_acc: float, forget_target: float, remaining_acc: float) -> StopReason | None:
+        """Record a check; returns why to stop (:class:`StopReason`) or None."""
         forgotten = forget_acc <= forget_target + self.tolerance
         recovered = remaining_acc >= self.reference - self.tolerance
         over = forget_target > 0 and forget_acc < forget_target - OVERFORGET_TOLERANCES * self.tolerance
@@ -74,14 +98,14 @@ class StoppingRule:
         self._stale = 0 if improved else self._stale + 1
         reason = None
         if forgotten and recovered:
-            reason = "forgotten and recovered"
+            reason = StopReason.FORGOTTEN_AND_RECOVERED
         elif self._stale >= self.patience:
-            reason = "plateau"
+            reason = StopReason.PLATEAU
         self.history.append(Check(step, forget_acc, forget_target, remaining_acc, self.reference, forgotten,
-                                  recovered, over, reason))
+                                  recovered, over, None if reason is None else reason.value))
         return reason
 
-    def rows(self) -> list[dict]:
+    def rows(self) -> list[dict[str, Any]]:
         return [asdict(c) for c in self.history]
 
 
@@ -124,3 +148,22 @@ def _subset(dataset: Dataset, indices: Sequence[int], max_samples: int, rng: np.
     if len(indices) > max_samples:
         indices = np.sort(rng.choice(indices, size=max_samples, replace=False))
     return Subset(dataset, indices.tolist())
+
+
+class NonFiniteError(ValueError):
+    """The repair produced a non-finite loss, parameter or BatchNorm statistic: the run is refused, not reported."""
+
+
+def check_finite(model: nn.Module, where: str, loss: torch.Tensor | None = None) -> None:
+    """Raise :class:`NonFiniteError` naming the first non-finite loss, parameter or normalisation running statistic
+    of ``model`` (other buffers may hold infinities on purpose, e.g. attention masks)."""
+    if loss is not None and not bool(torch.isfinite(loss.detach()).all()):
+        raise NonFiniteError(f"unlearning stopped {where}: the loss is {float(loss.detach().float().mean())} "
+                             "(non-finite input data, or a learning rate too large?); no result is reported")
+    statistics = [(f"{name}.{stat}" if name else stat, getattr(module, stat))
+                  for name, module in model.named_modules() for stat in ("running_mean", "running_var")
+                  if isinstance(getattr(module, stat, None), torch.Tensor)]
+    for name, tensor in [*model.named_parameters(), *statistics]:
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor.detach()).all()):
+            raise NonFiniteError(f"unlearning stopped {where}: {name} holds non-finite values (non-finite input "
+                                 "data, or a learning rate too large?); no result is reported")

@@ -2,51 +2,21 @@
 
 Every method streams over a dataloader (memory does not grow with the forget set),
 scores with the model in eval mode and returns one mean score per output channel.
-The methods themselves live in :mod:`lightning_unlearn.scoring` (one class per method,
-one registry); this module discovers the layers, streams the data and aggregates.
+The methods are the scorer classes (one class per method, one registry); this module
+streams the data through one and aggregates.
 """
 from __future__ import annotations
 
-import warnings
-from dataclasses import dataclass
-from typing import Any, Iterable, Sequence
+from typing import Iterable, Sequence
 
 import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
-from lightning_unlearn.scoring import SCORERS, ChannelScorer, check_method, register_scorer
-from lightning_unlearn.scoring.base import out_channels, registry_views
-
-SCORED_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
-# Per-channel normalisation fed by a layer: its affine weight/bias follow the layer's selected channels.
-NORM_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.GroupNorm)
-
-
-def __getattr__(name: str) -> Any:
-    """``SCORING_METHODS`` and ``DEFAULT_MAX_SAMPLES`` follow the registry; ``METHODS`` is their deprecated alias."""
-    if name == "METHODS":
-        warnings.warn(
-            "lightning_unlearn METHODS is deprecated and will be removed in the next release; use SCORING_METHODS",
-            DeprecationWarning,
-            stacklevel=2,
-        )
-        name = "SCORING_METHODS"
-    views = registry_views()
-    if name in views:
-        return views[name]
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-@dataclass(frozen=True)
-class LayerInfo:
-    """A scorable layer: its output channels, the BatchNorm/GroupNorm fed by it, whether it is the model's head."""
-
-    name: str
-    out_channels: int
-    batchnorm: str | None = None
-    is_head: bool = False
+from lightning_unlearn.config import check_method
+from lightning_unlearn.scoring.base import SCORERS, ChannelScorer
+from lightning_unlearn.scoring.layers import LayerInfo, discover_layers
 
 
 class ChannelScores(dict):
@@ -70,60 +40,25 @@ class ChannelScores(dict):
         return cls(state["scores"], state["num_samples"], state["method"], layers)
 
 
-def discover_layers(model: nn.Module, example_input: Tensor, layers: Sequence[str] | None = None) -> dict[str, LayerInfo]:
-    """Scorable layers in execution order, traced with one forward pass of ``example_input``.
 
-    The head is the last Conv/Linear executed. A BatchNorm belongs to a layer when its input
-    is that layer's output tensor (data flow, not module order).
+
+def average_scores(parts: Sequence[tuple[dict[str, Tensor], int]]) -> dict[str, Tensor]:
+    """Count-weighted mean of per-part channel scores: the score of the union of the parts' samples.
+
+    ``parts`` are ``(scores, number of samples scored)`` pairs (DDP ranks, federated clients); the sum runs in
+    float64 and returns float32, so the result does not depend on how the samples were split.
     """
-    modules = dict(model.named_modules())
-    candidates = {n: m for n, m in modules.items() if isinstance(m, SCORED_TYPES)}
-    if not candidates:
-        raise ValueError(f"{type(model).__name__} has no Conv1d/Conv2d/Conv3d/Linear layer to score")
-    if layers is not None:
-        unknown = [n for n in layers if n not in candidates]
-        if unknown:
-            raise ValueError(f"unknown layer name(s) {unknown}; scorable layers are {list(candidates)}")
-    order: list[str] = []
-    produced: dict[int, str] = {}
-    bn_of: dict[str, str] = {}
-
-    def on_layer(name):
-        def hook(_, __, out):
-            if name not in order:
-                order.append(name)
-            produced[id(out)] = name
-        return hook
-
-    def on_bn(name):
-        def hook(_, inputs):
-            src = produced.get(id(inputs[0]))
-            if src is not None and src not in bn_of:
-                bn_of[src] = name
-        return hook
-
-    handles = [m.register_forward_hook(on_layer(n)) for n, m in candidates.items()]
-    handles += [m.register_forward_pre_hook(on_bn(n)) for n, m in modules.items() if isinstance(m, NORM_TYPES)]
-    was_training = model.training
-    try:
-        model.eval()
-        with torch.no_grad():
-            model(example_input)
-    finally:
-        model.train(was_training)
-        for h in handles:
-            h.remove()
-    head = order[-1] if order else None
-    chosen = [n for n in order if layers is None or n in layers]
-    return {
-        n: LayerInfo(n, out_channels(candidates[n]), bn_of.get(n), n == head) for n in chosen
-    }
+    total = sum(int(n) for _, n in parts)
+    if total <= 0:
+        raise ValueError("no samples were scored: nothing to average")
+    names = list(parts[0][0])
+    return {k: sum((n / total) * s[k].double() for s, n in parts).float() for k in names}
 
 
 def channel_scores(
     model: nn.Module,
     forget_loader: DataLoader,
-    method: str = "grad_x_act",
+    method: str | type[ChannelScorer] | ChannelScorer = "grad_x_act",
     layers: Sequence[str] | None = None,
     retain_loader: DataLoader | None = None,
     max_samples: int | None = None,
@@ -136,33 +71,45 @@ def channel_scores(
     Args:
         method: a registered scoring method (``SCORING_METHODS``): ``"grad_x_act"`` (default),
             ``"ablation"``, ``"gradcam"``, ``"conductance"``, ``"weight_saliency"``, or one added
-            with :func:`register_scorer`.
+            with :func:`register_scorer`; or a :class:`ChannelScorer` subclass (registered or not); or a
+            scorer instance built on ``model`` (its layers are the ones scored, ``layers`` is then ignored).
         layers: layer names to score (default: every Conv/Linear layer).
         retain_loader: if given, the score is contrastive: forget score minus retain score.
         max_samples: score a seeded random subsample of at most this many samples
             (default: all, or the method's ``default_max_samples``: 512 for ``ablation`` and ``conductance``).
         conductance_steps: integration steps of ``conductance`` (its ``n_steps`` option).
     """
-    scorer_cls = SCORERS[check_method(method)]
+    check_method(method)
+    instance = method if isinstance(method, ChannelScorer) else None
+    scorer_cls = type(method) if instance is not None else (SCORERS[method] if isinstance(method, str) else method)
+    if not (isinstance(scorer_cls, type) and issubclass(scorer_cls, ChannelScorer)):
+        raise ValueError(f"method must be a scoring method name, a ChannelScorer subclass or instance, got {method!r}")
     if max_samples is not None and max_samples < 1:
         raise ValueError(f"max_samples must be >= 1 or None, got {max_samples}")
     max_samples = max_samples if max_samples is not None else scorer_cls.default_max_samples
     device = next(model.parameters(), torch.empty(0)).device
     forget_loader = _subsample(forget_loader, max_samples, seed)
     example = _first_inputs(forget_loader).to(device)
-    info = discover_layers(model, example[:2], layers)
     modules = dict(model.named_modules())
-    scorer = scorer_cls(model, [modules[n] for n in info], n_steps=conductance_steps)
-    forget = _mean_scores(scorer, loader=forget_loader, info=info, progress=progress, label="forget")
+    if instance is not None:
+        if instance.model is not model:
+            raise ValueError("the scorer instance was built on another model; build it on the model to score")
+        names = {id(m): n for n, m in modules.items()}
+        layers = [names[id(m)] for m in instance.layers]
+    info = discover_layers(model, example[:2], layers)
+    scorer = instance or scorer_cls(model, [modules[n] for n in info], n_steps=conductance_steps)
+    order = list(layers) if instance is not None else list(info)
+    forget = _mean_scores(scorer, loader=forget_loader, info=info, progress=progress, label="forget", order=order)
     if retain_loader is not None:
         retain_loader = _subsample(retain_loader, forget.num_samples, seed + 1)
-        retain = _mean_scores(scorer, loader=retain_loader, info=info, progress=progress, label="retain")
-        forget = ChannelScores({k: v - retain[k] for k, v in forget.items()}, forget.num_samples, method, info)
+        retain = _mean_scores(scorer, loader=retain_loader, info=info, progress=progress, label="retain", order=order)
+        forget = ChannelScores({k: v - retain[k] for k, v in forget.items()}, forget.num_samples, scorer.name, info)
     return forget
 
 
 def _mean_scores(
-    scorer: ChannelScorer, loader: Iterable, info: dict[str, LayerInfo], progress: bool, label: str
+    scorer: ChannelScorer, loader: Iterable, info: dict[str, LayerInfo], progress: bool, label: str,
+    order: Sequence[str],
 ) -> ChannelScores:
     model = scorer.model
     device = next(model.parameters(), torch.empty(0)).device
@@ -183,7 +130,7 @@ def _mean_scores(
         model.zero_grad(set_to_none=True)
     if count == 0:
         raise ValueError(f"the {label} loader yielded no samples: nothing to score")
-    scores = {n: s.float() for n, s in zip(info, scorer.finalize(sums, count))}
+    scores = {n: s.float() for n, s in zip(order, scorer.finalize(sums, count), strict=True)}
     return ChannelScores(scores, count, scorer.name, info)
 
 
@@ -219,9 +166,3 @@ def _first_samples(batches: Iterable, n: int):
             return
         yield (batch[0][:n], batch[1][:n])
         n -= len(batch[1])
-
-
-__all__ = [
-    "DEFAULT_MAX_SAMPLES", "SCORED_TYPES", "SCORERS", "SCORING_METHODS", "ChannelScorer", "ChannelScores", "LayerInfo",
-    "channel_scores", "check_method", "discover_layers", "register_scorer",
-]

@@ -8,14 +8,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-OBJECTIVES = ("random_label", "ascent", "retain")
-FORGET_AWARE = ("random_label", "ascent")
+from lightning_unlearn.config import FORGET_AWARE, OBJECTIVES
 
-
-def check_objective(objective: str) -> str:
-    if objective not in OBJECTIVES:
-        raise ValueError(f"unknown objective {objective!r}; allowed objectives are {list(OBJECTIVES)}")
-    return objective
+__all__ = ["FORGET_AWARE", "OBJECTIVES", "capped_ascent_loss", "random_label_loss", "random_other_labels"]
 
 
 def random_other_labels(

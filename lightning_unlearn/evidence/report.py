@@ -19,11 +19,11 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
-from lightning_unlearn._io import ON_EXISTS, dumps_json, load_torch_file, save_torch, unique_path, write_json
-from lightning_unlearn.selection import ParameterMask
+from lightning_unlearn._io import ON_EXISTS, load_torch_file, save_torch, unique_path, write_json
+from lightning_unlearn.mask import ParameterMask
 
 REPORT_VERSION = 1
-__all__ = ["ON_EXISTS", "UnlearningReport", "library_versions", "save_weights", "unique_path", "weights_sha256"]
+__all__ = ["UnlearningReport", "library_versions", "save_weights", "weights_sha256"]
 _PACKAGES = ("lightning-unlearn", "torch", "lightning", "torchmetrics", "captum", "scikit-learn", "numpy", "flwr")
 
 
@@ -95,9 +95,6 @@ class UnlearningReport:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-    def to_json(self) -> str:
-        return dumps_json(self.to_dict())
 
     def save(self, path: str | os.PathLike, on_exists: str = "suffix") -> Path:
         """Write the JSON atomically; an existing file is never overwritten (suffix or FileExistsError)."""

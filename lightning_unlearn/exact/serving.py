@@ -21,7 +21,7 @@ from lightning_unlearn.request import ForgetRequest
 
 def _weights(run: SISA, path: Path) -> tuple[Path, str]:
     """The ensemble's state dict as a weights file, and its hash as the ledger computes it."""
-    from lightning_unlearn.evaluation.report import save_weights, weights_sha256
+    from lightning_unlearn.evidence.report import save_weights, weights_sha256
 
     ensemble = run.ensemble()
     written = save_weights(ensemble, path, on_exists="error")
@@ -50,7 +50,7 @@ def serve_requests(run: SISA, ledger, source, test_dataset: Dataset | None,
 
 
 def _serve(run: SISA, ledger, source, test_dataset: Dataset | None, output_root: str | os.PathLike) -> dict[str, Any]:
-    from lightning_unlearn.evaluation.report import weights_sha256
+    from lightning_unlearn.evidence.report import weights_sha256
 
     job = ledger.start_job(source, output_root)
     if job is None:

@@ -12,13 +12,14 @@ from torch.utils.data import Dataset, Subset
 
 from lightning_unlearn._io import RunMarker
 from lightning_unlearn.data.unlearning import UnlearningDataModule
-from lightning_unlearn.evaluation.attacks import TOW_KEYS, tug_of_war
-from lightning_unlearn.evaluation.backdoor import attack_success_rate
-from lightning_unlearn.evaluation.gap import ACC_GAP_KEYS, avg_gap, check_forget_size, check_same_classes, relearn_time
-from lightning_unlearn.evaluation.membership import loss_attack_auc, mia_efficacy, sample_outputs, subsample
-from lightning_unlearn.evaluation.plots import plot_channel_scores, plot_mia_histograms, plot_per_class_accuracy
-from lightning_unlearn.evaluation.probe import probe_accuracy
-from lightning_unlearn.evaluation.report import UnlearningReport, save_weights, unique_path, weights_sha256
+from lightning_unlearn.evidence.attacks import TOW_KEYS, tug_of_war
+from lightning_unlearn.evidence.backdoor import attack_success_rate
+from lightning_unlearn.evidence.gap import ACC_GAP_KEYS, avg_gap, check_forget_size, check_same_classes, relearn_time
+from lightning_unlearn.evidence.membership import loss_attack_auc, mia_efficacy, sample_outputs, subsample
+from lightning_unlearn.evidence.plots import plot_channel_scores, plot_mia_histograms, plot_per_class_accuracy
+from lightning_unlearn.evidence.probe import probe_accuracy
+from lightning_unlearn._io import unique_path
+from lightning_unlearn.evidence.report import UnlearningReport, save_weights, weights_sha256
 from lightning_unlearn.metrics import split_accuracies
 from lightning_unlearn.request import ForgetRequest, random_samples_request  # noqa: F401 - re-exported
 

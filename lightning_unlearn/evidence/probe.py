@@ -20,9 +20,9 @@ from sklearn.preprocessing import StandardScaler
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
-from lightning_unlearn.attribution import discover_layers
+from lightning_unlearn.scoring import discover_layers
 from lightning_unlearn.data.datasets import dataset_targets
-from lightning_unlearn.evaluation.membership import subsample
+from lightning_unlearn.evidence.membership import subsample
 
 
 @dataclass(frozen=True)

@@ -47,7 +47,7 @@ from torch import nn
 from torch.utils.data import ConcatDataset, DataLoader, Dataset, Subset
 
 from lightning_unlearn.data.unlearning import UnlearningDataModule
-from lightning_unlearn.evaluation.references import audit_indices, train_references
+from lightning_unlearn.evidence.references import audit_indices, train_references
 
 log = logging.getLogger(__name__)
 
