@@ -188,14 +188,34 @@ def _fold_projection(split: Split, model: nn.Module, q: torch.Tensor) -> None:
             m.weight.copy_(m.weight @ proj)
 
 
-def retrain_top(task: Task, k: int, model: nn.Module | None = None, project: bool = False) -> nn.Module:
+@torch.no_grad()
+def _mean_phi(top: nn.Module, z: torch.Tensor, y: torch.Tensor, batch: int = 1024) -> float:
+    """Mean logit-scaled confidence (logit_y - logsumexp of the others) of ``top`` on cached inputs, eval mode."""
+    was = top.training
+    top.eval()
+    total = 0.0
+    for zb, yb in zip(z.split(batch), y.split(batch)):
+        logits = top(zb).double()
+        others = logits.scatter(1, yb[:, None], float("-inf"))
+        total += float((logits.gather(1, yb[:, None]).squeeze(1) - torch.logsumexp(others, 1)).sum())
+    top.train(was)
+    return total / len(z)
+
+
+def retrain_top(task: Task, k: int, model: nn.Module | None = None, project: bool = False,
+                match_fit: bool = False) -> nn.Module:
     """Cut before the last ``k`` blocks, re-initialise the top (seeded) and train it from scratch on the retain
     data's cached cut inputs with the original's recipe (optimizer, scheduler, epochs, batch size).
     ``project`` (class requests): the top trains on, and reads, the cut inputs with the forget-dominant
-    subspace removed (:func:`forget_subspace`), so it cannot use what only the forgotten class has."""
+    subspace removed (:func:`forget_subspace`), so it cannot use what only the forgotten class has.
+    ``match_fit``: the schedule's length follows the original's own fit instead: stop after the first epoch whose
+    mean confidence on the retain cut inputs reaches the original's (measured before the reset), else continue
+    past the schedule at its last learning rate, up to twice its epochs (the logit scale of a top trained on
+    fixed features is set by the original's fit on the same data, not by the epoch count)."""
     model = task.original if model is None else model
     split = split_network(model, k)
     z, y = cut_inputs(split.bottom, task.datamodule.retain_set)
+    target = _mean_phi(split.top, z, y) if match_fit else None
     q = None
     if project and task.datamodule.request.kind == "class":
         q = forget_subspace(z, cut_inputs(split.bottom, task.datamodule.forget_set)[0])
@@ -215,14 +235,16 @@ def retrain_top(task: Task, k: int, model: nn.Module | None = None, project: boo
     bs, epochs = int(task.recipe["batch_size"]), int(task.recipe["epochs"])
     gen = torch.Generator().manual_seed(task.seed)
     split.top.train()
-    for _ in range(epochs):
+    for epoch in range(2 * epochs if match_fit else epochs):
         perm = torch.randperm(len(z), generator=gen)
         for j in perm.split(bs):
             opt.zero_grad()
             F.cross_entropy(split.top(z[j]), y[j]).backward()
             opt.step()
-        if sched is not None:
+        if sched is not None and epoch < epochs - 1:
             sched.step()
+        if target is not None and _mean_phi(split.top, z, y) >= target:
+            break
     if q is not None:
         _fold_projection(split, model, q)
     for p in model.parameters():
@@ -264,6 +286,14 @@ def _project_top(k: int) -> Method:
     return method
 
 
+def _fit_top(k: int) -> Method:
+    def method(task: Task) -> nn.Module:
+        return retrain_top(task, k, match_fit=True)
+    method.__name__ = method.__qualname__ = f"top_retrain_fit_{k}"
+    method.__doc__ = f"The top-{k} retraining, trained until its retain confidence reaches the original's (<= 2x epochs)."
+    return method
+
+
 def _distill_top(k: int, fraction: float = 0.06) -> Method:
     def method(task: Task) -> nn.Module:
         model = task.original
@@ -282,6 +312,8 @@ PEERS: dict[str, Method] = {
     "top_retrain_3": _top(3),
     "top_retrain_proj_1": _project_top(1),
     "top_retrain_proj_2": _project_top(2),
+    "top_retrain_fit_1": _fit_top(1),
+    "top_retrain_fit_2": _fit_top(2),
     "distill_top_retrain_1": _distill_top(1),
     "distill_top_retrain_2": _distill_top(2),
 }
