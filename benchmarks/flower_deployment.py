@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -28,9 +29,10 @@ import torch
 from lightning_unlearn._io import write_json
 from lightning_unlearn.federated.flower import FederatedPartitions
 from lightning_unlearn.federated.flower.client_app import save_partition
-from lightning_unlearn.federated.flower.deployment import LocalDeployment
 
 APP = Path(__file__).resolve().parents[1] / "examples" / "flower_app"
+sys.path.insert(0, str(APP.parents[1] / "tests" / "flower_support"))  # the tests' start-up speed-ups (Flower internals)
+from local_deployment import LocalDeployment  # noqa: E402
 MODES = {"warm": {"warm": True, "poll_interval": 0.1}, "warm-stock-poll": {"warm": True, "poll_interval": None}}
 
 

@@ -29,10 +29,12 @@ from lightning_unlearn.mask.arrays import get_arrays
 from lightning_unlearn.federated.flower import FederatedPartitions
 from lightning_unlearn.federated.flower.client_app import save_partition
 from lightning_unlearn.federated.flower.checkpoint import STATE_FILE, ServerCheckpoint
-from lightning_unlearn.federated.flower.deployment import LocalDeployment, toml_value
 from lightning_unlearn.mask import frozen_elements_equal
 from lightning_unlearn.models import SmallCNN
 from lightning_unlearn.mask import ParameterMask
+
+sys.path.insert(0, str(Path(__file__).resolve().parent / "flower_support"))  # start-up speed-ups: not the package's
+from local_deployment import LocalDeployment, toml_value  # noqa: E402
 
 pytestmark = [
     pytest.mark.slow,

@@ -1,7 +1,9 @@
 """Fault handling of the Flower server, without processes: dropouts vs min_clients, checkpoints, polling knobs."""
 from __future__ import annotations
 
+import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,10 +16,12 @@ from lightning_unlearn.scoring import discover_layers
 from lightning_unlearn.federated.flower import UnlearnPlan
 from lightning_unlearn.federated.flower.checkpoint import ServerCheckpoint
 from lightning_unlearn.federated.flower.records import ByteCounter
-from lightning_unlearn.federated.flower.server_app import MaskedUnlearning, PollingGrid, gather
-from lightning_unlearn.federated.flower.supernode import CappedClock, patch_poll_interval
+from lightning_unlearn.federated.flower.server_app import NODE_UNAVAILABLE, MaskedUnlearning, PollingGrid, gather
 from lightning_unlearn.models import SmallCNN
 from lightning_unlearn.mask import ParameterMask
+
+sys.path.insert(0, str(Path(__file__).resolve().parent / "flower_support"))  # the tests' Flower speed-ups
+from fast_supernode import CappedClock, patch_poll_interval  # noqa: E402
 
 NODES = {0: 11, 1: 12, 2: 13}
 
@@ -127,6 +131,11 @@ def test_checkpoint_round_trip_and_refuses_another_plan(tmp_path):
         ServerCheckpoint.load(tmp_path, "key-b")
     assert UnlearnPlan(ForgetRequest(classes=[3])).key() != UnlearnPlan(ForgetRequest(classes=[4])).key()
     assert UnlearnPlan(ForgetRequest(classes=[3])).key() == UnlearnPlan(ForgetRequest(classes=[3])).key()
+
+
+def test_node_unavailable_is_flowers_code():
+    """The package keeps Flower's (non-public) error code for a lost node as a constant: it must match this flwr."""
+    assert NODE_UNAVAILABLE == ErrorCode.NODE_UNAVAILABLE
 
 
 def test_supernode_poll_interval(monkeypatch):

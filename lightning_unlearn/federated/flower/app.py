@@ -21,8 +21,8 @@ from typing import Any, Mapping
 
 import torch
 from flwr.app import Context
+from flwr.common import log
 from flwr.serverapp import Grid, ServerApp
-from flwr.supercore import log
 
 from lightning_unlearn.federated.flower.client_app import (
     DATA_PATH_KEY,

@@ -30,10 +30,9 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import lightning.pytorch as pl
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
-from flwr.common.constant import ErrorCode
+from flwr.common import log
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAvg, Strategy
-from flwr.supercore import log
 from torch import Tensor
 
 from lightning_unlearn._io import save_torch, write_json
@@ -68,6 +67,9 @@ from lightning_unlearn.reset import selected_batchnorm_channels
 
 DATA_CHOICES = ("all", "retain")
 POLL_S = 0.05  # how often the server asks the SuperLink for replies (Flower's HTTP grid waits 3 s)
+#: ``Message.error.code`` of the reply the SuperLink writes for a node it lost (Flower's ``ErrorCode`` is not in its
+#: public API; ``tests/test_flower_faults.py`` checks the value against the installed flwr).
+NODE_UNAVAILABLE = 5
 
 
 @dataclass
@@ -367,7 +369,7 @@ class MaskedUnlearning(Strategy):
         timeout = self.plan.round_timeout if self.plan.round_timeout is not None else self.timeout
         sent = {m.metadata.dst_node_id for m in messages}
         replies = [m for m in grid.send_and_receive(messages, timeout=timeout)  # the SuperLink's "node gone" = no reply
-                   if not (m.has_error() and m.error.code == ErrorCode.NODE_UNAVAILABLE)]
+                   if not (m.has_error() and m.error.code == NODE_UNAVAILABLE)]
         check_replies(replies, len(replies), what)  # raises on a client that failed
         answered = {m.metadata.src_node_id for m in replies}
         missing = sorted(c for c, n in self.active.items() if n in sent and n not in answered)

@@ -1,15 +1,16 @@
 """A real Flower deployment on one host: a SuperLink and N SuperNodes as separate processes.
 
-Used by the deployment test and benchmark, and handy to try a Flower App end to end before
+Used by the deployment test and benchmark (run from the repository; not part of the package, since
+its start-up speed-ups patch Flower's internals), and handy to try a Flower App end to end before
 shipping it to real sites. Every process binds 127.0.0.1 on a free port, runs in a process group
 of its own (a node = its SuperNode + its warm executor + its tasks), and :meth:`LocalDeployment.stop`
 (also called on leaving the ``with`` block, whatever happened) kills every group it started.
 
 With ``warm=True`` (the default) the SuperLink and SuperNodes run with ``--isolation process``
-and one :mod:`~lightning_unlearn.federated.flower.warm_executor` process imports torch once and
+and one ``warm_executor.py`` process (this folder) imports torch once and
 forks an executor for each of them (into that one's process group), which forks its tasks in
 turn; ``poll_interval`` caps the SuperNodes' idle
-sleep (:mod:`~lightning_unlearn.federated.flower.supernode`). ``warm=False, poll_interval=None``
+sleep (``fast_supernode.py``, this folder). ``warm=False, poll_interval=None``
 is stock Flower: a fresh ``flwr-clientapp`` per message and a 3 s poll.
 """
 from __future__ import annotations
@@ -28,7 +29,8 @@ from typing import Any, Mapping, Sequence
 PYTHON = sys.executable
 BIN = Path(sys.executable).parent
 READY_MARK = "warm executor ready"  # what a warm executor logs once it polls for tasks
-SUPERNODE = Path(__file__).with_name("supernode.py")  # run as a file: Flower only, no torch import (~1 s start)
+SUPERNODE = Path(__file__).with_name("fast_supernode.py")  # run as a file: Flower only, no torch (~1 s start)
+WARM_EXECUTOR = Path(__file__).with_name("warm_executor.py")  # run as a file: it imports its sibling
 
 
 def free_port() -> int:
@@ -105,7 +107,7 @@ class LocalDeployment:
         """One warm executor process for ``ports`` (one import; a forked executor per port, in ``pgids``' groups)."""
         path = self.workdir / f"{name}.log"
         offset = path.stat().st_size if path.exists() else 0  # a restarted executor appends to its old log
-        argv = [PYTHON, "-m", "lightning_unlearn.federated.flower.warm_executor", "--insecure",
+        argv = [PYTHON, str(WARM_EXECUTOR), "--insecure",
                 "--poll-interval", str(self.executor_poll_s)]
         for i, port in enumerate(ports):
             argv += ["--runtime-api-address", f"127.0.0.1:{port}"]

@@ -1,4 +1,8 @@
-"""A warm SuperExec: runs each Flower task in a fork of a process that has already imported torch.
+"""A warm SuperExec for the tests and benchmarks: runs each Flower task in a fork of a process that
+has already imported torch.
+
+Not part of the package: it speaks Flower's internal Runtime API (``flwr.proto``, ``flwr.supercore``),
+which can change in any flwr release; pyproject pins flwr to the versions it was tested with.
 
 Flower 1.41 runs every message a SuperNode receives as a *task* in a fresh ``flwr-clientapp``
 process (and every run as a fresh ``flwr-serverapp``). Each of those imports torch and Lightning
@@ -7,7 +11,7 @@ minutes. Flower has no long-lived ClientApp process in this version (``--isolati
 only means "someone else starts the SuperExec"), so this module is that someone else:
 
     flower-supernode --isolation process --port 9094 ...       # or flower-superlink --isolation process
-    python -m lightning_unlearn.federated.flower.warm_executor --runtime-api-address 127.0.0.1:9094 --insecure
+    python tests/flower_support/warm_executor.py --runtime-api-address 127.0.0.1:9094 --insecure
 
 It imports the heavy modules once, polls the Runtime API for tasks (every ``--poll-interval``
 seconds instead of SuperExec's 1 s), and runs each task in ``os.fork()`` of itself by calling
@@ -40,8 +44,7 @@ from flwr.supercore.retry import make_simple_http_retry_invoker
 from flwr.supercore.runtime import RuntimeHttpClient
 from flwr.supercore.tls import validate_and_resolve_root_certificates
 
-from lightning_unlearn._system import pid_alive
-from lightning_unlearn.federated.flower.supernode import patch_pull_backoff
+from fast_supernode import patch_pull_backoff  # this folder: sys.path[0] when run as a file
 
 log = logging.getLogger(__name__)
 
@@ -130,7 +133,15 @@ def _signal(pid: int, sig: int) -> None:
 
 
 def _parent_alive(pid: int | None) -> bool:
-    return True if pid is None else pid_alive(pid)
+    if pid is None:
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
 
 
 def serve(address: str, insecure: bool, root_certificates: str | None = None, poll_interval: float = 0.05,

@@ -1,4 +1,9 @@
-"""``flower-supernode`` that asks the SuperLink for messages more often (``--poll-interval``).
+"""``flower-supernode`` that asks the SuperLink for messages more often (``--poll-interval``), for the
+tests and benchmarks.
+
+Not part of the package: it patches Flower's SuperNode loop (its module ``time``) and the keyword
+defaults of its object download, internals that can change in any flwr release; pyproject pins flwr
+to the versions it was tested with.
 
 Flower 1.41's SuperNode pulls the SuperLink for new messages and, when there is none, sleeps a
 hard-coded 3 s (and 0.5 s between checks for a finished reply). A federated round therefore waits
@@ -6,17 +11,15 @@ up to 3 s before a node even sees its message: for unlearning's short rounds (a 
 that wait dominates. This wrapper runs Flower's own ``flower-supernode`` unchanged, with those
 sleeps capped at ``--poll-interval`` seconds (default 0.1):
 
-    python -m lightning_unlearn.federated.flower.supernode --poll-interval 0.1 --insecure \
+    python tests/flower_support/fast_supernode.py --poll-interval 0.1 --insecure \
         --superlink 127.0.0.1:8000 --isolation process --port 9094 --node-config "data-path='...'"
 
 Every other argument goes to ``flower-supernode`` as is. The cost is more pull requests to the
 SuperLink (one per node per ``--poll-interval`` while idle): fine for tens of nodes, keep Flower's
 default (``--poll-interval 3``) for thousands.
 
-This module imports only Flower, never torch or the rest of lightning-unlearn, so that a SuperNode
-starts in about a second. ``python -m lightning_unlearn.federated.flower.supernode`` imports the
-package (and with it torch) first; run the file itself (``python .../flower/supernode.py``, as
-:class:`~lightning_unlearn.federated.flower.deployment.LocalDeployment` does) to skip that.
+This module imports only Flower, never torch or lightning-unlearn, so that a SuperNode starts in
+about a second.
 """
 from __future__ import annotations
 
@@ -80,14 +83,14 @@ def main(argv: Sequence[str] | None = None) -> None:
         try:
             limit = float(args[i + 1])
         except (IndexError, ValueError):
-            print("lightning_unlearn.federated.flower.supernode: error: --poll-interval needs a number of seconds",
+            print("fast_supernode: error: --poll-interval needs a number of seconds",
                   file=sys.stderr)
             raise SystemExit(2) from None
         del args[i:i + 2]
     try:
         patch_poll_interval(limit)
     except ValueError as err:
-        print(f"lightning_unlearn.federated.flower.supernode: error: {err}", file=sys.stderr)
+        print(f"fast_supernode: error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
     from flwr.supernode.cli import flower_supernode
 
