@@ -187,6 +187,8 @@ def unlearn_checkpoint(
         for leftover in RunMarker.clean(out_dir):
             log.warning("removed %s, left by an interrupted unlearning run", leftover)
     load_weights(model, source)
+    if config.calibrate_epochs == "auto" and (epochs := trained_epochs(source)):
+        config = UnlearnConfig.build(config, calibrate_epochs=epochs)  # the original's schedule, from its checkpoint
     original = copy.deepcopy(model)
     result = engine.unlearn(model, datamodule, config)
     target = engine.reserve(out_dir / f"{source.name.split('.')[0]}-unlearned.ckpt")
@@ -254,6 +256,20 @@ def evaluate_checkpoints(
                **attacks, **(extra or {})}
     path = write_json(payload, unique_path(out_dir / "evaluation.json"), overwrite=False)
     return payload, path
+
+
+def trained_epochs(path: Path) -> int | None:
+    """Epochs the checkpoint's model was trained for (Lightning's fit-loop progress, else ``epoch`` + 1), or None
+    (a plain state dict, or values that are not counts)."""
+    state = load_torch_file(path, "checkpoint")
+    if not isinstance(state, dict):
+        return None
+    try:
+        epochs = state["loops"]["fit_loop"]["epoch_progress"]["current"]["processed"]
+    except (KeyError, TypeError):
+        epoch = state.get("epoch")
+        epochs = epoch + 1 if isinstance(epoch, int) and not isinstance(epoch, bool) else None
+    return epochs if isinstance(epochs, int) and not isinstance(epochs, bool) and epochs >= 1 else None
 
 
 def load_weights(model: torch.nn.Module, path: Path) -> torch.nn.Module:

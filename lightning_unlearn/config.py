@@ -14,9 +14,18 @@ from typing import Any, Callable, Mapping, Protocol, Sequence
 ENGINES = ("central", "federated")
 #: Channel selection over layers: the top ``ratio`` per layer, or over all layers at once.
 SCOPES = ("layer", "global")
-#: Repair objectives; the first two add a forget term on forget batches (the module needs the mixin).
-OBJECTIVES = ("random_label", "ascent", "retain")
-FORGET_AWARE = ("random_label", "ascent")
+#: Repair objectives; all but ``"retain"`` add a forget term on forget batches (the module needs the mixin).
+#: ``"heldout"``: forget samples distilled toward the original's softmax with the true logit lowered by its
+#: class's memorisation gap (sample requests: the samples should look held-out, not mislabelled).
+OBJECTIVES = ("random_label", "ascent", "retain", "heldout")
+FORGET_AWARE = ("random_label", "ascent", "heldout")
+#: Objectives whose forget term needs per-sample targets computed from the original at fit start.
+TARGETED = ("heldout",)
+#: After the repair: ``"head"`` re-initialises the forgotten classes' head rows and fits them on retain features
+#: (:func:`lightning_unlearn.repair.calibration.calibrate_head`); ``"none"`` leaves the head as repaired.
+CALIBRATIONS = ("head", "none")
+#: ``calibrate_epochs="auto"`` when the original's training epochs are unknown (logged at info).
+CALIBRATE_EPOCHS_FALLBACK = 10
 #: How the selected slices are removed before the repair (or a callable ``(model, mask, generator) -> changed``).
 RESETS = ("none", "reinit", "dampen")
 #: BatchNorm running statistics during the repair.
@@ -39,16 +48,26 @@ class RequestLike(Protocol):
 #: (their target is the retrained model's accuracy on the forget data, close to held-out accuracy, not 0%:
 #: a forget term drives it below that); in a federation retain-only masked rounds with the forgotten head
 #: rows at 10x (a forget term on shared body channels cost 1-8 points of remaining accuracy there).
+#: ``calibrate``: the head-row calibration after the repair (central engine only; ``"none"`` until the final
+#: population measurements: ``{"class": "head", ...}`` makes it the class requests' default).
 AUTO: dict[str, dict[str, Any]] = {
-    "central": {"objective": {"class": "random_label", "sample": "retain"}, "head_lr_scale": None},
-    "federated": {"objective": {"class": "retain", "sample": "retain"}, "head_lr_scale": 10.0},
+    "central": {"objective": {"class": "random_label", "sample": "retain"}, "head_lr_scale": None,
+                "calibrate": {"class": "none", "sample": "none"}},
+    "federated": {"objective": {"class": "retain", "sample": "retain"}, "head_lr_scale": 10.0,
+                  "calibrate": {"class": "none", "sample": "none"}},
 }
+#: What the federated engine cannot run yet: the held-out target and the head calibration need the original's
+#: outputs on the retain / forget data, which the server never sees.
+CENTRAL_ONLY = {"objective": ("heldout",), "calibrate": ("head",)}
 
-#: ``max_steps="auto"`` centrally: two epochs of retain batches, at least :data:`AUTO_STEPS_MIN` and at
-#: most :data:`AUTO_STEPS_MAX` optimizer steps. The repair restores what the reset removed; it needs a
-#: number of steps that grows with the selected parameters, not with the data, so the budget is constant
-#: beyond ~6,400 retain samples (batch 64) while retraining grows linearly with the data.
-AUTO_STEPS_MIN, AUTO_STEPS_MAX = 100, 200
+#: ``max_steps="auto"`` centrally: two epochs of retain batches, at most :data:`AUTO_STEPS_MAX` optimizer
+#: steps and at least :data:`AUTO_STEPS_MIN`. The repair restores what the reset removed; beyond ~6,400 retain
+#: samples (batch 64) the budget is constant while retraining grows linearly with the data; on small data it
+#: is two epochs, never more than a few percent of a training schedule (the floor only keeps a tiny retain set
+#: from getting a one-step repair).
+AUTO_STEPS_MIN, AUTO_STEPS_MAX = 10, 200
+#: ``check_every="auto"``: at most this many checks per budget, at least :data:`AUTO_CHECK_MIN` steps apart.
+AUTO_CHECKS, AUTO_CHECK_MIN = 10, 5
 
 
 @dataclass
@@ -88,7 +107,13 @@ class UnlearnConfig:
             fine-tunes them from their trained values (hides the data behind the head). Dampening is the default:
             at equal accuracy it relearned the class as slowly as retraining more often (BENCHMARKS.md).
             A callable ``(model, mask, generator) -> changed elements`` is a custom reset.
-        seed: seeds scoring subsamples, forget-term labels and the data order.
+        seed: seeds scoring subsamples, forget-term labels, the data order and the head calibration.
+        calibrate: after the repair, ``"head"`` re-initialises the forgotten classes' head rows (the layer's own
+            initialisation, seeded) and fits them on retain features computed once, with the module's optimizer
+            for ``calibrate_epochs`` epochs of retain batches: how retraining pushes a never-seen class down.
+            Class requests only, central engine; ``"none"``: no calibration; ``"auto"``: see :data:`AUTO`.
+        calibrate_epochs: epochs of the head calibration; ``"auto"``: the original's training epochs when the
+            caller knows them (the CLI reads them from ``--ckpt_path``), else :data:`CALIBRATE_EPOCHS_FALLBACK`.
     """
 
     method: str | Callable[..., Any] = "grad_x_act"
@@ -114,6 +139,8 @@ class UnlearnConfig:
     bn_stats: str = "frozen"
     reset: str | Callable[..., int] = "dampen"
     seed: int = 0
+    calibrate: str = "auto"
+    calibrate_epochs: int | str = "auto"
 
     def __post_init__(self) -> None:
         check_method(self.method)
@@ -154,6 +181,9 @@ class UnlearnConfig:
         check_reset(self.reset)
         if not _is_int(self.seed):
             raise ValueError(f"seed must be an integer, got {self.seed!r}")
+        _check_choice("calibrate", self.calibrate, ("auto", *CALIBRATIONS))
+        if self.calibrate_epochs != "auto":
+            _check_count("calibrate_epochs", self.calibrate_epochs)
 
     # -- construction --------------------------------------------------------------------------
     @classmethod
@@ -185,9 +215,20 @@ class UnlearnConfig:
             head_rows = list(request.classes) or None
         kind = "class" if request.kind == "class" else "sample"
         federated = engine == "federated"
+        objective = auto["objective"][kind] if self.objective == "auto" else self.objective
+        calibrate = auto["calibrate"][kind] if self.calibrate == "auto" else self.calibrate
+        if federated:
+            for name, value in (("objective", objective), ("calibrate", calibrate)):
+                if value in CENTRAL_ONLY[name]:
+                    raise ValueError(f"{name}={value!r} runs on the central engine only; allowed federated "
+                                     f"{name}s are {[v for v in _choices(name) if v not in CENTRAL_ONLY[name]]}")
+        if calibrate == "head" and not request.classes:
+            raise ValueError(f"calibrate='head' needs a class request (it refits the forgotten classes' head rows), "
+                             f"got a {request.kind} request; allowed for it: calibrate='none' or 'auto'")
         return replace(
             self,
-            objective=auto["objective"][kind] if self.objective == "auto" else self.objective,
+            objective=objective,
+            calibrate=calibrate,
             head_lr_scale=auto["head_lr_scale"] if self.head_lr_scale == "auto" else self.head_lr_scale,
             head_rows=head_rows,
             # a federated masked round is budgeted per client: one local epoch unless capped in steps
@@ -202,10 +243,18 @@ class UnlearnConfig:
         return self.max_steps
 
     def check_interval(self, budget: int | None) -> int:
-        """Optimizer steps between two stopping checks."""
+        """Optimizer steps between two stopping checks: at most :data:`AUTO_CHECKS` per budget (their cost scales
+        with the budget, not a fixed share of a small one), at least :data:`AUTO_CHECK_MIN` steps apart."""
         if self.check_every != "auto":
             return int(self.check_every)
-        return max(5, (budget or AUTO_STEPS_MAX) // 10)
+        return max(AUTO_CHECK_MIN, -(-(budget or AUTO_STEPS_MAX) // AUTO_CHECKS))
+
+    def calibration_epochs(self, trained_epochs: int | None = None) -> int:
+        """Epochs of the head calibration: ``calibrate_epochs``, or for ``"auto"`` the original's ``trained_epochs``
+        when known, else :data:`CALIBRATE_EPOCHS_FALLBACK`."""
+        if self.calibrate_epochs != "auto":
+            return int(self.calibrate_epochs)
+        return int(trained_epochs) if trained_epochs else CALIBRATE_EPOCHS_FALLBACK
 
     def to_dict(self) -> dict[str, Any]:
         """Plain values (a scorer class or reset callable by its name), e.g. for a report."""
@@ -220,6 +269,10 @@ class UnlearnConfig:
 def auto_max_steps(retain_batches: int) -> int:
     """Two epochs of ``retain_batches``, clamped to [:data:`AUTO_STEPS_MIN`, :data:`AUTO_STEPS_MAX`]."""
     return int(min(max(2 * retain_batches, AUTO_STEPS_MIN), AUTO_STEPS_MAX))
+
+
+def _choices(name: str) -> tuple[str, ...]:
+    return {"objective": OBJECTIVES, "calibrate": CALIBRATIONS}[name]
 
 
 def field_names() -> list[str]:

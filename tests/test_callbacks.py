@@ -118,7 +118,7 @@ def test_ascent_objective_is_capped_and_forgets(digits, class3_dm):
     "kwargs, message",
     [
         ({"method": "lime"}, r"unknown scoring method 'lime'; allowed methods are"),
-        ({"objective": "forget"}, r"unknown objective 'forget'; allowed values are \['auto', 'random_label', 'ascent', 'retain'\]"),
+        ({"objective": "forget"}, r"unknown objective 'forget'; allowed values are \['auto', 'random_label', 'ascent', 'retain', 'heldout'\]"),
         ({"threshold": float("nan")}, r"threshold must be a finite number >= 0 and <= 1, got nan"),
         ({"forget_weight": -1.0}, r"forget_weight must be a finite number >= 0, got -1.0"),
         ({"ratio": True}, r"ratio must be in \(0, 1\], got True"),

@@ -39,6 +39,8 @@ CLI_VALUES = {
     "check_samples": ("100", 100),
     "reset": ("reinit", "reinit"),
     "seed": ("11", 11),
+    "calibrate": ("head", "head"),
+    "calibrate_epochs": ("3", 3),
 }
 
 
@@ -76,6 +78,9 @@ def test_defaults_live_in_one_place_and_auto_resolves_per_engine():
         ({"head_rows": [-1]}, r"head_rows must be 'auto', None or a list of row indices >= 0, got \[-1\]"),
         ({"layers": "conv1"}, r"layers must be a non-empty list of layer names or None, got 'conv1'"),
         ({"method": "shap"}, r"unknown scoring method 'shap'; allowed methods are \['grad_x_act'"),
+        ({"calibrate": "probe"}, r"unknown calibrate 'probe'; allowed values are \['auto', 'head', 'none'\]"),
+        ({"calibrate_epochs": 0}, r"calibrate_epochs must be an integer >= 1, got 0"),
+        ({"objective": "distill"}, r"unknown objective 'distill'; allowed values are \['auto', 'random_label', 'ascent', 'retain', 'heldout'\]"),
         ({"ratoi": 0.2}, r"unknown unlearning setting\(s\) \['ratoi'\]; allowed settings are \['method', 'ratio'"),
     ],
 )

@@ -59,7 +59,7 @@ def test_plan_repair_gives_the_head_rows_their_rate_and_sizes_the_budget(trained
     mask = prepare(trained_model, scores, config)
     plan = plan_repair(mask, config, scores.layers, retain_batches=19)
     assert plan.learning_rates.params == {"fc2.weight": 10.0, "fc2.bias": 10.0} and plan.learning_rates.factor == 2.0
-    assert (plan.max_steps, plan.check_every, plan.forget_aware) == (100, 10, True)
+    assert (plan.max_steps, plan.check_every, plan.forget_aware) == (38, 5, True)  # two epochs; ~10 checks, >= 5 apart
     same = plan_repair(mask, UnlearnConfig(lr_scale=2.0, head_lr_scale=None).resolved(CLASS3), scores.layers, 19)
     assert same.learning_rates.params == {}
     with pytest.raises(ValueError, match="pass retain_batches"):

@@ -50,12 +50,16 @@ def test_sample_requests_aim_at_held_out_accuracy_and_flag_over_forgetting():
 
 # -- the budget ---------------------------------------------------------------------------------------------
 def test_auto_budget_is_two_epochs_clamped_so_it_stops_growing_with_the_data():
-    assert auto_max_steps(10) == AUTO_STEPS_MIN
+    assert auto_max_steps(3) == AUTO_STEPS_MIN == 10  # a tiny retain set still gets a repair
+    assert auto_max_steps(10) == 20  # two epochs: no floor above what a small data set's training costs
     assert auto_max_steps(70) == 140
     assert auto_max_steps(844) == auto_max_steps(100_000) == AUTO_STEPS_MAX
     assert UnlearnConfig().step_budget(70) == 140 and UnlearnConfig(max_steps=7).step_budget(40) == 7
     assert UnlearnConfig().check_interval(100) == 10 and UnlearnConfig().check_interval(200) == 20
     assert UnlearnConfig(check_every=3).check_interval(200) == 3
+    # never more than two epochs once the retain set has AUTO_STEPS_MIN / 2 batches; checks scale with the budget
+    assert all(auto_max_steps(n) <= 2 * n for n in range(AUTO_STEPS_MIN // 2, 2000))
+    assert all(auto_max_steps(n) // UnlearnConfig().check_interval(auto_max_steps(n)) <= 10 for n in range(1, 2000))
 
 
 @pytest.mark.parametrize("bad, message", [

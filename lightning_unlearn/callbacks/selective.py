@@ -12,7 +12,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader, Subset
 from typing_extensions import override
 
-from lightning_unlearn.config import FORGET_AWARE, UnlearnConfig
+from lightning_unlearn.config import FORGET_AWARE, TARGETED, UnlearnConfig
 from lightning_unlearn.mask import MaskEnforcer, ParameterMask
 from lightning_unlearn.metrics import accuracy
 from lightning_unlearn.orchestration import (
@@ -29,11 +29,19 @@ from lightning_unlearn.repair import (
     StoppingRule,
     StopReason,
     UnlearningMixin,
+    calibrate_head,
     check_finite,
+    heldout_targets,
+    memorisation_gap,
+    optimizer_recipe,
 )
+from lightning_unlearn.repair.calibration import linear_head, require_rows_in_mask
 from lightning_unlearn.scoring import channel_scores
 from lightning_unlearn.scoring.channels import ChannelScores, average_scores
 from lightning_unlearn.scoring.layers import layer_info
+
+#: Samples of the retain and of the test set that measure the memorisation gap of ``objective="heldout"``.
+GAP_SAMPLES = 512
 
 #: Settings that decide the mask: a resumed run keeps the checkpoint's mask whatever these say now.
 SELECTION_SETTINGS = ("method", "ratio", "scope", "threshold", "contrast", "max_samples", "layers", "include_head",
@@ -54,7 +62,9 @@ class SelectiveUnlearning(Callback):
     (``config.max_steps``, ``"auto"``: :func:`~lightning_unlearn.config.auto_max_steps`), after
     ``config.epochs`` if set, and, with ``config.early_stopping``, as soon as the
     :class:`~lightning_unlearn.repair.StoppingRule` sees the forget data forgotten and remaining accuracy
-    recovered on held-out data. Every check is in :attr:`stopping_history`; :attr:`stop_reason`
+    recovered on held-out data. With ``config.calibrate="head"`` the forgotten classes' head rows are refit on
+    retain features when the repair ends (:meth:`calibrate`). Every check is in :attr:`stopping_history`;
+    :attr:`stop_reason`
     (a :class:`~lightning_unlearn.repair.StopReason`) says why the fit ended. A non-finite loss,
     parameter or BatchNorm statistic ends the fit with a :class:`~lightning_unlearn.repair.NonFiniteError`.
 
@@ -107,6 +117,12 @@ class SelectiveUnlearning(Callback):
         self._forget_state: dict | None = None
         self._last_step = 0
         self._fit_start = 0.0
+        self._head: str | None = None
+        self._optimizer_factory = None
+        self._calibrated = False
+        #: ``objective="heldout"``: each forget sample's held-out target (forget-set order), computed from the
+        #: original at fit start; the data module's forget batches carry it.
+        self.forget_targets: torch.Tensor | None = None
 
     # -- public state ------------------------------------------------------------------------
     @property
@@ -153,6 +169,29 @@ class SelectiveUnlearning(Callback):
         layers the user froze are never selected."""
         return prepare(pl_module, scores, self.resolved_config)
 
+    def calibrate(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> int:
+        """Refit the forgotten classes' head rows on retain features (:func:`~lightning_unlearn.repair.calibrate_head`)
+        with the module's optimizer class and settings for ``calibrate_epochs`` epochs of retain batches. Every rank
+        computes the same features from the whole retain set; rank 0's rows are broadcast so all ranks hold them
+        bit for bit. Returns the elements written."""
+        cfg, dm = self.resolved_config, trainer.datamodule
+        loader = dm.retain_dataloader(shuffle=False)
+        epochs = cfg.calibration_epochs()
+        if cfg.calibrate_epochs == "auto":
+            rank_zero_info(f"SelectiveUnlearning: calibrate_epochs='auto' without the original's epochs: {epochs} "
+                           "epochs (pass calibrate_epochs=<the original's training epochs>)")
+        steps = epochs * len(loader)
+        changed = calibrate_head(pl_module, loader, dm.request.classes, self._head, self._optimizer_factory, steps,
+                                 cfg.seed, loader.batch_size)
+        if trainer.world_size > 1:
+            head = linear_head(pl_module, self._head)
+            rows = list(dm.request.classes)
+            with torch.no_grad():
+                for p in (head.weight, head.bias):
+                    if p is not None:
+                        p[rows] = trainer.strategy.broadcast(p[rows].detach().clone(), src=0)
+        return changed
+
     def reset(self, trainer: pl.Trainer, pl_module: pl.LightningModule, mask: ParameterMask) -> ResetOutcome:
         """Remove the selected slices (:func:`~lightning_unlearn.orchestration.apply_reset`: ``config.reset``,
         seeded, the same on every rank) and re-estimate their BatchNorm statistics on retain data."""
@@ -195,7 +234,11 @@ class SelectiveUnlearning(Callback):
         dm = trainer.datamodule
         layers = self.scores.layers if self.scores is not None else layer_info(pl_module, dm)
         self._plan = plan_repair(self.mask, cfg, layers, len(dm.retain_dataloader()))
+        if cfg.calibrate == "head":
+            self._prepare_calibration(trainer, pl_module)
         self._prepare_stopping(pl_module, dm)
+        if cfg.objective in TARGETED and self.forget_targets is None:  # from the original: before the reset
+            self.forget_targets = self.heldout_targets(pl_module, dm)
         if not self._restored:  # a resumed run's weights were reset before its checkpoint was written
             start = time.perf_counter()
             outcome = self.reset(trainer, pl_module, self.mask)
@@ -229,6 +272,42 @@ class SelectiveUnlearning(Callback):
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer) -> None:
         if self._enforcer is not None:
             self._enforcer.zero_frozen_grads()  # before Lightning's gradient clipping: norms of trainable elements
+
+    def _prepare_calibration(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Before any work: a Linear head whose forgotten rows the mask selects, and the module's optimizer
+        recipe (its class and first group's settings, before the repair's learning-rate scales)."""
+        heads = [n for n, info in layer_info(pl_module, trainer.datamodule).items() if info.is_head]
+        self._head = heads[0] if heads else None
+        linear_head(pl_module, self._head)
+        require_rows_in_mask(self.mask.masks, self._head, trainer.datamodule.request.classes)
+        if not trainer.optimizers:
+            raise ValueError("calibrate='head' fits with the module's optimizer, but configure_optimizers returned "
+                             "none; allowed: a module with an optimizer, or calibrate='none'")
+        self._optimizer_factory = optimizer_recipe(trainer.optimizers[0])
+
+    def heldout_targets(self, pl_module: pl.LightningModule, datamodule: Any) -> torch.Tensor:
+        """Each forget sample's held-out target under the original (``objective="heldout"``): its softmax with
+        the true logit lowered by the class's memorisation gap, measured on seeded retain and test subsamples."""
+        cfg = self.resolved_config
+        start = time.perf_counter()
+        gap = memorisation_gap(pl_module, datamodule.retain_set, datamodule.test_dataset, datamodule.num_classes,
+                               GAP_SAMPLES, cfg.seed)
+        targets = heldout_targets(pl_module, datamodule.forget_set, gap)
+        self.timings["targets"] = time.perf_counter() - start
+        rank_zero_info(f"SelectiveUnlearning: held-out targets for {len(targets)} forget samples (memorisation gap "
+                       f"per class {[round(float(g), 2) for g in gap]})")
+        return targets
+
+    def _calibrate_once(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> bool:
+        """The head calibration after the last optimizer step (once per fit); True if it ran now."""
+        if self._calibrated or self._resolved is None or self._resolved.calibrate != "head" or self._head is None:
+            return False
+        self._calibrated = True
+        start = time.perf_counter()
+        changed = self.calibrate(trainer, pl_module)
+        self.timings["calibration"] = time.perf_counter() - start
+        rank_zero_info(f"SelectiveUnlearning: head calibration refit {changed} elements of {self._head}")
+        return True
 
     # -- the budget and the stopping rule -------------------------------------------------------
     def _prepare_stopping(self, pl_module: pl.LightningModule, datamodule: Any) -> None:
@@ -274,12 +353,16 @@ class SelectiveUnlearning(Callback):
         """A forget-aware term is the means to forget, not the repair: once held-out data shows the forget data
         forgotten it is paused (weight 0) so it stops pulling shared features away from the retain data; a
         later check that shows the data back resumes it."""
-        if self.needs_forget_batches and isinstance(pl_module, UnlearningMixin):
-            pl_module.forget_weight = 0.0 if forgotten else self.resolved_config.forget_weight
+        cfg = self.resolved_config
+        if self.needs_forget_batches and cfg.objective not in TARGETED and isinstance(pl_module, UnlearningMixin):
+            pl_module.forget_weight = 0.0 if forgotten else cfg.forget_weight
 
     def _stop(self, trainer: pl.Trainer, pl_module: pl.LightningModule, reason: StopReason) -> None:
-        check_finite(pl_module, f"at step {trainer.global_step}")
         trainer.should_stop = True
+        if self._calibrate_once(trainer, pl_module) and self._rule is not None:
+            # the verdict below is about the model the fit returns: check it once more after the calibration
+            self._rule.update(trainer.global_step, *self._checks.evaluate(pl_module))
+        check_finite(pl_module, f"at step {trainer.global_step}")
         self.stop_reason = reason
         last = self._rule.history[-1] if self._rule is not None and self._rule.history else None
         if last is None:
@@ -326,6 +409,10 @@ class SelectiveUnlearning(Callback):
         pl_module.log_dict(values, sync_dist=trainer.world_size > 1)
 
     @override
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._calibrate_once(trainer, pl_module)  # the Trainer's own limits ended the fit
+
+    @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._enforcer is not None:
             self._enforcer.restore()
@@ -358,6 +445,7 @@ class SelectiveUnlearning(Callback):
             "stopping": None if self._rule is None else self._rule.state_dict(),
             "learning_rates": None if self._learning_rates is None else self._learning_rates.state_dict(),
             "forget_term": forget,
+            "forget_targets": self.forget_targets,
         }
 
     @override
@@ -379,6 +467,8 @@ class SelectiveUnlearning(Callback):
         if state_dict.get("learning_rates") is not None:
             self._learning_rates = LearningRateGroups.from_state_dict(state_dict["learning_rates"])
         self._forget_state = state_dict.get("forget_term")
+        if state_dict.get("forget_targets") is not None:  # computed from the original, which a resumed run no longer holds
+            self.forget_targets = state_dict["forget_targets"]
         saved = state_dict.get("config") or {}
         current = self.config.to_dict()
         changed = [k for k in SELECTION_SETTINGS if k in saved and saved[k] != current[k]]

@@ -5,6 +5,7 @@ import numpy as np
 import torch
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.utilities import CombinedLoader
+from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from lightning_unlearn.data.validation import checked_targets
@@ -100,7 +101,9 @@ class UnlearningDataModule(LightningDataModule):
     def combined_dataloader(self) -> CombinedLoader:
         """``{"retain": (x, y), "forget": (x, y)}`` batches, the smaller forget set cycled."""
         retain = self._loader(self.retain_set, shuffle=True)
-        forget = self._loader(self.forget_set, shuffle=True, offset=1)
+        targets = self._fit_forget_targets()
+        forget_set = self.forget_set if targets is None else WithTargets(self.forget_set, targets)
+        forget = self._loader(forget_set, shuffle=True, offset=1)
         return CombinedLoader({"retain": retain, "forget": forget}, mode="max_size_cycle")
 
     def full_train_dataloader(self) -> DataLoader:
@@ -110,6 +113,19 @@ class UnlearningDataModule(LightningDataModule):
     def _fit_needs_forget_batches(self) -> bool:
         trainer = self.trainer
         return trainer is not None and any(getattr(cb, "needs_forget_batches", False) for cb in trainer.callbacks)
+
+    def _fit_forget_targets(self) -> Tensor | None:
+        """Per-forget-sample targets a callback of this fit computed (``forget_targets``, in forget-set order):
+        the forget batches then carry them as a third element, ``(x, y, target)``."""
+        trainer = self.trainer
+        for cb in (trainer.callbacks if trainer is not None else []):
+            targets = getattr(cb, "forget_targets", None)
+            if targets is not None:
+                if len(targets) != len(self.forget_indices):
+                    raise ValueError(f"{type(cb).__name__}.forget_targets has {len(targets)} rows for "
+                                     f"{len(self.forget_indices)} forget samples")
+                return targets
+        return None
 
     def retain_dataloader(self, shuffle: bool = False) -> DataLoader:
         return self._loader(self.retain_set, shuffle=shuffle)
@@ -132,3 +148,17 @@ class UnlearningDataModule(LightningDataModule):
     def test_dataloader(self):
         forget = self.forget_test_dataloader()
         return [forget, self.remaining_test_dataloader()] if forget is not None else [self.full_test_dataloader()]
+
+
+class WithTargets(Dataset):
+    """``dataset``'s ``(x, y)`` items with a per-item target appended: ``(x, y, targets[i])``."""
+
+    def __init__(self, dataset: Dataset, targets: Tensor) -> None:
+        self.dataset, self.targets = dataset, targets
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int):
+        item = self.dataset[i]
+        return item[0], item[1], self.targets[i]

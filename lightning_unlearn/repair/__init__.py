@@ -1,11 +1,16 @@
 """The repair: objectives (the forget term), the stopping rule, learning-rate groups and the mixin that
 lets an unmodified LightningModule train on combined retain/forget batches."""
+from lightning_unlearn.repair.calibration import calibrate_head, optimizer_recipe
 from lightning_unlearn.repair.learning_rate import LearningRateGroups
 from lightning_unlearn.repair.mixin import UnlearningMixin
 from lightning_unlearn.repair.objectives import (
     FORGET_AWARE,
     OBJECTIVES,
+    TARGETED,
     capped_ascent_loss,
+    heldout_loss,
+    heldout_targets,
+    memorisation_gap,
     random_label_loss,
     random_other_labels,
 )
@@ -13,5 +18,6 @@ from lightning_unlearn.repair.stopping import CheckSets, NonFiniteError, StopRea
 
 __all__ = [
     "FORGET_AWARE", "OBJECTIVES", "CheckSets", "LearningRateGroups", "NonFiniteError", "StopReason", "StoppingRule", "UnlearningMixin",
-    "capped_ascent_loss", "check_finite", "random_label_loss", "random_other_labels",
+    "TARGETED", "calibrate_head", "capped_ascent_loss", "check_finite", "heldout_loss", "heldout_targets",
+    "memorisation_gap", "optimizer_recipe", "random_label_loss", "random_other_labels",
 ]

@@ -7,7 +7,7 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import Tensor
 
-from lightning_unlearn.repair.objectives import capped_ascent_loss, random_label_loss
+from lightning_unlearn.repair.objectives import capped_ascent_loss, heldout_loss, random_label_loss
 
 
 class UnlearningMixin:
@@ -53,13 +53,19 @@ class UnlearningMixin:
             self._label_generator.set_state(state["generator"])
 
     def forget_loss(self, batch: Any) -> Tensor:
-        """Loss on a forget batch ``(x, y)`` for the configured objective; calls the user's ``forward``."""
+        """Loss on a forget batch ``(x, y)`` (``(x, y, target)`` for ``"heldout"``) for the configured objective;
+        calls the user's ``forward``."""
         x, y = batch[0], batch[1]
         logits = self(x)
         if self.unlearning_objective == "random_label":
             return random_label_loss(logits, y, self.forget_classes, getattr(self, "_label_generator", None))
         if self.unlearning_objective == "ascent":
             return capped_ascent_loss(logits, y, self.ascent_cap)
+        if self.unlearning_objective == "heldout":
+            if len(batch) < 3:
+                raise ValueError("objective 'heldout' needs forget batches (x, y, target) with the original's held-out "
+                                 "targets; run it through SelectiveUnlearning, which computes them at fit start")
+            return heldout_loss(logits, batch[2])
         raise ValueError(f"objective {self.unlearning_objective!r} has no forget term")
 
     def unlearning_step(self, batch: dict, batch_idx: int, user_step: Callable[..., Any]) -> Tensor | None:

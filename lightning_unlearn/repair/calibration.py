@@ -1,0 +1,150 @@
+"""Head calibration: refit the forgotten classes' head rows the way retraining would have set them.
+
+A model retrained without a class pushes that class's logit down on every training step; a short repair
+stops far above it, and a per-example attack sees the difference. Re-initialising only the forgotten rows of
+the classifier head (the layer's own initialisation, seeded) and fitting them on the retain data's head
+features, for the original's number of steps with the module's own optimizer, reproduces that push at the
+cost of a linear problem: the features and the other rows' logits are computed once, and the gradient of the
+forgotten rows' softmax is written by hand (no autograd graph through the model).
+"""
+from __future__ import annotations
+
+import copy
+import functools
+import logging
+from typing import Callable, Iterable, Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.optim import Optimizer
+
+log = logging.getLogger(__name__)
+
+__all__ = ["calibrate_head", "head_features", "linear_head", "optimizer_recipe", "require_rows_in_mask"]
+
+OptimizerFactory = Callable[[list[Tensor]], Optimizer]
+
+
+def linear_head(model: nn.Module, head_name: str | None) -> nn.Linear:
+    """The ``nn.Linear`` named ``head_name`` (the layer :func:`~lightning_unlearn.scoring.layers.discover_layers`
+    marks ``is_head``); one line naming what it is otherwise."""
+    module = dict(model.named_modules()).get(head_name) if head_name is not None else None
+    if not isinstance(module, nn.Linear):
+        kind = type(module).__name__ if module is not None else "no layer"
+        raise ValueError(f"calibrate='head' needs a Linear classifier head; {type(model).__name__}'s head "
+                         f"{head_name!r} is {kind}; allowed: a model whose last layer is nn.Linear, or calibrate='none'")
+    return module
+
+
+def require_rows_in_mask(masks: Mapping[str, Tensor], head_name: str, classes: Sequence[int]) -> None:
+    """The calibration writes only the forgotten rows: they must be trainable in the mask (``head_rows``)."""
+    rows = list(classes)
+    for pname in ("weight", "bias"):
+        key = f"{head_name}.{pname}" if head_name else pname
+        if key in masks and not bool(masks[key][rows].all()):
+            raise ValueError(f"calibrate='head' refits head rows {rows} but the mask does not select them in {key}; "
+                             "allowed: head_rows='auto' (the forgotten classes' rows) or a list containing them")
+
+
+def optimizer_recipe(optimizer: Optimizer) -> OptimizerFactory:
+    """A factory for a fresh optimizer of ``optimizer``'s class with its first parameter group's settings (not its
+    state). Lightning's and Opacus' wrappers are unwrapped to the torch optimizer."""
+    inner = getattr(optimizer, "optimizer", optimizer)
+    inner = getattr(inner, "original_optimizer", inner)
+    group = inner.param_groups[0]
+    settings = {k: copy.deepcopy(group[k]) for k in inner.defaults if k in group and k != "params"}
+    return functools.partial(type(inner), **settings)
+
+
+@torch.no_grad()
+def head_features(model: nn.Module, head: nn.Linear, batches: Iterable) -> tuple[Tensor, Tensor]:
+    """The head's inputs and the labels of every ``(x, y)`` batch, the model in eval mode (each module's mode is
+    put back afterwards)."""
+    feats: list[Tensor] = []
+    labels: list[Tensor] = []
+    hook = head.register_forward_hook(lambda m, inp, out: feats.append(inp[0].detach().float()))
+    modes = {m: m.training for m in model.modules()}
+    device = head.weight.device
+    model.eval()
+    try:
+        for batch in batches:
+            model(batch[0].to(device))
+            labels.append(batch[1].to(device).long())
+    finally:
+        hook.remove()
+        for m, mode in modes.items():
+            m.training = mode
+    if not feats:
+        raise ValueError("calibrate='head' got no retain batches to compute head features on")
+    return torch.cat(feats).flatten(1), torch.cat(labels)
+
+
+def calibrate_head(
+    model: nn.Module,
+    retain_loader: Iterable,
+    classes: Sequence[int],
+    head_name: str,
+    optimizer_factory: OptimizerFactory,
+    steps: int,
+    seed: int,
+    batch_size: int | None = None,
+) -> int:
+    """Re-initialise rows ``classes`` of the Linear head ``head_name`` and fit them for ``steps`` optimizer steps
+    on the retain data's head features (mean cross-entropy over all logits, the other rows fixed). Returns the
+    number of elements written. Seeded with ``seed`` (a local generator; the global RNG is forked around the
+    layer's ``reset_parameters``); ``batch_size``: default ``retain_loader.batch_size``."""
+    head = linear_head(model, head_name)
+    rows = sorted({int(c) for c in classes})
+    if not rows or rows[0] < 0 or rows[-1] >= head.out_features:
+        raise ValueError(f"head rows {rows} are not rows of {head_name!r} (0..{head.out_features - 1})")
+    if steps < 0:
+        raise ValueError(f"steps must be >= 0, got {steps}")
+    # the user's CPU random stream is left as it was: iterating a DataLoader draws from it, and the layer's own
+    # initialisation is seeded with ``seed`` inside the fork
+    with torch.random.fork_rng(devices=[]):
+        x, y = head_features(model, head, retain_loader)
+        torch.manual_seed(seed)
+        fresh = copy.deepcopy(head).cpu()
+        fresh.reset_parameters()
+    bs = int(batch_size or getattr(retain_loader, "batch_size", None) or 64)
+    device, has_bias = head.weight.device, head.bias is not None
+    weight = fresh.weight.detach()[rows].float().to(device).requires_grad_(True)
+    bias = fresh.bias.detach()[rows].float().to(device).requires_grad_(True) if has_bias else None
+    params = [weight] + ([bias] if bias is not None else [])
+    optimizer = optimizer_factory(params)
+    index = torch.tensor(rows, device=device)
+    with torch.no_grad():
+        # the other rows' logits never change: their softmax denominator is summed once (shifted for stability)
+        kept = torch.ones(head.out_features, dtype=torch.bool, device=device)
+        kept[index] = False
+        base = F.linear(x, head.weight.float()[kept], head.bias.float()[kept] if has_bias else None)
+        if kept.any():
+            shift = base.max(1, keepdim=True).values
+            others = (base - shift).exp().sum(1, keepdim=True)
+        else:  # every row refit
+            shift = others = torch.zeros(len(x), 1, device=device)
+        is_row = (y[:, None] == index[None]).float()  # one-hot of the refit rows (0 on retain samples of a class request)
+    generator = torch.Generator().manual_seed(seed)
+    per_epoch = -(-len(x) // bs)
+    order = torch.arange(len(x))
+    for step in range(steps):
+        if step % per_epoch == 0:
+            order = torch.randperm(len(x), generator=generator)
+        j = order[(step % per_epoch) * bs:][:bs].to(device)
+        with torch.no_grad():
+            logits = x[j] @ weight.T + (bias if bias is not None else 0)
+            e = (logits - shift[j]).exp()
+            p = e / (others[j] + e.sum(1, keepdim=True))  # softmax probability of each refit row
+            g = (p - is_row[j]) / len(j)  # d mean cross-entropy / d refit-row logits
+            weight.grad = g.T @ x[j]
+            if bias is not None:
+                bias.grad = g.sum(0)
+        optimizer.step()
+    with torch.no_grad():
+        head.weight[rows] = weight.detach().to(head.weight.dtype)
+        if bias is not None:
+            head.bias[rows] = bias.detach().to(head.bias.dtype)
+    changed = len(rows) * (head.in_features + int(has_bias))
+    log.info("head calibration: rows %s of %s refit for %d steps on %d retain features", rows, head_name, steps, len(x))
+    return changed
