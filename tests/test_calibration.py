@@ -122,6 +122,9 @@ def test_optimizer_recipe_copies_class_and_settings_not_state():
     group = fresh.param_groups[0]
     assert type(fresh) is torch.optim.SGD and (group["lr"], group["momentum"], group["nesterov"]) == (0.3, 0.9, True)
     assert not fresh.state
+    adamw = torch.optim.AdamW([nn.Parameter(torch.ones(2))], lr=0.01, weight_decay=0.05)
+    group = optimizer_recipe(adamw)([nn.Parameter(torch.zeros(2))]).param_groups[0]
+    assert (group["lr"], group["weight_decay"]) == (0.01, 0.05)
 
 
 # -- the calibration under the callback ------------------------------------------------------------------------
@@ -201,3 +204,18 @@ def test_heldout_objective_without_targets_fails_in_one_line(trained_model):
     x, y = torch.zeros(2, 1, 8, 8), torch.tensor([1, 2])
     with pytest.raises(ValueError, match="objective 'heldout' needs forget batches"):
         trained_model.forget_loss((x, y))
+
+
+def test_the_cli_reads_the_originals_epochs_from_its_checkpoint(tmp_path, digits, one_thread):
+    import lightning.pytorch as pl
+
+    from lightning_unlearn.commands import trained_epochs
+    from lightning_unlearn.models import SmallCNN
+
+    trainer = pl.Trainer(max_epochs=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False)
+    trainer.fit(SmallCNN(), DataLoader(Subset(digits[0], list(range(128))), batch_size=64))
+    trainer.save_checkpoint(tmp_path / "original.ckpt")
+    assert trained_epochs(tmp_path / "original.ckpt") == 2
+    torch.save({"state_dict": SmallCNN().state_dict()}, tmp_path / "plain.ckpt")
+    assert trained_epochs(tmp_path / "plain.ckpt") is None

@@ -24,6 +24,7 @@ def test_two_process_cpu_ddp_unlearning(tmp_path):
     assert [r["world_size"] for r in ranks] == [2, 2]
     assert ranks[0]["mask_sha256"] == ranks[1]["mask_sha256"]
     assert ranks[0]["bn_buffers_sha256"] == ranks[1]["bn_buffers_sha256"]
+    assert ranks[0]["head_rows_sha256"] == ranks[1]["head_rows_sha256"] and ranks[0]["calibrated"]
     assert ranks[0]["scored_samples"] == ranks[1]["scored_samples"] == 137  # shards summed: the whole forget set
     for r in ranks:
         assert r["frozen_exact"] and r["bn_buffers_exact"] and r["selected_moved"]

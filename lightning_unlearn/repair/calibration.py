@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import inspect
 import logging
 from typing import Callable, Iterable, Mapping, Sequence
 
@@ -53,7 +54,9 @@ def optimizer_recipe(optimizer: Optimizer) -> OptimizerFactory:
     inner = getattr(optimizer, "optimizer", optimizer)
     inner = getattr(inner, "original_optimizer", inner)
     group = inner.param_groups[0]
-    settings = {k: copy.deepcopy(group[k]) for k in inner.defaults if k in group and k != "params"}
+    accepted = inspect.signature(type(inner).__init__).parameters
+    # only what the constructor takes (torch's AdamW keeps Adam's ``decoupled_weight_decay`` in its defaults)
+    settings = {k: copy.deepcopy(group[k]) for k in inner.defaults if k in group and k != "params" and k in accepted}
     return functools.partial(type(inner), **settings)
 
 

@@ -40,7 +40,9 @@ def main(out: Path, devices: int) -> None:
     dm = UnlearningDataModule(train, test, ForgetRequest(classes=[3]), batch_size=32)
     model = SmallCNN(optimizer="adamw", weight_decay=0.05)  # weight decay: frozen weights would move without restore
     original = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    callback = SelectiveUnlearning(method="grad_x_act", ratio=0.2, objective="random_label")
+    # the head calibration at the end: every rank must hold the same refit rows
+    callback = SelectiveUnlearning(method="grad_x_act", ratio=0.2, objective="random_label", calibrate="head",
+                                   calibrate_epochs=2)
     trainer = pl.Trainer(
         accelerator="cpu", devices=devices, strategy="ddp" if devices > 1 else "auto", max_epochs=2,
         logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
@@ -63,6 +65,9 @@ def main(out: Path, devices: int) -> None:
         "selected_moved": any(
             not torch.equal(p.detach(), original[n]) for n, p in model.named_parameters() if callback.mask.masks[n].any()
         ),
+        "head_rows_sha256": hashlib.sha256(torch.cat([model.fc2.weight[3], model.fc2.bias[3:4]]).detach()
+                                           .numpy().tobytes()).hexdigest(),
+        "calibrated": "calibration" in callback.timings,
         "forget_acc": callback.history[-1]["forget_acc"],
         "remaining_acc": callback.history[-1]["remaining_acc"],
         "fit_seconds": elapsed,
