@@ -49,7 +49,16 @@ def _sources() -> str:
     return Path(__file__).read_text() + "".join(f.read_text() for f in sorted(root.rglob("*.py")))
 
 
+def m_headfit_reseeded(task: Task) -> nn.Module:
+    """Control: population_methods.head_fit itself under another name, so its members get other derived seeds (the
+    harness derives each member's seed from the method's name): how much of a row's U-LiRA is the seeds' luck."""
+    from population_methods import head_fit
+
+    return head_fit(task)
+
+
 PEERS: dict[str, Method] = {
+    "m_headfit_reseeded": m_headfit_reseeded,
     # class requests: the head calibration after the library's repair
     "lib_headcal": _method("lib_headcal", "Defaults + calibrate='head' (original's epochs).", _library(), True),
     "lib_headcal_noreset": _method(
@@ -60,6 +69,9 @@ PEERS: dict[str, Method] = {
         "+ calibrate='head': the body stays bit-for-bit the original's.", _head_only, True),
     # sample requests: the held-out target on the mask (default ratio) and on the whole model
     "lib_heldout": _method("lib_heldout", "objective='heldout', other settings default.", _library(objective="heldout")),
+    "lib_heldout_noreset": _method(
+        "lib_heldout_noreset", "objective='heldout', reset='none', the stopping rule on.",
+        _library(objective="heldout", reset="none")),
     "lib_heldout_nostop": _method(
         "lib_heldout_nostop", "objective='heldout', reset='none', the whole auto budget (no early stop).",
         _library(objective="heldout", reset="none", early_stopping=False)),

@@ -48,13 +48,22 @@ class RequestLike(Protocol):
 #: (their target is the retrained model's accuracy on the forget data, close to held-out accuracy, not 0%:
 #: a forget term drives it below that); in a federation retain-only masked rounds with the forgotten head
 #: rows at 10x (a forget term on shared body channels cost 1-8 points of remaining accuracy there).
-#: ``calibrate``: the head-row calibration after the repair (central engine only; ``"none"`` until the final
-#: population measurements: ``{"class": "head", ...}`` makes it the class requests' default).
+#: One row per request kind, so a default changes in one line: ``reset`` (dampen everywhere for now),
+#: ``calibrate`` (the head-row calibration after the repair, central only; ``"none"`` until the final population
+#: measurements). Measured on digits (benchmarks/population_library.py): the held-out target needs the selected
+#: channels left as they are (``"sample": {"objective": "heldout", "reset": "none", "calibrate": "none"}``);
+#: ``"calibrate": "head"`` in the class row adds the head calibration.
 AUTO: dict[str, dict[str, Any]] = {
-    "central": {"objective": {"class": "random_label", "sample": "retain"}, "head_lr_scale": None,
-                "calibrate": {"class": "none", "sample": "none"}},
-    "federated": {"objective": {"class": "retain", "sample": "retain"}, "head_lr_scale": 10.0,
-                  "calibrate": {"class": "none", "sample": "none"}},
+    "central": {
+        "class": {"objective": "random_label", "reset": "dampen", "calibrate": "none"},
+        "sample": {"objective": "retain", "reset": "dampen", "calibrate": "none"},
+        "head_lr_scale": None,
+    },
+    "federated": {
+        "class": {"objective": "retain", "reset": "dampen", "calibrate": "none"},
+        "sample": {"objective": "retain", "reset": "dampen", "calibrate": "none"},
+        "head_lr_scale": 10.0,
+    },
 }
 #: What the federated engine cannot run yet: the held-out target and the head calibration need the original's
 #: outputs on the retain / forget data, which the server never sees.
@@ -104,9 +113,10 @@ class UnlearnConfig:
         bn_stats: ``"frozen"`` (every BatchNorm in eval mode) or ``"selected"``.
         reset: before the repair, ``"dampen"`` the selected slices (x0.1) or ``"reinit"`` them from the model's
             own initialisation (their BatchNorm statistics re-estimated on retain data either way); ``"none"``
-            fine-tunes them from their trained values (hides the data behind the head). Dampening is the default:
-            at equal accuracy it relearned the class as slowly as retraining more often (BENCHMARKS.md).
-            A callable ``(model, mask, generator) -> changed elements`` is a custom reset.
+            fine-tunes them from their trained values (hides the data behind the head); ``"auto"``: see
+            :data:`AUTO` (dampen on every engine and request kind today: at equal accuracy it relearned the class
+            as slowly as retraining more often, BENCHMARKS.md). A callable ``(model, mask, generator) -> changed
+            elements`` is a custom reset.
         seed: seeds scoring subsamples, forget-term labels, the data order and the head calibration.
         calibrate: after the repair, ``"head"`` re-initialises the forgotten classes' head rows (the layer's own
             initialisation, seeded) and fits them on retain features computed once, with the module's optimizer
@@ -137,7 +147,7 @@ class UnlearnConfig:
     lr_scale: float = 1.0
     head_lr_scale: float | str | None = "auto"
     bn_stats: str = "frozen"
-    reset: str | Callable[..., int] = "dampen"
+    reset: str | Callable[..., int] = "auto"
     seed: int = 0
     calibrate: str = "auto"
     calibrate_epochs: int | str = "auto"
@@ -215,8 +225,9 @@ class UnlearnConfig:
             head_rows = list(request.classes) or None
         kind = "class" if request.kind == "class" else "sample"
         federated = engine == "federated"
-        objective = auto["objective"][kind] if self.objective == "auto" else self.objective
-        calibrate = auto["calibrate"][kind] if self.calibrate == "auto" else self.calibrate
+        objective = auto[kind]["objective"] if self.objective == "auto" else self.objective
+        calibrate = auto[kind]["calibrate"] if self.calibrate == "auto" else self.calibrate
+        reset = auto[kind]["reset"] if isinstance(self.reset, str) and self.reset == "auto" else self.reset
         if federated:
             for name, value in (("objective", objective), ("calibrate", calibrate)):
                 if value in CENTRAL_ONLY[name]:
@@ -229,6 +240,7 @@ class UnlearnConfig:
             self,
             objective=objective,
             calibrate=calibrate,
+            reset=reset,
             head_lr_scale=auto["head_lr_scale"] if self.head_lr_scale == "auto" else self.head_lr_scale,
             head_rows=head_rows,
             # a federated masked round is budgeted per client: one local epoch unless capped in steps
@@ -314,7 +326,7 @@ def check_reset(reset: Any) -> Any:
     """A reset name or a callable ``(model, mask, generator) -> changed``."""
     if callable(reset):
         return reset
-    _check_choice("reset", reset, RESETS)
+    _check_choice("reset", reset, ("auto", *RESETS))
     return reset
 
 

@@ -38,6 +38,9 @@ def reset_selected(model: nn.Module, mask: ParameterMask, reset: Reset, seed: in
     The global torch RNG is left as it was: a reset in the middle of a fit does not re-seed it.
     """
     check_reset(reset)
+    if isinstance(reset, str) and reset == "auto":
+        raise ValueError("reset 'auto' resolves per request (UnlearnConfig.resolved); allowed here are "
+                         "['none', 'reinit', 'dampen'] or a callable")
     if reset == "none":
         return 0
     mask.check(model)

@@ -53,7 +53,9 @@ def test_every_field_has_a_cli_value_in_this_test():
 def test_defaults_live_in_one_place_and_auto_resolves_per_engine():
     class3, sample = ForgetRequest(classes=[3]), ForgetRequest(sample_ids=[1, 2])
     central, federated = UnlearnConfig().resolved(class3, "central"), UnlearnConfig().resolved(class3, "federated")
-    assert (central.objective, central.head_lr_scale) == (AUTO["central"]["objective"]["class"], AUTO["central"]["head_lr_scale"])
+    assert (central.objective, central.head_lr_scale) == (AUTO["central"]["class"]["objective"], AUTO["central"]["head_lr_scale"])
+    assert (central.reset, central.calibrate) == (AUTO["central"]["class"]["reset"], AUTO["central"]["class"]["calibrate"])
+    assert UnlearnConfig().reset == "auto" and central.reset == federated.reset == "dampen"  # today's defaults
     assert UnlearnConfig().resolved(sample, "central").objective == "retain"
     assert (federated.objective, federated.head_lr_scale) == ("retain", 10.0)
     assert central.head_rows == [3] and UnlearnConfig().resolved(sample).head_rows is None

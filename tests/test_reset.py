@@ -67,8 +67,10 @@ def test_unlearn_with_reset_keeps_frozen_elements_and_statistics_exact(trained_m
 
 
 def test_reset_is_refused_where_it_cannot_run():
-    with pytest.raises(ValueError, match=r"unknown reset 'zero'; allowed values are \['none', 'reinit', 'dampen'\]"):
+    with pytest.raises(ValueError, match=r"unknown reset 'zero'; allowed values are \['auto', 'none', 'reinit', 'dampen'\]"):
         UnlearnConfig(reset="zero")
+    with pytest.raises(ValueError, match="reset 'auto' resolves per request"):
+        reset_selected(torch.nn.Linear(2, 2), None, "auto")
 
 
 def test_reinit_leaves_the_global_rng_alone(trained_model, selected):
