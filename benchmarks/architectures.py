@@ -1,4 +1,4 @@
-"""Four classifiers for 1-channel images (8x8 digits, 28x28 MNIST) for the forgetting benchmark (issue 13).
+"""Four classifiers for 1-channel images (8x8 digits, 28x28 MNIST) for the forgetting benchmarks.
 
 Each subclasses :class:`lightning_unlearn.models.ClassifierModule` (the UnlearningMixin and a cross-entropy
 ``training_step``), so the library scores, selects, resets and repairs them without any model-specific code:

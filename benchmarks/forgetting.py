@@ -1,4 +1,4 @@
-"""Issue 13, "a default that really forgets": the default procedure against retraining, on four architectures.
+"""A default that really forgets: the default procedure against retraining, on four architectures.
 
 For each dataset, architecture and seed one original model is trained on all training data; for each request
 (class 3; a random 10% of the training samples) the exact reference is retrained from scratch on the retain
@@ -70,7 +70,7 @@ EPOCHS = {
 BATCH_SIZE = 64
 IMAGE_SIZE = {"digits": 8, "mnist": 28}
 REQUEST_NAMES = {"class": "class 3", "samples": "random 10%"}
-#: Issue 13's targets: within this many accuracy points of retraining on forget / remaining / test.
+#: The targets: within this many accuracy points of retraining on forget / remaining / test.
 TARGET_POINTS = 1.0
 
 

@@ -1,4 +1,4 @@
-"""Issue 13 on full MNIST: the default procedure against retraining, with the reset alternatives, in one process.
+"""Full MNIST: the default procedure against retraining, with the reset alternatives, in one process.
 
 ``--arch`` (benchmarks/architectures.py; default SmallCNN) trained on all 60,000 images for ``--epochs``; class 3 forgotten; retraining from scratch on the
 retain data for the same epochs is the reference (its wall time is the denominator of the speed ratio).

@@ -1,4 +1,4 @@
-"""Candidate unlearning procedures for the population harness (issue 22), each a ``Task -> nn.Module`` function.
+"""Candidate unlearning procedures for the population harness, each a ``Task -> nn.Module`` function.
 
 ``default`` is the library's ``unlearn()`` at its defaults; the rest are candidates measured against
 retraining (kept short; the winner is ported into the library later). Shared pieces: seeded forget /

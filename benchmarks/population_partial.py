@@ -1,4 +1,4 @@
-"""Partial retraining candidates for the population harness (issue 22): retrain the top of the network from scratch.
+"""Partial retraining candidates for the population harness: retrain the top of the network from scratch.
 
 A retrained model treats a forgotten class (or forgotten samples) as never seen. These candidates reproduce
 that mechanism on the top of the network only: the network is cut before its last ``k`` parametrised

@@ -1,4 +1,4 @@
-"""The population harness's method interface (issue 22): what an unlearning procedure receives and returns.
+"""The population harness's method interface: what an unlearning procedure receives and returns.
 
 A method is a plain function ``Task -> torch.nn.Module``. The harness builds one :class:`Task` per
 population member (a fresh deep copy of one trained original, the request's data module, the

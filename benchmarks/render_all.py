@@ -4,7 +4,10 @@
     python benchmarks/render_all.py --check    # exit 1 and name the pages that differ from a fresh render
     python benchmarks/render_all.py --only forgetting central
 
-Each page is rendered by ``render_page(results)`` in the benchmark script of the same name.
+Each page is rendered by ``render_page(results)`` in the benchmark script of the same name (``SCRIPTS`` names
+the few that live elsewhere). A script may also define ``render_assets(results, out)``, which writes the page's
+figures (PNG) next to it; ``--check`` compares the pages' text only (each figure's numbers are in a table on its
+page), since a PNG's bytes depend on the installed matplotlib and fonts.
 """
 from __future__ import annotations
 
@@ -23,15 +26,20 @@ PAGES_DIR = ROOT / "docs" / "benchmarks"
 PAGES = [
     "forgetting", "full_mnist_default", "evidence", "central", "core_mnist", "reset_digits", "ddp_digits",
     "federated_mnist", "federated_scale", "flower_overhead", "flower_deployment", "dp_mnist", "sisa", "ledger",
+    "population", "population_partial", "peers",
 ]
+#: Pages whose renderer is not benchmarks/<name>.py: page -> script path under benchmarks/, without ".py".
+SCRIPTS = {"population_partial": "population_partial_table", "peers": "peers/run_population"}
 
 
 def script(name: str) -> ModuleType:
-    """Import benchmarks/<name>.py as a module (the scripts import their siblings from this folder)."""
+    """Import the renderer of page ``name`` as a module (the scripts import their siblings from this folder)."""
     if str(HERE) not in sys.path:
         sys.path.insert(0, str(HERE))
-    spec = importlib.util.spec_from_file_location(f"_bench_{name}", HERE / f"{name}.py")
+    path = SCRIPTS.get(name, name)
+    spec = importlib.util.spec_from_file_location(f"_bench_{path.replace('/', '_')}", HERE / f"{path}.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # registered first: dataclasses look their module up while it executes
     spec.loader.exec_module(module)
     return module
 
@@ -50,7 +58,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     stale = []
     for name in args.only:
-        text, path = render(name, args.results), args.out / f"{name}.md"
+        module = script(name)
+        text, path = module.render_page(args.results), args.out / f"{name}.md"
         if args.check:
             if not path.exists() or path.read_text() != text:
                 stale.append(str(path))
@@ -58,6 +67,10 @@ def main(argv: list[str] | None = None) -> int:
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(text)
             print(f"wrote {path}")
+            assets = getattr(module, "render_assets", None)
+            if assets is not None:
+                for figure in assets(args.results, args.out):
+                    print(f"wrote {figure}")
     if stale:
         print("stale (run python benchmarks/render_all.py): " + ", ".join(stale), file=sys.stderr)
         return 1

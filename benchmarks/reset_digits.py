@@ -1,4 +1,4 @@
-"""First look at "remove, then repair" (issue 13): relearn steps with and without resetting the selected channels.
+"""First look at "remove, then repair": relearn steps with and without resetting the selected channels.
 
 One seed, digits, SmallCNN; explained (grad x activation) vs random channels at several ratios, each with
 ``reset="none"`` (fine-tune the selected slices) and ``reset="reinit"`` (re-initialise them first), the

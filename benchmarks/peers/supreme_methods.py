@@ -1,4 +1,4 @@
-"""SUPREME 0.1.5's SCRUB, SSD, Bad Teacher, UNSIR and JiT as population-harness methods (issue 22).
+"""SUPREME 0.1.5's SCRUB, SSD, Bad Teacher, UNSIR and JiT as population-harness methods.
 
 Each adapter calls SUPREME's own method function (``supreme.methods.unlearning_methods.<name>``)
 with the arguments SUPREME's driver (``supreme/utils/unlearning/unlearn_main.py``) passes it, and
