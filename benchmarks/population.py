@@ -365,7 +365,11 @@ def render_page(results: Path = RESULTS) -> str:
         "Population evidence: can an auditor tell unlearning from retraining?", "population.py", sources,
         ["OMP_NUM_THREADS=1 .venv/bin/python benchmarks/population.py --datasets DATASET --archs ARCH --requests "
          "REQUEST --methods METHOD ... (each cell below names its exact command)"],
-        [c.get("machine") or pagekit.UNKNOWN_MACHINE for c in cells], INTRO)
+        [c.get("machine") or pagekit.UNKNOWN_MACHINE for c in cells],
+        "Can an auditor with K reference models tell an unlearned model from retraining? Per cell (dataset x "
+        f"architecture x request) K = {' or '.join(sorted({str(c['k']) for c in cells}))} originals, retrained, "
+        "half- and double-schedule retrained and unlearned models; the columns are defined above the full tables "
+        "at the end of the page.")
     lines += ["## The library default against retraining", "",
               "Per cell, the default's U-LiRA AUC next to the attack's own floor (two halves of the retrained "
               "population) and the schedule band (honest retraining with half and with double the original's "
@@ -383,7 +387,7 @@ def render_page(results: Path = RESULTS) -> str:
          for c in cells
          for d, h, o, band in [(population_curve.row(c, "default"), population_curve.row(c, population_curve.HALVES),
                                 population_curve.row(c, "original"), population_curve.band(c))]])
-    lines += [""] + population_curve.section(cells) + ["## Every cell, every method", ""] + cell_sections(cells)
+    lines += [""] + population_curve.section(cells) + ["## Every cell, every method", "", INTRO, ""] + cell_sections(cells)
     return pagekit.finish(lines)
 
 
