@@ -1,4 +1,4 @@
-"""The population harness (benchmarks/population.py, issue 22): U-LiRA scores two samples of one population at
+"""The population harness (benchmarks/population.py): U-LiRA scores two samples of one population at
 chance, separated populations near 1, the class calibration removes a per-model global shift, plug-ins load,
 and masked candidate updates keep every parameter element outside the mask bit-for-bit."""
 from __future__ import annotations
@@ -120,3 +120,24 @@ def test_head_fit_changes_only_the_forgotten_rows_and_pushes_their_logit_down():
     x = torch.stack([dm.forget_set[i][0] for i in range(len(dm.forget_set))])
     with torch.no_grad():
         assert (out(x).argmax(1) != 3).all()  # the forgotten class is never predicted for its own samples
+
+
+def test_curve_counts_the_default_share_as_the_mask_unlearn_builds():
+    """The docs' evidence-against-share curve counts each method's share on a fresh model; the default's must be
+    the fraction of the mask ``unlearn()`` really uses (here two repair steps on an untrained SmallCNN-GN)."""
+    import population_curve
+
+    from lightning_unlearn import UnlearnConfig, unlearn
+
+    train, test = load_digits_datasets()
+    dm = UnlearningDataModule(train, test, ForgetRequest(classes=[population_curve.FORGOTTEN]), batch_size=64,
+                              num_classes=10)
+    torch.manual_seed(0)
+    result = unlearn(population.ARCHS["SmallCNN-GN"](), dm, UnlearnConfig(max_steps=2), inplace=True)
+    shares = population_curve.shares("SmallCNN-GN", "digits")
+    assert shares["default"] == pytest.approx(result.mask.fraction, abs=1e-12)
+    head = pm.head_layer(population.ARCHS["SmallCNN-GN"]())
+    total = sum(p.numel() for p in population.ARCHS["SmallCNN-GN"]().parameters())
+    assert shares["headfit"] == (head.in_features + 1) / total
+    assert shares["headfit"] < shares["gradmask_10_headfit_b6"] < shares["gradmask_30_headfit_b6"] < 1.0
+    assert shares["distill_headfit_b6"] == 1.0
