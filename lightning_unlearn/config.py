@@ -55,8 +55,8 @@ class RequestLike(Protocol):
 #: ``"calibrate": "head"`` in the class row adds the head calibration.
 AUTO: dict[str, dict[str, Any]] = {
     "central": {
-        "class": {"objective": "random_label", "reset": "dampen", "calibrate": "none"},
-        "sample": {"objective": "retain", "reset": "dampen", "calibrate": "none"},
+        "class": {"objective": "retain", "reset": "none", "calibrate": "head"},
+        "sample": {"objective": "heldout", "reset": "none", "calibrate": "none"},
         "head_lr_scale": None,
     },
     "federated": {

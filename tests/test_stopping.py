@@ -10,7 +10,7 @@ from lightning_unlearn.data import UnlearningDataModule
 from lightning_unlearn._training import fit
 from lightning_unlearn.callbacks import SelectiveUnlearning
 from lightning_unlearn.config import AUTO_STEPS_MAX, AUTO_STEPS_MIN, auto_max_steps
-from lightning_unlearn.repair.stopping import CheckSets, StoppingRule
+from lightning_unlearn.repair.stopping import CheckSets, StoppingRule, StopReason
 
 
 # -- the rule on its own -----------------------------------------------------------------------------------
@@ -79,9 +79,21 @@ def test_federated_engine_budgets_one_local_epoch_per_round():
     assert cfg.epochs == 1 and cfg.max_steps is None and cfg.reset == "dampen"
 
 
-def test_auto_objective_repairs_on_retain_data_for_sample_requests():
-    assert UnlearnConfig().resolved(ForgetRequest(classes=[3])).objective == "random_label"
-    assert UnlearnConfig().resolved(ForgetRequest(sample_ids=[1, 2])).objective == "retain"
+def test_auto_resolves_per_request_kind_centrally():
+    """Class requests: no reset, a retain-only repair, then the head calibration; sample requests: the held-out
+    target without a reset (the population benchmark's best measured rows)."""
+    cls = UnlearnConfig().resolved(ForgetRequest(classes=[3]))
+    assert (cls.objective, cls.reset, cls.calibrate) == ("retain", "none", "head")
+    smp = UnlearnConfig().resolved(ForgetRequest(sample_ids=[1, 2]))
+    assert (smp.objective, smp.reset, smp.calibrate) == ("heldout", "none", "none")
+
+
+def test_a_deferred_forgetting_stops_once_recovered_and_the_final_check_is_real():
+    rule = StoppingRule(0.9, tolerance=0.01, patience=3, forgetting_deferred=True)
+    assert rule.update(5, forget_acc=0.95, forget_target=0.0, remaining_acc=0.95) == StopReason.RECOVERED
+    assert rule.history[-1].forgotten is False  # the row records what was measured
+    rule.forgetting_deferred = False  # after the calibration: the real verdict
+    assert rule.update(5, forget_acc=0.0, forget_target=0.0, remaining_acc=0.95) == StopReason.FORGOTTEN_AND_RECOVERED
 
 
 # -- the callback on a real fit ------------------------------------------------------------------------------

@@ -1,6 +1,7 @@
 """SelectiveUnlearning: explain, select channels, reset them, repair only them. One callback on an existing Trainer."""
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from typing import Any
@@ -235,7 +236,12 @@ class SelectiveUnlearning(Callback):
         layers = self.scores.layers if self.scores is not None else layer_info(pl_module, dm)
         self._plan = plan_repair(self.mask, cfg, layers, len(dm.retain_dataloader()))
         if cfg.calibrate == "head":
-            self._prepare_calibration(trainer, pl_module)
+            skip = self._calibration_not_possible(trainer, pl_module) if self.config.calibrate == "auto" else None
+            if skip is None:
+                self._prepare_calibration(trainer, pl_module)
+            else:  # asked by "auto" only: the rest of the default still runs
+                rank_zero_info(f"SelectiveUnlearning: no head calibration ({skip})")
+                self._resolved = cfg = dataclasses.replace(cfg, calibrate="none")
         self._prepare_stopping(pl_module, dm)
         if cfg.objective in TARGETED and self.forget_targets is None:  # from the original: before the reset
             self.forget_targets = self.heldout_targets(pl_module, dm)
@@ -272,6 +278,18 @@ class SelectiveUnlearning(Callback):
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer) -> None:
         if self._enforcer is not None:
             self._enforcer.zero_frozen_grads()  # before Lightning's gradient clipping: norms of trainable elements
+
+    def _calibration_not_possible(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> str | None:
+        """Why ``calibrate="auto"`` cannot calibrate here (None: it can): no Linear head, a given mask that keeps
+        the forgotten head rows frozen, or no optimizer."""
+        try:
+            heads = [n for n, info in layer_info(pl_module, trainer.datamodule).items() if info.is_head]
+            head = heads[0] if heads else None
+            linear_head(pl_module, head)
+            require_rows_in_mask(self.mask.masks, head, trainer.datamodule.request.classes)
+        except ValueError as err:
+            return str(err)
+        return None if trainer.optimizers else "configure_optimizers returned no optimizer"
 
     def _prepare_calibration(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Before any work: a Linear head whose forgotten rows the mask selects, and the module's optimizer
@@ -318,7 +336,8 @@ class SelectiveUnlearning(Callback):
         self._checks = CheckSets(datamodule, cfg.check_samples, cfg.seed)
         if self._reference is None:  # a resumed run keeps the reference of its first start
             self._reference = self._checks.evaluate(pl_module)[2]
-        self._rule = StoppingRule(self._reference, cfg.stop_tolerance, cfg.patience)
+        self._rule = StoppingRule(self._reference, cfg.stop_tolerance, cfg.patience,
+                                  forgetting_deferred=cfg.calibrate == "head")
         if self._rule_state is not None:
             self._rule.load_state_dict(self._rule_state)
         rank_zero_info(f"SelectiveUnlearning: budget {plan.max_steps} steps, checks every {plan.check_every}; "
@@ -360,7 +379,9 @@ class SelectiveUnlearning(Callback):
     def _stop(self, trainer: pl.Trainer, pl_module: pl.LightningModule, reason: StopReason) -> None:
         trainer.should_stop = True
         if self._calibrate_once(trainer, pl_module) and self._rule is not None:
-            # the verdict below is about the model the fit returns: check it once more after the calibration
+            # the verdict below is about the model the fit returns: check it once more after the calibration,
+            # which must now have done the forgetting itself
+            self._rule.forgetting_deferred = False
             self._rule.update(trainer.global_step, *self._checks.evaluate(pl_module))
         check_finite(pl_module, f"at step {trainer.global_step}")
         self.stop_reason = reason

@@ -36,6 +36,7 @@ class StopReason(str, Enum):
     """Why a repair ended (a ``str``: compares and serialises as its value, e.g. ``"step budget"``)."""
 
     FORGOTTEN_AND_RECOVERED = "forgotten and recovered"
+    RECOVERED = "recovered (the calibration forgets)"
     PLATEAU = "plateau"
     STEP_BUDGET = "step budget"
     EPOCHS = "epochs"
@@ -71,8 +72,11 @@ class StoppingRule:
             forget accuracy) before stopping.
     """
 
-    def __init__(self, reference: float, tolerance: float = 0.01, patience: int = 3) -> None:
+    def __init__(self, reference: float, tolerance: float = 0.01, patience: int = 3,
+                 forgetting_deferred: bool = False) -> None:
         self.reference, self.tolerance, self.patience = float(reference), float(tolerance), int(patience)
+        #: a later step (the head calibration) does the forgetting: stop as soon as the repair has recovered
+        self.forgetting_deferred = bool(forgetting_deferred)
         self.history: list[Check] = []
         self._best, self._lowest_forget = -1.0, 2.0
         self._stale = 0
@@ -92,13 +96,16 @@ class StoppingRule:
         recovered = remaining_acc >= self.reference - self.tolerance
         over = forget_target > 0 and forget_acc < forget_target - OVERFORGET_TOLERANCES * self.tolerance
         # progress: a new best remaining accuracy, or (not yet forgotten) a new lowest forget accuracy
-        improved = remaining_acc > self._best or (not forgotten and forget_acc < self._lowest_forget)
+        improved = remaining_acc > self._best or (
+            not forgotten and not self.forgetting_deferred and forget_acc < self._lowest_forget)
         self._best = max(self._best, remaining_acc)
         self._lowest_forget = min(self._lowest_forget, forget_acc)
         self._stale = 0 if improved else self._stale + 1
         reason = None
         if forgotten and recovered:
             reason = StopReason.FORGOTTEN_AND_RECOVERED
+        elif self.forgetting_deferred and recovered:
+            reason = StopReason.RECOVERED
         elif self._stale >= self.patience:
             reason = StopReason.PLATEAU
         self.history.append(Check(step, forget_acc, forget_target, remaining_acc, self.reference, forgotten,
