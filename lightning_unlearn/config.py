@@ -43,16 +43,13 @@ class RequestLike(Protocol):
     kind: str
     classes: Sequence[int]
 
-#: What ``"auto"`` resolves to on each engine (measured in BENCHMARKS.md). Centrally a random-label
-#: forget term at the user's rate for class requests, retain-only repair for sample and client requests
-#: (their target is the retrained model's accuracy on the forget data, close to held-out accuracy, not 0%:
-#: a forget term drives it below that); in a federation retain-only masked rounds with the forgotten head
+#: What ``"auto"`` resolves to on each engine. In a federation retain-only masked rounds with the forgotten head
 #: rows at 10x (a forget term on shared body channels cost 1-8 points of remaining accuracy there).
-#: One row per request kind, so a default changes in one line: ``reset`` (dampen everywhere for now),
-#: ``calibrate`` (the head-row calibration after the repair, central only; ``"none"`` until the final population
-#: measurements). Measured on digits (benchmarks/population_library.py): the held-out target needs the selected
-#: channels left as they are (``"sample": {"objective": "heldout", "reset": "none", "calibrate": "none"}``);
-#: ``"calibrate": "head"`` in the class row adds the head calibration.
+#: One row per request kind, so a default changes in one line. Centrally (population benchmark, digits and an
+#: MNIST subset, per-example U-LiRA against retrained populations, docs/benchmarks/population.md): class requests
+#: repair on retain data without a reset, then refit the forgotten head rows on retain features
+#: (``calibrate="head"``); sample requests distil the forget samples toward a held-out-like target, without a
+#: reset (a dampening reset is itself what the attack sees).
 AUTO: dict[str, dict[str, Any]] = {
     "central": {
         "class": {"objective": "retain", "reset": "none", "calibrate": "head"},
@@ -113,9 +110,9 @@ class UnlearnConfig:
         bn_stats: ``"frozen"`` (every BatchNorm in eval mode) or ``"selected"``.
         reset: before the repair, ``"dampen"`` the selected slices (x0.1) or ``"reinit"`` them from the model's
             own initialisation (their BatchNorm statistics re-estimated on retain data either way); ``"none"``
-            fine-tunes them from their trained values (hides the data behind the head); ``"auto"``: see
-            :data:`AUTO` (dampen on every engine and request kind today: at equal accuracy it relearned the class
-            as slowly as retraining more often, BENCHMARKS.md). A callable ``(model, mask, generator) -> changed
+            fine-tunes them from their trained values; ``"auto"``: see :data:`AUTO` (centrally ``"none"``: under
+            per-example attacks the dampening itself is what gives an unlearned model away; federated
+            ``"dampen"``; docs/benchmarks/population.md). A callable ``(model, mask, generator) -> changed
             elements`` is a custom reset.
         seed: seeds scoring subsamples, forget-term labels, the data order and the head calibration.
         calibrate: after the repair, ``"head"`` re-initialises the forgotten classes' head rows (the layer's own

@@ -62,7 +62,9 @@ def compare_with_references(
     start = time.perf_counter()
     fit(model, _AllTrainData(dm.train_dataset, dm.batch_size), epochs)
     results = {"original": UnlearningResult(model, None, split_accuracies(model, dm), {"total": time.perf_counter() - start})}
-    results["unlearned"] = unlearn(model, dm, config)
+    # the head calibration follows the original's schedule, which is known here
+    known = {"calibrate_epochs": epochs} if config.calibrate_epochs == "auto" else {}
+    results["unlearned"] = unlearn(model, dm, config, **known)
     results["retrained"] = retrain(model, dm, epochs=epochs, seed=config.seed)
 
     tuned = copy.deepcopy(model).train()
