@@ -423,7 +423,7 @@ def render_page(results: Path) -> str:
     import pagekit
 
     records = {name: pagekit.load(results, name) for _, names, _ in PAGE_FILES for name in names}
-    lines = pagekit.header("Forgetting at the library's defaults (four architectures)", "forgetting.py", records,
+    lines = pagekit.header("Forgetting at the previous defaults (dampen, random labels; four architectures)", "forgetting.py", records,
                            [r["command"] for r in records.values()],
                            [pagekit.machine(r) for r in records.values()], PAGE_INTRO)
     for title, names, note in PAGE_FILES:

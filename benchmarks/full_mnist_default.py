@@ -111,7 +111,7 @@ def render_page(results: Path) -> str:
              "steps: Adam steps until class 3 is back within 2 points of the original; repair steps with the stopping "
              "rule's reason. One torch thread. The commands listed are those documented when the files were written "
              "(the files record epochs and seed, not the command line).")
-    lines = pagekit.header("Full MNIST at the defaults", "full_mnist_default.py", records,
+    lines = pagekit.header("Full MNIST at the previous defaults (dampen)", "full_mnist_default.py", records,
                            [cmd for _, cmd in PAGE_FILES], [pagekit.UNKNOWN_MACHINE], intro)
     for name, _ in PAGE_FILES:
         rec = records[name]
