@@ -152,8 +152,12 @@ def test_calibration_settings_fail_fast(trained_model, class3_dm, digits, one_th
     for field in ({"calibrate": "head"}, {"objective": "heldout"}):
         with pytest.raises(ValueError, match="runs on the central engine only"):
             UnlearnConfig(**field).resolved(ForgetRequest(classes=[3]), "federated")
-    # the defaults do not calibrate yet (the AUTO table decides per request kind)
-    assert UnlearnConfig().resolved(ForgetRequest(classes=[3])).calibrate == "none"
+    # the default calibrates class requests (the AUTO table decides per request kind) ...
+    assert UnlearnConfig().resolved(ForgetRequest(classes=[3])).calibrate == "head"
+    assert UnlearnConfig().resolved(ForgetRequest(sample_ids=[1])).calibrate == "none"
+    # ... but "auto" skips it quietly where explicit "head" fails fast: the forgotten head rows left out of the mask
+    skipped = unlearn(trained_model, class3_dm, head_rows=None, max_steps=2, early_stopping=False)
+    assert skipped.config.calibrate == "none" and "calibration" not in skipped.timings_s
     assert UnlearnConfig(calibrate_epochs="auto").calibration_epochs(30) == 30
     assert UnlearnConfig(calibrate_epochs=4).calibration_epochs(30) == 4
 

@@ -139,7 +139,8 @@ class EpochSeededData(UnlearningDataModule):
 
 def test_a_resumed_repair_stops_where_an_uninterrupted_one_stops(trained_model, digits, tmp_path):
     dm = EpochSeededData(digits[0], digits[1], ForgetRequest(classes=[3]), batch_size=64)
-    settings = dict(objective="retain", check_every=5, patience=2, stop_tolerance=0.0, max_steps=200)
+    settings = dict(objective="retain", reset="dampen", calibrate="none", check_every=5, patience=2, stop_tolerance=0.0,
+                    max_steps=200)  # a repair that must forget by itself: the rule runs past the first epoch
     epoch = len(dm.retain_dataloader())
     whole = SelectiveUnlearning(log_metrics=False, **settings)
     _trainer(whole, reload_dataloaders_every_n_epochs=1).fit(copy.deepcopy(trained_model), datamodule=dm)
@@ -159,8 +160,8 @@ def test_a_resumed_repair_stops_where_an_uninterrupted_one_stops(trained_model, 
 
 # -- item 13: gradient accumulation -------------------------------------------------------------------------------
 def test_with_gradient_accumulation_checks_follow_optimizer_steps(trained_model, class3_dm):
-    callback = SelectiveUnlearning(log_metrics=False, objective="retain", check_every=1, patience=50, max_steps=4,
-                                   stop_tolerance=0.0)
+    callback = SelectiveUnlearning(log_metrics=False, objective="retain", reset="dampen", calibrate="none", check_every=1,
+                                   patience=50, max_steps=4, stop_tolerance=0.0)
     _trainer(callback, accumulate_grad_batches=2).fit(trained_model, datamodule=class3_dm)
     steps = [row["step"] for row in callback.stopping_history]
     assert steps == list(range(1, len(steps) + 1)) and steps  # a check ran at step 0, before any update

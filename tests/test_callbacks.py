@@ -57,7 +57,8 @@ def test_mixin_in_either_position_forgets_with_the_users_own_training_step(cls, 
     model = _pretrained(cls, digits)
     original = {k: v.clone() for k, v in model.state_dict().items()}
     before = split_accuracies(model, class3_dm)
-    cb = SelectiveUnlearning(method="grad_x_act", ratio=0.1, objective="random_label", epochs=2)
+    cb = SelectiveUnlearning(method="grad_x_act", ratio=0.1, objective="random_label", reset="dampen", calibrate="none",
+                             epochs=2)
     model.seen_batches = 0
     pl.Trainer(max_epochs=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                enable_model_summary=False, callbacks=[cb]).fit(model, datamodule=class3_dm)
@@ -135,8 +136,9 @@ def test_bad_callback_arguments_fail_at_construction(kwargs, message):
 @pytest.mark.parametrize("budget, expected_steps", [({"epochs": 1, "early_stopping": False}, 19),
                                                     ({"epochs": 3, "max_steps": 7}, 7)])
 def test_callback_owns_its_budget_on_a_generous_trainer(digits, class3_dm, trained_model, budget, expected_steps):
-    """Like EarlyStopping: a Trainer left at max_epochs=1000 stops after the config's epochs or max_steps."""
-    cb = SelectiveUnlearning(objective="retain", log_metrics=False, **budget)
+    """Like EarlyStopping: a Trainer left at max_epochs=1000 stops after the config's epochs or max_steps (a repair
+    the rule does not end first: no head calibration to defer the forgetting to, so it must forget by itself)."""
+    cb = SelectiveUnlearning(objective="retain", reset="dampen", calibrate="none", log_metrics=False, **budget)
     trainer = pl.Trainer(max_epochs=1000, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                          enable_model_summary=False, callbacks=[cb])
     trainer.fit(trained_model, datamodule=class3_dm)

@@ -55,8 +55,10 @@ def test_defaults_live_in_one_place_and_auto_resolves_per_engine():
     central, federated = UnlearnConfig().resolved(class3, "central"), UnlearnConfig().resolved(class3, "federated")
     assert (central.objective, central.head_lr_scale) == (AUTO["central"]["class"]["objective"], AUTO["central"]["head_lr_scale"])
     assert (central.reset, central.calibrate) == (AUTO["central"]["class"]["reset"], AUTO["central"]["class"]["calibrate"])
-    assert UnlearnConfig().reset == "auto" and central.reset == federated.reset == "dampen"  # today's defaults
-    assert UnlearnConfig().resolved(sample, "central").objective == "retain"
+    assert UnlearnConfig().reset == "auto" and (central.reset, federated.reset) == ("none", "dampen")  # today's defaults
+    assert (central.objective, central.calibrate, federated.calibrate) == ("retain", "head", "none")
+    central_sample = UnlearnConfig().resolved(sample, "central")
+    assert (central_sample.objective, central_sample.reset, central_sample.calibrate) == ("heldout", "none", "none")
     assert (federated.objective, federated.head_lr_scale) == ("retain", 10.0)
     assert central.head_rows == [3] and UnlearnConfig().resolved(sample).head_rows is None
     explicit = UnlearnConfig(objective="ascent", head_rows=[1], head_lr_scale=None).resolved(class3, "federated")

@@ -40,7 +40,7 @@ def test_prepare_never_selects_what_the_user_froze(trained_model, scores):
 
 
 def test_apply_reset_dampens_and_reestimates_or_reports_the_statistics_to_estimate(trained_model, scores, class3_dm):
-    config = UnlearnConfig().resolved(CLASS3)
+    config = UnlearnConfig(reset="dampen").resolved(CLASS3)
     mask = prepare(trained_model, scores, config)
     before = copy.deepcopy(trained_model)
     outcome = apply_reset(trained_model, mask, config, class3_dm.retain_dataloader())
@@ -55,13 +55,13 @@ def test_apply_reset_dampens_and_reestimates_or_reports_the_statistics_to_estima
 
 
 def test_plan_repair_gives_the_head_rows_their_rate_and_sizes_the_budget(trained_model, scores):
-    config = UnlearnConfig(lr_scale=2.0, head_lr_scale=10.0).resolved(CLASS3)
+    config = UnlearnConfig(objective="random_label", lr_scale=2.0, head_lr_scale=10.0).resolved(CLASS3)
     mask = prepare(trained_model, scores, config)
     plan = plan_repair(mask, config, scores.layers, retain_batches=19)
     assert plan.learning_rates.params == {"fc2.weight": 10.0, "fc2.bias": 10.0} and plan.learning_rates.factor == 2.0
     assert (plan.max_steps, plan.check_every, plan.forget_aware) == (38, 5, True)  # two epochs; ~10 checks, >= 5 apart
     same = plan_repair(mask, UnlearnConfig(lr_scale=2.0, head_lr_scale=None).resolved(CLASS3), scores.layers, 19)
-    assert same.learning_rates.params == {}
+    assert same.learning_rates.params == {} and not same.forget_aware  # the default objective: retain data only
     with pytest.raises(ValueError, match="pass retain_batches"):
         plan_repair(mask, config, scores.layers)
 

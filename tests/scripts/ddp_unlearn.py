@@ -40,9 +40,10 @@ def main(out: Path, devices: int) -> None:
     dm = UnlearningDataModule(train, test, ForgetRequest(classes=[3]), batch_size=32)
     model = SmallCNN(optimizer="adamw", weight_decay=0.05)  # weight decay: frozen weights would move without restore
     original = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    # the head calibration at the end: every rank must hold the same refit rows
-    callback = SelectiveUnlearning(method="grad_x_act", ratio=0.2, objective="random_label", calibrate="head",
-                                   calibrate_epochs=2)
+    # the dampen reset (BatchNorm statistics re-estimated on every rank) and the head calibration at the end: every
+    # rank must hold the same statistics and refit rows
+    callback = SelectiveUnlearning(method="grad_x_act", ratio=0.2, objective="random_label", reset="dampen",
+                                   calibrate="head", calibrate_epochs=2)
     trainer = pl.Trainer(
         accelerator="cpu", devices=devices, strategy="ddp" if devices > 1 else "auto", max_epochs=2,
         logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
