@@ -223,3 +223,21 @@ def test_the_cli_reads_the_originals_epochs_from_its_checkpoint(tmp_path, digits
     assert trained_epochs(tmp_path / "original.ckpt") == 2
     torch.save({"state_dict": SmallCNN().state_dict()}, tmp_path / "plain.ckpt")
     assert trained_epochs(tmp_path / "plain.ckpt") is None
+
+
+def test_when_auto_cannot_calibrate_it_resets_instead_and_says_so(
+        trained_model, class3_dm, one_thread):
+    """calibrate='auto' skips the calibration when the head rows are not in the mask: it falls back to the dampening
+    reset and says so, and the stopping rule's verdict says when the class is still not forgotten."""
+    import copy
+    import warnings
+
+    from lightning_unlearn import unlearn
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = unlearn(copy.deepcopy(trained_model), class3_dm, head_rows=None)
+    assert result.config.calibrate == "none" and result.config.reset == "dampen"
+    assert any("no head calibration" in str(w.message) for w in caught)
+    if result.metrics["forget_acc"] > 0.5:  # not forgotten: the user is told, never a silent success
+        assert any("before forgetting and repair both held" in str(w.message) for w in caught)

@@ -121,6 +121,7 @@ class SelectiveUnlearning(Callback):
         self._head: str | None = None
         self._optimizer_factory = None
         self._calibrated = False
+        self._uncalibrated_head: dict[str, torch.Tensor] | None = None
         #: ``objective="heldout"``: each forget sample's held-out target (forget-set order), computed from the
         #: original at fit start; the data module's forget batches carry it.
         self.forget_targets: torch.Tensor | None = None
@@ -223,6 +224,8 @@ class SelectiveUnlearning(Callback):
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         cfg = self.resolved_config
+        if self._restored and self._uncalibrated_head is not None:
+            self._undo_calibration(pl_module)
         if self.mask is None:  # neither given nor restored from a checkpoint
             start = time.perf_counter()
             self.scores = self.score(trainer, pl_module)
@@ -239,9 +242,14 @@ class SelectiveUnlearning(Callback):
             skip = self._calibration_not_possible(trainer, pl_module) if self.config.calibrate == "auto" else None
             if skip is None:
                 self._prepare_calibration(trainer, pl_module)
-            else:  # asked by "auto" only: the rest of the default still runs
-                rank_zero_info(f"SelectiveUnlearning: no head calibration ({skip})")
-                self._resolved = cfg = dataclasses.replace(cfg, calibrate="none")
+            else:  # asked by "auto" only: without the calibration nothing would forget, so the reset does
+                fallback = {"calibrate": "none"}
+                if self.config.reset == "auto":
+                    fallback["reset"] = "dampen"
+                rank_zero_warn(f"SelectiveUnlearning: no head calibration ({skip}); the selected channels are "
+                               f"reset instead ({fallback.get('reset', cfg.reset)}), which may not forget a class on its "
+                               "own: select the forgotten head rows (head_rows='auto') or use objective='random_label'")
+                self._resolved = cfg = dataclasses.replace(cfg, **fallback)
         self._prepare_stopping(pl_module, dm)
         if cfg.objective in TARGETED and self.forget_targets is None:  # from the original: before the reset
             self.forget_targets = self.heldout_targets(pl_module, dm)
@@ -316,11 +324,27 @@ class SelectiveUnlearning(Callback):
                        f"per class {[round(float(g), 2) for g in gap]})")
         return targets
 
+    @torch.no_grad()
+    def _undo_calibration(self, pl_module: pl.LightningModule) -> None:
+        """A resumed repair continues from the head as it was before the checkpointed fit's calibration (that fit
+        ended on the Trainer's limits, not on the rule); the calibration runs again when this repair ends."""
+        params = dict(pl_module.named_parameters())
+        for name, value in self._uncalibrated_head.items():
+            if name not in params or params[name].shape != value.shape:
+                raise ValueError(f"the checkpoint's uncalibrated head {name!r} does not fit the resumed model")
+            params[name].copy_(value.to(params[name].device))
+        self._uncalibrated_head = None
+        rank_zero_info("SelectiveUnlearning: resumed from a calibrated checkpoint: the head rows are back to where the "
+                       "repair left them; the calibration runs again at the end")
+
     def _calibrate_once(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> bool:
         """The head calibration after the last optimizer step (once per fit); True if it ran now."""
         if self._calibrated or self._resolved is None or self._resolved.calibrate != "head" or self._head is None:
             return False
         self._calibrated = True
+        head = dict(pl_module.named_modules())[self._head]
+        # a fit ended by the Trainer's own limits may be resumed: the repair then continues from these rows
+        self._uncalibrated_head = {f"{self._head}.{n}": p.detach().clone() for n, p in head.named_parameters()}
         start = time.perf_counter()
         changed = self.calibrate(trainer, pl_module)
         self.timings["calibration"] = time.perf_counter() - start
@@ -467,6 +491,7 @@ class SelectiveUnlearning(Callback):
             "learning_rates": None if self._learning_rates is None else self._learning_rates.state_dict(),
             "forget_term": forget,
             "forget_targets": self.forget_targets,
+            "uncalibrated_head": self._uncalibrated_head,
         }
 
     @override
@@ -490,6 +515,7 @@ class SelectiveUnlearning(Callback):
         self._forget_state = state_dict.get("forget_term")
         if state_dict.get("forget_targets") is not None:  # computed from the original, which a resumed run no longer holds
             self.forget_targets = state_dict["forget_targets"]
+        self._uncalibrated_head = state_dict.get("uncalibrated_head")
         saved = state_dict.get("config") or {}
         current = self.config.to_dict()
         changed = [k for k in SELECTION_SETTINGS if k in saved and saved[k] != current[k]]
