@@ -16,7 +16,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import pagekit  # noqa: E402
-from population import ARCHS, RESULTS, _fmt  # noqa: E402
+from population import ARCHS, DATASETS, RESULTS, _fmt  # noqa: E402
 from population_methods import head_layer  # noqa: E402
 from population_partial import param_share  # noqa: E402
 
@@ -26,8 +26,8 @@ COLUMNS = (("forget_acc", "forget", "pct"), ("remaining_acc", "remaining", "pct"
 CANDIDATE_ROWS = ("default", "distill_whole", "headfit", "distill_headfit_b6")
 
 
-def share_of(method: str, arch: str, request: str) -> float | None:
-    model = ARCHS[arch](num_classes=10, image_size=8, epochs=30)
+def share_of(method: str, arch: str, request: str, dataset: str = "digits") -> float | None:
+    model = ARCHS[arch](num_classes=10, image_size=DATASETS[dataset].image_size, epochs=30)
     total = sum(p.numel() for p in model.parameters())
     if method.startswith("distill_whole") or method.startswith("distill_top") or method.startswith("distill_headfit"):
         return 1.0
@@ -65,7 +65,7 @@ def render_page(results: Path = RESULTS) -> str:
                 "| method | " + " | ".join(c[1] for c in COLUMNS) + " |", "|---" * (len(COLUMNS) + 1) + "|"]
         for r in rows:
             base = r["method"].split(" (")[0]
-            r = dict(r, share=share_of(base, res["architecture"], res["request"]) if r["kind"] == "method" else None)
+            r = dict(r, share=share_of(base, res["architecture"], res["request"], res["dataset"]) if r["kind"] == "method" else None)
             name = r["method"] if r["kind"] == "method" else f"*{r['method']}*"
             out.append(f"| {name} | " + " | ".join(_fmt(r.get(k), kind) for k, _, kind in COLUMNS) + " |")
         out.append("")
