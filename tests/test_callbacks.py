@@ -1,5 +1,6 @@
 """SelectiveUnlearning on an existing Trainer, the mixin in either base position, unlearn() / retrain()."""
 import copy
+import warnings
 
 import lightning.pytorch as pl
 import pytest
@@ -106,6 +107,29 @@ def test_without_mixin_retain_objective_works_and_forget_aware_names_the_mixin(d
     original = {k: v.clone() for k, v in model.state_dict().items()}
     fit(model, class3_dm, 1, [cb])
     assert frozen_elements_equal(model, original, cb.mask)
+
+
+def test_the_defaults_run_on_a_module_without_the_mixin_for_every_request_kind(digits):
+    """A user's plain module: the class default (retain repair + head calibration) needs no mixin; the sample
+    default's held-out target does, so without it the default repairs on retain data only and says so."""
+    from lightning_unlearn import ForgetRequest
+    from lightning_unlearn.data import UnlearningDataModule
+
+    model = _pretrained(PlainNet, digits)
+    for request in (ForgetRequest(classes=[3]), ForgetRequest(sample_ids=list(range(0, 200, 4)))):
+        dm = UnlearningDataModule(digits[0], digits[1], request, batch_size=64)
+        cb = SelectiveUnlearning(log_metrics=False)
+        original = {k: v.clone() for k, v in model.state_dict().items()}
+        work = copy.deepcopy(model)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            fit(work, dm, 1, [cb])
+        assert frozen_elements_equal(work, original, cb.mask)
+        if request.classes:
+            assert cb.resolved_config.calibrate == "head" and cb.resolved_config.objective == "retain"
+        else:
+            assert cb.resolved_config.objective == "retain"
+            assert any("needs the module to subclass" in str(w.message) for w in caught)
 
 
 def test_ascent_objective_is_capped_and_forgets(digits, class3_dm):

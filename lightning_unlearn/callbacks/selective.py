@@ -213,6 +213,13 @@ class SelectiveUnlearning(Callback):
         self._start_request()  # a new fit is a new request; a checkpoint of this request restores it next
         self._request = dm.request.to_dict()
         cfg = self._resolved = self.config.resolved(dm.request, "central")
+        if self.needs_forget_batches and self.config.objective == "auto" and not isinstance(pl_module, UnlearningMixin):
+            # the default must run on any LightningModule: without the mixin, the retain-only repair
+            rank_zero_warn(f"SelectiveUnlearning: the default objective for this request ({cfg.objective!r}) needs "
+                           f"the module to subclass lightning_unlearn.UnlearningMixin ({type(pl_module).__name__} "
+                           "does not): repairing on retain data only (objective='retain'); add the mixin for the "
+                           "default")
+            cfg = self._resolved = dataclasses.replace(cfg, objective="retain")
         if self.needs_forget_batches:
             if not isinstance(pl_module, UnlearningMixin):
                 raise TypeError(
