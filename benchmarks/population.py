@@ -35,10 +35,11 @@ from typing import Any, Callable
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Subset, TensorDataset
+from torch.utils.data import DataLoader, Subset
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from architectures import ARCHITECTURES  # noqa: E402
+from evidence import load  # noqa: E402  (digits, or the seeded MNIST subset the evidence benchmark uses)
 from population_methods import CANDIDATES  # noqa: E402
 from population_task import Method, Task, load_plugin, method_fingerprint  # noqa: E402
 
@@ -46,7 +47,6 @@ from lightning_unlearn import ForgetRequest  # noqa: E402
 from lightning_unlearn.data import UnlearningDataModule  # noqa: E402
 from lightning_unlearn._io import write_json  # noqa: E402
 from lightning_unlearn._training import quiet_lightning, reinitialize  # noqa: E402
-from lightning_unlearn.data import load_digits_datasets, load_mnist  # noqa: E402
 from lightning_unlearn.evidence import relearn_time  # noqa: E402
 from lightning_unlearn.evidence.attacks import challenge_score, logit_confidence, roc_result, ulira_scores  # noqa: E402
 from lightning_unlearn.evidence.references import derived_seed, train_originals, train_references, unlearned_population  # noqa: E402
@@ -85,17 +85,6 @@ class DataSpec:
 DATASETS = {"digits": DataSpec(epochs=30, batch_size=64, image_size=8),
             "mnist": DataSpec(epochs=12, batch_size=64, image_size=28)}
 REQUESTS = ("class3", "samples100")
-
-
-def load(dataset: str, args) -> tuple[TensorDataset, TensorDataset]:
-    if dataset == "digits":
-        return load_digits_datasets(seed=0)
-    train, test = load_mnist(args.mnist_root)
-    gen = torch.Generator().manual_seed(1234)
-    i = torch.randperm(len(train), generator=gen)[: args.mnist_train].sort().values
-    j = torch.randperm(len(test), generator=gen)[: args.mnist_test].sort().values
-    return (TensorDataset(train.tensors[0][i].clone(), train.tensors[1][i].clone()),
-            TensorDataset(test.tensors[0][j].clone(), test.tensors[1][j].clone()))
 
 
 def make_request(name: str, n_train: int) -> ForgetRequest:
