@@ -87,13 +87,22 @@ class UnlearningTrainer(pl.Trainer):
                             retrain_epochs, output_dir, relearn, attack, references, reference_epochs,
                             reference_cache)
 
-    def demo(self, model: pl.LightningModule, datamodule: UnlearningDataModule) -> None:
+    def demo(self, model: pl.LightningModule, datamodule: UnlearningDataModule, attack: bool = True,
+             attack_models: int = 6, attack_limit_s: float = 60.0) -> None:
         """Train, unlearn, retrain and fine-tune-all in one go and print the comparison table.
 
         Training and retraining use ``trainer.max_epochs``; unlearning and the fine-tune-all control
         use the ``unlearning:`` section's budget.
+
+        Args:
+            attack: also print the U-LiRA verdict (unlearned vs retrained, raw and class-calibrated AUC, next
+                to the original's) on small populations; the demo's own models are their first members.
+            attack_models: K, the originals, unlearned and retrained models per population (>= 3).
+            attack_limit_s: skip the verdict, saying why, when its cost estimated from the demo's retraining
+                is above this many seconds.
         """
-        run_demo(model, datamodule, self.max_epochs or 20, UnlearnConfig(seed=_seed()))
+        run_demo(model, datamodule, self.max_epochs or 20, UnlearnConfig(seed=_seed()), attack, attack_models,
+                 attack_limit_s)
 
 
 def run_unlearn(engine, model, datamodule, ckpt_path: str, config: UnlearnConfig, output_dir: str | None,
@@ -151,18 +160,26 @@ def _print_attack(result: dict, attack: str) -> None:
     print(f"attack {verdict}: {result['informative_rule']}")
 
 
-def run_demo(model, datamodule, epochs: int, config: UnlearnConfig) -> None:
-    """``lightning-unlearn demo``: train, unlearn, retrain, fine-tune all; print the table."""
+def run_demo(model, datamodule, epochs: int, config: UnlearnConfig, attack: bool = True, attack_models: int = 6,
+             attack_limit_s: float = 60.0) -> None:
+    """``lightning-unlearn demo``: train, unlearn, retrain, fine-tune all; print the table and the attack's verdict."""
     import logging
     import warnings
 
-    from lightning_unlearn.demo import compare_with_references, print_speed, print_table
+    from lightning_unlearn.demo import attack_verdict, compare_with_references, print_speed, print_table
 
+    if isinstance(attack_models, bool) or not isinstance(attack_models, int) or attack_models < 3:
+        raise ValueError(f"attack_models must be an integer >= 3 (leave-one-out keeps 2 per population), "
+                         f"got {attack_models!r}")
+    if not attack_limit_s >= 0:
+        raise ValueError(f"attack_limit_s must be >= 0 seconds, got {attack_limit_s!r}")
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore")
     results = compare_with_references(model, datamodule, epochs, config)
     print_table(results, f"Forget {datamodule.request.to_dict()} ({config.method}, ratio {config.ratio})")
     print_speed(results)
+    if attack:
+        print(attack_verdict(results, datamodule, epochs, config, attack_models, attack_limit_s))
 
 
 def _console():
@@ -212,10 +229,12 @@ class UnlearnCLI(LightningCLI):
     def evaluate(self, model: pl.LightningModule, datamodule=None, **kwargs: Any) -> Path:
         return run_evaluate(self._engine(datamodule), model, datamodule, **kwargs)
 
-    def demo(self, model: pl.LightningModule, datamodule=None) -> None:
+    def demo(self, model: pl.LightningModule, datamodule=None, attack: bool = True, attack_models: int = 6,
+             attack_limit_s: float = 60.0) -> None:
         if is_federated(datamodule):
             raise ValueError("demo runs centrally; use a central data config (e.g. configs/digits_cnn.yaml)")
-        run_demo(model, datamodule, self.trainer.max_epochs or 20, self._config())
+        run_demo(model, datamodule, self.trainer.max_epochs or 20, self._config(), attack, attack_models,
+                 attack_limit_s)
 
     def _section(self, name: str):
         return self.config_init[self.subcommand][name]

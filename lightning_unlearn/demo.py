@@ -41,14 +41,18 @@ def run(
     forget_class: int = 3,
     config: UnlearnConfig | None = None,
     batch_size: int = 64,
-) -> dict[str, UnlearningResult]:
-    """The demo on digits (default) or MNIST (``data_root``): see :func:`compare_with_references`."""
+    return_datamodule: bool = False,
+):
+    """The demo on digits (default) or MNIST (``data_root``): see :func:`compare_with_references`.
+
+    Returns the results, or ``(results, datamodule)`` with ``return_datamodule``."""
     config = config or UnlearnConfig()
     train, test = load_mnist(data_root) if data_root else load_digits_datasets(seed=config.seed)
     dm = UnlearningDataModule(train, test, ForgetRequest(classes=[forget_class]), batch_size=batch_size, seed=config.seed)
     pl.seed_everything(config.seed, verbose=False)
     model = SmallCNN(channels=(32, 64), hidden=128) if data_root else SmallCNN()
-    return compare_with_references(model, dm, epochs, config)
+    results = compare_with_references(model, dm, epochs, config)
+    return (results, dm) if return_datamodule else results
 
 
 def compare_with_references(
@@ -77,6 +81,31 @@ def compare_with_references(
     )
     add_relearn_steps(results, dm, config.seed)
     return results
+
+
+#: The attack verdict's defaults: population size and the most seconds it may take (estimated first).
+ATTACK_MODELS = 6
+ATTACK_LIMIT_S = 60.0
+
+
+def attack_verdict(
+    results: dict[str, UnlearningResult], dm: UnlearningDataModule, epochs: int, config: UnlearnConfig,
+    models: int = ATTACK_MODELS, limit_s: float = ATTACK_LIMIT_S,
+) -> str:
+    """One line: the U-LiRA verdict on ``models`` originals / unlearned / retrained (the demo's own are the first),
+    or why it was skipped. The cost is estimated from the retraining and the unlearning the demo timed."""
+    from lightning_unlearn.evidence.verdict import population_verdict, verdict_cost
+
+    retrain_s, unlearn_s = results["retrained"].timings_s["total"], results["unlearned"].timings_s["total"]
+    estimate = verdict_cost(models, retrain_s, unlearn_s)
+    if estimate > limit_s:
+        return (f"attack verdict skipped: K={models} populations need {2 * (models - 1)} more trainings, about "
+                f"{estimate:.0f}s at this retraining's {retrain_s:.1f}s, over the {limit_s:.0f}s limit "
+                f"(raise the attack limit or lower K to run it)")
+    known = {"calibrate_epochs": epochs} if config.calibrate_epochs == "auto" else {}
+    verdict = population_verdict(results["original"].model, results["unlearned"].model, results["retrained"].model,
+                                 dm, epochs, lambda m: unlearn(m, dm, config, **known).model, models, config.seed)
+    return verdict.line()
 
 
 def add_relearn_steps(results: dict[str, UnlearningResult], dm: UnlearningDataModule, seed: int = 0) -> None:
@@ -110,6 +139,16 @@ def print_table(results: dict[str, UnlearningResult], title: str, console: Conso
           "retrained model's means the unlearned model hid what it knew rather than forgot it")
 
 
+def _at_least(low: int):
+    """An argparse type: an integer >= ``low``."""
+    def parse(text: str) -> int:
+        value = int(text)
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {low}, got {value}")
+        return value
+    return parse
+
+
 def _steps(text: str) -> int | str:
     """``--max-steps``: an integer or ``auto``."""
     return text if text == "auto" else int(text)
@@ -120,6 +159,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--data-root", default=None, help="MNIST folder (idx .gz files); default: embedded digits")
     parser.add_argument("--epochs", type=int, default=20, help="training epochs of the original and retrained model")
     parser.add_argument("--forget-class", type=int, default=3)
+    parser.add_argument("--attack", action=argparse.BooleanOptionalAction, default=True,
+                        help="print the U-LiRA verdict on a small population (skipped when estimated too slow)")
+    parser.add_argument("--attack-models", type=_at_least(3), default=ATTACK_MODELS,
+                        help="K: originals, unlearned and retrained models per population for the verdict")
+    parser.add_argument("--attack-limit-s", type=float, default=ATTACK_LIMIT_S,
+                        help="skip the verdict when its estimated cost is above this many seconds")
     defaults = UnlearnConfig()
     for name in ("method", "ratio", "epochs", "max_steps", "seed"):
         kind = _steps if name == "max_steps" else type(getattr(defaults, name)) if getattr(defaults, name) is not None else int
@@ -132,10 +177,12 @@ def main(argv: list[str] | None = None) -> None:
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore")
     start = time.perf_counter()
-    results = run(args.data_root, args.epochs, args.forget_class, config)
+    results, dm = run(args.data_root, args.epochs, args.forget_class, config, return_datamodule=True)
     data = "MNIST" if args.data_root else "digits"
     print_table(results, f"Forget class {args.forget_class} on {data} ({config.method}, ratio {config.ratio})")
     print_speed(results)
+    if args.attack:
+        print(attack_verdict(results, dm, args.epochs, config, args.attack_models, args.attack_limit_s))
     print(f"whole demo: {time.perf_counter() - start:.1f}s")
 
 
