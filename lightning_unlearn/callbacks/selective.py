@@ -184,7 +184,7 @@ class SelectiveUnlearning(Callback):
                            "epochs (pass calibrate_epochs=<the original's training epochs>)")
         steps = epochs * len(loader)
         changed = calibrate_head(pl_module, loader, dm.request.classes, self._head, self._optimizer_factory, steps,
-                                 cfg.seed, loader.batch_size)
+                                 cfg.seed, loader.batch_size, forget_loader=dm.forget_dataloader(shuffle=False))
         if trainer.world_size > 1:
             head = linear_head(pl_module, self._head)
             rows = list(dm.request.classes)
