@@ -241,3 +241,107 @@ def test_when_auto_cannot_calibrate_it_resets_instead_and_says_so(
     assert any("no head calibration" in str(w.message) for w in caught)
     if result.metrics["forget_acc"] > 0.5:  # not forgotten: the user is told, never a silent success
         assert any("before forgetting and repair both held" in str(w.message) for w in caught)
+
+
+# -- the procedure's guarantees, pinned down -------------------------------------------------------------------
+def test_calibration_starts_from_a_fresh_row_and_fits_it(trained_model, class3_dm, one_thread):
+    """The forgotten row is re-initialised, not fine-tuned: whatever the original row held, the result is the same;
+    and it is fitted: more steps lower the retain cross-entropy of the head."""
+    scrambled = copy.deepcopy(trained_model)
+    with torch.no_grad():
+        scrambled.fc2.weight[3].mul_(-7.0).add_(3.0)
+        scrambled.fc2.bias[3].add_(11.0)
+    runs = []
+    for model in (copy.deepcopy(trained_model), scrambled):
+        calibrate_head(model, _retain(class3_dm), [3], "fc2", ADAM, steps=30, seed=0)
+        runs.append((model.fc2.weight[3].detach().clone(), model.fc2.bias[3].detach().clone()))
+    assert torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][1], runs[1][1])
+
+    features, labels = head_features(trained_model, trained_model.fc2, _retain(class3_dm))
+    losses = []
+    for steps in (1, 200):
+        model = copy.deepcopy(trained_model)
+        calibrate_head(model, _retain(class3_dm), [3], "fc2", ADAM, steps=steps, seed=0)
+        with torch.no_grad():
+            losses.append(float(F.cross_entropy(model.fc2(features), labels)))
+    assert losses[1] < losses[0], losses
+
+
+def test_default_class_request_stops_recovered_and_leaves_the_forgetting_to_the_calibration(
+        trained_model, class3_dm, one_thread):
+    """On the digits CNN the repair stops once the other classes are back ("recovered (the calibration forgets)"),
+    with class 3 still recognised at that check; the check after the calibration, on the returned model, finds it
+    forgotten, at the same step."""
+    result = unlearn(trained_model, class3_dm)
+    assert result.config.calibrate == "head"
+    assert result.extra["stop_reason"] == "recovered (the calibration forgets)"
+    before, after = result.extra["stopping"][-2:]
+    assert not before["forgotten"] and before["forget_acc"] > 0.5 and before["recovered"]
+    assert after["step"] == before["step"] == result.extra["steps"]
+    assert after["forgotten"] and after["recovered"] and after["forget_acc"] <= 0.01
+    assert result.metrics["forget_acc"] == 0.0
+
+
+class TinyAttention(ClassifierModule):
+    """8x8 digits as 8 tokens of 8 pixels: embedding, LayerNorm, multi-head self-attention (its packed in_proj
+    weight is a bare Parameter, not a Linear), LayerNorm, mean pooling, a Linear head; a positional buffer. AdamW
+    with weight decay, which moves zero-gradient weights unless the freeze is enforced."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Linear(8, 16)
+        self.norm1 = nn.LayerNorm(16)
+        self.attn = nn.MultiheadAttention(16, 2, batch_first=True)
+        self.norm2 = nn.LayerNorm(16)
+        self.head = nn.Linear(16, 10)
+        self.register_buffer("position", torch.linspace(-0.5, 0.5, 8)[:, None].expand(8, 16).clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.norm1(self.embed(x.reshape(len(x), 8, 8)) + self.position)
+        h = self.norm2(h + self.attn(h, h, h, need_weights=False)[0])
+        return self.head(h.mean(1))
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.parameters(), lr=3e-3, weight_decay=0.05)
+
+
+def _assert_frozen_outside_the_mask(result, params: dict, buffers: dict) -> None:
+    """Every parameter element outside the mask and every buffer not owned by a selected channel are bit-equal."""
+    changed = 0
+    for name, p in result.model.named_parameters():
+        keep = result.mask.masks[name]
+        assert torch.equal(p.detach()[~keep], params[name][~keep]), name
+        changed += int((p.detach()[keep] != params[name][keep]).sum())
+    assert changed > 0, "nothing inside the mask moved"
+    modules = dict(result.model.named_modules())
+    for name, b in result.model.named_buffers():
+        owner, _, leaf = name.rpartition(".")
+        sel = result.mask.masks.get(f"{owner}.weight")
+        if isinstance(modules.get(owner), nn.modules.batchnorm._BatchNorm) and leaf in ("running_mean", "running_var"):
+            assert torch.equal(b[~sel], buffers[name][~sel]), name
+        else:
+            assert torch.equal(b, buffers[name]), name
+
+
+@pytest.mark.parametrize("arch", ["batchnorm-cnn", "layernorm-attention"])
+def test_head_calibration_keeps_every_parameter_and_buffer_outside_the_mask_bit_exact(
+        trained_model, class3_dm, digits, one_thread, arch):
+    from lightning_unlearn._training import fit
+    from lightning_unlearn.demo import _AllTrainData
+
+    if arch == "batchnorm-cnn":
+        model = trained_model
+    else:
+        torch.manual_seed(0)
+        model = TinyAttention()
+        fit(model, _AllTrainData(digits[0], 64), 6)
+        model.eval()
+    params = {n: p.detach().clone() for n, p in model.named_parameters()}
+    buffers = {n: b.clone() for n, b in model.named_buffers()}
+    head = "fc2" if arch == "batchnorm-cnn" else "head"
+    result = unlearn(model, class3_dm, calibrate="head", calibrate_epochs=3)
+    assert result.config.calibrate == "head" and "calibration" in result.timings_s
+    assert not torch.equal(result.model.get_submodule(head).weight[3], params[f"{head}.weight"][3])  # refit
+    _assert_frozen_outside_the_mask(result, params, buffers)
+    if arch == "layernorm-attention":
+        assert not bool(result.mask.masks["attn.in_proj_weight"].all())  # a frozen share exists to check

@@ -174,3 +174,22 @@ def test_the_forget_term_pauses_once_held_out_data_shows_the_class_forgotten(tra
     assert trained_model.forget_weight == (0.0 if last["forgotten"] else 0.7)
     callback._pause_forget_term_once_forgotten(trained_model, forgotten=False)  # the class came back: resume
     assert trained_model.forget_weight == 0.7
+
+
+def test_the_budget_of_a_real_fit_scales_with_the_retain_set_and_never_exceeds_two_epochs(trained_model, digits,
+                                                                                           one_thread):
+    """Without the rule the fit runs exactly the auto budget: two epochs of the retain set's batches (10 at the
+    least), so it grows with the data and a small retain set is never charged a fixed floor of many epochs."""
+    from torch.utils.data import Subset
+
+    steps = {}
+    for n in (300, 700, len(digits[0])):
+        dm = UnlearningDataModule(Subset(digits[0], list(range(n))), digits[1], ForgetRequest(classes=[3]),
+                                  batch_size=64)
+        batches = len(dm.retain_dataloader())
+        result = unlearn(trained_model, dm, early_stopping=False, calibrate="none")
+        assert result.extra["steps"] == auto_max_steps(batches) == max(AUTO_STEPS_MIN, 2 * batches), (n, batches)
+        assert result.extra["steps"] <= 2 * batches  # these retain sets have >= 5 batches: no floor above 2 epochs
+        steps[n] = result.extra["steps"]
+    assert steps[300] < steps[700] < steps[len(digits[0])], steps
+    assert steps[300] == AUTO_STEPS_MIN  # 5 retain batches: the floor is exactly two epochs here
