@@ -14,6 +14,8 @@ from torch.utils.data import DataLoader, Subset
 from torchmetrics import Metric
 from torchmetrics.classification import MulticlassAccuracy
 
+from lightning_unlearn.data.batches import eval_batches
+
 if TYPE_CHECKING:
     from lightning_unlearn.data.unlearning import UnlearningDataModule
 
@@ -74,12 +76,19 @@ def _run(model: nn.Module, loader: DataLoader, metric: Metric) -> Metric:
     modes = [(m, m.training) for m in model.modules()]  # per module: a frozen BatchNorm stays in eval mode
     model.eval()
     try:
-        for batch in loader:
+        for batch in eval_batches(loader):
             metric.update(model(batch[0].to(device)), batch[1].to(device))
     finally:
         for m, mode in modes:
             m.training = mode
     return metric
+
+
+def run_metric(model: nn.Module, loader: DataLoader, metric: Metric) -> Metric:
+    """``metric`` reset, then updated with ``model``'s outputs over ``loader`` (one pass; module modes restored):
+    a metric reused for every check of a run is built once."""
+    metric.reset()
+    return _run(model, loader, metric)
 
 
 def accuracy(model: nn.Module, loader: DataLoader | None, num_classes: int) -> float | None:

@@ -25,6 +25,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
+from lightning_unlearn.data.batches import eval_batches
+
 log = logging.getLogger(__name__)
 
 __all__ = ["calibrate_head", "head_features", "linear_head", "optimizer_recipe", "require_rows_in_mask"]
@@ -89,7 +91,7 @@ def head_features(model: nn.Module, head: nn.Linear, batches: Iterable) -> tuple
     device = head.weight.device
     model.eval()
     try:
-        for batch in batches:
+        for batch in eval_batches(batches):
             model(batch[0].to(device))
             labels.append(batch[1].to(device).long())
     finally:

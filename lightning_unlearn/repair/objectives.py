@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Subset
 
+from lightning_unlearn.data.batches import eval_batches
 from lightning_unlearn.config import FORGET_AWARE, OBJECTIVES, TARGETED
 
 __all__ = ["FORGET_AWARE", "OBJECTIVES", "TARGETED", "capped_ascent_loss", "heldout_loss", "heldout_targets",
@@ -50,7 +51,7 @@ def _margins(model: torch.nn.Module, batches: Iterable) -> tuple[Tensor, Tensor,
     """Logits, labels and phi = logit_y - logsumexp(other logits) (float64) of every ``(x, y)`` batch."""
     device = next(model.parameters()).device
     logits, labels = [], []
-    for batch in batches:
+    for batch in eval_batches(batches):
         logits.append(model(batch[0].to(device)).double().cpu())
         labels.append(batch[1].long().cpu())
     z, y = torch.cat(logits), torch.cat(labels)

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from lightning_unlearn.metrics import class_accuracies
+from lightning_unlearn.metrics import ClassAccuracy, run_metric
 
 
 #: A forget accuracy this many tolerances below its (non-zero) target is flagged as over-forgetting.
@@ -137,11 +137,14 @@ class CheckSets:
         forget_targets = dm.train_targets[torch.as_tensor(dm.forget_indices)]
         counts = torch.bincount(forget_targets, minlength=dm.num_classes).double()
         self.forget_class_weights = counts / counts.sum()
+        # every check reads the same two sets: their loaders and metrics are built once, reset per check
+        self._loaders = (DataLoader(self.forget, self.batch_size), DataLoader(self.remaining, self.batch_size))
+        self._metrics = tuple(ClassAccuracy(self.num_classes, sync_on_compute=False) for _ in range(2))
 
     def evaluate(self, model: nn.Module) -> tuple[float, float, float]:
         """``(forget accuracy, its target, remaining accuracy)`` of ``model``; module modes are restored."""
-        forget = class_accuracies(model, DataLoader(self.forget, self.batch_size), self.num_classes)
-        remaining = class_accuracies(model, DataLoader(self.remaining, self.batch_size), self.num_classes)
+        forget, remaining = (run_metric(model, loader, metric).compute()
+                             for loader, metric in zip(self._loaders, self._metrics))
         if self.is_class_request:
             target = 0.0
         else:  # held-out accuracy per class, weighted by the forget set's class mix (absent classes: overall)

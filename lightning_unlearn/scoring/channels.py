@@ -14,6 +14,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
+from lightning_unlearn.data.batches import eval_batches
 from lightning_unlearn.config import check_method
 from lightning_unlearn.scoring.base import SCORERS, ChannelScorer
 from lightning_unlearn.scoring.layers import LayerInfo, discover_layers
@@ -118,7 +119,9 @@ def _mean_scores(
     was_training = model.training
     model.eval()
     try:
-        for batch in tqdm(loader, desc=f"scoring {label} ({scorer.name})", disable=not progress, leave=False):
+        batches = eval_batches(loader)  # the loader's own batches, without per-sample fetching where it can
+        for batch in tqdm(batches, desc=f"scoring {label} ({scorer.name})", disable=not progress, leave=False,
+                          total=len(loader) if hasattr(loader, "__len__") else None):
             x, y = batch[0].to(device), batch[1].to(device).long()
             if x.shape[0] == 0:
                 continue
