@@ -36,11 +36,30 @@ def test_batches_are_the_loaders_bit_for_bit(dataset, batch_size, drop_last):
     assert all(isinstance(b, list) for b in ours)  # default_collate turns tuple items into lists
 
 
-def test_a_fresh_tensor_per_batch_not_a_view_of_the_data():
+def test_a_fresh_contiguous_tensor_per_batch_not_a_view_of_the_data():
     data = _data(8)
     first = next(eval_batches(DataLoader(data, batch_size=4)))
     first[0].zero_()
     assert not torch.equal(data.tensors[0][:4], torch.zeros(4, 1, 8, 8))
+    strided = TensorDataset(torch.randn(8, 8, 1, 8).transpose(1, 2), torch.arange(8))  # a non-contiguous source
+    for batch in (eval_batches(DataLoader(strided, batch_size=3)),
+                  eval_batches(DataLoader(Subset(strided, [5, 1, 2, 7]), batch_size=3))):
+        assert all(b[0].is_contiguous() for b in batch)
+
+
+class _Shifted(TensorDataset):
+    """A TensorDataset whose items are transformed: its own __getitem__ must be used."""
+
+    def __getitem__(self, i):
+        x, y = super().__getitem__(i)
+        return x + 1, y
+
+
+class _Reversed(Subset):
+    def __getitem__(self, i):
+        return self.dataset[self.indices[len(self.indices) - 1 - i]]
+
+    __getitems__ = None
 
 
 class _Listed(torch.utils.data.Dataset):
@@ -60,7 +79,9 @@ class _Listed(torch.utils.data.Dataset):
     lambda d: DataLoader(d, batch_size=8, collate_fn=lambda items: [torch.stack([i[0] for i in items]) + 1,
                                                                    torch.stack([i[1] for i in items])]),
     lambda d: [[d.tensors[0][:2], d.tensors[1][:2]]],
-], ids=["shuffled", "other-dataset", "own-collate", "plain-iterable"])
+    lambda d: DataLoader(_Shifted(*d.tensors), batch_size=8),
+    lambda d: DataLoader(_Reversed(d, list(range(12))), batch_size=8),
+], ids=["shuffled", "other-dataset", "own-collate", "plain-iterable", "tensor-dataset-subclass", "subset-subclass"])
 def test_anything_else_is_iterated_as_it_is(make):
     """Shuffling, other datasets, a custom collate or a plain iterable: the loader's own batches (two identically
     built loaders yield the same batches, the shuffled one drawing from its own seeded generator)."""

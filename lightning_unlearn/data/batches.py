@@ -20,11 +20,11 @@ from torch.utils.data._utils.collate import default_collate
 def _tensor_source(dataset) -> tuple[TensorDataset, torch.Tensor | None] | None:
     """The TensorDataset under a chain of Subsets and the composed indices (None: all rows), or None."""
     indices = None
-    while isinstance(dataset, Subset):
+    while type(dataset) is Subset:  # a subclass may fetch differently
         own = torch.as_tensor(np.asarray(dataset.indices, dtype=np.int64))
         indices = own if indices is None else own[indices]
         dataset = dataset.dataset
-    if not isinstance(dataset, TensorDataset):
+    if type(dataset) is not TensorDataset:  # a subclass may transform its items
         return None
     return dataset, indices
 
@@ -51,5 +51,5 @@ def eval_batches(loader: Iterable) -> Iterator:
         if drop_last and stop - start < size:
             return
         rows = slice(start, stop) if indices is None else indices[start:stop]
-        # default_collate turns a tuple item into a list of stacked fields
-        yield [t[rows] if indices is not None else t[rows].clone() for t in dataset.tensors]
+        # default_collate turns a tuple item into a list of stacked (new, contiguous) fields
+        yield [t[rows].clone(memory_format=torch.contiguous_format) for t in dataset.tensors]
