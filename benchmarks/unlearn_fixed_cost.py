@@ -6,7 +6,7 @@ request in one single-threaded process and prints each call's CPU seconds and a 
 parameters and buffers (the same seed must give the same bytes whatever this module's version), or profiles the
 calls with cProfile.
 
-    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/unlearn_fixed_cost.py --repeat 5
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/unlearn_fixed_cost.py --repeat 5 --retrain
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/unlearn_fixed_cost.py --profile --requests class3
 """
 from __future__ import annotations
@@ -34,6 +34,22 @@ from lightning_unlearn.data import UnlearningDataModule, load_digits_datasets  #
 
 ROOT = Path(__file__).resolve().parent.parent
 EPOCHS, BATCH = 30, 64  # the population benchmark's digits schedule
+
+
+def train_plain(model: MLP, dataset, seed: int) -> float:
+    """CPU seconds of retraining ``model`` from scratch on ``dataset`` with the original's schedule (plain loop, as
+    benchmarks/population.py times it)."""
+    c0 = time.process_time()
+    reinitialize(model, seed).train()
+    opt = model.configure_optimizers()
+    loader = torch.utils.data.DataLoader(dataset, batch_size=BATCH, shuffle=True,
+                                         generator=torch.Generator().manual_seed(seed))
+    for _ in range(EPOCHS):
+        for x, y in loader:
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(model(x), y.long()).backward()
+            opt.step()
+    return time.process_time() - c0
 
 
 def original(train, cache: Path) -> MLP:
@@ -79,6 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--profile", action="store_true", help="cProfile the calls; print the top functions")
     p.add_argument("--top", type=int, default=40)
+    p.add_argument("--retrain", action="store_true", help="also time one retraining per request (same process)")
     p.add_argument("--cache", default=str(ROOT / "outputs" / "fixed_cost"))
     args = p.parse_args(argv)
     torch.set_num_threads(1)
@@ -101,6 +118,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{name} run {i}: {seconds:.3f} CPU s, {result.extra['steps']} steps "
                       f"({result.extra['stop_reason']}), forget {result.metrics['forget_acc']:.3f}, "
                       f"sha256 {digest(result)}", flush=True)
+            if args.retrain:
+                print(f"{name} retraining: {train_plain(MLP(), dm.retain_set, 12345):.3f} CPU s", flush=True)
     if profiler:
         out = io.StringIO()
         pstats.Stats(profiler, stream=out).sort_stats("cumulative").print_stats(args.top)
