@@ -96,6 +96,13 @@ def attack_verdict(
     or why it was skipped. The cost is estimated from the retraining and the unlearning the demo timed."""
     from lightning_unlearn.evidence.verdict import population_verdict, verdict_cost
 
+    import numpy as np
+
+    forget_classes = np.unique(np.asarray(dm.train_targets)[dm.forget_indices])
+    missing = sorted(set(forget_classes.tolist()) - set(np.asarray(dm.test_targets).tolist()))
+    if missing:
+        return (f"attack verdict skipped: the test set has no samples of class(es) {missing} to calibrate the "
+                "forget samples against")
     retrain_s, unlearn_s = results["retrained"].timings_s["total"], results["unlearned"].timings_s["total"]
     estimate = verdict_cost(models, retrain_s, unlearn_s)
     if estimate > limit_s:

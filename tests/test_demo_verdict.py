@@ -82,6 +82,19 @@ def test_demo_skips_the_verdict_over_its_limit_and_says_why(small_dm, capsys):
     assert "over the 0s limit" in line
 
 
+def test_the_verdict_is_skipped_when_the_test_set_lacks_a_forget_class(digits):
+    from lightning_unlearn.demo import attack_verdict
+
+    train, test = digits
+    no_threes = [i for i in range(len(test)) if int(test.tensors[1][i]) != 3]
+    threes = [i for i in range(len(train)) if int(train.tensors[1][i]) == 3][:5]
+    dm = UnlearningDataModule(train, Subset(test, no_threes), ForgetRequest(sample_ids=threes + [0]), batch_size=64,
+                              num_classes=10)
+    line = attack_verdict({}, dm, EPOCHS, UnlearnConfig(), 3, 1e6)
+    assert line == ("attack verdict skipped: the test set has no samples of class(es) [3] to calibrate the forget "
+                    "samples against")
+
+
 def test_demo_without_attack_prints_no_verdict(small_dm, capsys):
     pl.seed_everything(0, verbose=False)
     run_demo(SmallCNN(), small_dm, EPOCHS, UnlearnConfig(), attack=False)
