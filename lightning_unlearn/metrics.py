@@ -75,12 +75,17 @@ def _run(model: nn.Module, loader: DataLoader, metric: Metric) -> Metric:
     metric = metric.to(device)
     modes = [(m, m.training) for m in model.modules()]  # per module: a frozen BatchNorm stays in eval mode
     model.eval()
+    preds, targets = [], []
     try:
         for batch in eval_batches(loader):
-            metric.update(model(batch[0].to(device)), batch[1].to(device))
+            out = model(batch[0].to(device))
+            preds.append(out.argmax(-1) if out.dim() == 2 else out)  # what the metrics count from logits
+            targets.append(batch[1].to(device))
     finally:
         for m, mode in modes:
             m.training = mode
+    if preds:  # one update with every prediction: the same counts as one per batch, without its overhead
+        metric.update(torch.cat(preds), torch.cat(targets))
     return metric
 
 

@@ -101,3 +101,27 @@ def test_unlearning_is_bit_identical_with_and_without_the_tensor_batches(trained
             assert torch.equal(a, b), name
         assert fast.extra["stopping"] == slow.extra["stopping"] and fast.metrics == slow.metrics
         assert fast.extra["steps"] == slow.extra["steps"]
+
+
+@pytest.mark.parametrize("tied", [False, True], ids=["random", "all-tied-logits"])
+def test_one_metric_update_counts_what_one_per_batch_counts(tied):
+    """The accuracy helpers update their metric once with every prediction: the counts equal per-batch updates
+    with the logits (ties broken the same way)."""
+    from torchmetrics.classification import MulticlassAccuracy
+
+    from lightning_unlearn.metrics import ClassAccuracy, accuracy, class_accuracies
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 10))
+    if tied:
+        with torch.no_grad():
+            model[1].weight.zero_()
+            model[1].bias.zero_()
+    loader = DataLoader(_data(50), batch_size=16)
+    per_batch, micro = ClassAccuracy(10, [3]), MulticlassAccuracy(num_classes=10, average="micro")
+    with torch.no_grad():
+        for x, y in loader:
+            per_batch.update(model(x), y)
+            micro.update(model(x), y)
+    assert class_accuracies(model, loader, 10, [3]) == per_batch.compute()
+    assert accuracy(model, loader, 10) == float(micro.compute())
