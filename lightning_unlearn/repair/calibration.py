@@ -8,9 +8,11 @@ cost of a linear problem: the features and the other rows' logits are computed o
 forgotten rows' softmax is written by hand (no autograd graph through the model).
 
 The retain data never moves a row along the direction only the forgotten class's features occupy, so a random
-initialisation's component there would decide how far the forgotten logit falls on the forgotten data (measured
-on four architectures: up to 5 logits from one seed to the next, enough to flip a per-example attack). Given the
-forget data, each re-initialised row starts orthogonal to its class's mean forget feature.
+initialisation's component there decides how far the forgotten logit falls on the forgotten data (measured on
+four architectures: up to 5 logits from one seed to the next, enough to flip a per-example attack). Given the
+forget data, a re-initialised row may not start out favouring the class it must forget: a positive component
+along its class's mean forget feature is reflected to the same size, negative (a draw that is already negative
+is kept).
 """
 from __future__ import annotations
 
@@ -68,16 +70,17 @@ def optimizer_recipe(optimizer: Optimizer) -> OptimizerFactory:
 
 
 @torch.no_grad()
-def _orthogonal_to_forget_means(weight: Tensor, rows: Sequence[int], features: Tensor, labels: Tensor) -> None:
-    """Remove from each row of ``weight`` (rows ``rows`` of the head) its component along the mean forget feature
-    of that row's class (rows whose class has no forget sample are left as drawn)."""
+def _not_favouring_forget_means(weight: Tensor, rows: Sequence[int], features: Tensor, labels: Tensor) -> None:
+    """Reflect a positive component of each row of ``weight`` (rows ``rows`` of the head) along the mean forget
+    feature of that row's class to the same size, negative (rows whose class has no forget sample are left as
+    drawn)."""
     for i, row in enumerate(rows):
         of_class = features[labels == row]
         if len(of_class):
             u = of_class.mean(0).to(weight.device)
             norm = u.dot(u)
             if norm > 0:
-                weight[i] -= (weight[i].dot(u) / norm) * u
+                weight[i] -= 2 * (weight[i].dot(u) / norm).clamp(min=0) * u
 
 
 @torch.no_grad()
@@ -118,7 +121,7 @@ def calibrate_head(
     on the retain data's head features (mean cross-entropy over all logits, the other rows fixed). Returns the
     number of elements written. Seeded with ``seed`` (a local generator; the global RNG is forked around the
     layer's ``reset_parameters``); ``batch_size``: default ``retain_loader.batch_size``; ``forget_loader``: the
-forget data, whose per-class mean head feature each re-initialised row is made orthogonal to."""
+forget data: each re-initialised row starts with a non-positive component along its class's mean forget feature."""
     head = linear_head(model, head_name)
     rows = sorted({int(c) for c in classes})
     if not rows or rows[0] < 0 or rows[-1] >= head.out_features:
@@ -137,7 +140,7 @@ forget data, whose per-class mean head feature each re-initialised row is made o
     device, has_bias = head.weight.device, head.bias is not None
     weight = fresh.weight.detach()[rows].float().to(device)
     if forget is not None:
-        _orthogonal_to_forget_means(weight, rows, *forget)
+        _not_favouring_forget_means(weight, rows, *forget)
     weight.requires_grad_(True)
     bias = fresh.bias.detach()[rows].float().to(device).requires_grad_(True) if has_bias else None
     params = [weight] + ([bias] if bias is not None else [])
