@@ -19,7 +19,9 @@ import time
 from pathlib import Path
 
 import pytest
+import tomllib
 import torch
+from flwr.app import Context, RecordDict
 
 from lightning_unlearn import ForgetRequest
 from lightning_unlearn._io import load_torch_file
@@ -29,6 +31,7 @@ from lightning_unlearn.mask.arrays import get_arrays
 from lightning_unlearn.federated.flower import FederatedPartitions
 from lightning_unlearn.federated.flower.client_app import save_partition
 from lightning_unlearn.federated.flower.checkpoint import STATE_FILE, ServerCheckpoint
+from lightning_unlearn.federated.grid import LocalGrid
 from lightning_unlearn.mask import frozen_elements_equal
 from lightning_unlearn.models import SmallCNN
 from lightning_unlearn.mask import ParameterMask
@@ -126,16 +129,42 @@ def in_process():
     return sim, result, transport
 
 
+@pytest.fixture(scope="module")
+def local_grid(tmp_path_factory):
+    """The example app's own ServerApp ``main`` and ClientApp, run in this process on a :class:`LocalGrid`: the
+    code a deployment runs, with the nodes answered in process."""
+    from lightning_unlearn.federated.flower import app
+
+    config = {**tomllib.loads((APP / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"], **RUN,
+              "output-dir": str(tmp_path_factory.mktemp("local"))}
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        app.main(LocalGrid(app.clientapp, config["num-clients"], run_config=config),
+                 Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config=config))
+    finally:
+        torch.set_num_threads(before)
+    out = Path(config["output-dir"]) / "run-1"
+    return json.loads((out / "report.json").read_text()), out
+
+
 def _model(arrays) -> SmallCNN:
     model = SmallCNN(lr=RUN["lr"])
     model.load_state_dict({**model.state_dict(), **arrays})
     return model
 
 
-def test_deployment_matches_the_in_process_simulation(deployment, in_process, tmp_path):
+def test_deployment_matches_the_in_process_simulation(deployment, in_process, local_grid, tmp_path):
     sim, ours, transport = in_process
     report, out = _run(deployment, tmp_path / "out")
     trained, final = load_torch_file(out / "trained.pt"), load_torch_file(out / "model.pt")
+    local, local_out = local_grid  # one request, one server and client code: deployed vs in process, bit for bit
+    assert report["mask"]["sha256"] == local["mask"]["sha256"]
+    for name in ("trained.pt", "model.pt"):
+        theirs = load_torch_file(local_out / name)
+        assert all(torch.equal(v, theirs[k]) for k, v in load_torch_file(out / name).items()), name
+    assert {k: (b["down"], b["up"]) for k, b in report["bytes_moved"].items()} == {
+        k: (b["down"], b["up"]) for k, b in local["bytes_moved"].items()}
     for k, v in get_arrays(sim.model).items():  # FedAvg over three processes = FedAvg in one
         assert torch.allclose(trained[k], v, atol=1e-5), k
     assert report["mask"]["sha256"] == ours.mask.sha256()
