@@ -411,7 +411,7 @@ def _takes_one_argument(fn: Callable) -> bool:
 
 def make_client_app(
     model_fn: Callable[[], pl.LightningModule] | Callable[[Context], pl.LightningModule],
-    partition_fn: Callable[[Context], ClientPartition],
+    partition_fn: Callable[[Context], ClientPartition] | None = None,
     callbacks_fn: Callable[[], Sequence[Callback]] | None = None,
     trainer_kwargs: Mapping[str, Any] | None = None,
     mods: Sequence[Callable] | None = None,
@@ -420,10 +420,14 @@ def make_client_app(
 
     Message types: ``train`` (FedAvg), ``query.hello`` (client id), ``query.deploy`` (keep the global model),
     ``query.score``, ``query.cdp`` (CDP's statistic), ``query.bn_stats`` (after a reset), ``train.unlearn``
-    (a masked round) and ``evaluate``. ``model_fn`` may take the node's ``Context`` (to read ``run_config``).
+    (a masked round) and ``evaluate``. ``partition_fn`` (default: the shard file of a deployed node,
+    :func:`~lightning_unlearn.federated.partitions.file_partition`) finds the node's data; ``model_fn`` may take
+    the node's ``Context`` (to read ``run_config``).
     ``model_fn``, ``partition_fn`` and ``callbacks_fn`` must pickle for Flower's worker processes
     (module-level functions or small objects). ``mods`` are Flower client mods, applied to every message.
     """
+    if partition_fn is None:
+        from lightning_unlearn.federated.partitions import file_partition as partition_fn  # noqa: PLC0415 (a cycle)
     app = ClientApp(mods=list(mods or []))
     takes_context = _takes_one_argument(model_fn)
 

@@ -142,11 +142,11 @@ class Federation:
         return len(self.nodes)
 
     def message(self, cid: int, broadcast: Broadcast, message_type: str, label: str) -> Message:
-        """Client ``cid``'s message (the request joins its config), its bytes booked under ``label``."""
+        """Client ``cid``'s message (the request joins its config) in group ``label``, its bytes booked there."""
         extra = {"request": json.dumps(self.request.to_dict())} if self.request is not None else None
         content = broadcast_to_content(broadcast, extra)
         self.traffic.down(label, content)
-        return new_message(self.grid, content, message_type, self.nodes[cid])
+        return new_message(self.grid, content, message_type, self.nodes[cid], group_id=label)
 
     def ask(self, broadcasts: Broadcast | Mapping[int, Broadcast], message_type: str, label: str,
             dropouts: bool = False, what: str | None = None) -> list[tuple[int, Any]]:

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
 
 import lightning.pytorch as pl
+from lightning.pytorch.utilities import rank_zero_warn
 import torch
 from torch import Tensor
 
@@ -241,8 +242,8 @@ def masked_rounds(
         if replies:
             current = masked_aggregate(reference, mask, replies, senders=[c for c, _ in pairs])
         else:
-            log.warning("masked round %d: none of the sampled clients %s has retain data; the selected values stay "
-                        "as they are", r, picked)
+            rank_zero_warn(f"masked round {r}: none of the sampled clients {picked} has retain data; the selected "
+                           "values stay as they are")
         row = fed.row(r, t0, replies, tag)
         if fraction < 1:
             row["sampled"] = picked
