@@ -23,7 +23,7 @@ from lightning_unlearn.callbacks import SelectiveUnlearning
 from lightning_unlearn.federated import FederatedSimulation
 from lightning_unlearn.federated.fedavg import deploy_model
 from lightning_unlearn.federated.federation import Federation
-from lightning_unlearn.federated.flower import FederatedPartitions, make_client_app
+from lightning_unlearn.federated import FederatedPartitions, make_client_app
 from lightning_unlearn.federated.grid import LocalGrid
 from lightning_unlearn.federated.protocol import remove, select
 from lightning_unlearn.mask.arrays import get_arrays

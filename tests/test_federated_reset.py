@@ -11,7 +11,7 @@ from torch.utils.data import ConcatDataset, DataLoader, Subset
 
 from lightning_unlearn import ForgetRequest
 from lightning_unlearn.data import FederatedDataModule
-from lightning_unlearn.federated import FederatedSimulation, federated_unlearn
+from lightning_unlearn.federated import FederatedPartitions, FederatedSimulation, federated_unlearn
 from lightning_unlearn.mask.arrays import get_arrays
 from lightning_unlearn.federated.server import masked_aggregate
 from lightning_unlearn.federated import baselines as B
@@ -261,7 +261,7 @@ def test_flower_simulation_with_reset_matches_in_process(digits):
     flower_mod = pytest.importorskip("lightning_unlearn.federated.flower", reason="the flower extra is not installed")
     pytest.importorskip("ray", reason="Flower's simulation engine needs ray (the flower extra)")
     model_fn = functools.partial(SmallCNN, **TINY)
-    parts = flower_mod.FederatedPartitions("digits", num_clients=3, partition="iid", seed=0, batch_size=32)
+    parts = FederatedPartitions("digits", num_clients=3, partition="iid", seed=0, batch_size=32)
     sim = _federation(digits)  # the same federation as parts (digits, 3 IID clients, seed 0, batch 32)
     ours = federated_unlearn(sim.model, sim.clients, REQUEST, reset="reinit", **UNLEARN)
     flower = flower_mod.run_flower_simulation(

@@ -18,9 +18,8 @@ from lightning_unlearn.federated.federation import Federation, check_replies
 from lightning_unlearn.federated.grid import LocalGrid
 from lightning_unlearn.federated.messages import Broadcast, MaskedUpdateMessage, ParametersMessage, ScoresMessage
 from lightning_unlearn.mask.arrays import get_arrays
-from lightning_unlearn.federated.flower import (
-    FedAvgPlan, FederatedPartitions, UnlearnPlan, make_client_app, run_flower_simulation,
-)
+from lightning_unlearn.federated import FederatedPartitions, make_client_app
+from lightning_unlearn.federated.flower import FedAvgPlan, UnlearnPlan, run_flower_simulation
 from lightning_unlearn.federated.client import FlowerDataError, client_split
 from lightning_unlearn.federated.flower.server_app import run_server
 from lightning_unlearn.federated.partitions import file_partition, save_partition

@@ -26,10 +26,10 @@ from flwr.app import Context, RecordDict
 from lightning_unlearn import ForgetRequest
 from lightning_unlearn._io import load_torch_file
 from lightning_unlearn.federated import FederatedSimulation, federated_unlearn, run_fedavg
-from lightning_unlearn.federated.messages import Transport
+from lightning_unlearn.federated.federation import Federation
 from lightning_unlearn.mask.arrays import get_arrays
-from lightning_unlearn.federated.flower import FederatedPartitions
-from lightning_unlearn.federated.flower.client_app import save_partition
+from lightning_unlearn.federated import FederatedPartitions
+from lightning_unlearn.federated.partitions import save_partition
 from lightning_unlearn.federated.flower.checkpoint import STATE_FILE, ServerCheckpoint
 from lightning_unlearn.federated.grid import LocalGrid
 from lightning_unlearn.mask import frozen_elements_equal
@@ -56,7 +56,7 @@ ROUND_TIMEOUT = 20.0  # how long the server waits for a vanished node (a healthy
 FAULT_APP = '''
 import os, signal
 from lightning_unlearn.federated.flower import app
-from lightning_unlearn.federated.flower.client_app import make_client_app
+from lightning_unlearn.federated.client import make_client_app
 
 serverapp = app.serverapp  # an assignment: `flwr run` checks the components by reading this file's top level
 
@@ -117,16 +117,16 @@ def in_process():
         model = SmallCNN(lr=RUN["lr"])
         sim = FederatedSimulation(PARTS.datamodule(), model, rounds=RUN["train-rounds"], progress=False,
                                   trainer_kwargs={"max_steps": RUN["local-steps"]})
-        transport = Transport()
-        run_fedavg(sim.model, sim.clients, RUN["train-rounds"], transport=transport, progress=False)
+        fed = Federation(sim.clients.grid, PARTS.num_clients)
+        run_fedavg(sim.model, fed, RUN["train-rounds"], progress=False)
         request = ForgetRequest(classes=[RUN["forget-class"]])
         sim.request(request)
-        result = federated_unlearn(sim.model, sim.clients, request, transport=transport, rounds=RUN["unlearn-rounds"],
+        result = federated_unlearn(sim.model, fed, request, rounds=RUN["unlearn-rounds"],
                                    max_steps=RUN["unlearn-steps"], ratio=RUN["ratio"], seed=RUN["seed"],
                                    reset=RUN["reset"])
     finally:
         torch.set_num_threads(before)
-    return sim, result, transport
+    return sim, result, fed.traffic
 
 
 @pytest.fixture(scope="module")
@@ -155,7 +155,7 @@ def _model(arrays) -> SmallCNN:
 
 
 def test_deployment_matches_the_in_process_simulation(deployment, in_process, local_grid, tmp_path):
-    sim, ours, transport = in_process
+    sim, ours, traffic = in_process
     report, out = _run(deployment, tmp_path / "out")
     trained, final = load_torch_file(out / "trained.pt"), load_torch_file(out / "model.pt")
     local, local_out = local_grid  # one request, one server and client code: deployed vs in process, bit for bit
@@ -173,7 +173,7 @@ def test_deployment_matches_the_in_process_simulation(deployment, in_process, lo
     moved = report["bytes_moved"]
     for prefix in ("fedavg/", "deploy", "score", "unlearn/"):  # the same payload bytes, round by round
         mine = [(b["down"], b["up"]) for label, b in moved.items() if label.startswith(prefix)]
-        assert mine and mine == [(b.down, b.up) for b in transport.bytes_for(prefix)], prefix
+        assert mine and mine == [(b.down, b.up) for k, b in traffic.payload.items() if k.startswith(prefix)], prefix
     mine, theirs = sim.evaluate(_model(final)), sim.evaluate(ours.model)
     assert mine["forget_acc"] == theirs["forget_acc"] and mine["remaining_acc"] == theirs["remaining_acc"]
     assert mine["forget_acc"] < sim.evaluate(_model(trained))["forget_acc"]

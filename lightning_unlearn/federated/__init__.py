@@ -8,8 +8,11 @@ with Lightning on each node's own shard; in process its nodes sit on a :class:`.
 the method, :func:`federated_retrain` the exact reference; :mod:`.baselines` holds the other comparisons.
 """
 from lightning_unlearn.federated.baselines import federated_retrain
+from lightning_unlearn.federated.client import make_client_app
 from lightning_unlearn.federated.fedavg import run_fedavg
+from lightning_unlearn.federated.partitions import FederatedPartitions
 from lightning_unlearn.federated.protocol import federated_unlearn
 from lightning_unlearn.federated.simulation import FederatedSimulation, make_clients
 
-__all__ = ["FederatedSimulation", "federated_retrain", "federated_unlearn", "make_clients", "run_fedavg"]
+__all__ = ["FederatedPartitions", "FederatedSimulation", "federated_retrain", "federated_unlearn", "make_client_app",
+           "make_clients", "run_fedavg"]

@@ -1,6 +1,6 @@
 """Flower apps for the federated training and unlearning protocol (extra ``flower``).
 
-The ``ClientApp`` (:func:`make_client_app`) is the protocol's own (:mod:`lightning_unlearn.federated.client`),
+The ``ClientApp`` (:func:`~lightning_unlearn.federated.make_client_app`) is the protocol's own,
 the ``ServerApp`` (:func:`make_server_app`) runs :func:`~.server_app.run_server`, the phases the in-process
 simulation runs on its :class:`~lightning_unlearn.federated.grid.LocalGrid`; ``app`` holds ready-made apps for
 ``flwr run``.
@@ -28,8 +28,6 @@ def require_ray() -> None:
 
 require_flwr("lightning_unlearn.federated.flower")
 
-from lightning_unlearn.federated.client import make_client_app  # noqa: E402
-from lightning_unlearn.federated.partitions import FederatedPartitions  # noqa: E402
 from lightning_unlearn.federated.flower.ray_engine import run_flower_simulation  # noqa: E402
 from lightning_unlearn.federated.flower.server_app import (  # noqa: E402
     FedAvgPlan,
@@ -40,10 +38,8 @@ from lightning_unlearn.federated.flower.server_app import (  # noqa: E402
 
 __all__ = [
     "FedAvgPlan",
-    "FederatedPartitions",
     "FlowerRunResult",
     "UnlearnPlan",
-    "make_client_app",
     "make_server_app",
     "run_flower_simulation",
 ]
