@@ -20,9 +20,9 @@ from lightning_unlearn.federated.messages import Broadcast, MaskedUpdateMessage,
 from lightning_unlearn.mask.arrays import get_arrays
 from lightning_unlearn.federated import FederatedPartitions, make_client_app
 from lightning_unlearn.federated.flower import FedAvgPlan, UnlearnPlan, run_flower_simulation
-from lightning_unlearn.federated.client import FlowerDataError, client_split
+from lightning_unlearn.federated.client import client_split
 from lightning_unlearn.federated.flower.server_app import run_server
-from lightning_unlearn.federated.partitions import file_partition, save_partition
+from lightning_unlearn.federated.partitions import FlowerDataError, file_partition, save_partition
 from lightning_unlearn.federated.records import (
     broadcast_to_content,
     content_to_broadcast,
@@ -80,10 +80,10 @@ def test_client_that_cannot_reach_its_partition_fails_clearly(tmp_path):
     # the server stops on a failed client, naming it and its reason, instead of averaging fewer clients
     sent = MESSAGES.create_message(RecordDict(), "train", 5, "")
     remote = "Traceback (most recent call last):\n  File ...\nflwr.ClientAppException: \x1b[36mray\x1b[39m\n" \
-             "lightning_unlearn.federated.client.FlowerDataError: data-path='/x' does not exist on this node\n"
+             "lightning_unlearn.federated.partitions.FlowerDataError: data-path='/x' does not exist on this node\n"
     failed = Message(Error(code=0, reason=remote), reply_to=sent)
     with pytest.raises(RuntimeError, match=r"FedAvg round 0: 1 of 3 client\(s\) failed: node \d+: "
-                                           r"lightning_unlearn\.federated\.client\.FlowerDataError: "
+                                           r"lightning_unlearn\.federated\.partitions\.FlowerDataError: "
                                            r"data-path='/x' does not exist on this node$"):
         check_replies([failed], 3, "FedAvg round 0")
     with pytest.raises(RuntimeError, match=r"only 0 of 2 clients replied"):

@@ -10,10 +10,10 @@ in each message's config and every node resolves its own split. Nothing but the 
 """
 from __future__ import annotations
 
+import functools
 import inspect
 import json
 import time
-from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import lightning.pytorch as pl
@@ -52,6 +52,7 @@ from lightning_unlearn.federated.records import (
     record_to_channels,
     reply_to_content,
 )
+from lightning_unlearn.federated.partitions import ClientPartition, FlowerDataError, file_partition
 from lightning_unlearn.federated.server import statistic_masks
 from lightning_unlearn.metrics import accuracy
 from lightning_unlearn.repair.objectives import FORGET_AWARE
@@ -213,26 +214,6 @@ def batchnorm_moments(
 
 
 # -- the node: its data and what it keeps ------------------------------------------------------------------
-@dataclass
-class ClientPartition:
-    """One node's data: its client id, its shard, and the shard's ids in the global training set.
-
-    ``sample_ids`` lets the node resolve sample requests (which name global ids) by itself; ``callbacks`` are
-    this node's own Lightning callbacks for every local fit (e.g. its DP-SGD accountant).
-    """
-
-    client_id: int
-    dataset: Dataset
-    sample_ids: np.ndarray | None = None
-    num_classes: int = 10
-    batch_size: int = 64
-    callbacks: Sequence[Callback] = ()
-
-
-class FlowerDataError(RuntimeError):
-    """A client node cannot reach its data partition (missing key, bad id, missing file)."""
-
-
 def client_split(request: ForgetRequest, part: ClientPartition) -> ClientSplit:
     """The node's own forget/retain split, resolved locally (same result as ``FederatedDataModule.forget_plan``)."""
     targets = dataset_targets(part.dataset).numpy()
@@ -269,6 +250,7 @@ class _Node:
             raise RuntimeError(f"client {self.part.client_id} holds no global model yet: run FedAvg (or deploy) first")
         return record_to_arrays(self.state["deployed"])
 
+    @functools.cached_property
     def layers(self):
         x = self.part.dataset[0][0]
         return discover_layers(self.model, x.unsqueeze(0).repeat(2, *([1] * x.dim())))
@@ -280,7 +262,7 @@ class _Node:
             self.state["mask"] = channels_to_record(broadcast.channels)
         if "mask" not in self.state:
             raise RuntimeError(f"client {self.part.client_id}: a masked round needs the channel mask (sent with round 0)")
-        selected = ParameterMask.from_channels(self.model, record_to_channels(self.state["mask"]), self.layers())
+        selected = ParameterMask.from_channels(self.model, record_to_channels(self.state["mask"]), self.layers)
         if self.config.get("mode", "train") == "prune":
             return ParameterMask({n: ~m for n, m in selected.masks.items()}, selected.channels), selected
         return selected, None
@@ -325,7 +307,7 @@ def _cdp(node: _Node, b: Broadcast) -> ScoresMessage | None:
     """CDP: per-channel mean activations on one local document (``config["document"]``: the forget set or
     ``class_<c>`` of the retain set); nothing to send when the node holds none of it."""
     set_arrays(node.model, node.deployed())
-    layers = {n: i for n, i in node.layers().items() if not i.is_head}
+    layers = {n: i for n, i in node.layers.items() if not i.is_head}
     doc = b.config["document"]
     data = node.subset("forget" if doc == "forget" else "retain")
     if doc != "forget":
@@ -373,7 +355,7 @@ def _masked_update(node: _Node, b: Broadcast) -> MaskedUpdateMessage | None:
     else:
         dm = _LoaderModule(node.subset("retain"), node.part.batch_size, seed)
         callback = GradientMask(mask, bn_stats=cfg.get("bn_stats", "frozen"))
-    scales = head_parameter_scales(mask, node.layers(), cfg.get("head_lr_scale")) or None
+    scales = head_parameter_scales(mask, node.layers, cfg.get("head_lr_scale")) or None
     arrays, metrics = local_fit(node.model, start, dm, cfg, [*node.callbacks, callback], node.trainer_kwargs, scales)
     return MaskedUpdateMessage(selected_values(arrays, mask), len(node.subset("retain")), metrics)
 
@@ -426,8 +408,7 @@ def make_client_app(
     ``model_fn``, ``partition_fn`` and ``callbacks_fn`` must pickle for Flower's worker processes
     (module-level functions or small objects). ``mods`` are Flower client mods, applied to every message.
     """
-    if partition_fn is None:
-        from lightning_unlearn.federated.partitions import file_partition as partition_fn  # noqa: PLC0415 (a cycle)
+    partition_fn = partition_fn or file_partition
     app = ClientApp(mods=list(mods or []))
     takes_context = _takes_one_argument(model_fn)
 

@@ -163,23 +163,22 @@ class Federation:
 
     def receive(self, messages: Sequence[Message], what: str, dropouts: bool = False) -> list[Message]:
         """Send ``messages`` and return the replies, failed clients raising, missing ones dropped (:meth:`ask`)."""
-        label = what
         timeout = self.round_timeout if dropouts and self.round_timeout is not None else self.timeout
         replies = [m for m in self.grid.send_and_receive(messages, timeout=timeout)  # "node gone" = no reply
                    if not (m.has_error() and m.error.code == NODE_UNAVAILABLE)]
-        check_replies(replies, len(replies), label)  # raises on a client that failed
+        check_replies(replies, len(replies), what)  # raises on a client that failed
         sent = {m.metadata.dst_node_id for m in messages}
         answered = {m.metadata.src_node_id for m in replies}
         missing = sorted(c for c, n in self.nodes.items() if n in sent and n not in answered)
         if missing:
             if not dropouts or len(answered) < self.min_clients:
                 raise RuntimeError(
-                    f"{label}: only {len(answered)} of {len(sent)} clients replied within {timeout:g}s (missing clients "
+                    f"{what}: only {len(answered)} of {len(sent)} clients replied within {timeout:g}s (missing clients "
                     f"{missing}); min_clients={self.min_clients}, so the run stops rather than average fewer clients")
             log.warning("%s: clients %s did not reply within %gs; continuing with the %d that did (min_clients=%d)",
-                        label, missing, timeout, len(answered), self.min_clients)
+                        what, missing, timeout, len(answered), self.min_clients)
             for c in missing:
-                self.dropped[c] = label
+                self.dropped[c] = what
                 self.active.pop(c, None)
         return replies
 

@@ -12,20 +12,42 @@ import functools
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
+import numpy as np
 import torch
 from flwr.app import Context
-from torch.utils.data import TensorDataset
+from lightning.pytorch.callbacks import Callback
+from torch.utils.data import Dataset, TensorDataset
 
 from lightning_unlearn._io import load_torch_file, save_torch
 from lightning_unlearn.data.datasets import dataset_targets, load_digits_datasets, load_mnist
 from lightning_unlearn.data.federated import FederatedDataModule
 from lightning_unlearn.data.validation import checked_targets
-from lightning_unlearn.federated.client import ClientPartition, FlowerDataError
 
 DATASETS = ("digits", "mnist")
 PARTITION_KEY, DATA_PATH_KEY = "partition-id", "data-path"
+
+
+@dataclass
+class ClientPartition:
+    """One node's data: its client id, its shard, and the shard's ids in the global training set.
+
+    ``sample_ids`` lets the node resolve sample requests (which name global ids) by itself; ``callbacks`` are
+    this node's own Lightning callbacks for every local fit (e.g. its DP-SGD accountant).
+    """
+
+    client_id: int
+    dataset: Dataset
+    sample_ids: np.ndarray | None = None
+    num_classes: int = 10
+    batch_size: int = 64
+    callbacks: Sequence[Callback] = ()
+
+
+class FlowerDataError(RuntimeError):
+    """A client node cannot reach its data partition (missing key, bad id, missing file)."""
+
 
 
 @dataclass(frozen=True)

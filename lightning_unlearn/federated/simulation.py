@@ -27,7 +27,8 @@ from torch.utils.data import Dataset
 
 from lightning_unlearn.data.federated import ClientSplit, FederatedDataModule, FederatedForgetPlan
 from lightning_unlearn.data.unlearning import UnlearningDataModule
-from lightning_unlearn.federated.client import ClientPartition, make_client_app
+from lightning_unlearn.federated.client import make_client_app
+from lightning_unlearn.federated.partitions import ClientPartition
 from lightning_unlearn.federated.fedavg import FedAvgResult, run_fedavg
 from lightning_unlearn.federated.grid import LocalGrid
 from lightning_unlearn.federated.protocol import FederatedUnlearningResult
