@@ -89,7 +89,7 @@ def test_planted_pickles_are_refused_everywhere_and_never_run(tmp_path, checkpoi
         with pytest.raises(ValueError, match="holds objects other than tensors"):
             load()
     # the FedAvg resume file and a Flower node's data file
-    from lightning_unlearn.federated.server import run_fedavg
+    from lightning_unlearn.federated import run_fedavg
 
     rounds = tmp_path / "rounds"
     rounds.mkdir()

@@ -196,16 +196,16 @@ def run_fedavg(
     check_fraction(fraction)
     if data not in DATA_CHOICES:
         raise ValueError(f"unknown data {data!r}; allowed values are {list(DATA_CHOICES)}")
-    fed = as_federation(clients)
     arrays, history, first = get_arrays(model), [], 0
     store = UpdateStore(store_every) if store_every else None
     ckpt = Path(checkpoint_dir) / "fedavg.pt" if checkpoint_dir is not None else None
-    if resume and ckpt is not None and ckpt.exists():
+    if resume and ckpt is not None and ckpt.exists():  # checked before any client is asked anything
         state = load_torch_file(ckpt, "FedAvg resume file")
         check_same_run(ckpt, state.get("run") if isinstance(state, dict) else None, run_key)
         arrays, history, first = state["global"], state["history"], state["round"] + 1
         if store is not None and state.get("store") is not None:
             store.rounds = state["store"]
+    fed = as_federation(clients)
     pool = sorted(participants) if participants is not None else sorted(fed.nodes)
     if not len(pool):
         raise ValueError("no client may take part in FedAvg (participants is empty)")
