@@ -38,7 +38,7 @@ from torch.utils.data import Subset
 from lightning_unlearn._io import write_json
 from lightning_unlearn.data import FederatedDataModule, load_digits_datasets, load_mnist
 from lightning_unlearn.federated import federated_unlearn, make_clients, run_fedavg
-from lightning_unlearn.federated.messages import Transport
+from lightning_unlearn.federated.federation import Federation
 from lightning_unlearn.federated.messages import tensor_bytes
 from lightning_unlearn.models import SmallCNN
 from lightning_unlearn.request import ForgetRequest
@@ -92,18 +92,16 @@ def one_setting(name: str, num_clients: int, fraction: float, train, test, args)
     rss1, py1 = rss_bytes(), tracemalloc.get_traced_memory()[0]
     storages = {p.untyped_storage().data_ptr() for c in clients for p in c.model.parameters()}
     models = {id(c.model) for c in clients}
-    transport = Transport()
+    federation = Federation(clients.grid, len(clients))
     t0 = time.perf_counter()
-    fed = run_fedavg(model, clients, args.rounds, fraction=fraction, seed=0, transport=transport, progress=False,
+    fed = run_fedavg(model, federation, args.rounds, fraction=fraction, seed=0, progress=False,
                      local_config={"max_steps": args.local_steps})
     train_s = time.perf_counter() - t0
     request = ForgetRequest(classes=[3])
-    plan = fdm.forget_plan(request)
-    for c, split in zip(clients, plan.splits):
-        c.receive_request(request, split)
+    fdm.forget_plan(request)  # fails fast on a request that does not fit; each client resolves its own split
 
     def unlearn(unlearn_fraction: float, reset: str):
-        return federated_unlearn(model, clients, request, transport=transport, rounds=args.unlearn_rounds,
+        return federated_unlearn(model, federation, request, rounds=args.unlearn_rounds,
                                  fraction=unlearn_fraction, max_steps=args.unlearn_steps, ratio=0.1, seed=0, reset=reset)
 
     result = unlearn(fraction, "none")

@@ -27,8 +27,8 @@ import numpy as np
 import torch
 
 from lightning_unlearn._io import write_json
-from lightning_unlearn.federated.flower import FederatedPartitions
-from lightning_unlearn.federated.flower.client_app import save_partition
+from lightning_unlearn.federated import FederatedPartitions
+from lightning_unlearn.federated.partitions import save_partition
 
 APP = Path(__file__).resolve().parents[1] / "examples" / "flower_app"
 sys.path.insert(0, str(APP.parents[1] / "tests" / "flower_support"))  # the tests' start-up speed-ups (Flower internals)

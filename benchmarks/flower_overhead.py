@@ -21,9 +21,10 @@ import numpy as np
 import torch
 
 from lightning_unlearn.federated import FederatedSimulation, federated_unlearn, run_fedavg
-from lightning_unlearn.federated.messages import Transport
+from lightning_unlearn.federated.federation import Federation
 from lightning_unlearn._io import write_json
-from lightning_unlearn.federated.flower import FedAvgPlan, FederatedPartitions, UnlearnPlan, run_flower_simulation
+from lightning_unlearn.federated import FederatedPartitions
+from lightning_unlearn.federated.flower import FedAvgPlan, UnlearnPlan, run_flower_simulation
 from lightning_unlearn.models import SmallCNN
 from lightning_unlearn.request import ForgetRequest
 
@@ -58,13 +59,13 @@ def in_process(args, parts: FederatedPartitions, init: torch.nn.Module, model_fn
     sim = FederatedSimulation(fdm, model_fn(), rounds=args.train_rounds, seed=args.seed, progress=False,
                               trainer_kwargs={"max_steps": args.local_steps})
     sim.model.load_state_dict(init.state_dict())
-    transport = Transport()
+    fed = Federation(sim.clients.grid, len(sim.clients))
     t0 = time.perf_counter()
-    fedavg = run_fedavg(sim.model, sim.clients, args.train_rounds, seed=args.seed, transport=transport, progress=False)
+    fedavg = run_fedavg(sim.model, fed, args.train_rounds, seed=args.seed, progress=False)
     t1 = time.perf_counter()
     sim.request(request)
-    result = federated_unlearn(sim.model, sim.clients, request, ratio=args.ratio, rounds=args.unlearn_rounds,
-                               max_steps=args.unlearn_steps, seed=args.seed, transport=transport)
+    result = federated_unlearn(sim.model, fed, request, ratio=args.ratio, rounds=args.unlearn_rounds,
+                               max_steps=args.unlearn_steps, seed=args.seed)
     t2 = time.perf_counter()
     return {"training": _summary(fedavg.history), "unlearning": _summary(result.history),
             "wall_s": {"training": t1 - t0, "unlearning": t2 - t1, "total": t2 - t0},

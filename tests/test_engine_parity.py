@@ -1,8 +1,9 @@
-"""One code path for score -> select -> reset: the central callback, the in-process federated server and the Flower
-server (its strategy driven in process, through the real ClientApp) reach the same mask and the same reset values.
+"""One code path for score -> select -> reset: the central callback and the federated phases, on the in-process
+simulation's clients and on the Flower apps' ClientApp (both on a LocalGrid), reach the same mask and the same
+reset values.
 
-The three engines score the same forget data in different places (the central view of the federation's data;
-each client on its shard, averaged by count on the server), so the scores agree to float rounding; the mask and
+The engines score the same forget data in different places (the central view of the federation's data; each
+client on its shard, averaged by count on the server), so the scores agree to float rounding; the mask and
 every parameter after the reset must agree bit for bit. BatchNorm statistics of the selected channels are
 estimated where the data is (central retain batches vs. pooled client moments) and are not compared; every
 other running statistic must be untouched in all three.
@@ -15,31 +16,22 @@ import functools
 import lightning.pytorch as pl
 import pytest
 import torch
-from flwr.app import Context, Message, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
 from lightning.pytorch.callbacks import Callback
 
 from lightning_unlearn import ForgetRequest, UnlearnConfig
 from lightning_unlearn.callbacks import SelectiveUnlearning
 from lightning_unlearn.federated import FederatedSimulation
-from lightning_unlearn.federated.flower import FederatedPartitions, UnlearnPlan, make_client_app
-from lightning_unlearn.federated.flower.records import ByteCounter
-from lightning_unlearn.federated.flower.server_app import MaskedUnlearning, deploy, discover_clients
-from lightning_unlearn.federated.messages import Broadcast, Transport
-from lightning_unlearn.federated.protocol import select_and_remove
+from lightning_unlearn.federated.fedavg import deploy_model
+from lightning_unlearn.federated.federation import Federation
+from lightning_unlearn.federated import FederatedPartitions, make_client_app
+from lightning_unlearn.federated.grid import LocalGrid
+from lightning_unlearn.federated.protocol import remove, select
 from lightning_unlearn.mask.arrays import get_arrays
 from lightning_unlearn.models import SmallCNN
 
 MODEL_FN = functools.partial(SmallCNN, channels=(8, 16), hidden=32, lr=3e-3)
 PARTS = FederatedPartitions("digits", num_clients=3, partition="iid", seed=0, batch_size=32)
 REQUEST = ForgetRequest(classes=[3])
-
-
-@pytest.fixture(autouse=True)
-def _task_identity(monkeypatch):
-    """Messages built outside a Flower run need the identity a SuperLink would give this process."""
-    for key in ("_run_id", "_node_id", "_task_id"):
-        monkeypatch.setattr(TaskIdentity, key, getattr(TaskIdentity, key) or 1)
 
 
 @pytest.fixture(scope="module")
@@ -53,27 +45,6 @@ def deployed():
     sim.request(REQUEST)
     yield sim
     torch.set_num_threads(before)
-
-
-class InProcessGrid:
-    """The part of Flower's Grid the server uses, answering with the real ClientApp in this process."""
-
-    def __init__(self, app, num_clients: int) -> None:
-        self.app = app
-        self.contexts = {100 + k: Context(run_id=1, node_id=100 + k, state=RecordDict(), run_config={},
-                                          node_config={"partition-id": k, "num-partitions": num_clients})
-                         for k in range(num_clients)}
-
-    def get_node_ids(self):
-        return list(self.contexts)
-
-    def send_and_receive(self, messages, *, timeout=None):
-        replies = []
-        for m in messages:
-            reply = self.app(m, self.contexts[m.metadata.dst_node_id])
-            reply.metadata.__dict__["_src_node_id"] = m.metadata.dst_node_id  # as if the node had sent it
-            replies.append(reply)
-        return replies
 
 
 class AfterReset(Callback):
@@ -92,22 +63,22 @@ def _central(model, sim, config):
     return selective.scores, selective.mask, snapshot.state
 
 
+def _phases(model, fed, config):
+    deploy_model(fed, get_arrays(model))
+    fed.request = REQUEST
+    cfg = config.resolved(REQUEST, "federated")
+    scores, mask = select(fed, model, cfg)
+    remove(fed, model, mask, cfg)
+    return scores, mask, model.state_dict()
+
+
 def _federated(model, sim, config):
-    for client in sim.clients:
-        client.deploy(Broadcast(get_arrays(model)))
-    removal = select_and_remove(model, sim.clients, config.resolved(REQUEST, "federated"), Transport())
-    return removal.scores, removal.mask, model.state_dict()
+    return _phases(model, Federation(sim.clients.grid, len(sim.clients)), config)
 
 
 def _flower(model, sim, config):
-    grid = InProcessGrid(make_client_app(MODEL_FN, PARTS), PARTS.num_clients)
-    nodes = discover_clients(grid, PARTS.num_clients, timeout=10)
-    arrays = get_arrays(model)
-    deploy(grid, nodes, arrays, ByteCounter())
-    strategy = MaskedUnlearning(model, nodes, UnlearnPlan(REQUEST, config, evaluate=False), ByteCounter())
-    strategy.select(grid, arrays)
-    strategy.remove(grid)
-    return strategy.scores, strategy.mask, model.state_dict()
+    grid = LocalGrid(make_client_app(MODEL_FN, PARTS), PARTS.num_clients)
+    return _phases(model, Federation(grid, PARTS.num_clients, timeout=10), config)
 
 
 @pytest.mark.parametrize("reset", ["dampen", "reinit"])

@@ -13,9 +13,7 @@ from torch.utils.data import DataLoader, Dataset
 from lightning_unlearn import ForgetRequest, ParameterMask
 from lightning_unlearn.data import FederatedDataModule
 from lightning_unlearn.federated import FederatedSimulation, federated_unlearn, make_clients, run_fedavg
-from lightning_unlearn.federated.messages import (
-    Broadcast, MaskedUpdateMessage, ParametersMessage, ScoresMessage, Transport,
-)
+from lightning_unlearn.federated.messages import Broadcast, MaskedUpdateMessage, ParametersMessage, ScoresMessage
 from lightning_unlearn.federated.server import aggregate_scores, fedavg_aggregate, masked_aggregate
 from lightning_unlearn.mask.arrays import get_arrays
 from lightning_unlearn._io import write_json
@@ -23,6 +21,9 @@ from lightning_unlearn.federated import baselines as B
 from lightning_unlearn.federated.messages import BatchNormStatsMessage
 from lightning_unlearn.mask import frozen_elements_equal
 from lightning_unlearn.models import SmallCNN
+from lightning_unlearn.federated.records import record_to_channels
+
+from federated_log import exchanges, recording
 
 TINY = dict(channels=(8, 16), hidden=32, lr=3e-3)
 STEPS = {"max_steps": 10}
@@ -64,8 +65,6 @@ def test_server_functions_type_check_their_inputs(digits):
         aggregate_scores([digits[0]])
     with pytest.raises(TypeError, match="got ParametersMessage"):
         masked_aggregate({}, ParameterMask({}), [ParametersMessage({"w": torch.rand(2)}, 2)])
-    with pytest.raises(TypeError, match="the server sends Broadcast"):
-        Transport().call(object(), "fit", digits[0])
 
 
 def _walk(obj, seen=None):
@@ -86,20 +85,19 @@ def _walk(obj, seen=None):
 
 def test_only_parameters_updates_and_scores_cross_the_boundary(sim):
     """Record every message of a FedAvg round and a federated unlearning run and inspect each one."""
-    transport = Transport(record=True)
     model = _model(1)
     clients = make_clients(sim.fdm, model, trainer_kwargs={"max_steps": 2})
-    run_fedavg(model, clients, rounds=1, transport=transport, progress=False)
+    grid = recording(clients)
+    run_fedavg(model, clients, rounds=1, progress=False)
     plan = sim.fdm.forget_plan(ForgetRequest(classes=[3]))
-    for c, split in zip(clients, plan.splits):
-        c.receive_request(plan.request, split)
-    result = federated_unlearn(model, clients, plan.request, rounds=2, max_steps=2, transport=transport)
+    result = federated_unlearn(model, clients, plan.request, rounds=2, max_steps=2)
+    log = exchanges(grid)
 
     state_shapes = {k: v.shape for k, v in get_arrays(model).items()}
     channels = {n: i.out_channels for n, i in result.scores.layers.items()}
     selected = {n: int(m.sum()) for n, m in result.mask.masks.items() if m.any()}
     sizes = {len(c.dataset) for c in clients} | {len(s.retain) for s in plan.splits} | {len(s.forget) for s in plan.splits}
-    ups = [m for d, _, _, m in transport.log if d == "up"]
+    ups = [m for d, _, _, m in log if d == "up"]
     assert {type(m) for m in ups} == {ParametersMessage, ScoresMessage, BatchNormStatsMessage, MaskedUpdateMessage}
     bn_selected = {n: int(m.sum()) for n, m in result.mask.masks.items() if m.any() and n.startswith("bn")
                    and n.endswith(".weight")}
@@ -117,18 +115,19 @@ def test_only_parameters_updates_and_scores_cross_the_boundary(sim):
         for leaf in _walk(m):  # nothing but tensors of the shapes above, names, counts, scalars
             assert isinstance(leaf, (torch.Tensor, str, int, float, bool, type(None))), type(leaf)
             assert not isinstance(leaf, (Dataset, DataLoader, np.ndarray))
-    downs = [m for d, _, _, m in transport.log if d == "down"]
+    downs = [m for d, _, _, m in log if d == "down"]
     assert all(isinstance(m, Broadcast) for m in downs)
     # reset: the statistics round and round 0 send the mask and the reset selected slices, round 1 the slices only
-    masked_downs = [m for d, _, op, m in transport.log if d == "down" and op == "masked_update"]
+    masked_downs = [m for d, _, op, m in log if d == "down" and op == "train.unlearn"]
     assert all(m.channels for m in masked_downs[: len(clients)])
     assert all(m.channels is None for m in masked_downs[len(clients):])
     stats = {f"{k[:-len('.weight')]}.{b}" for k in bn_selected for b in ("running_mean", "running_var")}
     for m in masked_downs:  # the selected slices, and the pooled statistics of the selected BatchNorm channels
         assert {k: v.numel() for k, v in m.arrays.items() if k in selected} == selected
         assert set(m.arrays) - set(selected) == stats
-    # every client rebuilt exactly the server's mask from the channel indices
-    assert {c._mask.sha256() for c in clients} == {result.mask.sha256()}
+    # every client kept exactly the server's mask (channel indices) in its own state
+    kept = [record_to_channels(c.state["mask"]) for c in grid.contexts.values()]
+    assert all(k == {n: tuple(v) for n, v in result.mask.channels.items()} for k in kept)
 
 
 # -- exact freeze after aggregation -----------------------------------------------------------------------
@@ -173,8 +172,8 @@ def test_each_request_kind_end_to_end(sim, request_, tmp_path):
     original = sim.evaluate(sim.model)
     retrained = B.federated_retrain(sim.model, sim.clients, plan, rounds=2, progress=False)
     retrained_metrics = sim.evaluate(retrained.model)
-    transport = Transport(record=True)
-    result = federated_unlearn(sim.model, sim.clients, request_, rounds=1, max_steps=4, transport=transport)
+    grid = recording(sim.clients)
+    result = federated_unlearn(sim.model, sim.clients, request_, rounds=1, max_steps=4)
     record = sim.report(result, original, retrained, retrained_metrics)
     path = write_json(record, tmp_path / "run.json")
     loaded = json.loads(path.read_text())
@@ -185,11 +184,11 @@ def test_each_request_kind_end_to_end(sim, request_, tmp_path):
     assert 0 < loaded["mask"]["fraction"] < 1
     assert set(loaded["timings_s"]) >= {"scoring", "unlearning", "retrain"}
     assert 0 < loaded["bytes"]["unlearning_round"] < 0.25 * loaded["bytes"]["fedavg_round"]
-    senders = {(cid, op) for d, cid, op, _ in transport.log if d == "up"}
-    scorers = {cid for cid, op in senders if op == "score"}
+    senders = {(cid, op) for d, cid, op, _ in exchanges(grid) if d == "up"}
+    scorers = {cid for cid, op in senders if op == "query.score"}
     assert scorers == set(plan.forgetting_clients)
     if request_.kind == "client":  # the leaving client scores, then sends nothing
-        assert (1, "masked_update") not in senders and 1 in scorers
+        assert (1, "train.unlearn") not in senders and 1 in scorers
     if request_.kind == "class":
         assert loaded["metrics"]["original"]["forget_acc"] > 0.5
         assert loaded["metrics"]["unlearned"]["forget_acc"] < loaded["metrics"]["original"]["forget_acc"]
@@ -260,15 +259,11 @@ def test_rounds_must_be_positive(sim, digits):
 
 def test_unlearning_needs_forget_data_and_a_deployed_model(sim):
     fresh = make_clients(sim.fdm, _model())
-    plan = sim.fdm.forget_plan(ForgetRequest(classes=[3]))
-    for c, split in zip(fresh, plan.splits):
-        c.receive_request(plan.request, split)
     with pytest.raises(RuntimeError, match="holds no global model yet"):
-        federated_unlearn(sim.model, fresh, plan.request)
-    sim.request(plan.request)
-    without_forget_data = [c for c in sim.clients if not len(c.split.forget)]
+        federated_unlearn(sim.model, fresh, ForgetRequest(classes=[3]))
+    nobody = ForgetRequest(sample_ids=[len(sim.fdm.targets) + 5])  # an id no client holds
     with pytest.raises(ValueError, match="no client holds data to forget"):
-        federated_unlearn(sim.model, without_forget_data, plan.request)
+        federated_unlearn(sim.model, sim.clients, nobody)
 
 
 # -- learning rates of the masked rounds -------------------------------------------------------------------

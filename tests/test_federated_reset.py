@@ -11,14 +11,14 @@ from torch.utils.data import ConcatDataset, DataLoader, Subset
 
 from lightning_unlearn import ForgetRequest
 from lightning_unlearn.data import FederatedDataModule
-from lightning_unlearn.federated import FederatedSimulation, federated_unlearn
-from lightning_unlearn.federated.messages import Transport
+from lightning_unlearn.federated import FederatedPartitions, FederatedSimulation, federated_unlearn
 from lightning_unlearn.mask.arrays import get_arrays
 from lightning_unlearn.federated.server import masked_aggregate
 from lightning_unlearn.federated import baselines as B
 from lightning_unlearn.mask.arrays import selected_values
 from lightning_unlearn.federated.messages import INDEX_BYTES, BatchNormStatsMessage, Broadcast
-from lightning_unlearn.federated.protocol import STATS_BATCHES, collect_scores, round_config, score_config, unlearn_config
+from lightning_unlearn.federated.federation import Federation
+from lightning_unlearn.federated.protocol import STATS_BATCHES, round_config, select, unlearn_config
 from lightning_unlearn.federated.server import pool_batchnorm_moments
 from lightning_unlearn.reset import selected_batchnorm_channels
 from lightning_unlearn.config import UnlearnConfig
@@ -27,6 +27,8 @@ from lightning_unlearn.models import SmallCNN
 from lightning_unlearn.privacy.models import DPSmallCNN
 from lightning_unlearn.reset import reset_selected
 from lightning_unlearn.mask import ParameterMask, select_channels
+
+from federated_log import exchanges, recording
 
 TINY = dict(channels=(8, 16), hidden=32, lr=3e-3)
 REQUEST = ForgetRequest(classes=[3])
@@ -62,8 +64,9 @@ def _bn_selection(model, mask) -> dict[str, torch.Tensor]:
 # -- the reset reaches the model; everything else stays bit-exact ------------------------------------------------
 def test_reinit_replaces_the_selected_slices_and_keeps_every_other_element_bit_exact(sim):
     original = _state(sim.model)
-    transport = Transport(record=True)
-    result = federated_unlearn(sim.model, sim.clients, REQUEST, reset="reinit", transport=transport, **UNLEARN)
+    grid = recording(sim.clients)
+    result = federated_unlearn(sim.model, sim.clients, REQUEST, reset="reinit", **UNLEARN)
+    log, booked = exchanges(grid), result.traffic.payload
     after, mask = _state(result.model), result.mask
     assert result.config.reset == "reinit" and _state(sim.model).keys() == original.keys()
     for name, m in mask.masks.items():  # parameters: selected slices replaced, the rest untouched
@@ -88,24 +91,24 @@ def test_reinit_replaces_the_selected_slices_and_keeps_every_other_element_bit_e
     # bytes: the statistics round is booked; every masked round carries exactly the selected values, the
     # selected channels' two statistics (round 0 also the channel indices), never more
     selected_channels = sum(int(s.sum()) for s in selection.values())
-    assert result.bytes["statistics"] == transport.rounds["bn_stats"].total > 0
+    assert result.bytes["statistics"] == booked["bn_stats"].total > 0
     assert result.bytes["total"] == (result.bytes["scoring"] + result.bytes["statistics"]
-                                     + sum(transport.rounds[f"unlearn/{r}"].total for r in range(2)))
+                                     + sum(booked[f"unlearn/{r}"].total for r in range(2)))
     values = 4 * mask.num_selected + 4 * 2 * selected_channels
     indices = INDEX_BYTES * sum(len(v) for v in mask.channels.values())
-    downs = [(op, m.nbytes) for d, _, op, m in transport.log if d == "down" and op == "masked_update"]
-    assert downs == [("masked_update", values + indices)] * 3 + [("masked_update", values)] * 3
+    downs = [(op, m.nbytes) for d, _, op, m in log if d == "down" and op == "train.unlearn"]
+    assert downs == [("train.unlearn", values + indices)] * 3 + [("train.unlearn", values)] * 3
     model_bytes = 4 * sum(v.numel() for v in get_arrays(sim.model).values())
     assert values <= (mask.fraction + 0.01) * model_bytes < 0.3 * model_bytes  # the selected fraction, not the model
     # the statistics replies are per-channel moments only: (3, k) float64 per selected BatchNorm
-    ups = [m for d, _, op, m in transport.log if d == "up" and op == "bn_statistics"]
+    ups = [m for d, _, op, m in log if d == "up" and op == "query.bn_stats"]
     assert len(ups) == 3 and all(isinstance(m, BatchNormStatsMessage) for m in ups)
     assert all({k: tuple(v.shape) for k, v in m.moments.items()} == {bn: (3, int(s.sum())) for bn, s in selection.items()}
                for m in ups)
 
 
 def test_random_channels_baseline_resets_the_same_way(sim):
-    layers = sim.clients[0]._layer_info()
+    layers = sim.layers()
     original = _state(sim.model)
     plan = sim.request(REQUEST)
     result = B.federated_random_channels(sim.model, sim.clients, plan, layers, reset="reinit", **UNLEARN)
@@ -128,7 +131,7 @@ def test_pooled_batchnorm_statistics_equal_the_central_estimate_on_the_union(sim
     sel = result.mask.masks["bn2.weight"]
     assert sel.any() and not result.mask.masks["bn1.weight"].any()
     retain = [Subset(c.dataset, c.split.retain.tolist()) for c in sim.clients]
-    assert all(len(r) <= STATS_BATCHES * c.batch_size for r, c in zip(retain, sim.clients))  # every sample counted
+    assert all(len(r) <= STATS_BATCHES * sim.fdm.batch_size for r in retain)  # every sample counted
 
     central = copy.deepcopy(original).eval()
     reset_selected(central, result.mask, "reinit", 0)
@@ -149,16 +152,15 @@ def test_no_statistics_round_without_batchnorm_channels(digits):
     """GroupNorm keeps no running statistics: the reset still travels with round 0, no statistics round runs."""
     sim = _federation(digits, DPSmallCNN)
     original = _state(sim.model)
-    transport = Transport()
-    result = federated_unlearn(sim.model, sim.clients, REQUEST, reset="reinit", transport=transport, **UNLEARN)
-    assert "bn_stats" not in transport.rounds and "statistics" not in result.bytes
+    result = federated_unlearn(sim.model, sim.clients, REQUEST, reset="reinit", **UNLEARN)
+    assert "bn_stats" not in result.traffic.payload and "statistics" not in result.bytes
     assert selected_batchnorm_channels(result.model, result.mask) == {}
     after = _state(result.model)
     for name, m in result.mask.masks.items():
         assert torch.equal(after[name][~m], original[name][~m]), name
         if m.any():
             assert not torch.equal(after[name][m], original[name][m]), name
-    assert transport.rounds["unlearn/0"].down == 3 * (4 * result.mask.num_selected + INDEX_BYTES * sum(
+    assert result.traffic.payload["unlearn/0"].down == 3 * (4 * result.mask.num_selected + INDEX_BYTES * sum(
         len(v) for v in result.mask.channels.values()))
 
 
@@ -166,25 +168,26 @@ def test_no_statistics_round_without_batchnorm_channels(digits):
 def test_reset_none_is_the_plain_masked_protocol_bit_for_bit(sim):
     """The masked rounds as they ran before the reset existed (round 0: only the mask; later rounds: the selected
     values), written out here, give the same mask, the same bytes and the same weights."""
-    transport = Transport()
-    ours = federated_unlearn(sim.model, sim.clients, REQUEST, reset="none", transport=transport, **UNLEARN)
-    assert "bn_stats" not in transport.rounds and "statistics" not in ours.bytes and "reset" not in ours.timings_s
+    ours = federated_unlearn(sim.model, sim.clients, REQUEST, reset="none", **UNLEARN)
+    assert "bn_stats" not in ours.traffic.payload and "statistics" not in ours.bytes and "reset" not in ours.timings_s
 
     cfg = UnlearnConfig.build(reset="none", **{k: v for k, v in UNLEARN.items() if k != "rounds"}).resolved(
         REQUEST, "federated")
     work = copy.deepcopy(sim.model)
-    scores, _ = collect_scores(sim.clients, Transport(), score_config(cfg), work)
+    plain = Federation(sim.clients.grid, len(sim.clients))
+    plain.request = REQUEST
+    scores, _ = select(plain, work, cfg)
     mask = select_channels(scores, work, cfg.ratio, cfg.scope, cfg.threshold, cfg.include_head, cfg.head_rows)
     assert mask.sha256() == ours.mask.sha256()
     reference = get_arrays(work)
-    current, plain = reference, Transport()
+    current = reference
     for r in range(UNLEARN["rounds"]):
-        plain.start_round(f"unlearn/{r}")
         down = Broadcast({} if r == 0 else selected_values(current, mask), round_config(unlearn_config(cfg), r),
                          {k: tuple(v) for k, v in mask.channels.items()} if r == 0 else None)
-        current = masked_aggregate(reference, mask, [plain.call(c, "masked_update", down) for c in sim.clients])
+        current = masked_aggregate(reference, mask, [m for _, m in plain.ask(down, "train.unlearn", f"unlearn/{r}")])
     assert all(torch.equal(current[k], v) for k, v in get_arrays(ours.model).items())
-    assert [(b.down, b.up) for b in plain.bytes_for("unlearn/")] == [(b.down, b.up) for b in transport.bytes_for("unlearn/")]
+    rounds = lambda book: [(b.down, b.up) for k, b in book.items() if k.startswith("unlearn/")]  # noqa: E731
+    assert rounds(plain.traffic.payload) == rounds(ours.traffic.payload)
 
 
 # -- the statistics reply keeps its contract ---------------------------------------------------------------------
@@ -240,7 +243,7 @@ def test_statistics_message_checks_its_own_shape_and_travels_as_a_flower_record(
     with pytest.raises(TypeError, match=r"client 4: the server only accepts \['MaskedUpdateMessage'\] from clients, got "
                                         "BatchNormStatsMessage"):
         masked_aggregate({}, ParameterMask({}), [BatchNormStatsMessage(_moments(), 10)], senders=[4])
-    records = pytest.importorskip("lightning_unlearn.federated.flower.records", reason="the flower extra is not installed")
+    records = pytest.importorskip("lightning_unlearn.federated.records", reason="the flower extra is not installed")
     message = BatchNormStatsMessage(_moments(), 10, {"local_compute_s": 0.5})
     content = records.reply_to_content(message)
     back = records.content_to_reply(content)
@@ -258,10 +261,9 @@ def test_flower_simulation_with_reset_matches_in_process(digits):
     flower_mod = pytest.importorskip("lightning_unlearn.federated.flower", reason="the flower extra is not installed")
     pytest.importorskip("ray", reason="Flower's simulation engine needs ray (the flower extra)")
     model_fn = functools.partial(SmallCNN, **TINY)
-    parts = flower_mod.FederatedPartitions("digits", num_clients=3, partition="iid", seed=0, batch_size=32)
+    parts = FederatedPartitions("digits", num_clients=3, partition="iid", seed=0, batch_size=32)
     sim = _federation(digits)  # the same federation as parts (digits, 3 IID clients, seed 0, batch 32)
-    transport = Transport()
-    ours = federated_unlearn(sim.model, sim.clients, REQUEST, reset="reinit", transport=transport, **UNLEARN)
+    ours = federated_unlearn(sim.model, sim.clients, REQUEST, reset="reinit", **UNLEARN)
     flower = flower_mod.run_flower_simulation(
         model_fn, parts, 3, None, flower_mod.UnlearnPlan(REQUEST, reset="reinit", evaluate=False, **UNLEARN),
         initial_model=sim.model, trainer_kwargs={"max_steps": 10}, client_cpus=1, total_cpus=2)
@@ -270,4 +272,4 @@ def test_flower_simulation_with_reset_matches_in_process(digits):
         torch.testing.assert_close(flower.arrays[k], v, rtol=1e-5, atol=1e-6, msg=k)
     for prefix in ("bn_stats", "unlearn/"):  # the same payload bytes in both engines, statistics round included
         mine = [(b.down, b.up) for b in flower.round_bytes(prefix)]
-        assert mine and mine == [(b.down, b.up) for b in transport.bytes_for(prefix)], prefix
+        assert mine and mine == [(b.down, b.up) for k, b in ours.traffic.payload.items() if k.startswith(prefix)], prefix

@@ -13,21 +13,17 @@ from lightning_unlearn import ForgetRequest
 from lightning_unlearn.config import UnlearnConfig
 from lightning_unlearn.data import FederatedDataModule
 from lightning_unlearn.federated import FederatedSimulation, federated_unlearn
-from lightning_unlearn.federated.messages import Transport
+from lightning_unlearn.federated.federation import Federation
+from lightning_unlearn.federated.records import content_to_broadcast
 from lightning_unlearn.mask.arrays import get_arrays
 from lightning_unlearn.federated.server import masked_aggregate
 from lightning_unlearn.mask.arrays import selected_values
-from lightning_unlearn.federated.protocol import (
-    collect_scores,
-    masked_broadcast,
-    masked_rounds,
-    remove_selected,
-    score_config,
-    unlearn_config,
-)
+from lightning_unlearn.federated.protocol import masked_broadcast, masked_rounds, remove, select, unlearn_config
 from lightning_unlearn.federated.server import sample_clients
 from lightning_unlearn.models import SmallCNN
 from lightning_unlearn.mask import select_channels
+
+from federated_log import recording
 
 TINY = dict(channels=(8, 16), hidden=32, lr=3e-3)
 REQUEST = ForgetRequest(classes=[3])
@@ -37,19 +33,13 @@ CLIENTS, FRACTION = 20, 0.25
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-class RecordingTransport(Transport):
-    """Records (round label, client id, operation, broadcast) for every server -> client call."""
+def _calls(grid) -> list[tuple[str, int, str, object]]:
+    """(round label, client id, message type, broadcast) of every server -> client message, in order."""
+    return [(m.metadata.group_id, cid, op, content_to_broadcast(m.content)[0]) for cid, op, m, _ in grid.log]
 
-    def __init__(self) -> None:
-        super().__init__()
-        self.calls: list[tuple[str, int, str, object]] = []
 
-    def call(self, client, operation, message=None):
-        self.calls.append((self._current, client.client_id, operation, message))
-        return super().call(client, operation, message)
-
-    def reached(self, label: str, operation: str) -> list[int]:
-        return [cid for lab, cid, op, _ in self.calls if lab == label and op == operation]
+def _reached(calls, label: str, operation: str) -> list[int]:
+    return [cid for lab, cid, op, _ in calls if lab == label and op == operation]
 
 
 def _federation(digits, num_clients: int, request: ForgetRequest) -> FederatedSimulation:
@@ -74,24 +64,25 @@ def _state(model) -> dict[str, torch.Tensor]:
 
 @pytest.mark.parametrize("reset", ["none", "reinit"])
 def test_each_masked_round_reaches_exactly_the_sampled_clients_and_new_ones_get_the_mask(sim, reset):
-    transport = RecordingTransport()
+    grid = recording(sim.clients)
     rounds = 3
     result = federated_unlearn(sim.model, sim.clients, REQUEST, rounds=rounds, fraction=FRACTION, reset=reset,
-                               transport=transport, **UNLEARN)
+                               **UNLEARN)
+    calls_all = _calls(grid)
     mask_channels = {k: tuple(v) for k, v in result.mask.channels.items()}
     selected = {k for k, m in result.mask.masks.items() if m.any()}
     # scoring (and the statistics round after a reset) still ask every client
-    assert sorted(transport.reached("score", "score")) == list(range(CLIENTS))
-    assert sorted(transport.reached("bn_stats", "bn_statistics")) == (list(range(CLIENTS)) if reset != "none" else [])
+    assert sorted(_reached(calls_all, "score", "query.score")) == list(range(CLIENTS))
+    assert sorted(_reached(calls_all, "bn_stats", "query.bn_stats")) == (list(range(CLIENTS)) if reset != "none" else [])
 
     seen: set[int] = set()
     late_joiners = 0
     for r, row in enumerate(result.history):
         expected = [int(i) for i in sample_clients(range(CLIENTS), FRACTION, 0, r)]
-        called = transport.reached(f"unlearn/{r}", "masked_update")
+        called = _reached(calls_all, f"unlearn/{r}", "train.unlearn")
         assert len(expected) == 5 and called == expected and row["sampled"] == expected
         assert row["clients"] == 5  # IID: every sampled client holds retain data and replies
-        calls = [(cid, msg) for lab, cid, op, msg in transport.calls if lab == f"unlearn/{r}"]
+        calls = [(cid, msg) for lab, cid, op, msg in calls_all if lab == f"unlearn/{r}"]
         assert row["bytes_down"] == sum(msg.nbytes for _, msg in calls)
         values_sent = None
         for cid, msg in calls:
@@ -136,52 +127,52 @@ def test_frozen_elements_stay_bit_exact_and_sampling_changes_only_the_selected_s
     assert sampled.bytes["scoring"] == full.bytes["scoring"]
 
 
-def _protocol_before_sampling(model, clients, rounds: int, reset: str, transport: Transport):
+def _protocol_before_sampling(model, fed: Federation, rounds: int, reset: str):
     """The masked rounds as they were before client sampling: every client every round, the mask in round 0."""
     cfg = UnlearnConfig.build(None, reset=reset, **UNLEARN).resolved(REQUEST, "federated")
     work = copy.deepcopy(model)
-    scores, _ = collect_scores(clients, transport, score_config(cfg), work)
+    fed.request = REQUEST
+    scores, _ = select(fed, work, cfg)
     mask = select_channels(scores, work, cfg.ratio, cfg.scope, cfg.threshold, cfg.include_head, cfg.head_rows)
-    statistics, _ = remove_selected(work, clients, mask, cfg, transport)
+    statistics = remove(fed, work, mask, cfg)
     reference = get_arrays(work)
     current = reference
     for r in range(rounds):
-        transport.start_round(f"unlearn/{r}")
         down = masked_broadcast(current, mask, unlearn_config(cfg), r, r == 0, statistics)
-        replies = [m for c in clients if (m := transport.call(c, "masked_update", down)) is not None]
+        replies = [m for _, m in fed.ask(down, "train.unlearn", f"unlearn/{r}")]
         current = masked_aggregate(reference, mask, replies)
     return mask, current
 
 
 @pytest.mark.parametrize("reset", ["none", "reinit"])
 def test_fraction_one_is_bit_identical_to_the_protocol_before_sampling(sim, reset):
-    before_transport, after_transport, default_transport = Transport(), Transport(), Transport()
-    mask, arrays = _protocol_before_sampling(sim.model, sim.clients, 2, reset, before_transport)
-    after = federated_unlearn(sim.model, sim.clients, REQUEST, rounds=2, fraction=1.0, reset=reset,
-                              transport=after_transport, **UNLEARN)
-    default = federated_unlearn(sim.model, sim.clients, REQUEST, rounds=2, reset=reset, transport=default_transport,
-                                **UNLEARN)
+    before = Federation(sim.clients.grid, CLIENTS)
+    mask, arrays = _protocol_before_sampling(sim.model, before, 2, reset)
+    after = federated_unlearn(sim.model, sim.clients, REQUEST, rounds=2, fraction=1.0, reset=reset, **UNLEARN)
+    default = federated_unlearn(sim.model, sim.clients, REQUEST, rounds=2, reset=reset, **UNLEARN)
     for result in (after, default):
         assert result.mask.sha256() == mask.sha256()
         state = get_arrays(result.model)
         assert state.keys() == arrays.keys() and all(torch.equal(state[k], arrays[k]) for k in arrays)
         assert all(row["clients"] == CLIENTS and "sampled" not in row for row in result.history)
-    per_round = lambda t: {k: (v.down, v.up) for k, v in t.rounds.items()}  # noqa: E731
-    assert per_round(after_transport) == per_round(before_transport) == per_round(default_transport)
+    per_round = lambda t: {k: (v.down, v.up) for k, v in t.payload.items() if k != "hello"}  # noqa: E731
+    assert per_round(after.traffic) == per_round(before.traffic) == per_round(default.traffic)
 
 
 @pytest.mark.parametrize("bad", [0, 0.0, -0.25, 1.5, math.nan, True, "0.5", None])
 def test_bad_fraction_fails_in_one_line_before_any_work(sim, bad):
-    transport = Transport()
+    grid = recording(sim.clients)
     with pytest.raises(ValueError, match=r"^fraction must be in \(0, 1\], got .+$") as err:
-        federated_unlearn(sim.model, sim.clients, REQUEST, fraction=bad, transport=transport, **UNLEARN)
+        federated_unlearn(sim.model, sim.clients, REQUEST, fraction=bad, **UNLEARN)
     assert "\n" not in str(err.value) and repr(bad) in str(err.value)
-    assert transport.rounds == {}  # no client was asked anything
-    mask = select_channels(collect_scores(sim.clients, Transport(), score_config(UnlearnConfig()), sim.model)[0],
-                           sim.model, 0.2)
+    assert grid.log == []  # no client was asked anything
+    fed = Federation(sim.clients.grid, CLIENTS)
+    fed.request = REQUEST
+    mask = select_channels(select(fed, sim.model, UnlearnConfig().resolved(REQUEST, "federated"))[0], sim.model, 0.2)
+    grid.log.clear()
     with pytest.raises(ValueError, match=r"^fraction must be in \(0, 1\]"):
-        masked_rounds(copy.deepcopy(sim.model), sim.clients, mask, 1, {"seed": 0}, transport, fraction=bad)
-    assert set(transport.rounds) == set()
+        masked_rounds(fed, get_arrays(sim.model), mask, 1, {"seed": 0}, fraction=bad)
+    assert grid.log == []
 
 
 def test_a_sampled_round_without_retain_data_keeps_the_selected_values(digits):

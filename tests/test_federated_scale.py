@@ -7,21 +7,10 @@ import torch
 
 from lightning_unlearn.data import FederatedDataModule
 from lightning_unlearn.federated import make_clients, run_fedavg
-from lightning_unlearn.federated.messages import Transport
 from lightning_unlearn.federated.messages import tensor_bytes
 from lightning_unlearn.models import SmallCNN
 
-
-class CountingTransport(Transport):
-    """Counts which clients each operation reached."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.reached: dict[str, set[int]] = {}
-
-    def call(self, client, operation, message=None):
-        self.reached.setdefault(f"{self._current}:{operation}", set()).add(client.client_id)
-        return super().call(client, operation, message)
+from federated_log import recording
 
 
 @pytest.fixture(scope="module")
@@ -49,11 +38,12 @@ def test_hundred_clients_hold_one_model_between_them(hundred):
 
 def test_sampled_rounds_reach_only_the_sampled_clients_and_keep_one_model(hundred, one_thread):
     _, model, clients = hundred
-    transport = CountingTransport()
-    result = run_fedavg(model, clients, rounds=2, fraction=0.1, seed=0, transport=transport, progress=False,
+    grid = recording(clients)
+    result = run_fedavg(model, clients, rounds=2, fraction=0.1, seed=0, progress=False,
                         local_config={"max_steps": 1}, deploy=False)
     for r, row in enumerate(result.history):
-        assert len(row["clients"]) == 10 and transport.reached[f"fedavg/{r}:fit"] == set(row["clients"])
+        reached = {cid for cid, op, m, _ in grid.log if op == "train" and m.metadata.group_id == f"fedavg/{r}"}
+        assert len(row["clients"]) == 10 and reached == set(row["clients"])
         # the server held 10 replies (one model each), never 100
         assert row["bytes_up"] <= 10 * (tensor_bytes(model.state_dict()) + 8)
     assert result.history[0]["clients"] != result.history[1]["clients"]  # a new draw each round

@@ -9,28 +9,27 @@ import sys
 import numpy as np
 import pytest
 import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
+from flwr.app import Array, Context, Error, Message, RecordDict
+from flwr.clientapp import ClientApp
 
 from lightning_unlearn import ForgetRequest
 from lightning_unlearn.federated import FederatedSimulation, federated_unlearn, run_fedavg
-from lightning_unlearn.federated.messages import (
-    Broadcast, MaskedUpdateMessage, ParametersMessage, ScoresMessage, Transport,
-)
+from lightning_unlearn.federated.federation import Federation, check_replies
+from lightning_unlearn.federated.grid import LocalGrid
+from lightning_unlearn.federated.messages import Broadcast, MaskedUpdateMessage, ParametersMessage, ScoresMessage
 from lightning_unlearn.mask.arrays import get_arrays
-from lightning_unlearn.federated.flower import (
-    FedAvgPlan, FederatedPartitions, UnlearnPlan, make_client_app, run_flower_simulation,
-)
-from lightning_unlearn.federated.flower.client_app import FlowerDataError, client_split, file_partition, save_partition
-from lightning_unlearn.federated.flower.records import (
-    ByteCounter,
+from lightning_unlearn.federated import FederatedPartitions, make_client_app
+from lightning_unlearn.federated.flower import FedAvgPlan, UnlearnPlan, run_flower_simulation
+from lightning_unlearn.federated.client import client_split
+from lightning_unlearn.federated.flower.server_app import run_server
+from lightning_unlearn.federated.partitions import FlowerDataError, file_partition, save_partition
+from lightning_unlearn.federated.records import (
     broadcast_to_content,
     content_to_broadcast,
     content_to_reply,
     payload_bytes,
     reply_to_content,
 )
-from lightning_unlearn.federated.flower.server_app import MaskedUnlearning, check_replies
 from lightning_unlearn.mask import frozen_elements_equal
 from lightning_unlearn.models import SmallCNN
 from lightning_unlearn.mask import select_channels
@@ -39,11 +38,7 @@ MODEL_FN = functools.partial(SmallCNN, channels=(8, 16), hidden=32, lr=3e-3)  # 
 PARTS = FederatedPartitions("digits", num_clients=3, partition="iid", seed=0, batch_size=32)
 
 
-@pytest.fixture(autouse=True)
-def _task_identity(monkeypatch):
-    """Messages built outside a Flower run need the identity a SuperLink would give this process."""
-    for key in ("_run_id", "_node_id", "_task_id"):
-        monkeypatch.setattr(TaskIdentity, key, getattr(TaskIdentity, key) or 1)
+MESSAGES = LocalGrid(ClientApp(), 1)  # builds server messages outside a Flower run (public metadata)
 
 
 def _context(node_config: dict) -> Context:
@@ -51,7 +46,7 @@ def _context(node_config: dict) -> Context:
 
 
 def _message(message_type: str) -> Message:
-    return Message(broadcast_to_content(Broadcast({}, {})), dst_node_id=1, message_type=message_type)
+    return MESSAGES.create_message(broadcast_to_content(Broadcast({}, {})), message_type, 1, "")
 
 
 # -- bad input ------------------------------------------------------------------------------------------
@@ -83,24 +78,24 @@ def test_client_that_cannot_reach_its_partition_fails_clearly(tmp_path):
     with pytest.raises(FlowerDataError, match=rf"data-path='{missing}' does not exist on this node"):
         deployed(_message("query.hello"), _context({"data-path": str(missing)}))
     # the server stops on a failed client, naming it and its reason, instead of averaging fewer clients
-    sent = Message(RecordDict(), dst_node_id=5, message_type="train")
-    sent.metadata.__dict__["_message_id"] = "m1"
+    sent = MESSAGES.create_message(RecordDict(), "train", 5, "")
     remote = "Traceback (most recent call last):\n  File ...\nflwr.ClientAppException: \x1b[36mray\x1b[39m\n" \
-             "lightning_unlearn.federated.flower.client_app.FlowerDataError: data-path='/x' does not exist on this node\n"
+             "lightning_unlearn.federated.partitions.FlowerDataError: data-path='/x' does not exist on this node\n"
     failed = Message(Error(code=0, reason=remote), reply_to=sent)
     with pytest.raises(RuntimeError, match=r"FedAvg round 0: 1 of 3 client\(s\) failed: node \d+: "
-                                           r"lightning_unlearn\.federated\.flower\.client_app\.FlowerDataError: "
+                                           r"lightning_unlearn\.federated\.partitions\.FlowerDataError: "
                                            r"data-path='/x' does not exist on this node$"):
         check_replies([failed], 3, "FedAvg round 0")
     with pytest.raises(RuntimeError, match=r"only 0 of 2 clients replied"):
         check_replies([], 2, "scoring")
 
 
-def test_unlearning_strategy_without_federated_evaluation_sends_nothing():
-    strategy = MaskedUnlearning(MODEL_FN(), {0: 11, 1: 12}, UnlearnPlan(ForgetRequest(classes=[3]), evaluate=False),
-                                ByteCounter())
-    assert list(strategy.configure_evaluate(1, ArrayRecord(), ConfigRecord(), grid=None)) == []
-    assert strategy.aggregate_evaluate(1, []) is None
+def test_unlearning_without_federated_evaluation_sends_nothing(one_thread):
+    grid = LocalGrid(make_client_app(MODEL_FN, PARTS), PARTS.num_clients)
+    plan = UnlearnPlan(ForgetRequest(classes=[3]), evaluate=False, max_steps=1)
+    result = run_server(grid, MODEL_FN(), PARTS.num_clients, None, plan)
+    assert result.evaluation == [] and not [k for k in result.traffic.payload if k.startswith("evaluate")]
+    assert [r["round"] for r in result.unlearning] == [0]
     with pytest.raises(ValueError, match="unknown objective 'forget_all'"):
         UnlearnPlan(ForgetRequest(classes=[3]), objective="forget_all")
 
@@ -182,10 +177,10 @@ def test_flower_simulation_matches_in_process(digits):
         fdm = PARTS.datamodule()
         sim = FederatedSimulation(fdm, MODEL_FN(), rounds=3, trainer_kwargs=steps, progress=False)
         sim.model.load_state_dict(init.state_dict())
-        transport = Transport()
-        run_fedavg(sim.model, sim.clients, 3, transport=transport, progress=False)
+        fed = Federation(sim.clients.grid, PARTS.num_clients)
+        run_fedavg(sim.model, fed, 3, progress=False)
         sim.request(request)
-        ours = federated_unlearn(sim.model, sim.clients, request, transport=transport, **unlearn)
+        ours = federated_unlearn(sim.model, fed, request, **unlearn)
     finally:
         torch.set_num_threads(before)
 
@@ -204,7 +199,7 @@ def test_flower_simulation_matches_in_process(digits):
     # bytes per round: the same payload in both engines, every round
     for prefix in ("fedavg/", "deploy", "score", "unlearn/"):
         mine = [(b.down, b.up) for b in flower.round_bytes(prefix)]
-        assert mine == [(b.down, b.up) for b in transport.bytes_for(prefix)] and mine, prefix
+        assert mine == [(b.down, b.up) for k, b in fed.traffic.payload.items() if k.startswith(prefix)] and mine, prefix
     assert [r["bytes_down"] for r in flower.unlearning] == [r["bytes_down"] for r in ours.history]
     # the Flower run forgets like the in-process run; frozen elements stay bit-exact
     unlearned = MODEL_FN()

@@ -19,16 +19,19 @@ import time
 from pathlib import Path
 
 import pytest
+import tomllib
 import torch
+from flwr.app import Context, RecordDict
 
 from lightning_unlearn import ForgetRequest
 from lightning_unlearn._io import load_torch_file
 from lightning_unlearn.federated import FederatedSimulation, federated_unlearn, run_fedavg
-from lightning_unlearn.federated.messages import Transport
+from lightning_unlearn.federated.federation import Federation
 from lightning_unlearn.mask.arrays import get_arrays
-from lightning_unlearn.federated.flower import FederatedPartitions
-from lightning_unlearn.federated.flower.client_app import save_partition
+from lightning_unlearn.federated import FederatedPartitions
+from lightning_unlearn.federated.partitions import save_partition
 from lightning_unlearn.federated.flower.checkpoint import STATE_FILE, ServerCheckpoint
+from lightning_unlearn.federated.grid import LocalGrid
 from lightning_unlearn.mask import frozen_elements_equal
 from lightning_unlearn.models import SmallCNN
 from lightning_unlearn.mask import ParameterMask
@@ -53,7 +56,7 @@ ROUND_TIMEOUT = 20.0  # how long the server waits for a vanished node (a healthy
 FAULT_APP = '''
 import os, signal
 from lightning_unlearn.federated.flower import app
-from lightning_unlearn.federated.flower.client_app import make_client_app
+from lightning_unlearn.federated.client import make_client_app
 
 serverapp = app.serverapp  # an assignment: `flwr run` checks the components by reading this file's top level
 
@@ -114,16 +117,35 @@ def in_process():
         model = SmallCNN(lr=RUN["lr"])
         sim = FederatedSimulation(PARTS.datamodule(), model, rounds=RUN["train-rounds"], progress=False,
                                   trainer_kwargs={"max_steps": RUN["local-steps"]})
-        transport = Transport()
-        run_fedavg(sim.model, sim.clients, RUN["train-rounds"], transport=transport, progress=False)
+        fed = Federation(sim.clients.grid, PARTS.num_clients)
+        run_fedavg(sim.model, fed, RUN["train-rounds"], progress=False)
         request = ForgetRequest(classes=[RUN["forget-class"]])
         sim.request(request)
-        result = federated_unlearn(sim.model, sim.clients, request, transport=transport, rounds=RUN["unlearn-rounds"],
+        result = federated_unlearn(sim.model, fed, request, rounds=RUN["unlearn-rounds"],
                                    max_steps=RUN["unlearn-steps"], ratio=RUN["ratio"], seed=RUN["seed"],
                                    reset=RUN["reset"])
     finally:
         torch.set_num_threads(before)
-    return sim, result, transport
+    return sim, result, fed.traffic
+
+
+@pytest.fixture(scope="module")
+def local_grid(tmp_path_factory):
+    """The example app's own ServerApp ``main`` and ClientApp, run in this process on a :class:`LocalGrid`: the
+    code a deployment runs, with the nodes answered in process."""
+    from lightning_unlearn.federated.flower import app
+
+    config = {**tomllib.loads((APP / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"], **RUN,
+              "output-dir": str(tmp_path_factory.mktemp("local"))}
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        app.main(LocalGrid(app.clientapp, config["num-clients"], run_config=config),
+                 Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config=config))
+    finally:
+        torch.set_num_threads(before)
+    out = Path(config["output-dir"]) / "run-1"
+    return json.loads((out / "report.json").read_text()), out
 
 
 def _model(arrays) -> SmallCNN:
@@ -132,10 +154,17 @@ def _model(arrays) -> SmallCNN:
     return model
 
 
-def test_deployment_matches_the_in_process_simulation(deployment, in_process, tmp_path):
-    sim, ours, transport = in_process
+def test_deployment_matches_the_in_process_simulation(deployment, in_process, local_grid, tmp_path):
+    sim, ours, traffic = in_process
     report, out = _run(deployment, tmp_path / "out")
     trained, final = load_torch_file(out / "trained.pt"), load_torch_file(out / "model.pt")
+    local, local_out = local_grid  # one request, one server and client code: deployed vs in process, bit for bit
+    assert report["mask"]["sha256"] == local["mask"]["sha256"]
+    for name in ("trained.pt", "model.pt"):
+        theirs = load_torch_file(local_out / name)
+        assert all(torch.equal(v, theirs[k]) for k, v in load_torch_file(out / name).items()), name
+    assert {k: (b["down"], b["up"]) for k, b in report["bytes_moved"].items()} == {
+        k: (b["down"], b["up"]) for k, b in local["bytes_moved"].items()}
     for k, v in get_arrays(sim.model).items():  # FedAvg over three processes = FedAvg in one
         assert torch.allclose(trained[k], v, atol=1e-5), k
     assert report["mask"]["sha256"] == ours.mask.sha256()
@@ -144,7 +173,7 @@ def test_deployment_matches_the_in_process_simulation(deployment, in_process, tm
     moved = report["bytes_moved"]
     for prefix in ("fedavg/", "deploy", "score", "unlearn/"):  # the same payload bytes, round by round
         mine = [(b["down"], b["up"]) for label, b in moved.items() if label.startswith(prefix)]
-        assert mine and mine == [(b.down, b.up) for b in transport.bytes_for(prefix)], prefix
+        assert mine and mine == [(b.down, b.up) for k, b in traffic.payload.items() if k.startswith(prefix)], prefix
     mine, theirs = sim.evaluate(_model(final)), sim.evaluate(ours.model)
     assert mine["forget_acc"] == theirs["forget_acc"] and mine["remaining_acc"] == theirs["remaining_acc"]
     assert mine["forget_acc"] < sim.evaluate(_model(trained))["forget_acc"]

@@ -7,16 +7,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from flwr.app import Error, Message, RecordDict
+from flwr.app import Error, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
 from flwr.common.constant import ErrorCode
-from flwr.supercore.task_identity import TaskIdentity
 
 from lightning_unlearn import ForgetRequest
 from lightning_unlearn.scoring import discover_layers
 from lightning_unlearn.federated.flower import UnlearnPlan
 from lightning_unlearn.federated.flower.checkpoint import ServerCheckpoint
-from lightning_unlearn.federated.flower.records import ByteCounter
-from lightning_unlearn.federated.flower.server_app import NODE_UNAVAILABLE, MaskedUnlearning, PollingGrid, gather
+from lightning_unlearn.federated.federation import NODE_UNAVAILABLE, Federation, gather
+from lightning_unlearn.federated.grid import LocalGrid
 from lightning_unlearn.models import SmallCNN
 from lightning_unlearn.mask import ParameterMask
 
@@ -24,26 +24,26 @@ sys.path.insert(0, str(Path(__file__).resolve().parent / "flower_support"))  # t
 from fast_supernode import CappedClock, patch_poll_interval  # noqa: E402
 
 NODES = {0: 11, 1: 12, 2: 13}
+MESSAGES = LocalGrid(ClientApp(), 1)  # builds server messages outside a Flower run (public metadata)
 
 
-@pytest.fixture(autouse=True)
-def _task_identity(monkeypatch):
-    for key in ("_run_id", "_node_id", "_task_id"):
-        monkeypatch.setattr(TaskIdentity, key, getattr(TaskIdentity, key) or 1)
+def _message(node: int, message_type: str = "train.unlearn") -> Message:
+    return MESSAGES.create_message(RecordDict(), message_type, node, "")
 
 
-class FakeGrid:
-    """Replies come from ``answer(message) -> Message | None`` (None: that node never answers)."""
+class FakeGrid(LocalGrid):
+    """Replies come from ``answer(message) -> Message | None`` (None: that node never answers); every node
+    answers the handshake with its client id. A LocalGrid only for its message ids: pushing and pulling are
+    this class's own, with replies that may come late or never."""
 
     def __init__(self, answer, delay_s: float = 0.0) -> None:
+        super().__init__(ClientApp(), len(NODES))
         self.answer, self.delay_s, self.sent, self.pulls = answer, delay_s, {}, 0
         self._t0 = 0.0
 
     def push_messages(self, messages):
-        ids = []
-        for i, m in enumerate(messages):
-            m.metadata.__dict__["_message_id"] = f"m{len(self.sent) + i}"
-            ids.append(m.metadata.message_id)
+        messages = list(messages)
+        ids = [m.metadata.message_id for m in messages]
         self.sent.update({m.metadata.message_id: m for m in messages})
         self._t0 = time.monotonic()
         return ids
@@ -52,47 +52,49 @@ class FakeGrid:
         self.pulls += 1
         if time.monotonic() - self._t0 < self.delay_s:
             return []
-        return [r for i in list(ids) if (r := self.answer(self.sent[i])) is not None]
+        return [r for i in list(ids) if (r := self._answer(self.sent[i])) is not None]
+
+    def _answer(self, message):
+        if message.metadata.message_type == "query.hello":
+            cid = {n: c for c, n in NODES.items()}[message.metadata.dst_node_id]
+            return Message(RecordDict({"metrics": MetricRecord({"client-id": cid})}), reply_to=message)
+        return self.answer(message)
 
     def get_node_ids(self):
         return list(NODES.values())
 
 
 def _reply(message: Message) -> Message:
-    reply = Message(RecordDict(), reply_to=message)
-    reply.metadata.__dict__["_src_node_id"] = message.metadata.dst_node_id  # as if the node had sent it
-    return reply
+    return Message(RecordDict(), reply_to=message)  # from the node the message went to
 
 
-def _strategy(min_clients=None, round_timeout=0.3) -> MaskedUnlearning:
-    plan = UnlearnPlan(ForgetRequest(classes=[3]), min_clients=min_clients, round_timeout=round_timeout)
-    return MaskedUnlearning(SmallCNN(), NODES, plan, ByteCounter())
+def _federation(answer, min_clients=None, round_timeout=0.3) -> Federation:
+    return Federation(FakeGrid(answer), len(NODES), timeout=5, min_clients=min_clients, round_timeout=round_timeout,
+                      poll_s=0.01)
 
 
-def _messages(strategy: MaskedUnlearning) -> list[Message]:
-    return [Message(RecordDict(), dst_node_id=n, message_type="train.unlearn") for n in strategy.active.values()]
+def _messages(fed: Federation) -> list[Message]:
+    return [_message(n) for n in fed.active.values()]
 
 
 def test_dropout_below_min_clients_stops_with_the_missing_clients():
-    strategy = _strategy()  # default: every client must answer
-    grid = PollingGrid(FakeGrid(lambda m: None if m.metadata.dst_node_id == 13 else _reply(m)), poll_s=0.01)
+    fed = _federation(lambda m: None if m.metadata.dst_node_id == 13 else _reply(m))  # every client must answer
     with pytest.raises(RuntimeError, match=r"unlearning round 0: only 2 of 3 clients replied within 0.3s \(missing "
                                            r"clients \[2\]\); min_clients=3, so the run stops rather than average"):
-        strategy.collect(grid, _messages(strategy), "unlearning round 0")
+        fed.receive(_messages(fed), "unlearning round 0", dropouts=True)
 
 
 def test_dropout_at_or_above_min_clients_goes_on_without_the_client():
-    strategy = _strategy(min_clients=2)
     gone = lambda m: Message(Error(code=ErrorCode.NODE_UNAVAILABLE, reason="node gone"), reply_to=m)  # noqa: E731
-    grid = PollingGrid(FakeGrid(lambda m: gone(m) if m.metadata.dst_node_id == 12 else _reply(m)), poll_s=0.01)
-    replies = strategy.collect(grid, _messages(strategy), "unlearning round 0")
+    fed = _federation(lambda m: gone(m) if m.metadata.dst_node_id == 12 else _reply(m), min_clients=2)
+    replies = fed.receive(_messages(fed), "unlearning round 0", dropouts=True)
     assert sorted(r.metadata.src_node_id for r in replies) == [11, 13]
-    assert strategy.dropped == {1: "unlearning round 0"} and sorted(strategy.active) == [0, 2]
-    assert len(_messages(strategy)) == 2  # later rounds go to the remaining clients only
+    assert fed.dropped == {1: "unlearning round 0"} and sorted(fed.active) == [0, 2]
+    assert len(_messages(fed)) == 2  # later rounds go to the remaining clients only
     # a client whose app *failed* is not a dropout: the run stops with its reason
-    failed = PollingGrid(FakeGrid(lambda m: Message(Error(code=0, reason="ValueError: bad shard"), reply_to=m)), 0.01)
-    with pytest.raises(RuntimeError, match="evaluation round 0: 2 of 2 client"):
-        strategy.collect(failed, _messages(strategy), "evaluation round 0")
+    failed = _federation(lambda m: Message(Error(code=0, reason="ValueError: bad shard"), reply_to=m), min_clients=2)
+    with pytest.raises(RuntimeError, match=r"evaluation round 0: 3 of 3 client\(s\) failed: node 11: ValueError: bad"):
+        failed.receive(_messages(failed), "evaluation round 0", dropouts=True)
 
 
 def test_min_clients_is_checked_before_any_round():
@@ -101,18 +103,18 @@ def test_min_clients_is_checked_before_any_round():
     with pytest.raises(ValueError, match="round_timeout must be a number of seconds > 0"):
         UnlearnPlan(ForgetRequest(classes=[3]), round_timeout=-1)
     with pytest.raises(ValueError, match="min_clients=4 exceeds the 3 connected clients"):
-        _strategy(min_clients=4)
+        _federation(_reply, min_clients=4)
 
 
 def test_gather_polls_until_all_replies_or_the_timeout():
     slow = FakeGrid(_reply, delay_s=0.2)
-    msgs = [Message(RecordDict(), dst_node_id=n, message_type="query.x") for n in NODES.values()]
+    msgs = [_message(n, "query.x") for n in NODES.values()]
     t0 = time.monotonic()
     assert len(gather(slow, msgs, timeout=5, poll_s=0.02)) == 3
     assert time.monotonic() - t0 < 2 and slow.pulls > 3  # returned soon after the replies, not after a 3 s sleep
     never = FakeGrid(lambda m: None)
     t0 = time.monotonic()
-    assert gather(never, [Message(RecordDict(), dst_node_id=11, message_type="query.x")], timeout=0.2, poll_s=0.02) == []
+    assert gather(never, [_message(11, "query.x")], timeout=0.2, poll_s=0.02) == []
     assert 0.2 <= time.monotonic() - t0 < 2
 
 

@@ -13,7 +13,8 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from flwr.app import Array, ConfigRecord, MetricRecord
+from flwr.app import Array, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
 
 from lightning_unlearn import ForgetRequest, ParameterMask
 from lightning_unlearn.scoring import SCORING_METHODS, discover_layers
@@ -22,8 +23,9 @@ from lightning_unlearn.federated.messages import MaskedUpdateMessage, Parameters
 from lightning_unlearn.federated.server import aggregate_scores, fedavg_aggregate, masked_aggregate
 from lightning_unlearn.mask.arrays import get_arrays
 from lightning_unlearn.mask.arrays import selected_values
-from lightning_unlearn.federated.flower.records import ByteCounter, content_to_reply, reply_to_content
-from lightning_unlearn.federated.flower.server_app import _client_replies
+from lightning_unlearn.federated.federation import Federation
+from lightning_unlearn.federated.grid import LocalGrid
+from lightning_unlearn.federated.records import content_to_broadcast, reply_to_content
 from lightning_unlearn.federated.messages import MAX_METRICS, METRIC_KEYS, check_metrics
 from lightning_unlearn.models import SmallCNN
 
@@ -50,7 +52,7 @@ def images(digits):
 
 
 class FakeClient:
-    """Answers the server like a :class:`FederatedClient` without training; ``tamper`` rewrites one reply kind."""
+    """Answers the server like the library's ClientApp without training; ``tamper`` rewrites one reply kind."""
 
     def __init__(self, client_id: int, model, layers, tamper: dict | None = None) -> None:
         self.client_id, self.model, self.layers, self.tamper = client_id, model, layers, tamper or {}
@@ -88,13 +90,38 @@ def one_line(err: pytest.ExceptionInfo, pattern: str) -> str:
     return text
 
 
+OPERATIONS = {"train": "fit", "query.deploy": "deploy", "query.score": "score", "train.unlearn": "masked_update"}
+
+
+def _fed(clients) -> Federation:
+    """The fake clients behind a ClientApp on a LocalGrid: their replies cross the same records as real ones."""
+    app = ClientApp()
+
+    def handle(message, context):
+        client = clients[context.node_config["partition-id"]]
+        broadcast, _ = content_to_broadcast(message.content)
+        reply = getattr(client, OPERATIONS[message.metadata.message_type])(broadcast)
+        return Message(reply_to_content(reply), reply_to=message)
+
+    for kind in OPERATIONS:
+        category, _, action = kind.partition(".")
+        getattr(app, category)(*([action] if action else []))(handle)
+
+    @app.query("hello")
+    def hello(message, context):
+        cid = clients[context.node_config["partition-id"]].client_id
+        return Message(RecordDict({"metrics": MetricRecord({"client-id": cid, "num-examples": 1})}), reply_to=message)
+
+    return Federation(LocalGrid(app, len(clients)), len(clients))
+
+
 def _fedavg(model, clients):
-    return run_fedavg(model, clients, rounds=1, deploy=False, progress=False)
+    return run_fedavg(model, _fed(clients), rounds=1, deploy=False, progress=False)
 
 
 def _unlearn(model, clients):
     # the masked rounds' contract; the statistics round of reset="reinit" has its own (test_federated_reset.py)
-    return federated_unlearn(model, clients, ForgetRequest(classes=[3]), rounds=2, reset="none")
+    return federated_unlearn(model, _fed(clients), ForgetRequest(classes=[3]), rounds=2, reset="none")
 
 
 def _swap(message, **changes):
@@ -109,7 +136,7 @@ def test_honest_fake_clients_pass_fedavg_and_unlearning(model, layers):
     work = SmallCNN(**TINY)
     work.load_state_dict(model.state_dict())
     before = get_arrays(work)
-    run_fedavg(work, clients, rounds=1, progress=False)  # deploys the global model to the clients
+    run_fedavg(work, _fed(clients), rounds=1, progress=False)  # deploys the global model to the clients
     weights = np.array([10, 20, 30]) / 60
     for k, v in get_arrays(work).items():  # the count-weighted mean of the clients' offsets
         assert torch.allclose(v, before[k] + sum(w * 0.01 * (i + 1) for i, w in enumerate(weights)), atol=1e-6), k
@@ -268,33 +295,32 @@ def test_a_huge_base64_tag_or_an_unknown_method_is_refused(model, layers, images
 
 
 # -- Flower: the same contract on records ----------------------------------------------------------------------
-def _flower_reply(content, node: int = 103):
-    return SimpleNamespace(content=content, metadata=SimpleNamespace(src_node_id=node))
-
-
 def test_flower_replies_are_checked_and_name_the_client(model, layers, images):
     x, y = images
-    nodes = {3: 103}
+    fed = _fed([FakeClient(i, model, layers) for i in range(4)])
+    _flower_reply = lambda content: SimpleNamespace(  # noqa: E731 (a reply as client 3's node would send it)
+        content=content, metadata=SimpleNamespace(src_node_id=fed.nodes[3]))
+    _client_replies = lambda replies, label: fed.decode(replies, label)  # noqa: E731
     expected = get_arrays(model)
     honest = reply_to_content(ParametersMessage(dict(expected), 4, {"fit_s": 0.1}))
-    pairs = _client_replies([_flower_reply(honest)], nodes, ByteCounter(), "fedavg/0")
+    pairs = _client_replies([_flower_reply(honest)], "fedavg/0")
     assert pairs[0][0] == 3 and torch.equal(fedavg_aggregate([pairs[0][1]], expected, [3])["fc2.bias"], expected["fc2.bias"])
 
     extra_record = reply_to_content(ParametersMessage(dict(expected), 4))
     extra_record["labels"] = ConfigRecord({"y": [int(v) for v in y]})
     with pytest.raises(ValueError) as err:
-        _client_replies([_flower_reply(extra_record)], nodes, ByteCounter(), "fedavg/0")
+        _client_replies([_flower_reply(extra_record)], "fedavg/0")
     one_line(err, r"^client 3: a 'parameters' reply has unexpected key 'labels' \(expected records")
 
     extra_meta = reply_to_content(ParametersMessage(dict(expected), 4))
     extra_meta["reply"]["x_train"] = base64.b64encode(x.numpy().tobytes()).decode()
     with pytest.raises(ValueError) as err:
-        _client_replies([_flower_reply(extra_meta)], nodes, ByteCounter(), "fedavg/0")
+        _client_replies([_flower_reply(extra_meta)], "fedavg/0")
     one_line(err, r"^client 3: a 'parameters' reply has unexpected key 'x_train'")
 
     extra_array = reply_to_content(ParametersMessage(dict(expected), 4))
     extra_array["arrays"]["x_train"] = Array(x.numpy())
-    (cid, msg), = _client_replies([_flower_reply(extra_array)], nodes, ByteCounter(), "fedavg/0")
+    (cid, msg), = _client_replies([_flower_reply(extra_array)], "fedavg/0")
     with pytest.raises(ValueError) as err:  # decoded fine; the aggregation knows the model's keys
         fedavg_aggregate([msg], expected, senders=[cid])
     one_line(err, r"^client 3: ParametersMessage has unexpected key 'x_train' \(expected the 16 model arrays\)$")
@@ -302,12 +328,12 @@ def test_flower_replies_are_checked_and_name_the_client(model, layers, images):
     scores = reply_to_content(FakeClient(0, model, layers).score(SimpleNamespace(config={"method": "grad_x_act"})))
     scores["metrics"] = MetricRecord({"num-examples": 5, "label_0": float(y[0])})
     with pytest.raises(ValueError) as err:
-        _client_replies([_flower_reply(scores)], nodes, ByteCounter(), "score")
+        _client_replies([_flower_reply(scores)], "score")
     one_line(err, r"^client 3: a 'scores' reply carries no metrics besides 'num-examples'; got 'label_0'$")
     scores["metrics"] = MetricRecord({"num-examples": 5})
     scores["reply"]["layers"] = "[1, 2, 3]"
     with pytest.raises(ValueError) as err:
-        _client_replies([_flower_reply(scores)], nodes, ByteCounter(), "score")
+        _client_replies([_flower_reply(scores)], "score")
     one_line(err, r"^client 3: ScoresMessage layers metadata must be JSON")
 
 

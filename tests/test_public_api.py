@@ -28,7 +28,7 @@ PACKAGES = (
 )
 MAX_NAMES = 60
 #: Modules whose types are the wire format (messages, record codecs, the in-process transport): never public.
-WIRE_MODULES = ("lightning_unlearn.federated.messages", "lightning_unlearn.federated.flower.records")
+WIRE_MODULES = ("lightning_unlearn.federated.messages", "lightning_unlearn.federated.records")
 HEADER = """What is public is what each package's `__all__` lists; `tests/test_public_api.py` holds this list to
 the code (`python tests/test_public_api.py` regenerates it). Everything else (modules starting with `_`,
 names not listed, the wire-level message types) may change without notice."""

@@ -89,7 +89,7 @@ def test_planted_pickles_are_refused_everywhere_and_never_run(tmp_path, checkpoi
         with pytest.raises(ValueError, match="holds objects other than tensors"):
             load()
     # the FedAvg resume file and a Flower node's data file
-    from lightning_unlearn.federated.server import run_fedavg
+    from lightning_unlearn.federated import run_fedavg
 
     rounds = tmp_path / "rounds"
     rounds.mkdir()
@@ -98,7 +98,7 @@ def test_planted_pickles_are_refused_everywhere_and_never_run(tmp_path, checkpoi
         run_fedavg(SmallCNN(), [object()], rounds=1, checkpoint_dir=rounds, resume=True, progress=False)
     from flwr.app import Context
 
-    from lightning_unlearn.federated.flower.client_app import file_partition
+    from lightning_unlearn.federated.partitions import file_partition
 
     node_file = _plant(tmp_path / "client0.pt", marker, {"x": torch.zeros(2, 1, 8, 8)})
     context = Context(run_id=1, node_id=1, node_config={"data-path": str(node_file)}, state=None, run_config={})

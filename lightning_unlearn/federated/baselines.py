@@ -23,24 +23,24 @@ from lightning_unlearn._training import reinitialize
 from lightning_unlearn.scoring.layers import LayerInfo
 from lightning_unlearn.data.federated import FederatedForgetPlan
 from lightning_unlearn.mask.arrays import get_arrays, set_arrays
+from lightning_unlearn.federated.federation import Federation, as_federation
 from lightning_unlearn.federated.messages import (
     Broadcast,
     ParametersMessage,
     ScoresMessage,
-    Transport,
     check_arrays,
     check_upward,
 )
 from lightning_unlearn.config import UnlearnConfig
+from lightning_unlearn.federated.fedavg import UpdateStore, run_fedavg
 from lightning_unlearn.federated.protocol import (
     FederatedUnlearningResult,
     all_channels,
     masked_rounds,
-    remove_selected,
+    remove,
     round_bytes,
     unlearn_config,
 )
-from lightning_unlearn.federated.server import UpdateStore, run_fedavg
 from lightning_unlearn.mask import ParameterMask, select_channels
 from lightning_unlearn.orchestration import prepare
 
@@ -58,11 +58,10 @@ def federated_retrain(
 ) -> FederatedUnlearningResult:
     """Fresh weights, FedAvg on every client's retain data only; clients without retain data sit out."""
     fresh = reinitialize(copy.deepcopy(model), seed)
-    transport = Transport()
+    fed = _federation(clients, plan)
     t0 = time.perf_counter()
-    out = run_fedavg(fresh, clients, rounds, fraction, local_epochs, seed, data="retain", evaluate=evaluate,
-                     deploy=False, transport=transport, progress=progress, label="retrain",
-                     participants=plan.retaining_clients)
+    out = run_fedavg(fresh, fed, rounds, fraction, local_epochs, seed, data="retain", evaluate=evaluate,
+                     deploy=False, progress=progress, label="retrain", participants=plan.retaining_clients)
     elapsed = time.perf_counter() - t0
     return FederatedUnlearningResult(
         fresh, ParameterMask.full(fresh), method="retrain",
@@ -72,21 +71,29 @@ def federated_retrain(
     )
 
 
+def _federation(clients: Any, plan: FederatedForgetPlan) -> Federation:
+    fed = as_federation(clients)
+    fed.request = plan.request  # every node resolves its own split of it
+    return fed
+
+
 def _masked_baseline(
-    name: str, model, clients, plan, mask: ParameterMask, channels, rounds, config, transport, t_select: float,
+    name: str, model, clients, plan, mask: ParameterMask, channels, rounds, config, t_select: float,
     extra: dict | None = None, reset: UnlearnConfig | None = None,
 ) -> FederatedUnlearningResult:
     """Masked rounds on ``mask``; with ``reset`` (a resolved config) its ``reset`` removes the slices first, as ours."""
-    work = copy.deepcopy(model)
+    work, fed = copy.deepcopy(model), _federation(clients, plan)
     mask.channels = {k: list(v) for k, v in channels.items()}
     t0 = time.perf_counter()
-    statistics, stats_bytes = remove_selected(work, clients, mask, reset, transport) if reset else (None, None)
-    _, history = masked_rounds(work, clients, mask, rounds, config, transport, label=name, statistics=statistics)
+    statistics = remove(fed, work, mask, reset) if reset else None
+    current, history, _ = masked_rounds(fed, get_arrays(work), mask, rounds, config, label=name, statistics=statistics)
+    set_arrays(work, current)
     elapsed = time.perf_counter() - t0
+    stats = fed.traffic.payload.get("bn_stats")
     return FederatedUnlearningResult(
         work, mask, method=name, timings_s={"scoring": t_select, "unlearning": elapsed, "total": t_select + elapsed},
-        bytes=round_bytes(history, extra.pop("score_bytes", 0) if extra else 0, stats_bytes.total if stats_bytes else 0),
-        history=history, extra=extra or {}, config=reset,
+        bytes=round_bytes(history, 0, stats.total if stats else 0), history=history, extra=extra or {}, config=reset,
+        traffic=fed.traffic,
     )
 
 
@@ -98,7 +105,7 @@ def federated_finetune(
     channels = all_channels(layers)
     mask = ParameterMask.from_channels(model, channels, layers)
     config = {"objective": "retain", "epochs": local_epochs, "max_steps": max_steps, "seed": seed, "mode": "train"}
-    return _masked_baseline("finetune", model, clients, plan, mask, channels, rounds, config, Transport(), 0.0)
+    return _masked_baseline("finetune", model, clients, plan, mask, channels, rounds, config, 0.0)
 
 
 def federated_random_channels(
@@ -112,7 +119,7 @@ def federated_random_channels(
     scores = {n: torch.rand(i.out_channels, generator=gen) for n, i in layers.items()}
     mask = prepare(model, scores, cfg, layers)  # the selection ours runs, on random scores
     return _masked_baseline("random_channels", model, clients, plan, mask, mask.channels, rounds, unlearn_config(cfg),
-                            Transport(), 0.0, reset=cfg)
+                            0.0, reset=cfg)
 
 
 def cdp_tfidf(docs: Mapping[str, Mapping[str, Tensor]]) -> dict[str, dict[str, Tensor]]:
@@ -165,13 +172,14 @@ def federated_cdp(
     For class requests the forget document is the class (the original method); for client and
     sample requests it is the forget set, against each retained class.
     """
-    transport = Transport()
+    fed = _federation(clients, plan)
     t0 = time.perf_counter()
-    rb = transport.start_round("cdp_stats")
+    head = [i.out_channels for i in layers.values() if i.is_head]
+    documents = ["forget", *(f"class_{c}" for c in range(head[0] if head else 0))]
     replies: list[ScoresMessage] = []
-    for c in clients:
-        r = transport.call(c, "cdp_stats", Broadcast({}, {"max_samples": max_samples}))
-        replies.extend(r or [])
+    for doc in documents:  # one query per document; a client holding none of it sends nothing
+        replies += [m for _, m in fed.ask(Broadcast({}, {"max_samples": max_samples, "document": doc}), "query.cdp",
+                                          "cdp_stats")]
     docs, _ = _cdp_documents(replies)
     if "forget" not in docs:
         raise ValueError("no client holds data to forget: CDP has no forget document")
@@ -187,11 +195,12 @@ def federated_cdp(
     set_arrays(work, arrays)
     config = {"objective": "retain", "epochs": local_epochs, "max_steps": max_steps, "seed": seed, "mode": "prune"}
     t1 = time.perf_counter()
-    _, history = masked_rounds(work, clients, trainable, rounds, config, transport, reference=arrays, label="cdp")
+    current, history, _ = masked_rounds(fed, arrays, trainable, rounds, config, label="cdp")
+    set_arrays(work, current)
     elapsed = time.perf_counter() - t1
     return FederatedUnlearningResult(
         work, trainable, method="cdp", timings_s={"scoring": t_select, "unlearning": elapsed, "total": t_select + elapsed},
-        bytes=round_bytes(history, rb.total), history=history,
+        bytes=round_bytes(history, fed.traffic.payload["cdp_stats"].total), history=history, traffic=fed.traffic,
         extra={"pruned_fraction": pruned.fraction, "pruned_channels": channels},
     )
 
@@ -209,31 +218,28 @@ def federated_eraser(
         raise ValueError("FedEraser needs the client updates stored during training: run_fedavg(store_every=n)")
     if not 0 < calibration_ratio <= 1:
         raise ValueError(f"calibration_ratio must be in (0, 1], got {calibration_ratio!r}")
-    transport = Transport()
+    fed = _federation(clients, plan)
     keep = set(plan.retaining_clients)
     work = copy.deepcopy(model)
     current = {k: v.clone() for k, v in store.rounds[0]["global"].items()}
     history = []
     t0 = time.perf_counter()
     for j, stored in enumerate(store.rounds):
-        rt = time.perf_counter()
-        rb = transport.start_round(f"federaser/{j}")
-        calibrated, counts = [], []
-        for cid, old in stored["updates"].items():
-            if cid not in keep:
-                continue
+        rt, label = time.perf_counter(), f"federaser/{j}"
+        down = {}
+        for cid in (c for c in stored["updates"] if c in keep):
             cfg = {"epochs": local_epochs, "seed": seed * 1_000 + j * 100 + cid, "data": "retain"}
             if local_steps is not None:
                 cfg["max_steps"] = max(1, math.ceil(calibration_ratio * local_steps))
             else:
                 cfg["limit_train_batches"] = calibration_ratio
-            reply = transport.call(clients[cid], "fit", Broadcast(current, cfg))
-            if reply is None:
-                continue
+            down[cid] = Broadcast(current, cfg)
+        calibrated, counts = [], []
+        for cid, reply in fed.ask(down, "train", label):
             check_upward([reply], (ParametersMessage,), [cid])
             check_arrays(reply.arrays, {k: (tuple(v.shape), v.dtype) for k, v in current.items()}, f"client {cid}",
                          "ParametersMessage", f"the {len(current)} model arrays")
-            step = {}
+            old, step = stored["updates"][cid], {}
             for k in current:
                 new = reply.arrays[k].double() - current[k].double()
                 norm = new.norm()
@@ -244,13 +250,12 @@ def federated_eraser(
             w = np.asarray(counts, dtype=np.float64) / sum(counts)
             current = {k: (current[k].double() + sum(wi * s[k] for wi, s in zip(w, calibrated))).to(current[k].dtype)
                        for k in current}
-        history.append({"round": j, "clients": len(calibrated), "round_s": time.perf_counter() - rt,
-                        "bytes_down": rb.down, "bytes_up": rb.up})
+        history.append(fed.row(j, rt, [], label) | {"clients": len(calibrated)})
     set_arrays(work, current)
     elapsed = time.perf_counter() - t0
     return FederatedUnlearningResult(
         work, ParameterMask.full(work), method="federaser", timings_s={"scoring": 0.0, "unlearning": elapsed, "total": elapsed},
-        bytes=round_bytes(history), history=history,
+        bytes=round_bytes(history), history=history, traffic=fed.traffic,
         extra={"storage_bytes": store.nbytes, "stored_rounds": len(store.rounds), "store_every": store.every,
                "calibration_ratio": calibration_ratio},
     )

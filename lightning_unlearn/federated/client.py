@@ -1,20 +1,26 @@
-"""Client side: local Lightning training, local scoring and masked updates on the client's own data.
+"""Client side: the ``ClientApp`` whose handlers answer every server message, in process and deployed.
 
 The work is done by plain functions of (model, arrays, data, config) -> (arrays, metrics)
-(:func:`local_fit`, :func:`local_scores`, :func:`cdp_activations`), so a Flower
-``ClientApp`` can call the same code. :class:`FederatedClient` binds them to one client's
-shard and answers :class:`~lightning_unlearn.federated.messages.Broadcast` messages with
-upward messages; nothing else leaves it.
+(:func:`local_fit`, :func:`local_scores`, :func:`cdp_activations`, :func:`batchnorm_moments`);
+:func:`make_client_app` wraps them in plain ``(Message, Context) -> Message`` handlers. What a node keeps
+between messages (the deployed model, the channel mask) lives in ``context.state``, which Flower keeps per
+node (and :class:`~lightning_unlearn.federated.grid.LocalGrid` per local node); the forget request travels
+in each message's config and every node resolves its own split. Nothing but the upward messages of
+:mod:`~lightning_unlearn.federated.messages` leaves a node.
 """
 from __future__ import annotations
 
-import copy
+import functools
+import inspect
+import json
 import time
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import lightning.pytorch as pl
 import numpy as np
 import torch
+from flwr.app import Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
 from lightning.pytorch.callbacks import Callback
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -27,7 +33,7 @@ from lightning_unlearn.callbacks.learning_rate import ScaleLearningRate
 from lightning_unlearn.callbacks.selective import SelectiveUnlearning
 from lightning_unlearn.mask.arrays import get_arrays, selected_values, set_arrays, write_values
 from lightning_unlearn.data.datasets import dataset_targets
-from lightning_unlearn.data.federated import ClientSplit, FederatedDataModule
+from lightning_unlearn.data.federated import ClientSplit
 from lightning_unlearn.data.unlearning import UnlearningDataModule
 from lightning_unlearn.federated.messages import (
     BatchNormStatsMessage,
@@ -37,7 +43,18 @@ from lightning_unlearn.federated.messages import (
     ScoresMessage,
     short_repr,
 )
+from lightning_unlearn.federated.records import (
+    COUNT_KEY,
+    arrays_to_record,
+    channels_to_record,
+    content_to_broadcast,
+    record_to_arrays,
+    record_to_channels,
+    reply_to_content,
+)
+from lightning_unlearn.federated.partitions import ClientPartition, FlowerDataError, file_partition
 from lightning_unlearn.federated.server import statistic_masks
+from lightning_unlearn.metrics import accuracy
 from lightning_unlearn.repair.objectives import FORGET_AWARE
 from lightning_unlearn.reset import selected_batchnorm_channels
 from lightning_unlearn.request import ForgetRequest
@@ -196,204 +213,233 @@ def batchnorm_moments(
     return moments, samples
 
 
-# -- one simulated client -----------------------------------------------------------------------------
-class FederatedClient:
-    """A client: its shard, its forget split, the deployed global model, and the handlers the server calls.
+# -- the node: its data and what it keeps ------------------------------------------------------------------
+def client_split(request: ForgetRequest, part: ClientPartition) -> ClientSplit:
+    """The node's own forget/retain split, resolved locally (same result as ``FederatedDataModule.forget_plan``)."""
+    targets = dataset_targets(part.dataset).numpy()
+    if request.kind == "sample" and part.sample_ids is None:
+        raise FlowerDataError(f"client {part.client_id}: a sample request names global sample ids, but this "
+                              "partition does not know its global ids (ClientPartition.sample_ids is None)")
+    forget = request.resolve(targets, sample_ids=part.sample_ids, clients=np.full(len(targets), part.client_id))
+    return ClientSplit(part.client_id, np.flatnonzero(forget), np.flatnonzero(~forget))
 
-    Every handler takes a :class:`Broadcast` and returns one upward message (or ``None``: nothing to send).
-    """
 
-    def __init__(
-        self,
-        client_id: int,
-        dataset: Dataset,
-        model: pl.LightningModule,
-        batch_size: int = 64,
-        num_classes: int = 10,
-        callbacks: Sequence[Callback] = (),
-        trainer_kwargs: Mapping[str, Any] | None = None,
-    ) -> None:
-        self.client_id, self.dataset, self.model = client_id, dataset, model
-        self.batch_size, self.num_classes = batch_size, num_classes
-        self.callbacks, self.trainer_kwargs = list(callbacks), dict(trainer_kwargs or {})
-        self.request: ForgetRequest | None = None
-        self.split: ClientSplit | None = None
-        self.deployed: dict[str, Tensor] | None = None
-        self._mask: ParameterMask | None = None
-        self._pruned: ParameterMask | None = None
-        self._layers = None
+class _Node:
+    """One message's view of a node: its partition, model, split (when the message names a request) and state."""
 
-    # -- simulation set-up (client-local knowledge) --------------------------------------------------
-    def receive_request(self, request: ForgetRequest, split: ClientSplit) -> None:
-        """The deletion request as this client sees it: which of its own samples go."""
-        self.request, self.split, self._mask, self._pruned = request, split, None, None
+    def __init__(self, part: ClientPartition, model: pl.LightningModule, context: Context, config: Mapping[str, Any],
+                 callbacks: Sequence[Callback], trainer_kwargs: Mapping[str, Any] | None) -> None:
+        self.part, self.model, self.state, self.config = part, model, context.state, config
+        self.callbacks, self.trainer_kwargs = [*callbacks, *part.callbacks], trainer_kwargs
+        self.split = None
+        if "request" in config:
+            request = ForgetRequest(**{k: v for k, v in json.loads(config["request"]).items() if k != "kind"})
+            self.request, self.split = request, client_split(request, part)
 
-    def _subset(self, which: str) -> Dataset:
+    def subset(self, which: str) -> Dataset:
         if self.split is None or which == "all":
-            return self.dataset
-        return Subset(self.dataset, getattr(self.split, which).tolist())
+            return self.part.dataset
+        return Subset(self.part.dataset, getattr(self.split, which).tolist())
 
-    def _loader(self, dataset: Dataset, shuffle: bool = False, seed: int = 0) -> DataLoader:
+    def loader(self, dataset: Dataset, shuffle: bool = False, seed: int = 0) -> DataLoader:
         gen = torch.Generator().manual_seed(seed) if shuffle else None
-        return DataLoader(dataset, batch_size=self.batch_size, shuffle=shuffle, generator=gen)
+        return DataLoader(dataset, batch_size=self.part.batch_size, shuffle=shuffle, generator=gen)
 
-    # -- handlers --------------------------------------------------------------------------------------
-    def fit(self, message: Broadcast) -> ParametersMessage | None:
-        """FedAvg local training (``config["data"]``: ``"all"`` or ``"retain"``)."""
-        data = self._subset(message.config.get("data", "all"))
-        if len(data) == 0:
-            return None
-        dm = _LoaderModule(data, self.batch_size, int(message.config.get("seed", 0)))
-        arrays, metrics = local_fit(self.model, message.arrays, dm, message.config, self.callbacks, self.trainer_kwargs)
-        return ParametersMessage(arrays, len(data), metrics)
+    def deployed(self) -> dict[str, Tensor]:
+        if "deployed" not in self.state:
+            raise RuntimeError(f"client {self.part.client_id} holds no global model yet: run FedAvg (or deploy) first")
+        return record_to_arrays(self.state["deployed"])
 
-    def deploy(self, message: Broadcast) -> None:
-        """Keep the final global model: the reference every masked round starts from."""
-        self.deployed = {k: v.clone() for k, v in message.arrays.items()}
+    @functools.cached_property
+    def layers(self):
+        x = self.part.dataset[0][0]
+        return discover_layers(self.model, x.unsqueeze(0).repeat(2, *([1] * x.dim())))
 
-    def score(self, message: Broadcast) -> ScoresMessage | None:
-        """Explain the deployed model on local forget data (nothing to send without forget data)."""
-        if self.split is None or not len(self.split.forget):
-            return None
-        set_arrays(self.model, self._require_deployed())
-        retain = None
-        if message.config.get("contrast") and len(self.split.retain):
-            retain = self._loader(self._subset("retain"))
-        return local_scores(self.model, self._loader(self._subset("forget")), message.config, retain)
+    def mask(self, broadcast: Broadcast) -> tuple[ParameterMask, ParameterMask | None]:
+        """The channel mask (sent with the first masked message, then kept in ``context.state``) and, in
+        ``"prune"`` mode (CDP), the pruned channels."""
+        if broadcast.channels is not None:
+            self.state["mask"] = channels_to_record(broadcast.channels)
+        if "mask" not in self.state:
+            raise RuntimeError(f"client {self.part.client_id}: a masked round needs the channel mask (sent with round 0)")
+        selected = ParameterMask.from_channels(self.model, record_to_channels(self.state["mask"]), self.layers)
+        if self.config.get("mode", "train") == "prune":
+            return ParameterMask({n: ~m for n, m in selected.masks.items()}, selected.channels), selected
+        return selected, None
 
-    def cdp_stats(self, message: Broadcast) -> list[ScoresMessage] | None:
-        """CDP: per-channel mean activations per local document (the forget set, each retained class)."""
-        set_arrays(self.model, self._require_deployed())
-        layers = self._layer_info()
-        layers = {n: i for n, i in layers.items() if not i.is_head}
-        meta = {n: (i.out_channels, i.batchnorm, i.is_head) for n, i in layers.items()}
-        max_samples = message.config.get("max_samples")
-        out = []
-        if self.split is not None and len(self.split.forget):
-            acts, n = cdp_activations(self.model, self._loader(self._subset("forget")), layers, max_samples)
-            out.append(ScoresMessage(acts, n, "cdp_activation", meta, tag="forget"))
-        retain = self._subset("retain") if self.split is not None else self.dataset
-        if len(retain):
-            targets = dataset_targets(retain).numpy()
-            for c in np.unique(targets):
-                sub = Subset(retain, np.flatnonzero(targets == c).tolist())
-                acts, n = cdp_activations(self.model, self._loader(sub), layers, max_samples)
-                out.append(ScoresMessage(acts, n, "cdp_activation", meta, tag=f"class_{int(c)}"))
-        return out or None
-
-    def bn_statistics(self, message: Broadcast) -> BatchNormStatsMessage | None:
-        """After a reset: the input moments of the selected BatchNorm channels on local retain data.
-
-        The broadcast carries the mask and the reset selected values; the client forwards at most
-        ``config["max_batches"]`` shuffled (``config["seed"]``) retain batches (:func:`batchnorm_moments`).
-        """
-        reference = self._require_deployed()
-        if message.channels is not None:
-            self._mask = self._build_mask(message.channels, "train")
-        if self._mask is None:
-            raise RuntimeError(f"client {self.client_id}: the statistics round needs the channel mask")
-        if self.split is not None and not len(self.split.retain):
-            return None
-        set_arrays(self.model, self._start(reference, message.arrays))
-        cfg = message.config
-        loader = self._loader(self._subset("retain"), shuffle=True, seed=int(cfg.get("seed", 0)))
-        t0 = time.perf_counter()
-        moments, n = batchnorm_moments(self.model, self._mask, loader, int(cfg.get("max_batches", 20)))
-        return BatchNormStatsMessage(moments, n, {"local_compute_s": time.perf_counter() - t0})
-
-    def masked_update(self, message: Broadcast) -> MaskedUpdateMessage | None:
-        """A masked local round: start from the deployed model with the broadcast selected values.
-
-        ``config["mode"]``: ``"train"`` updates the selected channels; ``"prune"`` (CDP) zeroes them
-        and updates everything else. Clients without retain data send nothing.
-        """
-        reference = self._require_deployed()
-        cfg = message.config
-        if message.channels is not None:
-            self._mask = self._build_mask(message.channels, cfg.get("mode", "train"))
-        if self._mask is None:
-            raise RuntimeError(f"client {self.client_id}: a masked round needs the channel mask (sent with round 0)")
-        if self.split is not None and not len(self.split.retain):
-            return None
-        start = self._start(reference, message.arrays)
-        if self._pruned is not None:
-            start = self._zero_pruned(start)
-        objective = cfg.get("objective", "retain")
-        has_forget = self.split is not None and len(self.split.forget) > 0
-        seed = int(cfg.get("seed", 0))
-        if objective in FORGET_AWARE and has_forget:
-            dm = UnlearningDataModule(self.dataset, self.dataset, self.request, self.batch_size, seed=seed,
-                                      num_classes=self.num_classes, forget_indices=self.split.forget)
-            callback: Callback = SelectiveUnlearning(mask=self._mask, log_metrics=False, objective=objective, seed=seed,
-                                                     epochs=int(cfg.get("epochs", 1)),
-                                                     forget_weight=float(cfg.get("forget_weight", 1.0)),
-                                                     bn_stats=cfg.get("bn_stats", "frozen"))
-        else:
-            dm = _LoaderModule(self._subset("retain"), self.batch_size, seed)
-            callback = GradientMask(self._mask, bn_stats=cfg.get("bn_stats", "frozen"))
-        arrays, metrics = local_fit(self.model, start, dm, cfg, [*self.callbacks, callback], self.trainer_kwargs,
-                                    self._head_lr_scale(cfg))
-        n = len(self.split.retain) if self.split is not None else len(self.dataset)
-        return MaskedUpdateMessage(selected_values(arrays, self._mask), n, metrics)
-
-    # -- helpers -----------------------------------------------------------------------------------------
-    def _require_deployed(self) -> dict[str, Tensor]:
-        if self.deployed is None:
-            raise RuntimeError(f"client {self.client_id} holds no global model yet: run FedAvg (or deploy) first")
-        return self.deployed
-
-    def _start(self, reference: Mapping[str, Tensor], values: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    def start(self, mask: ParameterMask, values: Mapping[str, Tensor]) -> dict[str, Tensor]:
         """The deployed arrays with the broadcast selected values written in: parameter slices, and (after a
         reset) the running statistics of the selected BatchNorm channels. Any other key is refused."""
-        statistics = statistic_masks(selected_batchnorm_channels(self.model, self._mask)) if values else {}
-        params = {k: v for k, v in values.items() if k in self._mask.masks and bool(self._mask.masks[k].any())}
-        start = write_values(reference, self._mask, params)
+        statistics = statistic_masks(selected_batchnorm_channels(self.model, mask)) if values else {}
+        params = {k: v for k, v in values.items() if k in mask.masks and bool(mask.masks[k].any())}
+        start = write_values(self.deployed(), mask, params)
         for key, v in values.items():
             if key in params:
                 continue
             if key not in statistics or v.numel() != int(statistics[key].sum()):
-                raise ValueError(f"client {self.client_id}: broadcast value {short_repr(key)} ({v.numel()} values) is "
-                                 "neither a selected parameter slice nor a selected BatchNorm statistic")
+                raise ValueError(f"client {self.part.client_id}: broadcast value {short_repr(key)} ({v.numel()} "
+                                 "values) is neither a selected parameter slice nor a selected BatchNorm statistic")
             start[key][statistics[key]] = v.to(start[key].dtype)
         return start
 
-    def _layer_info(self):
-        if self._layers is None:
-            example = self.dataset[0][0].unsqueeze(0).repeat(2, *([1] * self.dataset[0][0].dim()))
-            self._layers = discover_layers(self.model, example)
-        return self._layers
 
-    def _head_lr_scale(self, cfg: Mapping[str, Any]) -> dict[str, float] | None:
-        """``{head parameter: factor}`` for ``config["head_lr_scale"]`` when the mask selects head rows."""
-        if self._mask is None:
-            return None
-        return head_parameter_scales(self._mask, self._layer_info(), cfg.get("head_lr_scale")) or None
-
-    def _build_mask(self, channels: Mapping[str, Sequence[int]], mode: str) -> ParameterMask:
-        selected = ParameterMask.from_channels(self.model, channels, self._layer_info())
-        self._pruned = None
-        if mode == "prune":
-            self._pruned = selected
-            return ParameterMask({n: ~m for n, m in selected.masks.items()}, channels)
-        return selected
-
-    def _zero_pruned(self, arrays: dict[str, Tensor]) -> dict[str, Tensor]:
-        for n, m in self._pruned.masks.items():
-            if bool(m.any()):
-                arrays[n] = torch.where(m, torch.zeros_like(arrays[n]), arrays[n])
-        return arrays
+# -- handlers ------------------------------------------------------------------------------------------------
+def _fit(node: _Node, b: Broadcast) -> ParametersMessage | None:
+    """FedAvg local training (``config["data"]``: ``"all"`` or ``"retain"``)."""
+    data = node.subset(b.config.get("data", "all"))
+    if len(data) == 0:
+        return None
+    dm = _LoaderModule(data, node.part.batch_size, int(b.config.get("seed", 0)))
+    arrays, metrics = local_fit(node.model, b.arrays, dm, b.config, node.callbacks, node.trainer_kwargs)
+    return ParametersMessage(arrays, len(data), metrics)
 
 
-def make_clients(
-    fdm: FederatedDataModule,
-    model: pl.LightningModule,
-    callbacks: Sequence[Callback] = (),
+def _score(node: _Node, b: Broadcast) -> ScoresMessage | None:
+    """Explain the deployed model on local forget data (nothing to send without forget data)."""
+    if node.split is None or not len(node.split.forget):
+        return None
+    set_arrays(node.model, node.deployed())
+    retain = node.loader(node.subset("retain")) if b.config.get("contrast") and len(node.split.retain) else None
+    return local_scores(node.model, node.loader(node.subset("forget")), b.config, retain)
+
+
+def _cdp(node: _Node, b: Broadcast) -> ScoresMessage | None:
+    """CDP: per-channel mean activations on one local document (``config["document"]``: the forget set or
+    ``class_<c>`` of the retain set); nothing to send when the node holds none of it."""
+    set_arrays(node.model, node.deployed())
+    layers = {n: i for n, i in node.layers.items() if not i.is_head}
+    doc = b.config["document"]
+    data = node.subset("forget" if doc == "forget" else "retain")
+    if doc != "forget":
+        data = Subset(data, np.flatnonzero(dataset_targets(data).numpy() == int(doc.split("_")[1])).tolist())
+    if not len(data):
+        return None
+    acts, n = cdp_activations(node.model, node.loader(data), layers, b.config.get("max_samples"))
+    meta = {n_: (i.out_channels, i.batchnorm, i.is_head) for n_, i in layers.items()}
+    return ScoresMessage(acts, n, "cdp_activation", meta, tag=doc)
+
+
+def _bn_stats(node: _Node, b: Broadcast) -> BatchNormStatsMessage | None:
+    """After a reset: the input moments of the selected BatchNorm channels on at most ``config["max_batches"]``
+    shuffled (``config["seed"]``) local retain batches (:func:`batchnorm_moments`)."""
+    mask, _ = node.mask(b)
+    if node.split is not None and not len(node.split.retain):
+        return None
+    set_arrays(node.model, node.start(mask, b.arrays))
+    loader = node.loader(node.subset("retain"), shuffle=True, seed=int(b.config.get("seed", 0)))
+    t0 = time.perf_counter()
+    moments, n = batchnorm_moments(node.model, mask, loader, int(b.config.get("max_batches", 20)))
+    return BatchNormStatsMessage(moments, n, {"local_compute_s": time.perf_counter() - t0})
+
+
+def _masked_update(node: _Node, b: Broadcast) -> MaskedUpdateMessage | None:
+    """A masked local round from the deployed model with the broadcast selected values. ``config["mode"]``:
+    ``"train"`` updates the selected channels; ``"prune"`` (CDP) zeroes them and updates everything else.
+    Nodes without retain data send nothing."""
+    mask, pruned = node.mask(b)
+    if node.split is not None and not len(node.split.retain):
+        return None
+    start = node.start(mask, b.arrays)
+    for n, m in (pruned.masks.items() if pruned is not None else ()):
+        if bool(m.any()):
+            start[n] = torch.where(m, torch.zeros_like(start[n]), start[n])
+    cfg, seed = b.config, int(b.config.get("seed", 0))
+    objective = cfg.get("objective", "retain")
+    if objective in FORGET_AWARE and node.split is not None and len(node.split.forget):
+        dm = UnlearningDataModule(node.part.dataset, node.part.dataset, node.request, node.part.batch_size, seed=seed,
+                                  num_classes=node.part.num_classes, forget_indices=node.split.forget)
+        callback: Callback = SelectiveUnlearning(mask=mask, log_metrics=False, objective=objective, seed=seed,
+                                                 epochs=int(cfg.get("epochs", 1)),
+                                                 forget_weight=float(cfg.get("forget_weight", 1.0)),
+                                                 bn_stats=cfg.get("bn_stats", "frozen"))
+    else:
+        dm = _LoaderModule(node.subset("retain"), node.part.batch_size, seed)
+        callback = GradientMask(mask, bn_stats=cfg.get("bn_stats", "frozen"))
+    scales = head_parameter_scales(mask, node.layers, cfg.get("head_lr_scale")) or None
+    arrays, metrics = local_fit(node.model, start, dm, cfg, [*node.callbacks, callback], node.trainer_kwargs, scales)
+    return MaskedUpdateMessage(selected_values(arrays, mask), len(node.subset("retain")), metrics)
+
+
+def _evaluate(node: _Node, b: Broadcast) -> RecordDict:
+    """Local accuracy of the broadcast model, split into forget / retain data when the message names a request."""
+    set_arrays(node.model, b.arrays)
+    metrics: dict[str, float | int] = {COUNT_KEY: len(node.part.dataset)}
+    splits = {"all": np.arange(len(node.part.dataset))}
+    if node.split is not None:
+        splits = {"forget": node.split.forget, "retain": node.split.retain}
+    for name, idx in splits.items():
+        if len(idx):
+            loader = DataLoader(Subset(node.part.dataset, idx.tolist()), batch_size=256)
+            metrics[f"{name}-acc"] = float(accuracy(node.model, loader, node.part.num_classes))
+            metrics[f"{name}-examples"] = int(len(idx))
+    return RecordDict({"metrics": MetricRecord(metrics)})
+
+
+#: message type -> handler; every handler gets the node's view and the decoded broadcast.
+HANDLERS: dict[str, Callable[[_Node, Broadcast], Any]] = {
+    "train": _fit, "query.score": _score, "query.cdp": _cdp, "query.bn_stats": _bn_stats,
+    "train.unlearn": _masked_update,
+}
+
+
+def _takes_one_argument(fn: Callable) -> bool:
+    try:
+        params = [p for p in inspect.signature(fn).parameters.values() if p.default is p.empty
+                  and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    except (TypeError, ValueError):
+        return False
+    return len(params) == 1
+
+
+def make_client_app(
+    model_fn: Callable[[], pl.LightningModule] | Callable[[Context], pl.LightningModule],
+    partition_fn: Callable[[Context], ClientPartition] | None = None,
+    callbacks_fn: Callable[[], Sequence[Callback]] | None = None,
     trainer_kwargs: Mapping[str, Any] | None = None,
-) -> list[FederatedClient]:
-    """One :class:`FederatedClient` per shard. They share one working copy of ``model`` (clients run one at a time)."""
-    fdm.setup("fit")
-    work = copy.deepcopy(model)
-    return [
-        FederatedClient(k, fdm.client_dataset(k), work, fdm.batch_size, fdm.num_classes, callbacks, trainer_kwargs)
-        for k in range(fdm.num_clients)
-    ]
+    mods: Sequence[Callable] | None = None,
+) -> ClientApp:
+    """The ClientApp of the protocol, on the node's own partition (``partition_fn(context)``).
+
+    Message types: ``train`` (FedAvg), ``query.hello`` (client id), ``query.deploy`` (keep the global model),
+    ``query.score``, ``query.cdp`` (CDP's statistic), ``query.bn_stats`` (after a reset), ``train.unlearn``
+    (a masked round) and ``evaluate``. ``partition_fn`` (default: the shard file of a deployed node,
+    :func:`~lightning_unlearn.federated.partitions.file_partition`) finds the node's data; ``model_fn`` may take
+    the node's ``Context`` (to read ``run_config``).
+    ``model_fn``, ``partition_fn`` and ``callbacks_fn`` must pickle for Flower's worker processes
+    (module-level functions or small objects). ``mods`` are Flower client mods, applied to every message.
+    """
+    partition_fn = partition_fn or file_partition
+    app = ClientApp(mods=list(mods or []))
+    takes_context = _takes_one_argument(model_fn)
+
+    def node(message: Message, context: Context) -> tuple[_Node, Broadcast]:
+        broadcast, config = content_to_broadcast(message.content)
+        model = model_fn(context) if takes_context else model_fn()
+        callbacks = list(callbacks_fn()) if callbacks_fn is not None else []
+        return _Node(partition_fn(context), model, context, config, callbacks, trainer_kwargs), broadcast
+
+    def handle(message: Message, context: Context) -> Message:
+        n, broadcast = node(message, context)
+        return Message(reply_to_content(HANDLERS[message.metadata.message_type](n, broadcast)), reply_to=message)
+
+    for kind in HANDLERS:
+        category, _, action = kind.partition(".")
+        getattr(app, category)(*([action] if action else []))(handle)
+
+    @app.query("hello")
+    def hello(message: Message, context: Context) -> Message:
+        part = partition_fn(context)
+        return Message(RecordDict({"metrics": MetricRecord({"client-id": part.client_id, COUNT_KEY: len(part.dataset)})}),
+                       reply_to=message)
+
+    @app.query("deploy")
+    def deploy(message: Message, context: Context) -> Message:
+        broadcast, _ = content_to_broadcast(message.content)
+        context.state["deployed"] = arrays_to_record(broadcast.arrays)
+        return Message(reply_to_content(None), reply_to=message)
+
+    @app.evaluate()
+    def evaluate(message: Message, context: Context) -> Message:
+        return Message(_evaluate(*node(message, context)), reply_to=message)
+
+    return app

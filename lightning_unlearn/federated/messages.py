@@ -18,8 +18,8 @@ metric). Only the server's view of each client's values can be narrowed: secure 
 reveal about a sample (``lightning_unlearn.privacy``). Validation is not robust aggregation
 either: a well-formed but poisoned update (or an inflated ``num_samples``) passes.
 
-The :class:`Transport` carries messages between server and clients, counts the bytes each
-way and can record every message, so tests can assert on exactly what the server saw.
+On the wire these messages are Flower records (:mod:`~lightning_unlearn.federated.records`);
+:class:`RoundBytes` holds what one round moved each way.
 """
 from __future__ import annotations
 
@@ -319,46 +319,3 @@ class RoundBytes:
     @property
     def total(self) -> int:
         return self.down + self.up
-
-
-class Transport:
-    """In-process stand-in for the network: calls a client handler, counts bytes, optionally records.
-
-    ``call(client, "fit", message)`` runs ``client.fit(message)`` and returns the reply (one
-    message or a list) after type-checking it; ``None`` means the client had nothing to send.
-    """
-
-    def __init__(self, record: bool = False) -> None:
-        self.record = record
-        self.log: list[tuple[str, int, str, Any]] = []  # (direction, client id, operation, message)
-        self.rounds: dict[str, RoundBytes] = {}
-        self._current = "setup"
-
-    def start_round(self, label: str) -> RoundBytes:
-        self._current = label
-        self.rounds[label] = RoundBytes()  # a label reused by a later run starts from zero
-        return self.rounds[label]
-
-    def call(self, client: Any, operation: str, message: Any = None) -> Any:
-        bytes_ = self.rounds.setdefault(self._current, RoundBytes())
-        if message is not None:
-            if not isinstance(message, Broadcast):
-                raise TypeError(f"the server sends Broadcast messages, got {type(message).__name__}")
-            bytes_.down += message.nbytes
-            if self.record:
-                self.log.append(("down", client.client_id, operation, message))
-        handler: Callable = getattr(client, operation)
-        reply = handler(message) if message is not None else handler()
-        if reply is None:
-            return None
-        replies = reply if isinstance(reply, list) else [reply]
-        replies = check_upward(replies, senders=[getattr(client, "client_id", "?")] * len(replies))
-        for r in replies:
-            bytes_.up += r.nbytes
-            if self.record:
-                self.log.append(("up", client.client_id, operation, r))
-        return reply
-
-    def bytes_for(self, prefix: str) -> list[RoundBytes]:
-        return [b for label, b in self.rounds.items() if label.startswith(prefix)]
-

@@ -1,41 +1,40 @@
-"""The federated unlearning protocol (Xu et al. 2024): local scores -> global mask -> masked FedAvg rounds.
+"""The federated unlearning protocol (Xu et al. 2024) as server phases that run on any grid.
 
-1. Clients holding forget data explain the deployed model on it and send one score per
-   channel with their sample count (:meth:`FederatedClient.score`).
-2. The server averages the scores by count and selects channels with the shared orchestration
-   (:func:`~lightning_unlearn.orchestration.prepare`, as the central callback and the Flower server do);
-   it sends the mask once, as channel indices.
-2b. Remove, then repair (``UnlearnConfig.reset``): the server resets the selected slices of its
-   global model (:func:`~lightning_unlearn.orchestration.apply_reset`: ``"reinit"``, seeded draws from the
-   model's own initialisation; ``"dampen"``) and, when the mask selects BatchNorm channels, runs one
-   statistics round (:func:`remove_selected`):
-   clients send the count, sum and sum of squares of those channels' input on their retain data, and
-   the server writes the pooled mean and variance into their running statistics. Every masked round
+Each phase is one function of the :class:`~lightning_unlearn.federated.federation.Federation` (in process on a
+:class:`~lightning_unlearn.federated.grid.LocalGrid`, or on a Flower deployment's grid), so a procedure is a
+sequence of phase calls (:func:`federated_unlearn`, the Flower ServerApp, the baselines):
+
+1. :func:`select`: clients holding forget data explain the deployed model on it and send one score per
+   channel with their sample count; the server averages them by count and selects channels with the shared
+   orchestration (:func:`~lightning_unlearn.orchestration.prepare`, as the central callback does).
+2. :func:`remove` (``UnlearnConfig.reset``): the server resets the selected slices of its global model
+   (:func:`~lightning_unlearn.orchestration.apply_reset`) and, when the mask selects BatchNorm channels, runs one
+   statistics round: clients send the count, sum and sum of squares of those channels' input on their retain
+   data, and the server writes the pooled mean and variance into their running statistics. Every masked round
    then carries the selected values and those statistics (the clients' deployed copy no longer holds them).
-3. Clients with retain data run masked local updates (retain data, plus forget data for
-   forget-aware objectives); a leaving client sends scores but nothing afterwards. With
-   ``fraction < 1`` each round calls a seeded sample of the clients (as FedAvg does); a client
-   gets the mask with its first call. Scoring and statistics rounds always ask every client.
-4. The server averages only the selected slices of the round's replies (:func:`masked_aggregate`): every frozen
-   element of the global model stays bit-exact.
+3. :func:`masked_rounds`: clients with retain data run masked local updates (retain data, plus forget data for
+   forget-aware objectives); a leaving client sends scores but nothing afterwards. With ``fraction < 1`` each
+   round calls a seeded sample of the clients (as FedAvg does); a client gets the mask with its first call.
+   The server averages only the selected slices (:func:`masked_aggregate`): every frozen element stays bit-exact.
 """
 from __future__ import annotations
 
 import copy
+import logging
+import math
 import time
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import lightning.pytorch as pl
-import torch
 from lightning.pytorch.utilities import rank_zero_warn
+import torch
 from torch import Tensor
 
-from lightning_unlearn.scoring.channels import ChannelScores
-from lightning_unlearn.scoring.layers import LayerInfo
 from lightning_unlearn.config import AUTO, UnlearnConfig
-from lightning_unlearn.mask.arrays import get_arrays, selected_values, set_arrays
-from lightning_unlearn.federated.messages import Broadcast, RoundBytes, Transport
+from lightning_unlearn.federated.federation import Federation, as_federation
+from lightning_unlearn.federated.messages import Broadcast, check_metrics
+from lightning_unlearn.federated.records import ByteCounter
 from lightning_unlearn.federated.server import (
     aggregate_scores,
     check_fraction,
@@ -47,9 +46,14 @@ from lightning_unlearn.federated.server import (
     write_batchnorm_statistics,
 )
 from lightning_unlearn.mask import ParameterMask
+from lightning_unlearn.mask.arrays import get_arrays, selected_values, set_arrays
 from lightning_unlearn.orchestration import apply_reset, prepare
 from lightning_unlearn.request import ForgetRequest
 from lightning_unlearn.result import UnlearningResult
+from lightning_unlearn.scoring.channels import ChannelScores
+from lightning_unlearn.scoring.layers import LayerInfo
+
+log = logging.getLogger(__name__)
 
 #: Learning-rate multiplier of the forgotten classes' head rows when ``head_lr_scale="auto"`` (see :data:`AUTO`).
 HEAD_LR_SCALE = AUTO["federated"]["head_lr_scale"]
@@ -66,6 +70,7 @@ class FederatedUnlearningResult(UnlearningResult):
 
     bytes: dict[str, float] = field(default_factory=dict)
     history: list[dict] = field(default_factory=list)
+    traffic: ByteCounter | None = None  # payload and wire bytes per round label
 
 
 def round_bytes(history: Sequence[Mapping[str, Any]], extra: int = 0, statistics: int = 0) -> dict[str, float]:
@@ -79,32 +84,19 @@ def round_bytes(history: Sequence[Mapping[str, Any]], extra: int = 0, statistics
     return out
 
 
-def collect_scores(
-    clients: Sequence[Any], transport: Transport, config: Mapping[str, Any], model: torch.nn.Module | None = None
-) -> tuple[ChannelScores, RoundBytes]:
-    """Scoring round: every client with forget data sends (scores, count); the server averages them
-    (checking each reply's layers against ``model``, the server's copy, when given)."""
-    rb = transport.start_round("score")
-    down = Broadcast({}, dict(config))
-    pairs = [(i, r) for i, c in enumerate(clients) if (r := transport.call(c, "score", down)) is not None]
-    if not pairs:
-        raise ValueError("no client holds data to forget: nothing to score")
-    return aggregate_scores([r for _, r in pairs], senders=[i for i, _ in pairs], model=model), rb
-
-
 def all_channels(layers: Mapping[str, LayerInfo]) -> dict[str, list[int]]:
     """Every channel of every scorable layer: the fine-tune-all mask in channel form."""
     return {n: list(range(i.out_channels)) for n, i in layers.items()}
 
 
 def score_config(config: UnlearnConfig) -> dict[str, Any]:
-    """Settings of the scoring round as sent to the clients (shared with the Flower strategy)."""
+    """Settings of the scoring round as sent to the clients."""
     return {"method": config.method, "max_samples": config.max_samples, "contrast": config.contrast,
             "seed": config.seed, "layers": config.layers}
 
 
 def unlearn_config(config: UnlearnConfig) -> dict[str, Any]:
-    """Settings of the masked rounds as sent to the clients (shared with the Flower strategy).
+    """Settings of the masked rounds as sent to the clients.
 
     ``config`` must be resolved (:meth:`UnlearnConfig.resolved`); :func:`round_config` seeds each round.
     ``head_lr_scale`` is the learning-rate multiplier of the head parameters when the mask selects
@@ -128,7 +120,7 @@ def masked_broadcast(
     current: Mapping[str, Tensor], mask: ParameterMask, config: Mapping[str, Any], r: int, send_mask: bool,
     statistics: Mapping[str, Tensor] | None = None,
 ) -> Broadcast:
-    """Masked round ``r``'s broadcast (shared with the Flower strategy).
+    """Masked round ``r``'s broadcast.
 
     Without a reset (``statistics`` None) round 0 sends no values: every client holds the deployed model.
     After a reset every round sends the selected slices and the running statistics of the selected
@@ -150,172 +142,177 @@ def statistics_broadcast(model: torch.nn.Module, mask: ParameterMask, config: Un
                      {k: tuple(v) for k, v in mask.channels.items()})
 
 
-def remove_selected(
-    model: torch.nn.Module, clients: Sequence[Any], mask: ParameterMask, config: UnlearnConfig, transport: Transport,
-) -> tuple[dict[str, Tensor] | None, RoundBytes | None]:
-    """``config.reset``: reset the selected slices of the server's ``model`` (the shared
-    :func:`~lightning_unlearn.orchestration.apply_reset`, seeded) and re-estimate the running statistics of
+
+
+# -- phases ------------------------------------------------------------------------------------------------------
+def select(fed: Federation, model: torch.nn.Module, config: UnlearnConfig) -> tuple[ChannelScores, ParameterMask]:
+    """Scoring round, then the shared selection on the server's ``model`` (holding the deployed arrays).
+
+    Every client is asked (a sample would select other channels); clients without forget data send nothing.
+    """
+    pairs = fed.ask(Broadcast({}, score_config(config)), "query.score", "score")
+    if not pairs:
+        raise ValueError("no client holds data to forget: nothing to score")
+    scores = aggregate_scores([m for _, m in pairs], senders=[c for c, _ in pairs], model=model)
+    return scores, prepare(model, scores, config)
+
+
+def remove(fed: Federation, model: torch.nn.Module, mask: ParameterMask, config: UnlearnConfig) -> dict[str, Tensor] | None:
+    """``config.reset``: reset the selected slices of ``model`` (seeded) and re-estimate the running statistics of
     its selected BatchNorm channels with the clients (the server holds no data).
 
-    Returns ``(statistics, round bytes)``: ``statistics`` (BatchNorm name -> selected channels) is None
-    without a reset (nothing to send beyond today's masked rounds); the bytes are None when no statistics
-    round ran (no reset, or no selected BatchNorm channel: an MLP, GroupNorm). Every other element of
-    ``model``, running statistics included, stays bit-exact.
+    Returns the selected BatchNorm channels (BatchNorm name -> bool vector; empty when none is selected), or
+    None without a reset. Every other element of ``model``, running statistics included, stays bit-exact.
     """
     if config.reset == "none":
-        return None, None
+        return None
     channels = apply_reset(model, mask, config).batchnorm_channels
-    if not channels:
-        return channels, None
-    rb = transport.start_round("bn_stats")
-    down = statistics_broadcast(model, mask, config)
-    pairs = [(i, m) for i, c in enumerate(clients) if (m := transport.call(c, "bn_statistics", down)) is not None]
-    write_batchnorm_statistics(model, channels, pool_batchnorm_moments([m for _, m in pairs], channels,
-                                                                       senders=[i for i, _ in pairs]))
-    return channels, rb
+    if channels:
+        pairs = fed.ask(statistics_broadcast(model, mask, config), "query.bn_stats", "bn_stats", dropouts=True,
+                        what="statistics round")
+        write_batchnorm_statistics(model, channels, pool_batchnorm_moments([m for _, m in pairs], channels,
+                                                                           senders=[c for c, _ in pairs]))
+    return channels
 
 
-@dataclass
-class Removal:
-    """The server's steps before the masked rounds: the averaged ``scores``, the ``mask``, and the selected
-    BatchNorm channels whose statistics the clients re-estimated (``statistics``; None without a reset)."""
-
-    scores: ChannelScores
-    mask: ParameterMask
-    statistics: dict[str, Tensor] | None
-    score_bytes: int = 0
-    statistics_bytes: int = 0
-    timings_s: dict[str, float] = field(default_factory=dict)
-
-
-def select_and_remove(
-    model: torch.nn.Module, clients: Sequence[Any], config: UnlearnConfig, transport: Transport,
-) -> Removal:
-    """Scoring round -> :func:`~lightning_unlearn.orchestration.prepare` -> :func:`remove_selected`, on the
-    server's ``model`` with a resolved ``config``: the score -> select -> reset path every engine shares."""
-    t0 = time.perf_counter()
-    scores, score_bytes = collect_scores(clients, transport, score_config(config), model)
-    mask = prepare(model, scores, config)
-    t1 = time.perf_counter()
-    statistics, stats_bytes = remove_selected(model, clients, mask, config, transport)
-    timings = {"scoring": t1 - t0}
-    if config.reset != "none":
-        timings["reset"] = time.perf_counter() - t1
-    return Removal(scores, mask, statistics, score_bytes.total, stats_bytes.total if stats_bytes else 0, timings)
+def evaluate_round(fed: Federation, arrays: Mapping[str, Tensor], r: int) -> dict[str, float]:
+    """The clients' local accuracy of ``arrays`` on their forget and retain data, weighted by their counts."""
+    label = f"evaluate/{r}"
+    messages = [fed.message(c, Broadcast(arrays), "evaluate", label) for c in sorted(fed.active)]
+    replies = fed.receive(messages, f"evaluation round {r}", dropouts=True)
+    by_node = {n: c for c, n in fed.nodes.items()}
+    row: dict[str, float] = {"round": r}
+    for m in replies:
+        fed.traffic.up(label, m.content)
+        check_metrics(dict(m.content["metrics"]), f"client {by_node[m.metadata.src_node_id]}", "evaluation reply")
+    for split in ("forget", "retain"):
+        pairs = [(m.content["metrics"][f"{split}-acc"], m.content["metrics"][f"{split}-examples"])
+                 for m in replies if f"{split}-acc" in m.content["metrics"]]
+        n = sum(c for _, c in pairs)
+        row[f"{split}_acc"] = sum(a * c for a, c in pairs) / n if n else math.nan
+    return row
 
 
 def masked_rounds(
-    model: pl.LightningModule,
-    clients: Sequence[Any],
+    fed: Federation,
+    reference: Mapping[str, Tensor],
     mask: ParameterMask,
     rounds: int,
     config: Mapping[str, Any],
-    transport: Transport,
-    reference: Mapping[str, Tensor] | None = None,
-    label: str = "unlearn",
+    *,
     statistics: Mapping[str, Tensor] | None = None,
     fraction: float = 1.0,
     seed: int | None = None,
-) -> tuple[dict[str, Tensor], list[dict]]:
-    """Run ``rounds`` masked FedAvg rounds; returns the global arrays and per-round rows.
+    label: str = "unlearn",
+    first_round: int = 0,
+    current: Mapping[str, Tensor] | None = None,
+    evaluate: bool = False,
+    after_round: Callable[[int, dict, list, list], None] | None = None,
+) -> tuple[dict[str, Tensor], list[dict], list[dict]]:
+    """Masked FedAvg rounds ``first_round .. rounds - 1`` from ``current`` (default: ``reference``); returns the
+    global arrays, per-round rows and (``evaluate``) the clients' accuracies after each round.
 
-    Round ``r`` calls the clients of ``sample_clients(range(len(clients)), fraction, seed, r)`` (the
-    draw FedAvg uses; ``seed`` defaults to ``config["seed"]``); ``fraction=1.0`` calls every client.
-    A client gets the mask (as channel indices) with its first call; then it needs no values in round 0
-    (it holds the deployed model), and the current selected slices from round 1 on. After a reset
-    (``statistics`` from :func:`remove_selected`) every call carries the selected slices and the selected
-    BatchNorm channels' statistics (:func:`masked_broadcast`). Replies carry selected slices only; only the
-    replies of the round's clients are averaged (by sample count), every other element stays bit-exact.
-    A sampled round in which no client has retain data keeps the selected values (with a warning).
+    Round ``r`` calls the active clients of ``sample_clients(clients, fraction, seed, r)`` (the draw FedAvg
+    uses; ``seed`` defaults to ``config["seed"]``). A client gets the mask (channel indices) with its first call
+    of this run; it needs no values in round 0 (it holds the deployed model) unless a reset changed them
+    (``statistics`` from :func:`remove`: every call then carries the selected slices and statistics). Only the
+    selected slices of the round's replies are averaged (by sample count); every other element is copied from
+    ``reference``. Clients that do not answer are dropped if ``fed.min_clients`` did. ``after_round(r, current,
+    history, evaluation)`` runs after each round (the server checkpoint).
     """
     check_rounds(rounds)
     check_fraction(fraction)
     seed = int(config.get("seed", 0)) if seed is None else seed
-    reference = {k: v.clone() for k, v in (reference if reference is not None else get_arrays(model)).items()}
-    current = reference
-    history = []
+    reference = {k: v.clone() for k, v in reference.items()}
+    current = dict(current) if current is not None else reference
+    history: list[dict] = []
+    evaluation: list[dict] = []
     has_mask: set[int] = set()
-    for r in range(rounds):
-        t0 = time.perf_counter()
-        rb: RoundBytes = transport.start_round(f"{label}/{r}")
-        picked = [int(i) for i in sample_clients(range(len(clients)), fraction, seed, r)]
-        down = {send: masked_broadcast(current, mask, config, r, send, statistics) for send in (True, False)}
-        pairs = []
-        for i in picked:
-            reply = transport.call(clients[i], "masked_update", down[i not in has_mask])
-            has_mask.add(i)
-            if reply is not None:
-                pairs.append((i, reply))
+    for r in range(first_round, rounds):
+        t0, tag = time.perf_counter(), f"{label}/{r}"
+        picked = [c for c in (int(i) for i in sample_clients(sorted(fed.nodes), fraction, seed, r)) if c in fed.active]
+        down = {send: masked_broadcast(current, mask, config, r, send, statistics)
+                for send in (True, False)}
+        pairs = fed.ask({c: down[c not in has_mask] for c in picked}, "train.unlearn", tag, dropouts=True,
+                        what=f"unlearning round {r}")
+        has_mask.update(picked)
         replies = [m for _, m in pairs]
-        if not replies and len(picked) == len(clients):
+        if not replies and len(picked) == len(fed.nodes):
             raise ValueError("no client has retain data for the masked rounds")
         if replies:
-            current = masked_aggregate(reference, mask, replies, senders=[i for i, _ in pairs])
+            current = masked_aggregate(reference, mask, replies, senders=[c for c, _ in pairs])
         else:
-            rank_zero_warn(f"masked round {r}: none of the sampled clients {picked} has retain data; "
-                           "the selected values stay as they are")
-        local = sum(m.metrics.get("local_compute_s", 0.0) for m in replies)
-        round_s = time.perf_counter() - t0
-        row = {"round": r, "clients": len(replies), "round_s": round_s, "local_compute_s": local,
-               "overhead_s": round_s - local, "bytes_down": rb.down, "bytes_up": rb.up}
+            rank_zero_warn(f"masked round {r}: none of the sampled clients {picked} has retain data; the selected "
+                           "values stay as they are")
+        row = fed.row(r, t0, replies, tag)
         if fraction < 1:
             row["sampled"] = picked
+        row["dropped"] = sorted(c for c, what in fed.dropped.items() if what == f"unlearning round {r}")
         history.append(row)
-    if not any(row["clients"] for row in history):
+        if evaluate:
+            evaluation.append(evaluate_round(fed, current, r))
+        if after_round is not None:
+            after_round(r, current, history, evaluation)
+    if history and not any(row["clients"] for row in history):
         raise ValueError(f"no sampled client had retain data in any of the {rounds} masked rounds "
                          f"(fraction {fraction}); raise the fraction or the rounds")
-    set_arrays(model, current)
-    return current, history
+    return current, history, evaluation
 
 
 def federated_unlearn(
     model: pl.LightningModule,
-    clients: Sequence[Any],
+    clients: Any,
     request: ForgetRequest,
     config: UnlearnConfig | None = None,
     *,
     rounds: int = 1,
     fraction: float = 1.0,
-    transport: Transport | None = None,
     inplace: bool = False,
     **overrides: Any,
 ) -> FederatedUnlearningResult:
     """Make the federation forget ``request`` by updating only the channels that explain the forget data.
 
     ``model`` is the deployed global model (the server's copy); clients must hold it too
-    (:func:`~lightning_unlearn.federated.server.run_fedavg` deploys it) and have received the
-    request. ``config`` is the same :class:`UnlearnConfig` as centrally (``overrides`` replace single
-    fields): ``epochs`` / ``max_steps`` are each client's budget per masked round, ``max_samples``
-    caps each client's scored forget samples, ``layers`` restricts scoring and selection.
+    (:func:`~lightning_unlearn.federated.fedavg.run_fedavg` deploys it). ``clients``: a
+    :class:`~lightning_unlearn.federated.federation.Federation` or a simulation's ``clients``. ``config`` is the
+    same :class:`UnlearnConfig` as centrally (``overrides`` replace single fields): ``epochs`` / ``max_steps`` are
+    each client's budget per masked round, ``max_samples`` caps each client's scored forget samples, ``layers``
+    restricts scoring and selection.
 
-    ``fraction``: share of the clients each masked round calls (a seeded draw per round with
-    ``config.seed``, :func:`~lightning_unlearn.federated.server.sample_clients`, as FedAvg samples).
-    The scoring round and the BatchNorm statistics round after a reset still ask every client: the
-    scores and the moments are count-weighted sums over the whole federation's forget / retain data,
-    and a sample of them would select (and re-estimate) different channels. Both are one forward/backward
-    pass over at most ``max_samples`` (scoring) or ``STATS_BATCHES`` batches (statistics) per client,
-    with no training; see BENCHMARKS.md "Federated scale" for their cost at 100 clients.
+    ``fraction``: share of the clients each masked round calls (a seeded draw per round with ``config.seed``,
+    as FedAvg samples). The scoring round and the BatchNorm statistics round after a reset still ask every
+    client: the scores and the moments are count-weighted sums over the whole federation's forget / retain
+    data, and a sample of them would select (and re-estimate) different channels.
 
-    Defaults (``"auto"``, see :data:`~lightning_unlearn.config.AUTO`; MNIST, 10 Dirichlet clients,
-    BENCHMARKS.md): retain-only updates, explained channels at the user's rate (``lr_scale=1``) and
-    the forgotten classes' head rows at 10x. The head rows are used by no other class and must move
-    far (their logit has to lose every argmax); the explained body channels are shared with the
-    remaining classes, and a 10x rate on them cost 3-8 points of remaining accuracy.
+    Defaults (``"auto"``, see :data:`~lightning_unlearn.config.AUTO`): retain-only updates, explained channels at
+    the user's rate (``lr_scale=1``) and the forgotten classes' head rows at 10x. The head rows are used by no
+    other class and must move far (their logit has to lose every argmax); the explained body channels are
+    shared with the remaining classes, and a 10x rate on them cost 3-8 points of remaining accuracy.
     """
     check_rounds(rounds)
     check_fraction(fraction)
     cfg = UnlearnConfig.build(config, **overrides).resolved(request, "federated")
-    transport = transport or Transport()
+    fed = as_federation(clients)
+    fed.request = request
     work = model if inplace else copy.deepcopy(model)
     t0 = time.perf_counter()
-    removal = select_and_remove(work, clients, cfg, transport)
-    t1 = t0 + removal.timings_s["scoring"]
-    _, history = masked_rounds(work, clients, removal.mask, rounds, unlearn_config(cfg), transport,
-                               statistics=removal.statistics, fraction=fraction, seed=cfg.seed)
+    scores, mask = select(fed, work, cfg)
+    t1 = time.perf_counter()
+    statistics = remove(fed, work, mask, cfg)
+    t2 = time.perf_counter()
+    current, history, _ = masked_rounds(fed, get_arrays(work), mask, rounds, unlearn_config(cfg),
+                                        statistics=statistics, fraction=fraction, seed=cfg.seed)
+    set_arrays(work, current)
     t3 = time.perf_counter()
-    timings = {**removal.timings_s, "unlearning": t3 - t1, "total": t3 - t0}
+    timings = {"scoring": t1 - t0, **({"reset": t2 - t1} if cfg.reset != "none" else {}), "unlearning": t3 - t1,
+               "total": t3 - t0}
     return FederatedUnlearningResult(
-        work, removal.mask, timings_s=timings, scores=removal.scores, extra={"rounds": rounds, "fraction": fraction},
-        method="selective", config=cfg, bytes=round_bytes(history, removal.score_bytes, removal.statistics_bytes),
-        history=history,
+        work, mask, timings_s=timings, scores=scores, extra={"rounds": rounds, "fraction": fraction},
+        method="selective", config=cfg, history=history, traffic=fed.traffic,
+        bytes=round_bytes(history, _total(fed, "score"), _total(fed, "bn_stats")),
     )
+
+
+def _total(fed: Federation, label: str) -> int:
+    b = fed.traffic.payload.get(label)
+    return b.total if b is not None else 0

@@ -19,7 +19,9 @@ from lightning_unlearn.config import UnlearnConfig
 from lightning_unlearn.data.federated import FederatedDataModule
 from lightning_unlearn.federated.baselines import federated_retrain
 from lightning_unlearn.mask.arrays import get_arrays
-from lightning_unlearn.federated.messages import Broadcast, tensor_bytes
+from lightning_unlearn.federated.fedavg import deploy_model
+from lightning_unlearn.federated.federation import Federation
+from lightning_unlearn.federated.messages import tensor_bytes
 from lightning_unlearn.federated.protocol import FederatedUnlearningResult, federated_unlearn
 from lightning_unlearn.federated.simulation import FederatedSimulation
 
@@ -99,9 +101,7 @@ def federated_fit(model: pl.LightningModule, fdm: FederatedDataModule, settings:
 def deployed_simulation(model: pl.LightningModule, fdm: FederatedDataModule, settings: FederatedSettings, seed: int):
     """A federation whose clients hold ``model`` as the deployed global model and know the request."""
     sim = _simulation(model, fdm, settings, seed)
-    arrays = get_arrays(model)
-    for client in sim.clients:
-        client.deploy(Broadcast(arrays))
+    deploy_model(Federation(sim.clients.grid, len(sim.clients)), get_arrays(model))
     plan = sim.request(fdm.request)
     return sim, plan
 

@@ -1,43 +1,32 @@
-"""Server side: FedAvg rounds, count-weighted aggregation of parameters, scores and masked slices.
+"""Server side: count-weighted aggregation of parameters, scores and masked slices.
 
 Nothing here touches a dataset. Every aggregation function checks each reply against its
 contract (:mod:`~lightning_unlearn.federated.messages`): the message type, exactly the keys
 the server expects with their shapes (the broadcast arrays, the masked parameters' selected
 counts, the scored layers' channels), bounded metadata; a violation is a one-line ValueError
-naming the client and the key. The round loop talks to clients only through a
-:class:`~lightning_unlearn.federated.messages.Transport`.
+naming the client and the key. The rounds themselves run in :mod:`~lightning_unlearn.federated.fedavg`
+and :mod:`~lightning_unlearn.federated.protocol`.
 """
 from __future__ import annotations
 
 import math
-import os
-import time
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
-import lightning.pytorch as pl
 import numpy as np
 import torch
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
-from lightning_unlearn._io import load_torch_file, save_torch
 from lightning_unlearn.scoring.layers import NORM_TYPES, SCORED_TYPES, LayerInfo
 from lightning_unlearn.scoring.channels import ChannelScores, average_scores
-from lightning_unlearn.mask.arrays import get_arrays, set_arrays
 from lightning_unlearn.federated.messages import (
     BatchNormStatsMessage,
-    Broadcast,
     MaskedUpdateMessage,
     ParametersMessage,
     ScoresMessage,
-    Transport,
     check_arrays,
     check_upward,
     sender_label,
     short_repr,
-    tensor_bytes,
 )
 from lightning_unlearn.scoring.base import out_channels
 from lightning_unlearn.mask import ParameterMask
@@ -238,51 +227,6 @@ def write_batchnorm_statistics(
 
 
 # -- FedAvg -----------------------------------------------------------------------------------------------
-@dataclass
-class UpdateStore:
-    """FedEraser's memory: every ``every``-th round, the global model and each client's update."""
-
-    every: int
-    rounds: list[dict] = field(default_factory=list)  # {"round", "global", "updates": {cid: arrays}, "counts": {cid: n}}
-
-    @property
-    def nbytes(self) -> int:
-        return int(sum(tensor_bytes(r["global"]) + sum(tensor_bytes(u) for u in r["updates"].values()) for r in self.rounds))
-
-
-@dataclass
-class FedAvgResult:
-    """The trained global model plus per-round metrics, timings and bytes."""
-
-    model: nn.Module
-    history: list[dict]
-    store: UpdateStore | None = None
-
-    @property
-    def overhead_fraction(self) -> float:
-        """Orchestration time (everything but local training and evaluation) / local training time."""
-        local = sum(r["local_compute_s"] for r in self.history)
-        over = sum(r["overhead_s"] for r in self.history)
-        return over / local if local else math.nan
-
-    @property
-    def wall_s(self) -> float:
-        return float(sum(r["round_s"] for r in self.history))
-
-    @property
-    def bytes_per_round(self) -> float:
-        return float(np.mean([r["bytes_down"] + r["bytes_up"] for r in self.history])) if self.history else math.nan
-
-
-def check_same_run(path: Path, stored: Mapping[str, str] | None, current: Mapping[str, str] | None) -> None:
-    """A resume file is reused only by the run that wrote it; otherwise say what differs and how to start fresh."""
-    stored, current = dict(stored or {}), dict(current or {})
-    differ = sorted(k for k in set(stored) | set(current) if stored.get(k) != current.get(k))
-    if differ:
-        raise ValueError(f"{path} was written by a different run ({', '.join(differ)} changed); start fresh with "
-                         "--federated.fresh true (resume=False) or use another output_dir")
-
-
 def check_rounds(rounds: int, name: str = "rounds") -> None:
     if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
         raise ValueError(f"{name} must be an integer >= 1, got {rounds!r}")
@@ -297,7 +241,7 @@ def check_fraction(fraction: float, name: str = "fraction") -> None:
 def sample_clients(pool: Sequence[int], fraction: float, seed: int, r: int) -> np.ndarray:
     """Round ``r``'s clients (sorted): a seeded draw of ``round(fraction * len(pool))``, at least one.
 
-    Shared with the Flower strategy, so both engines sample the same clients.
+    FedAvg and the masked rounds share it, so a sampled run draws the same clients in every phase.
     """
     pool = np.asarray(sorted(pool), dtype=np.int64)
     return np.sort(np.random.default_rng(seed * 100_003 + r).choice(pool, max(1, round(fraction * len(pool))), replace=False))
@@ -306,113 +250,3 @@ def sample_clients(pool: Sequence[int], fraction: float, seed: int, r: int) -> n
 def fit_config(cid: int, r: int, seed: int, local_epochs: int, data: str, local_config: Mapping[str, Any] | None) -> dict:
     """Client ``cid``'s settings for FedAvg round ``r`` (its own seed per round)."""
     return {"epochs": local_epochs, "seed": seed * 100_003 + r * 1_000 + int(cid), "data": data, **(local_config or {})}
-
-
-def run_fedavg(
-    model: pl.LightningModule,
-    clients: Sequence[Any],
-    rounds: int,
-    fraction: float = 1.0,
-    local_epochs: int = 1,
-    seed: int = 0,
-    data: str = "all",
-    evaluate: Callable[[nn.Module], Mapping[str, float]] | None = None,
-    checkpoint_dir: str | os.PathLike | None = None,
-    resume: bool = False,
-    store_every: int | None = None,
-    deploy: bool = True,
-    transport: Transport | None = None,
-    local_config: Mapping[str, Any] | None = None,
-    progress: bool = True,
-    label: str = "fedavg",
-    participants: Sequence[int] | None = None,
-    run_key: Mapping[str, str] | None = None,
-) -> FedAvgResult:
-    """Federated averaging: ``rounds`` rounds of local Lightning training on a sampled ``fraction`` of clients.
-
-    Args:
-        data: what each client trains on: ``"all"`` its shard, ``"retain"`` its data minus the forget set.
-        evaluate: server-side evaluation of the global model after each round (e.g. global test accuracy).
-        checkpoint_dir: write ``fedavg.pt`` (global model, history, store) atomically after every round;
-            with ``resume=True`` an existing one is continued from its next round, but only if it was
-            written by the same run: ``run_key`` (e.g. :meth:`FederatedSimulation.run_key`: hashes of the
-            data split, partition, model and schedule) must match the one stored, else a ValueError names
-            what differs.
-        store_every: keep the client updates of every n-th round (FedEraser needs them); their size
-            is reported by ``result.store.nbytes``.
-        deploy: broadcast the final model to every client (the model they later unlearn from).
-        participants: ids of the clients that may be sampled (default: all; retraining leaves out
-            clients without retain data).
-
-    ``model`` is updated in place with the final global arrays.
-    """
-    check_rounds(rounds)
-    check_rounds(local_epochs, "local_epochs")
-    check_fraction(fraction)
-    if data not in ("all", "retain"):
-        raise ValueError(f"unknown data {data!r}; allowed values are ['all', 'retain']")
-    transport = transport or Transport()
-    global_arrays = get_arrays(model)
-    history: list[dict] = []
-    store = UpdateStore(store_every) if store_every else None
-    start_round = 0
-    ckpt = Path(checkpoint_dir) / "fedavg.pt" if checkpoint_dir is not None else None
-    if resume and ckpt is not None and ckpt.exists():
-        state = load_torch_file(ckpt, "FedAvg resume file")
-        check_same_run(ckpt, state.get("run") if isinstance(state, dict) else None, run_key)
-        global_arrays, history, start_round = state["global"], state["history"], state["round"] + 1
-        if store is not None and state.get("store") is not None:
-            store.rounds = state["store"]
-    pool = np.asarray(sorted(participants) if participants is not None else range(len(clients)), dtype=np.int64)
-    if not len(pool):
-        raise ValueError("no client may take part in FedAvg (participants is empty)")
-    bar = tqdm(range(start_round, rounds), desc="FedAvg", disable=not progress, leave=False)
-    for r in bar:
-        t0 = time.perf_counter()
-        rb = transport.start_round(f"{label}/{r}")
-        picked = sample_clients(pool, fraction, seed, r)
-        replies: list[tuple[int, ParametersMessage]] = []
-        for cid in picked:
-            config = fit_config(int(cid), r, seed, local_epochs, data, local_config)
-            reply = transport.call(clients[cid], "fit", Broadcast(global_arrays, config))
-            if reply is not None:
-                replies.append((int(cid), reply))
-        if not replies:
-            raise ValueError(f"round {r}: no sampled client had data to train on")
-        t_agg = time.perf_counter()
-        new_arrays = fedavg_aggregate([m for _, m in replies], global_arrays, senders=[c for c, _ in replies])
-        if store is not None and r % store.every == 0:
-            store.rounds.append({
-                "round": r, "global": global_arrays,
-                "updates": {cid: {k: m.arrays[k] - global_arrays[k] for k in global_arrays} for cid, m in replies},
-                "counts": {cid: m.num_samples for cid, m in replies},
-            })
-        global_arrays = new_arrays
-        agg_s = time.perf_counter() - t_agg
-        t_eval = time.perf_counter()
-        row: dict[str, Any] = {"round": r, "clients": [c for c, _ in replies]}
-        if evaluate is not None:
-            set_arrays(model, global_arrays)
-            row.update({k: float(v) for k, v in evaluate(model).items()})
-        eval_s = time.perf_counter() - t_eval
-        local = sum(m.metrics.get("local_compute_s", 0.0) for _, m in replies)
-        row.update({"local_compute_s": local, "aggregate_s": agg_s, "eval_s": eval_s,
-                    "bytes_down": rb.down, "bytes_up": rb.up})
-        row["round_s"] = time.perf_counter() - t0
-        row["overhead_s"] = row["round_s"] - eval_s - local
-        t_ck = time.perf_counter()
-        if ckpt is not None:
-            save_torch({"round": r, "run": dict(run_key or {}), "global": global_arrays, "history": history + [row],
-                          "store": store.rounds if store is not None else None}, ckpt)
-        row["checkpoint_s"] = time.perf_counter() - t_ck  # in memory only; the saved row stops before saving
-        row["round_s"] += row["checkpoint_s"]
-        row["overhead_s"] += row["checkpoint_s"]
-        history.append(row)
-        if evaluate is not None and "test_acc" in row:
-            bar.set_postfix(test_acc=f"{row['test_acc']:.4f}")
-    set_arrays(model, global_arrays)
-    if deploy:
-        transport.start_round("deploy")
-        for c in clients:
-            transport.call(c, "deploy", Broadcast(global_arrays))
-    return FedAvgResult(model, history, store)

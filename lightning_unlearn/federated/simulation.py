@@ -1,15 +1,18 @@
-"""The simulation harness: train a federation, hand it a request, evaluate, write one JSON per run.
+"""The simulation harness: a federation in one process, trained, handed a request, evaluated, reported.
 
-Evaluation here is an oracle: it reads the forget and retain data to measure the result.
-It lives outside the server on purpose; the server code never sees it.
+The clients are the protocol's ClientApp on a :class:`~lightning_unlearn.federated.grid.LocalGrid`
+(:func:`make_clients`): the server phases talk to them exactly as to a Flower deployment. Evaluation here is an
+oracle: it reads the forget and retain data to measure the result. It lives outside the server on purpose; the
+server code never sees it.
 """
 from __future__ import annotations
 
+import copy
 import hashlib
 import math
 import os
 import time
-from pathlib import Path
+from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
 import lightning.pytorch as pl
@@ -20,15 +23,61 @@ from lightning.pytorch.callbacks import Callback
 from lightning_unlearn._io import to_jsonable
 from lightning_unlearn.scoring import discover_layers
 from lightning_unlearn.scoring.layers import LayerInfo
-from lightning_unlearn.data.federated import FederatedDataModule, FederatedForgetPlan
+from torch.utils.data import Dataset
+
+from lightning_unlearn.data.federated import ClientSplit, FederatedDataModule, FederatedForgetPlan
 from lightning_unlearn.data.unlearning import UnlearningDataModule
-from lightning_unlearn.federated.client import FederatedClient, make_clients
+from lightning_unlearn.federated.client import make_client_app
+from lightning_unlearn.federated.partitions import ClientPartition
+from lightning_unlearn.federated.fedavg import FedAvgResult, run_fedavg
+from lightning_unlearn.federated.grid import LocalGrid
 from lightning_unlearn.federated.protocol import FederatedUnlearningResult
-from lightning_unlearn.federated.server import FedAvgResult, check_rounds, run_fedavg
+from lightning_unlearn.federated.server import check_rounds
 from lightning_unlearn.metrics import accuracy, split_accuracies
 from lightning_unlearn.request import ForgetRequest
 
 METRIC_KEYS = ("forget_acc", "remaining_acc", "test_acc")
+
+
+@dataclass
+class LocalClient:
+    """One in-process node's own set-up, which its ClientApp reads: its shard, its Lightning callbacks (e.g. its
+    DP-SGD accountant) and the working model. ``split`` is the oracle's view of the current request."""
+
+    client_id: int
+    dataset: Dataset
+    sample_ids: np.ndarray
+    model: pl.LightningModule
+    callbacks: list[Callback] = field(default_factory=list)
+    split: ClientSplit | None = None
+
+
+class LocalClients(list):
+    """The in-process clients, and the :class:`LocalGrid` whose ClientApp serves them (``grid``)."""
+
+    grid: LocalGrid
+
+
+def make_clients(
+    fdm: FederatedDataModule,
+    model: pl.LightningModule,
+    callbacks: Sequence[Callback] = (),
+    trainer_kwargs: Mapping[str, Any] | None = None,
+) -> LocalClients:
+    """One :class:`LocalClient` per shard behind one ClientApp (they share one working copy of ``model``:
+    local grids run one client at a time)."""
+    fdm.setup("fit")
+    work = copy.deepcopy(model)
+    clients = LocalClients(LocalClient(k, fdm.client_dataset(k), np.asarray(fdm.client_indices(k)), work)
+                           for k in range(fdm.num_clients))
+
+    def partition(context) -> ClientPartition:
+        c = clients[int(context.node_config["partition-id"])]
+        return ClientPartition(c.client_id, c.dataset, c.sample_ids, fdm.num_classes, fdm.batch_size, c.callbacks)
+
+    app = make_client_app(lambda: work, partition, (lambda: list(callbacks)) if callbacks else None, trainer_kwargs)
+    clients.grid = LocalGrid(app, len(clients))
+    return clients
 
 
 def _digest(data: bytes) -> str:
@@ -65,7 +114,7 @@ class FederatedSimulation:
         self.fdm, self.model, self.rounds, self.local_epochs = fdm, model, rounds, local_epochs
         self.fraction, self.seed, self.progress = fraction, seed, progress
         self.checkpoint_dir, self.store_every = checkpoint_dir, store_every
-        self.clients: list[FederatedClient] = make_clients(fdm, model, callbacks, trainer_kwargs)
+        self.clients = make_clients(fdm, model, callbacks, trainer_kwargs)
         self._trainer_kwargs = dict(trainer_kwargs or {})
         self.training: FedAvgResult | None = None
         self.plan: FederatedForgetPlan | None = None
@@ -79,7 +128,7 @@ class FederatedSimulation:
         self.training = run_fedavg(
             self.model, self.clients, self.rounds, self.fraction, self.local_epochs, self.seed,
             evaluate=self.test_accuracy, checkpoint_dir=self.checkpoint_dir, resume=resume,
-            store_every=self.store_every, progress=self.progress, run_key=self.run_key(),
+            store_every=self.store_every, run_key=self.run_key(), progress=self.progress,
         )
         self.timings_s["training"] = time.perf_counter() - start
         return self.training
@@ -106,7 +155,7 @@ class FederatedSimulation:
         """Resolve and hand the request to the clients (each learns only its own split)."""
         self.plan = self.fdm.forget_plan(request)
         for client, split in zip(self.clients, self.plan.splits):
-            client.receive_request(request, split)
+            client.split = split
         self._eval_dm = UnlearningDataModule(
             self.fdm.train_dataset, self.fdm.test_dataset, request, batch_size=512, seed=self.seed,
             num_classes=self.fdm.num_classes, forget_indices=self.plan.forget_indices,

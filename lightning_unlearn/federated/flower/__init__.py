@@ -1,15 +1,9 @@
 """Flower apps for the federated training and unlearning protocol (extra ``flower``).
 
-The ``ClientApp`` (:func:`make_client_app`) answers Flower messages by calling the same
-:class:`~lightning_unlearn.federated.client.FederatedClient` handlers as the in-process
-simulation; the ``ServerApp`` (:func:`make_server_app`) runs FedAvg and the unlearning rounds
-with strategies built on the same aggregation functions and the shared orchestration
-(:func:`~lightning_unlearn.federated.server.fedavg_aggregate`,
-:func:`~lightning_unlearn.federated.server.aggregate_scores`,
-:func:`~lightning_unlearn.orchestration.prepare`, :func:`~lightning_unlearn.orchestration.apply_reset`,
-:func:`~lightning_unlearn.federated.server.masked_aggregate`). Every client message is
-rebuilt into the library's own message dataclasses on the server, so the data-stays-home
-checks run on Flower traffic too.
+The ``ClientApp`` (:func:`~lightning_unlearn.federated.make_client_app`) is the protocol's own,
+the ``ServerApp`` (:func:`make_server_app`) runs :func:`~.server_app.run_server`, the phases the in-process
+simulation runs on its :class:`~lightning_unlearn.federated.grid.LocalGrid`; ``app`` holds ready-made apps for
+``flwr run``.
 """
 from __future__ import annotations
 
@@ -34,7 +28,6 @@ def require_ray() -> None:
 
 require_flwr("lightning_unlearn.federated.flower")
 
-from lightning_unlearn.federated.flower.client_app import FederatedPartitions, make_client_app  # noqa: E402
 from lightning_unlearn.federated.flower.ray_engine import run_flower_simulation  # noqa: E402
 from lightning_unlearn.federated.flower.server_app import (  # noqa: E402
     FedAvgPlan,
@@ -45,10 +38,8 @@ from lightning_unlearn.federated.flower.server_app import (  # noqa: E402
 
 __all__ = [
     "FedAvgPlan",
-    "FederatedPartitions",
     "FlowerRunResult",
     "UnlearnPlan",
-    "make_client_app",
     "make_server_app",
     "run_flower_simulation",
 ]

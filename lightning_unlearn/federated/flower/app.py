@@ -24,13 +24,8 @@ from flwr.app import Context
 from flwr.common import log
 from flwr.serverapp import Grid, ServerApp
 
-from lightning_unlearn.federated.flower.client_app import (
-    DATA_PATH_KEY,
-    ClientPartition,
-    FederatedPartitions,
-    file_partition,
-    make_client_app,
-)
+from lightning_unlearn.federated.client import make_client_app
+from lightning_unlearn.federated.partitions import DATA_PATH_KEY, ClientPartition, FederatedPartitions, file_partition
 from lightning_unlearn.federated.flower.server_app import FedAvgPlan, UnlearnPlan, run_server, save_result
 from lightning_unlearn.models import SmallCNN
 from lightning_unlearn.request import ForgetRequest

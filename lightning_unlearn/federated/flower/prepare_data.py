@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from lightning_unlearn.federated.flower.client_app import DATASETS, FederatedPartitions, save_partition
+from lightning_unlearn.federated.partitions import DATASETS, FederatedPartitions, save_partition
 
 
 def main(argv: list[str] | None = None) -> list[Path]:

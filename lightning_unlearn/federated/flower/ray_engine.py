@@ -11,7 +11,8 @@ from lightning.pytorch.callbacks import Callback
 
 from lightning_unlearn.mask.arrays import set_arrays
 from lightning_unlearn.federated.flower import require_ray
-from lightning_unlearn.federated.flower.client_app import ClientPartition, make_client_app
+from lightning_unlearn.federated.client import make_client_app
+from lightning_unlearn.federated.partitions import ClientPartition
 from lightning_unlearn.federated.flower.server_app import FedAvgPlan, FlowerRunResult, UnlearnPlan, make_server_app
 
 

@@ -4,8 +4,7 @@ Down: a :class:`~lightning_unlearn.federated.messages.Broadcast` becomes a ``Rec
 (``arrays``, ``config``, and ``channels`` as int32 indices when the mask travels). Up: each
 client message becomes a ``RecordDict`` tagged with its kind, and the server rebuilds the
 dataclass from it (refusing records or keys the kind does not carry), so the dataclasses' own
-checks and the aggregation functions' contract guard Flower traffic exactly as they guard the
-in-process :class:`Transport`.
+checks and the aggregation functions' contract guard every reply, on every grid.
 
 Inside a message, the named tensors of a record travel *packed*: one ``uint8`` Array holding
 every tensor's bytes one after the other, and a ``<record>-layout`` ConfigRecord (JSON: name,
@@ -15,9 +14,9 @@ SuperLink -> SuperNode -> ClientApp and back): SmallCNN's 16 tensors were 27 obj
 packed they are 7. In-memory records (a strategy's ``ArrayRecord``, a node's ``context.state``)
 stay one Array per tensor (:func:`arrays_to_record`).
 
-Two byte counts per message: ``payload`` counts what the in-process transport counts (tensor
-bytes, 4 per channel index, 8 per sample count), so the two engines compare one to one;
-``wire`` is Flower's own record size (numpy headers, keys, config and metric entries).
+Two byte counts per message: ``payload`` is what the protocol moves (tensor bytes, 4 per channel index,
+8 per sample count: the dataclasses' ``nbytes``); ``wire`` is Flower's own record size (numpy headers, keys,
+config and metric entries).
 """
 from __future__ import annotations
 

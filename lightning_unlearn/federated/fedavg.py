@@ -1,0 +1,231 @@
+"""FedAvg on any grid: Flower's own ``FedAvg`` strategy, with the library's client sampling and exact aggregation.
+
+:class:`LibraryFedAvg` overrides only what the protocol needs: ``configure_train`` samples the round's clients
+with :func:`~lightning_unlearn.federated.server.sample_clients` (a seeded draw the masked rounds reuse) and gives
+each its own seed (:func:`~lightning_unlearn.federated.server.fit_config`); ``aggregate_train`` checks every reply
+against the broadcast arrays and averages them in float64 in client-id order
+(:func:`~lightning_unlearn.federated.server.fedavg_aggregate`), so a run gives the same model on every grid.
+Flower's ``Strategy.start`` runs the rounds.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAvg
+from torch import Tensor, nn
+
+from lightning_unlearn._io import load_torch_file, save_torch
+from lightning_unlearn.federated.federation import Federation, as_federation, check_replies
+from lightning_unlearn.federated.messages import Broadcast, tensor_bytes
+from lightning_unlearn.federated.records import arrays_to_record, record_to_arrays
+from lightning_unlearn.federated.server import (
+    check_fraction,
+    check_rounds,
+    fedavg_aggregate,
+    fit_config,
+    sample_clients,
+)
+from lightning_unlearn.mask.arrays import get_arrays, set_arrays
+
+log = logging.getLogger(__name__)
+DATA_CHOICES = ("all", "retain")
+
+
+@dataclass
+class UpdateStore:
+    """FedEraser's memory: every ``every``-th round, the global model and each client's update."""
+
+    every: int
+    rounds: list[dict] = field(default_factory=list)  # {"round", "global", "updates": {cid: arrays}, "counts": {cid: n}}
+
+    @property
+    def nbytes(self) -> int:
+        return int(sum(tensor_bytes(r["global"]) + sum(tensor_bytes(u) for u in r["updates"].values()) for r in self.rounds))
+
+
+@dataclass
+class FedAvgResult:
+    """The trained global model plus per-round metrics, timings and bytes."""
+
+    model: nn.Module
+    history: list[dict]
+    store: UpdateStore | None = None
+
+    @property
+    def overhead_fraction(self) -> float:
+        """Orchestration time (everything but local training and evaluation) / local training time."""
+        local = sum(r["local_compute_s"] for r in self.history)
+        over = sum(r["overhead_s"] for r in self.history)
+        return over / local if local else math.nan
+
+    @property
+    def wall_s(self) -> float:
+        return float(sum(r["round_s"] for r in self.history))
+
+    @property
+    def bytes_per_round(self) -> float:
+        return float(np.mean([r["bytes_down"] + r["bytes_up"] for r in self.history])) if self.history else math.nan
+
+
+def check_same_run(path: Path, stored: Mapping[str, str] | None, current: Mapping[str, str] | None) -> None:
+    """A resume file is reused only by the run that wrote it; otherwise say what differs and how to start fresh."""
+    stored, current = dict(stored or {}), dict(current or {})
+    differ = sorted(k for k in set(stored) | set(current) if stored.get(k) != current.get(k))
+    if differ:
+        raise ValueError(f"{path} was written by a different run ({', '.join(differ)} changed); start fresh with "
+                         "--federated.fresh true (resume=False) or use another output_dir")
+
+
+class LibraryFedAvg(FedAvg):
+    """Flower's FedAvg with the library's sampling, per-client seeds and exact aggregation (module docstring).
+
+    Rounds are numbered from ``first_round`` (a resumed run continues its numbering). After each round the
+    server-side ``evaluate(model)`` fills the row, the ``store`` keeps the clients' updates and the
+    ``checkpoint`` file is rewritten.
+    """
+
+    def __init__(self, fed: Federation, model: nn.Module, fraction: float, seed: int, local_epochs: int, data: str,
+                 local_config: Mapping[str, Any] | None, pool: Sequence[int], label: str, first_round: int = 0,
+                 history: list[dict] | None = None, store: UpdateStore | None = None,
+                 evaluate: Callable[[nn.Module], Mapping[str, float]] | None = None,
+                 checkpoint: Path | None = None, run_key: Mapping[str, str] | None = None) -> None:
+        super().__init__(fraction_train=fraction, min_train_nodes=1, min_available_nodes=len(fed))
+        self.fed, self.model, self.seed, self.local_epochs, self.data = fed, model, seed, local_epochs, data
+        self.local_config, self.pool, self.label, self.first_round = local_config, pool, label, first_round
+        self.history, self.store, self.evaluate, self.checkpoint = list(history or []), store, evaluate, checkpoint
+        self.run_key = dict(run_key or {})
+        self._t0, self._picked, self._expected = 0.0, 0, {}
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+        r = self.first_round + server_round - 1
+        self._t0 = time.perf_counter()
+        self._expected = record_to_arrays(arrays)  # what every reply must match, key for key and shape for shape
+        picked = [int(c) for c in sample_clients(self.pool, self.fraction_train, self.seed, r)]
+        self._picked = len(picked)
+        return [self.fed.message(cid, Broadcast(self._expected, fit_config(cid, r, self.seed, self.local_epochs,
+                                                                           self.data, self.local_config)),
+                                 "train", f"{self.label}/{r}") for cid in picked]
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        r = self.first_round + server_round - 1
+        label = f"{self.label}/{r}"
+        pairs = self.fed.decode(check_replies(list(replies), self._picked, f"FedAvg round {r}"), label)
+        if not pairs:
+            raise ValueError(f"round {r}: no sampled client had data to train on")
+        t_agg = time.perf_counter()
+        new = fedavg_aggregate([m for _, m in pairs], self._expected, senders=[c for c, _ in pairs])
+        if self.store is not None and r % self.store.every == 0:
+            self.store.rounds.append({
+                "round": r, "global": self._expected,
+                "updates": {c: {k: m.arrays[k] - self._expected[k] for k in self._expected} for c, m in pairs},
+                "counts": {c: m.num_samples for c, m in pairs}})
+        agg_s, t_eval = time.perf_counter() - t_agg, time.perf_counter()
+        row = self.fed.row(r, self._t0, [m for _, m in pairs], label)
+        row.update(clients=[c for c, _ in pairs], aggregate_s=agg_s)
+        if self.evaluate is not None:
+            set_arrays(self.model, new)
+            row.update({k: float(v) for k, v in self.evaluate(self.model).items()})
+        row["eval_s"] = time.perf_counter() - t_eval
+        row["round_s"] = time.perf_counter() - self._t0
+        row["overhead_s"] = row["round_s"] - row["eval_s"] - row["local_compute_s"]
+        t_ck = time.perf_counter()
+        if self.checkpoint is not None:
+            save_torch({"round": r, "run": self.run_key, "global": new, "history": self.history + [row],
+                        "store": self.store.rounds if self.store is not None else None}, self.checkpoint)
+        row["checkpoint_s"] = time.perf_counter() - t_ck  # in memory only; the saved row stops before saving
+        row["round_s"] += row["checkpoint_s"]
+        row["overhead_s"] += row["checkpoint_s"]
+        self.history.append(row)
+        return arrays_to_record(new), MetricRecord({"local_compute_s": row["local_compute_s"]})
+
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+        return []  # the global model is evaluated on the server (``evaluate``), never on client data
+
+
+def run_fedavg(
+    model: nn.Module,
+    clients: Any,
+    rounds: int,
+    fraction: float = 1.0,
+    local_epochs: int = 1,
+    seed: int = 0,
+    data: str = "all",
+    evaluate: Callable[[nn.Module], Mapping[str, float]] | None = None,
+    checkpoint_dir: str | os.PathLike | None = None,
+    resume: bool = False,
+    store_every: int | None = None,
+    deploy: bool = True,
+    local_config: Mapping[str, Any] | None = None,
+    label: str = "fedavg",
+    participants: Sequence[int] | None = None,
+    run_key: Mapping[str, str] | None = None,
+    progress: bool = True,
+) -> FedAvgResult:
+    """Federated averaging: ``rounds`` rounds of local Lightning training on a sampled ``fraction`` of clients.
+
+    ``clients``: a :class:`~lightning_unlearn.federated.federation.Federation` (any grid) or a
+    :class:`~lightning_unlearn.federated.simulation.FederatedSimulation`'s ``clients``.
+
+    Args:
+        data: what each client trains on: ``"all"`` its shard, ``"retain"`` its data minus the forget set
+            (the federation's ``request``).
+        evaluate: server-side evaluation of the global model after each round (e.g. global test accuracy).
+        checkpoint_dir: write ``fedavg.pt`` (global model, history, store) atomically after every round;
+            with ``resume=True`` an existing one is continued from its next round, but only if it was
+            written by the same run: ``run_key`` (hashes of the data split, partition, model and schedule)
+            must match the one stored, else a ValueError names what differs.
+        store_every: keep the client updates of every n-th round (FedEraser needs them).
+        deploy: send the final model to every client (the model they later unlearn from).
+        participants: ids of the clients that may be sampled (default: all; retraining leaves out
+            clients without retain data).
+        progress: Flower's per-round log lines (False: warnings only).
+
+    ``model`` is updated in place with the final global arrays.
+    """
+    check_rounds(rounds)
+    check_rounds(local_epochs, "local_epochs")
+    check_fraction(fraction)
+    if data not in DATA_CHOICES:
+        raise ValueError(f"unknown data {data!r}; allowed values are {list(DATA_CHOICES)}")
+    arrays, history, first = get_arrays(model), [], 0
+    store = UpdateStore(store_every) if store_every else None
+    ckpt = Path(checkpoint_dir) / "fedavg.pt" if checkpoint_dir is not None else None
+    if resume and ckpt is not None and ckpt.exists():  # checked before any client is asked anything
+        state = load_torch_file(ckpt, "FedAvg resume file")
+        check_same_run(ckpt, state.get("run") if isinstance(state, dict) else None, run_key)
+        arrays, history, first = state["global"], state["history"], state["round"] + 1
+        if store is not None and state.get("store") is not None:
+            store.rounds = state["store"]
+    fed = as_federation(clients)
+    pool = sorted(participants) if participants is not None else sorted(fed.nodes)
+    if not len(pool):
+        raise ValueError("no client may take part in FedAvg (participants is empty)")
+    strategy = LibraryFedAvg(fed, model, fraction, seed, local_epochs, data, local_config, pool, label, first, history,
+                             store, evaluate, ckpt, run_key)
+    if first < rounds:
+        flwr_log = logging.getLogger("flwr")
+        level = flwr_log.level
+        flwr_log.setLevel(level if progress else logging.WARNING)
+        try:
+            arrays = record_to_arrays(strategy.start(fed.grid, arrays_to_record(arrays), num_rounds=rounds - first,
+                                                     timeout=fed.timeout).arrays)
+        finally:
+            flwr_log.setLevel(level)
+    set_arrays(model, arrays)
+    if deploy:
+        deploy_model(fed, arrays)
+    return FedAvgResult(model, strategy.history, store)
+
+
+def deploy_model(fed: Federation, arrays: Mapping[str, Tensor]) -> None:
+    """Every client keeps the global model: the reference its masked rounds start from."""
+    fed.ask({cid: Broadcast(arrays) for cid in sorted(fed.nodes)}, "query.deploy", "deploy")

@@ -1,0 +1,217 @@
+"""The server's handle on a federation: whichever ``Grid`` it runs on, the same sending, checking and counting.
+
+:class:`Federation` finds the client nodes (each says its client id), sends every round's messages through
+the grid, rebuilds each reply into the library's message dataclasses (so the contract checks of
+:mod:`~lightning_unlearn.federated.messages` run on every reply), orders replies by client id (aggregation
+order is fixed, so results do not depend on arrival order) and books payload and wire bytes per round label.
+A client whose app *raised* stops the run with its reason; a client that does not answer in time (or that the
+SuperLink reports gone) is dropped when the round tolerates dropouts and at least ``min_clients`` answered.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import re
+import time
+from typing import Any, Iterable, Mapping, Sequence
+
+from flwr.app import Message, RecordDict
+from flwr.serverapp import Grid
+
+from lightning_unlearn.federated.grid import LocalGrid, new_message
+from lightning_unlearn.federated.messages import Broadcast
+from lightning_unlearn.federated.records import ByteCounter, broadcast_to_content, content_to_reply
+from lightning_unlearn.request import ForgetRequest
+
+log = logging.getLogger(__name__)
+
+POLL_S = 0.05  # how often the server asks the SuperLink for replies (Flower's HTTP grid waits 3 s)
+#: ``Message.error.code`` of the reply the SuperLink writes for a node it lost (Flower's ``ErrorCode`` is not in its
+#: public API; ``tests/test_flower_faults.py`` checks the value against the installed flwr).
+NODE_UNAVAILABLE = 5
+
+
+def gather(grid: Grid, messages: Iterable[Message], timeout: float | None, poll_s: float = POLL_S) -> list[Message]:
+    """Push ``messages`` and pull replies every ``poll_s`` seconds until all arrived or ``timeout`` passed."""
+    pending = set(grid.push_messages(messages))
+    deadline = time.monotonic() + (timeout if timeout is not None else math.inf)
+    out: list[Message] = []
+    while pending:
+        got = list(grid.pull_messages(pending))
+        out.extend(got)
+        pending.difference_update(m.metadata.reply_to_message_id for m in got)
+        if not pending or time.monotonic() >= deadline:
+            break
+        time.sleep(poll_s)
+    return out
+
+
+class PollingGrid(Grid):
+    """``grid`` with a ``send_and_receive`` that polls every ``poll_s`` s (Flower's HTTP grid sleeps 3 s)."""
+
+    def __init__(self, grid: Grid, poll_s: float = POLL_S) -> None:
+        self.grid, self.poll_s = grid, poll_s
+
+    def set_run(self, run: Any) -> None:
+        self.grid.set_run(run)
+
+    @property
+    def run(self) -> Any:
+        return self.grid.run
+
+    def create_message(self, *args: Any, **kwargs: Any) -> Message:
+        return self.grid.create_message(*args, **kwargs)
+
+    def get_node_ids(self) -> Iterable[int]:
+        return self.grid.get_node_ids()
+
+    def get_nodes(self) -> Iterable[Any]:
+        return self.grid.get_nodes()
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        return self.grid.push_messages(messages)
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        return self.grid.pull_messages(message_ids)
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
+        return gather(self.grid, messages, timeout, self.poll_s)
+
+
+def _short_reason(reason: str | None) -> str:
+    """The exception line of a client's error (Flower sends the whole remote traceback)."""
+    lines = [ln.strip() for ln in re.sub(r"\x1b\[[0-9;]*m", "", reason or "").splitlines()]
+    found = [ln for ln in lines if re.match(r"^[\w.]+(Error|Exception)\b.*?: ", ln)]
+    return found[-1] if found else (reason or "no reason given")[-500:]
+
+
+def check_replies(replies: Sequence[Message], expected: int, what: str) -> list[Message]:
+    """All replies arrived and none is an error; otherwise stop with each failing client's reason."""
+    replies = list(replies)
+    errors = [m for m in replies if m.has_error()]
+    if errors:
+        reasons = "; ".join(f"node {m.metadata.src_node_id}: {_short_reason(m.error.reason)}" for m in errors)
+        raise RuntimeError(f"{what}: {len(errors)} of {expected} client(s) failed: {reasons}")
+    if len(replies) < expected:
+        raise RuntimeError(f"{what}: only {len(replies)} of {expected} clients replied before the timeout")
+    return replies
+
+
+def discover_clients(grid: Grid, num_clients: int, timeout: float = 600.0) -> dict[int, int]:
+    """Wait for ``num_clients`` nodes and ask each its client id: client id -> node id."""
+    deadline = time.monotonic() + timeout
+    while len(nodes := sorted(grid.get_node_ids())) < num_clients:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"only {len(nodes)} of {num_clients} client nodes connected within {timeout:g}s")
+        time.sleep(0.1)
+    messages = [new_message(grid, RecordDict(), "query.hello", n) for n in nodes]
+    replies = check_replies(list(grid.send_and_receive(messages, timeout=timeout)), len(nodes), "hello")
+    ids = {int(m.content["metrics"]["client-id"]): m.metadata.src_node_id for m in replies}
+    if sorted(ids) != list(range(num_clients)) or len(replies) != num_clients:
+        raise RuntimeError(f"client nodes reported ids {sorted(ids)} ({len(replies)} nodes); expected each of "
+                           f"0..{num_clients - 1} exactly once (check each node's partition-id)")
+    return ids
+
+
+class Federation:
+    """The server's view of ``num_clients`` client nodes on ``grid`` (see the module docstring).
+
+    ``min_clients`` (default: every client) must answer each round that tolerates dropouts (the statistics
+    round and the masked rounds) within ``round_timeout`` seconds (default: ``timeout``). ``request`` (set by
+    the unlearning phases) travels in every message's config: each node resolves its own forget split.
+    """
+
+    def __init__(self, grid: Grid, num_clients: int, timeout: float = 3600, min_clients: int | None = None,
+                 round_timeout: float | None = None, poll_s: float | None = POLL_S) -> None:
+        if poll_s is not None and not isinstance(grid, LocalGrid):  # a LocalGrid answers at once: nothing to poll
+            grid = PollingGrid(grid, poll_s)
+        self.grid, self.timeout, self.round_timeout = grid, timeout, round_timeout
+        self.nodes = discover_clients(grid, num_clients, timeout)
+        self.active = dict(self.nodes)
+        self.dropped: dict[int, str] = {}  # client id -> the round it dropped out in
+        self.traffic = ByteCounter()
+        self.request: ForgetRequest | None = None
+        self.min_clients = num_clients if min_clients is None else min_clients
+        if isinstance(self.min_clients, bool) or not isinstance(self.min_clients, int) or not 1 <= self.min_clients:
+            raise ValueError(f"min_clients must be an integer >= 1 or None (every client), got {min_clients!r}")
+        if self.min_clients > num_clients:
+            raise ValueError(f"min_clients={self.min_clients} exceeds the {num_clients} connected clients")
+
+    def __len__(self) -> int:
+        return len(self.nodes)
+
+    def message(self, cid: int, broadcast: Broadcast, message_type: str, label: str) -> Message:
+        """Client ``cid``'s message (the request joins its config) in group ``label``, its bytes booked there."""
+        extra = {"request": json.dumps(self.request.to_dict())} if self.request is not None else None
+        content = broadcast_to_content(broadcast, extra)
+        self.traffic.down(label, content)
+        return new_message(self.grid, content, message_type, self.nodes[cid], group_id=label)
+
+    def ask(self, broadcasts: Broadcast | Mapping[int, Broadcast], message_type: str, label: str,
+            dropouts: bool = False, what: str | None = None) -> list[tuple[int, Any]]:
+        """Send one round and return ``[(client id, upward message)]`` in client-id order (empty replies left out).
+
+        ``broadcasts``: one broadcast for every active client, or one per chosen client. ``dropouts``: tolerate
+        clients that do not answer (see the class docstring); otherwise every client must answer. ``what`` names
+        the round in errors and in ``dropped`` (default: ``label``).
+        """
+        if isinstance(broadcasts, Broadcast):
+            broadcasts = {cid: broadcasts for cid in sorted(self.active)}
+        messages = [self.message(cid, b, message_type, label) for cid, b in sorted(broadcasts.items())]
+        return self.decode(self.receive(messages, what or label, dropouts), label)
+
+    def receive(self, messages: Sequence[Message], what: str, dropouts: bool = False) -> list[Message]:
+        """Send ``messages`` and return the replies, failed clients raising, missing ones dropped (:meth:`ask`)."""
+        timeout = self.round_timeout if dropouts and self.round_timeout is not None else self.timeout
+        replies = [m for m in self.grid.send_and_receive(messages, timeout=timeout)  # "node gone" = no reply
+                   if not (m.has_error() and m.error.code == NODE_UNAVAILABLE)]
+        check_replies(replies, len(replies), what)  # raises on a client that failed
+        sent = {m.metadata.dst_node_id for m in messages}
+        answered = {m.metadata.src_node_id for m in replies}
+        missing = sorted(c for c, n in self.nodes.items() if n in sent and n not in answered)
+        if missing:
+            if not dropouts or len(answered) < self.min_clients:
+                raise RuntimeError(
+                    f"{what}: only {len(answered)} of {len(sent)} clients replied within {timeout:g}s (missing clients "
+                    f"{missing}); min_clients={self.min_clients}, so the run stops rather than average fewer clients")
+            log.warning("%s: clients %s did not reply within %gs; continuing with the %d that did (min_clients=%d)",
+                        what, missing, timeout, len(answered), self.min_clients)
+            for c in missing:
+                self.dropped[c] = what
+                self.active.pop(c, None)
+        return replies
+
+    def decode(self, replies: Sequence[Message], label: str) -> list[tuple[int, Any]]:
+        """Upward messages in client-id order, bytes booked; a broken contract names the client."""
+        by_node = {n: c for c, n in self.nodes.items()}
+        out = []
+        for m in sorted(replies, key=lambda m: by_node[m.metadata.src_node_id]):
+            self.traffic.up(label, m.content)
+            cid = by_node[m.metadata.src_node_id]
+            try:
+                msg = content_to_reply(m.content)
+            except (TypeError, ValueError) as err:  # the record broke the message contract: say which client
+                raise type(err)(f"client {cid}: {err}") from None
+            if msg is not None:
+                out.append((cid, msg))
+        return out
+
+    def row(self, r: int, t0: float, msgs: Sequence[Any], label: str) -> dict[str, Any]:
+        """One round's history row: clients that replied, times and bytes (payload and wire)."""
+        local = float(sum(m.metrics.get("local_compute_s", 0.0) for m in msgs))
+        round_s = time.perf_counter() - t0
+        pay, wire = self.traffic.payload.get(label), self.traffic.wire.get(label)
+        return {"round": r, "clients": len(msgs), "round_s": round_s, "local_compute_s": local,
+                "overhead_s": round_s - local, "bytes_down": pay.down if pay else 0, "bytes_up": pay.up if pay else 0,
+                "wire_down": wire.down if wire else 0, "wire_up": wire.up if wire else 0}
+
+
+def as_federation(clients: Any) -> Federation:
+    """A :class:`Federation` as it is, or a fresh one over in-process clients (anything with ``grid`` and a length)."""
+    if isinstance(clients, Federation):
+        return clients
+    if hasattr(clients, "grid"):
+        return Federation(clients.grid, len(clients))
+    raise TypeError(f"expected a Federation or the in-process clients of a FederatedSimulation, got "
+                    f"{type(clients).__name__}")

@@ -1,0 +1,143 @@
+"""Where a node finds its data: a recipe that rebuilds a simulated federation, or a shard file on the node's disk.
+
+* simulation: :class:`FederatedPartitions` (a picklable recipe: dataset name + partition settings) rebuilds the
+  same :class:`~lightning_unlearn.data.FederatedDataModule` in each process and takes shard
+  ``node_config["partition-id"]``;
+* deployment: :func:`file_partition` loads the shard written by :func:`save_partition` from
+  ``node_config["data-path"]`` on the node's own disk.
+"""
+from __future__ import annotations
+
+import functools
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import torch
+from flwr.app import Context
+from lightning.pytorch.callbacks import Callback
+from torch.utils.data import Dataset, TensorDataset
+
+from lightning_unlearn._io import load_torch_file, save_torch
+from lightning_unlearn.data.datasets import dataset_targets, load_digits_datasets, load_mnist
+from lightning_unlearn.data.federated import FederatedDataModule
+from lightning_unlearn.data.validation import checked_targets
+
+DATASETS = ("digits", "mnist")
+PARTITION_KEY, DATA_PATH_KEY = "partition-id", "data-path"
+
+
+@dataclass
+class ClientPartition:
+    """One node's data: its client id, its shard, and the shard's ids in the global training set.
+
+    ``sample_ids`` lets the node resolve sample requests (which name global ids) by itself; ``callbacks`` are
+    this node's own Lightning callbacks for every local fit (e.g. its DP-SGD accountant).
+    """
+
+    client_id: int
+    dataset: Dataset
+    sample_ids: np.ndarray | None = None
+    num_classes: int = 10
+    batch_size: int = 64
+    callbacks: Sequence[Callback] = ()
+
+
+class FlowerDataError(RuntimeError):
+    """A client node cannot reach its data partition (missing key, bad id, missing file)."""
+
+
+
+@dataclass(frozen=True)
+class FederatedPartitions:
+    """Recipe for the simulated federation; ``__call__(context)`` gives the node its shard.
+
+    Only the recipe travels to the workers (cheap to pickle); each worker process builds the
+    data module once. ``datamodule()`` builds the very same federation in-process (evaluation,
+    comparisons).
+    """
+
+    dataset: str = "digits"
+    num_clients: int = 3
+    partition: str = "iid"
+    alpha: float = 0.5
+    seed: int = 0
+    batch_size: int = 64
+    data_root: str | None = None
+    extra: Mapping[str, Any] = field(default_factory=dict)  # more FederatedDataModule arguments
+
+    def __post_init__(self) -> None:
+        if self.dataset not in DATASETS:
+            raise ValueError(f"unknown dataset {self.dataset!r}; allowed datasets are {list(DATASETS)}")
+        if self.dataset == "mnist" and not self.data_root:
+            raise ValueError("dataset='mnist' needs data_root (the folder with the MNIST idx .gz files)")
+
+    def datamodule(self) -> FederatedDataModule:
+        return _datamodule(self.dataset, self.data_root, self.num_clients, self.partition, self.alpha, self.seed,
+                           self.batch_size, tuple(sorted(self.extra.items())))
+
+    def __call__(self, context: Context) -> ClientPartition:
+        k = _partition_id(context, self.num_clients)
+        fdm = self.datamodule()
+        return ClientPartition(k, fdm.client_dataset(k), fdm.client_indices(k), fdm.num_classes, fdm.batch_size)
+
+
+@functools.lru_cache(maxsize=4)
+def _datamodule(dataset, data_root, num_clients, partition, alpha, seed, batch_size, extra) -> FederatedDataModule:
+    if dataset == "digits":
+        train, test = load_digits_datasets(seed=seed)
+    else:
+        try:
+            train, test = load_mnist(data_root)
+        except (FileNotFoundError, OSError) as err:
+            raise FlowerDataError(f"this node cannot read MNIST from data_root={data_root!r}: {err}") from err
+    fdm = FederatedDataModule(train, test, num_clients=num_clients, partition=partition, alpha=alpha, seed=seed,
+                              batch_size=batch_size, **dict(extra))
+    fdm.setup("fit")
+    return fdm
+
+
+def _partition_id(context: Context, num_clients: int) -> int:
+    if PARTITION_KEY not in context.node_config:
+        raise FlowerDataError(
+            f"this node has no {PARTITION_KEY!r} in its node config (it has {sorted(context.node_config)}), so it "
+            f"cannot find its data partition; start it with --node-config \"{PARTITION_KEY}=<0..{num_clients - 1}>\""
+        )
+    k = context.node_config[PARTITION_KEY]
+    if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k < num_clients:
+        raise FlowerDataError(f"{PARTITION_KEY}={k!r} names no data partition; allowed ids are 0..{num_clients - 1}")
+    return k
+
+
+def save_partition(fdm: FederatedDataModule, client_id: int, path: str | os.PathLike) -> Path:
+    """Write client ``client_id``'s shard (inputs, labels, global ids) for a real node's disk."""
+    ds = fdm.client_dataset(client_id)
+    xs = torch.stack([ds[i][0] for i in range(len(ds))])
+    blob = {"x": xs, "y": dataset_targets(ds), "sample_ids": torch.as_tensor(fdm.client_indices(client_id)),
+            "client_id": int(client_id), "num_classes": int(fdm.num_classes), "batch_size": int(fdm.batch_size)}
+    return save_torch(blob, path)
+
+
+def file_partition(context: Context) -> ClientPartition:
+    """Deployment: the shard at ``node_config["data-path"]`` (written by :func:`save_partition`)."""
+    if DATA_PATH_KEY not in context.node_config:
+        raise FlowerDataError(
+            f"this node has no {DATA_PATH_KEY!r} in its node config (it has {sorted(context.node_config)}); start "
+            f"it with --node-config \"{DATA_PATH_KEY}='/path/to/client.pt'\""
+        )
+    path = Path(str(context.node_config[DATA_PATH_KEY]))
+    if not path.is_file():
+        raise FlowerDataError(f"{DATA_PATH_KEY}={str(path)!r} does not exist on this node: it cannot reach its data")
+    blob = load_torch_file(path, f"{DATA_PATH_KEY}")
+    missing = [k for k in ("x", "y", "sample_ids", "client_id", "num_classes", "batch_size") if k not in blob]
+    if missing:
+        raise FlowerDataError(f"{DATA_PATH_KEY}={str(path)!r} is not a partition file: it lacks {missing}")
+    dataset = TensorDataset(blob["x"], blob["y"])
+    try:  # the node's data, checked once before it takes part: finite inputs, labels in range
+        checked_targets(dataset, f"{DATA_PATH_KEY}={str(path)!r}", int(blob["num_classes"]))
+    except ValueError as err:
+        raise FlowerDataError(str(err)) from None
+    return ClientPartition(int(blob["client_id"]), dataset, blob["sample_ids"].numpy(),
+                           int(blob["num_classes"]), int(blob["batch_size"]))
