@@ -343,13 +343,15 @@ def cell_results(results_dir: Path = RESULTS) -> list[dict[str, Any]]:
 
 
 def render_page(results: Path = RESULTS) -> str:
-    """docs/benchmarks/population.md: the library default against retraining per cell, the evidence-against-share
-    curve, then every cell's full table."""
+    """docs/benchmarks/population.md: the library default against retraining per cell, the cells not run (with their
+    measured cost), the peers against the default, the evidence-against-share curve, then every cell's full table."""
     import pagekit
+    import population_cost
     import population_curve
 
     cells = cell_results(results)
     sources = [result_path(c["dataset"], c["architecture"], c["request"]).name for c in cells]
+    sources += [peers_file(results, c).name for c in cells if peers_file(results, c).exists()]
     lines = pagekit.header(
         "Population evidence: can an auditor tell unlearning from retraining?", "population.py", sources,
         ["OMP_NUM_THREADS=1 .venv/bin/python benchmarks/population.py --datasets DATASET --archs ARCH --requests "
@@ -376,8 +378,49 @@ def render_page(results: Path = RESULTS) -> str:
          for c in cells
          for d, h, o, band in [(population_curve.row(c, "default"), population_curve.row(c, population_curve.HALVES),
                                 population_curve.row(c, "original"), population_curve.band(c))]])
-    lines += [""] + population_curve.section(cells) + ["## Every cell, every method", "", INTRO, ""] + cell_sections(cells)
+    lines += [""] + population_cost.section(results, {(c["dataset"], c["architecture"]) for c in cells})
+    lines += peer_section(results, cells)
+    lines += population_curve.section(cells) + ["## Every cell, every method", "", INTRO, ""] + cell_sections(cells)
     return pagekit.finish(lines)
+
+
+def peers_file(results: Path, cell: dict[str, Any]) -> Path:
+    """The peers' results of a cell (written by benchmarks/peers/run_population.py)."""
+    return results / f"peers_{cell['dataset']}_{cell['architecture']}_{cell['request']}.json"
+
+
+def peer_section(results: Path, cells: list[dict[str, Any]]) -> list[str]:
+    """Per cell with peers' results (``peers_<cell>.json``, benchmarks/peers/): each peer's AUC and speed next to the
+    default's, and whether it has both a lower AUC and a lower cost (a higher speed-up over retraining, each
+    measured against retraining in its own run)."""
+    rows = []
+    for c in cells:
+        path = peers_file(results, c)
+        default = next((r for r in c["rows"] if r["method"] == "default"), None)
+        if not path.exists() or default is None:
+            continue
+        for r in json.loads(path.read_text())["rows"]:
+            if r["kind"] != "method":
+                continue
+            faster = (r.get("speedup") or 0) > (default.get("speedup") or 0)
+            beats = [m for m in ("raw", "cal") if faster and r[f"ulira_{m}"] < default[f"ulira_{m}"]]
+            rows.append([f"{c['dataset']} / {c['architecture']} / {c['request']}", r["method"],
+                         _fmt(r["forget_acc"], "pct"), _fmt(r["ulira_raw"], "f3"), _fmt(r["ulira_cal"], "f3"),
+                         _fmt(r.get("speedup"), "f1"), f"{_fmt(default['ulira_raw'], 'f3')} / "
+                         f"{_fmt(default['ulira_cal'], 'f3')} / {_fmt(default.get('speedup'), 'f1')}",
+                         " and ".join(beats) if beats else "no"])
+    if not rows:
+        return []
+    import pagekit
+
+    return ["## Peers against the default", "",
+            "The peers of the [peers page](peers.md) (SUPREME's own code at its own defaults, same cached populations) "
+            "next to the library default of the same cell. *Lower AUC and cost* names the U-LiRA view (raw, cal) on "
+            "which the peer has a lower AUC than the default while being faster relative to retraining (each speed-up "
+            "is retraining's CPU time over the method's, both timed in the run that produced the row; the peers "
+            "ran in their own process).", ""] + pagekit.table(
+        ["cell", "peer", "forget acc", "U-LiRA raw", "U-LiRA cal", "x faster", "default raw / cal / x faster",
+         "lower AUC and cost"], rows) + [""]
 
 
 def render_assets(results: Path, out: Path) -> list[Path]:
