@@ -318,6 +318,15 @@ INTRO = (
     "on test; samples: forget = forget-set accuracy, remaining = retain-train accuracy).")
 
 
+def library_note(res: dict[str, Any]) -> str:
+    """Which library commit the cell's last run used (recorded since the harness records it; older cells say nothing)."""
+    lib = res.get("library") or {}
+    if not lib.get("git_commit"):
+        return ""
+    edits = f" with uncommitted edits to {len(lib['uncommitted'])} library file(s)" if lib.get("uncommitted") else ""
+    return f", library at commit {lib['git_commit'][:7]}{edits}"
+
+
 def cell_sections(results: list[dict[str, Any]]) -> list[str]:
     """One section per cell: its settings, the command that measured it, and its table (reference rows in italics)."""
     out = []
@@ -327,7 +336,7 @@ def cell_sections(results: list[dict[str, Any]]) -> list[str]:
                 f"lr {res['recipe']['lr']:g} wd {res['recipe']['weight_decay']:g}{' + cosine' if res['recipe']['scheduler'] else ''}; "
                 f"{res['num_train']} train / {res['num_test']} test, {res['num_forget']} forget samples; originals' "
                 f"retain-train accuracy {100 * res['original_train_acc']:.1f}%; retraining {res['retrain_s']:.1f} CPU s. "
-                f"Command: `{res.get('command', '?')}` on {res.get('machine', '?')}.", "",
+                f"Command: `{res.get('command', '?')}` on {res.get('machine', '?')}{library_note(res)}.", "",
                 "| method | " + " | ".join(c[1] for c in COLUMNS) + " |", "|---" * (len(COLUMNS) + 1) + "|"]
         for r in res["rows"]:
             name = r["method"] if r["kind"] == "method" else f"*{r['method']}*"
@@ -430,6 +439,25 @@ def render_assets(results: Path, out: Path) -> list[Path]:
     return [population_curve.plot(cell_results(results), out / population_curve.FIGURE)]
 
 
+def library_state() -> dict[str, Any]:
+    """The library code this run uses: its git commit, whether lightning_unlearn/ has uncommitted edits, and the
+    SHA-256 of its sources as read at import (the default's cache key follows them: ``population_methods``)."""
+    import hashlib
+    import subprocess
+
+    from population_methods import default
+
+    def git(*cmd: str) -> str:
+        try:
+            return subprocess.run(["git", *cmd], cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
+        except (OSError, subprocess.CalledProcessError):
+            return ""
+
+    return {"git_commit": git("rev-parse", "HEAD") or None,
+            "uncommitted": git("status", "--porcelain", "--", "lightning_unlearn").splitlines(),
+            "sources_sha256": hashlib.sha256(default.fingerprint.encode()).hexdigest()}
+
+
 def merge(res: dict[str, Any], path: Path) -> dict[str, Any]:
     """Keep the method rows of an earlier run of this cell that this run did not redo (reference rows are redone)."""
     if not path.exists():
@@ -485,12 +513,13 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore", message=".*(val_dataloader|LeafSpec|stopped \\(plateau\\)).*")
     command = "OMP_NUM_THREADS=1 .venv/bin/python benchmarks/population.py " + shlex.join(argv if argv is not None else sys.argv[1:])
     machine = f"{platform.machine()} CPU, 1 thread (torch {torch.__version__}), shared 2-core host"
+    library = library_state()
     with quiet_lightning():
         for d in args.datasets:
             for a in args.archs:
                 for r in args.requests:
                     res = run_cell(d, a, r, args)
-                    res.update(command=command, machine=machine)
+                    res.update(command=command, machine=machine, library=library)
                     write_json(merge(res, result_path(d, a, r + args.out_suffix)), result_path(d, a, r + args.out_suffix))
     return 0
 

@@ -186,3 +186,18 @@ def test_peer_section_names_a_peer_with_a_lower_auc_and_a_lower_cost_than_the_de
             if line.startswith("| digits")}
     assert rows == {"fast_low": "raw", "slow_low": "no", "fast_both": "raw and cal"}
     assert population.peer_section(tmp_path, [{**cell, "request": "samples100"}]) == []
+
+
+def test_runs_record_the_library_they_used_and_the_page_names_its_commit():
+    """Each cell records the library's commit, its uncommitted files and the hash of the sources the default's cache
+    key follows, so rows measured at different library states can be told apart; the page names the commit."""
+    import hashlib
+
+    state = population.library_state()
+    assert state["sources_sha256"] == hashlib.sha256(pm._library_sources().encode()).hexdigest()
+    assert state["git_commit"] is None or len(state["git_commit"]) == 40
+    assert isinstance(state["uncommitted"], list)
+    res = {"library": {"git_commit": "0123456789abcdef" * 2 + "01234567", "uncommitted": [" M lightning_unlearn/x.py"]}}
+    assert population.library_note(res) == ", library at commit 0123456 with uncommitted edits to 1 library file(s)"
+    assert population.library_note({**res, "library": {**res["library"], "uncommitted": []}}) == ", library at commit 0123456"
+    assert population.library_note({}) == ""
