@@ -112,7 +112,8 @@ def federated_unlearn_checkpoint(
     """Run the federated unlearning protocol from a trained global model; returns (simulation, result)."""
     sim, _ = deployed_simulation(model, fdm, settings, seed)
     result = federated_unlearn(sim.model, sim.clients, fdm.request, config,
-                               rounds=settings.unlearn_rounds, fraction=settings.fraction)
+                               rounds=settings.unlearn_rounds, fraction=settings.fraction,
+                               trained_epochs=settings.rounds * settings.local_epochs)  # the head calibration's length
     result.metrics = sim.evaluate(result.model)
     return sim, result
 
