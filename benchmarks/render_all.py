@@ -26,7 +26,7 @@ PAGES_DIR = ROOT / "docs" / "benchmarks"
 PAGES = [
     "forgetting", "full_mnist_default", "evidence", "central", "core_mnist", "reset_digits", "ddp_digits",
     "federated_mnist", "federated_scale", "flower_overhead", "flower_deployment", "dp_mnist", "sisa", "ledger",
-    "population", "population_partial", "peers",
+    "population", "population_partial", "population_init", "peers",
 ]
 #: Pages whose renderer is not benchmarks/<name>.py: page -> script path under benchmarks/, without ".py".
 SCRIPTS = {"population_partial": "population_partial_table", "peers": "peers/run_population"}
