@@ -66,6 +66,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="remove the selected channels before the masked rounds (ours, its controls, random channels)")
     p.add_argument("--calibrate", default="auto", choices=("auto", "head", "none"),
                    help="head calibration of ours and its controls (auto: head on class requests)")
+    p.add_argument("--calibrate-epochs", type=steps, default="auto",
+                   help="rounds of the head calibration (one local epoch each); 'auto': FedAvg rounds x local epochs")
     p.add_argument("--score-samples", type=int, default=64, help="forget samples scored per client (at most)")
     p.add_argument("--forget-client", type=int, default=3)
     p.add_argument("--forget-class", type=int, default=3)
@@ -147,6 +149,7 @@ def main(argv=None) -> None:
     def ours(req, plan, reset, layers_=None, objective=args.objective):
         return federated_unlearn(sim.model, sim.clients, req, method=args.method, ratio=args.ratio, objective=objective,
                                  layers=layers_, max_samples=args.score_samples, reset=reset, calibrate=args.calibrate,
+                                 calibrate_epochs=args.calibrate_epochs,
                                  trained_epochs=args.rounds * sim.local_epochs, **rates, **common)
 
     runners = {
@@ -296,13 +299,13 @@ PAGE_SUMMARIES = [  # (summary file, heading); the current defaults first
 def _command(config: dict) -> str:
     """The command line that reproduces a summary, from the configuration it records."""
     parts = ["python benchmarks/federated_mnist.py --data-root ../shared/data/mnist"]
-    for key in ("prefix", "reset", "requests", "methods", "unlearn_steps", "calibrate"):
+    for key in ("prefix", "reset", "requests", "methods", "unlearn_steps", "calibrate", "calibrate_epochs"):
         if key in config and str(config[key]) != str(PAGE_DEFAULTS.get(key)):
             parts.append(f"--{key.replace('_', '-')} {config[key]}")
     return " ".join(parts)
 
 
-PAGE_DEFAULTS = {"prefix": "federated_mnist", "unlearn_steps": 5, "calibrate": "auto"}
+PAGE_DEFAULTS = {"prefix": "federated_mnist", "unlearn_steps": 5, "calibrate": "auto", "calibrate_epochs": "auto"}
 
 
 def render_page(results: Path) -> str:

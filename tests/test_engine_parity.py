@@ -121,7 +121,8 @@ def test_federated_and_flower_calibrate_alike(deployed):
     in_process = federated_unlearn(sim.model, sim.clients, REQUEST, **settings)
     model = MODEL_FN()
     model.load_state_dict(sim.model.state_dict())
-    grid = LocalGrid(make_client_app(MODEL_FN, PARTS), PARTS.num_clients)
+    # a calibration round is one local epoch under the clients' own Trainer options (the simulation's: 10 steps)
+    grid = LocalGrid(make_client_app(MODEL_FN, PARTS, trainer_kwargs={"max_steps": 10}), PARTS.num_clients)
     flower = run_server(grid, model, PARTS.num_clients, None, UnlearnPlan(REQUEST, rounds=1, evaluate=False, **settings),
                         timeout=30)
     assert in_process.config.calibrate == flower.plan.config.calibrate == "head"

@@ -76,7 +76,7 @@ def test_bad_stopping_settings_fail_in_one_line(bad, message):
 
 def test_federated_engine_budgets_one_local_epoch_per_round():
     cfg = UnlearnConfig().resolved(ForgetRequest(classes=[3]), "federated")
-    assert cfg.epochs == 1 and cfg.max_steps is None and cfg.reset == "dampen"
+    assert cfg.epochs == 1 and cfg.max_steps is None and cfg.reset == "none"  # class: no reset, then the calibration
 
 
 def test_auto_resolves_per_request_kind_centrally():
