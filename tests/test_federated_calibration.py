@@ -80,3 +80,29 @@ def test_head_feature_replies_keep_their_contract():
         pool_head_features([ok, extra], [3], 4, senders=[0, 1])
     with pytest.raises(ValueError, match=r"^client 0: head features count 2 values from 5 samples$"):
         pool_head_features([BatchNormStatsMessage(ok.moments, 5)], [3], 4, senders=[0])
+
+
+def test_calibration_rounds_fit_the_rows_on_head_features_computed_once_per_node(sim, monkeypatch):
+    """The calibration rounds run the central linear fit (no Lightning fit): each node computes its retain head
+    features once (the body does not change between calibration rounds) and reuses them in later rounds."""
+    from lightning_unlearn.federated import client
+
+    calls, fits = [], []
+    real_features, real_fit = client.head_features, client.local_fit
+
+    def counting_features(model, head, batches):
+        calls.append(len(batches.dataset))
+        return real_features(model, head, batches)
+
+    def no_calibration_fit(model, arrays, datamodule, config, *args, **kwargs):
+        fits.append(config.get("train_rows"))
+        return real_fit(model, arrays, datamodule, config, *args, **kwargs)
+
+    monkeypatch.setattr(client, "head_features", counting_features)
+    monkeypatch.setattr(client, "local_fit", no_calibration_fit)
+    # seed 1: a body no earlier test calibrated (the nodes' cache would answer for one)
+    result = federated_unlearn(sim.model, sim.clients, REQUEST, **dict(SETTINGS, calibrate_epochs=3, seed=1))
+    assert result.extra["calibration_rounds"] == 3
+    assert fits and all(rows is None for rows in fits)  # masked rounds only: the calibration trains no model
+    forget_calls = PARTS.num_clients  # the head-feature round (iid: every client holds class 3)
+    assert len(calls) == forget_calls + PARTS.num_clients  # retain features: once per node, not once per round

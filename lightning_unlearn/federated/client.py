@@ -11,6 +11,7 @@ in each message's config and every node resolves its own split. Nothing but the 
 from __future__ import annotations
 
 import functools
+import hashlib
 import inspect
 import json
 import time
@@ -55,7 +56,7 @@ from lightning_unlearn.federated.records import (
 from lightning_unlearn.federated.partitions import ClientPartition, FlowerDataError, file_partition
 from lightning_unlearn.federated.server import head_feature_key, statistic_masks
 from lightning_unlearn.metrics import accuracy
-from lightning_unlearn.repair.calibration import head_features, linear_head
+from lightning_unlearn.repair.calibration import fit_rows, head_features, linear_head, optimizer_recipe
 from lightning_unlearn.repair.objectives import FORGET_AWARE
 from lightning_unlearn.reset import selected_batchnorm_channels
 from lightning_unlearn.request import ForgetRequest
@@ -368,6 +369,84 @@ def _head_features(node: _Node, b: Broadcast) -> BatchNormStatsMessage:
     return BatchNormStatsMessage(moments, samples, {"local_compute_s": time.perf_counter() - t0})
 
 
+def _module_optimizer(model: pl.LightningModule) -> torch.optim.Optimizer:
+    """The first optimizer ``configure_optimizers`` returns (an optimizer, a list or tuple of them, or a dict or
+    a pair of lists with schedulers, as Lightning accepts)."""
+    out = model.configure_optimizers()
+    while isinstance(out, (list, tuple)) and out:
+        out = out[0]
+    if isinstance(out, dict):
+        out = out["optimizer"]
+    if not isinstance(out, torch.optim.Optimizer):
+        raise ValueError(f"the head calibration needs configure_optimizers to return a torch optimizer, got "
+                         f"{type(out).__name__}; allowed: an optimizer, a list of them, or Lightning's dict form")
+    return out
+
+
+def _local_epoch_steps(batches: int, trainer_kwargs: Mapping[str, Any] | None) -> int:
+    """Steps of one local epoch of ``batches`` batches under the clients' Trainer options (``limit_train_batches``
+    and ``max_steps``, as Lightning counts them), the length of a Lightning calibration round."""
+    kwargs = trainer_kwargs or {}
+    limit = kwargs.get("limit_train_batches")
+    if isinstance(limit, float):
+        batches = int(batches * limit)
+    elif isinstance(limit, int):
+        batches = min(batches, limit)
+    max_steps = kwargs.get("max_steps")
+    if isinstance(max_steps, int) and max_steps >= 0:
+        batches = min(batches, max_steps)
+    return batches
+
+
+def _retain_head_features(node: _Node, start: Mapping[str, Tensor], head: str) -> tuple[Tensor, Tensor]:
+    """The head's inputs and labels on the node's retain data for model ``start``, computed once per body: kept in
+    ``context.state`` under a digest of every array but the head's (the calibration rounds change only head rows)
+    and of the request, so later rounds of the same calibration reuse them."""
+    digest = hashlib.sha256(node.config.get("request", "").encode())
+    for name in sorted(start):
+        if name not in (f"{head}.weight", f"{head}.bias"):
+            digest.update(name.encode())
+            digest.update(start[name].detach().cpu().contiguous().numpy().tobytes())
+    key = torch.frombuffer(bytearray(digest.digest()), dtype=torch.uint8)
+    cached = record_to_arrays(node.state["head_features"]) if "head_features" in node.state else None
+    if cached is not None and torch.equal(cached["key"], key):
+        return cached["x"], cached["y"]
+    set_arrays(node.model, start)
+    x, y = head_features(node.model, linear_head(node.model, head), node.loader(node.subset("retain")))
+    node.state["head_features"] = arrays_to_record({"key": key, "x": x, "y": y})
+    return x, y
+
+
+def _calibration_update(node: _Node, start: dict[str, Tensor], rows_mask: ParameterMask,
+                        cfg: Mapping[str, Any]) -> MaskedUpdateMessage:
+    """A head-calibration round as the central :func:`~lightning_unlearn.repair.calibrate_head` fits: the rows the
+    server sent, fitted by :func:`~lightning_unlearn.repair.calibration.fit_rows` on the retain head features
+    (computed once per body, :func:`_retain_head_features`) for one local epoch (the clients' ``max_steps`` /
+    ``limit_train_batches`` apply, as to a Lightning epoch), shuffled by ``config["seed"]``. The optimizer is the
+    module's own class and settings (``optimizer_recipe``), fresh every round, as the Lightning rounds it replaces
+    (each a new ``Trainer.fit``) had it; the server re-averages the rows between rounds. No autograd through the
+    model and no Lightning fit: the user's callbacks do not run in these rounds."""
+    t0 = time.perf_counter()
+    head = linear_head(node.model, node.head)
+    rows = [int(r) for r in cfg["train_rows"]]
+    x, y = _retain_head_features(node, start, node.head)
+    set_arrays(node.model, start)
+    weight = start[f"{node.head}.weight"][rows].float().to(head.weight.device).requires_grad_(True)
+    bias = start[f"{node.head}.bias"][rows].float().to(head.weight.device).requires_grad_(True) \
+        if head.bias is not None else None
+    optimizer = optimizer_recipe(_module_optimizer(node.model))([weight] + ([bias] if bias is not None else []))
+    bs = node.part.batch_size
+    steps = _local_epoch_steps(-(-len(x) // bs), node.trainer_kwargs)
+    fit_start = time.perf_counter()
+    fit_rows(head, rows, weight, bias, x, y, optimizer, steps, bs, torch.Generator().manual_seed(int(cfg.get("seed", 0))))
+    with torch.no_grad():
+        start[f"{node.head}.weight"][rows] = weight.detach().to(start[f"{node.head}.weight"].dtype).cpu()
+        if bias is not None:
+            start[f"{node.head}.bias"][rows] = bias.detach().to(start[f"{node.head}.bias"].dtype).cpu()
+    metrics = {"local_compute_s": time.perf_counter() - fit_start, "fit_s": time.perf_counter() - t0}
+    return MaskedUpdateMessage(selected_values(start, rows_mask), len(node.subset("retain")), metrics)
+
+
 def _masked_update(node: _Node, b: Broadcast) -> MaskedUpdateMessage | None:
     """A masked local round from the deployed model with the broadcast selected values. ``config["mode"]``:
     ``"train"`` updates the selected channels; ``"prune"`` (CDP) zeroes them and updates everything else.
@@ -381,7 +460,7 @@ def _masked_update(node: _Node, b: Broadcast) -> MaskedUpdateMessage | None:
             start[n] = torch.where(m, torch.zeros_like(start[n]), start[n])
     cfg, seed = b.config, int(b.config.get("seed", 0))
     if cfg.get("train_rows") is not None:  # head calibration: the values of ``mask`` arrive, only these rows train
-        mask = node.head_rows(mask, cfg["train_rows"])
+        return _calibration_update(node, start, node.head_rows(mask, cfg["train_rows"]), cfg)
     objective = cfg.get("objective", "retain")
     if objective in FORGET_AWARE and node.split is not None and len(node.split.forget):
         dm = UnlearningDataModule(node.part.dataset, node.part.dataset, node.request, node.part.batch_size, seed=seed,

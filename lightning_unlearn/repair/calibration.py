@@ -31,7 +31,7 @@ from lightning_unlearn.data.batches import eval_batches
 
 log = logging.getLogger(__name__)
 
-__all__ = ["calibrate_head", "head_features", "initial_rows", "linear_head", "optimizer_recipe", "require_rows_in_mask"]
+__all__ = ["calibrate_head", "fit_rows", "head_features", "initial_rows", "linear_head", "optimizer_recipe", "require_rows_in_mask"]
 
 OptimizerFactory = Callable[[list[Tensor]], Optimizer]
 
@@ -127,6 +127,53 @@ def head_features(model: nn.Module, head: nn.Linear, batches: Iterable) -> tuple
     return torch.cat(feats).flatten(1), torch.cat(labels)
 
 
+def fit_rows(
+    head: nn.Linear,
+    rows: Sequence[int],
+    weight: Tensor,
+    bias: Tensor | None,
+    x: Tensor,
+    y: Tensor,
+    optimizer: Optimizer,
+    steps: int,
+    batch_size: int,
+    generator: torch.Generator,
+) -> None:
+    """Fit rows ``rows`` of ``head`` (their float32 values ``weight``/``bias``, the parameters of ``optimizer``) for
+    ``steps`` steps of mean cross-entropy over all logits on head features ``x`` with labels ``y``, the other rows
+    fixed as in ``head``; batches of ``batch_size`` in an order reshuffled by ``generator`` every pass over ``x``.
+    The softmax gradient is written by hand: the other rows' logits are computed once. Shared by
+    :func:`calibrate_head` and the federated clients' calibration rounds."""
+    device, has_bias = head.weight.device, head.bias is not None
+    index = torch.tensor(list(rows), device=device)
+    with torch.no_grad():
+        # the other rows' logits never change: their softmax denominator is summed once (shifted for stability)
+        kept = torch.ones(head.out_features, dtype=torch.bool, device=device)
+        kept[index] = False
+        base = F.linear(x, head.weight.float()[kept], head.bias.float()[kept] if has_bias else None)
+        if kept.any():
+            shift = base.max(1, keepdim=True).values
+            others = (base - shift).exp().sum(1, keepdim=True)
+        else:  # every row refit
+            shift = others = torch.zeros(len(x), 1, device=device)
+        is_row = (y[:, None] == index[None]).float()  # one-hot of the refit rows (0 on retain samples of a class request)
+    per_epoch = -(-len(x) // batch_size)
+    order = torch.arange(len(x))
+    for step in range(steps):
+        if step % per_epoch == 0:
+            order = torch.randperm(len(x), generator=generator)
+        j = order[(step % per_epoch) * batch_size:][:batch_size].to(device)
+        with torch.no_grad():
+            logits = x[j] @ weight.T + (bias if bias is not None else 0)
+            e = (logits - shift[j]).exp()
+            p = e / (others[j] + e.sum(1, keepdim=True))  # softmax probability of each refit row
+            g = (p - is_row[j]) / len(j)  # d mean cross-entropy / d refit-row logits
+            weight.grad = g.T @ x[j]
+            if bias is not None:
+                bias.grad = g.sum(0)
+        optimizer.step()
+
+
 def calibrate_head(
     model: nn.Module,
     retain_loader: Iterable,
@@ -155,41 +202,13 @@ forget data: each re-initialised row starts with a non-positive component along 
         x, y = head_features(model, head, retain_loader)
         forget = head_features(model, head, forget_loader) if forget_loader is not None else None
     bs = int(batch_size or getattr(retain_loader, "batch_size", None) or 64)
-    device, has_bias = head.weight.device, head.bias is not None
+    has_bias = head.bias is not None
     weight, bias = initial_rows(head, rows, seed, forget)
     weight.requires_grad_(True)
     if bias is not None:
         bias.requires_grad_(True)
-    params = [weight] + ([bias] if bias is not None else [])
-    optimizer = optimizer_factory(params)
-    index = torch.tensor(rows, device=device)
-    with torch.no_grad():
-        # the other rows' logits never change: their softmax denominator is summed once (shifted for stability)
-        kept = torch.ones(head.out_features, dtype=torch.bool, device=device)
-        kept[index] = False
-        base = F.linear(x, head.weight.float()[kept], head.bias.float()[kept] if has_bias else None)
-        if kept.any():
-            shift = base.max(1, keepdim=True).values
-            others = (base - shift).exp().sum(1, keepdim=True)
-        else:  # every row refit
-            shift = others = torch.zeros(len(x), 1, device=device)
-        is_row = (y[:, None] == index[None]).float()  # one-hot of the refit rows (0 on retain samples of a class request)
-    generator = torch.Generator().manual_seed(seed)
-    per_epoch = -(-len(x) // bs)
-    order = torch.arange(len(x))
-    for step in range(steps):
-        if step % per_epoch == 0:
-            order = torch.randperm(len(x), generator=generator)
-        j = order[(step % per_epoch) * bs:][:bs].to(device)
-        with torch.no_grad():
-            logits = x[j] @ weight.T + (bias if bias is not None else 0)
-            e = (logits - shift[j]).exp()
-            p = e / (others[j] + e.sum(1, keepdim=True))  # softmax probability of each refit row
-            g = (p - is_row[j]) / len(j)  # d mean cross-entropy / d refit-row logits
-            weight.grad = g.T @ x[j]
-            if bias is not None:
-                bias.grad = g.sum(0)
-        optimizer.step()
+    optimizer = optimizer_factory([weight] + ([bias] if bias is not None else []))
+    fit_rows(head, rows, weight, bias, x, y, optimizer, steps, bs, torch.Generator().manual_seed(seed))
     with torch.no_grad():
         head.weight[rows] = weight.detach().to(head.weight.dtype)
         if bias is not None:
