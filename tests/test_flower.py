@@ -23,7 +23,7 @@ from lightning_unlearn.federated.flower import FedAvgPlan, UnlearnPlan, run_flow
 from lightning_unlearn.federated.client import client_split
 from lightning_unlearn.federated.flower.server_app import run_server
 from lightning_unlearn.federated.partitions import FlowerDataError, file_partition, save_partition
-from lightning_unlearn.federated.records import (
+from lightning_unlearn.federated.messages import (
     broadcast_to_content,
     content_to_broadcast,
     content_to_reply,

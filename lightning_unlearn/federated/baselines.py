@@ -1,12 +1,4 @@
-"""Federated baselines on the same clients and request as :func:`federated_unlearn`.
-
-* :func:`federated_retrain` - FedAvg from scratch without the forget data: the exact reference.
-* :func:`federated_finetune` - every channel trainable on retain data, same rounds as ours.
-* :func:`federated_random_channels` - channels drawn at random at our ratio: does explanation matter?
-* :func:`federated_cdp` - Wang et al. (WWW'22): TF-IDF of channel activations, prune the most
-  discriminative channels of the forget data, then fine-tune the rest.
-* :func:`federated_eraser` - Liu et al. (IWQoS'21): replay the stored rounds with calibrated updates.
-"""
+"""Federated baselines on the same clients and request as :func:`federated_unlearn`."""
 from __future__ import annotations
 
 import copy
@@ -125,9 +117,8 @@ def federated_random_channels(
 def cdp_tfidf(docs: Mapping[str, Mapping[str, Tensor]]) -> dict[str, dict[str, Tensor]]:
     """TF-IDF of channels (terms) over documents (the forget set and each retained class), per layer.
 
-    TF: a channel's share of the document's total activation. A channel "occurs" in a document
-    when its activation there is above its mean over documents; IDF = ln((1+D)/(1+df)) + 1 (the
-    smoothed form scikit-learn uses), so channels firing for few documents weigh more.
+    A channel "occurs" in a document when its activation there is above its mean over documents; IDF is
+    scikit-learn's smoothed ln((1+D)/(1+df)) + 1.
     """
     names = list(docs)
     layers = list(next(iter(docs.values())))
@@ -167,11 +158,7 @@ def federated_cdp(
     max_samples: int | None = 256, seed: int = 0,
 ) -> FederatedUnlearningResult:
     """CDP: clients send per-document mean channel activations; the server prunes (zeroes) the
-    channels with the highest TF-IDF for the forget document, then the federation fine-tunes the rest.
-
-    For class requests the forget document is the class (the original method); for client and
-    sample requests it is the forget set, against each retained class.
-    """
+    channels with the highest TF-IDF for the forget document, then the federation fine-tunes the rest."""
     fed = _federation(clients, plan)
     t0 = time.perf_counter()
     head = [i.out_channels for i in layers.values() if i.is_head]

@@ -1,14 +1,7 @@
 """An in-process Flower ``Grid``: the server's messages are answered by a ``ClientApp`` in this process.
 
-The server code talks to a :class:`flwr.serverapp.Grid`; a deployment hands it the SuperLink's grid, and
-:class:`LocalGrid` answers the same messages by calling the ClientApp with each node's own ``Context``
-(``context.state`` persists between messages, as a SuperNode keeps it). So in-process runs and deployed runs
-execute the same server and client code.
-
-Flower 1.42 stamps an instruction ``Message`` with the task identity its runtime sets when it launches a
-ServerApp; outside a Flower run ``Message(content, dst_node_id=..., message_type=...)`` raises. Server code
-therefore creates its messages with :func:`new_message`, which asks a :class:`LocalGrid` for one carrying the
-public ``flwr.app.Metadata`` and uses Flower's constructor on any other grid.
+Outside a Flower run, Flower 1.42's ``Message(content, dst_node_id=...)`` raises (it stamps the runtime's task
+identity), so server code builds messages with :func:`new_message`, which asks a :class:`LocalGrid` for one.
 """
 from __future__ import annotations
 
@@ -30,10 +23,8 @@ FIRST_NODE_ID = 1_000  # node ids of the local clients: FIRST_NODE_ID + partitio
 class LocalGrid(Grid):
     """``num_nodes`` nodes in this process, node ``FIRST_NODE_ID + k`` with ``node_config["partition-id"] = k``.
 
-    ``node_configs`` adds per-node settings; ``run_config`` is every node's ``context.run_config``. A ClientApp
-    error is raised here, where it happened (a deployed node would send an error reply instead). With
-    ``record = True`` every exchange is kept in ``log`` as ``(partition id, message type, message, reply)``,
-    so a test can assert on exactly what crossed the boundary.
+    A ClientApp error is raised here, where it happened; with ``record = True`` every exchange is kept in ``log``
+    as ``(partition id, message type, message, reply)`` for tests.
     """
 
     def __init__(self, app: ClientApp, num_nodes: int, node_configs: Sequence[Mapping[str, Any]] | None = None,

@@ -1,9 +1,4 @@
-"""The federated side of ``lightning-unlearn fit | unlearn | evaluate``: the config, not code, switches to it.
-
-A config whose ``data`` is a :class:`~lightning_unlearn.data.FederatedDataModule` (with a ``request``
-attribute, as the presets have) runs these instead of ``Trainer.fit``; the ``federated:`` section
-of the config is :class:`FederatedSettings`.
-"""
+"""The federated side of ``lightning-unlearn fit | unlearn | evaluate``: the config, not code, switches to it."""
 from __future__ import annotations
 
 import logging
@@ -76,10 +71,7 @@ def _simulation(model: pl.LightningModule, fdm: FederatedDataModule, s: Federate
 
 def federated_fit(model: pl.LightningModule, fdm: FederatedDataModule, settings: FederatedSettings, seed: int = 0,
                   echo: Callable[[str], None] | None = None) -> Path:
-    """FedAvg training; writes ``<output_dir>/original.ckpt`` (a new name if it exists). Resumes from round checkpoints.
-
-    The summary lines (and the clients' privacy budget for DP runs) go to ``echo`` (default: the module logger).
-    """
+    """FedAvg training; writes ``<output_dir>/original.ckpt`` (a new name if it exists). Resumes from round checkpoints."""
     dp = settings.dp_target_epsilon is not None or settings.dp_noise_multiplier is not None
     if dp:
         from lightning_unlearn.privacy.federated import attach_settings_dp, prepare_model

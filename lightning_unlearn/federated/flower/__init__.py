@@ -1,10 +1,4 @@
-"""Flower apps for the federated training and unlearning protocol (extra ``flower``).
-
-The ``ClientApp`` (:func:`~lightning_unlearn.federated.make_client_app`) is the protocol's own,
-the ``ServerApp`` (:func:`make_server_app`) runs :func:`~.server_app.run_server`, the phases the in-process
-simulation runs on its :class:`~lightning_unlearn.federated.grid.LocalGrid`; ``app`` holds ready-made apps for
-``flwr run``.
-"""
+"""Flower apps for the federated training and unlearning protocol (extra ``flower``)."""
 from __future__ import annotations
 
 import importlib.util

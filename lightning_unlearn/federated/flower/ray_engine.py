@@ -31,14 +31,7 @@ def run_flower_simulation(
     timeout: float = 3600,
     verbose: bool = False,
 ) -> FlowerRunResult:
-    """Train (``train``) and/or unlearn (``unlearn``) with ``num_clients`` simulated Flower nodes.
-
-    ``model_fn`` builds the model on the server and in each worker; the server starts from
-    ``initial_model``'s arrays when given (e.g. an already trained model, with ``train=None``).
-    ``partitions`` gives each node its data (:class:`FederatedPartitions` for a simulated
-    federation). Ray gets ``total_cpus`` (default: all) and runs ``total_cpus / client_cpus``
-    clients at once. Returns the :class:`FlowerRunResult`; ``out_dir`` also saves it.
-    """
+    """Train (``train``) and/or unlearn (``unlearn``) with ``num_clients`` simulated Flower nodes."""
     require_ray()
     if isinstance(num_clients, bool) or not isinstance(num_clients, int) or num_clients < 1:
         raise ValueError(f"num_clients must be an integer >= 1, got {num_clients!r}")
