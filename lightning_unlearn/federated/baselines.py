@@ -12,28 +12,18 @@ import torch
 from torch import Tensor
 
 from lightning_unlearn._training import reinitialize
-from lightning_unlearn.scoring.layers import LayerInfo
-from lightning_unlearn.data.federated import FederatedForgetPlan
-from lightning_unlearn.mask.arrays import get_arrays, set_arrays
-from lightning_unlearn.federated.federation import Federation, as_federation
-from lightning_unlearn.federated.messages import (
-    Broadcast,
-    ParametersMessage,
-    ScoresMessage,
-    check_arrays,
-    check_upward,
-)
 from lightning_unlearn.config import UnlearnConfig
+from lightning_unlearn.data.federated import FederatedForgetPlan
+from lightning_unlearn.federated.federation import Federation, as_federation
 from lightning_unlearn.federated.fedavg import UpdateStore, run_fedavg
+from lightning_unlearn.federated.messages import Broadcast, ParametersMessage, ScoresMessage, check_arrays, check_upward
 from lightning_unlearn.federated.protocol import (
-    FederatedUnlearningResult,
-    all_channels,
-    masked_rounds,
-    remove,
-    round_bytes,
-    unlearn_config,
+    FederatedUnlearningResult, all_channels, masked_rounds, remove, round_bytes, unlearn_config,
 )
+from lightning_unlearn.federated.server import aggregate_scores
 from lightning_unlearn.mask import ParameterMask, select_channels
+from lightning_unlearn.mask.arrays import get_arrays, set_arrays
+from lightning_unlearn.scoring.layers import LayerInfo
 from lightning_unlearn.orchestration import prepare
 
 
@@ -133,23 +123,16 @@ def cdp_tfidf(docs: Mapping[str, Mapping[str, Tensor]]) -> dict[str, dict[str, T
     return out
 
 
-def _cdp_documents(replies: Sequence[ScoresMessage]) -> tuple[dict[str, dict[str, Tensor]], dict]:
-    """Count-weighted mean activation per document over clients (server side)."""
-    replies = check_upward(replies, (ScoresMessage,))
-    contract = {n: ((out,), None) for n, (out, _, _) in replies[0].layers.items()} if replies else {}
-    for i, m in enumerate(replies):
-        if m.layers != replies[0].layers:
-            raise ValueError(f"reply {i}: ScoresMessage describes other layers than reply 0")
-        check_arrays(m.scores, contract, f"reply {i}", "ScoresMessage", f"the {len(contract)} scored layers",
-                     vector=("scores", "channels"))
-    grouped: dict[str, list[ScoresMessage]] = {}
-    for m in replies:
-        grouped.setdefault(m.tag, []).append(m)
-    docs = {}
-    for tag, msgs in grouped.items():
-        total = sum(m.num_samples for m in msgs)
-        docs[tag] = {n: sum(m.scores[n].double() * m.num_samples for m in msgs).float() / total for n in msgs[0].scores}
-    return docs, replies[0].layers
+def _cdp_documents(pairs: Sequence[tuple[int, ScoresMessage]]) -> dict[str, dict[str, Tensor]]:
+    """Count-weighted mean activation per document over the clients that hold it (server side)."""
+    by_tag: dict[str, list[tuple[int, ScoresMessage]]] = {}
+    for cid, m in pairs:
+        by_tag.setdefault(m.tag if isinstance(m, ScoresMessage) else "", []).append((cid, m))
+    docs = {tag: aggregate_scores([m for _, m in p], [c for c, _ in p], tag=tag) for tag, p in by_tag.items()}
+    layers = {tag: d.layers for tag, d in docs.items()}
+    if any(v != next(iter(layers.values())) for v in layers.values()):
+        raise ValueError("CDP replies describe other layers for different documents")
+    return {tag: dict(d) for tag, d in docs.items()}
 
 
 def federated_cdp(
@@ -163,11 +146,10 @@ def federated_cdp(
     t0 = time.perf_counter()
     head = [i.out_channels for i in layers.values() if i.is_head]
     documents = ["forget", *(f"class_{c}" for c in range(head[0] if head else 0))]
-    replies: list[ScoresMessage] = []
+    replies: list[tuple[int, ScoresMessage]] = []
     for doc in documents:  # one query per document; a client holding none of it sends nothing
-        replies += [m for _, m in fed.ask(Broadcast({}, {"max_samples": max_samples, "document": doc}), "query.cdp",
-                                          "cdp_stats")]
-    docs, _ = _cdp_documents(replies)
+        replies += fed.ask(Broadcast({}, {"max_samples": max_samples, "document": doc}), "query.cdp", "cdp_stats")
+    docs = _cdp_documents(replies)
     if "forget" not in docs:
         raise ValueError("no client holds data to forget: CDP has no forget document")
     tfidf = cdp_tfidf(docs)["forget"]

@@ -138,23 +138,11 @@ class LibraryFedAvg(FedAvg):
 
 
 def run_fedavg(
-    model: nn.Module,
-    clients: Any,
-    rounds: int,
-    fraction: float = 1.0,
-    local_epochs: int = 1,
-    seed: int = 0,
-    data: str = "all",
-    evaluate: Callable[[nn.Module], Mapping[str, float]] | None = None,
-    checkpoint_dir: str | os.PathLike | None = None,
-    resume: bool = False,
-    store_every: int | None = None,
-    deploy: bool = True,
-    local_config: Mapping[str, Any] | None = None,
-    label: str = "fedavg",
-    participants: Sequence[int] | None = None,
-    run_key: Mapping[str, str] | None = None,
-    progress: bool = True,
+    model: nn.Module, clients: Any, rounds: int, fraction: float = 1.0, local_epochs: int = 1, seed: int = 0,
+    data: str = "all", evaluate: Callable[[nn.Module], Mapping[str, float]] | None = None,
+    checkpoint_dir: str | os.PathLike | None = None, resume: bool = False, store_every: int | None = None,
+    deploy: bool = True, local_config: Mapping[str, Any] | None = None, label: str = "fedavg",
+    participants: Sequence[int] | None = None, run_key: Mapping[str, str] | None = None, progress: bool = True,
 ) -> FedAvgResult:
     """Federated averaging: ``rounds`` rounds of local Lightning training on a sampled ``fraction`` of clients.
 

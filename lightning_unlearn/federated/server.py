@@ -75,9 +75,11 @@ def _check_layers_against_model(layers: Mapping[str, tuple], model: nn.Module, w
 
 
 def aggregate_scores(
-    messages: Sequence[ScoresMessage], senders: Sequence[int] | None = None, model: nn.Module | None = None
+    messages: Sequence[ScoresMessage], senders: Sequence[int] | None = None, model: nn.Module | None = None,
+    tag: str = "forget",
 ) -> ChannelScores:
-    """Count-weighted mean of the clients' channel scores: the score of the union of their forget sets."""
+    """Count-weighted mean of the clients' channel scores of document ``tag``: the score of the union of their
+    forget sets (or, for CDP, of one document's samples)."""
     messages = check_upward(messages, (ScoresMessage,), senders)
     if not messages:
         raise ValueError("no client holds data to forget: no scores to aggregate")
@@ -92,8 +94,8 @@ def aggregate_scores(
     contract = {n: ((out,), None) for n, (out, _, _) in first.items()}
     for i, m in enumerate(messages):
         who = sender_label(senders, i)
-        if m.tag != "forget":
-            raise ValueError(f"{who}: ScoresMessage tag {m.tag!r} in the scoring round (expected 'forget')")
+        if m.tag != tag:
+            raise ValueError(f"{who}: ScoresMessage tag {m.tag!r} in the scoring round (expected {tag!r})")
         if dict(m.layers) != first:
             diff = sorted(set(m.layers) ^ set(first)) or sorted(n for n in first if m.layers[n] != first[n])
             raise ValueError(f"{who}: ScoresMessage layers differ from {sender_label(senders, 0)}'s at {short_repr(diff[0])}")

@@ -1,6 +1,7 @@
 """One call to run the protocol on Flower's simulation engine (Ray), results back in-process."""
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
 from typing import Any, Callable, Mapping, Sequence
@@ -10,7 +11,6 @@ from flwr.app import Context
 from lightning.pytorch.callbacks import Callback
 
 from lightning_unlearn.mask.arrays import set_arrays
-from lightning_unlearn.federated.flower import require_ray
 from lightning_unlearn.federated.client import make_client_app
 from lightning_unlearn.federated.partitions import ClientPartition
 from lightning_unlearn.federated.flower.server_app import FedAvgPlan, FlowerRunResult, UnlearnPlan, make_server_app
@@ -32,7 +32,9 @@ def run_flower_simulation(
     verbose: bool = False,
 ) -> FlowerRunResult:
     """Train (``train``) and/or unlearn (``unlearn``) with ``num_clients`` simulated Flower nodes."""
-    require_ray()
+    if importlib.util.find_spec("ray") is None:
+        raise ImportError('Flower simulation needs Ray (flwr[simulation]), which is not installed: '
+                          'pip install "lightning-unlearn[flower]"')
     if isinstance(num_clients, bool) or not isinstance(num_clients, int) or num_clients < 1:
         raise ValueError(f"num_clients must be an integer >= 1, got {num_clients!r}")
     if not client_cpus > 0:
