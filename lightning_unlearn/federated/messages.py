@@ -392,10 +392,10 @@ def reply_to_content(reply: _Reply | None) -> RecordDict:
     if not isinstance(reply, UPWARD):
         raise TypeError(f"a client may only send {[t.__name__ for t in UPWARD]}, got {type(reply).__name__}")
     meta: dict[str, Any] = {"kind": reply.KIND}
-    metrics = {k: float(v) for k, v in getattr(reply, "metrics", {}).items()}
+    metrics = {**{k: float(v) for k, v in getattr(reply, "metrics", {}).items()}, COUNT_KEY: reply.num_samples}
     if isinstance(reply, ScoresMessage):
         meta.update(method=reply.method, tag=reply.tag, layers=json.dumps({n: list(v) for n, v in reply.layers.items()}))
-    records: dict[str, Any] = {"reply": ConfigRecord(meta), "metrics": MetricRecord({**metrics, COUNT_KEY: reply.num_samples})}
+    records: dict[str, Any] = {"reply": ConfigRecord(meta), "metrics": MetricRecord(metrics)}
     pack(records, "arrays", reply.tensors)
     return RecordDict(records)
 
