@@ -318,6 +318,15 @@ INTRO = (
     "on test; samples: forget = forget-set accuracy, remaining = retain-train accuracy).")
 
 
+def library_note(res: dict[str, Any]) -> str:
+    """Which library commit the cell's last run used (recorded since the harness records it; older cells say nothing)."""
+    lib = res.get("library") or {}
+    if not lib.get("git_commit"):
+        return ""
+    edits = f" with uncommitted edits to {len(lib['uncommitted'])} library file(s)" if lib.get("uncommitted") else ""
+    return f", library at commit {lib['git_commit'][:7]}{edits}"
+
+
 def cell_sections(results: list[dict[str, Any]]) -> list[str]:
     """One section per cell: its settings, the command that measured it, and its table (reference rows in italics)."""
     out = []
@@ -327,7 +336,7 @@ def cell_sections(results: list[dict[str, Any]]) -> list[str]:
                 f"lr {res['recipe']['lr']:g} wd {res['recipe']['weight_decay']:g}{' + cosine' if res['recipe']['scheduler'] else ''}; "
                 f"{res['num_train']} train / {res['num_test']} test, {res['num_forget']} forget samples; originals' "
                 f"retain-train accuracy {100 * res['original_train_acc']:.1f}%; retraining {res['retrain_s']:.1f} CPU s. "
-                f"Command: `{res.get('command', '?')}` on {res.get('machine', '?')}.", "",
+                f"Command: `{res.get('command', '?')}` on {res.get('machine', '?')}{library_note(res)}.", "",
                 "| method | " + " | ".join(c[1] for c in COLUMNS) + " |", "|---" * (len(COLUMNS) + 1) + "|"]
         for r in res["rows"]:
             name = r["method"] if r["kind"] == "method" else f"*{r['method']}*"
@@ -343,13 +352,15 @@ def cell_results(results_dir: Path = RESULTS) -> list[dict[str, Any]]:
 
 
 def render_page(results: Path = RESULTS) -> str:
-    """docs/benchmarks/population.md: the library default against retraining per cell, the evidence-against-share
-    curve, then every cell's full table."""
+    """docs/benchmarks/population.md: the library default against retraining per cell, the cells not run (with their
+    measured cost), the peers against the default, the evidence-against-share curve, then every cell's full table."""
     import pagekit
+    import population_cost
     import population_curve
 
     cells = cell_results(results)
     sources = [result_path(c["dataset"], c["architecture"], c["request"]).name for c in cells]
+    sources += [peers_file(results, c).name for c in cells if peers_file(results, c).exists()]
     lines = pagekit.header(
         "Population evidence: can an auditor tell unlearning from retraining?", "population.py", sources,
         ["OMP_NUM_THREADS=1 .venv/bin/python benchmarks/population.py --datasets DATASET --archs ARCH --requests "
@@ -376,8 +387,49 @@ def render_page(results: Path = RESULTS) -> str:
          for c in cells
          for d, h, o, band in [(population_curve.row(c, "default"), population_curve.row(c, population_curve.HALVES),
                                 population_curve.row(c, "original"), population_curve.band(c))]])
-    lines += [""] + population_curve.section(cells) + ["## Every cell, every method", "", INTRO, ""] + cell_sections(cells)
+    lines += [""] + population_cost.section(results, {(c["dataset"], c["architecture"]) for c in cells})
+    lines += peer_section(results, cells)
+    lines += population_curve.section(cells) + ["## Every cell, every method", "", INTRO, ""] + cell_sections(cells)
     return pagekit.finish(lines)
+
+
+def peers_file(results: Path, cell: dict[str, Any]) -> Path:
+    """The peers' results of a cell (written by benchmarks/peers/run_population.py)."""
+    return results / f"peers_{cell['dataset']}_{cell['architecture']}_{cell['request']}.json"
+
+
+def peer_section(results: Path, cells: list[dict[str, Any]]) -> list[str]:
+    """Per cell with peers' results (``peers_<cell>.json``, benchmarks/peers/): each peer's AUC and speed next to the
+    default's, and whether it has both a lower AUC and a lower cost (a higher speed-up over retraining, each
+    measured against retraining in its own run)."""
+    rows = []
+    for c in cells:
+        path = peers_file(results, c)
+        default = next((r for r in c["rows"] if r["method"] == "default"), None)
+        if not path.exists() or default is None:
+            continue
+        for r in json.loads(path.read_text())["rows"]:
+            if r["kind"] != "method":
+                continue
+            faster = (r.get("speedup") or 0) > (default.get("speedup") or 0)
+            beats = [m for m in ("raw", "cal") if faster and r[f"ulira_{m}"] < default[f"ulira_{m}"]]
+            rows.append([f"{c['dataset']} / {c['architecture']} / {c['request']}", r["method"],
+                         _fmt(r["forget_acc"], "pct"), _fmt(r["ulira_raw"], "f3"), _fmt(r["ulira_cal"], "f3"),
+                         _fmt(r.get("speedup"), "f1"), f"{_fmt(default['ulira_raw'], 'f3')} / "
+                         f"{_fmt(default['ulira_cal'], 'f3')} / {_fmt(default.get('speedup'), 'f1')}",
+                         " and ".join(beats) if beats else "no"])
+    if not rows:
+        return []
+    import pagekit
+
+    return ["## Peers against the default", "",
+            "The peers of the [peers page](peers.md) (SUPREME's own code at its own defaults, same cached populations) "
+            "next to the library default of the same cell. *Lower AUC and cost* names the U-LiRA view (raw, cal) on "
+            "which the peer has a lower AUC than the default while being faster relative to retraining (each speed-up "
+            "is retraining's CPU time over the method's, both timed in the run that produced the row; the peers "
+            "ran in their own process).", ""] + pagekit.table(
+        ["cell", "peer", "forget acc", "U-LiRA raw", "U-LiRA cal", "x faster", "default raw / cal / x faster",
+         "lower AUC and cost"], rows) + [""]
 
 
 def render_assets(results: Path, out: Path) -> list[Path]:
@@ -385,6 +437,25 @@ def render_assets(results: Path, out: Path) -> list[Path]:
     import population_curve
 
     return [population_curve.plot(cell_results(results), out / population_curve.FIGURE)]
+
+
+def library_state() -> dict[str, Any]:
+    """The library code this run uses: its git commit, whether lightning_unlearn/ has uncommitted edits, and the
+    SHA-256 of its sources as read at import (the default's cache key follows them: ``population_methods``)."""
+    import hashlib
+    import subprocess
+
+    from population_methods import default
+
+    def git(*cmd: str) -> str:
+        try:
+            return subprocess.run(["git", *cmd], cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
+        except (OSError, subprocess.CalledProcessError):
+            return ""
+
+    return {"git_commit": git("rev-parse", "HEAD") or None,
+            "uncommitted": git("status", "--porcelain", "--", "lightning_unlearn").splitlines(),
+            "sources_sha256": hashlib.sha256(default.fingerprint.encode()).hexdigest()}
 
 
 def merge(res: dict[str, Any], path: Path) -> dict[str, Any]:
@@ -442,12 +513,13 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore", message=".*(val_dataloader|LeafSpec|stopped \\(plateau\\)).*")
     command = "OMP_NUM_THREADS=1 .venv/bin/python benchmarks/population.py " + shlex.join(argv if argv is not None else sys.argv[1:])
     machine = f"{platform.machine()} CPU, 1 thread (torch {torch.__version__}), shared 2-core host"
+    library = library_state()
     with quiet_lightning():
         for d in args.datasets:
             for a in args.archs:
                 for r in args.requests:
                     res = run_cell(d, a, r, args)
-                    res.update(command=command, machine=machine)
+                    res.update(command=command, machine=machine, library=library)
                     write_json(merge(res, result_path(d, a, r + args.out_suffix)), result_path(d, a, r + args.out_suffix))
     return 0
 

@@ -44,7 +44,10 @@ class RequestLike(Protocol):
     classes: Sequence[int]
 
 #: What ``"auto"`` resolves to on each engine. In a federation retain-only masked rounds with the forgotten head
-#: rows at 10x (a forget term on shared body channels cost 1-8 points of remaining accuracy there).
+#: rows at 10x (a forget term on shared body channels cost 1-8 points of remaining accuracy there); class requests
+#: run the central procedure: no reset, then refit the forgotten head rows in federated rounds (``calibrate="head"``;
+#: on MNIST, docs/benchmarks/federated_mnist.md, a dampening reset before it lost 0.6 points of remaining accuracy,
+#: relearned faster and cost a statistics round).
 #: One row per request kind, so a default changes in one line. Centrally (population benchmark, digits and an
 #: MNIST subset, per-example U-LiRA against retrained populations, docs/benchmarks/population.md): class requests
 #: repair on retain data without a reset, then refit the forgotten head rows on retain features
@@ -57,14 +60,15 @@ AUTO: dict[str, dict[str, Any]] = {
         "head_lr_scale": None,
     },
     "federated": {
-        "class": {"objective": "retain", "reset": "dampen", "calibrate": "none"},
+        "class": {"objective": "retain", "reset": "none", "calibrate": "head"},
         "sample": {"objective": "retain", "reset": "dampen", "calibrate": "none"},
         "head_lr_scale": 10.0,
     },
 }
-#: What the federated engine cannot run yet: the held-out target and the head calibration need the original's
-#: outputs on the retain / forget data, which the server never sees.
-CENTRAL_ONLY = {"objective": ("heldout",), "calibrate": ("head",)}
+#: What the federated engine cannot run yet: the held-out target needs the original's outputs on the retain /
+#: forget data, which the server never sees. (The head calibration runs federated: clients send each forgotten
+#: class's summed forget head features and train the re-initialised rows in masked rounds.)
+CENTRAL_ONLY = {"objective": ("heldout",)}
 
 #: ``max_steps="auto"`` centrally: two epochs of retain batches, at most :data:`AUTO_STEPS_MAX` optimizer
 #: steps and at least :data:`AUTO_STEPS_MIN`. The repair restores what the reset removed; beyond ~6,400 retain
@@ -118,9 +122,11 @@ class UnlearnConfig:
         calibrate: after the repair, ``"head"`` re-initialises the forgotten classes' head rows (the layer's own
             initialisation, seeded) and fits them on retain features computed once, with the module's optimizer
             for ``calibrate_epochs`` epochs of retain batches: how retraining pushes a never-seen class down.
-            Class requests only, central engine; ``"none"``: no calibration; ``"auto"``: see :data:`AUTO`.
+            Class requests only; federated, clients send each forgotten class's summed forget head features and
+            train the re-initialised rows in masked rounds; ``"none"``: no calibration; ``"auto"``: see :data:`AUTO`.
         calibrate_epochs: epochs of the head calibration; ``"auto"``: the original's training epochs when the
-            caller knows them (the CLI reads them from ``--ckpt_path``), else :data:`CALIBRATE_EPOCHS_FALLBACK`.
+            caller knows them (the CLI reads them from ``--ckpt_path``; federated: FedAvg rounds x local epochs,
+            one local epoch per calibration round), else :data:`CALIBRATE_EPOCHS_FALLBACK`.
     """
 
     method: str | Callable[..., Any] = "grad_x_act"
@@ -227,7 +233,7 @@ class UnlearnConfig:
         reset = auto[kind]["reset"] if isinstance(self.reset, str) and self.reset == "auto" else self.reset
         if federated:
             for name, value in (("objective", objective), ("calibrate", calibrate)):
-                if value in CENTRAL_ONLY[name]:
+                if value in CENTRAL_ONLY.get(name, ()):
                     raise ValueError(f"{name}={value!r} runs on the central engine only; allowed federated "
                                      f"{name}s are {[v for v in _choices(name) if v not in CENTRAL_ONLY[name]]}")
         if calibrate == "head" and not request.classes:

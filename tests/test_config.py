@@ -56,7 +56,8 @@ def test_defaults_live_in_one_place_and_auto_resolves_per_engine():
     assert (central.objective, central.head_lr_scale) == (AUTO["central"]["class"]["objective"], AUTO["central"]["head_lr_scale"])
     assert (central.reset, central.calibrate) == (AUTO["central"]["class"]["reset"], AUTO["central"]["class"]["calibrate"])
     assert UnlearnConfig().reset == "auto" and (central.reset, federated.reset) == ("none", "dampen")  # today's defaults
-    assert (central.objective, central.calibrate, federated.calibrate) == ("retain", "head", "none")
+    assert (central.objective, central.calibrate, federated.calibrate) == ("retain", "head", "head")
+    assert UnlearnConfig().resolved(sample, "federated").calibrate == "none"
     central_sample = UnlearnConfig().resolved(sample, "central")
     assert (central_sample.objective, central_sample.reset, central_sample.calibrate) == ("heldout", "none", "none")
     assert (federated.objective, federated.head_lr_scale) == ("retain", 10.0)

@@ -1,6 +1,7 @@
 """One code path for score -> select -> reset: the central callback and the federated phases, on the in-process
 simulation's clients and on the Flower apps' ClientApp (both on a LocalGrid), reach the same mask and the same
-reset values.
+reset values; with the head calibration (a class request's default) the simulation and the Flower apps reach the
+same final model.
 
 The engines score the same forget data in different places (the central view of the federation's data; each
 client on its shard, averaged by count on the server), so the scores agree to float rounding; the mask and
@@ -20,7 +21,8 @@ from lightning.pytorch.callbacks import Callback
 
 from lightning_unlearn import ForgetRequest, UnlearnConfig
 from lightning_unlearn.callbacks import SelectiveUnlearning
-from lightning_unlearn.federated import FederatedSimulation
+from lightning_unlearn.federated import FederatedSimulation, federated_unlearn
+from lightning_unlearn.federated.flower.server_app import UnlearnPlan, run_server
 from lightning_unlearn.federated.fedavg import deploy_model
 from lightning_unlearn.federated.federation import Federation
 from lightning_unlearn.federated import FederatedPartitions, make_client_app
@@ -108,3 +110,23 @@ def test_central_federated_and_flower_select_and_reset_alike(deployed, reset):
                 assert torch.equal(value, central_state[key]), (name, key)  # every parameter, bit for bit
         changed = [k for k in mask.masks if not torch.equal(state[k], original[k])]
         assert changed and all(mask.masks[k].any() for k in changed), (name, changed)  # only selected slices moved
+
+
+def test_federated_and_flower_calibrate_alike(deployed):
+    """The whole federated procedure with the head calibration (``calibrate="auto"``: head on a class request):
+    ``federated_unlearn`` on the simulation's clients and ``run_server`` on the Flower ClientApp run the same phases
+    and end at the same mask and the same parameters, bit for bit."""
+    sim = deployed
+    settings = dict(ratio=0.1, max_samples=100_000, max_steps=3, calibrate_epochs=2, seed=0)
+    in_process = federated_unlearn(sim.model, sim.clients, REQUEST, **settings)
+    model = MODEL_FN()
+    model.load_state_dict(sim.model.state_dict())
+    grid = LocalGrid(make_client_app(MODEL_FN, PARTS), PARTS.num_clients)
+    flower = run_server(grid, model, PARTS.num_clients, None, UnlearnPlan(REQUEST, rounds=1, evaluate=False, **settings),
+                        timeout=30)
+    assert in_process.config.calibrate == flower.plan.config.calibrate == "head"
+    assert flower.mask.sha256() == in_process.mask.sha256() and len(flower.calibration) == 2
+    final = get_arrays(in_process.model)
+    assert not torch.equal(final["fc2.weight"][3], sim.model.fc2.weight[3])  # the forgotten row was refit
+    for key, value in final.items():
+        assert torch.equal(flower.arrays[key], value), key

@@ -120,8 +120,9 @@ def _fedavg(model, clients):
 
 
 def _unlearn(model, clients):
-    # the masked rounds' contract; the statistics round of reset="reinit" has its own (test_federated_reset.py)
-    return federated_unlearn(model, _fed(clients), ForgetRequest(classes=[3]), rounds=2, reset="none")
+    # the masked rounds' contract; the statistics round of reset="reinit" has its own (test_federated_reset.py), the
+    # head calibration's feature round too (test_federated_calibration.py)
+    return federated_unlearn(model, _fed(clients), ForgetRequest(classes=[3]), rounds=2, reset="none", calibrate="none")
 
 
 def _swap(message, **changes):

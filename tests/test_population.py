@@ -141,3 +141,63 @@ def test_curve_counts_the_default_share_as_the_mask_unlearn_builds():
     assert shares["headfit"] == (head.in_features + 1) / total
     assert shares["headfit"] < shares["gradmask_10_headfit_b6"] < shares["gradmask_30_headfit_b6"] < 1.0
     assert shares["distill_headfit_b6"] == 1.0
+
+
+def test_cost_estimate_scales_one_timed_batch_to_the_cell_and_the_page_lists_cells_without_results(tmp_path):
+    """population_cost times a batch of the plain loop, scales it to K x (1 + 3.5 x requests) trainings of the
+    schedule, and the page's "Cells not run" section shows that estimate for a pair without results."""
+    import json
+    import types
+
+    import population_cost
+
+    args = types.SimpleNamespace(batches=1, k=8)
+    res = population_cost.measure("digits", "MLP", args)
+    spec = population.DATASETS["digits"]
+    assert res["samples_timed"] == spec.batch_size and res["num_train"] > spec.batch_size
+    assert res["epoch_cpu_s"] == pytest.approx(res["timed_cpu_s"] * res["num_train"] / spec.batch_size)
+    assert res["cell_trainings"] == 8 * (1 + 3.5 * len(population.REQUESTS))
+    assert res["cell_cpu_s"] == pytest.approx(res["epoch_cpu_s"] * spec.epochs * res["cell_trainings"])
+    res.update(command="cmd", machine="here")
+    population_cost.cost_path("digits", "MLP", tmp_path).write_text(json.dumps(res))
+    present = {(d, a) for d in population.DATASETS for a in population.ARCHS} - {("digits", "MLP"), ("mnist", "MLP")}
+    lines = population_cost.section(tmp_path, present)
+    rows = [line for line in lines if line.startswith("| digits") or line.startswith("| mnist")]
+    assert [r.split(" | ")[0] for r in rows] == ["| digits / MLP", "| mnist / MLP"]
+    assert "`cmd` on here" in rows[0] and rows[1].endswith("not measured |")
+    assert population_cost.section(tmp_path, present | {("digits", "MLP"), ("mnist", "MLP")}) == []
+
+
+def test_peer_section_names_a_peer_with_a_lower_auc_and_a_lower_cost_than_the_default(tmp_path):
+    """The page's peer check: a peer is named on the views (raw, cal) where its AUC is lower while its speed-up over
+    retraining is higher; a slower peer with lower AUCs is not."""
+    import json
+
+    def method(name, raw, cal, speedup):
+        return {"method": name, "kind": "method", "forget_acc": 0.0, "ulira_raw": raw, "ulira_cal": cal,
+                "speedup": speedup}
+
+    cell = {"dataset": "digits", "architecture": "MLP", "request": "class3",
+            "rows": [{"method": "original", "kind": "reference"}, method("default", 0.8, 0.7, 10.0)]}
+    peers = {"rows": [{"method": "original", "kind": "reference"}, method("fast_low", 0.6, 0.75, 20.0),
+                      method("slow_low", 0.5, 0.5, 5.0), method("fast_both", 0.7, 0.6, 11.0)]}
+    population.peers_file(tmp_path, cell).write_text(json.dumps(peers))
+    rows = {line.split(" | ")[1]: line.split(" | ")[-1].rstrip(" |") for line in population.peer_section(tmp_path, [cell])
+            if line.startswith("| digits")}
+    assert rows == {"fast_low": "raw", "slow_low": "no", "fast_both": "raw and cal"}
+    assert population.peer_section(tmp_path, [{**cell, "request": "samples100"}]) == []
+
+
+def test_runs_record_the_library_they_used_and_the_page_names_its_commit():
+    """Each cell records the library's commit, its uncommitted files and the hash of the sources the default's cache
+    key follows, so rows measured at different library states can be told apart; the page names the commit."""
+    import hashlib
+
+    state = population.library_state()
+    assert state["sources_sha256"] == hashlib.sha256(pm._library_sources().encode()).hexdigest()
+    assert state["git_commit"] is None or len(state["git_commit"]) == 40
+    assert isinstance(state["uncommitted"], list)
+    res = {"library": {"git_commit": "0123456789abcdef" * 2 + "01234567", "uncommitted": [" M lightning_unlearn/x.py"]}}
+    assert population.library_note(res) == ", library at commit 0123456 with uncommitted edits to 1 library file(s)"
+    assert population.library_note({**res, "library": {**res["library"], "uncommitted": []}}) == ", library at commit 0123456"
+    assert population.library_note({}) == ""

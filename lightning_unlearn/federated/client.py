@@ -41,8 +41,9 @@ from lightning_unlearn.federated.messages import (
     reply_to_content, short_repr,
 )
 from lightning_unlearn.federated.partitions import ClientPartition, FlowerDataError, file_partition
-from lightning_unlearn.federated.server import statistic_masks
+from lightning_unlearn.federated.server import head_feature_key, statistic_masks
 from lightning_unlearn.metrics import accuracy
+from lightning_unlearn.repair.calibration import head_features, linear_head
 from lightning_unlearn.repair.objectives import FORGET_AWARE
 from lightning_unlearn.reset import selected_batchnorm_channels
 from lightning_unlearn.request import ForgetRequest
@@ -255,6 +256,21 @@ class _Node:
             return ParameterMask({n: ~m for n, m in selected.masks.items()}, selected.channels), selected
         return selected, None
 
+    @functools.cached_property
+    def head(self) -> str:
+        heads = [n for n, i in self.layers.items() if i.is_head]
+        if not heads:
+            raise ValueError(f"client {self.part.client_id}: the model has no classifier head to calibrate")
+        return heads[0]
+
+    def head_rows(self, mask: ParameterMask, rows: Sequence[int]) -> ParameterMask:
+        """The head calibration's mask: head rows ``rows`` only, which must lie inside ``mask`` (the values sent)."""
+        trained = ParameterMask.from_channels(self.model, {self.head: [int(r) for r in rows]}, {})
+        if any(bool((m & ~mask.masks[k]).any()) for k, m in trained.masks.items()):
+            raise ValueError(f"client {self.part.client_id}: calibration rows {list(rows)} of {self.head!r} are not "
+                             "inside the channel mask")
+        return trained
+
     def start(self, mask: ParameterMask, values: Mapping[str, Tensor]) -> dict[str, Tensor]:
         """The deployed arrays with the broadcast selected values written in: parameter slices, and (after a
         reset) the running statistics of the selected BatchNorm channels. Any other key is refused."""
@@ -320,6 +336,26 @@ def _bn_stats(node: _Node, b: Broadcast) -> BatchNormStatsMessage | None:
     return BatchNormStatsMessage(moments, n, {"local_compute_s": time.perf_counter() - t0})
 
 
+def _head_features(node: _Node, b: Broadcast) -> BatchNormStatsMessage:
+    """Head calibration: per forgotten class (``config["classes"]``) the count, sum and sum of squares of the head's
+    input over the local forget samples of that class, on the deployed model with the broadcast selected values
+    (the model after the masked rounds). A node without forget data sends zeros, so every node answers alike."""
+    mask, _ = node.mask(b)
+    head = linear_head(node.model, node.head)
+    classes = [int(c) for c in b.config["classes"]]
+    moments = {head_feature_key(c): torch.zeros(3, head.in_features, dtype=torch.float64) for c in classes}
+    t0, samples = time.perf_counter(), 0
+    if node.split is not None and len(node.split.forget):
+        set_arrays(node.model, node.start(mask, b.arrays))
+        feats, labels = head_features(node.model, head, node.loader(node.subset("forget")))
+        for c in classes:
+            x = feats[labels == c].double().cpu()
+            moments[head_feature_key(c)] = torch.stack([torch.full((x.shape[1],), float(len(x)), dtype=torch.float64),
+                                                        x.sum(0), x.square().sum(0)])
+            samples += len(x)
+    return BatchNormStatsMessage(moments, samples, {"local_compute_s": time.perf_counter() - t0})
+
+
 def _masked_update(node: _Node, b: Broadcast) -> MaskedUpdateMessage | None:
     """A masked local round from the deployed model with the broadcast selected values. ``config["mode"]``:
     ``"train"`` updates the selected channels; ``"prune"`` (CDP) zeroes them and updates everything else.
@@ -332,6 +368,8 @@ def _masked_update(node: _Node, b: Broadcast) -> MaskedUpdateMessage | None:
         if bool(m.any()):
             start[n] = torch.where(m, torch.zeros_like(start[n]), start[n])
     cfg, seed = b.config, int(b.config.get("seed", 0))
+    if cfg.get("train_rows") is not None:  # head calibration: the values of ``mask`` arrive, only these rows train
+        mask = node.head_rows(mask, cfg["train_rows"])
     objective = cfg.get("objective", "retain")
     if objective in FORGET_AWARE and node.split is not None and len(node.split.forget):
         dm = UnlearningDataModule(node.part.dataset, node.part.dataset, node.request, node.part.batch_size, seed=seed,
@@ -366,7 +404,7 @@ def _evaluate(node: _Node, b: Broadcast) -> RecordDict:
 #: message type -> handler; every handler gets the node's view and the decoded broadcast.
 HANDLERS: dict[str, Callable[[_Node, Broadcast], Any]] = {
     "train": _fit, "query.score": _score, "query.cdp": _cdp, "query.bn_stats": _bn_stats,
-    "train.unlearn": _masked_update,
+    "train.unlearn": _masked_update, "query.head_features": _head_features,
 }
 
 
@@ -390,7 +428,8 @@ def make_client_app(
 
     Message types: ``train`` (FedAvg), ``query.hello`` (client id), ``query.deploy`` (keep the global model),
     ``query.score``, ``query.cdp`` (CDP's statistic), ``query.bn_stats`` (after a reset), ``train.unlearn``
-    (a masked round) and ``evaluate``. ``partition_fn`` (default: the shard file of a deployed node,
+    (a masked round), ``query.head_features`` (head calibration) and ``evaluate``. ``partition_fn`` (default: the
+    shard file of a deployed node,
     :func:`~lightning_unlearn.federated.partitions.file_partition`) finds the node's data; ``model_fn`` may take
     the node's ``Context`` (to read ``run_config``).
     ``model_fn``, ``partition_fn`` and ``callbacks_fn`` must pickle for Flower's worker processes

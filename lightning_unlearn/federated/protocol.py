@@ -23,7 +23,7 @@ import copy
 import logging
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Mapping, Sequence
 
 import lightning.pytorch as pl
@@ -36,6 +36,7 @@ from lightning_unlearn.federated.federation import Federation, as_federation
 from lightning_unlearn.federated.messages import Broadcast, ByteCounter, check_metrics
 from lightning_unlearn.federated.server import (
     aggregate_scores,
+    pool_head_features,
     check_fraction,
     check_rounds,
     masked_aggregate,
@@ -47,6 +48,7 @@ from lightning_unlearn.federated.server import (
 from lightning_unlearn.mask import ParameterMask
 from lightning_unlearn.mask.arrays import get_arrays, selected_values, set_arrays
 from lightning_unlearn.orchestration import apply_reset, prepare
+from lightning_unlearn.repair.calibration import initial_rows, linear_head, require_rows_in_mask
 from lightning_unlearn.request import ForgetRequest
 from lightning_unlearn.result import UnlearningResult
 from lightning_unlearn.scoring.channels import ChannelScores
@@ -117,7 +119,7 @@ def round_config(config: Mapping[str, Any], r: int) -> dict[str, Any]:
 
 def masked_broadcast(
     current: Mapping[str, Tensor], mask: ParameterMask, config: Mapping[str, Any], r: int, send_mask: bool,
-    statistics: Mapping[str, Tensor] | None = None,
+    statistics: Mapping[str, Tensor] | None = None, values_always: bool = False,
 ) -> Broadcast:
     """Masked round ``r``'s broadcast.
 
@@ -125,9 +127,10 @@ def masked_broadcast(
     After a reset every round sends the selected slices and the running statistics of the selected
     BatchNorm channels (``statistics``: :func:`~lightning_unlearn.reset.selected_batchnorm_channels`).
     ``send_mask``: the channel indices travel too (round 0, or the first round after a server restart).
+    ``values_always``: round 0 sends the selected slices too (the head calibration starts from the repaired model).
     """
     values: dict[str, Tensor] = {}
-    if r > 0 or statistics is not None:
+    if r > 0 or statistics is not None or values_always:
         values = selected_values(current, mask)
     if statistics is not None:
         values.update(selected_statistics(current, statistics))
@@ -207,6 +210,7 @@ def masked_rounds(
     current: Mapping[str, Tensor] | None = None,
     evaluate: bool = False,
     after_round: Callable[[int, dict, list, list], None] | None = None,
+    train: ParameterMask | None = None,
 ) -> tuple[dict[str, Tensor], list[dict], list[dict]]:
     """Masked FedAvg rounds ``first_round .. rounds - 1`` from ``current`` (default: ``reference``); returns the
     global arrays, per-round rows and (``evaluate``) the clients' accuracies after each round.
@@ -218,6 +222,9 @@ def masked_rounds(
     selected slices of the round's replies are averaged (by sample count); every other element is copied from
     ``reference``. Clients that do not answer are dropped if ``fed.min_clients`` did. ``after_round(r, current,
     history, evaluation)`` runs after each round (the server checkpoint).
+
+    ``train`` (the head calibration): a sub-mask of ``mask``. Every round then carries ``mask``'s current values
+    (round 0 too), clients train only ``train``'s elements (``config["train_rows"]``) and only those are averaged.
     """
     check_rounds(rounds)
     check_fraction(fraction)
@@ -227,10 +234,11 @@ def masked_rounds(
     history: list[dict] = []
     evaluation: list[dict] = []
     has_mask: set[int] = set()
+    averaged = mask if train is None else train
     for r in range(first_round, rounds):
         t0, tag = time.perf_counter(), f"{label}/{r}"
         picked = [c for c in (int(i) for i in sample_clients(sorted(fed.nodes), fraction, seed, r)) if c in fed.active]
-        down = {send: masked_broadcast(current, mask, config, r, send, statistics)
+        down = {send: masked_broadcast(current, mask, config, r, send, statistics, values_always=train is not None)
                 for send in (True, False)}
         pairs = fed.ask({c: down[c not in has_mask] for c in picked}, "train.unlearn", tag, dropouts=True,
                         what=f"unlearning round {r}")
@@ -239,7 +247,7 @@ def masked_rounds(
         if not replies and len(picked) == len(fed.nodes):
             raise ValueError("no client has retain data for the masked rounds")
         if replies:
-            current = masked_aggregate(reference, mask, replies, senders=[c for c, _ in pairs])
+            current = masked_aggregate(reference, averaged, replies, senders=[c for c, _ in pairs])
         else:
             rank_zero_warn(f"masked round {r}: none of the sampled clients {picked} has retain data; the selected "
                            "values stay as they are")
@@ -258,6 +266,97 @@ def masked_rounds(
     return current, history, evaluation
 
 
+def check_calibration(model: torch.nn.Module, mask: ParameterMask, config: UnlearnConfig, classes: Sequence[int],
+                      auto: bool) -> UnlearnConfig:
+    """Before any removal: ``calibrate="head"`` needs a Linear head whose rows ``classes`` the mask selects. Asked
+    explicitly, a model or mask without them fails with one line; asked by ``"auto"`` the calibration is left out
+    with a warning (as centrally), and the config without it is returned."""
+    if config.calibrate != "head":
+        return config
+    try:
+        name = _head_name(model, mask)
+        linear_head(model, name)
+        require_rows_in_mask(mask.masks, name, classes)
+    except ValueError as err:
+        if not auto:
+            raise
+        rank_zero_warn(f"federated unlearning: no head calibration ({err})")
+        return replace(config, calibrate="none")
+    return config
+
+
+def calibration_config(config: UnlearnConfig, rows: Sequence[int]) -> dict[str, Any]:
+    """Settings of the calibration rounds: one local epoch of retain data (capped by ``max_steps``) with the
+    module's own optimizer at its own rate, only head rows ``rows`` training, BatchNorm statistics fixed."""
+    return {"objective": "retain", "epochs": 1, "max_steps": config.max_steps, "seed": config.seed, "lr_scale": 1.0,
+            "bn_stats": "frozen", "mode": "train", "train_rows": [int(r) for r in rows]}
+
+
+def calibrate(
+    fed: Federation,
+    model: torch.nn.Module,
+    current: Mapping[str, Tensor],
+    mask: ParameterMask,
+    config: UnlearnConfig,
+    *,
+    statistics: Mapping[str, Tensor] | None = None,
+    trained_epochs: int | None = None,
+    fraction: float = 1.0,
+) -> tuple[dict[str, Tensor], list[dict]]:
+    """``calibrate="head"`` after the masked rounds, as centrally (:func:`~lightning_unlearn.repair.calibrate_head`):
+    re-initialise the forgotten classes' head rows and fit them on retain data, everything else as ``current``.
+
+    1. Head-feature round: every client sends, per forgotten class, the count, sum and sum of squares of the head's
+       input on its forget samples of that class (zeros without any); the server pools the mean forget feature.
+    2. The server re-initialises the rows (seeded, :func:`~lightning_unlearn.repair.calibration.initial_rows`: a
+       row may not start out favouring its class's mean forget feature), a head-only change: no statistics round.
+    3. :func:`masked_rounds` that train only those rows on the clients' retain data with their own optimizer, one
+       local epoch per round, ``config.calibration_epochs(trained_epochs)`` rounds. ``"auto"`` is the FedAvg
+       training's rounds x local epochs when known (the central rule: the original's schedule is how long
+       retraining pushes a never-seen class down), else 10. Rounds of one epoch re-average the rows as often as
+       FedAvg did: clients with different classes would otherwise pull their rows apart.
+
+    ``model`` (the server's copy) receives ``current`` with the new rows; returns the final arrays and the
+    calibration rounds' rows. Every element outside the head rows is ``current``'s, bit for bit.
+    """
+    classes = sorted(int(c) for c in fed.request.classes) if fed.request is not None else []
+    if not classes:
+        raise ValueError("calibrate='head' needs a class request; allowed for other requests: calibrate='none'")
+    set_arrays(model, current)
+    name = _head_name(model, mask)
+    head = linear_head(model, name)
+    require_rows_in_mask(mask.masks, name, classes)
+    values = selected_values(current, mask)
+    if statistics is not None:
+        values.update(selected_statistics(current, statistics))
+    down = Broadcast(values, {"classes": classes}, {k: tuple(v) for k, v in mask.channels.items()})
+    pairs = fed.ask(down, "query.head_features", "head_features", dropouts=True, what="head-feature round")
+    means = pool_head_features([m for _, m in pairs], classes, head.in_features, senders=[c for c, _ in pairs])
+    forget = (torch.stack([means[c] for c in means]), torch.tensor(list(means))) if means else None
+    weight, bias = initial_rows(head, classes, config.seed, forget)
+    with torch.no_grad():
+        head.weight[classes] = weight.to(head.weight.dtype)
+        if bias is not None:
+            head.bias[classes] = bias.to(head.bias.dtype)
+    start = get_arrays(model)
+    rows = ParameterMask.from_channels(model, {name: classes}, {})
+    rounds = config.calibration_epochs(trained_epochs)
+    out, history, _ = masked_rounds(fed, start, mask, rounds, calibration_config(config, classes),
+                                    statistics=statistics, fraction=fraction, seed=config.seed, label="calibrate",
+                                    train=rows)
+    set_arrays(model, out)
+    log.info("head calibration: rows %s of %s refit in %d federated round(s)", classes, name, rounds)
+    return out, history
+
+
+def _head_name(model: torch.nn.Module, mask: ParameterMask) -> str | None:
+    """The classifier head the server calibrates: the last ``nn.Linear`` of ``model`` (the layer
+    :func:`~lightning_unlearn.scoring.layers.discover_layers` marks ``is_head`` on a classifier; the server holds no
+    input to run it). None without one (:func:`linear_head` then names what is there)."""
+    linear = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+    return linear[-1] if linear else None
+
+
 def federated_unlearn(
     model: pl.LightningModule,
     clients: Any,
@@ -267,6 +366,7 @@ def federated_unlearn(
     rounds: int = 1,
     fraction: float = 1.0,
     inplace: bool = False,
+    trained_epochs: int | None = None,
     **overrides: Any,
 ) -> FederatedUnlearningResult:
     """Make the federation forget ``request`` by updating only the channels that explain the forget data.
@@ -283,6 +383,9 @@ def federated_unlearn(
     client: the scores and the moments are count-weighted sums over the whole federation's forget / retain
     data, and a sample of them would select (and re-estimate) different channels.
 
+    ``trained_epochs``: the FedAvg training's rounds x local epochs, the length of the head calibration
+    (``calibrate="head"``, see :func:`calibrate`) when ``calibrate_epochs="auto"``; None: 10.
+
     Defaults (``"auto"``, see :data:`~lightning_unlearn.config.AUTO`): retain-only updates, explained channels at
     the user's rate (``lr_scale=1``) and the forgotten classes' head rows at 10x. The head rows are used by no
     other class and must move far (their logit has to lose every argmax); the explained body channels are
@@ -290,12 +393,14 @@ def federated_unlearn(
     """
     check_rounds(rounds)
     check_fraction(fraction)
-    cfg = UnlearnConfig.build(config, **overrides).resolved(request, "federated")
+    asked = UnlearnConfig.build(config, **overrides)
+    cfg = asked.resolved(request, "federated")
     fed = as_federation(clients)
     fed.request = request
     work = model if inplace else copy.deepcopy(model)
     t0 = time.perf_counter()
     scores, mask = select(fed, work, cfg)
+    cfg = check_calibration(work, mask, cfg, request.classes, auto=asked.calibrate == "auto")
     t1 = time.perf_counter()
     statistics = remove(fed, work, mask, cfg)
     t2 = time.perf_counter()
@@ -303,13 +408,28 @@ def federated_unlearn(
                                         statistics=statistics, fraction=fraction, seed=cfg.seed)
     set_arrays(work, current)
     t3 = time.perf_counter()
-    timings = {"scoring": t1 - t0, **({"reset": t2 - t1} if cfg.reset != "none" else {}), "unlearning": t3 - t1,
-               "total": t3 - t0}
+    calibration: list[dict] = []
+    if cfg.calibrate == "head":
+        current, calibration = calibrate(fed, work, current, mask, cfg, statistics=statistics,
+                                         trained_epochs=trained_epochs, fraction=fraction)
+    t4 = time.perf_counter()
+    timings = {"scoring": t1 - t0, **({"reset": t2 - t1} if cfg.reset != "none" else {}), "unlearning": t4 - t1,
+               **({"calibration": t4 - t3} if calibration else {}), "total": t4 - t0}
+    extra: dict[str, Any] = {"rounds": rounds, "fraction": fraction}
+    if calibration:
+        extra.update(calibration_rounds=len(calibration), calibration=calibration)
     return FederatedUnlearningResult(
-        work, mask, timings_s=timings, scores=scores, extra={"rounds": rounds, "fraction": fraction},
+        work, mask, timings_s=timings, scores=scores, extra=extra,
         method="selective", config=cfg, history=history, traffic=fed.traffic,
-        bytes=round_bytes(history, _total(fed, "score"), _total(fed, "bn_stats")),
+        bytes={**round_bytes(history, _total(fed, "score"), _total(fed, "bn_stats")), **calibration_bytes(fed)},
     )
+
+
+def calibration_bytes(fed: Federation) -> dict[str, int]:
+    """Bytes (down + up) of the head calibration: its feature round and all its rounds (empty when it did not run)."""
+    features = _total(fed, "head_features")
+    rounds = sum(b.total for label, b in fed.traffic.payload.items() if label.startswith("calibrate/"))
+    return {"calibration_features": features, "calibration": features + rounds} if features or rounds else {}
 
 
 def _total(fed: Federation, label: str) -> int:

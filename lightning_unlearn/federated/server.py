@@ -187,6 +187,45 @@ def pool_batchnorm_moments(
     return pooled
 
 
+def head_feature_key(c: int) -> str:
+    """The key of class ``c``'s head-feature moments in a :class:`BatchNormStatsMessage` (head calibration)."""
+    return f"class_{int(c)}"
+
+
+def pool_head_features(
+    messages: Sequence[BatchNormStatsMessage],
+    classes: Sequence[int],
+    features: int,
+    senders: Sequence[int] | None = None,
+) -> dict[int, Tensor]:
+    """Class -> mean head feature of the clients' forget samples of that class (classes no client holds are left out).
+
+    Each reply holds one float64 ``(3, features)`` tensor per class (count, sum, sum of squares of the head's input
+    over the client's forget samples of that class; zeros without any), the counts summing to ``num_samples``.
+    Sums pool exactly, so the mean is the one over the union of the clients' forget data.
+    """
+    messages = check_upward(messages, (BatchNormStatsMessage,), senders)
+    contract = {head_feature_key(c): ((3, int(features)), torch.float64) for c in classes}
+    for i, m in enumerate(messages):
+        who = sender_label(senders, i)
+        check_arrays(m.moments, contract, who, "BatchNormStatsMessage", f"the {len(contract)} forgotten classes")
+        counts = [m.moments[k][0] for k in contract]
+        for k, count in zip(contract, counts):
+            if not bool((count == count[0]).all()) or float(count[0]) != math.floor(float(count[0])) or count[0] < 0:
+                raise ValueError(f"{who}: head features {k!r} count row must be one whole number >= 0 shared by "
+                                 f"every feature, got {short_repr(count.tolist())}")
+        if int(sum(float(c[0]) for c in counts)) != m.num_samples:
+            raise ValueError(f"{who}: head features count {int(sum(float(c[0]) for c in counts))} values from "
+                             f"{m.num_samples} samples")
+    pooled = {}
+    for c in classes:
+        count, total, _ = sum((m.moments[head_feature_key(c)] for m in messages),
+                              torch.zeros(3, int(features), dtype=torch.float64))
+        if float(count[0]) > 0:
+            pooled[int(c)] = (total / float(count[0])).float()
+    return pooled
+
+
 @torch.no_grad()
 def write_batchnorm_statistics(
     model: nn.Module, channels: Mapping[str, Tensor], pooled: Mapping[str, tuple[Tensor, Tensor]]

@@ -31,7 +31,7 @@ from lightning_unlearn.data.batches import eval_batches
 
 log = logging.getLogger(__name__)
 
-__all__ = ["calibrate_head", "head_features", "linear_head", "optimizer_recipe", "require_rows_in_mask"]
+__all__ = ["calibrate_head", "head_features", "initial_rows", "linear_head", "optimizer_recipe", "require_rows_in_mask"]
 
 OptimizerFactory = Callable[[list[Tensor]], Optimizer]
 
@@ -81,6 +81,27 @@ def _not_favouring_forget_means(weight: Tensor, rows: Sequence[int], features: T
             norm = u.dot(u)
             if norm > 0:
                 weight[i] -= 2 * (weight[i].dot(u) / norm).clamp(min=0) * u
+
+
+def initial_rows(
+    head: nn.Linear, rows: Sequence[int], seed: int, forget: tuple[Tensor, Tensor] | None = None
+) -> tuple[Tensor, Tensor | None]:
+    """Rows ``rows`` of ``head`` re-initialised by the layer's own ``reset_parameters`` seeded with ``seed`` (the
+    global CPU random stream is left as it was), as float32 (weight, bias) on the head's device. ``forget``: head
+    features and labels of forget data (or one mean feature per class with that class as its label): a row may
+    not start out favouring its class (:func:`_not_favouring_forget_means`). The central calibration and the
+    federated one (whose server only sees each class's mean forget feature) start from the same rows."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        fresh = copy.deepcopy(head).cpu()
+        fresh.reset_parameters()
+    device = head.weight.device
+    with torch.no_grad():
+        weight = fresh.weight.detach()[list(rows)].float().to(device)
+        if forget is not None:
+            _not_favouring_forget_means(weight, rows, *forget)
+    bias = fresh.bias.detach()[list(rows)].float().to(device) if head.bias is not None else None
+    return weight, bias
 
 
 @torch.no_grad()
@@ -133,16 +154,12 @@ forget data: each re-initialised row starts with a non-positive component along 
     with torch.random.fork_rng(devices=[]):
         x, y = head_features(model, head, retain_loader)
         forget = head_features(model, head, forget_loader) if forget_loader is not None else None
-        torch.manual_seed(seed)
-        fresh = copy.deepcopy(head).cpu()
-        fresh.reset_parameters()
     bs = int(batch_size or getattr(retain_loader, "batch_size", None) or 64)
     device, has_bias = head.weight.device, head.bias is not None
-    weight = fresh.weight.detach()[rows].float().to(device)
-    if forget is not None:
-        _not_favouring_forget_means(weight, rows, *forget)
+    weight, bias = initial_rows(head, rows, seed, forget)
     weight.requires_grad_(True)
-    bias = fresh.bias.detach()[rows].float().to(device).requires_grad_(True) if has_bias else None
+    if bias is not None:
+        bias.requires_grad_(True)
     params = [weight] + ([bias] if bias is not None else [])
     optimizer = optimizer_factory(params)
     index = torch.tensor(rows, device=device)

@@ -33,7 +33,9 @@ from lightning_unlearn.federated.fedavg import DATA_CHOICES, deploy_model, run_f
 from lightning_unlearn.federated.federation import POLL_S, Federation
 from lightning_unlearn.federated.flower.checkpoint import ServerCheckpoint, plan_key
 from lightning_unlearn.federated.messages import ByteCounter, RoundBytes
-from lightning_unlearn.federated.protocol import masked_rounds, remove, select, unlearn_config
+from lightning_unlearn.federated.protocol import (
+    calibrate, check_calibration, evaluate_round, masked_rounds, remove, select, unlearn_config,
+)
 from lightning_unlearn.federated.server import check_rounds
 from lightning_unlearn.mask import ParameterMask
 from lightning_unlearn.mask.arrays import get_arrays, set_arrays
@@ -90,7 +92,9 @@ class UnlearnPlan:
             raise ValueError(f"round_timeout must be a number of seconds > 0 or None, got {round_timeout!r}")
         self.request, self.rounds, self.evaluate = request, rounds, evaluate
         self.min_clients, self.round_timeout = min_clients, round_timeout
-        self.config = UnlearnConfig.build(config, **overrides).resolved(request, "federated")
+        asked = UnlearnConfig.build(config, **overrides)
+        self.config = asked.resolved(request, "federated")
+        self.calibrate_auto = asked.calibrate == "auto"  # "auto" leaves out a calibration the mask cannot take
 
     def key(self) -> str:
         """What a server checkpoint must match to be resumed: request, settings, rounds."""
@@ -118,6 +122,7 @@ class FlowerRunResult:
     plan: UnlearnPlan | None = None
     dropped: dict[int, str] = field(default_factory=dict)  # client id -> the round it dropped out in
     resumed: dict[str, Any] = field(default_factory=dict)  # what a restarted server took from its checkpoint
+    calibration: list[dict] = field(default_factory=list)  # the head calibration's rounds (calibrate="head")
 
     def round_bytes(self, prefix: str, wire: bool = False) -> list[RoundBytes]:
         """Bytes of every round whose label starts with ``prefix`` (``"fedavg/"``, ``"unlearn/"``, ``"score"``)."""
@@ -145,8 +150,12 @@ class FlowerRunResult:
 
 # -- the run -------------------------------------------------------------------------------------------------------
 def unlearn_phases(fed: Federation, model: pl.LightningModule, plan: UnlearnPlan, deployed: Mapping[str, Tensor],
-                   result: FlowerRunResult, checkpoint: "_Checkpointer | None" = None) -> dict[str, Tensor]:
-    """Select the mask and remove (or take both from ``checkpoint``), then the masked rounds; returns the arrays."""
+                   result: FlowerRunResult, checkpoint: "_Checkpointer | None" = None,
+                   trained_epochs: int | None = None) -> dict[str, Tensor]:
+    """Select the mask and remove (or take both from ``checkpoint``), then the masked rounds and, for
+    ``calibrate="head"``, the head calibration (:func:`~lightning_unlearn.federated.protocol.calibrate`, the same
+    function :func:`~lightning_unlearn.federated.federated_unlearn` runs; ``trained_epochs``: FedAvg rounds x
+    local epochs, its length when ``calibrate_epochs="auto"``); returns the arrays."""
     cfg, state = plan.config, checkpoint.state if checkpoint is not None else None
     fed.request = plan.request
     set_arrays(model, deployed)
@@ -155,6 +164,7 @@ def unlearn_phases(fed: Federation, model: pl.LightningModule, plan: UnlearnPlan
         mask, first = state.mask, state.rounds_done
         history, evaluation = list(state.unlearning), list(state.evaluation)
         log.info("resuming unlearning at round %d with the checkpoint's mask (sha256 %s)", first, mask.sha256()[:12])
+        cfg = check_calibration(model, mask, cfg, plan.request.classes, plan.calibrate_auto)
         if cfg.reset != "none" and state.current is None:  # stopped before the reset was saved: redo it (seeded)
             statistics = remove(fed, model, mask, cfg)
         elif cfg.reset != "none":  # the saved arrays hold the reset (and its statistics) outside the trained slices
@@ -163,6 +173,7 @@ def unlearn_phases(fed: Federation, model: pl.LightningModule, plan: UnlearnPlan
         current = dict(state.current) if state.current is not None else get_arrays(model)
     else:
         result.scores, mask = select(fed, model, cfg)
+        cfg = check_calibration(model, mask, cfg, plan.request.classes, plan.calibrate_auto)
         statistics = remove(fed, model, mask, cfg)
         current = get_arrays(model)
         if checkpoint is not None:
@@ -179,6 +190,11 @@ def unlearn_phases(fed: Federation, model: pl.LightningModule, plan: UnlearnPlan
                                         first_round=first, current=current, evaluate=plan.evaluate,
                                         after_round=saved if checkpoint is not None else None)
     result.unlearning, result.evaluation = history + rows, evaluation + evals
+    if cfg.calibrate == "head":  # after a restart it runs again from the saved arrays: seeded, the same result
+        arrays, result.calibration = calibrate(fed, model, arrays, mask, cfg, statistics=statistics,
+                                               trained_epochs=trained_epochs)
+        if plan.evaluate:  # the report's accuracies are the last evaluation's: the calibrated model's
+            result.evaluation.append(evaluate_round(fed, arrays, plan.rounds))
     return arrays
 
 
@@ -223,7 +239,8 @@ def run_server(
     deploy_model(fed, arrays)
     t3 = time.perf_counter()
     if unlearn is not None:
-        arrays = unlearn_phases(fed, model, unlearn, arrays, result, saver)
+        arrays = unlearn_phases(fed, model, unlearn, arrays, result, saver,
+                                train.rounds * train.local_epochs if train is not None else None)
         result.dropped = dict(fed.dropped)
     t4 = time.perf_counter()
     set_arrays(model, arrays)

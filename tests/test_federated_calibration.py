@@ -1,0 +1,82 @@
+"""The federated head calibration (``calibrate="head"``, a class request's default): after the masked rounds the
+forgotten head rows are re-initialised and refit in federated rounds, every other element stays bit-equal to the
+model after the masked rounds; settings the federation cannot calibrate with fail fast (or, asked by "auto", step
+aside). tests/test_engine_parity.py checks that the in-process simulation and the Flower ClientApp calibrate alike."""
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+
+from lightning_unlearn import ForgetRequest, UnlearnConfig
+from lightning_unlearn.federated import FederatedPartitions, FederatedSimulation, federated_unlearn
+from lightning_unlearn.federated.messages import BatchNormStatsMessage
+from lightning_unlearn.federated.server import pool_head_features
+from lightning_unlearn.mask.arrays import get_arrays
+from lightning_unlearn.models import SmallCNN
+
+MODEL_FN = functools.partial(SmallCNN, channels=(8, 16), hidden=32, lr=3e-3)
+PARTS = FederatedPartitions("digits", num_clients=3, partition="iid", seed=0, batch_size=32)
+REQUEST = ForgetRequest(classes=[3])
+SETTINGS = dict(ratio=0.1, max_samples=100_000, max_steps=5, calibrate_epochs=2, seed=0)
+
+
+@pytest.fixture(scope="module")
+def sim():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    sim = FederatedSimulation(PARTS.datamodule(), MODEL_FN(), rounds=1, trainer_kwargs={"max_steps": 10}, progress=False)
+    sim.train()
+    sim.request(REQUEST)
+    yield sim
+    torch.set_num_threads(before)
+
+
+def test_auto_calibrates_class_requests_and_only_the_forgotten_rows_move(sim):
+    repaired = federated_unlearn(sim.model, sim.clients, REQUEST, calibrate="none", **SETTINGS)
+    calibrated = federated_unlearn(sim.model, sim.clients, REQUEST, **SETTINGS)
+    assert calibrated.config.calibrate == "head" and calibrated.extra["calibration_rounds"] == 2
+    assert calibrated.mask.sha256() == repaired.mask.sha256()
+    before, after = get_arrays(repaired.model), get_arrays(calibrated.model)
+    for key, value in after.items():
+        if key in ("fc2.weight", "fc2.bias"):
+            assert torch.equal(value[[i for i in range(10) if i != 3]], before[key][[i for i in range(10) if i != 3]])
+            assert not torch.equal(value[3], before[key][3]), key  # the forgotten row was refit
+        else:
+            assert torch.equal(value, before[key]), key  # outside the head rows: bit-equal to the masked rounds' model
+    assert sim.evaluate(calibrated.model)["forget_acc"] == 0.0
+    assert calibrated.bytes["calibration_features"] > 0 and calibrated.bytes["calibration"] > calibrated.bytes[
+        "calibration_features"]
+
+
+def test_calibration_settings_fail_fast_or_step_aside(sim):
+    before = {k: v.clone() for k, v in sim.model.state_dict().items()}
+    with pytest.raises(ValueError, match="calibrate='head' needs a class request"):
+        federated_unlearn(sim.model, sim.clients, ForgetRequest(clients=[1]), calibrate="head", **SETTINGS)
+    # explicit "head" without the forgotten rows in the mask: one line, before the reset and any masked round
+    with pytest.raises(ValueError, match=r"refits head rows \[3\] but the mask does not select them in fc2.weight"):
+        federated_unlearn(sim.model, sim.clients, REQUEST, calibrate="head", head_rows=None, **SETTINGS)
+    assert all(torch.equal(v, before[k]) for k, v in sim.model.state_dict().items())
+    # "auto" leaves it out with a warning (as centrally)
+    with pytest.warns(UserWarning, match="no head calibration"):
+        skipped = federated_unlearn(sim.model, sim.clients, REQUEST, head_rows=None, **SETTINGS)
+    assert skipped.config.calibrate == "none" and "calibration" not in skipped.bytes
+    with pytest.raises(ValueError, match=r"objective='heldout' runs on the central engine only"):
+        federated_unlearn(sim.model, sim.clients, REQUEST, objective="heldout", **SETTINGS)
+
+
+def test_head_feature_replies_keep_their_contract():
+    """The feature round's replies: one float64 (3, features) tensor per forgotten class, whole counts summing to
+    the sample count; anything else stops the run with one line naming the client."""
+    ok = BatchNormStatsMessage({"class_3": torch.stack([torch.full((4,), 2.0), torch.ones(4) * 4, torch.ones(4) * 8])
+                                .double()}, 2)
+    empty = BatchNormStatsMessage({"class_3": torch.zeros(3, 4, dtype=torch.float64)}, 0)
+    assert torch.equal(pool_head_features([ok, empty], [3], 4, senders=[0, 1])[3], torch.full((4,), 2.0))
+    assert pool_head_features([empty], [3], 4) == {}  # no client holds the class: nothing to steer the rows by
+    extra = BatchNormStatsMessage({**ok.moments, "x_train": torch.zeros(3, 4, dtype=torch.float64)}, 2)
+    with pytest.raises(ValueError, match=r"^client 1: BatchNormStatsMessage has unexpected key 'x_train'"):
+        pool_head_features([ok, extra], [3], 4, senders=[0, 1])
+    with pytest.raises(ValueError, match=r"^client 0: head features count 2 values from 5 samples$"):
+        pool_head_features([BatchNormStatsMessage(ok.moments, 5)], [3], 4, senders=[0])
