@@ -123,7 +123,7 @@ def in_process():
         sim.request(request)
         result = federated_unlearn(sim.model, fed, request, rounds=RUN["unlearn-rounds"],
                                    max_steps=RUN["unlearn-steps"], ratio=RUN["ratio"], seed=RUN["seed"],
-                                   reset=RUN["reset"])
+                                   reset=RUN["reset"], trained_epochs=RUN["train-rounds"])  # as the app passes
     finally:
         torch.set_num_threads(before)
     return sim, result, fed.traffic
