@@ -271,14 +271,22 @@ def targets_line(rows: dict, fedavg_round: float) -> str:
         ">= 20x faster than retrain": (ours["speedup"] or 0) >= 20,
         "<= 10% of a FedAvg round's bytes": ours["bytes_round"] <= 0.10 * fedavg_round,
     }
+    if "relearn_steps" in ours and "relearn_steps" in ref:  # None: not relearned within the 200 steps
+        steps = [math.inf if r["relearn_steps"] is None else r["relearn_steps"] for r in (ours, ref)]
+        checks["relearn steps >= retrain's"] = steps[0] >= steps[1]
     gap = 100 * (ours["forget_acc"] - ref["forget_acc"])
     side = "equal to" if abs(gap) < 0.005 else ("above (under-forgetting)" if gap > 0 else "below (over-forgetting)")
     return ("Targets for ours: " + "; ".join(f"{k}: {'met' if v else '**missed**'}" for k, v in checks.items())
             + f". Forget accuracy {side} the retrained model's ({gap:+.2f} pts).")
 
 
-PAGE_SUMMARIES = [  # (summary file, heading); the current default reset (dampen) first
-    ("federated_requests_dampen_summary.json", "Client and sample requests at the default reset (dampen)"),
+PAGE_SUMMARIES = [  # (summary file, heading); the current defaults first
+    ("federated_calibration_summary.json", "Class and client requests at the current defaults (class: head "
+                                           "calibration, no reset; client: dampen)"),
+    ("federated_calibration_before_summary.json", "Class request at the previous class default (dampen, no "
+                                                  "calibration)"),
+    ("federated_requests_dampen_summary.json", "Client and sample requests at the default reset (dampen), before "
+                                              "relearn steps were measured"),
     ("federated_requests_summary.json", "Client and sample requests: reset reinit vs none, explained vs random channels"),
     ("federated_requests_epoch_summary.json", "Client and sample requests with an automatic step budget"),
     ("federated_mnist_summary.json", "Every method, class, client and sample requests (before remove-then-repair: no reset)"),

@@ -117,8 +117,9 @@ class FederatedEngine:
 
     def unlearn(self, model: pl.LightningModule, datamodule: Any, config: UnlearnConfig) -> UnlearningResult:
         sim = self._deployed(model, datamodule)
-        result = federated_unlearn(sim.model, sim.clients, datamodule.request, config,
-                                   rounds=self.settings.unlearn_rounds, fraction=self.settings.fraction)
+        s = self.settings
+        result = federated_unlearn(sim.model, sim.clients, datamodule.request, config, rounds=s.unlearn_rounds,
+                                   fraction=s.fraction, trained_epochs=s.rounds * s.local_epochs)  # calibration length
         result.metrics = sim.evaluate(result.model)
         return result
 

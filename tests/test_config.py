@@ -55,7 +55,8 @@ def test_defaults_live_in_one_place_and_auto_resolves_per_engine():
     central, federated = UnlearnConfig().resolved(class3, "central"), UnlearnConfig().resolved(class3, "federated")
     assert (central.objective, central.head_lr_scale) == (AUTO["central"]["class"]["objective"], AUTO["central"]["head_lr_scale"])
     assert (central.reset, central.calibrate) == (AUTO["central"]["class"]["reset"], AUTO["central"]["class"]["calibrate"])
-    assert UnlearnConfig().reset == "auto" and (central.reset, federated.reset) == ("none", "dampen")  # today's defaults
+    assert UnlearnConfig().reset == "auto" and (central.reset, federated.reset) == ("none", "none")  # today's defaults
+    assert UnlearnConfig().resolved(sample, "federated").reset == "dampen"
     assert (central.objective, central.calibrate, federated.calibrate) == ("retain", "head", "head")
     assert UnlearnConfig().resolved(sample, "federated").calibrate == "none"
     central_sample = UnlearnConfig().resolved(sample, "central")
@@ -64,7 +65,7 @@ def test_defaults_live_in_one_place_and_auto_resolves_per_engine():
     assert central.head_rows == [3] and UnlearnConfig().resolved(sample).head_rows is None
     explicit = UnlearnConfig(objective="ascent", head_rows=[1], head_lr_scale=None).resolved(class3, "federated")
     assert (explicit.objective, explicit.head_rows, explicit.head_lr_scale) == ("ascent", [1], None)
-    assert (federated.reset, federated.epochs, federated.max_steps) == ("dampen", 1, None)  # one local epoch per round
+    assert (federated.reset, federated.epochs, federated.max_steps) == ("none", 1, None)  # one local epoch per round
     with pytest.raises(ValueError, match=r"unknown engine 'flower'; allowed values are \['central', 'federated'\]"):
         UnlearnConfig().resolved(class3, "flower")
 

@@ -6,7 +6,8 @@ mask hash, payload bytes per round and accuracies); the server is killed mid-unl
 resumes from its checkpoint with the same mask; in that resumed run a node disconnects during a
 masked round and the run goes on with the two others (``min-clients=2``), frozen elements exact.
 Every process the fixture started is killed on teardown (one process group per node), whatever
-happened. The unlearning settings the test relies on are pinned (``reset``), not taken from defaults.
+happened. The unlearning settings the test relies on are pinned (``reset``), not taken from defaults; a class
+request's default head calibration runs in both and must agree too (its feature round and rounds' bytes).
 """
 from __future__ import annotations
 
@@ -123,7 +124,7 @@ def in_process():
         sim.request(request)
         result = federated_unlearn(sim.model, fed, request, rounds=RUN["unlearn-rounds"],
                                    max_steps=RUN["unlearn-steps"], ratio=RUN["ratio"], seed=RUN["seed"],
-                                   reset=RUN["reset"], trained_epochs=RUN["train-rounds"])  # as the app passes
+                                   reset=RUN["reset"], trained_epochs=RUN["train-rounds"])  # the calibration's length
     finally:
         torch.set_num_threads(before)
     return sim, result, fed.traffic
@@ -171,7 +172,7 @@ def test_deployment_matches_the_in_process_simulation(deployment, in_process, lo
     for k, v in get_arrays(ours.model).items():
         assert torch.allclose(final[k], v, atol=1e-5), k
     moved = report["bytes_moved"]
-    for prefix in ("fedavg/", "deploy", "score", "unlearn/"):  # the same payload bytes, round by round
+    for prefix in ("fedavg/", "deploy", "score", "unlearn/", "head_features", "calibrate/"):  # the same payload bytes
         mine = [(b["down"], b["up"]) for label, b in moved.items() if label.startswith(prefix)]
         assert mine and mine == [(b.down, b.up) for k, b in traffic.payload.items() if k.startswith(prefix)], prefix
     mine, theirs = sim.evaluate(_model(final)), sim.evaluate(ours.model)
