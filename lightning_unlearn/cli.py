@@ -19,7 +19,8 @@ from lightning_unlearn._io import load_torch_file
 from lightning_unlearn.commands import CentralEngine, FederatedEngine, evaluate_checkpoints, unlearn_checkpoint
 from lightning_unlearn.config import UnlearnConfig
 from lightning_unlearn.data.unlearning import UnlearningDataModule
-from lightning_unlearn.federated.runner import FederatedSettings, federated_fit, is_federated
+from lightning_unlearn.data.federated import FederatedDataModule
+from lightning_unlearn.federated.runner import FederatedSettings, federated_fit
 
 USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, KeyError, ImportError, MisconfigurationException)
 
@@ -214,7 +215,7 @@ class UnlearnCLI(LightningCLI):
 
     # A federated data module in the config switches these to the federated engine.
     def fit(self, model: pl.LightningModule, datamodule=None, **kwargs: Any) -> Any:
-        if is_federated(datamodule):
+        if isinstance(datamodule, FederatedDataModule):
             return federated_fit(model, datamodule, self._section("federated"), _seed(), echo=print)
         if isinstance(datamodule, UnlearningDataModule):  # the original model learns from every sample
             val = datamodule.val_dataloader() if is_overridden("val_dataloader", datamodule, pl.LightningDataModule) else None
@@ -231,7 +232,7 @@ class UnlearnCLI(LightningCLI):
 
     def demo(self, model: pl.LightningModule, datamodule=None, attack: bool = True, attack_models: int = 6,
              attack_limit_s: float = 60.0) -> None:
-        if is_federated(datamodule):
+        if isinstance(datamodule, FederatedDataModule):
             raise ValueError("demo runs centrally; use a central data config (e.g. configs/digits_cnn.yaml)")
         run_demo(model, datamodule, self.trainer.max_epochs or 20, self._config(), attack, attack_models,
                  attack_limit_s)
@@ -246,7 +247,7 @@ class UnlearnCLI(LightningCLI):
         return config
 
     def _engine(self, datamodule):
-        if is_federated(datamodule):
+        if isinstance(datamodule, FederatedDataModule):
             return FederatedEngine(self._section("federated"), _seed())
         return CentralEngine(self.trainer, _seed())
 

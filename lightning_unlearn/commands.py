@@ -26,14 +26,11 @@ from lightning_unlearn.data.unlearning import UnlearningDataModule
 from lightning_unlearn.evidence import attack_evidence, evaluate_unlearning, write_report
 from lightning_unlearn.evidence.plots import plot_per_class_accuracy
 from lightning_unlearn.evidence.report import UnlearningReport
-from lightning_unlearn.federated.runner import (
-    FederatedSettings,
-    deployed_simulation,
-    federated_reference,
-    federated_unlearn_checkpoint,
-    fedavg_round_bytes,
-    save_checkpoint,
-)
+from lightning_unlearn.federated import federated_retrain, federated_unlearn
+from lightning_unlearn.federated.fedavg import deploy_model
+from lightning_unlearn.federated.federation import Federation
+from lightning_unlearn.federated.runner import FederatedSettings, fedavg_round_bytes, save_checkpoint, simulation
+from lightning_unlearn.mask.arrays import get_arrays
 from lightning_unlearn.result import UnlearningResult
 
 
@@ -119,7 +116,11 @@ class FederatedEngine:
         self._sim = None
 
     def unlearn(self, model: pl.LightningModule, datamodule: Any, config: UnlearnConfig) -> UnlearningResult:
-        self._sim, result = federated_unlearn_checkpoint(model, datamodule, self.settings, config, self.seed)
+        sim = self._deployed(model, datamodule)
+        s = self.settings
+        result = federated_unlearn(sim.model, sim.clients, datamodule.request, config, rounds=s.unlearn_rounds,
+                                   fraction=s.fraction, trained_epochs=s.rounds * s.local_epochs)  # calibration length
+        result.metrics = sim.evaluate(result.model)
         return result
 
     def reserve(self, wanted: Path) -> Path:
@@ -128,10 +129,15 @@ class FederatedEngine:
     def save(self, result: UnlearningResult, target: Path) -> Path:
         return save_checkpoint(result.model, target)
 
-    def _simulation(self, original: pl.LightningModule, datamodule: Any):
-        if self._sim is None:
-            self._sim, _ = deployed_simulation(copy.deepcopy(original), datamodule, self.settings, self.seed)
+    def _deployed(self, model: pl.LightningModule, datamodule: Any):
+        """A federation whose clients hold ``model`` as the deployed global model and know the request."""
+        self._sim = simulation(model, datamodule, self.settings, self.seed)
+        deploy_model(Federation(self._sim.clients.grid, len(self._sim.clients)), get_arrays(model))
+        self._sim.request(datamodule.request)
         return self._sim
+
+    def _simulation(self, original: pl.LightningModule, datamodule: Any):
+        return self._sim if self._sim is not None else self._deployed(copy.deepcopy(original), datamodule)
 
     def evaluation_datamodule(self, datamodule: Any, original: pl.LightningModule | None = None) -> UnlearningDataModule:
         """The oracle's central view of the request (built from ``original`` if no run built the federation yet)."""
@@ -142,8 +148,8 @@ class FederatedEngine:
         return self._sim.evaluation_datamodule
 
     def retrain(self, original: pl.LightningModule, datamodule: Any, epochs: int | None) -> UnlearningResult:
-        sim = self._simulation(original, datamodule)
-        return federated_reference(sim, sim.plan, self.settings, self.seed)
+        sim, s = self._simulation(original, datamodule), self.settings
+        return federated_retrain(sim.model, sim.clients, sim.plan, s.rounds, s.local_epochs, s.fraction, seed=self.seed)
 
     def describe(self, original: pl.LightningModule, result: UnlearningResult | None) -> dict[str, Any]:
         out: dict[str, Any] = {"engine": self.name, "federated": asdict(self.settings)}

@@ -4,7 +4,7 @@ from __future__ import annotations
 from typing import Any
 
 from lightning_unlearn.federated.grid import LocalGrid
-from lightning_unlearn.federated.records import content_to_broadcast, content_to_reply
+from lightning_unlearn.federated.messages import content_to_broadcast, content_to_reply
 
 
 def recording(clients: Any) -> LocalGrid:

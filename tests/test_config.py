@@ -152,7 +152,7 @@ def test_every_cli_option_reaches_the_central_engine(monkeypatch, checkpoint, tm
 
 
 def test_every_cli_option_reaches_the_federated_engine(monkeypatch, checkpoint, tmp_path):
-    import lightning_unlearn.federated.runner as runner
+    import lightning_unlearn.commands as commands
 
     seen = {}
 
@@ -160,7 +160,7 @@ def test_every_cli_option_reaches_the_federated_engine(monkeypatch, checkpoint, 
         seen["config"], seen["rounds"] = config, kwargs.get("rounds")
         raise _Reached
 
-    monkeypatch.setattr(runner, "federated_unlearn", spy)
+    monkeypatch.setattr(commands, "federated_unlearn", spy)
     with pytest.raises(_Reached):
         main(_cli_args("digits_fed.yaml", checkpoint, tmp_path) + ["--federated.unlearn_rounds", "2"])
     _assert_every_value(seen["config"])

@@ -21,7 +21,7 @@ from lightning_unlearn.federated import baselines as B
 from lightning_unlearn.federated.messages import BatchNormStatsMessage
 from lightning_unlearn.mask import frozen_elements_equal
 from lightning_unlearn.models import SmallCNN
-from lightning_unlearn.federated.records import record_to_channels
+from lightning_unlearn.federated.messages import record_to_channels
 
 from federated_log import exchanges, recording
 

@@ -244,7 +244,8 @@ def test_statistics_message_checks_its_own_shape_and_travels_as_a_flower_record(
     with pytest.raises(TypeError, match=r"client 4: the server only accepts \['MaskedUpdateMessage'\] from clients, got "
                                         "BatchNormStatsMessage"):
         masked_aggregate({}, ParameterMask({}), [BatchNormStatsMessage(_moments(), 10)], senders=[4])
-    records = pytest.importorskip("lightning_unlearn.federated.records", reason="the flower extra is not installed")
+    from lightning_unlearn.federated import messages as records
+
     message = BatchNormStatsMessage(_moments(), 10, {"local_compute_s": 0.5})
     content = records.reply_to_content(message)
     back = records.content_to_reply(content)

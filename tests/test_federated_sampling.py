@@ -14,7 +14,7 @@ from lightning_unlearn.config import UnlearnConfig
 from lightning_unlearn.data import FederatedDataModule
 from lightning_unlearn.federated import FederatedSimulation, federated_unlearn
 from lightning_unlearn.federated.federation import Federation
-from lightning_unlearn.federated.records import content_to_broadcast
+from lightning_unlearn.federated.messages import content_to_broadcast
 from lightning_unlearn.mask.arrays import get_arrays
 from lightning_unlearn.federated.server import masked_aggregate
 from lightning_unlearn.mask.arrays import selected_values

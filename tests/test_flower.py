@@ -23,7 +23,7 @@ from lightning_unlearn.federated.flower import FedAvgPlan, UnlearnPlan, run_flow
 from lightning_unlearn.federated.client import client_split
 from lightning_unlearn.federated.flower.server_app import run_server
 from lightning_unlearn.federated.partitions import FlowerDataError, file_partition, save_partition
-from lightning_unlearn.federated.records import (
+from lightning_unlearn.federated.messages import (
     broadcast_to_content,
     content_to_broadcast,
     content_to_reply,
@@ -50,14 +50,6 @@ def _message(message_type: str) -> Message:
 
 
 # -- bad input ------------------------------------------------------------------------------------------
-def test_missing_flower_extra_names_the_extra(monkeypatch):
-    for name in [m for m in sys.modules if m.startswith("lightning_unlearn.federated.flower")]:
-        monkeypatch.delitem(sys.modules, name)
-    monkeypatch.setitem(sys.modules, "flwr", None)  # what an environment without flwr looks like to `import`
-    with pytest.raises(ImportError, match=r'pip install "lightning-unlearn\[flower\]"'):
-        importlib.import_module("lightning_unlearn.federated.flower")
-
-
 def test_missing_ray_names_the_extra(monkeypatch):
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "ray" else real(name, *a))

@@ -25,7 +25,7 @@ from lightning_unlearn.mask.arrays import get_arrays
 from lightning_unlearn.mask.arrays import selected_values
 from lightning_unlearn.federated.federation import Federation
 from lightning_unlearn.federated.grid import LocalGrid
-from lightning_unlearn.federated.records import content_to_broadcast, reply_to_content
+from lightning_unlearn.federated.messages import content_to_broadcast, reply_to_content
 from lightning_unlearn.federated.messages import MAX_METRICS, METRIC_KEYS, check_metrics
 from lightning_unlearn.models import SmallCNN
 

@@ -27,8 +27,8 @@ PACKAGES = (
     "lightning_unlearn.ledger",
 )
 MAX_NAMES = 60
-#: Modules whose types are the wire format (messages, record codecs, the in-process transport): never public.
-WIRE_MODULES = ("lightning_unlearn.federated.messages", "lightning_unlearn.federated.records")
+#: Modules whose types are the wire format (messages and their record codec): never public.
+WIRE_MODULES = ("lightning_unlearn.federated.messages",)
 HEADER = """What is public is what each package's `__all__` lists; `tests/test_public_api.py` holds this list to
 the code (`python tests/test_public_api.py` regenerates it). Everything else (modules starting with `_`,
 names not listed, the wire-level message types) may change without notice."""

@@ -174,7 +174,8 @@ def test_bad_values_end_in_one_line(args, expected, checkpoint, capsys):
 # -- 6. the federated engine honours epochs, scope, max_samples and contrast -----------------------------------
 def test_federated_unlearn_honours_every_selection_and_budget_option(digits, one_thread):
     from lightning_unlearn.data.presets import FederatedDigitsData
-    from lightning_unlearn.federated.runner import FederatedSettings, federated_unlearn_checkpoint
+    from lightning_unlearn.commands import FederatedEngine
+    from lightning_unlearn.federated.runner import FederatedSettings
 
     fdm = FederatedDigitsData(num_clients=3, forget_classes=[3], batch_size=64)
     torch.manual_seed(0)
@@ -183,7 +184,7 @@ def test_federated_unlearn_honours_every_selection_and_budget_option(digits, one
     base = UnlearnConfig(ratio=0.2, max_samples=200, epochs=1)
 
     def run(config):
-        _, result = federated_unlearn_checkpoint(copy.deepcopy(model), fdm, settings, config, seed=0)
+        result = FederatedEngine(settings, seed=0).unlearn(copy.deepcopy(model), fdm, config)
         return result.mask.sha256(), [p.detach().clone() for p in result.model.parameters()], result.scores
 
     mask0, weights0, scores0 = run(base)

@@ -1,10 +1,4 @@
-"""Simulated federation: shard a labelled dataset into clients and resolve forget requests per client.
-
-The partition is computed once in :meth:`FederatedDataModule.setup` from a seeded
-generator, so the same ``seed`` always gives the same clients. Only the simulation (and
-each client, for its own shard) ever touches the data: the federated server works from
-the messages in :mod:`lightning_unlearn.federated.messages`.
-"""
+"""Simulated federation: shard a labelled dataset into clients and resolve forget requests per client."""
 from __future__ import annotations
 
 import warnings
@@ -32,12 +26,7 @@ def partition_iid(targets: np.ndarray, num_clients: int, seed: int = 0) -> list[
 def partition_dirichlet(
     targets: np.ndarray, num_clients: int, alpha: float = 0.5, seed: int = 0, min_samples: int = 10, max_tries: int = 100
 ) -> list[np.ndarray]:
-    """Per class, split its samples over clients with proportions ~ Dirichlet(alpha) (Hsu et al. 2019).
-
-    Small ``alpha`` gives each client few classes (strong skew); large ``alpha`` tends to iid.
-    Redraws (up to ``max_tries``) until every client holds ``min(min_samples, n // num_clients)``
-    samples, so no client is empty.
-    """
+    """Per class, split its samples over clients with proportions ~ Dirichlet(alpha) (Hsu et al. 2019)."""
     if not alpha > 0:
         raise ValueError(f"alpha must be > 0 (Dirichlet concentration), got {alpha!r}")
     rng = np.random.default_rng(seed)
@@ -262,11 +251,8 @@ class FederatedDataModule(LightningDataModule):
 
     # -- forget requests ----------------------------------------------------------------------
     def forget_plan(self, request: ForgetRequest) -> FederatedForgetPlan:
-        """Resolve ``request`` per client; fails fast on a request that does not fit the federation.
-
-        A client whose every sample is to be forgotten keeps no retain data: it still scores its
-        forget data but takes no part in the unlearning or retraining rounds (a warning says so).
-        """
+        """Resolve ``request`` per client; fails fast on a request that does not fit the federation. A client
+        left without retain data still scores but takes no part in the later rounds."""
         self.setup()
         present = sorted(int(c) for c in np.unique(self.targets))
         if request.kind == "client":
@@ -276,15 +262,10 @@ class FederatedDataModule(LightningDataModule):
             if len(request.clients) >= self._num_clients:
                 raise ValueError(f"forgetting clients {list(request.clients)} would leave no client to retain")
         else:
-            if request.kind == "class":
-                unknown = [c for c in request.classes if not 0 <= c < self.num_classes]
-                if unknown:
-                    raise ValueError(f"unknown class(es) {unknown}; allowed classes are 0..{self.num_classes - 1}")
-                absent = [c for c in request.classes if c not in present]
+            if request.kind == "class":  # an unknown class is request.validate's error
+                absent = [c for c in request.classes if 0 <= c < self.num_classes and c not in present]
                 if absent:
-                    raise ValueError(
-                        f"class(es) {absent} are held by no client; classes held are {present}"
-                    )
+                    raise ValueError(f"class(es) {absent} are held by no client; classes held are {present}")
             request.validate(torch.as_tensor(self.targets), self.num_classes)
         owner = np.empty(len(self.targets), dtype=np.int64)
         for k, part in enumerate(self._parts):

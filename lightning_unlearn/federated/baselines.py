@@ -1,12 +1,4 @@
-"""Federated baselines on the same clients and request as :func:`federated_unlearn`.
-
-* :func:`federated_retrain` - FedAvg from scratch without the forget data: the exact reference.
-* :func:`federated_finetune` - every channel trainable on retain data, same rounds as ours.
-* :func:`federated_random_channels` - channels drawn at random at our ratio: does explanation matter?
-* :func:`federated_cdp` - Wang et al. (WWW'22): TF-IDF of channel activations, prune the most
-  discriminative channels of the forget data, then fine-tune the rest.
-* :func:`federated_eraser` - Liu et al. (IWQoS'21): replay the stored rounds with calibrated updates.
-"""
+"""Federated baselines on the same clients and request as :func:`federated_unlearn`."""
 from __future__ import annotations
 
 import copy
@@ -20,28 +12,18 @@ import torch
 from torch import Tensor
 
 from lightning_unlearn._training import reinitialize
-from lightning_unlearn.scoring.layers import LayerInfo
-from lightning_unlearn.data.federated import FederatedForgetPlan
-from lightning_unlearn.mask.arrays import get_arrays, set_arrays
-from lightning_unlearn.federated.federation import Federation, as_federation
-from lightning_unlearn.federated.messages import (
-    Broadcast,
-    ParametersMessage,
-    ScoresMessage,
-    check_arrays,
-    check_upward,
-)
 from lightning_unlearn.config import UnlearnConfig
+from lightning_unlearn.data.federated import FederatedForgetPlan
+from lightning_unlearn.federated.federation import Federation, as_federation
 from lightning_unlearn.federated.fedavg import UpdateStore, run_fedavg
+from lightning_unlearn.federated.messages import Broadcast, ParametersMessage, ScoresMessage, check_arrays, check_upward
 from lightning_unlearn.federated.protocol import (
-    FederatedUnlearningResult,
-    all_channels,
-    masked_rounds,
-    remove,
-    round_bytes,
-    unlearn_config,
+    FederatedUnlearningResult, all_channels, masked_rounds, remove, round_bytes, unlearn_config,
 )
+from lightning_unlearn.federated.server import aggregate_scores
 from lightning_unlearn.mask import ParameterMask, select_channels
+from lightning_unlearn.mask.arrays import get_arrays, set_arrays
+from lightning_unlearn.scoring.layers import LayerInfo
 from lightning_unlearn.orchestration import prepare
 
 
@@ -125,9 +107,8 @@ def federated_random_channels(
 def cdp_tfidf(docs: Mapping[str, Mapping[str, Tensor]]) -> dict[str, dict[str, Tensor]]:
     """TF-IDF of channels (terms) over documents (the forget set and each retained class), per layer.
 
-    TF: a channel's share of the document's total activation. A channel "occurs" in a document
-    when its activation there is above its mean over documents; IDF = ln((1+D)/(1+df)) + 1 (the
-    smoothed form scikit-learn uses), so channels firing for few documents weigh more.
+    A channel "occurs" in a document when its activation there is above its mean over documents; IDF is
+    scikit-learn's smoothed ln((1+D)/(1+df)) + 1.
     """
     names = list(docs)
     layers = list(next(iter(docs.values())))
@@ -142,23 +123,16 @@ def cdp_tfidf(docs: Mapping[str, Mapping[str, Tensor]]) -> dict[str, dict[str, T
     return out
 
 
-def _cdp_documents(replies: Sequence[ScoresMessage]) -> tuple[dict[str, dict[str, Tensor]], dict]:
-    """Count-weighted mean activation per document over clients (server side)."""
-    replies = check_upward(replies, (ScoresMessage,))
-    contract = {n: ((out,), None) for n, (out, _, _) in replies[0].layers.items()} if replies else {}
-    for i, m in enumerate(replies):
-        if m.layers != replies[0].layers:
-            raise ValueError(f"reply {i}: ScoresMessage describes other layers than reply 0")
-        check_arrays(m.scores, contract, f"reply {i}", "ScoresMessage", f"the {len(contract)} scored layers",
-                     vector=("scores", "channels"))
-    grouped: dict[str, list[ScoresMessage]] = {}
-    for m in replies:
-        grouped.setdefault(m.tag, []).append(m)
-    docs = {}
-    for tag, msgs in grouped.items():
-        total = sum(m.num_samples for m in msgs)
-        docs[tag] = {n: sum(m.scores[n].double() * m.num_samples for m in msgs).float() / total for n in msgs[0].scores}
-    return docs, replies[0].layers
+def _cdp_documents(pairs: Sequence[tuple[int, ScoresMessage]]) -> dict[str, dict[str, Tensor]]:
+    """Count-weighted mean activation per document over the clients that hold it (server side)."""
+    by_tag: dict[str, list[tuple[int, ScoresMessage]]] = {}
+    for cid, m in pairs:
+        by_tag.setdefault(m.tag if isinstance(m, ScoresMessage) else "", []).append((cid, m))
+    docs = {tag: aggregate_scores([m for _, m in p], [c for c, _ in p], tag=tag) for tag, p in by_tag.items()}
+    layers = {tag: d.layers for tag, d in docs.items()}
+    if any(v != next(iter(layers.values())) for v in layers.values()):
+        raise ValueError("CDP replies describe other layers for different documents")
+    return {tag: dict(d) for tag, d in docs.items()}
 
 
 def federated_cdp(
@@ -167,20 +141,15 @@ def federated_cdp(
     max_samples: int | None = 256, seed: int = 0,
 ) -> FederatedUnlearningResult:
     """CDP: clients send per-document mean channel activations; the server prunes (zeroes) the
-    channels with the highest TF-IDF for the forget document, then the federation fine-tunes the rest.
-
-    For class requests the forget document is the class (the original method); for client and
-    sample requests it is the forget set, against each retained class.
-    """
+    channels with the highest TF-IDF for the forget document, then the federation fine-tunes the rest."""
     fed = _federation(clients, plan)
     t0 = time.perf_counter()
     head = [i.out_channels for i in layers.values() if i.is_head]
     documents = ["forget", *(f"class_{c}" for c in range(head[0] if head else 0))]
-    replies: list[ScoresMessage] = []
+    replies: list[tuple[int, ScoresMessage]] = []
     for doc in documents:  # one query per document; a client holding none of it sends nothing
-        replies += [m for _, m in fed.ask(Broadcast({}, {"max_samples": max_samples, "document": doc}), "query.cdp",
-                                          "cdp_stats")]
-    docs, _ = _cdp_documents(replies)
+        replies += fed.ask(Broadcast({}, {"max_samples": max_samples, "document": doc}), "query.cdp", "cdp_stats")
+    docs = _cdp_documents(replies)
     if "forget" not in docs:
         raise ValueError("no client holds data to forget: CDP has no forget document")
     tfidf = cdp_tfidf(docs)["forget"]

@@ -37,21 +37,9 @@ from lightning_unlearn.data.datasets import dataset_targets
 from lightning_unlearn.data.federated import ClientSplit
 from lightning_unlearn.data.unlearning import UnlearningDataModule
 from lightning_unlearn.federated.messages import (
-    BatchNormStatsMessage,
-    Broadcast,
-    MaskedUpdateMessage,
-    ParametersMessage,
-    ScoresMessage,
-    short_repr,
-)
-from lightning_unlearn.federated.records import (
-    COUNT_KEY,
-    arrays_to_record,
-    channels_to_record,
-    content_to_broadcast,
-    record_to_arrays,
-    record_to_channels,
-    reply_to_content,
+    COUNT_KEY, BatchNormStatsMessage, Broadcast, MaskedUpdateMessage, ParametersMessage, ScoresMessage,
+    arrays_to_record, channels_to_record, content_to_broadcast, record_to_arrays, record_to_channels,
+    reply_to_content, short_repr,
 )
 from lightning_unlearn.federated.partitions import ClientPartition, FlowerDataError, file_partition
 from lightning_unlearn.federated.server import head_feature_key, statistic_masks

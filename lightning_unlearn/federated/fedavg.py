@@ -1,12 +1,4 @@
-"""FedAvg on any grid: Flower's own ``FedAvg`` strategy, with the library's client sampling and exact aggregation.
-
-:class:`LibraryFedAvg` overrides only what the protocol needs: ``configure_train`` samples the round's clients
-with :func:`~lightning_unlearn.federated.server.sample_clients` (a seeded draw the masked rounds reuse) and gives
-each its own seed (:func:`~lightning_unlearn.federated.server.fit_config`); ``aggregate_train`` checks every reply
-against the broadcast arrays and averages them in float64 in client-id order
-(:func:`~lightning_unlearn.federated.server.fedavg_aggregate`), so a run gives the same model on every grid.
-Flower's ``Strategy.start`` runs the rounds.
-"""
+"""FedAvg on any grid: Flower's own ``FedAvg`` strategy, with the library's client sampling and exact aggregation."""
 from __future__ import annotations
 
 import logging
@@ -25,8 +17,7 @@ from torch import Tensor, nn
 
 from lightning_unlearn._io import load_torch_file, save_torch
 from lightning_unlearn.federated.federation import Federation, as_federation, check_replies
-from lightning_unlearn.federated.messages import Broadcast, tensor_bytes
-from lightning_unlearn.federated.records import arrays_to_record, record_to_arrays
+from lightning_unlearn.federated.messages import Broadcast, arrays_to_record, record_to_arrays, tensor_bytes
 from lightning_unlearn.federated.server import (
     check_fraction,
     check_rounds,
@@ -86,12 +77,7 @@ def check_same_run(path: Path, stored: Mapping[str, str] | None, current: Mappin
 
 
 class LibraryFedAvg(FedAvg):
-    """Flower's FedAvg with the library's sampling, per-client seeds and exact aggregation (module docstring).
-
-    Rounds are numbered from ``first_round`` (a resumed run continues its numbering). After each round the
-    server-side ``evaluate(model)`` fills the row, the ``store`` keeps the clients' updates and the
-    ``checkpoint`` file is rewritten.
-    """
+    """Flower's FedAvg with the library's sampling, per-client seeds and exact aggregation (module docstring)."""
 
     def __init__(self, fed: Federation, model: nn.Module, fraction: float, seed: int, local_epochs: int, data: str,
                  local_config: Mapping[str, Any] | None, pool: Sequence[int], label: str, first_round: int = 0,
@@ -152,23 +138,11 @@ class LibraryFedAvg(FedAvg):
 
 
 def run_fedavg(
-    model: nn.Module,
-    clients: Any,
-    rounds: int,
-    fraction: float = 1.0,
-    local_epochs: int = 1,
-    seed: int = 0,
-    data: str = "all",
-    evaluate: Callable[[nn.Module], Mapping[str, float]] | None = None,
-    checkpoint_dir: str | os.PathLike | None = None,
-    resume: bool = False,
-    store_every: int | None = None,
-    deploy: bool = True,
-    local_config: Mapping[str, Any] | None = None,
-    label: str = "fedavg",
-    participants: Sequence[int] | None = None,
-    run_key: Mapping[str, str] | None = None,
-    progress: bool = True,
+    model: nn.Module, clients: Any, rounds: int, fraction: float = 1.0, local_epochs: int = 1, seed: int = 0,
+    data: str = "all", evaluate: Callable[[nn.Module], Mapping[str, float]] | None = None,
+    checkpoint_dir: str | os.PathLike | None = None, resume: bool = False, store_every: int | None = None,
+    deploy: bool = True, local_config: Mapping[str, Any] | None = None, label: str = "fedavg",
+    participants: Sequence[int] | None = None, run_key: Mapping[str, str] | None = None, progress: bool = True,
 ) -> FedAvgResult:
     """Federated averaging: ``rounds`` rounds of local Lightning training on a sampled ``fraction`` of clients.
 

@@ -1,12 +1,4 @@
-"""The server's handle on a federation: whichever ``Grid`` it runs on, the same sending, checking and counting.
-
-:class:`Federation` finds the client nodes (each says its client id), sends every round's messages through
-the grid, rebuilds each reply into the library's message dataclasses (so the contract checks of
-:mod:`~lightning_unlearn.federated.messages` run on every reply), orders replies by client id (aggregation
-order is fixed, so results do not depend on arrival order) and books payload and wire bytes per round label.
-A client whose app *raised* stops the run with its reason; a client that does not answer in time (or that the
-SuperLink reports gone) is dropped when the round tolerates dropouts and at least ``min_clients`` answered.
-"""
+"""The server's handle on a federation: whichever ``Grid`` it runs on, the same sending, checking and counting."""
 from __future__ import annotations
 
 import json
@@ -20,8 +12,7 @@ from flwr.app import Message, RecordDict
 from flwr.serverapp import Grid
 
 from lightning_unlearn.federated.grid import LocalGrid, new_message
-from lightning_unlearn.federated.messages import Broadcast
-from lightning_unlearn.federated.records import ByteCounter, broadcast_to_content, content_to_reply
+from lightning_unlearn.federated.messages import Broadcast, ByteCounter, broadcast_to_content, content_to_reply
 from lightning_unlearn.request import ForgetRequest
 
 log = logging.getLogger(__name__)
@@ -115,12 +106,10 @@ def discover_clients(grid: Grid, num_clients: int, timeout: float = 600.0) -> di
 
 
 class Federation:
-    """The server's view of ``num_clients`` client nodes on ``grid`` (see the module docstring).
-
-    ``min_clients`` (default: every client) must answer each round that tolerates dropouts (the statistics
-    round and the masked rounds) within ``round_timeout`` seconds (default: ``timeout``). ``request`` (set by
-    the unlearning phases) travels in every message's config: each node resolves its own forget split.
-    """
+    """The server's view of ``num_clients`` client nodes on ``grid``: replies in client-id order (the aggregation
+    does not depend on arrival order), payload and wire bytes per round label. A client that raised stops the run
+    with its reason; one that does not answer within ``round_timeout`` is dropped from rounds that tolerate
+    dropouts when at least ``min_clients`` answered. ``request`` travels in every message's config."""
 
     def __init__(self, grid: Grid, num_clients: int, timeout: float = 3600, min_clients: int | None = None,
                  round_timeout: float | None = None, poll_s: float | None = POLL_S) -> None:
@@ -150,12 +139,7 @@ class Federation:
 
     def ask(self, broadcasts: Broadcast | Mapping[int, Broadcast], message_type: str, label: str,
             dropouts: bool = False, what: str | None = None) -> list[tuple[int, Any]]:
-        """Send one round and return ``[(client id, upward message)]`` in client-id order (empty replies left out).
-
-        ``broadcasts``: one broadcast for every active client, or one per chosen client. ``dropouts``: tolerate
-        clients that do not answer (see the class docstring); otherwise every client must answer. ``what`` names
-        the round in errors and in ``dropped`` (default: ``label``).
-        """
+        """Send one round and return ``[(client id, upward message)]`` in client-id order (empty replies left out)."""
         if isinstance(broadcasts, Broadcast):
             broadcasts = {cid: broadcasts for cid in sorted(self.active)}
         messages = [self.message(cid, b, message_type, label) for cid, b in sorted(broadcasts.items())]

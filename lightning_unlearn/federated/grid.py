@@ -1,21 +1,14 @@
 """An in-process Flower ``Grid``: the server's messages are answered by a ``ClientApp`` in this process.
 
-The server code talks to a :class:`flwr.serverapp.Grid`; a deployment hands it the SuperLink's grid, and
-:class:`LocalGrid` answers the same messages by calling the ClientApp with each node's own ``Context``
-(``context.state`` persists between messages, as a SuperNode keeps it). So in-process runs and deployed runs
-execute the same server and client code.
-
-Flower 1.42 stamps an instruction ``Message`` with the task identity its runtime sets when it launches a
-ServerApp; outside a Flower run ``Message(content, dst_node_id=..., message_type=...)`` raises. Server code
-therefore creates its messages with :func:`new_message`, which asks a :class:`LocalGrid` for one carrying the
-public ``flwr.app.Metadata`` and uses Flower's constructor on any other grid.
+Outside a Flower run, Flower 1.42's ``Message(content, dst_node_id=...)`` raises (it stamps the runtime's task
+identity), so server code builds messages with :func:`new_message`, which asks a :class:`LocalGrid` for one.
 """
 from __future__ import annotations
 
 import logging
 import time
 import uuid
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Iterable, Mapping
 
 from flwr.app import DEFAULT_TTL, Context, Message, Metadata, RecordDict
 from flwr.clientapp import ClientApp
@@ -28,26 +21,22 @@ FIRST_NODE_ID = 1_000  # node ids of the local clients: FIRST_NODE_ID + partitio
 
 
 class LocalGrid(Grid):
-    """``num_nodes`` nodes in this process, node ``FIRST_NODE_ID + k`` with ``node_config["partition-id"] = k``.
+    """``num_nodes`` nodes in this process, node ``FIRST_NODE_ID + k`` with ``node_config["partition-id"] = k``;
+    ``run_config`` is every node's ``context.run_config``.
 
-    ``node_configs`` adds per-node settings; ``run_config`` is every node's ``context.run_config``. A ClientApp
-    error is raised here, where it happened (a deployed node would send an error reply instead). With
-    ``record = True`` every exchange is kept in ``log`` as ``(partition id, message type, message, reply)``,
-    so a test can assert on exactly what crossed the boundary.
+    A ClientApp error is raised here, where it happened; with ``record = True`` every exchange is kept in ``log``
+    as ``(partition id, message type, message, reply)`` for tests.
     """
 
-    def __init__(self, app: ClientApp, num_nodes: int, node_configs: Sequence[Mapping[str, Any]] | None = None,
-                 run_config: Mapping[str, Any] | None = None, run_id: int = 1) -> None:
+    def __init__(self, app: ClientApp, num_nodes: int, run_config: Mapping[str, Any] | None = None,
+                 run_id: int = 1) -> None:
         if isinstance(num_nodes, bool) or not isinstance(num_nodes, int) or num_nodes < 1:
             raise ValueError(f"num_nodes must be an integer >= 1, got {num_nodes!r}")
-        extra = list(node_configs or [{}] * num_nodes)
-        if len(extra) != num_nodes:
-            raise ValueError(f"{len(extra)} node_configs for {num_nodes} nodes")
         self.app, self.run_id, self._run = app, run_id, None
         self.contexts = {
-            FIRST_NODE_ID + k: Context(run_id, FIRST_NODE_ID + k, {"partition-id": k, "num-partitions": num_nodes,
-                                                                   **dict(cfg)}, RecordDict(), dict(run_config or {}))
-            for k, cfg in enumerate(extra)
+            FIRST_NODE_ID + k: Context(run_id, FIRST_NODE_ID + k, {"partition-id": k, "num-partitions": num_nodes},
+                                       RecordDict(), dict(run_config or {}))
+            for k in range(num_nodes)
         }
         self._pending: dict[str, Message] = {}
         self.record, self.log = False, []

@@ -1,37 +1,62 @@
-"""What crosses the client/server boundary, and nothing else.
+"""What crosses the client/server boundary, and nothing else: the message types and their Flower records.
 
-Every message is a frozen dataclass that checks its own types: named float tensors
-(parameters, updates, selected slices, per-channel score vectors), integer sample counts,
-scalar metrics and structural metadata. The server then checks each reply against its
-**contract** (:func:`check_upward`, and the aggregation functions in
-:mod:`~lightning_unlearn.federated.server`, which know the expected shapes): exactly the keys
-its kind allows, each of exactly the expected shape, dtype and finite values; at most
-:data:`MAX_METRICS` metrics named in :data:`METRIC_KEYS`, each a finite scalar; short method
-names and tags from known sets. A violation is a one-line ValueError naming the client and
-the key, so a sample, a label or a dump cannot ride along in an extra key, an odd shape, a
-metric or a string.
+Every message is a frozen dataclass of named float tensors, a sample count, scalar metrics and bounded
+metadata; the server rebuilds each reply from its ``RecordDict`` (refusing records or keys its kind does not
+carry) and checks it against its contract (:func:`check_upward`; the aggregation functions in
+:mod:`~lightning_unlearn.federated.server` know the shapes). A violation is a one-line ValueError naming the
+client and the key, so a sample or a label cannot ride along in an extra key, an odd shape, a metric or a string.
+The contract cannot see values hidden *inside* well-shaped arrays, nor a poisoned but well-formed update:
+secure aggregation (not implemented) and differential privacy (:mod:`lightning_unlearn.privacy`) address those.
 
-What the contract cannot catch: values hidden *inside* legitimately shaped arrays (an image
-encoded into a parameter tensor's values or into score values, a few bits per float of a
-metric). Only the server's view of each client's values can be narrowed: secure aggregation
-(not implemented here) lets it see only the sum over clients, and differential privacy bounds what any value can
-reveal about a sample (``lightning_unlearn.privacy``). Validation is not robust aggregation
-either: a well-formed but poisoned update (or an inflated ``num_samples``) passes.
-
-On the wire these messages are Flower records (:mod:`~lightning_unlearn.federated.records`);
-:class:`RoundBytes` holds what one round moved each way.
+Tensors travel *packed*, one ``uint8`` Array per record plus a JSON layout: Flower moves every Array as an
+object of its own, one HTTP request per object and hop (SmallCNN: 27 objects a message unpacked, 7 packed).
+Two byte counts: ``payload`` (tensor bytes, 4 per channel index, 8 per sample count: ``nbytes``) and ``wire``
+(Flower's own record size).
 """
 from __future__ import annotations
 
+import json
 import math
 import re
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, ClassVar, Mapping, Sequence
 
+import numpy as np
 import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 from torch import Tensor
 
 INDEX_BYTES = 4  # channel indices travel as int32
+COUNT_BYTES = 8  # a sample count
+COUNT_KEY = "num-examples"  # Flower's conventional sample-count key
+#: Every metric a library client sends: ``local_fit``'s times, the DP epsilon, Flower's sample count and ``hello``
+#: id, the evaluation reply.
+METRIC_KEYS = frozenset({
+    "local_compute_s", "fit_s", "dp/epsilon", "num-examples", "client-id",
+    "forget-acc", "retain-acc", "all-acc", "forget-examples", "retain-examples", "all-examples",
+})
+MAX_METRICS = 16
+MAX_TEXT_CHARS = 64  # method names and tags
+MAX_NAME_CHARS = 256  # parameter and layer names (module paths)
+MAX_JSON_CHARS = 1 << 20  # a packed layout: ~40 characters a tensor
+MAX_LAYERS_JSON_CHARS = 65_536  # the layer table of a ScoresMessage: ~45 characters a layer
+CDP_METHOD = "cdp_activation"  # CDP's statistic (mean activation per channel), not a scoring method
+TAG_PATTERN = re.compile(r"forget|class_\d{1,9}")  # what was scored: the forget set or one retained class
+PACKED_DTYPES = ("<f2", "<f4", "<f8", "|i1", "<i2", "<i4", "<i8", "|u1", "|b1")
+
+
+def tensor_bytes(arrays: Mapping[str, Tensor]) -> int:
+    return int(sum(t.numel() * t.element_size() for t in arrays.values()))
+
+
+def short_repr(value: Any, limit: int = 40) -> str:
+    """``repr`` cut to ``limit`` characters: an error message must not echo a smuggled dump."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(str(value))} characters)"
+
+
+def sender_label(senders: Sequence[Any] | None, i: int) -> str:
+    return f"client {senders[i]}" if senders is not None else f"reply {i}"
 
 
 def _check_arrays(arrays: Mapping[str, Tensor], what: str, one_dim: bool = False) -> None:
@@ -46,28 +71,12 @@ def _check_arrays(arrays: Mapping[str, Tensor], what: str, one_dim: bool = False
             raise ValueError(f"{what}[{name!r}] must be a 1-D vector, got shape {tuple(t.shape)}")
 
 
-def _check_count(n: int) -> None:
-    if isinstance(n, bool) or not isinstance(n, int) or n < 0:
-        raise TypeError(f"num_samples must be a non-negative int, got {n!r}")
-
-
-def _check_metrics(metrics: Mapping[str, float]) -> None:
-    for k, v in metrics.items():
-        if not isinstance(k, str) or isinstance(v, bool) or not isinstance(v, (int, float)):
-            raise TypeError(f"metrics must map str -> scalar number, got {k!r} -> {type(v).__name__}")
-
-
-def tensor_bytes(arrays: Mapping[str, Tensor]) -> int:
-    return int(sum(t.numel() * t.element_size() for t in arrays.values()))
-
-
-# -- server -> client ---------------------------------------------------------------------------
+# -- the messages ---------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Broadcast:
     """Server -> client: full model arrays (FedAvg), or only the selected slices (masked rounds).
 
-    ``channels`` is the selected-channel mask, sent once (first masked round) as int32 indices;
-    ``config`` holds round settings (seed, epochs, objective).
+    ``channels``: the selected-channel mask, sent with a client's first masked round; ``config``: round settings.
     """
 
     arrays: Mapping[str, Tensor]
@@ -83,51 +92,65 @@ class Broadcast:
         return tensor_bytes(self.arrays) + mask
 
 
-# -- client -> server ---------------------------------------------------------------------------
 @dataclass(frozen=True)
-class ParametersMessage:
-    """Client -> server after local training: its model arrays (or arrays of an update) and sample count."""
+class _Reply:
+    """Client -> server: named float tensors (the field ``FIELD``) and the number of samples behind them."""
 
+    KIND: ClassVar[str] = ""
+    FIELD: ClassVar[str] = "arrays"
+    ONE_DIM: ClassVar[bool] = False
+
+    def __post_init__(self) -> None:
+        _check_arrays(self.tensors, f"{type(self).__name__}.{self.FIELD}", self.ONE_DIM)
+        n, metrics = self.num_samples, getattr(self, "metrics", {})
+        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+            raise TypeError(f"num_samples must be a non-negative int, got {n!r}")
+        for k, v in metrics.items():
+            if not isinstance(k, str) or isinstance(v, bool) or not isinstance(v, (int, float)):
+                raise TypeError(f"metrics must map str -> scalar number, got {k!r} -> {type(v).__name__}")
+
+    @property
+    def tensors(self) -> Mapping[str, Tensor]:
+        return getattr(self, self.FIELD)
+
+    @property
+    def nbytes(self) -> int:
+        return tensor_bytes(self.tensors) + COUNT_BYTES
+
+
+@dataclass(frozen=True)
+class ParametersMessage(_Reply):
+    """After local training: the client's model arrays and sample count."""
+
+    KIND: ClassVar[str] = "parameters"
     arrays: Mapping[str, Tensor]
     num_samples: int
     metrics: Mapping[str, float] = field(default_factory=dict)
 
-    def __post_init__(self) -> None:
-        _check_arrays(self.arrays, "ParametersMessage.arrays")
-        _check_count(self.num_samples)
-        _check_metrics(self.metrics)
-
-    @property
-    def nbytes(self) -> int:
-        return tensor_bytes(self.arrays) + 8
-
 
 @dataclass(frozen=True)
-class MaskedUpdateMessage:
-    """Client -> server after a masked round: only the selected elements, flattened per parameter."""
+class MaskedUpdateMessage(_Reply):
+    """After a masked round: only the selected elements, flattened per parameter."""
 
+    KIND: ClassVar[str] = "masked_update"
+    FIELD: ClassVar[str] = "values"
+    ONE_DIM: ClassVar[bool] = True
     values: Mapping[str, Tensor]
     num_samples: int
     metrics: Mapping[str, float] = field(default_factory=dict)
 
-    def __post_init__(self) -> None:
-        _check_arrays(self.values, "MaskedUpdateMessage.values", one_dim=True)
-        _check_count(self.num_samples)
-        _check_metrics(self.metrics)
-
-    @property
-    def nbytes(self) -> int:
-        return tensor_bytes(self.values) + 8
-
 
 @dataclass(frozen=True)
-class ScoresMessage:
-    """Client -> server: one mean score per output channel and layer, over ``num_samples`` local samples.
+class ScoresMessage(_Reply):
+    """One mean score per output channel and layer over ``num_samples`` local samples.
 
-    ``layers`` is structural metadata (layer name -> (out_channels, batchnorm name, is_head)),
-    ``tag`` names what was scored (``"forget"``, or a CDP document such as ``"class_3"``).
+    ``layers``: layer name -> (out_channels, BatchNorm name, is_head); ``tag``: what was scored (``"forget"``,
+    or a CDP document such as ``"class_3"``).
     """
 
+    KIND: ClassVar[str] = "scores"
+    FIELD: ClassVar[str] = "scores"
+    ONE_DIM: ClassVar[bool] = True
     scores: Mapping[str, Tensor]
     num_samples: int
     method: str
@@ -135,8 +158,7 @@ class ScoresMessage:
     tag: str = "forget"
 
     def __post_init__(self) -> None:
-        _check_arrays(self.scores, "ScoresMessage.scores", one_dim=True)
-        _check_count(self.num_samples)
+        super().__post_init__()
         for name, meta in self.layers.items():
             out, bn, head = meta
             if not isinstance(out, int) or not (bn is None or isinstance(bn, str)) or not isinstance(head, bool):
@@ -144,76 +166,32 @@ class ScoresMessage:
             if name in self.scores and self.scores[name].numel() != out:
                 raise ValueError(f"layer {name!r}: {self.scores[name].numel()} scores for {out} channels")
 
-    @property
-    def nbytes(self) -> int:
-        return tensor_bytes(self.scores) + 8
-
 
 @dataclass(frozen=True)
-class BatchNormStatsMessage:
-    """Client -> server in the statistics round after a reset: the moments of each selected BatchNorm channel's input.
+class BatchNormStatsMessage(_Reply):
+    """The statistics round after a reset: per selected BatchNorm channel, the count, sum and sum of squares
+    of its input (float64 ``(3, k)``) on local retain batches. Sums pool exactly over clients; like CDP's mean
+    activations they are per-channel aggregates, never per-sample values."""
 
-    ``moments[bn]`` is a float64 ``(3, k)`` tensor for the ``k`` selected channels of BatchNorm ``bn`` (in
-    channel order): row 0 the number of values (samples x positions, the same for every channel), row 1 their
-    sum, row 2 their sum of squares, over at most ``max_batches`` local retain batches of ``num_samples``
-    samples. Sums pool exactly over clients, so the server's mean and variance are those of the union of
-    the clients' data (:func:`~lightning_unlearn.federated.server.pool_batchnorm_moments`). Like CDP's mean
-    activations, they are per-channel aggregates, never per-sample values.
-    """
-
+    KIND: ClassVar[str] = "bn_stats"
+    FIELD: ClassVar[str] = "moments"
     moments: Mapping[str, Tensor]
     num_samples: int
     metrics: Mapping[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        _check_arrays(self.moments, "BatchNormStatsMessage.moments")
+        super().__post_init__()
         for name, t in self.moments.items():
             if t.dim() != 2 or t.shape[0] != 3:
                 raise ValueError(f"BatchNormStatsMessage.moments[{name!r}] must have shape (3, channels) "
                                  f"(count, sum, sum of squares), got {tuple(t.shape)}")
-        _check_count(self.num_samples)
-        _check_metrics(self.metrics)
-
-    @property
-    def nbytes(self) -> int:
-        return tensor_bytes(self.moments) + 8
 
 
 UPWARD = (ParametersMessage, MaskedUpdateMessage, ScoresMessage, BatchNormStatsMessage)
-
-# -- the contract ----------------------------------------------------------------------------------
-#: Every metric a library client sends, and nothing else: ``local_fit`` (every training reply),
-#: the DP callback's epsilon, Flower's sample count and ``hello`` id, Flower's evaluation reply.
-METRIC_KEYS = frozenset({
-    "local_compute_s", "fit_s",
-    "dp/epsilon",
-    "num-examples", "client-id",
-    "forget-acc", "retain-acc", "all-acc", "forget-examples", "retain-examples", "all-examples",
-})
-MAX_METRICS = 16
-MAX_TEXT_CHARS = 64  # method names and tags
-MAX_NAME_CHARS = 256  # parameter and layer names (module paths)
-CDP_METHOD = "cdp_activation"  # CDP's statistic (mean activation per channel), not a scoring method
-TAG_PATTERN = re.compile(r"forget|class_\d{1,9}")  # what was scored: the forget set or one retained class
+KINDS = {cls.KIND: cls for cls in UPWARD}
 
 
-def short_repr(value: Any, limit: int = 40) -> str:
-    """``repr`` cut to ``limit`` characters: an error message must not echo a smuggled dump."""
-    text = repr(value)
-    return text if len(text) <= limit else f"{text[:limit]}... ({len(str(value))} characters)"
-
-
-def sender_label(senders: Sequence[Any] | None, i: int) -> str:
-    """``client <id>`` when the server knows who sent reply ``i``, else ``reply <i>``."""
-    return f"client {senders[i]}" if senders is not None else f"reply {i}"
-
-
-def _scoring_methods() -> tuple[str, ...]:
-    from lightning_unlearn.scoring.base import registry_views  # the live registry: user-registered methods count
-
-    return (*registry_views()["SCORING_METHODS"], CDP_METHOD)
-
-
+# -- the contract -----------------------------------------------------------------------------------
 def check_metrics(metrics: Mapping[str, Any], who: str, kind: str) -> None:
     """At most :data:`MAX_METRICS` entries, keys from :data:`METRIC_KEYS`, finite scalar values."""
     if not isinstance(metrics, Mapping):
@@ -243,32 +221,28 @@ def check_metadata(message: Any, who: str) -> None:
     n = message.num_samples
     if isinstance(n, bool) or not isinstance(n, int) or n < 0:
         raise ValueError(f"{who}: {kind} num_samples must be a non-negative int, got {short_repr(n)}")
-    if isinstance(message, ScoresMessage):
-        methods = _scoring_methods()
-        _check_text(message.method, who, kind, "method", ", ".join(methods), lambda m: m in methods)
-        _check_text(message.tag, who, kind, "tag", "'forget' or 'class_<int>'",
-                    lambda t: TAG_PATTERN.fullmatch(t) is not None)
-        for name, meta in message.layers.items():
-            bn = meta[1] if isinstance(meta, tuple) and len(meta) == 3 and isinstance(meta[1], str) else ""
-            if not isinstance(name, str) or len(name) > MAX_NAME_CHARS or len(bn) > MAX_NAME_CHARS:
-                raise ValueError(f"{who}: {kind} layer name {short_repr(name)} (norm {short_repr(bn)}) is not a "
-                                 f"module name of at most {MAX_NAME_CHARS} characters")
-    else:
-        check_metrics(message.metrics, who, kind)
+    if not isinstance(message, ScoresMessage):
+        return check_metrics(message.metrics, who, kind)
+    from lightning_unlearn.scoring.base import registry_views  # the live registry: user-registered methods count
+
+    methods = (*registry_views()["SCORING_METHODS"], CDP_METHOD)
+    _check_text(message.method, who, kind, "method", ", ".join(methods), lambda m: m in methods)
+    _check_text(message.tag, who, kind, "tag", "'forget' or 'class_<int>'", lambda t: TAG_PATTERN.fullmatch(t) is not None)
+    for name, meta in message.layers.items():
+        bn = meta[1] if isinstance(meta, tuple) and len(meta) == 3 and isinstance(meta[1], str) else ""
+        if not isinstance(name, str) or len(name) > MAX_NAME_CHARS or len(bn) > MAX_NAME_CHARS:
+            raise ValueError(f"{who}: {kind} layer name {short_repr(name)} (norm {short_repr(bn)}) is not a "
+                             f"module name of at most {MAX_NAME_CHARS} characters")
 
 
 def check_arrays(
-    arrays: Mapping[str, Tensor],
-    expected: Mapping[str, tuple[tuple[int, ...], torch.dtype | None]],
-    who: str,
-    kind: str,
-    describe: str,
-    vector: tuple[str, str] | None = None,
+    arrays: Mapping[str, Tensor], expected: Mapping[str, tuple[tuple[int, ...], torch.dtype | None]], who: str,
+    kind: str, describe: str, vector: tuple[str, str] | None = None,
 ) -> None:
     """Exactly the ``expected`` keys, each of its shape (and dtype, when given) with finite values.
 
-    ``describe`` says what was expected as a whole (``"the 14 model arrays"``); ``vector`` words a
-    wrong length of a 1-D vector (``("values", "selected elements")``: "3 values for 10 selected elements").
+    ``describe`` words the whole (``"the 14 model arrays"``), ``vector`` a wrong 1-D length (``("values",
+    "selected elements")``: "3 values for 10 selected elements").
     """
     for key in arrays:
         if key not in expected:
@@ -290,11 +264,8 @@ def check_arrays(
 
 
 def check_upward(messages, allowed: tuple[type, ...] = UPWARD, senders: Sequence[Any] | None = None) -> list:
-    """Server-side guard: client messages of the allowed types whose metadata keeps the contract.
-
-    ``senders`` names who sent each message (the server's client ids), for the errors. Keys and
-    shapes need the model: the aggregation functions check them.
-    """
+    """Client messages of the allowed types whose metadata keeps the contract (keys and shapes need the model:
+    the aggregation functions check them). ``senders`` name who sent each message in the errors."""
     out = list(messages)
     if senders is not None and len(senders) != len(out):
         raise ValueError(f"{len(senders)} senders for {len(out)} messages")
@@ -308,7 +279,184 @@ def check_upward(messages, allowed: tuple[type, ...] = UPWARD, senders: Sequence
     return out
 
 
-# -- the wire ------------------------------------------------------------------------------------
+# -- Flower records -------------------------------------------------------------------------------------
+def arrays_to_record(arrays: Mapping[str, Tensor]) -> ArrayRecord:
+    """Named tensors as an ArrayRecord, one Array per tensor (in-memory records: a strategy's, ``context.state``)."""
+    return ArrayRecord({k: Array(np.ascontiguousarray(v.detach().cpu().numpy())) for k, v in arrays.items()})
+
+
+def record_to_arrays(record: ArrayRecord) -> dict[str, Tensor]:
+    return _tensors({k: v.numpy() for k, v in record.items()})
+
+
+def channels_to_record(channels: Mapping[str, Sequence[int]]) -> ArrayRecord:
+    return ArrayRecord({k: Array(np.asarray(v, dtype=np.int32).reshape(-1)) for k, v in channels.items()})
+
+
+def record_to_channels(record: ArrayRecord) -> dict[str, tuple[int, ...]]:
+    return {k: tuple(int(i) for i in v.numpy()) for k, v in record.items()}
+
+
+def _tensors(arrays: Mapping[str, np.ndarray]) -> dict[str, Tensor]:
+    return {k: torch.from_numpy(np.array(v, copy=True)) for k, v in arrays.items()}
+
+
+def _json(text: Any, ok: Callable[[Any], bool], limit: int = MAX_JSON_CHARS) -> Any:
+    """``text`` parsed, or None when it is not JSON of at most ``limit`` characters that ``ok`` accepts."""
+    try:
+        value = json.loads(text) if isinstance(text, str) and len(text) <= limit else None
+        return value if ok(value) else None
+    except ValueError:
+        return None
+
+
+def pack(content: dict, key: str, arrays: Mapping[str, Any]) -> None:
+    """Put ``arrays`` (tensors or numpy arrays) into ``content`` as ``key`` (one uint8 Array) + ``key-layout``."""
+    parts = [np.ascontiguousarray(v.detach().cpu().numpy() if isinstance(v, Tensor) else v) for v in arrays.values()]
+    layout = [[name, a.dtype.str, list(a.shape)] for name, a in zip(arrays, parts)]
+    content[key] = ArrayRecord({"packed": Array(np.frombuffer(b"".join(a.tobytes() for a in parts), dtype=np.uint8))})
+    content[key + "-layout"] = ConfigRecord({"layout": json.dumps(layout)})
+
+
+def _is_layout(layout: Any) -> bool:
+    return isinstance(layout, list) and all(
+        isinstance(e, list) and len(e) == 3 and isinstance(e[0], str) and e[1] in PACKED_DTYPES
+        and isinstance(e[2], list) and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in e[2])
+        for e in layout) and len({e[0] for e in layout}) == len(layout)
+
+
+def unpack(content: RecordDict, key: str) -> dict[str, np.ndarray]:
+    """The named arrays under ``key``: those :func:`pack` packed, plus any Array stored by name, decoded as they
+    are so that the receiver's contract refuses what does not belong. A layout that does not fit is a ValueError."""
+    record, meta = content[key], content.get(key + "-layout")
+    out = {k: a.numpy() for k, a in record.items() if k != "packed"}
+    if "packed" not in record:
+        return out
+    text = dict(meta).get("layout") if meta is not None else None
+    layout = _json(text, _is_layout)
+    if layout is None or {e[0] for e in layout} & set(out):
+        raise ValueError(f"record {key!r}: {key + '-layout'!r} must hold a 'layout', JSON [[name, dtype in "
+                         f"{list(PACKED_DTYPES)}, shape], ...] with unique names, at most {MAX_JSON_CHARS} "
+                         f"characters; got {short_repr(text)}")
+    blob = record["packed"].numpy()
+    sizes = [int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize for _, dtype, shape in layout]
+    if blob.dtype != np.uint8 or blob.ndim != 1 or sum(sizes) != blob.size:
+        raise ValueError(f"record {key!r}: the layout describes {sum(sizes)} bytes, the packed array holds "
+                         f"{blob.size} ({blob.dtype}, {blob.ndim}-D; expected uint8, 1-D)")
+    offset = 0
+    for (name, dtype, shape), size in zip(layout, sizes):
+        out[name] = np.frombuffer(blob, dtype=np.dtype(dtype), count=size // np.dtype(dtype).itemsize,
+                                  offset=offset).reshape(shape)
+        offset += size
+    return out
+
+
+def to_config(values: Mapping[str, Any]) -> ConfigRecord:
+    """A config mapping as a ConfigRecord; ``None`` entries are dropped (clients read them with ``.get``)."""
+    out: dict[str, Any] = {}
+    ok = (int, float, str, bool, bytes)
+    for k, v in values.items():
+        v = list(v) if isinstance(v, tuple) else v
+        if v is not None and not (isinstance(v, ok) or (isinstance(v, list) and v and isinstance(v[0], ok)
+                                                        and all(isinstance(i, type(v[0])) for i in v))):
+            raise TypeError(f"config[{k!r}] = {v!r} cannot travel in a Flower ConfigRecord; "
+                            "allowed: int, float, str, bool, bytes or a non-empty list of one of them")
+        if v is not None:
+            out[k] = v
+    return ConfigRecord(out)
+
+
+def broadcast_to_content(message: Broadcast, extra: Mapping[str, Any] | None = None) -> RecordDict:
+    """``extra`` (e.g. the forget request) joins the config: settings, not payload."""
+    records: dict[str, Any] = {"config": to_config({**message.config, **(extra or {})})}
+    pack(records, "arrays", message.arrays)
+    if message.channels is not None:
+        pack(records, "channels", {k: np.asarray(v, dtype=np.int32).reshape(-1) for k, v in message.channels.items()})
+    return RecordDict(records)
+
+
+def content_to_broadcast(content: RecordDict) -> tuple[Broadcast, dict[str, Any]]:
+    """The Broadcast a client handler takes, plus the full config (request included)."""
+    config = {k: (list(v) if isinstance(v, list) else v) for k, v in content["config"].items()} \
+        if "config" in content else {}
+    channels = ({k: tuple(int(i) for i in v) for k, v in unpack(content, "channels").items()}
+                if "channels" in content else None)
+    arrays = _tensors(unpack(content, "arrays")) if "arrays" in content else {}
+    return Broadcast(arrays, config, channels), config
+
+
+def reply_to_content(reply: _Reply | None) -> RecordDict:
+    """One upward message (or ``None``: nothing to send) as a RecordDict."""
+    if reply is None:
+        return RecordDict({"reply": ConfigRecord({"kind": "none"})})
+    if not isinstance(reply, UPWARD):
+        raise TypeError(f"a client may only send {[t.__name__ for t in UPWARD]}, got {type(reply).__name__}")
+    meta: dict[str, Any] = {"kind": reply.KIND}
+    metrics = {**{k: float(v) for k, v in getattr(reply, "metrics", {}).items()}, COUNT_KEY: reply.num_samples}
+    if isinstance(reply, ScoresMessage):
+        meta.update(method=reply.method, tag=reply.tag, layers=json.dumps({n: list(v) for n, v in reply.layers.items()}))
+    records: dict[str, Any] = {"reply": ConfigRecord(meta), "metrics": MetricRecord(metrics)}
+    pack(records, "arrays", reply.tensors)
+    return RecordDict(records)
+
+
+def _is_layers(raw: Any) -> bool:
+    return isinstance(raw, dict) and all(
+        isinstance(v, list) and len(v) == 3 and isinstance(v[0], int) and not isinstance(v[0], bool)
+        and (v[1] is None or isinstance(v[1], str)) and isinstance(v[2], bool) for v in raw.values())
+
+
+def content_to_reply(content: RecordDict) -> _Reply | None:
+    """Rebuild the library message (its checks run here, on the server); ``None`` for an empty reply.
+
+    Records or ``reply`` keys a kind does not carry are refused, not dropped: nothing rides along next to
+    what the server reads.
+    """
+    if "reply" not in content:
+        raise TypeError(f"a client reply must carry a 'reply' record naming its kind; got records {sorted(content)}")
+    meta = dict(content["reply"])
+    kind = meta.get("kind")
+    if kind not in (*KINDS, "none"):
+        raise TypeError(f"unknown client reply kind {short_repr(kind)}; allowed kinds are {[*KINDS, 'none']}")
+    records = {"reply"} if kind == "none" else {"reply", "arrays", "arrays-layout", "metrics"}
+    keys = {"kind", "method", "tag", "layers"} if kind == "scores" else {"kind"}
+    extra = sorted(set(content) - records) or sorted(set(meta) - keys)
+    if extra:
+        raise ValueError(f"a {kind!r} reply has unexpected key {short_repr(extra[0])} "
+                         f"(expected records {sorted(records)}, reply keys {sorted(keys)})")
+    if kind == "none":
+        return None
+    missing = sorted(records - set(content)) or sorted(keys - set(meta))
+    if missing:
+        raise ValueError(f"a {kind!r} reply is missing key {missing[0]!r}")
+    arrays = _tensors(unpack(content, "arrays"))
+    metrics = dict(content["metrics"])
+    n = metrics.pop(COUNT_KEY, None)
+    if isinstance(n, bool) or not isinstance(n, int):
+        raise ValueError(f"a {kind!r} reply must carry its sample count {COUNT_KEY!r} as an int, got {short_repr(n)}")
+    if kind != "scores":
+        return KINDS[kind](arrays, n, metrics)
+    if metrics:
+        raise ValueError(f"a 'scores' reply carries no metrics besides {COUNT_KEY!r}; got {short_repr(sorted(metrics)[0])}")
+    layers = _json(meta["layers"], _is_layers, MAX_LAYERS_JSON_CHARS)
+    if layers is None:
+        raise ValueError(f"ScoresMessage layers metadata must be JSON {{name: [out_channels, norm name or null, "
+                         f"is_head]}} of at most {MAX_LAYERS_JSON_CHARS} characters, got {short_repr(meta['layers'])}")
+    return ScoresMessage(arrays, n, meta["method"], {k: (v[0], v[1], v[2]) for k, v in layers.items()}, meta["tag"])
+
+
+# -- bytes ----------------------------------------------------------------------------------------------
+def payload_bytes(content: RecordDict) -> int:
+    """What the protocol moves: tensor bytes (+4 per index) and 8 per sample count."""
+    total = 0
+    for record in content.values():
+        if isinstance(record, ArrayRecord):
+            total += sum(int(np.prod(a.shape, dtype=np.int64)) * np.dtype(a.dtype).itemsize for a in record.values())
+        elif isinstance(record, MetricRecord) and COUNT_KEY in record:
+            total += COUNT_BYTES
+    return total
+
+
 @dataclass
 class RoundBytes:
     """Bytes sent in one round: server -> clients (down) and clients -> server (up)."""
@@ -319,3 +467,26 @@ class RoundBytes:
     @property
     def total(self) -> int:
         return self.down + self.up
+
+
+@dataclass
+class ByteCounter:
+    """Payload and wire (Flower's own record size) bytes per round label (``fedavg/0``, ``score``, ...)."""
+
+    payload: dict[str, RoundBytes] = field(default_factory=dict)
+    wire: dict[str, RoundBytes] = field(default_factory=dict)
+
+    def add(self, label: str, content: RecordDict, direction: str) -> None:
+        pay, wire = self.payload.setdefault(label, RoundBytes()), self.wire.setdefault(label, RoundBytes())
+        setattr(pay, direction, getattr(pay, direction) + payload_bytes(content))
+        setattr(wire, direction, getattr(wire, direction) + int(sum(r.count_bytes() for r in content.values())))
+
+    def down(self, label: str, content: RecordDict) -> None:
+        self.add(label, content, "down")
+
+    def up(self, label: str, content: RecordDict) -> None:
+        self.add(label, content, "up")
+
+    def as_dict(self) -> dict[str, dict[str, int]]:
+        return {label: {"down": b.down, "up": b.up, "wire_down": self.wire[label].down, "wire_up": self.wire[label].up}
+                for label, b in self.payload.items()}

@@ -1,11 +1,4 @@
-"""Where a node finds its data: a recipe that rebuilds a simulated federation, or a shard file on the node's disk.
-
-* simulation: :class:`FederatedPartitions` (a picklable recipe: dataset name + partition settings) rebuilds the
-  same :class:`~lightning_unlearn.data.FederatedDataModule` in each process and takes shard
-  ``node_config["partition-id"]``;
-* deployment: :func:`file_partition` loads the shard written by :func:`save_partition` from
-  ``node_config["data-path"]`` on the node's own disk.
-"""
+"""Where a node finds its data: a recipe that rebuilds a simulated federation, or a shard file on the node's disk."""
 from __future__ import annotations
 
 import functools
@@ -31,11 +24,7 @@ PARTITION_KEY, DATA_PATH_KEY = "partition-id", "data-path"
 
 @dataclass
 class ClientPartition:
-    """One node's data: its client id, its shard, and the shard's ids in the global training set.
-
-    ``sample_ids`` lets the node resolve sample requests (which name global ids) by itself; ``callbacks`` are
-    this node's own Lightning callbacks for every local fit (e.g. its DP-SGD accountant).
-    """
+    """One node's data: its client id, its shard, and the shard's ids in the global training set."""
 
     client_id: int
     dataset: Dataset
@@ -52,12 +41,8 @@ class FlowerDataError(RuntimeError):
 
 @dataclass(frozen=True)
 class FederatedPartitions:
-    """Recipe for the simulated federation; ``__call__(context)`` gives the node its shard.
-
-    Only the recipe travels to the workers (cheap to pickle); each worker process builds the
-    data module once. ``datamodule()`` builds the very same federation in-process (evaluation,
-    comparisons).
-    """
+    """Recipe for the simulated federation; ``__call__(context)`` gives the node its shard (only the recipe is
+    pickled to the workers; each builds the data module once)."""
 
     dataset: str = "digits"
     num_clients: int = 3

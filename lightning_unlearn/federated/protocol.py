@@ -33,8 +33,7 @@ from torch import Tensor
 
 from lightning_unlearn.config import AUTO, UnlearnConfig
 from lightning_unlearn.federated.federation import Federation, as_federation
-from lightning_unlearn.federated.messages import Broadcast, check_metrics
-from lightning_unlearn.federated.records import ByteCounter
+from lightning_unlearn.federated.messages import Broadcast, ByteCounter, check_metrics
 from lightning_unlearn.federated.server import (
     aggregate_scores,
     pool_head_features,

@@ -1,28 +1,18 @@
-"""The federated side of ``lightning-unlearn fit | unlearn | evaluate``: the config, not code, switches to it.
-
-A config whose ``data`` is a :class:`~lightning_unlearn.data.FederatedDataModule` (with a ``request``
-attribute, as the presets have) runs these instead of ``Trainer.fit``; the ``federated:`` section
-of the config is :class:`FederatedSettings`.
-"""
+"""The federated side of ``lightning-unlearn fit | unlearn | evaluate``: the config, not code, switches to it."""
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 import lightning.pytorch as pl
 import torch
 
 from lightning_unlearn._io import save_torch, unique_path
-from lightning_unlearn.config import UnlearnConfig
 from lightning_unlearn.data.federated import FederatedDataModule
-from lightning_unlearn.federated.baselines import federated_retrain
 from lightning_unlearn.mask.arrays import get_arrays
-from lightning_unlearn.federated.fedavg import deploy_model
-from lightning_unlearn.federated.federation import Federation
 from lightning_unlearn.federated.messages import tensor_bytes
-from lightning_unlearn.federated.protocol import FederatedUnlearningResult, federated_unlearn
 from lightning_unlearn.federated.simulation import FederatedSimulation
 
 log = logging.getLogger(__name__)
@@ -61,12 +51,9 @@ class FederatedSettings:
     dp_delta: float = 1e-5
 
 
-def is_federated(datamodule: Any) -> bool:
-    return isinstance(datamodule, FederatedDataModule)
-
-
-def _simulation(model: pl.LightningModule, fdm: FederatedDataModule, s: FederatedSettings, seed: int,
-                checkpoints: bool = False) -> FederatedSimulation:
+def simulation(model: pl.LightningModule, fdm: FederatedDataModule, s: FederatedSettings, seed: int,
+               checkpoints: bool = False) -> FederatedSimulation:
+    """The in-process federation of ``fdm`` on the settings' schedule (``checkpoints``: per-round resume files)."""
     return FederatedSimulation(
         fdm, model, rounds=s.rounds, local_epochs=s.local_epochs, fraction=s.fraction, seed=seed,
         trainer_kwargs={"max_steps": s.local_steps} if s.local_steps else None,
@@ -76,17 +63,14 @@ def _simulation(model: pl.LightningModule, fdm: FederatedDataModule, s: Federate
 
 def federated_fit(model: pl.LightningModule, fdm: FederatedDataModule, settings: FederatedSettings, seed: int = 0,
                   echo: Callable[[str], None] | None = None) -> Path:
-    """FedAvg training; writes ``<output_dir>/original.ckpt`` (a new name if it exists). Resumes from round checkpoints.
-
-    The summary lines (and the clients' privacy budget for DP runs) go to ``echo`` (default: the module logger).
-    """
+    """FedAvg training; writes ``<output_dir>/original.ckpt`` (a new name if it exists). Resumes from round checkpoints."""
     dp = settings.dp_target_epsilon is not None or settings.dp_noise_multiplier is not None
     if dp:
         from lightning_unlearn.privacy.federated import attach_settings_dp, prepare_model
 
         prepare_model(model)
     # with DP no resume: the round checkpoints do not carry the clients' privacy accountants
-    sim = _simulation(model, fdm, settings, seed, checkpoints=not dp)
+    sim = simulation(model, fdm, settings, seed, checkpoints=not dp)
     privacy = attach_settings_dp(sim.clients, settings) if dp else None
     result = sim.train(resume=not dp and not settings.fresh)
     path = save_checkpoint(sim.model, unique_path(Path(settings.output_dir) / "original.ckpt"))
@@ -96,32 +80,6 @@ def federated_fit(model: pl.LightningModule, fdm: FederatedDataModule, settings:
     if privacy is not None:
         say(privacy.describe())
     return path
-
-
-def deployed_simulation(model: pl.LightningModule, fdm: FederatedDataModule, settings: FederatedSettings, seed: int):
-    """A federation whose clients hold ``model`` as the deployed global model and know the request."""
-    sim = _simulation(model, fdm, settings, seed)
-    deploy_model(Federation(sim.clients.grid, len(sim.clients)), get_arrays(model))
-    plan = sim.request(fdm.request)
-    return sim, plan
-
-
-def federated_unlearn_checkpoint(
-    model: pl.LightningModule, fdm: FederatedDataModule, settings: FederatedSettings, config: UnlearnConfig, seed: int,
-) -> tuple[FederatedSimulation, FederatedUnlearningResult]:
-    """Run the federated unlearning protocol from a trained global model; returns (simulation, result)."""
-    sim, _ = deployed_simulation(model, fdm, settings, seed)
-    result = federated_unlearn(sim.model, sim.clients, fdm.request, config,
-                               rounds=settings.unlearn_rounds, fraction=settings.fraction,
-                               trained_epochs=settings.rounds * settings.local_epochs)  # the head calibration's length
-    result.metrics = sim.evaluate(result.model)
-    return sim, result
-
-
-def federated_reference(sim: FederatedSimulation, plan, settings: FederatedSettings, seed: int):
-    """Federated retraining from scratch without the forget data (the exact reference)."""
-    return federated_retrain(sim.model, sim.clients, plan, settings.rounds, settings.local_epochs, settings.fraction,
-                             seed=seed)
 
 
 def fedavg_round_bytes(model: torch.nn.Module, num_clients: int, fraction: float = 1.0) -> int:

@@ -1,12 +1,4 @@
-"""Server side: count-weighted aggregation of parameters, scores and masked slices.
-
-Nothing here touches a dataset. Every aggregation function checks each reply against its
-contract (:mod:`~lightning_unlearn.federated.messages`): the message type, exactly the keys
-the server expects with their shapes (the broadcast arrays, the masked parameters' selected
-counts, the scored layers' channels), bounded metadata; a violation is a one-line ValueError
-naming the client and the key. The rounds themselves run in :mod:`~lightning_unlearn.federated.fedavg`
-and :mod:`~lightning_unlearn.federated.protocol`.
-"""
+"""Server side: count-weighted aggregation of parameters, scores and masked slices."""
 from __future__ import annotations
 
 import math
@@ -45,12 +37,7 @@ def fedavg_aggregate(
     expected: Mapping[str, Tensor] | None = None,
     senders: Sequence[int] | None = None,
 ) -> dict[str, Tensor]:
-    """Sample-count-weighted mean of the clients' arrays (computed in float64, cast back).
-
-    Every reply must hold exactly the keys of ``expected`` (the arrays the server broadcast), each of
-    its shape and dtype; without ``expected``, those of the first reply. ``senders`` (client ids,
-    one per message) name the client in the one-line ValueError.
-    """
+    """Sample-count-weighted mean of the clients' arrays (computed in float64, cast back)."""
     messages = check_upward(messages, (ParametersMessage,), senders)
     if not messages:
         raise ValueError("fedavg_aggregate needs at least one client message")
@@ -88,14 +75,11 @@ def _check_layers_against_model(layers: Mapping[str, tuple], model: nn.Module, w
 
 
 def aggregate_scores(
-    messages: Sequence[ScoresMessage], senders: Sequence[int] | None = None, model: nn.Module | None = None
+    messages: Sequence[ScoresMessage], senders: Sequence[int] | None = None, model: nn.Module | None = None,
+    tag: str = "forget",
 ) -> ChannelScores:
-    """Count-weighted mean of the clients' channel scores: the score of the union of their forget sets.
-
-    Every reply must score the forget set (tag ``"forget"``) with one method, describe the same
-    layers, and send exactly one 1-D vector of ``out_channels`` scores per described layer. With
-    ``model`` (the server's copy), each layer must be a scorable layer of it with that many channels.
-    """
+    """Count-weighted mean of the clients' channel scores of document ``tag``: the score of the union of their
+    forget sets (or, for CDP, of one document's samples)."""
     messages = check_upward(messages, (ScoresMessage,), senders)
     if not messages:
         raise ValueError("no client holds data to forget: no scores to aggregate")
@@ -110,8 +94,8 @@ def aggregate_scores(
     contract = {n: ((out,), None) for n, (out, _, _) in first.items()}
     for i, m in enumerate(messages):
         who = sender_label(senders, i)
-        if m.tag != "forget":
-            raise ValueError(f"{who}: ScoresMessage tag {m.tag!r} in the scoring round (expected 'forget')")
+        if m.tag != tag:
+            raise ValueError(f"{who}: ScoresMessage tag {m.tag!r} in the scoring round (expected {tag!r})")
         if dict(m.layers) != first:
             diff = sorted(set(m.layers) ^ set(first)) or sorted(n for n in first if m.layers[n] != first[n])
             raise ValueError(f"{who}: ScoresMessage layers differ from {sender_label(senders, 0)}'s at {short_repr(diff[0])}")
@@ -128,12 +112,8 @@ def masked_aggregate(
     messages: Sequence[MaskedUpdateMessage],
     senders: Sequence[int] | None = None,
 ) -> dict[str, Tensor]:
-    """Average only the selected slices; every other element is copied from ``reference`` bit for bit.
-
-    Plain averaging of identical copies is not exact in floating point (the issue measured 13,003
-    of 33,194 values changed), so frozen values are never averaged at all. Every reply must hold
-    exactly the masked parameters, each a 1-D vector of ``mask.masks[name].sum()`` values.
-    """
+    """Average only the selected slices; every other element is copied from ``reference`` bit for bit
+    (averaging identical copies is not exact in floating point: 13,003 of 33,194 values changed)."""
     messages = check_upward(messages, (MaskedUpdateMessage,), senders)
     out = {k: v.clone() for k, v in reference.items()}
     if not messages:
@@ -175,13 +155,7 @@ def pool_batchnorm_moments(
     channels: Mapping[str, Tensor],
     senders: Sequence[int] | None = None,
 ) -> dict[str, tuple[Tensor, Tensor]]:
-    """BatchNorm name -> (mean, unbiased variance) of its selected channels' input over all clients' values.
-
-    Counts, sums and sums of squares add up, so this is exactly the estimate on the union of the clients'
-    data. Every reply must hold exactly one float64 ``(3, k)`` tensor per BatchNorm of ``channels`` (``k``
-    selected channels), whose count row is one whole number shared by all channels, positive when the
-    client forwarded samples, and whose sums are moments of real values (sum of squares >= sum^2 / count).
-    """
+    """BatchNorm name -> (mean, unbiased variance) of its selected channels' input over all clients' values."""
     messages = check_upward(messages, (BatchNormStatsMessage,), senders)
     if not messages:
         raise ValueError("no client has retain data: no BatchNorm statistics to pool")
@@ -278,10 +252,8 @@ def check_fraction(fraction: float, name: str = "fraction") -> None:
 
 
 def sample_clients(pool: Sequence[int], fraction: float, seed: int, r: int) -> np.ndarray:
-    """Round ``r``'s clients (sorted): a seeded draw of ``round(fraction * len(pool))``, at least one.
-
-    FedAvg and the masked rounds share it, so a sampled run draws the same clients in every phase.
-    """
+    """Round ``r``'s clients (sorted): a seeded draw of ``round(fraction * len(pool))``, at least one; FedAvg
+    and the masked rounds share it, so a sampled run draws the same clients in every phase."""
     pool = np.asarray(sorted(pool), dtype=np.int64)
     return np.sort(np.random.default_rng(seed * 100_003 + r).choice(pool, max(1, round(fraction * len(pool))), replace=False))
 

@@ -1,8 +1,6 @@
 """Local DP-SGD in the federated simulation: one DifferentialPrivacy callback (and accountant) per client.
 
-Each client clips and noises its own per-sample gradients, so every update it sends is already
-private with respect to its own samples; epsilon is per client (its sampling rate and number
-of local steps differ), and the federation's guarantee is the worst client's.
+Epsilon is per client (sampling rates and step counts differ); the federation's guarantee is the worst client's.
 """
 from __future__ import annotations
 
@@ -69,12 +67,8 @@ class ClientPrivacy:
 def attach_client_dp(clients: Sequence[Any], **dp: Any) -> ClientPrivacy:
     """Give every client its own :class:`DifferentialPrivacy` callback for all its later local fits.
 
-    ``dp`` are the callback's arguments (``target_epsilon`` or ``noise_multiplier``, ``max_grad_norm``,
-    ``delta``, ``epochs`` / ``steps``, ``accountant``, ...), except ``fix_model``: layers are never
-    swapped per client. ``target_epsilon`` is per client and covers the whole planned local training:
-    pass ``steps`` (rounds x local steps) or ``epochs`` (rounds x local epochs). The shared model must
-    already be Opacus-compatible (call :func:`make_dp_compatible` on it *before* building the
-    simulation), so the server's global model has the same layers as the clients'.
+    ``target_epsilon`` covers the whole planned local training (``steps`` or ``epochs``); the shared model
+    must already be Opacus-compatible so the server's global model has the clients' layers.
     """
     if not clients:
         raise ValueError("attach_client_dp needs at least one client, got none")
@@ -106,12 +100,7 @@ def attach_client_dp(clients: Sequence[Any], **dp: Any) -> ClientPrivacy:
 
 
 def prepare_model(model) -> list[str]:
-    """Make the global model Opacus-compatible in place before a federation is built from it.
-
-    A swap changes the checkpoint's layers, so it is reported: a config should name a model that is
-    compatible from the start (e.g. :class:`~lightning_unlearn.privacy.models.DPSmallCNN`) for ``unlearn`` and
-    ``evaluate`` to load what DP training wrote.
-    """
+    """Make the global model Opacus-compatible in place before a federation is built from it."""
     replaced = make_dp_compatible(model)
     if replaced:
         warnings.warn(
@@ -123,11 +112,7 @@ def prepare_model(model) -> list[str]:
 
 
 def attach_settings_dp(clients: Sequence[Any], settings: Any) -> ClientPrivacy:
-    """:func:`attach_client_dp` from a federated schedule (``rounds``, ``local_steps`` / ``local_epochs``, ``dp_*``).
-
-    The planned length is every local step of training: ``rounds x local_steps`` when local steps are
-    capped, else ``rounds x local_epochs`` epochs per client.
-    """
+    """:func:`attach_client_dp` from a federated schedule (``rounds``, ``local_steps`` / ``local_epochs``, ``dp_*``)."""
     steps = settings.rounds * settings.local_steps if settings.local_steps else None
     epochs = None if steps else settings.rounds * settings.local_epochs
     return attach_client_dp(

@@ -1,17 +1,7 @@
 """Ready-made apps for ``flwr run``: SmallCNN, FedAvg, then forget one class; settings from ``run_config``.
 
-``examples/flower_app`` points its ``[tool.flwr.app.components]`` here. Run-config keys (all
-set in that ``pyproject.toml``, overridable with ``flwr run --run-config``):
-``dataset``, ``data-root``, ``num-clients``, ``partition``, ``alpha``, ``seed``,
-``batch-size``, ``lr``, ``train-rounds``, ``local-steps``, ``forget-class``, ``method``,
-``ratio``, ``unlearn-rounds``, ``unlearn-steps``, ``output-dir``; optional: ``reset`` (``UnlearnConfig.reset``;
-empty or absent: the library's default), ``min-clients`` (0: every
-client must answer each masked round), ``round-timeout`` (seconds, 0: the run's timeout) and
-``checkpoint-dir`` (a restarted server resumes from it; empty: no checkpoint).
-
-A node reads its shard from ``node_config["data-path"]`` when set (a real deployment: the file
-written by :func:`save_partition`), otherwise it rebuilds the simulated federation and takes
-``node_config["partition-id"]`` (the simulation engine sets it).
+The keys are those of ``examples/flower_app/pyproject.toml``. A node reads its shard from
+``node_config["data-path"]`` when set (a deployment), else rebuilds the simulated federation's ``partition-id``.
 """
 from __future__ import annotations
 

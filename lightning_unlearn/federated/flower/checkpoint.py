@@ -1,13 +1,4 @@
-"""The ServerApp's checkpoint: a restarted server resumes unlearning with the same mask.
-
-One file, ``server_state.pt`` under the checkpoint folder, rewritten atomically after each
-stage: FedAvg done (the trained arrays), channels selected (the mask), each masked round done
-(the current arrays and the rows so far). A restarted run with the same plan (same :func:`plan_key`)
-skips what is done: no retraining, no re-scoring (the mask is loaded, not re-selected: the same
-mask hash), and continues with the next masked round. A checkpoint of another plan is refused
-with a one-line error instead of being resumed. Loaded with ``weights_only=True`` like every file
-another process may write.
-"""
+"""The ServerApp's checkpoint: a restarted server resumes unlearning with the same mask."""
 from __future__ import annotations
 
 import hashlib

@@ -1,6 +1,7 @@
 """One call to run the protocol on Flower's simulation engine (Ray), results back in-process."""
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
 from typing import Any, Callable, Mapping, Sequence
@@ -10,7 +11,6 @@ from flwr.app import Context
 from lightning.pytorch.callbacks import Callback
 
 from lightning_unlearn.mask.arrays import set_arrays
-from lightning_unlearn.federated.flower import require_ray
 from lightning_unlearn.federated.client import make_client_app
 from lightning_unlearn.federated.partitions import ClientPartition
 from lightning_unlearn.federated.flower.server_app import FedAvgPlan, FlowerRunResult, UnlearnPlan, make_server_app
@@ -31,15 +31,10 @@ def run_flower_simulation(
     timeout: float = 3600,
     verbose: bool = False,
 ) -> FlowerRunResult:
-    """Train (``train``) and/or unlearn (``unlearn``) with ``num_clients`` simulated Flower nodes.
-
-    ``model_fn`` builds the model on the server and in each worker; the server starts from
-    ``initial_model``'s arrays when given (e.g. an already trained model, with ``train=None``).
-    ``partitions`` gives each node its data (:class:`FederatedPartitions` for a simulated
-    federation). Ray gets ``total_cpus`` (default: all) and runs ``total_cpus / client_cpus``
-    clients at once. Returns the :class:`FlowerRunResult`; ``out_dir`` also saves it.
-    """
-    require_ray()
+    """Train (``train``) and/or unlearn (``unlearn``) with ``num_clients`` simulated Flower nodes."""
+    if importlib.util.find_spec("ray") is None:
+        raise ImportError('Flower simulation needs Ray (flwr[simulation]), which is not installed: '
+                          'pip install "lightning-unlearn[flower]"')
     if isinstance(num_clients, bool) or not isinstance(num_clients, int) or num_clients < 1:
         raise ValueError(f"num_clients must be an integer >= 1, got {num_clients!r}")
     if not client_cpus > 0:

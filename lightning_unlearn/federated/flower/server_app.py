@@ -32,17 +32,10 @@ from lightning_unlearn.evidence.report import UnlearningReport, weights_sha256
 from lightning_unlearn.federated.fedavg import DATA_CHOICES, deploy_model, run_fedavg
 from lightning_unlearn.federated.federation import POLL_S, Federation
 from lightning_unlearn.federated.flower.checkpoint import ServerCheckpoint, plan_key
-from lightning_unlearn.federated.messages import RoundBytes
+from lightning_unlearn.federated.messages import ByteCounter, RoundBytes
 from lightning_unlearn.federated.protocol import (
-    calibrate,
-    check_calibration,
-    evaluate_round,
-    masked_rounds,
-    remove,
-    select,
-    unlearn_config,
+    calibrate, check_calibration, evaluate_round, masked_rounds, remove, select, unlearn_config,
 )
-from lightning_unlearn.federated.records import ByteCounter
 from lightning_unlearn.federated.server import check_rounds
 from lightning_unlearn.mask import ParameterMask
 from lightning_unlearn.mask.arrays import get_arrays, set_arrays
