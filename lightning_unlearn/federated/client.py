@@ -10,10 +10,12 @@ in each message's config and every node resolves its own split. Nothing but the 
 """
 from __future__ import annotations
 
+import copy
 import functools
 import hashlib
 import inspect
 import json
+import logging
 import time
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
@@ -27,7 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from lightning_unlearn._training import fit, quiet_lightning
+from lightning_unlearn._training import QUIET_TRAINER, fit, quiet_lightning
 from lightning_unlearn.scoring import channel_scores, discover_layers
 from lightning_unlearn.callbacks.gradient_mask import GradientMask
 from lightning_unlearn.callbacks.learning_rate import ScaleLearningRate
@@ -49,6 +51,8 @@ from lightning_unlearn.repair.objectives import FORGET_AWARE
 from lightning_unlearn.reset import selected_batchnorm_channels
 from lightning_unlearn.request import ForgetRequest
 from lightning_unlearn.mask import ParameterMask, head_parameter_scales
+
+log = logging.getLogger(__name__)
 
 
 class _LocalTimer(Callback):
@@ -357,10 +361,18 @@ def _head_features(node: _Node, b: Broadcast) -> BatchNormStatsMessage:
     return BatchNormStatsMessage(moments, samples, {"local_compute_s": time.perf_counter() - t0})
 
 
-def _module_optimizer(model: pl.LightningModule) -> torch.optim.Optimizer:
+def _module_optimizer(model: pl.LightningModule, data: Any) -> torch.optim.Optimizer:
     """The first optimizer ``configure_optimizers`` returns (an optimizer, a list or tuple of them, or a dict or
-    a pair of lists with schedulers, as Lightning accepts)."""
-    out = model.configure_optimizers()
+    a pair of lists with schedulers, as Lightning accepts). A ``configure_optimizers`` that needs its Trainer (a
+    scheduler sized by ``estimated_stepping_batches``) gets one: a Lightning fit of a copy on ``data`` that stops
+    before its first batch, so the optimizer is built as in training and ``model`` is not touched."""
+    try:
+        out = model.configure_optimizers()
+    except Exception as error:  # noqa: BLE001 - whatever the user's code raises without a Trainer
+        log.debug("configure_optimizers needs a Trainer (%s): building it inside a fit stopped before any batch", error)
+        trainer = pl.Trainer(**{**QUIET_TRAINER, "max_epochs": 1, "callbacks": [_StopBeforeTheFirstBatch()]})
+        trainer.fit(copy.deepcopy(model), DataLoader(data, batch_size=64))
+        return trainer.optimizers[0]
     while isinstance(out, (list, tuple)) and out:
         out = out[0]
     if isinstance(out, dict):
@@ -369,6 +381,13 @@ def _module_optimizer(model: pl.LightningModule) -> torch.optim.Optimizer:
         raise ValueError(f"the head calibration needs configure_optimizers to return a torch optimizer, got "
                          f"{type(out).__name__}; allowed: an optimizer, a list of them, or Lightning's dict form")
     return out
+
+
+class _StopBeforeTheFirstBatch(pl.Callback):
+    """Stops a fit once its optimizers exist, before the first batch (``should_stop`` set at train start)."""
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        trainer.should_stop = True
 
 
 def _local_epoch_steps(batches: int, trainer_kwargs: Mapping[str, Any] | None) -> int:
@@ -422,7 +441,7 @@ def _calibration_update(node: _Node, start: dict[str, Tensor], rows_mask: Parame
     weight = start[f"{node.head}.weight"][rows].float().to(head.weight.device).requires_grad_(True)
     bias = start[f"{node.head}.bias"][rows].float().to(head.weight.device).requires_grad_(True) \
         if head.bias is not None else None
-    optimizer = optimizer_recipe(_module_optimizer(node.model))([weight] + ([bias] if bias is not None else []))
+    optimizer = optimizer_recipe(_module_optimizer(node.model, node.subset("retain")))([weight] + ([bias] if bias is not None else []))
     bs = node.part.batch_size
     steps = _local_epoch_steps(-(-len(x) // bs), node.trainer_kwargs)
     fit_start = time.perf_counter()
