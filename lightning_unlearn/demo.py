@@ -41,18 +41,21 @@ def run(
     forget_class: int = 3,
     config: UnlearnConfig | None = None,
     batch_size: int = 64,
-    return_datamodule: bool = False,
-):
-    """The demo on digits (default) or MNIST (``data_root``): see :func:`compare_with_references`.
-
-    Returns the results, or ``(results, datamodule)`` with ``return_datamodule``."""
+) -> dict[str, UnlearningResult]:
+    """The demo on digits (default) or MNIST (``data_root``): see :func:`compare_with_references`."""
     config = config or UnlearnConfig()
+    model, dm = demo_setup(data_root, forget_class, config, batch_size)
+    return compare_with_references(model, dm, epochs, config)
+
+
+def demo_setup(
+    data_root: str | None, forget_class: int, config: UnlearnConfig, batch_size: int = 64,
+) -> tuple[pl.LightningModule, UnlearningDataModule]:
+    """The demo's untrained model and its data (digits, or MNIST from ``data_root``), seeded with ``config.seed``."""
     train, test = load_mnist(data_root) if data_root else load_digits_datasets(seed=config.seed)
     dm = UnlearningDataModule(train, test, ForgetRequest(classes=[forget_class]), batch_size=batch_size, seed=config.seed)
     pl.seed_everything(config.seed, verbose=False)
-    model = SmallCNN(channels=(32, 64), hidden=128) if data_root else SmallCNN()
-    results = compare_with_references(model, dm, epochs, config)
-    return (results, dm) if return_datamodule else results
+    return (SmallCNN(channels=(32, 64), hidden=128) if data_root else SmallCNN()), dm
 
 
 def compare_with_references(
@@ -184,7 +187,8 @@ def main(argv: list[str] | None = None) -> None:
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore")
     start = time.perf_counter()
-    results, dm = run(args.data_root, args.epochs, args.forget_class, config, return_datamodule=True)
+    model, dm = demo_setup(args.data_root, args.forget_class, config)
+    results = compare_with_references(model, dm, args.epochs, config)
     data = "MNIST" if args.data_root else "digits"
     print_table(results, f"Forget class {args.forget_class} on {data} ({config.method}, ratio {config.ratio})")
     print_speed(results)

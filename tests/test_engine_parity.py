@@ -12,41 +12,29 @@ other running statistic must be untouched in all three.
 from __future__ import annotations
 
 import copy
-import functools
 
 import lightning.pytorch as pl
 import pytest
 import torch
 from lightning.pytorch.callbacks import Callback
 
-from lightning_unlearn import ForgetRequest, UnlearnConfig
+from lightning_unlearn import UnlearnConfig
 from lightning_unlearn.callbacks import SelectiveUnlearning
-from lightning_unlearn.federated import FederatedSimulation, federated_unlearn
+from lightning_unlearn.federated import federated_unlearn
 from lightning_unlearn.federated.flower.server_app import UnlearnPlan, run_server
 from lightning_unlearn.federated.fedavg import deploy_model
 from lightning_unlearn.federated.federation import Federation
-from lightning_unlearn.federated import FederatedPartitions, make_client_app
+from lightning_unlearn.federated import make_client_app
 from lightning_unlearn.federated.grid import LocalGrid
 from lightning_unlearn.federated.protocol import remove, select
 from lightning_unlearn.mask.arrays import get_arrays
-from lightning_unlearn.models import SmallCNN
-
-MODEL_FN = functools.partial(SmallCNN, channels=(8, 16), hidden=32, lr=3e-3)
-PARTS = FederatedPartitions("digits", num_clients=3, partition="iid", seed=0, batch_size=32)
-REQUEST = ForgetRequest(classes=[3])
+from federated_class3 import MODEL_FN, PARTS, REQUEST, trained_federation
 
 
 @pytest.fixture(scope="module")
 def deployed():
     """A briefly trained global model (one FedAvg round of 10 local steps), the federation and its central view."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    torch.manual_seed(0)
-    sim = FederatedSimulation(PARTS.datamodule(), MODEL_FN(), rounds=1, trainer_kwargs={"max_steps": 10}, progress=False)
-    sim.train()
-    sim.request(REQUEST)
-    yield sim
-    torch.set_num_threads(before)
+    yield from trained_federation()
 
 
 class AfterReset(Callback):

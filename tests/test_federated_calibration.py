@@ -4,34 +4,23 @@ model after the masked rounds; settings the federation cannot calibrate with fai
 aside). tests/test_engine_parity.py checks that the in-process simulation and the Flower ClientApp calibrate alike."""
 from __future__ import annotations
 
-import functools
 
 import pytest
 import torch
 
 from lightning_unlearn import ForgetRequest, UnlearnConfig
-from lightning_unlearn.federated import FederatedPartitions, FederatedSimulation, federated_unlearn
+from lightning_unlearn.federated import federated_unlearn
 from lightning_unlearn.federated.messages import BatchNormStatsMessage
 from lightning_unlearn.federated.server import pool_head_features
 from lightning_unlearn.mask.arrays import get_arrays
-from lightning_unlearn.models import SmallCNN
+from federated_class3 import MODEL_FN, PARTS, REQUEST, trained_federation
 
-MODEL_FN = functools.partial(SmallCNN, channels=(8, 16), hidden=32, lr=3e-3)
-PARTS = FederatedPartitions("digits", num_clients=3, partition="iid", seed=0, batch_size=32)
-REQUEST = ForgetRequest(classes=[3])
 SETTINGS = dict(ratio=0.1, max_samples=100_000, max_steps=5, calibrate_epochs=2, seed=0)
 
 
 @pytest.fixture(scope="module")
 def sim():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    torch.manual_seed(0)
-    sim = FederatedSimulation(PARTS.datamodule(), MODEL_FN(), rounds=1, trainer_kwargs={"max_steps": 10}, progress=False)
-    sim.train()
-    sim.request(REQUEST)
-    yield sim
-    torch.set_num_threads(before)
+    yield from trained_federation()
 
 
 def test_auto_calibrates_class_requests_and_only_the_forgotten_rows_move(sim):
