@@ -27,9 +27,8 @@ NODE_UNAVAILABLE = 5
 
 def gather(grid: Grid, messages: Iterable[Message], timeout: float | None, poll_s: float = POLL_S) -> list[Message]:
     """Push ``messages`` and pull replies every ``poll_s`` seconds until all arrived or ``timeout`` passed."""
-    pending = set(grid.push_messages(messages))
+    pending, out = set(grid.push_messages(messages)), []
     deadline = time.monotonic() + (timeout if timeout is not None else math.inf)
-    out: list[Message] = []
     while pending:
         out.extend(got := list(grid.pull_messages(pending)))
         pending.difference_update(m.metadata.reply_to_message_id for m in got)

@@ -66,10 +66,9 @@ class LocalGrid(Grid):
         wanted, replies = set(message_ids), []
         for message in [self._pending.pop(i) for i in list(self._pending) if i in wanted]:
             context = self.contexts[message.metadata.dst_node_id]
-            replies.append(self.app(message, context))
+            replies.append(reply := self.app(message, context))
             if self.record:
-                self.log.append((context.node_config["partition-id"], message.metadata.message_type, message,
-                                 replies[-1]))
+                self.log.append((context.node_config["partition-id"], message.metadata.message_type, message, reply))
         return replies
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:

@@ -59,9 +59,9 @@ def _check_tensors(arrays: Mapping[str, Tensor], what: str, one_dim: bool = Fals
         if not isinstance(name, str) or not isinstance(t, Tensor):
             raise TypeError(f"{what} must map str -> Tensor, got {type(name).__name__} -> {type(t).__name__}")
         if not t.is_floating_point():
-            raise TypeError(f"{what}[{name!r}] must be a float tensor (parameters or scores), got {t.dtype}")
+            raise TypeError(f"{what}[{short_repr(name)}] must be a float tensor (parameters or scores), got {t.dtype}")
         if one_dim and t.dim() != 1:
-            raise ValueError(f"{what}[{name!r}] must be a 1-D vector, got shape {tuple(t.shape)}")
+            raise ValueError(f"{what}[{short_repr(name)}] must be a 1-D vector, got shape {tuple(t.shape)}")
 
 
 # -- the messages ---------------------------------------------------------------------------------
@@ -152,7 +152,7 @@ class ScoresMessage(_Reply):
                 raise TypeError(f"ScoresMessage.layers[{short_repr(name)}] must be (int, str | None, bool), "
                                 f"got {short_repr(meta)}")
             if name in self.scores and self.scores[name].numel() != meta[0]:
-                raise ValueError(f"layer {name!r}: {self.scores[name].numel()} scores for {meta[0]} channels")
+                raise ValueError(f"layer {short_repr(name)}: {self.scores[name].numel()} scores for {meta[0]} channels")
 
 
 @dataclass(frozen=True)
@@ -275,10 +275,11 @@ def _json(text: Any, ok: Callable[[Any], bool], limit: int = MAX_JSON_CHARS) -> 
 
 
 def _is_layout(layout: Any) -> bool:
+    """``[[name, dtype, shape], ...]`` with unique names, known dtypes and non-negative int dimensions."""
     return isinstance(layout, list) and all(
         isinstance(e, list) and len(e) == 3 and isinstance(e[0], str) and e[1] in PACKED_DTYPES
-        and isinstance(e[2], list) and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in e[2])
-        for e in layout) and len({e[0] for e in layout}) == len(layout)
+        and isinstance(e[2], list) and all(type(d) is int and d >= 0 for d in e[2]) for e in layout
+    ) and len({e[0] for e in layout}) == len(layout)
 
 
 def _pack(records: dict[str, Any], key: str, arrays: Mapping[str, Any]) -> None:

@@ -76,7 +76,7 @@ def aggregate_scores(
     first = dict(messages[0].layers)
     if not first:
         raise ValueError(f"{sender_label(senders, 0)}: ScoresMessage describes no layer (layers is empty)")
-    if model is not None:
+    if model is not None:  # a hostile first reply is caught against the server's model
         _check_layers_against_model(first, model, sender_label(senders, 0))
     contract = {n: ((out,), None) for n, (out, _, _) in first.items()}
     for i, m in enumerate(messages):
