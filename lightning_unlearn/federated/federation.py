@@ -89,10 +89,9 @@ def discover_clients(grid: Grid, num_clients: int, timeout: float = 600.0) -> di
 
 class Federation:
     """The server's view of ``num_clients`` client nodes on ``grid``: replies in client-id order (the aggregation
-    does not depend on arrival order), payload and wire bytes per round label. A client that raised stops the run
-    with its reason; one that does not answer within ``round_timeout`` is dropped from rounds that tolerate
-    dropouts when at least ``min_clients`` (validated by the caller's plan) answered. ``request`` travels in
-    every message's config."""
+    does not depend on arrival order), payload and wire bytes per round label. A client that raised stops the run;
+    one silent for ``round_timeout`` is dropped from rounds that tolerate dropouts if ``min_clients`` (checked by
+    the caller's plan) answered. ``request`` travels in every message's config."""
 
     def __init__(self, grid: Grid, num_clients: int, timeout: float = 3600, min_clients: int | None = None,
                  round_timeout: float | None = None, poll_s: float | None = POLL_S) -> None:

@@ -283,8 +283,7 @@ def _is_layout(layout: Any) -> bool:
 
 
 def _pack(records: dict[str, Any], key: str, arrays: Mapping[str, Any]) -> None:
-    """``arrays`` (tensors or numpy) as record ``key`` (one uint8 Array) plus ``key-layout`` (JSON [[name, dtype,
-    shape], ...])."""
+    """``arrays`` (tensors or numpy) as record ``key`` (one uint8 Array) plus ``key-layout`` (their JSON layout)."""
     parts = [torch.as_tensor(v).detach().cpu().numpy() for v in arrays.values()]
     layout = [[name, a.dtype.str, list(a.shape)] for name, a in zip(arrays, parts)]
     records[key] = ArrayRecord({"packed": Array(np.frombuffer(b"".join(a.tobytes() for a in parts), dtype=np.uint8))})
@@ -355,11 +354,8 @@ def reply_to_content(reply: _Reply | None) -> RecordDict:
 
 
 def content_to_reply(content: RecordDict) -> _Reply | None:
-    """Rebuild the library message (its checks run here, on the server); ``None`` for an empty reply.
-
-    Records or ``reply`` keys a kind does not carry are refused, not dropped: nothing rides along next to
-    what the server reads.
-    """
+    """Rebuild the library message (its checks run here, on the server); ``None`` for an empty reply. Records or
+    ``reply`` keys its kind does not carry are refused, not dropped: nothing rides along next to what is read."""
     if "reply" not in content:
         raise TypeError(f"a client reply must carry a 'reply' record naming its kind; got records {sorted(content)}")
     meta = dict(content["reply"])

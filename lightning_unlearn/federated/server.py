@@ -19,7 +19,11 @@ from lightning_unlearn.scoring.layers import NORM_TYPES, SCORED_TYPES, LayerInfo
 
 
 # -- aggregation ------------------------------------------------------------------------------------
-def _weights(messages: Sequence[Any]) -> list[float]:
+def _weights(messages: Sequence[Any], contract: Mapping[str, tuple], senders: Sequence[int] | None, describe: str,
+             vector: tuple[str, str] | None = None) -> list[float]:
+    """Each message's share of all samples, once its tensors keep ``contract``."""
+    for i, m in enumerate(messages):
+        check_arrays(m.tensors, contract, sender_label(senders, i), type(m).__name__, describe, vector)
     total = sum(m.num_samples for m in messages)
     if total <= 0:
         raise ValueError("no client reported any samples: nothing to aggregate")
@@ -37,9 +41,7 @@ def fedavg_aggregate(
     reference = expected if expected is not None else messages[0].arrays
     contract = {k: (tuple(v.shape), v.dtype) for k, v in reference.items()}
     describe = f"the {len(contract)} model arrays" if expected is not None else f"the {len(contract)} arrays of reply 0"
-    for i, m in enumerate(messages):
-        check_arrays(m.arrays, contract, sender_label(senders, i), "ParametersMessage", describe)
-    w = _weights(messages)
+    w = _weights(messages, contract, senders, describe)
     return {k: sum(wi * m.arrays[k].double() for wi, m in zip(w, messages)).to(dtype)
             for k, (_, dtype) in contract.items()}
 
@@ -106,10 +108,7 @@ def masked_aggregate(
         return out
     selected = {name: m for name, m in mask.masks.items() if bool(m.any())}
     contract = {name: ((int(m.sum()),), reference[name].dtype) for name, m in selected.items()}
-    for i, msg in enumerate(messages):
-        check_arrays(msg.values, contract, sender_label(senders, i), "MaskedUpdateMessage",
-                     f"the {len(contract)} masked parameters", vector=("values", "selected elements"))
-    w = _weights(messages)
+    w = _weights(messages, contract, senders, f"the {len(contract)} masked parameters", ("values", "selected elements"))
     for name, m in selected.items():
         out[name][m] = sum(wi * msg.values[name].double() for wi, msg in zip(w, messages)).to(out[name].dtype)
     return out
