@@ -319,7 +319,7 @@ def broadcast_to_content(message: Broadcast, extra: Mapping[str, Any] | None = N
     for k, v in config.items():
         one_type = isinstance(v, list) and v and all(isinstance(i, type(v[0])) for i in v)
         if v is not None and not isinstance(v, CONFIG_TYPES) and not (one_type and isinstance(v[0], CONFIG_TYPES)):
-            raise TypeError(f"config[{k!r}] = {v!r} cannot travel in a Flower ConfigRecord; "
+            raise TypeError(f"config[{k!r}] = {short_repr(v)} cannot travel in a Flower ConfigRecord; "
                             "allowed: int, float, str, bool, bytes or a non-empty list of one of them")
     records: dict[str, Any] = {"config": ConfigRecord({k: v for k, v in config.items() if v is not None})}
     _pack(records, "arrays", message.arrays)
@@ -357,7 +357,8 @@ def content_to_reply(content: RecordDict) -> _Reply | None:
     """Rebuild the library message (its checks run here, on the server); ``None`` for an empty reply. Records or
     ``reply`` keys its kind does not carry are refused, not dropped: nothing rides along next to what is read."""
     if "reply" not in content:
-        raise TypeError(f"a client reply must carry a 'reply' record naming its kind; got records {sorted(content)}")
+        raise TypeError(f"a client reply must carry a 'reply' record naming its kind; "
+                        f"got records {short_repr(sorted(content))}")
     meta = dict(content["reply"])
     kind = meta.get("kind")
     if kind not in (*KINDS, "none"):
