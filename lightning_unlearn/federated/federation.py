@@ -12,7 +12,9 @@ from flwr.app import Message, RecordDict
 from flwr.serverapp import Grid
 
 from lightning_unlearn.federated.grid import LocalGrid, new_message
-from lightning_unlearn.federated.messages import Broadcast, ByteCounter, broadcast_to_content, content_to_reply
+from lightning_unlearn.federated.messages import (
+    Broadcast, ByteCounter, RoundBytes, broadcast_to_content, content_to_reply,
+)
 from lightning_unlearn.request import ForgetRequest
 
 log = logging.getLogger(__name__)
@@ -25,12 +27,10 @@ NODE_UNAVAILABLE = 5
 
 def gather(grid: Grid, messages: Iterable[Message], timeout: float | None, poll_s: float = POLL_S) -> list[Message]:
     """Push ``messages`` and pull replies every ``poll_s`` seconds until all arrived or ``timeout`` passed."""
-    pending = set(grid.push_messages(messages))
+    pending, out = set(grid.push_messages(messages)), []
     deadline = time.monotonic() + (timeout if timeout is not None else math.inf)
-    out: list[Message] = []
     while pending:
-        got = list(grid.pull_messages(pending))
-        out.extend(got)
+        out.extend(got := list(grid.pull_messages(pending)))
         pending.difference_update(m.metadata.reply_to_message_id for m in got)
         if not pending or time.monotonic() >= deadline:
             break
@@ -38,43 +38,18 @@ def gather(grid: Grid, messages: Iterable[Message], timeout: float | None, poll_
     return out
 
 
-class PollingGrid(Grid):
-    """``grid`` with a ``send_and_receive`` that polls every ``poll_s`` s (Flower's HTTP grid sleeps 3 s)."""
+class PollingGrid:
+    """``grid`` (any Grid) whose ``send_and_receive`` polls every ``poll_s`` s instead of Flower's 3 s: what Flower's
+    strategy loop and :class:`Federation` call it with. Every other attribute is the wrapped grid's."""
 
     def __init__(self, grid: Grid, poll_s: float = POLL_S) -> None:
         self.grid, self.poll_s = grid, poll_s
 
-    def set_run(self, run: Any) -> None:
-        self.grid.set_run(run)
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.grid, name)
 
-    @property
-    def run(self) -> Any:
-        return self.grid.run
-
-    def create_message(self, *args: Any, **kwargs: Any) -> Message:
-        return self.grid.create_message(*args, **kwargs)
-
-    def get_node_ids(self) -> Iterable[int]:
-        return self.grid.get_node_ids()
-
-    def get_nodes(self) -> Iterable[Any]:
-        return self.grid.get_nodes()
-
-    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
-        return self.grid.push_messages(messages)
-
-    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
-        return self.grid.pull_messages(message_ids)
-
-    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> list[Message]:
         return gather(self.grid, messages, timeout, self.poll_s)
-
-
-def _short_reason(reason: str | None) -> str:
-    """The exception line of a client's error (Flower sends the whole remote traceback)."""
-    lines = [ln.strip() for ln in re.sub(r"\x1b\[[0-9;]*m", "", reason or "").splitlines()]
-    found = [ln for ln in lines if re.match(r"^[\w.]+(Error|Exception)\b.*?: ", ln)]
-    return found[-1] if found else (reason or "no reason given")[-500:]
 
 
 def check_replies(replies: Sequence[Message], expected: int, what: str) -> list[Message]:
@@ -89,6 +64,13 @@ def check_replies(replies: Sequence[Message], expected: int, what: str) -> list[
     return replies
 
 
+def _short_reason(reason: str | None) -> str:
+    """The exception line of a client's error (Flower sends the whole remote traceback)."""
+    lines = [ln.strip() for ln in re.sub(r"\x1b\[[0-9;]*m", "", reason or "").splitlines()]
+    found = [ln for ln in lines if re.match(r"^[\w.]+(Error|Exception)\b.*?: ", ln)]
+    return found[-1] if found else (reason or "no reason given")[-500:]
+
+
 def discover_clients(grid: Grid, num_clients: int, timeout: float = 600.0) -> dict[int, int]:
     """Wait for ``num_clients`` nodes and ask each its client id: client id -> node id."""
     deadline = time.monotonic() + timeout
@@ -97,7 +79,7 @@ def discover_clients(grid: Grid, num_clients: int, timeout: float = 600.0) -> di
             raise TimeoutError(f"only {len(nodes)} of {num_clients} client nodes connected within {timeout:g}s")
         time.sleep(0.1)
     messages = [new_message(grid, RecordDict(), "query.hello", n) for n in nodes]
-    replies = check_replies(list(grid.send_and_receive(messages, timeout=timeout)), len(nodes), "hello")
+    replies = check_replies(grid.send_and_receive(messages, timeout=timeout), len(nodes), "hello")
     ids = {int(m.content["metrics"]["client-id"]): m.metadata.src_node_id for m in replies}
     if sorted(ids) != list(range(num_clients)) or len(replies) != num_clients:
         raise RuntimeError(f"client nodes reported ids {sorted(ids)} ({len(replies)} nodes); expected each of "
@@ -107,25 +89,23 @@ def discover_clients(grid: Grid, num_clients: int, timeout: float = 600.0) -> di
 
 class Federation:
     """The server's view of ``num_clients`` client nodes on ``grid``: replies in client-id order (the aggregation
-    does not depend on arrival order), payload and wire bytes per round label. A client that raised stops the run
-    with its reason; one that does not answer within ``round_timeout`` is dropped from rounds that tolerate
-    dropouts when at least ``min_clients`` answered. ``request`` travels in every message's config."""
+    does not depend on arrival order), payload and wire bytes per round label. A client that raised stops the run;
+    one silent for ``round_timeout`` is dropped from rounds that tolerate dropouts if ``min_clients`` (checked by
+    the caller's plan) answered. ``request`` travels in every message's config."""
 
     def __init__(self, grid: Grid, num_clients: int, timeout: float = 3600, min_clients: int | None = None,
                  round_timeout: float | None = None, poll_s: float | None = POLL_S) -> None:
         if poll_s is not None and not isinstance(grid, LocalGrid):  # a LocalGrid answers at once: nothing to poll
             grid = PollingGrid(grid, poll_s)
         self.grid, self.timeout, self.round_timeout = grid, timeout, round_timeout
+        self.min_clients = num_clients if min_clients is None else min_clients
+        if self.min_clients > num_clients:
+            raise ValueError(f"min_clients={self.min_clients} exceeds the {num_clients} connected clients")
         self.nodes = discover_clients(grid, num_clients, timeout)
         self.active = dict(self.nodes)
         self.dropped: dict[int, str] = {}  # client id -> the round it dropped out in
         self.traffic = ByteCounter()
         self.request: ForgetRequest | None = None
-        self.min_clients = num_clients if min_clients is None else min_clients
-        if isinstance(self.min_clients, bool) or not isinstance(self.min_clients, int) or not 1 <= self.min_clients:
-            raise ValueError(f"min_clients must be an integer >= 1 or None (every client), got {min_clients!r}")
-        if self.min_clients > num_clients:
-            raise ValueError(f"min_clients={self.min_clients} exceeds the {num_clients} connected clients")
 
     def __len__(self) -> int:
         return len(self.nodes)
@@ -146,7 +126,7 @@ class Federation:
         return self.decode(self.receive(messages, what or label, dropouts), label)
 
     def receive(self, messages: Sequence[Message], what: str, dropouts: bool = False) -> list[Message]:
-        """Send ``messages`` and return the replies, failed clients raising, missing ones dropped (:meth:`ask`)."""
+        """Send ``messages`` and return the replies: a failed client raises, a missing one is dropped (:meth:`ask`)."""
         timeout = self.round_timeout if dropouts and self.round_timeout is not None else self.timeout
         replies = [m for m in self.grid.send_and_receive(messages, timeout=timeout)  # "node gone" = no reply
                    if not (m.has_error() and m.error.code == NODE_UNAVAILABLE)]
@@ -154,16 +134,16 @@ class Federation:
         sent = {m.metadata.dst_node_id for m in messages}
         answered = {m.metadata.src_node_id for m in replies}
         missing = sorted(c for c, n in self.nodes.items() if n in sent and n not in answered)
+        if missing and (not dropouts or len(answered) < self.min_clients):
+            raise RuntimeError(
+                f"{what}: only {len(answered)} of {len(sent)} clients replied within {timeout:g}s (missing clients "
+                f"{missing}); min_clients={self.min_clients}, so the run stops rather than average fewer clients")
         if missing:
-            if not dropouts or len(answered) < self.min_clients:
-                raise RuntimeError(
-                    f"{what}: only {len(answered)} of {len(sent)} clients replied within {timeout:g}s (missing clients "
-                    f"{missing}); min_clients={self.min_clients}, so the run stops rather than average fewer clients")
             log.warning("%s: clients %s did not reply within %gs; continuing with the %d that did (min_clients=%d)",
                         what, missing, timeout, len(answered), self.min_clients)
-            for c in missing:
-                self.dropped[c] = what
-                self.active.pop(c, None)
+        for c in missing:
+            self.dropped[c] = what
+            self.active.pop(c, None)
         return replies
 
     def decode(self, replies: Sequence[Message], label: str) -> list[tuple[int, Any]]:
@@ -185,10 +165,10 @@ class Federation:
         """One round's history row: clients that replied, times and bytes (payload and wire)."""
         local = float(sum(m.metrics.get("local_compute_s", 0.0) for m in msgs))
         round_s = time.perf_counter() - t0
-        pay, wire = self.traffic.payload.get(label), self.traffic.wire.get(label)
+        pay, wire = (book.get(label, RoundBytes()) for book in (self.traffic.payload, self.traffic.wire))
         return {"round": r, "clients": len(msgs), "round_s": round_s, "local_compute_s": local,
-                "overhead_s": round_s - local, "bytes_down": pay.down if pay else 0, "bytes_up": pay.up if pay else 0,
-                "wire_down": wire.down if wire else 0, "wire_up": wire.up if wire else 0}
+                "overhead_s": round_s - local, "bytes_down": pay.down, "bytes_up": pay.up,
+                "wire_down": wire.down, "wire_up": wire.up}
 
 
 def as_federation(clients: Any) -> Federation:

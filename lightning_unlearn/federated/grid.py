@@ -5,7 +5,6 @@ identity), so server code builds messages with :func:`new_message`, which asks a
 """
 from __future__ import annotations
 
-import logging
 import time
 import uuid
 from typing import Any, Iterable, Mapping
@@ -14,34 +13,27 @@ from flwr.app import DEFAULT_TTL, Context, Message, Metadata, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid
 
-log = logging.getLogger(__name__)
-
 SERVER_NODE_ID = 1  # the SuperLink's node id in a Flower run
 FIRST_NODE_ID = 1_000  # node ids of the local clients: FIRST_NODE_ID + partition id
 
 
 class LocalGrid(Grid):
     """``num_nodes`` nodes in this process, node ``FIRST_NODE_ID + k`` with ``node_config["partition-id"] = k``;
-    ``run_config`` is every node's ``context.run_config``.
-
-    A ClientApp error is raised here, where it happened; with ``record = True`` every exchange is kept in ``log``
-    as ``(partition id, message type, message, reply)`` for tests.
-    """
+    ``run_config`` is every node's ``context.run_config``. A ClientApp error is raised here, where it happened;
+    with ``record = True`` every exchange is kept in ``log`` as ``(partition id, message type, message, reply)``."""
 
     def __init__(self, app: ClientApp, num_nodes: int, run_config: Mapping[str, Any] | None = None,
                  run_id: int = 1) -> None:
         if isinstance(num_nodes, bool) or not isinstance(num_nodes, int) or num_nodes < 1:
             raise ValueError(f"num_nodes must be an integer >= 1, got {num_nodes!r}")
-        self.app, self.run_id, self._run = app, run_id, None
+        self.app, self.run_id, self._run, self.record, self.log = app, run_id, None, False, []
         self.contexts = {
             FIRST_NODE_ID + k: Context(run_id, FIRST_NODE_ID + k, {"partition-id": k, "num-partitions": num_nodes},
                                        RecordDict(), dict(run_config or {}))
             for k in range(num_nodes)
         }
         self._pending: dict[str, Message] = {}
-        self.record, self.log = False, []
 
-    # -- Flower's Grid interface -------------------------------------------------------------------------
     def set_run(self, run: Any) -> None:
         self._run = run
 
@@ -52,35 +44,31 @@ class LocalGrid(Grid):
     def create_message(self, content: RecordDict, message_type: str, dst_node_id: int, group_id: str,
                        ttl: float | None = None) -> Message:
         """A message from the server to ``dst_node_id``, with its id set (the SuperLink's job in a deployment)."""
-        metadata = Metadata(run_id=self.run_id, message_id=uuid.uuid4().hex, src_node_id=SERVER_NODE_ID,
-                            dst_node_id=dst_node_id, reply_to_message_id="", group_id=group_id,
-                            created_at=time.time(), ttl=ttl or DEFAULT_TTL, message_type=message_type)
-        return Message(content, metadata=metadata)
+        return Message(content, metadata=Metadata(
+            run_id=self.run_id, message_id=uuid.uuid4().hex, src_node_id=SERVER_NODE_ID, dst_node_id=dst_node_id,
+            reply_to_message_id="", group_id=group_id, created_at=time.time(), ttl=ttl or DEFAULT_TTL,
+            message_type=message_type))
 
     def get_node_ids(self) -> Iterable[int]:
         return list(self.contexts)
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
-        ids = []
-        for m in messages:
+        for m in (messages := list(messages)):
             if m.metadata.dst_node_id not in self.contexts:
                 raise ValueError(f"no node {m.metadata.dst_node_id} in this grid (nodes: {sorted(self.contexts)})")
             if not m.metadata.message_id:
                 raise ValueError("create messages for a LocalGrid with new_message(grid, ...) so they carry an id")
-            self._pending[m.metadata.message_id] = m
-            ids.append(m.metadata.message_id)
-        return ids
+        self._pending.update((m.metadata.message_id, m) for m in messages)
+        return [m.metadata.message_id for m in messages]
 
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
         """Run the ClientApp on each pending message (in push order) and return its replies."""
-        wanted = set(message_ids)
-        replies = []
-        for mid in [m for m in self._pending if m in wanted]:
-            message = self._pending.pop(mid)
+        wanted, replies = set(message_ids), []
+        for message in [self._pending.pop(i) for i in list(self._pending) if i in wanted]:
             context = self.contexts[message.metadata.dst_node_id]
-            replies.append(self.app(message, context))
+            replies.append(reply := self.app(message, context))
             if self.record:
-                self.log.append((context.node_config["partition-id"], message.metadata.message_type, message, replies[-1]))
+                self.log.append((context.node_config["partition-id"], message.metadata.message_type, message, reply))
         return replies
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
@@ -89,9 +77,8 @@ class LocalGrid(Grid):
 
 def new_message(grid: Grid, content: RecordDict, message_type: str, dst_node_id: int, group_id: str = "") -> Message:
     """A server -> client message that works on every grid (see the module docstring)."""
-    inner = getattr(grid, "grid", grid)  # a wrapper (the polling grid) delegates to the grid it wraps
-    if isinstance(inner, LocalGrid):
-        return inner.create_message(content, message_type, dst_node_id, group_id)
+    if isinstance(grid, LocalGrid):
+        return grid.create_message(content, message_type, dst_node_id, group_id)
     return Message(content, dst_node_id=dst_node_id, message_type=message_type, group_id=group_id)
 
 

@@ -1,4 +1,4 @@
-"""Server side: count-weighted aggregation of parameters, scores and masked slices."""
+"""Server side: count-weighted aggregation of parameters, scores and masked slices, pooled statistics."""
 from __future__ import annotations
 
 import math
@@ -8,24 +8,22 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from lightning_unlearn.scoring.layers import NORM_TYPES, SCORED_TYPES, LayerInfo
-from lightning_unlearn.scoring.channels import ChannelScores, average_scores
 from lightning_unlearn.federated.messages import (
-    BatchNormStatsMessage,
-    MaskedUpdateMessage,
-    ParametersMessage,
-    ScoresMessage,
-    check_arrays,
-    check_upward,
-    sender_label,
-    short_repr,
+    BatchNormStatsMessage, MaskedUpdateMessage, ParametersMessage, ScoresMessage, check_arrays, check_upward,
+    sender_label, short_repr,
 )
-from lightning_unlearn.scoring.base import out_channels
 from lightning_unlearn.mask import ParameterMask
+from lightning_unlearn.scoring.base import out_channels
+from lightning_unlearn.scoring.channels import ChannelScores, average_scores
+from lightning_unlearn.scoring.layers import NORM_TYPES, SCORED_TYPES, LayerInfo
 
 
 # -- aggregation ------------------------------------------------------------------------------------
-def _weights(messages: Sequence[Any]) -> list[float]:
+def _weights(messages: Sequence[Any], contract: Mapping[str, tuple], senders: Sequence[int] | None, describe: str,
+             vector: tuple[str, str] | None = None) -> list[float]:
+    """Each message's share of all samples, once its tensors keep ``contract``."""
+    for i, m in enumerate(messages):
+        check_arrays(m.tensors, contract, sender_label(senders, i), type(m).__name__, describe, vector)
     total = sum(m.num_samples for m in messages)
     if total <= 0:
         raise ValueError("no client reported any samples: nothing to aggregate")
@@ -33,8 +31,7 @@ def _weights(messages: Sequence[Any]) -> list[float]:
 
 
 def fedavg_aggregate(
-    messages: Sequence[ParametersMessage],
-    expected: Mapping[str, Tensor] | None = None,
+    messages: Sequence[ParametersMessage], expected: Mapping[str, Tensor] | None = None,
     senders: Sequence[int] | None = None,
 ) -> dict[str, Tensor]:
     """Sample-count-weighted mean of the clients' arrays (computed in float64, cast back)."""
@@ -44,32 +41,24 @@ def fedavg_aggregate(
     reference = expected if expected is not None else messages[0].arrays
     contract = {k: (tuple(v.shape), v.dtype) for k, v in reference.items()}
     describe = f"the {len(contract)} model arrays" if expected is not None else f"the {len(contract)} arrays of reply 0"
-    for i, m in enumerate(messages):
-        check_arrays(m.arrays, contract, sender_label(senders, i), "ParametersMessage", describe)
-    w = _weights(messages)
-    return {k: sum(wi * m.arrays[k].double() for wi, m in zip(w, messages)).to(dtype) for k, (_, dtype) in contract.items()}
-
-
-def _model_layers(model: nn.Module) -> tuple[dict[str, int], dict[str, int]]:
-    """Scorable layers -> out_channels, and norm layers -> channels, from the module tree alone (no data)."""
-    layers, norms = {}, {}
-    for name, module in model.named_modules():
-        if isinstance(module, SCORED_TYPES):
-            layers[name] = out_channels(module)
-        elif isinstance(module, NORM_TYPES):
-            norms[name] = int(getattr(module, "num_features", getattr(module, "num_channels", -1)))
-    return layers, norms
+    w = _weights(messages, contract, senders, describe)
+    return {k: sum(wi * m.arrays[k].double() for wi, m in zip(w, messages)).to(dtype)
+            for k, (_, dtype) in contract.items()}
 
 
 def _check_layers_against_model(layers: Mapping[str, tuple], model: nn.Module, who: str) -> None:
-    scorable, norms = _model_layers(model)
+    modules = dict(model.named_modules())
+    scorable = {n: out_channels(m) for n, m in modules.items() if isinstance(m, SCORED_TYPES)}
     for name, (out, bn, _) in layers.items():
         if name not in scorable:
             raise ValueError(f"{who}: ScoresMessage has unexpected layer {name!r} (expected scorable layers of "
                              f"{type(model).__name__}: {list(scorable)})")
         if out != scorable[name]:
-            raise ValueError(f"{who}: ScoresMessage layer {name!r} claims {out} channels; the model's has {scorable[name]}")
-        if bn is not None and norms.get(bn) != out:
+            raise ValueError(f"{who}: ScoresMessage layer {name!r} claims {out} channels; "
+                             f"the model's has {scorable[name]}")
+        norm = modules.get(bn) if bn is not None else None
+        if bn is not None and (not isinstance(norm, NORM_TYPES)
+                               or getattr(norm, "num_features", getattr(norm, "num_channels", -1)) != out):
             raise ValueError(f"{who}: ScoresMessage layer {name!r} names {bn!r} as its norm layer, which is not a "
                              f"norm layer of {out} channels in the model")
 
@@ -89,7 +78,7 @@ def aggregate_scores(
     first = dict(messages[0].layers)
     if not first:
         raise ValueError(f"{sender_label(senders, 0)}: ScoresMessage describes no layer (layers is empty)")
-    if model is not None:
+    if model is not None:  # a hostile first reply is caught against the server's model
         _check_layers_against_model(first, model, sender_label(senders, 0))
     contract = {n: ((out,), None) for n, (out, _, _) in first.items()}
     for i, m in enumerate(messages):
@@ -98,7 +87,8 @@ def aggregate_scores(
             raise ValueError(f"{who}: ScoresMessage tag {m.tag!r} in the scoring round (expected {tag!r})")
         if dict(m.layers) != first:
             diff = sorted(set(m.layers) ^ set(first)) or sorted(n for n in first if m.layers[n] != first[n])
-            raise ValueError(f"{who}: ScoresMessage layers differ from {sender_label(senders, 0)}'s at {short_repr(diff[0])}")
+            raise ValueError(f"{who}: ScoresMessage layers differ from {sender_label(senders, 0)}'s "
+                             f"at {short_repr(diff[0])}")
         check_arrays(m.scores, contract, who, "ScoresMessage", f"the {len(contract)} scored layers",
                      vector=("scores", "channels"))
     layers = {n: LayerInfo(n, out, bn, head) for n, (out, bn, head) in first.items()}
@@ -107,53 +97,48 @@ def aggregate_scores(
 
 
 def masked_aggregate(
-    reference: Mapping[str, Tensor],
-    mask: ParameterMask,
-    messages: Sequence[MaskedUpdateMessage],
+    reference: Mapping[str, Tensor], mask: ParameterMask, messages: Sequence[MaskedUpdateMessage],
     senders: Sequence[int] | None = None,
 ) -> dict[str, Tensor]:
-    """Average only the selected slices; every other element is copied from ``reference`` bit for bit
-    (averaging identical copies is not exact in floating point: 13,003 of 33,194 values changed)."""
+    """Average only the selected slices; every other element is copied from ``reference`` bit for bit (averaging
+    identical copies is not exact in floating point)."""
     messages = check_upward(messages, (MaskedUpdateMessage,), senders)
     out = {k: v.clone() for k, v in reference.items()}
     if not messages:
         return out
     selected = {name: m for name, m in mask.masks.items() if bool(m.any())}
     contract = {name: ((int(m.sum()),), reference[name].dtype) for name, m in selected.items()}
-    for i, msg in enumerate(messages):
-        check_arrays(msg.values, contract, sender_label(senders, i), "MaskedUpdateMessage",
-                     f"the {len(contract)} masked parameters", vector=("values", "selected elements"))
-    w = _weights(messages)
+    w = _weights(messages, contract, senders, f"the {len(contract)} masked parameters", ("values", "selected elements"))
     for name, m in selected.items():
-        mean = sum(wi * msg.values[name].double() for wi, msg in zip(w, messages))
-        out[name][m] = mean.to(out[name].dtype)
+        out[name][m] = sum(wi * msg.values[name].double() for wi, msg in zip(w, messages)).to(out[name].dtype)
     return out
 
 
-# -- BatchNorm statistics of reset channels -----------------------------------------------------------------
-STATISTICS = ("running_mean", "running_var")
-
-
-def _statistic_key(bn: str, stat: str) -> str:
-    return f"{bn}.{stat}" if bn else stat
+# -- pooled moments: BatchNorm statistics of reset channels, head features of forgotten classes ---------------
+def statistic_masks(channels: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """``{running statistic name: bool vector}`` of the selected BatchNorm channels (``channels``:
+    :func:`~lightning_unlearn.reset.selected_batchnorm_channels`)."""
+    return {f"{bn}.{s}" if bn else s: sel for bn, sel in channels.items() for s in ("running_mean", "running_var")}
 
 
 def selected_statistics(arrays: Mapping[str, Tensor], channels: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    """The running statistics of the selected BatchNorm channels (``channels``:
-    :func:`~lightning_unlearn.reset.selected_batchnorm_channels`)."""
-    return {_statistic_key(bn, s): arrays[_statistic_key(bn, s)][sel].clone()
-            for bn, sel in channels.items() for s in STATISTICS}
+    """The running statistics of the selected BatchNorm channels."""
+    return {k: arrays[k][sel].clone() for k, sel in statistic_masks(channels).items()}
 
 
-def statistic_masks(channels: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    """``{running statistic name: bool vector}``: where :func:`selected_statistics` values go back."""
-    return {_statistic_key(bn, s): sel for bn, sel in channels.items() for s in STATISTICS}
+def _counts(m: BatchNormStatsMessage, contract: Mapping[str, tuple], who: str, describe: str) -> dict[str, float]:
+    """Each key's count, once the moments keep ``contract`` and each count row is one whole number >= 0."""
+    check_arrays(m.moments, contract, who, "BatchNormStatsMessage", describe)
+    for key in contract:
+        count = m.moments[key][0]
+        if not bool((count == count[0]).all()) or float(count[0]) != math.floor(float(count[0])) or count[0] < 0:
+            raise ValueError(f"{who}: BatchNormStatsMessage {key!r} count row must be one whole number >= 0 shared "
+                             f"by every column, got {short_repr(count.tolist())}")
+    return {key: float(m.moments[key][0, 0]) for key in contract}
 
 
 def pool_batchnorm_moments(
-    messages: Sequence[BatchNormStatsMessage],
-    channels: Mapping[str, Tensor],
-    senders: Sequence[int] | None = None,
+    messages: Sequence[BatchNormStatsMessage], channels: Mapping[str, Tensor], senders: Sequence[int] | None = None,
 ) -> dict[str, tuple[Tensor, Tensor]]:
     """BatchNorm name -> (mean, unbiased variance) of its selected channels' input over all clients' values."""
     messages = check_upward(messages, (BatchNormStatsMessage,), senders)
@@ -162,17 +147,12 @@ def pool_batchnorm_moments(
     contract = {bn: ((3, int(sel.sum())), torch.float64) for bn, sel in channels.items()}
     for i, m in enumerate(messages):
         who = sender_label(senders, i)
-        check_arrays(m.moments, contract, who, "BatchNormStatsMessage", f"the {len(contract)} selected BatchNorm layers")
-        for bn, t in m.moments.items():
-            count, total, squares = t
-            if not bool((count == count[0]).all()) or float(count[0]) != math.floor(float(count[0])) or count[0] < 0:
-                raise ValueError(f"{who}: BatchNormStatsMessage {bn!r} count row must be one whole number >= 0 shared "
-                                 f"by every channel, got {short_repr(count.tolist())}")
-            if (count[0] > 0) != (m.num_samples > 0):
-                raise ValueError(f"{who}: BatchNormStatsMessage {bn!r} counts {int(count[0])} values from "
-                                 f"{m.num_samples} samples")
-            spread = squares * count[0] - total * total  # count^2 x the variance of the values: never negative
-            if bool((spread < -1e-9 * (squares * count[0]) - 1e-12).any()):
+        for bn, n in _counts(m, contract, who, f"the {len(contract)} selected BatchNorm layers").items():
+            if (n > 0) != (m.num_samples > 0):
+                raise ValueError(f"{who}: BatchNormStatsMessage {bn!r} counts {int(n)} values "
+                                 f"from {m.num_samples} samples")
+            _, total, squares = m.moments[bn]
+            if bool((squares * n - total * total < -1e-9 * (squares * n) - 1e-12).any()):  # n^2 x variance >= 0
                 raise ValueError(f"{who}: BatchNormStatsMessage {bn!r} sums of squares are below sum^2 / count: "
                                  "not the moments of real values")
     pooled = {}
@@ -182,8 +162,7 @@ def pool_batchnorm_moments(
         if n < 2:
             raise ValueError(f"BatchNorm {bn!r}: the clients sent {n:g} values; the variance needs at least 2")
         mean = total / n
-        var = ((squares - total * mean) / (n - 1)).clamp(min=0.0)
-        pooled[bn] = (mean, var)
+        pooled[bn] = (mean, ((squares - total * mean) / (n - 1)).clamp(min=0.0))
     return pooled
 
 
@@ -193,30 +172,18 @@ def head_feature_key(c: int) -> str:
 
 
 def pool_head_features(
-    messages: Sequence[BatchNormStatsMessage],
-    classes: Sequence[int],
-    features: int,
+    messages: Sequence[BatchNormStatsMessage], classes: Sequence[int], features: int,
     senders: Sequence[int] | None = None,
 ) -> dict[int, Tensor]:
-    """Class -> mean head feature of the clients' forget samples of that class (classes no client holds are left out).
-
-    Each reply holds one float64 ``(3, features)`` tensor per class (count, sum, sum of squares of the head's input
-    over the client's forget samples of that class; zeros without any), the counts summing to ``num_samples``.
-    Sums pool exactly, so the mean is the one over the union of the clients' forget data.
-    """
+    """Class -> mean head input over the clients' forget samples of that class (classes no client holds are left
+    out). Each reply holds a float64 ``(3, features)`` moments tensor per class, the counts summing to its samples."""
     messages = check_upward(messages, (BatchNormStatsMessage,), senders)
     contract = {head_feature_key(c): ((3, int(features)), torch.float64) for c in classes}
     for i, m in enumerate(messages):
         who = sender_label(senders, i)
-        check_arrays(m.moments, contract, who, "BatchNormStatsMessage", f"the {len(contract)} forgotten classes")
-        counts = [m.moments[k][0] for k in contract]
-        for k, count in zip(contract, counts):
-            if not bool((count == count[0]).all()) or float(count[0]) != math.floor(float(count[0])) or count[0] < 0:
-                raise ValueError(f"{who}: head features {k!r} count row must be one whole number >= 0 shared by "
-                                 f"every feature, got {short_repr(count.tolist())}")
-        if int(sum(float(c[0]) for c in counts)) != m.num_samples:
-            raise ValueError(f"{who}: head features count {int(sum(float(c[0]) for c in counts))} values from "
-                             f"{m.num_samples} samples")
+        counted = int(sum(_counts(m, contract, who, f"the {len(contract)} forgotten classes").values()))
+        if counted != m.num_samples:
+            raise ValueError(f"{who}: head features count {counted} values from {m.num_samples} samples")
     pooled = {}
     for c in classes:
         count, total, _ = sum((m.moments[head_feature_key(c)] for m in messages),
@@ -255,9 +222,11 @@ def sample_clients(pool: Sequence[int], fraction: float, seed: int, r: int) -> n
     """Round ``r``'s clients (sorted): a seeded draw of ``round(fraction * len(pool))``, at least one; FedAvg
     and the masked rounds share it, so a sampled run draws the same clients in every phase."""
     pool = np.asarray(sorted(pool), dtype=np.int64)
-    return np.sort(np.random.default_rng(seed * 100_003 + r).choice(pool, max(1, round(fraction * len(pool))), replace=False))
+    picked = np.random.default_rng(seed * 100_003 + r).choice(pool, max(1, round(fraction * len(pool))), replace=False)
+    return np.sort(picked)
 
 
-def fit_config(cid: int, r: int, seed: int, local_epochs: int, data: str, local_config: Mapping[str, Any] | None) -> dict:
+def fit_config(cid: int, r: int, seed: int, local_epochs: int, data: str,
+               local_config: Mapping[str, Any] | None) -> dict:
     """Client ``cid``'s settings for FedAvg round ``r`` (its own seed per round)."""
     return {"epochs": local_epochs, "seed": seed * 100_003 + r * 1_000 + int(cid), "data": data, **(local_config or {})}
