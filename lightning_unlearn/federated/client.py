@@ -60,7 +60,8 @@ class _LoaderModule(pl.LightningDataModule):
         self.dataset, self.batch_size, self.seed = dataset, batch_size, seed
 
     def train_dataloader(self) -> DataLoader:
-        return DataLoader(self.dataset, self.batch_size, shuffle=True, generator=torch.Generator().manual_seed(self.seed))
+        gen = torch.Generator().manual_seed(self.seed)
+        return DataLoader(self.dataset, batch_size=self.batch_size, shuffle=True, generator=gen)
 
 
 def local_fit(
@@ -72,19 +73,18 @@ def local_fit(
     trainer_kwargs: Mapping[str, Any] | None = None,
     param_lr_scale: Mapping[str, float] | None = None,
 ) -> tuple[dict[str, Tensor], dict[str, float]]:
-    """Load ``arrays``, train with Lightning for ``config["epochs"]`` (``max_steps`` / ``limit_train_batches``
-    override the user's ``trainer_kwargs``), return the new arrays and the seconds of training
-    (``local_compute_s``) and of the whole fit (``fit_s``). ``config["lr_scale"]`` scales the learning rate,
-    ``param_lr_scale`` (``{parameter name: factor}``) those parameters' own."""
+    """Load ``arrays``, train with Lightning for ``config["epochs"]`` (or ``max_steps``), return the new arrays
+    and the seconds of training and of the fit. ``lr_scale`` / ``param_lr_scale`` scale the learning rates."""
     set_arrays(model, arrays)
     torch.manual_seed(int(config.get("seed", 0)))
     timer, lr_scale = Timer(), float(config.get("lr_scale", 1.0))
     if lr_scale != 1.0 or param_lr_scale:
         callbacks = [*callbacks, ScaleLearningRate(lr_scale, param_lr_scale)]
-    overrides = {k: config[k] for k in ("max_steps", "limit_train_batches") if config.get(k) is not None}
+    kwargs = {**(trainer_kwargs or {}),
+              **{k: config[k] for k in ("max_steps", "limit_train_batches") if config.get(k) is not None}}
     start = time.perf_counter()
     with quiet_lightning():
-        fit(model, datamodule, int(config.get("epochs", 1)), [*callbacks, timer], {**(trainer_kwargs or {}), **overrides})
+        fit(model, datamodule, int(config.get("epochs", 1)), [*callbacks, timer], kwargs)
     return get_arrays(model), {"local_compute_s": timer.time_elapsed("train"), "fit_s": time.perf_counter() - start}
 
 
@@ -128,12 +128,11 @@ def cdp_activations(model: nn.Module, loader: DataLoader, layers: Mapping[str, L
     """Mean post-ReLU activation per channel (after the layer's BatchNorm when it has one), CDP's statistic."""
     modules, sums = dict(model.named_modules()), {}
 
-    def hook(name: str) -> Callable:
-        def run(_, __, out):
-            sums[name] = sums.get(name, 0) + torch.relu(out).reshape(*out.shape[:2], -1).mean(-1).sum(0).double()
-        return run
+    def hook(name: str, _, __, out: Tensor) -> None:
+        sums[name] = sums.get(name, 0) + torch.relu(out).reshape(*out.shape[:2], -1).mean(-1).sum(0).double()
 
-    count = _forward(model, [(modules[i.batchnorm or n], hook(n)) for n, i in layers.items()], loader, max_samples)
+    hooks = [(modules[i.batchnorm or n], functools.partial(hook, n)) for n, i in layers.items()]
+    count = _forward(model, hooks, loader, max_samples)
     return {n: (s / max(count, 1)).float() for n, s in sums.items()}, count
 
 
@@ -146,25 +145,22 @@ def _moments(x: Tensor, dim: int) -> Tensor:
 def batchnorm_moments(
     model: nn.Module, mask: ParameterMask, batches: Iterable, max_batches: int
 ) -> tuple[dict[str, Tensor], int]:
-    """Count, sum and sum of squares of each selected BatchNorm channel's input over at most ``max_batches``:
-    ``({bn name: float64 (3, k)}, samples)``. The model runs in eval mode, except that the selected channels are
-    normalised with the batch's own statistics, as in training; every other channel as in the final model."""
+    """Moments of each selected BatchNorm channel's input over at most ``max_batches`` (``{bn: float64 (3, k)}``,
+    samples), the model in eval mode but for the selected channels, normalised by the batch as in training."""
     channels = selected_batchnorm_channels(model, mask)
     modules, device = dict(model.named_modules()), next(model.parameters()).device
     moments = {bn: torch.zeros(3, int(sel.sum()), dtype=torch.float64) for bn, sel in channels.items()}
 
-    def hook(bn: str, sel: Tensor) -> Callable:
-        def run(module, args, out):
-            x = args[0][:, sel]
-            moments[bn] += _moments(x.transpose(0, 1).reshape(x.shape[1], -1).double(), 1).cpu()
-            weight = module.weight[sel] if module.weight is not None else None
-            bias = module.bias[sel] if module.bias is not None else None
-            out = out.clone()
-            out[:, sel] = F.batch_norm(x, None, None, weight, bias, True, 0.0, module.eps)
-            return out
-        return run
+    def hook(bn: str, sel: Tensor, module: nn.Module, args: tuple, out: Tensor) -> Tensor:
+        x = args[0][:, sel]
+        moments[bn] += _moments(x.transpose(0, 1).reshape(x.shape[1], -1).double(), 1).cpu()
+        weight = module.weight[sel] if module.weight is not None else None
+        bias = module.bias[sel] if module.bias is not None else None
+        out = out.clone()
+        out[:, sel] = F.batch_norm(x, None, None, weight, bias, True, 0.0, module.eps)
+        return out
 
-    hooks = [(modules[bn], hook(bn, sel.to(device))) for bn, sel in channels.items()]
+    hooks = [(modules[bn], functools.partial(hook, bn, sel.to(device))) for bn, sel in channels.items()]
     return moments, _forward(model, hooks, itertools.islice(batches, max_batches))
 
 
@@ -179,17 +175,15 @@ def client_split(request: ForgetRequest, part: ClientPartition) -> ClientSplit:
 
 
 class _Node:
-    """One message's view of a node: its partition, model, config, ``context.state`` and, when the message names
-    a request, its split."""
+    """One message's view of a node: partition, model, config, ``context.state`` and the request's split."""
 
     def __init__(self, part: ClientPartition, model: pl.LightningModule, context: Context, config: Mapping[str, Any],
                  callbacks: Sequence[Callback], trainer_kwargs: Mapping[str, Any] | None) -> None:
         self.part, self.model, self.state, self.config = part, model, context.state, config
         self.callbacks, self.trainer_kwargs = [*callbacks, *part.callbacks], trainer_kwargs
-        self.split = None
-        if "request" in config:
-            self.request = ForgetRequest(**{k: v for k, v in json.loads(config["request"]).items() if k != "kind"})
-            self.split = client_split(self.request, part)
+        self.request = ForgetRequest(**{k: v for k, v in json.loads(config["request"]).items() if k != "kind"}) \
+            if "request" in config else None
+        self.split = client_split(self.request, part) if self.request is not None else None
 
     def subset(self, which: str) -> Dataset:
         """``"all"``, ``"forget"`` or ``"retain"`` (all of the node's data when the message names no request)."""
@@ -213,25 +207,23 @@ class _Node:
         return discover_layers(self.model, x.unsqueeze(0).repeat(2, *([1] * x.dim())))
 
     @property
-    def head(self) -> str | None:
-        """The classifier head's name (``linear_head`` refuses a model without one in one line)."""
+    def head(self) -> str | None:  # None: ``linear_head`` refuses it in one line
         return next((n for n, i in self.layers.items() if i.is_head), None)
 
     def mask(self, broadcast: Broadcast) -> tuple[ParameterMask, ParameterMask | None]:
-        """The channel mask (sent with the first masked message, then kept in ``context.state``) and, in
-        ``"prune"`` mode (CDP), the pruned channels."""
+        """The channel mask (sent once, kept in ``context.state``) and, in ``"prune"`` mode, the pruned channels."""
         if broadcast.channels is not None:
             self.state["mask"] = channels_to_record(broadcast.channels)
         if "mask" not in self.state:
-            raise RuntimeError(f"client {self.part.client_id}: a masked round needs the channel mask (sent with round 0)")
+            raise RuntimeError(f"client {self.part.client_id}: a masked round needs the channel mask "
+                               "(sent with round 0)")
         selected = ParameterMask.from_channels(self.model, record_to_channels(self.state["mask"]), self.layers)
         if self.config.get("mode", "train") == "prune":
             return ParameterMask({n: ~m for n, m in selected.masks.items()}, selected.channels), selected
         return selected, None
 
     def start(self, mask: ParameterMask, values: Mapping[str, Tensor]) -> dict[str, Tensor]:
-        """The deployed arrays with the broadcast values written in: the selected parameter slices and (after a
-        reset) the selected BatchNorm channels' running statistics. Any other value is refused."""
+        """The deployed arrays with the broadcast selected slices and (after a reset) BatchNorm statistics."""
         start = self.deployed()
         where = {**statistic_masks(selected_batchnorm_channels(self.model, mask)), **mask.masks} if values else {}
         for key, v in values.items():
@@ -263,8 +255,7 @@ def _score(node: _Node, b: Broadcast) -> ScoresMessage | None:
 
 
 def _cdp(node: _Node, b: Broadcast) -> ScoresMessage | None:
-    """CDP: per-channel mean activations on one local document (``config["document"]``: the forget set or
-    ``class_<c>`` of the retain set); nothing to send when the node holds none of it."""
+    """CDP: mean channel activations on one local document, the forget set or ``class_<c>`` of the retain set."""
     set_arrays(node.model, node.deployed())
     layers = {n: i for n, i in node.layers.items() if not i.is_head}
     doc = b.config["document"]
@@ -278,8 +269,7 @@ def _cdp(node: _Node, b: Broadcast) -> ScoresMessage | None:
 
 
 def _bn_stats(node: _Node, b: Broadcast) -> BatchNormStatsMessage | None:
-    """After a reset: the selected BatchNorm channels' input moments on at most ``config["max_batches"]``
-    shuffled (``config["seed"]``) local retain batches (:func:`batchnorm_moments`)."""
+    """After a reset: the selected BatchNorm channels' input moments on shuffled local retain batches."""
     mask, _ = node.mask(b)
     if node.split is not None and not len(node.split.retain):
         return None
@@ -291,9 +281,8 @@ def _bn_stats(node: _Node, b: Broadcast) -> BatchNormStatsMessage | None:
 
 
 def _head_features(node: _Node, b: Broadcast) -> BatchNormStatsMessage:
-    """Head calibration: per forgotten class (``config["classes"]``) the moments of the head's input over the local
-    forget samples of that class, on the deployed model with the broadcast selected values. A node without forget
-    data sends zeros, so every node answers alike."""
+    """Head calibration: per forgotten class the moments of the head's input over its local forget samples (zeros
+    without any, so every node answers alike)."""
     mask, _ = node.mask(b)
     head = linear_head(node.model, node.head)
     classes = [int(c) for c in b.config["classes"]]
@@ -310,9 +299,8 @@ def _head_features(node: _Node, b: Broadcast) -> BatchNormStatsMessage:
 
 
 def _module_optimizer(model: pl.LightningModule, data: Any) -> torch.optim.Optimizer:
-    """The first optimizer ``configure_optimizers`` returns (in any form Lightning accepts). One that needs its
-    Trainer (a scheduler sized by ``estimated_stepping_batches``) is built by a Lightning fit of a copy on ``data``
-    stopped before its first batch, as in training, without touching ``model``."""
+    """The first optimizer ``configure_optimizers`` returns; one that needs its Trainer (a scheduler sized by
+    ``estimated_stepping_batches``) comes from a fit of a copy on ``data`` stopped before its first batch."""
     try:
         out = model.configure_optimizers()
     except Exception as error:  # noqa: BLE001 - whatever the user's code raises without a Trainer
@@ -335,8 +323,7 @@ class _StopBeforeTheFirstBatch(pl.Callback):
 
 
 def _local_epoch_steps(batches: int, trainer_kwargs: Mapping[str, Any] | None) -> int:
-    """Steps of one local epoch of ``batches`` batches under the clients' ``limit_train_batches`` and
-    ``max_steps``, as Lightning counts them."""
+    """Steps of a local epoch of ``batches`` under the clients' Trainer options, as Lightning counts them."""
     limit, max_steps = (trainer_kwargs or {}).get("limit_train_batches"), (trainer_kwargs or {}).get("max_steps")
     if isinstance(limit, (int, float)):
         batches = int(batches * limit) if isinstance(limit, float) else min(batches, limit)
@@ -344,8 +331,8 @@ def _local_epoch_steps(batches: int, trainer_kwargs: Mapping[str, Any] | None) -
 
 
 def _retain_head_features(node: _Node, start: Mapping[str, Tensor], head: str) -> tuple[Tensor, Tensor]:
-    """The head's inputs and labels on the retain data for ``start``, kept in ``context.state`` for the later
-    calibration rounds under a digest of the request and of every array but the head's (only head rows change)."""
+    """The head's inputs and labels on the retain data for ``start``, kept in ``context.state`` for later rounds
+    under a digest of the request and every array but the head's (calibration rounds change only head rows)."""
     digest = hashlib.sha256(node.config.get("request", "").encode())
     for name in sorted(set(start) - {f"{head}.weight", f"{head}.bias"}):
         digest.update(name.encode() + start[name].cpu().contiguous().numpy().tobytes())
@@ -360,10 +347,8 @@ def _retain_head_features(node: _Node, start: Mapping[str, Tensor], head: str) -
 
 
 def _calibration_update(node: _Node, start: dict[str, Tensor], cfg: Mapping[str, Any]) -> MaskedUpdateMessage:
-    """A head-calibration round as the central :func:`~lightning_unlearn.repair.calibrate_head` fits: head rows
-    ``config["train_rows"]`` fitted by :func:`~lightning_unlearn.repair.calibration.fit_rows` on the retain head
-    features for one local epoch, shuffled by ``config["seed"]``, with a fresh optimizer of the module's recipe.
-    No Lightning fit: the user's callbacks do not run in these rounds."""
+    """A head-calibration round as the central ``calibrate_head`` fits: rows ``config["train_rows"]`` fitted by
+    ``fit_rows`` on the retain head features for one local epoch with a fresh optimizer of the module's recipe."""
     t0, name, rows = time.perf_counter(), node.head, [int(r) for r in cfg["train_rows"]]
     head = linear_head(node.model, name)
     x, y = _retain_head_features(node, start, name)
@@ -385,9 +370,8 @@ def _calibration_update(node: _Node, start: dict[str, Tensor], cfg: Mapping[str,
 
 
 def _masked_update(node: _Node, b: Broadcast) -> MaskedUpdateMessage | None:
-    """A masked local round from the deployed model with the broadcast selected values. ``config["mode"]``:
-    ``"train"`` updates the selected channels; ``"prune"`` (CDP) zeroes them and updates everything else.
-    Nodes without retain data send nothing."""
+    """A masked round on the retain data from the deployed model with the broadcast values; ``"prune"`` mode (CDP)
+    zeroes the selected channels and trains everything else."""
     mask, pruned = node.mask(b)
     if node.split is not None and not len(node.split.retain):
         return None
@@ -412,7 +396,7 @@ def _masked_update(node: _Node, b: Broadcast) -> MaskedUpdateMessage | None:
 
 
 def _evaluate(node: _Node, b: Broadcast) -> RecordDict:
-    """Local accuracy of the broadcast model, split into forget / retain data when the message names a request."""
+    """Local accuracy of the broadcast model (on forget and retain data when the message names a request)."""
     set_arrays(node.model, b.arrays)
     metrics: dict[str, float | int] = {COUNT_KEY: len(node.part.dataset)}
     splits = {"all": np.arange(len(node.part.dataset))} if node.split is None else \
@@ -447,10 +431,9 @@ def make_client_app(
     trainer_kwargs: Mapping[str, Any] | None = None,
     mods: Sequence[Callable] | None = None,
 ) -> ClientApp:
-    """The ClientApp of the protocol (:data:`HANDLERS`, plus ``query.hello`` and ``query.deploy``) on the node's
-    partition (``partition_fn(context)``, default: the shard file of a deployed node, :func:`file_partition`).
-    ``model_fn`` may take the node's ``Context``; ``model_fn``, ``partition_fn`` and ``callbacks_fn`` must pickle
-    for Flower's worker processes. ``mods`` are Flower client mods, applied to every message."""
+    """The protocol's ClientApp (:data:`HANDLERS`, ``query.hello``, ``query.deploy``) on the node's partition
+    (default: a deployed node's shard file, :func:`file_partition`). ``model_fn`` may take the node's ``Context``;
+    the functions must pickle for Flower's workers. ``mods``: Flower client mods."""
     partition_fn = partition_fn or file_partition
     app = ClientApp(mods=list(mods or []))
     takes_context = _takes_one_argument(model_fn)
