@@ -194,9 +194,10 @@ class _Node:
                  callbacks: Sequence[Callback], trainer_kwargs: Mapping[str, Any] | None) -> None:
         self.part, self.model, self.state, self.config = part, model, context.state, config
         self.callbacks, self.trainer_kwargs = [*callbacks, *part.callbacks], trainer_kwargs
-        self.request = ForgetRequest(**{k: v for k, v in json.loads(config["request"]).items() if k != "kind"}) \
-            if "request" in config else None
-        self.split = client_split(self.request, part) if self.request is not None else None
+        self.request, self.split = None, None
+        if "request" in config:
+            self.request = ForgetRequest(**{k: v for k, v in json.loads(config["request"]).items() if k != "kind"})
+            self.split = client_split(self.request, part)
 
     def subset(self, which: str) -> Dataset:
         """``"all"``, ``"forget"`` or ``"retain"`` (all of the node's data when the message names no request)."""

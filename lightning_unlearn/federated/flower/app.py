@@ -1,8 +1,6 @@
-"""Ready-made apps for ``flwr run``: SmallCNN, FedAvg, then forget one class; settings from ``run_config``.
-
-The keys are those of ``examples/flower_app/pyproject.toml``. A node reads its shard from
-``node_config["data-path"]`` when set (a deployment), else rebuilds the simulated federation's ``partition-id``.
-"""
+"""Ready-made apps for ``flwr run``: SmallCNN, FedAvg, then forget one class; settings from ``run_config`` (the
+keys of ``examples/flower_app/pyproject.toml``). A node reads its shard from ``node_config["data-path"]`` when set
+(a deployment), else rebuilds the simulated federation's ``partition-id``."""
 from __future__ import annotations
 
 from logging import INFO
