@@ -77,15 +77,10 @@ class _LoaderModule(pl.LightningDataModule):
         return DataLoader(self.dataset, batch_size=self.batch_size, shuffle=True, generator=gen)
 
 
-def local_fit(
-    model: pl.LightningModule,
-    arrays: Mapping[str, Tensor],
-    datamodule: pl.LightningDataModule,
-    config: Mapping[str, Any],
-    callbacks: Sequence[Callback] = (),
-    trainer_kwargs: Mapping[str, Any] | None = None,
-    param_lr_scale: Mapping[str, float] | None = None,
-) -> tuple[dict[str, Tensor], dict[str, float]]:
+def local_fit(model: pl.LightningModule, arrays: Mapping[str, Tensor], datamodule: pl.LightningDataModule,
+              config: Mapping[str, Any], callbacks: Sequence[Callback] = (),
+              trainer_kwargs: Mapping[str, Any] | None = None,
+              param_lr_scale: Mapping[str, float] | None = None) -> tuple[dict[str, Tensor], dict[str, float]]:
     """Load ``arrays``, train with Lightning for ``config["epochs"]`` (or ``max_steps``), return the new arrays
     and the seconds of training and of the fit. ``lr_scale`` / ``param_lr_scale`` scale the learning rates."""
     set_arrays(model, arrays)
@@ -105,9 +100,8 @@ def _layer_table(layers: Mapping[str, LayerInfo]) -> dict[str, tuple[int, str | 
     return {n: (i.out_channels, i.batchnorm, i.is_head) for n, i in layers.items()}
 
 
-def local_scores(
-    model: nn.Module, forget_loader: DataLoader, config: Mapping[str, Any], retain_loader: DataLoader | None = None
-) -> ScoresMessage:
+def local_scores(model: nn.Module, forget_loader: DataLoader, config: Mapping[str, Any],
+                 retain_loader: DataLoader | None = None) -> ScoresMessage:
     """Channel scores of the deployed model on local forget data, as the message the server may see."""
     scores = channel_scores(model, forget_loader, config.get("method", "grad_x_act"), config.get("layers"),
                             retain_loader, config.get("max_samples"), int(config.get("seed", 0)))
@@ -155,9 +149,8 @@ def _moments(x: Tensor, dim: int) -> Tensor:
     return torch.stack([torch.full_like(total, x.shape[dim]), total, x.square().sum(dim)])
 
 
-def batchnorm_moments(
-    model: nn.Module, mask: ParameterMask, batches: Iterable, max_batches: int
-) -> tuple[dict[str, Tensor], int]:
+def batchnorm_moments(model: nn.Module, mask: ParameterMask, batches: Iterable,
+                      max_batches: int) -> tuple[dict[str, Tensor], int]:
     """Moments of each selected BatchNorm channel's input over at most ``max_batches`` (``{bn: float64 (3, k)}``,
     samples), the model in eval mode but for the selected channels, normalised by the batch as in training."""
     channels = selected_batchnorm_channels(model, mask)
@@ -438,13 +431,11 @@ def _takes_one_argument(fn: Callable) -> bool:
     return sum(p.default is p.empty and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) for p in params) == 1
 
 
-def make_client_app(
-    model_fn: Callable[[], pl.LightningModule] | Callable[[Context], pl.LightningModule],
-    partition_fn: Callable[[Context], ClientPartition] | None = None,
-    callbacks_fn: Callable[[], Sequence[Callback]] | None = None,
-    trainer_kwargs: Mapping[str, Any] | None = None,
-    mods: Sequence[Callable] | None = None,
-) -> ClientApp:
+def make_client_app(model_fn: Callable[[], pl.LightningModule] | Callable[[Context], pl.LightningModule],
+                    partition_fn: Callable[[Context], ClientPartition] | None = None,
+                    callbacks_fn: Callable[[], Sequence[Callback]] | None = None,
+                    trainer_kwargs: Mapping[str, Any] | None = None,
+                    mods: Sequence[Callable] | None = None) -> ClientApp:
     """The protocol's ClientApp (:data:`HANDLERS`, ``query.hello``, ``query.deploy``) on the node's partition
     (default: a deployed node's shard file, :func:`file_partition`). ``model_fn`` may take the node's ``Context``;
     the functions must pickle for Flower's workers. ``mods``: Flower client mods."""
