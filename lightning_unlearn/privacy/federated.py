@@ -36,9 +36,11 @@ class ClientPrivacy:
     def describe(self) -> str:
         """One line per client and the worst one, for a console."""
         lines = [f"DP-SGD per client (delta {next(iter(self.callbacks.values())).delta:g}):"]
-        lines += [f"  client {cid}: epsilon {cb.epsilon:.3f}, noise multiplier {cb.noise_multiplier:.3f}, "
-                  f"sampling rate {cb.sample_rate or 0:.4f}, steps {cb.steps_taken}" for cid, cb in self.callbacks.items()]
-        return "\n".join([*lines, "  worst client {}: epsilon {:.3f} (the federation's guarantee)".format(*self.worst())])
+        for cid, cb in self.callbacks.items():
+            lines.append(f"  client {cid}: epsilon {cb.epsilon:.3f}, noise multiplier {cb.noise_multiplier:.3f}, "
+                         f"sampling rate {cb.sample_rate or 0:.4f}, steps {cb.steps_taken}")
+        cid, eps = self.worst()
+        return "\n".join([*lines, f"  worst client {cid}: epsilon {eps:.3f} (the federation's guarantee)"])
 
     @contextlib.contextmanager
     def paused(self) -> Iterator[None]:
