@@ -38,7 +38,6 @@ class FlowerDataError(RuntimeError):
     """A client node cannot reach its data partition (missing key, bad id, missing file)."""
 
 
-
 @dataclass(frozen=True)
 class FederatedPartitions:
     """Recipe for the simulated federation; ``__call__(context)`` gives the node its shard (only the recipe is
@@ -64,7 +63,14 @@ class FederatedPartitions:
                            self.batch_size, tuple(sorted(self.extra.items())))
 
     def __call__(self, context: Context) -> ClientPartition:
-        k = _partition_id(context, self.num_clients)
+        last = self.num_clients - 1
+        if PARTITION_KEY not in context.node_config:
+            raise FlowerDataError(f"this node has no {PARTITION_KEY!r} in its node config (it has "
+                                  f"{sorted(context.node_config)}), so it cannot find its data partition; start it "
+                                  f"with --node-config \"{PARTITION_KEY}=<0..{last}>\"")
+        k = context.node_config[PARTITION_KEY]
+        if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k <= last:
+            raise FlowerDataError(f"{PARTITION_KEY}={k!r} names no data partition; allowed ids are 0..{last}")
         fdm = self.datamodule()
         return ClientPartition(k, fdm.client_dataset(k), fdm.client_indices(k), fdm.num_classes, fdm.batch_size)
 
@@ -76,24 +82,12 @@ def _datamodule(dataset, data_root, num_clients, partition, alpha, seed, batch_s
     else:
         try:
             train, test = load_mnist(data_root)
-        except (FileNotFoundError, OSError) as err:
+        except OSError as err:  # FileNotFoundError included
             raise FlowerDataError(f"this node cannot read MNIST from data_root={data_root!r}: {err}") from err
     fdm = FederatedDataModule(train, test, num_clients=num_clients, partition=partition, alpha=alpha, seed=seed,
                               batch_size=batch_size, **dict(extra))
     fdm.setup("fit")
     return fdm
-
-
-def _partition_id(context: Context, num_clients: int) -> int:
-    if PARTITION_KEY not in context.node_config:
-        raise FlowerDataError(
-            f"this node has no {PARTITION_KEY!r} in its node config (it has {sorted(context.node_config)}), so it "
-            f"cannot find its data partition; start it with --node-config \"{PARTITION_KEY}=<0..{num_clients - 1}>\""
-        )
-    k = context.node_config[PARTITION_KEY]
-    if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k < num_clients:
-        raise FlowerDataError(f"{PARTITION_KEY}={k!r} names no data partition; allowed ids are 0..{num_clients - 1}")
-    return k
 
 
 def save_partition(fdm: FederatedDataModule, client_id: int, path: str | os.PathLike) -> Path:
@@ -108,20 +102,19 @@ def save_partition(fdm: FederatedDataModule, client_id: int, path: str | os.Path
 def file_partition(context: Context) -> ClientPartition:
     """Deployment: the shard at ``node_config["data-path"]`` (written by :func:`save_partition`)."""
     if DATA_PATH_KEY not in context.node_config:
-        raise FlowerDataError(
-            f"this node has no {DATA_PATH_KEY!r} in its node config (it has {sorted(context.node_config)}); start "
-            f"it with --node-config \"{DATA_PATH_KEY}='/path/to/client.pt'\""
-        )
+        raise FlowerDataError(f"this node has no {DATA_PATH_KEY!r} in its node config (it has "
+                              f"{sorted(context.node_config)}); start it with --node-config "
+                              f"\"{DATA_PATH_KEY}='/path/to/client.pt'\"")
     path = Path(str(context.node_config[DATA_PATH_KEY]))
+    where = f"{DATA_PATH_KEY}={str(path)!r}"
     if not path.is_file():
-        raise FlowerDataError(f"{DATA_PATH_KEY}={str(path)!r} does not exist on this node: it cannot reach its data")
-    blob = load_torch_file(path, f"{DATA_PATH_KEY}")
-    missing = [k for k in ("x", "y", "sample_ids", "client_id", "num_classes", "batch_size") if k not in blob]
-    if missing:
-        raise FlowerDataError(f"{DATA_PATH_KEY}={str(path)!r} is not a partition file: it lacks {missing}")
+        raise FlowerDataError(f"{where} does not exist on this node: it cannot reach its data")
+    blob = load_torch_file(path, DATA_PATH_KEY)
+    if missing := [k for k in ("x", "y", "sample_ids", "client_id", "num_classes", "batch_size") if k not in blob]:
+        raise FlowerDataError(f"{where} is not a partition file: it lacks {missing}")
     dataset = TensorDataset(blob["x"], blob["y"])
     try:  # the node's data, checked once before it takes part: finite inputs, labels in range
-        checked_targets(dataset, f"{DATA_PATH_KEY}={str(path)!r}", int(blob["num_classes"]))
+        checked_targets(dataset, where, int(blob["num_classes"]))
     except ValueError as err:
         raise FlowerDataError(str(err)) from None
     return ClientPartition(int(blob["client_id"]), dataset, blob["sample_ids"].numpy(),

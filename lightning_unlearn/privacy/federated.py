@@ -1,5 +1,4 @@
 """Local DP-SGD in the federated simulation: one DifferentialPrivacy callback (and accountant) per client.
-
 Epsilon is per client (sampling rates and step counts differ); the federation's guarantee is the worst client's.
 """
 from __future__ import annotations
@@ -27,9 +26,7 @@ class ClientPrivacy:
 
     def worst(self) -> tuple[int, float]:
         """(client id, epsilon) of the client with the largest epsilon: the federation's guarantee."""
-        eps = self.epsilons()
-        cid = max(eps, key=eps.get)
-        return cid, eps[cid]
+        return max(self.epsilons().items(), key=lambda item: item[1])
 
     def summary(self) -> dict[str, Any]:
         cid, eps = self.worst()
@@ -43,8 +40,7 @@ class ClientPrivacy:
             lines.append(f"  client {cid}: epsilon {cb.epsilon:.3f}, noise multiplier {cb.noise_multiplier:.3f}, "
                          f"sampling rate {cb.sample_rate or 0:.4f}, steps {cb.steps_taken}")
         cid, eps = self.worst()
-        lines.append(f"  worst client {cid}: epsilon {eps:.3f} (the federation's guarantee)")
-        return "\n".join(lines)
+        return "\n".join([*lines, f"  worst client {cid}: epsilon {eps:.3f} (the federation's guarantee)"])
 
     @contextlib.contextmanager
     def paused(self) -> Iterator[None]:
@@ -73,49 +69,40 @@ def attach_client_dp(clients: Sequence[Any], **dp: Any) -> ClientPrivacy:
     if not clients:
         raise ValueError("attach_client_dp needs at least one client, got none")
     allowed = [name for name in inspect.signature(DifferentialPrivacy).parameters if name != "fix_model"]
-    unknown = [name for name in dp if name not in allowed]
-    if unknown:
-        raise ValueError(f"unknown DP argument(s) {unknown} for attach_client_dp; allowed are {allowed}")
+    if any(name not in allowed for name in dp):
+        raise ValueError(f"unknown DP argument(s) {[n for n in dp if n not in allowed]} for attach_client_dp; "
+                         f"allowed are {allowed}")
     if dp.get("target_epsilon") is not None and dp.get("epochs") is None and dp.get("steps") is None:
-        raise ValueError(
-            "a per-client target_epsilon needs the length of the whole federated training: pass steps= "
-            "(rounds x local steps) or epochs= (rounds x local epochs); each round is a separate fit"
-        )
+        raise ValueError("a per-client target_epsilon needs the length of the whole federated training: pass steps= "
+                         "(rounds x local steps) or epochs= (rounds x local epochs); each round is a separate fit")
     for model in {id(c.model): c.model for c in clients}.values():
-        errors = dp_compatibility_errors(model)
-        if errors:
+        if errors := dp_compatibility_errors(model):
             raise UnsupportedModelError(
                 f"the clients' {type(model).__name__} is not Opacus-compatible ({'; '.join(errors)}). Call "
                 "lightning_unlearn.privacy.make_dp_compatible(model) before building the FederatedSimulation, "
-                "so the server and the clients share the same (GroupNorm) layers"
-            )
-    callbacks: dict[int, DifferentialPrivacy] = {}
+                "so the server and the clients share the same (GroupNorm) layers")
     for client in clients:
         if any(isinstance(c, DifferentialPrivacy) for c in client.callbacks):
             raise ValueError(f"client {client.client_id} already trains with a DifferentialPrivacy callback")
-        cb = DifferentialPrivacy(**dp, fix_model=False)
-        client.callbacks.append(cb)
-        callbacks[client.client_id] = cb
+    callbacks = {client.client_id: DifferentialPrivacy(**dp, fix_model=False) for client in clients}
+    for client in clients:
+        client.callbacks.append(callbacks[client.client_id])
     return ClientPrivacy(callbacks, clients)
 
 
 def prepare_model(model) -> list[str]:
     """Make the global model Opacus-compatible in place before a federation is built from it."""
-    replaced = make_dp_compatible(model)
-    if replaced:
-        warnings.warn(
-            "DP-SGD: replaced " + "; ".join(replaced) + ". The checkpoint will hold the new layers; name a "
-            "compatible model in the config (lightning_unlearn.privacy.models.DPSmallCNN for SmallCNN) to load it later",
-            UserWarning, stacklevel=2,
-        )
+    if replaced := make_dp_compatible(model):
+        warnings.warn("DP-SGD: replaced " + "; ".join(replaced) + ". The checkpoint will hold the new layers; name a "
+                      "compatible model in the config (lightning_unlearn.privacy.models.DPSmallCNN for SmallCNN) to "
+                      "load it later", UserWarning, stacklevel=2)
     return replaced
 
 
 def attach_settings_dp(clients: Sequence[Any], settings: Any) -> ClientPrivacy:
     """:func:`attach_client_dp` from a federated schedule (``rounds``, ``local_steps`` / ``local_epochs``, ``dp_*``)."""
     steps = settings.rounds * settings.local_steps if settings.local_steps else None
-    epochs = None if steps else settings.rounds * settings.local_epochs
     return attach_client_dp(
         clients, target_epsilon=settings.dp_target_epsilon, noise_multiplier=settings.dp_noise_multiplier,
-        max_grad_norm=settings.dp_max_grad_norm, delta=settings.dp_delta, epochs=epochs, steps=steps,
-    )
+        max_grad_norm=settings.dp_max_grad_norm, delta=settings.dp_delta, steps=steps,
+        epochs=None if steps else settings.rounds * settings.local_epochs)
