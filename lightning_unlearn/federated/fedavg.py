@@ -55,8 +55,7 @@ class FedAvgResult:
     def overhead_fraction(self) -> float:
         """Orchestration time (everything but local training and evaluation) / local training time."""
         local = sum(r["local_compute_s"] for r in self.history)
-        over = sum(r["overhead_s"] for r in self.history)
-        return over / local if local else math.nan
+        return sum(r["overhead_s"] for r in self.history) / local if local else math.nan
 
     @property
     def wall_s(self) -> float:
@@ -67,17 +66,17 @@ class FedAvgResult:
         return float(np.mean([r["bytes_down"] + r["bytes_up"] for r in self.history])) if self.history else math.nan
 
 
-def check_same_run(path: Path, stored: Mapping[str, str] | None, current: Mapping[str, str] | None) -> None:
-    """A resume file is reused only by the run that wrote it; otherwise say what differs and how to start fresh."""
-    stored, current = dict(stored or {}), dict(current or {})
-    differ = sorted(k for k in set(stored) | set(current) if stored.get(k) != current.get(k))
-    if differ:
-        raise ValueError(f"{path} was written by a different run ({', '.join(differ)} changed); start fresh with "
-                         "--federated.fresh true (resume=False) or use another output_dir")
+def check_fedavg(rounds: int, local_epochs: int, fraction: float, data: str) -> None:
+    """A FedAvg schedule's settings (:func:`run_fedavg`'s and ``FedAvgPlan``'s), checked before any round."""
+    check_rounds(rounds)
+    check_rounds(local_epochs, "local_epochs")
+    check_fraction(fraction)
+    if data not in DATA_CHOICES:
+        raise ValueError(f"unknown data {data!r}; allowed values are {list(DATA_CHOICES)}")
 
 
 class LibraryFedAvg(FedAvg):
-    """Flower's FedAvg with the library's sampling, per-client seeds and exact aggregation (module docstring)."""
+    """Flower's FedAvg with the library's client sampling, per-client seeds and exact (float64) aggregation."""
 
     def __init__(self, fed: Federation, model: nn.Module, fraction: float, seed: int, local_epochs: int, data: str,
                  local_config: Mapping[str, Any] | None, pool: Sequence[int], label: str, first_round: int = 0,
@@ -144,38 +143,31 @@ def run_fedavg(
     deploy: bool = True, local_config: Mapping[str, Any] | None = None, label: str = "fedavg",
     participants: Sequence[int] | None = None, run_key: Mapping[str, str] | None = None, progress: bool = True,
 ) -> FedAvgResult:
-    """Federated averaging: ``rounds`` rounds of local Lightning training on a sampled ``fraction`` of clients.
-
-    ``clients``: a :class:`~lightning_unlearn.federated.federation.Federation` (any grid) or a
-    :class:`~lightning_unlearn.federated.simulation.FederatedSimulation`'s ``clients``.
+    """Federated averaging: ``rounds`` rounds of local Lightning training on a sampled ``fraction`` of clients;
+    ``model`` ends with the global arrays. ``clients``: a ``Federation`` (any grid) or a simulation's ``clients``.
 
     Args:
-        data: what each client trains on: ``"all"`` its shard, ``"retain"`` its data minus the forget set
-            (the federation's ``request``).
+        data: each client trains on ``"all"`` its shard or ``"retain"`` its data minus the federation's request.
         evaluate: server-side evaluation of the global model after each round (e.g. global test accuracy).
-        checkpoint_dir: write ``fedavg.pt`` (global model, history, store) atomically after every round;
-            with ``resume=True`` an existing one is continued from its next round, but only if it was
-            written by the same run: ``run_key`` (hashes of the data split, partition, model and schedule)
-            must match the one stored, else a ValueError names what differs.
+        checkpoint_dir: ``fedavg.pt`` (global model, history, store) is rewritten there after every round; with
+            ``resume=True`` it is continued, only by the run whose ``run_key`` (hashes of the data split,
+            partition, model and schedule) it stores, else a ValueError names what differs.
         store_every: keep the client updates of every n-th round (FedEraser needs them).
         deploy: send the final model to every client (the model they later unlearn from).
-        participants: ids of the clients that may be sampled (default: all; retraining leaves out
-            clients without retain data).
+        participants: the clients that may be sampled (default: all; retraining leaves out those without retain data).
         progress: Flower's per-round log lines (False: warnings only).
-
-    ``model`` is updated in place with the final global arrays.
     """
-    check_rounds(rounds)
-    check_rounds(local_epochs, "local_epochs")
-    check_fraction(fraction)
-    if data not in DATA_CHOICES:
-        raise ValueError(f"unknown data {data!r}; allowed values are {list(DATA_CHOICES)}")
+    check_fedavg(rounds, local_epochs, fraction, data)
     arrays, history, first = get_arrays(model), [], 0
     store = UpdateStore(store_every) if store_every else None
     ckpt = Path(checkpoint_dir) / "fedavg.pt" if checkpoint_dir is not None else None
     if resume and ckpt is not None and ckpt.exists():  # checked before any client is asked anything
         state = load_torch_file(ckpt, "FedAvg resume file")
-        check_same_run(ckpt, state.get("run") if isinstance(state, dict) else None, run_key)
+        stored, current = dict((state.get("run") if isinstance(state, dict) else None) or {}), dict(run_key or {})
+        differ = sorted(k for k in {*stored, *current} if stored.get(k) != current.get(k))
+        if differ:
+            raise ValueError(f"{ckpt} was written by a different run ({', '.join(differ)} changed); start fresh with "
+                             "--federated.fresh true (resume=False) or use another output_dir")
         arrays, history, first = state["global"], state["history"], state["round"] + 1
         if store is not None and state.get("store") is not None:
             store.rounds = state["store"]
