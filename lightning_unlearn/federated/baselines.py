@@ -48,7 +48,7 @@ def _masked_baseline(method: str, fed: Federation, work: torch.nn.Module, mask: 
     removes the slices first, as ours."""
     t0 = time.perf_counter()
     statistics = remove(fed, work, mask, reset) if reset else None
-    current, history, _ = masked_rounds(fed, get_arrays(work), mask, rounds, config, label=method, statistics=statistics)
+    current, history = masked_rounds(fed, get_arrays(work), mask, rounds, config, label=method, statistics=statistics)
     set_arrays(work, current)
     return _result(method, work, mask, fed, history, t_select, time.perf_counter() - t0,
                    statistics=traffic_bytes(fed.traffic, "bn_stats"), config=reset, **kwargs)
@@ -181,17 +181,14 @@ def federated_eraser(
         down = {cid: Broadcast(current, {"epochs": local_epochs, "seed": seed * 1_000 + j * 100 + cid, "data": "retain",
                                          **budget})
                 for cid in stored["updates"] if cid in plan.retaining_clients}
-        calibrated, counts = [], []
-        for cid, reply in fed.ask(down, "train", label):
-            check_upward([reply], (ParametersMessage,), [cid])
-            check_arrays(reply.arrays, contract, f"client {cid}", "ParametersMessage", f"the {len(current)} model arrays")
-            step = {}
-            for k in current:
-                new = reply.arrays[k].double() - current[k].double()
-                norm = new.norm()
-                step[k] = stored["updates"][cid][k].double().norm() * new / norm if norm > 0 else torch.zeros_like(new)
-            calibrated.append(step)
-            counts.append(reply.num_samples)
+        pairs = fed.ask(down, "train", label)
+        check_upward([m for _, m in pairs], (ParametersMessage,), [c for c, _ in pairs])
+        calibrated, counts = [], [m.num_samples for _, m in pairs]
+        for cid, reply in pairs:
+            check_arrays(reply.arrays, contract, f"client {cid}", "ParametersMessage", f"the {len(contract)} model arrays")
+            new = {k: reply.arrays[k].double() - current[k].double() for k in current}
+            calibrated.append({k: stored["updates"][cid][k].double().norm() * v / v.norm() if v.norm() > 0
+                               else torch.zeros_like(v) for k, v in new.items()})
         if calibrated:
             w = np.asarray(counts, dtype=np.float64) / sum(counts)
             current = {k: (current[k].double() + sum(wi * s[k] for wi, s in zip(w, calibrated))).to(current[k].dtype)

@@ -18,13 +18,7 @@ from torch import Tensor, nn
 from lightning_unlearn._io import load_torch_file, save_torch
 from lightning_unlearn.federated.federation import Federation, as_federation, check_replies
 from lightning_unlearn.federated.messages import Broadcast, arrays_to_record, record_to_arrays, tensor_bytes
-from lightning_unlearn.federated.server import (
-    check_fraction,
-    check_rounds,
-    fedavg_aggregate,
-    fit_config,
-    sample_clients,
-)
+from lightning_unlearn.federated.server import check_fraction, check_rounds, fedavg_aggregate, fit_config, sample_clients
 from lightning_unlearn.mask.arrays import get_arrays, set_arrays
 
 log = logging.getLogger(__name__)
@@ -149,12 +143,11 @@ def run_fedavg(
     Args:
         data: each client trains on ``"all"`` its shard or ``"retain"`` its data minus the federation's request.
         evaluate: server-side evaluation of the global model after each round (e.g. global test accuracy).
-        checkpoint_dir: ``fedavg.pt`` (global model, history, store) is rewritten there after every round; with
-            ``resume=True`` it is continued, only by the run whose ``run_key`` (hashes of the data split,
-            partition, model and schedule) it stores, else a ValueError names what differs.
+        checkpoint_dir: ``fedavg.pt`` is rewritten there after every round; ``resume=True`` continues it, only in
+            the run whose ``run_key`` (hashes of data split, partition, model, schedule) it stores.
         store_every: keep the client updates of every n-th round (FedEraser needs them).
         deploy: send the final model to every client (the model they later unlearn from).
-        participants: the clients that may be sampled (default: all; retraining leaves out those without retain data).
+        participants: the clients that may be sampled (default: all).
         progress: Flower's per-round log lines (False: warnings only).
     """
     check_fedavg(rounds, local_epochs, fraction, data)
@@ -173,7 +166,7 @@ def run_fedavg(
             store.rounds = state["store"]
     fed = as_federation(clients)
     pool = sorted(participants) if participants is not None else sorted(fed.nodes)
-    if not len(pool):
+    if not pool:
         raise ValueError("no client may take part in FedAvg (participants is empty)")
     strategy = LibraryFedAvg(fed, model, fraction, seed, local_epochs, data, local_config, pool, label, first, history,
                              store, evaluate, ckpt, run_key)

@@ -1,9 +1,6 @@
-"""The federated unlearning protocol (Xu et al. 2024) as server phases on any grid (in process or Flower's).
-
-:func:`select` (clients score their forget data, the server selects with the shared orchestration), :func:`remove`
-(reset the selected slices; a statistics round re-estimates the selected BatchNorm channels), :func:`masked_rounds`
-(masked FedAvg: only the selected slices are averaged, every frozen element stays bit-exact) and :func:`calibrate`
-(refit the forgotten head rows). :func:`unlearn` runs them in order for :func:`federated_unlearn` and the ServerApp.
+"""The federated unlearning protocol (Xu et al. 2024) as server phases on any grid (in process or Flower's):
+:func:`select`, :func:`remove`, :func:`masked_rounds` (only the selected slices are averaged: every frozen element
+stays bit-exact) and :func:`calibrate`, run in order by :func:`unlearn` for :func:`federated_unlearn` and the ServerApp.
 """
 from __future__ import annotations
 
@@ -48,8 +45,7 @@ STATS_BATCHES = 20
 
 @dataclass
 class FederatedUnlearningResult(UnlearningResult):
-    """An :class:`UnlearningResult` plus what the federation paid: bytes and a row per round (``metrics`` stays
-    empty on the server, which sees no data; the simulation's oracle fills it)."""
+    """An :class:`UnlearningResult` plus bytes and a row per round (``metrics``: the simulation's oracle fills it)."""
 
     bytes: dict[str, float] = field(default_factory=dict)
     history: list[dict] = field(default_factory=list)
@@ -62,8 +58,8 @@ def traffic_bytes(traffic: ByteCounter, prefix: str) -> int:
 
 
 def round_bytes(history: Sequence[Mapping[str, Any]], extra: int = 0, statistics: int = 0) -> dict[str, float]:
-    """Bytes per round (mean and max, down + up) and in total with ``extra`` (scoring) and ``statistics`` (the
-    BatchNorm statistics round after a reset; the key appears only when it ran)."""
+    """Bytes per round (mean and max, down + up) and in total with ``extra`` (scoring) and ``statistics`` (a
+    statistics round's; the key appears only when it ran)."""
     per = [r["bytes_down"] + r["bytes_up"] for r in history]
     out = {"scoring": extra, "unlearning_round": sum(per) / len(per), "unlearning_round_max": max(per),
            "total": extra + statistics + sum(per)}
@@ -71,8 +67,7 @@ def round_bytes(history: Sequence[Mapping[str, Any]], extra: int = 0, statistics
 
 
 def unlearn_config(config: UnlearnConfig) -> dict[str, Any]:
-    """The masked rounds' settings as sent to the clients; ``config`` must be resolved (no ``"auto"``).
-    ``head_lr_scale`` (absent: ``lr_scale``) is the rate multiplier of the head rows a class request trains."""
+    """The masked rounds' settings as sent to the clients (``config`` resolved; no ``head_lr_scale``: ``lr_scale``)."""
     if "auto" in (config.objective, config.head_lr_scale):
         raise ValueError("unlearn_config needs a resolved UnlearnConfig (call config.resolved(request, 'federated'))")
     out = {"objective": config.objective, "epochs": config.epochs, "max_steps": config.max_steps, "seed": config.seed,
@@ -87,8 +82,7 @@ def round_config(config: Mapping[str, Any], r: int) -> dict[str, Any]:
 
 def _broadcast(arrays: Mapping[str, Tensor], mask: ParameterMask, config: Mapping[str, Any],
                statistics: Mapping[str, Tensor] | None = None, values: bool = True, channels: bool = True) -> Broadcast:
-    """The selected slices of ``arrays`` (``values``), the running statistics of the selected BatchNorm channels
-    (``statistics``) and the mask's channel indices (``channels``)."""
+    """The selected slices (``values``), the selected BatchNorm channels' ``statistics`` and the mask's ``channels``."""
     out = selected_values(arrays, mask) if values or statistics is not None else {}
     if statistics is not None:
         out.update(selected_statistics(arrays, statistics))
@@ -99,9 +93,8 @@ def masked_broadcast(
     current: Mapping[str, Tensor], mask: ParameterMask, config: Mapping[str, Any], r: int, send_mask: bool,
     statistics: Mapping[str, Tensor] | None = None, values_always: bool = False,
 ) -> Broadcast:
-    """Masked round ``r``'s broadcast. Round 0 sends no values (clients hold the deployed model) unless a reset
-    changed them (``statistics``: then every round carries the slices and statistics) or ``values_always`` (the
-    head calibration). ``send_mask``: the channel indices travel too (a client's first call)."""
+    """Masked round ``r``'s broadcast: no values in round 0 (clients hold the deployed model) unless a reset changed
+    them (``statistics``) or ``values_always`` (calibration); ``send_mask``: with the channel indices (first call)."""
     return _broadcast(current, mask, round_config(config, r), statistics, r > 0 or values_always, send_mask)
 
 
@@ -118,9 +111,8 @@ def select(fed: Federation, model: torch.nn.Module, config: UnlearnConfig) -> tu
 
 
 def remove(fed: Federation, model: torch.nn.Module, mask: ParameterMask, config: UnlearnConfig) -> dict[str, Tensor] | None:
-    """``config.reset``: reset the selected slices of ``model`` (seeded), then pool the clients' retain moments of
-    the selected BatchNorm channels into their running statistics (the server holds no data). Returns those
-    channels (BatchNorm name -> bool vector, possibly empty), None without a reset; all else stays bit-exact."""
+    """``config.reset`` on the selected slices of ``model``, then a statistics round pools the clients' retain moments
+    into the selected BatchNorm channels. Returns those channels (name -> bool vector), None without a reset."""
     if config.reset == "none":
         return None
     channels = apply_reset(model, mask, config).batchnorm_channels
@@ -153,24 +145,19 @@ def evaluate_round(fed: Federation, arrays: Mapping[str, Tensor], r: int) -> dic
 def masked_rounds(
     fed: Federation, reference: Mapping[str, Tensor], mask: ParameterMask, rounds: int, config: Mapping[str, Any], *,
     statistics: Mapping[str, Tensor] | None = None, fraction: float = 1.0, seed: int | None = None,
-    label: str = "unlearn", first_round: int = 0, current: Mapping[str, Tensor] | None = None, evaluate: bool = False,
-    after_round: Callable[[int, dict, list, list], None] | None = None, train: ParameterMask | None = None,
-) -> tuple[dict[str, Tensor], list[dict], list[dict]]:
-    """Masked FedAvg rounds ``first_round .. rounds - 1`` from ``current`` (default ``reference``): the global
-    arrays, a row per round and (``evaluate``) the clients' accuracies after each round.
-
-    Round ``r`` calls the active clients of ``sample_clients(clients, fraction, seed, r)`` (FedAvg's draw; ``seed``
-    defaults to ``config["seed"]``); the selected slices of the replies are averaged by sample count, every other
-    element is ``reference``'s. ``after_round(r, current, history, evaluation)``: the server checkpoint. ``train``
-    (head calibration): a sub-mask of ``mask``, the only elements clients train and the server averages.
-    """
+    label: str = "unlearn", first_round: int = 0, current: Mapping[str, Tensor] | None = None,
+    after_round: Callable[[int, dict, list], None] | None = None, train: ParameterMask | None = None,
+) -> tuple[dict[str, Tensor], list[dict]]:
+    """Masked FedAvg rounds ``first_round .. rounds - 1`` from ``current`` (default ``reference``): the global arrays
+    and a row per round. Round ``r`` calls the active clients of FedAvg's draw ``sample_clients(.., fraction, seed,
+    r)``; the server averages the selected slices (``train``: only this sub-mask) by sample count, every other
+    element is ``reference``'s. ``after_round(r, current, history)``: evaluation and checkpoint."""
     check_rounds(rounds)
     check_fraction(fraction)
     seed = int(config.get("seed", 0)) if seed is None else seed
     reference = {k: v.clone() for k, v in reference.items()}
     current = dict(current) if current is not None else reference
     history: list[dict] = []
-    evaluation: list[dict] = []
     has_mask: set[int] = set()
     for r in range(first_round, rounds):
         t0, tag = time.perf_counter(), f"{label}/{r}"
@@ -193,14 +180,12 @@ def masked_rounds(
             row["sampled"] = picked
         row["dropped"] = sorted(c for c, what in fed.dropped.items() if what == f"unlearning round {r}")
         history.append(row)
-        if evaluate:
-            evaluation.append(evaluate_round(fed, current, r))
         if after_round is not None:
-            after_round(r, current, history, evaluation)
+            after_round(r, current, history)
     if history and not any(row["clients"] for row in history):
         raise ValueError(f"no sampled client had retain data in any of the {rounds} masked rounds "
                          f"(fraction {fraction}); raise the fraction or the rounds")
-    return current, history, evaluation
+    return current, history
 
 
 def _head_name(model: torch.nn.Module) -> str | None:
@@ -231,20 +216,14 @@ def calibrate(
     fed: Federation, model: torch.nn.Module, current: Mapping[str, Tensor], mask: ParameterMask, config: UnlearnConfig,
     *, statistics: Mapping[str, Tensor] | None = None, trained_epochs: int | None = None, fraction: float = 1.0,
 ) -> tuple[dict[str, Tensor], list[dict]]:
-    """``calibrate="head"``, as centrally: re-initialise the forgotten classes' head rows and fit them on retain data.
-
-    A head-feature round pools the mean forget feature per class (a row may not start out favouring it,
-    :func:`~lightning_unlearn.repair.calibration.initial_rows`); then ``config.calibration_epochs(trained_epochs)``
-    :func:`masked_rounds` of one local epoch train only those rows with the clients' own optimizer (one-epoch
-    rounds re-average the rows as often as FedAvg did). ``model`` receives the result; returns the arrays and rows.
-    """
-    classes = sorted(int(c) for c in fed.request.classes) if fed.request is not None else []
-    if not classes:
-        raise ValueError("calibrate='head' needs a class request; allowed for other requests: calibrate='none'")
+    """``calibrate="head"``, as centrally: a head-feature round pools each forgotten class's mean forget feature,
+    the server re-initialises their rows (:func:`~lightning_unlearn.repair.calibration.initial_rows`), then
+    ``config.calibration_epochs(trained_epochs)`` one-epoch :func:`masked_rounds` train only those rows (one-epoch
+    rounds re-average them as often as FedAvg did). ``model`` receives the result; returns the arrays and rows."""
+    classes = sorted(int(c) for c in fed.request.classes)  # a class request: the config and check_calibration said
     set_arrays(model, current)
     name = _head_name(model)
     head = linear_head(model, name)
-    require_rows_in_mask(mask.masks, name, classes)
     pairs = fed.ask(_broadcast(current, mask, {"classes": classes}, statistics), "query.head_features",
                     "head_features", dropouts=True, what="head-feature round")
     means = pool_head_features([m for _, m in pairs], classes, head.in_features, senders=[c for c, _ in pairs])
@@ -258,9 +237,9 @@ def calibrate(
     # one local epoch at the module's own rate, BatchNorm fixed; ``max_steps`` (the masked rounds' cap) does not apply
     settings = {"objective": "retain", "epochs": 1, "seed": config.seed, "lr_scale": 1.0, "bn_stats": "frozen",
                 "mode": "train", "train_rows": classes}
-    out, history, _ = masked_rounds(fed, get_arrays(model), mask, rounds, settings, statistics=statistics,
-                                    fraction=fraction, seed=config.seed, label="calibrate",
-                                    train=ParameterMask.from_channels(model, {name: classes}, {}))
+    out, history = masked_rounds(fed, get_arrays(model), mask, rounds, settings, statistics=statistics,
+                                 fraction=fraction, seed=config.seed, label="calibrate",
+                                 train=ParameterMask.from_channels(model, {name: classes}, {}))
     set_arrays(model, out)
     log.info("head calibration: rows %s of %s refit in %d federated round(s)", classes, name, rounds)
     return out, history
@@ -271,12 +250,9 @@ def unlearn(
     auto: bool = False, fraction: float = 1.0, trained_epochs: int | None = None, evaluate: bool = False,
     checkpoint: ServerCheckpoint | None = None,
 ) -> FederatedUnlearningResult:
-    """The whole procedure on ``model`` (holding the deployed arrays; updated in place): select, remove, the masked
-    rounds and (``calibrate="head"``) the calibration. ``config`` is resolved; ``auto``: it asked ``calibrate="auto"``.
-
-    ``checkpoint`` (the ServerApp's) is written after the selection and every round; one holding a mask resumes
-    from it. ``evaluate``: the clients' accuracies after each round (and the calibration) in ``extra``.
-    """
+    """Select, remove, masked rounds and calibration on ``model`` (holding the deployed arrays; updated in place).
+    ``config`` is resolved (``auto``: it asked ``calibrate="auto"``). ``checkpoint`` (the ServerApp's) is rewritten
+    after the selection and every round; one holding a mask is resumed. ``evaluate``: clients' accuracies in extra."""
     fed.request = request
     deployed = get_arrays(model)
     t0 = time.perf_counter()
@@ -304,14 +280,17 @@ def unlearn(
     log.info("request %s, scoring %s, ratio %g (%s); %d masked round(s), objective %s, max_steps %s",
              request.to_dict(), cfg.method, cfg.ratio, cfg.scope, rounds, cfg.objective, cfg.max_steps)
 
-    def saved(r: int, arrays: dict, rows: list, evals: list) -> None:
-        checkpoint.update(rounds_done=r + 1, current=arrays, unlearning=history + rows, evaluation=evaluation + evals)
+    def after_round(r: int, arrays: dict, rows: list) -> None:
+        if evaluate:
+            evaluation.append(evaluate_round(fed, arrays, r))
+        if checkpoint is not None:
+            checkpoint.update(rounds_done=r + 1, current=arrays, unlearning=history + rows, evaluation=list(evaluation))
 
     reference = current if cfg.reset != "none" else deployed  # masked_aggregate copies the frozen values from it
-    current, rows, evals = masked_rounds(fed, reference, mask, rounds, unlearn_config(cfg), statistics=statistics,
-                                         fraction=fraction, seed=cfg.seed, first_round=first, current=current,
-                                         evaluate=evaluate, after_round=saved if checkpoint is not None else None)
-    history, evaluation = history + rows, evaluation + evals
+    current, rows = masked_rounds(fed, reference, mask, rounds, unlearn_config(cfg), statistics=statistics,
+                                  fraction=fraction, seed=cfg.seed, first_round=first, current=current,
+                                  after_round=after_round)
+    history += rows
     set_arrays(model, current)
     t3 = time.perf_counter()
     extra: dict[str, Any] = {"rounds": rounds, "fraction": fraction}
@@ -341,22 +320,15 @@ def federated_unlearn(
 ) -> FederatedUnlearningResult:
     """Make the federation forget ``request`` by updating only the channels that explain the forget data.
 
-    ``model`` is the deployed global model (the server's copy; the clients hold it too, as
-    :func:`~lightning_unlearn.federated.fedavg.run_fedavg` leaves it). ``clients``: a ``Federation`` or a
-    simulation's ``clients``. ``config`` is the same :class:`UnlearnConfig` as centrally (``overrides`` replace
-    single fields); ``epochs`` / ``max_steps`` are each client's budget per masked round.
-
-    ``fraction``: share of the clients each masked round calls (a seeded draw per round, as FedAvg samples); the
-    scoring and statistics rounds ask every client, whose count-weighted sums a sample would change.
-    ``trained_epochs``: FedAvg's rounds x local epochs, the head calibration's length for
-    ``calibrate_epochs="auto"`` (None: 10). By default (:data:`~lightning_unlearn.config.AUTO`) the explained
-    channels train at the user's rate and the forgotten head rows at 10x: used by no other class, they must move far.
+    ``model``: the deployed global model (the clients hold it too, as ``run_fedavg`` leaves it). ``clients``: a
+    ``Federation`` or a simulation's ``clients``. ``config``: the same :class:`UnlearnConfig` as centrally
+    (``overrides`` replace fields); ``epochs`` / ``max_steps`` are each client's budget per masked round.
+    ``fraction``: share of the clients each masked round calls (scoring and statistics rounds ask every client).
+    ``trained_epochs``: FedAvg's rounds x local epochs, the calibration's length for ``calibrate_epochs="auto"``.
     """
     check_rounds(rounds)
     check_fraction(fraction)
     asked = UnlearnConfig.build(config, **overrides)
     cfg = asked.resolved(request, "federated")
-    fed = as_federation(clients)
-    work = model if inplace else copy.deepcopy(model)
-    return unlearn(fed, work, request, cfg, rounds, auto=asked.calibrate == "auto", fraction=fraction,
-                   trained_epochs=trained_epochs)
+    return unlearn(as_federation(clients), model if inplace else copy.deepcopy(model), request, cfg, rounds,
+                   auto=asked.calibrate == "auto", fraction=fraction, trained_epochs=trained_epochs)

@@ -23,8 +23,7 @@ def plan_key(*parts: Any) -> str:
 
 @dataclass
 class ServerCheckpoint:
-    """What a resumed server needs; ``rounds_done`` masked rounds are finished (``current`` is after them).
-    :meth:`update` rewrites it in ``folder``."""
+    """What a resumed server needs (``current``: after ``rounds_done`` masked rounds); :meth:`update` rewrites it."""
 
     key: str
     trained: dict[str, Tensor] | None = None

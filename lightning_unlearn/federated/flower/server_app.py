@@ -1,10 +1,6 @@
-"""The Flower ``ServerApp``: FedAvg, deploy, then :func:`~lightning_unlearn.federated.protocol.unlearn`.
-
-One :func:`run_server` on a deployment's grid or an in-process LocalGrid. A client that fails stops the run with
-its reason (Flower's strategies would go on with fewer clients: silently different results); one that does not
-answer within ``UnlearnPlan.round_timeout`` is dropped while ``UnlearnPlan.min_clients`` still answer. With a
-``checkpoint`` folder a restarted server resumes with the same mask.
-"""
+"""The Flower ``ServerApp``: FedAvg, deploy, then :func:`~lightning_unlearn.federated.protocol.unlearn`, on a
+deployment's grid or an in-process LocalGrid. A client that fails stops the run with its reason (fewer clients would
+mean silently different results); one that does not answer in time is dropped while ``min_clients`` still answer."""
 from __future__ import annotations
 
 import logging
@@ -53,11 +49,8 @@ class FedAvgPlan:
 
 class UnlearnPlan:
     """One request: the same :class:`~lightning_unlearn.UnlearnConfig` as ``federated_unlearn`` (``overrides``
-    replace single fields), ``rounds`` masked rounds, ``evaluate``: the clients' accuracies after each round.
-
-    Dropouts: ``min_clients`` (default: all) must answer each masked round; the rest get ``round_timeout``
-    seconds (default: the run's timeout), then are left out; with fewer the run stops naming the missing clients.
-    """
+    replace fields), ``rounds`` masked rounds, ``evaluate``: the clients' accuracies after each round. Dropouts:
+    ``min_clients`` (default: all) must answer each masked round within ``round_timeout`` s (default: the run's)."""
 
     def __init__(self, request: ForgetRequest, config: UnlearnConfig | None = None, rounds: int = 1,
                  evaluate: bool = True, min_clients: int | None = None, round_timeout: float | None = None,
@@ -128,21 +121,13 @@ class FlowerRunResult:
 
 
 def run_server(
-    grid: Grid,
-    model: pl.LightningModule,
-    num_clients: int,
-    train: FedAvgPlan | None = None,
-    unlearn: UnlearnPlan | None = None,
-    timeout: float = 3600,
-    checkpoint: str | os.PathLike | None = None,
+    grid: Grid, model: pl.LightningModule, num_clients: int, train: FedAvgPlan | None = None,
+    unlearn: UnlearnPlan | None = None, timeout: float = 3600, checkpoint: str | os.PathLike | None = None,
     poll_s: float | None = POLL_S,
 ) -> FlowerRunResult:
     """FedAvg from ``model``'s arrays (skipped when ``train`` is None), deploy, then unlearn (when asked).
-
-    ``checkpoint``: a folder for the :class:`ServerCheckpoint`; a restarted run with the same plans resumes from it
-    (no retraining, the same mask, the next masked round). ``poll_s``: how often to ask the SuperLink for replies
-    (None: the grid's own ``send_and_receive``, 3 s in a deployment).
-    """
+    ``checkpoint``: a folder; a restarted run with the same plans resumes from it (no retraining, the same mask).
+    ``poll_s``: how often to ask the SuperLink for replies (None: the grid's own, 3 s in a deployment)."""
     result = FlowerRunResult(plan=unlearn)
     saver = None
     if checkpoint is not None:
@@ -159,8 +144,7 @@ def run_server(
         result.resumed = {"trained": True, "mask": saver.mask is not None, "rounds_done": saver.rounds_done}
         log.info("resuming from checkpoint %s: %s", checkpoint, result.resumed)
     elif train is not None:
-        result.training = run_fedavg(model, fed, train.rounds, train.fraction, train.local_epochs, train.seed,
-                                     train.data, local_config=train.local_config, deploy=False).history
+        result.training = run_fedavg(model, fed, **vars(train), deploy=False).history
     t2 = time.perf_counter()
     result.trained = get_arrays(model)
     if saver is not None and saver.trained is None:
@@ -195,12 +179,8 @@ def save_result(result: FlowerRunResult, out_dir: str | os.PathLike) -> Path:
 
 
 def make_server_app(
-    model_fn: Callable[[], pl.LightningModule],
-    num_clients: int,
-    train: FedAvgPlan | None = None,
-    unlearn: UnlearnPlan | None = None,
-    sink: FlowerRunResult | None = None,
-    out_dir: str | os.PathLike | None = None,
+    model_fn: Callable[[], pl.LightningModule], num_clients: int, train: FedAvgPlan | None = None,
+    unlearn: UnlearnPlan | None = None, sink: FlowerRunResult | None = None, out_dir: str | os.PathLike | None = None,
     timeout: float = 3600,
 ) -> ServerApp:
     """A ServerApp running :func:`run_server`; results go to ``sink`` (same process) and/or ``out_dir``."""
