@@ -185,7 +185,8 @@ def federated_eraser(
         check_upward([m for _, m in pairs], (ParametersMessage,), [c for c, _ in pairs])
         calibrated, counts = [], [m.num_samples for _, m in pairs]
         for cid, reply in pairs:
-            check_arrays(reply.arrays, contract, f"client {cid}", "ParametersMessage", f"the {len(contract)} model arrays")
+            check_arrays(reply.arrays, contract, f"client {cid}", "ParametersMessage",
+                         f"the {len(contract)} model arrays")
             new = {k: reply.arrays[k].double() - current[k].double() for k in current}
             calibrated.append({k: stored["updates"][cid][k].double().norm() * v / v.norm() if v.norm() > 0
                                else torch.zeros_like(v) for k, v in new.items()})

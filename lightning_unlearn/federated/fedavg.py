@@ -18,7 +18,9 @@ from torch import Tensor, nn
 from lightning_unlearn._io import load_torch_file, save_torch
 from lightning_unlearn.federated.federation import Federation, as_federation, check_replies
 from lightning_unlearn.federated.messages import Broadcast, arrays_to_record, record_to_arrays, tensor_bytes
-from lightning_unlearn.federated.server import check_fraction, check_rounds, fedavg_aggregate, fit_config, sample_clients
+from lightning_unlearn.federated.server import (
+    check_fraction, check_rounds, fedavg_aggregate, fit_config, sample_clients,
+)
 from lightning_unlearn.mask.arrays import get_arrays, set_arrays
 
 log = logging.getLogger(__name__)
@@ -30,11 +32,11 @@ class UpdateStore:
     """FedEraser's memory: every ``every``-th round, the global model and each client's update."""
 
     every: int
-    rounds: list[dict] = field(default_factory=list)  # {"round", "global", "updates": {cid: arrays}, "counts": {cid: n}}
+    rounds: list[dict] = field(default_factory=list)  # {"round", "global", "updates": {cid: arrays}, "counts"}
 
     @property
     def nbytes(self) -> int:
-        return int(sum(tensor_bytes(r["global"]) + sum(tensor_bytes(u) for u in r["updates"].values()) for r in self.rounds))
+        return int(sum(tensor_bytes(r["global"]) + sum(map(tensor_bytes, r["updates"].values())) for r in self.rounds))
 
 
 @dataclass
@@ -84,7 +86,8 @@ class LibraryFedAvg(FedAvg):
         self.run_key = dict(run_key or {})
         self._t0, self._picked, self._expected = 0.0, 0, {}
 
-    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                        grid: Grid) -> Iterable[Message]:
         r = self.first_round + server_round - 1
         self._t0 = time.perf_counter()
         self._expected = record_to_arrays(arrays)  # what every reply must match, key for key and shape for shape
@@ -94,7 +97,8 @@ class LibraryFedAvg(FedAvg):
                                                                            self.data, self.local_config)),
                                  "train", f"{self.label}/{r}") for cid in picked]
 
-    def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+    def aggregate_train(self, server_round: int,
+                        replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         r = self.first_round + server_round - 1
         label = f"{self.label}/{r}"
         pairs = self.fed.decode(check_replies(list(replies), self._picked, f"FedAvg round {r}"), label)
@@ -126,7 +130,8 @@ class LibraryFedAvg(FedAvg):
         self.history.append(row)
         return arrays_to_record(new), MetricRecord({"local_compute_s": row["local_compute_s"]})
 
-    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                           grid: Grid) -> Iterable[Message]:
         return []  # the global model is evaluated on the server (``evaluate``), never on client data
 
 

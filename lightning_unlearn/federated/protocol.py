@@ -110,7 +110,8 @@ def select(fed: Federation, model: torch.nn.Module, config: UnlearnConfig) -> tu
     return scores, prepare(model, scores, config)
 
 
-def remove(fed: Federation, model: torch.nn.Module, mask: ParameterMask, config: UnlearnConfig) -> dict[str, Tensor] | None:
+def remove(fed: Federation, model: torch.nn.Module, mask: ParameterMask,
+           config: UnlearnConfig) -> dict[str, Tensor] | None:
     """``config.reset`` on the selected slices of ``model``, then a statistics round pools the clients' retain moments
     into the selected BatchNorm channels. Returns those channels (name -> bool vector), None without a reset."""
     if config.reset == "none":
@@ -305,13 +306,12 @@ def unlearn(
     t4 = time.perf_counter()
     timings = {"scoring": t1 - t0, **({"reset": t2 - t1} if cfg.reset != "none" else {}), "unlearning": t4 - t1,
                **({"calibration": t4 - t3} if "calibration" in extra else {}), "total": t4 - t0}
+    paid = round_bytes(history, traffic_bytes(fed.traffic, "score"), traffic_bytes(fed.traffic, "bn_stats"))
     features, calibrating = traffic_bytes(fed.traffic, "head_features"), traffic_bytes(fed.traffic, "calibrate/")
-    return FederatedUnlearningResult(
-        model, mask, timings_s=timings, scores=scores, extra=extra, method="selective", config=cfg, history=history,
-        traffic=fed.traffic, bytes={
-            **round_bytes(history, traffic_bytes(fed.traffic, "score"), traffic_bytes(fed.traffic, "bn_stats")),
-            **({"calibration_features": features, "calibration": features + calibrating} if features or calibrating
-               else {})})
+    if features or calibrating:
+        paid.update(calibration_features=features, calibration=features + calibrating)
+    return FederatedUnlearningResult(model, mask, timings_s=timings, scores=scores, extra=extra, config=cfg,
+                                     history=history, traffic=fed.traffic, bytes=paid)
 
 
 def federated_unlearn(
