@@ -34,8 +34,9 @@ def _federation(clients: Any, plan: FederatedForgetPlan) -> Federation:
 
 
 def _result(method: str, model: torch.nn.Module, mask: ParameterMask, fed: Federation, history: list[dict],
-            t_select: float, elapsed: float, scoring: int = 0, statistics: int = 0, **kwargs: Any,
-            ) -> FederatedUnlearningResult:
+            t_select: float, elapsed: float, scoring: int = 0, statistics: int = 0,
+            **kwargs: Any) -> FederatedUnlearningResult:
+    """A baseline's result: its timings (selection, then unlearning) and bytes."""
     return FederatedUnlearningResult(
         model, mask, method=method, timings_s={"scoring": t_select, "unlearning": elapsed, "total": t_select + elapsed},
         bytes=round_bytes(history, scoring, statistics), history=history, traffic=fed.traffic, **kwargs)

@@ -1,7 +1,7 @@
 """The federated unlearning protocol (Xu et al. 2024) as server phases on any grid (in process or Flower's):
 :func:`select`, :func:`remove`, :func:`masked_rounds` (only the selected slices are averaged: every frozen element
-stays bit-exact) and :func:`calibrate`, run in order by :func:`unlearn` for :func:`federated_unlearn` and the ServerApp.
-"""
+stays bit-exact) and :func:`calibrate`, run in order by :func:`run_unlearning` (for :func:`federated_unlearn` and
+the ServerApp)."""
 from __future__ import annotations
 
 import copy
@@ -246,7 +246,7 @@ def calibrate(
     return out, history
 
 
-def unlearn(
+def run_unlearning(
     fed: Federation, model: torch.nn.Module, request: ForgetRequest, config: UnlearnConfig, rounds: int = 1, *,
     auto: bool = False, fraction: float = 1.0, trained_epochs: int | None = None, evaluate: bool = False,
     checkpoint: ServerCheckpoint | None = None,
@@ -330,5 +330,5 @@ def federated_unlearn(
     check_fraction(fraction)
     asked = UnlearnConfig.build(config, **overrides)
     cfg = asked.resolved(request, "federated")
-    return unlearn(as_federation(clients), model if inplace else copy.deepcopy(model), request, cfg, rounds,
+    return run_unlearning(as_federation(clients), model if inplace else copy.deepcopy(model), request, cfg, rounds,
                    auto=asked.calibrate == "auto", fraction=fraction, trained_epochs=trained_epochs)

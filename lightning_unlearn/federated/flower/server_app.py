@@ -1,6 +1,6 @@
-"""The Flower ``ServerApp``: FedAvg, deploy, then :func:`~lightning_unlearn.federated.protocol.unlearn`, on a
-deployment's grid or an in-process LocalGrid. A client that fails stops the run with its reason (fewer clients would
-mean silently different results); one that does not answer in time is dropped while ``min_clients`` still answer."""
+"""The Flower ``ServerApp``: FedAvg, deploy, then the protocol's ``run_unlearning``, on a deployment's grid or an
+in-process LocalGrid. A client that fails stops the run with its reason (fewer clients would mean silently
+different results); one that does not answer in time is dropped while ``min_clients`` still answer."""
 from __future__ import annotations
 
 import logging
@@ -22,7 +22,7 @@ from lightning_unlearn.federated.fedavg import check_fedavg, deploy_model, run_f
 from lightning_unlearn.federated.federation import POLL_S, Federation
 from lightning_unlearn.federated.flower.checkpoint import ServerCheckpoint, plan_key
 from lightning_unlearn.federated.messages import ByteCounter, RoundBytes
-from lightning_unlearn.federated.protocol import unlearn as unlearn_request
+from lightning_unlearn.federated.protocol import run_unlearning
 from lightning_unlearn.federated.server import check_rounds
 from lightning_unlearn.mask import ParameterMask
 from lightning_unlearn.mask.arrays import get_arrays, set_arrays
@@ -152,9 +152,9 @@ def run_server(
     deploy_model(fed, result.trained)
     t3 = time.perf_counter()
     if unlearn is not None:
-        out = unlearn_request(fed, model, unlearn.request, unlearn.config, unlearn.rounds, auto=unlearn.calibrate_auto,
-                              trained_epochs=train.rounds * train.local_epochs if train is not None else None,
-                              evaluate=unlearn.evaluate, checkpoint=saver)
+        out = run_unlearning(fed, model, unlearn.request, unlearn.config, unlearn.rounds, auto=unlearn.calibrate_auto,
+                             trained_epochs=train.rounds * train.local_epochs if train is not None else None,
+                             evaluate=unlearn.evaluate, checkpoint=saver)
         result.scores, result.mask, result.unlearning = out.scores, out.mask, out.history
         result.evaluation, result.calibration = out.extra.get("evaluation", []), out.extra.get("calibration", [])
         result.dropped = dict(fed.dropped)
