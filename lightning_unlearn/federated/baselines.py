@@ -18,7 +18,7 @@ from lightning_unlearn.federated.federation import Federation, as_federation
 from lightning_unlearn.federated.fedavg import UpdateStore, run_fedavg
 from lightning_unlearn.federated.messages import Broadcast, ParametersMessage, ScoresMessage, check_arrays, check_upward
 from lightning_unlearn.federated.protocol import (
-    FederatedUnlearningResult, all_channels, masked_rounds, remove, round_bytes, unlearn_config,
+    FederatedUnlearningResult, masked_rounds, remove, round_bytes, traffic_bytes, unlearn_config,
 )
 from lightning_unlearn.federated.server import aggregate_scores
 from lightning_unlearn.mask import ParameterMask, select_channels
@@ -27,23 +27,44 @@ from lightning_unlearn.scoring.layers import LayerInfo
 from lightning_unlearn.orchestration import prepare
 
 
+def _federation(clients: Any, plan: FederatedForgetPlan) -> Federation:
+    fed = as_federation(clients)
+    fed.request = plan.request  # every node resolves its own split of it
+    return fed
+
+
+def _result(method: str, model: torch.nn.Module, mask: ParameterMask, fed: Federation, history: list[dict],
+            t_select: float, elapsed: float, scoring: int = 0, statistics: int = 0,
+            **kwargs: Any) -> FederatedUnlearningResult:
+    """A baseline's result: its timings (selection, then unlearning) and bytes."""
+    return FederatedUnlearningResult(
+        model, mask, method=method, timings_s={"scoring": t_select, "unlearning": elapsed, "total": t_select + elapsed},
+        bytes=round_bytes(history, scoring, statistics), history=history, traffic=fed.traffic, **kwargs)
+
+
+def _masked_baseline(method: str, fed: Federation, work: torch.nn.Module, mask: ParameterMask, rounds: int,
+                     config: Mapping[str, Any], t_select: float = 0.0, reset: UnlearnConfig | None = None,
+                     **kwargs: Any) -> FederatedUnlearningResult:
+    """Masked rounds on ``mask`` from ``work`` (updated in place); with ``reset`` (a resolved config) its ``reset``
+    removes the slices first, as ours."""
+    t0 = time.perf_counter()
+    statistics = remove(fed, work, mask, reset) if reset else None
+    current, history = masked_rounds(fed, get_arrays(work), mask, rounds, config, label=method, statistics=statistics)
+    set_arrays(work, current)
+    return _result(method, work, mask, fed, history, t_select, time.perf_counter() - t0,
+                   statistics=traffic_bytes(fed.traffic, "bn_stats"), config=reset, **kwargs)
+
+
 def federated_retrain(
-    model: pl.LightningModule,
-    clients: Sequence[Any],
-    plan: FederatedForgetPlan,
-    rounds: int,
-    local_epochs: int = 1,
-    fraction: float = 1.0,
-    seed: int = 0,
-    evaluate=None,
-    progress: bool = True,
+    model: pl.LightningModule, clients: Sequence[Any], plan: FederatedForgetPlan, rounds: int, local_epochs: int = 1,
+    fraction: float = 1.0, seed: int = 0, evaluate=None, progress: bool = True,
 ) -> FederatedUnlearningResult:
     """Fresh weights, FedAvg on every client's retain data only; clients without retain data sit out."""
-    fresh = reinitialize(copy.deepcopy(model), seed)
-    fed = _federation(clients, plan)
+    fresh, fed = reinitialize(copy.deepcopy(model), seed), _federation(clients, plan)
     t0 = time.perf_counter()
-    out = run_fedavg(fresh, fed, rounds, fraction, local_epochs, seed, data="retain", evaluate=evaluate,
-                     deploy=False, progress=progress, label="retrain", participants=plan.retaining_clients)
+    out = run_fedavg(fresh, fed, rounds, fraction, local_epochs, seed, data="retain",
+                     evaluate=evaluate, deploy=False, progress=progress, label="retrain",
+                     participants=plan.retaining_clients)
     elapsed = time.perf_counter() - t0
     return FederatedUnlearningResult(
         fresh, ParameterMask.full(fresh), method="retrain",
@@ -53,41 +74,14 @@ def federated_retrain(
     )
 
 
-def _federation(clients: Any, plan: FederatedForgetPlan) -> Federation:
-    fed = as_federation(clients)
-    fed.request = plan.request  # every node resolves its own split of it
-    return fed
-
-
-def _masked_baseline(
-    name: str, model, clients, plan, mask: ParameterMask, channels, rounds, config, t_select: float,
-    extra: dict | None = None, reset: UnlearnConfig | None = None,
-) -> FederatedUnlearningResult:
-    """Masked rounds on ``mask``; with ``reset`` (a resolved config) its ``reset`` removes the slices first, as ours."""
-    work, fed = copy.deepcopy(model), _federation(clients, plan)
-    mask.channels = {k: list(v) for k, v in channels.items()}
-    t0 = time.perf_counter()
-    statistics = remove(fed, work, mask, reset) if reset else None
-    current, history, _ = masked_rounds(fed, get_arrays(work), mask, rounds, config, label=name, statistics=statistics)
-    set_arrays(work, current)
-    elapsed = time.perf_counter() - t0
-    stats = fed.traffic.payload.get("bn_stats")
-    return FederatedUnlearningResult(
-        work, mask, method=name, timings_s={"scoring": t_select, "unlearning": elapsed, "total": t_select + elapsed},
-        bytes=round_bytes(history, 0, stats.total if stats else 0), history=history, extra=extra or {}, config=reset,
-        traffic=fed.traffic,
-    )
-
-
 def federated_finetune(
     model: pl.LightningModule, clients: Sequence[Any], plan: FederatedForgetPlan, layers: Mapping[str, LayerInfo],
     rounds: int = 1, local_epochs: int = 1, max_steps: int | None = None, seed: int = 0,
 ) -> FederatedUnlearningResult:
     """All channels trainable, retain data only, the same rounds and local steps as ours."""
-    channels = all_channels(layers)
-    mask = ParameterMask.from_channels(model, channels, layers)
+    mask = ParameterMask.from_channels(model, {n: list(range(i.out_channels)) for n, i in layers.items()}, layers)
     config = {"objective": "retain", "epochs": local_epochs, "max_steps": max_steps, "seed": seed, "mode": "train"}
-    return _masked_baseline("finetune", model, clients, plan, mask, channels, rounds, config, 0.0)
+    return _masked_baseline("finetune", _federation(clients, plan), copy.deepcopy(model), mask, rounds, config)
 
 
 def federated_random_channels(
@@ -100,8 +94,8 @@ def federated_random_channels(
     gen = torch.Generator().manual_seed(cfg.seed)
     scores = {n: torch.rand(i.out_channels, generator=gen) for n, i in layers.items()}
     mask = prepare(model, scores, cfg, layers)  # the selection ours runs, on random scores
-    return _masked_baseline("random_channels", model, clients, plan, mask, mask.channels, rounds, unlearn_config(cfg),
-                            0.0, reset=cfg)
+    return _masked_baseline("random_channels", _federation(clients, plan), copy.deepcopy(model), mask, rounds,
+                            unlearn_config(cfg), reset=cfg)
 
 
 def cdp_tfidf(docs: Mapping[str, Mapping[str, Tensor]]) -> dict[str, dict[str, Tensor]]:
@@ -111,13 +105,11 @@ def cdp_tfidf(docs: Mapping[str, Mapping[str, Tensor]]) -> dict[str, dict[str, T
     scikit-learn's smoothed ln((1+D)/(1+df)) + 1.
     """
     names = list(docs)
-    layers = list(next(iter(docs.values())))
     out: dict[str, dict[str, Tensor]] = {d: {} for d in names}
-    for layer in layers:
+    for layer in next(iter(docs.values())):
         act = torch.stack([docs[d][layer].double() for d in names])  # (D, C)
         tf = act / act.sum(1, keepdim=True).clamp(min=1e-12)
-        df = (act > act.mean(0, keepdim=True)).sum(0).double()
-        idf = torch.log((1 + len(names)) / (1 + df)) + 1
+        idf = torch.log((1 + len(names)) / (1 + (act > act.mean(0, keepdim=True)).sum(0).double())) + 1
         for i, d in enumerate(names):
             out[d][layer] = (tf[i] * idf).float()
     return out
@@ -129,8 +121,7 @@ def _cdp_documents(pairs: Sequence[tuple[int, ScoresMessage]]) -> dict[str, dict
     for cid, m in pairs:
         by_tag.setdefault(m.tag if isinstance(m, ScoresMessage) else "", []).append((cid, m))
     docs = {tag: aggregate_scores([m for _, m in p], [c for c, _ in p], tag=tag) for tag, p in by_tag.items()}
-    layers = {tag: d.layers for tag, d in docs.items()}
-    if any(v != next(iter(layers.values())) for v in layers.values()):
+    if any(d.layers != next(iter(docs.values())).layers for d in docs.values()):
         raise ValueError("CDP replies describe other layers for different documents")
     return {tag: dict(d) for tag, d in docs.items()}
 
@@ -145,33 +136,24 @@ def federated_cdp(
     fed = _federation(clients, plan)
     t0 = time.perf_counter()
     head = [i.out_channels for i in layers.values() if i.is_head]
-    documents = ["forget", *(f"class_{c}" for c in range(head[0] if head else 0))]
     replies: list[tuple[int, ScoresMessage]] = []
-    for doc in documents:  # one query per document; a client holding none of it sends nothing
+    for doc in ["forget", *(f"class_{c}" for c in range(head[0] if head else 0))]:  # a client without it sends nothing
         replies += fed.ask(Broadcast({}, {"max_samples": max_samples, "document": doc}), "query.cdp", "cdp_stats")
     docs = _cdp_documents(replies)
     if "forget" not in docs:
         raise ValueError("no client holds data to forget: CDP has no forget document")
     tfidf = cdp_tfidf(docs)["forget"]
     pruned = select_channels(tfidf, model, ratio, "layer", layers={n: i for n, i in layers.items() if n in tfidf})
-    t_select = time.perf_counter() - t0
-    channels = dict(pruned.channels)
-    trainable = ParameterMask({n: ~m for n, m in pruned.masks.items()}, channels)
     work = copy.deepcopy(model)
     arrays = get_arrays(work)
     for n, m in pruned.masks.items():
         arrays[n] = torch.where(m, torch.zeros_like(arrays[n]), arrays[n])
     set_arrays(work, arrays)
+    trainable = ParameterMask({n: ~m for n, m in pruned.masks.items()}, pruned.channels)
     config = {"objective": "retain", "epochs": local_epochs, "max_steps": max_steps, "seed": seed, "mode": "prune"}
-    t1 = time.perf_counter()
-    current, history, _ = masked_rounds(fed, arrays, trainable, rounds, config, label="cdp")
-    set_arrays(work, current)
-    elapsed = time.perf_counter() - t1
-    return FederatedUnlearningResult(
-        work, trainable, method="cdp", timings_s={"scoring": t_select, "unlearning": elapsed, "total": t_select + elapsed},
-        bytes=round_bytes(history, fed.traffic.payload["cdp_stats"].total), history=history, traffic=fed.traffic,
-        extra={"pruned_fraction": pruned.fraction, "pruned_channels": channels},
-    )
+    return _masked_baseline("cdp", fed, work, trainable, rounds, config, time.perf_counter() - t0,
+                            scoring=traffic_bytes(fed.traffic, "cdp_stats"),
+                            extra={"pruned_fraction": pruned.fraction, "pruned_channels": dict(pruned.channels)})
 
 
 def federated_eraser(
@@ -188,43 +170,33 @@ def federated_eraser(
     if not 0 < calibration_ratio <= 1:
         raise ValueError(f"calibration_ratio must be in (0, 1], got {calibration_ratio!r}")
     fed = _federation(clients, plan)
-    keep = set(plan.retaining_clients)
     work = copy.deepcopy(model)
     current = {k: v.clone() for k, v in store.rounds[0]["global"].items()}
+    contract = {k: (tuple(v.shape), v.dtype) for k, v in current.items()}
+    budget = {"max_steps": max(1, math.ceil(calibration_ratio * local_steps))} if local_steps is not None else {
+        "limit_train_batches": calibration_ratio}
     history = []
     t0 = time.perf_counter()
     for j, stored in enumerate(store.rounds):
         rt, label = time.perf_counter(), f"federaser/{j}"
-        down = {}
-        for cid in (c for c in stored["updates"] if c in keep):
-            cfg = {"epochs": local_epochs, "seed": seed * 1_000 + j * 100 + cid, "data": "retain"}
-            if local_steps is not None:
-                cfg["max_steps"] = max(1, math.ceil(calibration_ratio * local_steps))
-            else:
-                cfg["limit_train_batches"] = calibration_ratio
-            down[cid] = Broadcast(current, cfg)
-        calibrated, counts = [], []
-        for cid, reply in fed.ask(down, "train", label):
-            check_upward([reply], (ParametersMessage,), [cid])
-            check_arrays(reply.arrays, {k: (tuple(v.shape), v.dtype) for k, v in current.items()}, f"client {cid}",
-                         "ParametersMessage", f"the {len(current)} model arrays")
-            old, step = stored["updates"][cid], {}
-            for k in current:
-                new = reply.arrays[k].double() - current[k].double()
-                norm = new.norm()
-                step[k] = old[k].double().norm() * new / norm if norm > 0 else torch.zeros_like(new)
-            calibrated.append(step)
-            counts.append(reply.num_samples)
+        down = {cid: Broadcast(current, {"epochs": local_epochs, "seed": seed * 1_000 + j * 100 + cid, "data": "retain",
+                                         **budget})
+                for cid in stored["updates"] if cid in plan.retaining_clients}
+        pairs = fed.ask(down, "train", label)
+        check_upward([m for _, m in pairs], (ParametersMessage,), [c for c, _ in pairs])
+        calibrated, counts = [], [m.num_samples for _, m in pairs]
+        for cid, reply in pairs:
+            check_arrays(reply.arrays, contract, f"client {cid}", "ParametersMessage",
+                         f"the {len(contract)} model arrays")
+            new = {k: reply.arrays[k].double() - current[k].double() for k in current}
+            calibrated.append({k: stored["updates"][cid][k].double().norm() * v / v.norm() if v.norm() > 0
+                               else torch.zeros_like(v) for k, v in new.items()})
         if calibrated:
             w = np.asarray(counts, dtype=np.float64) / sum(counts)
             current = {k: (current[k].double() + sum(wi * s[k] for wi, s in zip(w, calibrated))).to(current[k].dtype)
                        for k in current}
         history.append(fed.row(j, rt, [], label) | {"clients": len(calibrated)})
     set_arrays(work, current)
-    elapsed = time.perf_counter() - t0
-    return FederatedUnlearningResult(
-        work, ParameterMask.full(work), method="federaser", timings_s={"scoring": 0.0, "unlearning": elapsed, "total": elapsed},
-        bytes=round_bytes(history), history=history, traffic=fed.traffic,
-        extra={"storage_bytes": store.nbytes, "stored_rounds": len(store.rounds), "store_every": store.every,
-               "calibration_ratio": calibration_ratio},
-    )
+    return _result("federaser", work, ParameterMask.full(work), fed, history, 0.0, time.perf_counter() - t0,
+                   extra={"storage_bytes": store.nbytes, "stored_rounds": len(store.rounds), "store_every": store.every,
+                          "calibration_ratio": calibration_ratio})

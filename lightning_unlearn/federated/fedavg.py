@@ -19,11 +19,7 @@ from lightning_unlearn._io import load_torch_file, save_torch
 from lightning_unlearn.federated.federation import Federation, as_federation, check_replies
 from lightning_unlearn.federated.messages import Broadcast, arrays_to_record, record_to_arrays, tensor_bytes
 from lightning_unlearn.federated.server import (
-    check_fraction,
-    check_rounds,
-    fedavg_aggregate,
-    fit_config,
-    sample_clients,
+    check_fraction, check_rounds, fedavg_aggregate, fit_config, sample_clients,
 )
 from lightning_unlearn.mask.arrays import get_arrays, set_arrays
 
@@ -36,11 +32,11 @@ class UpdateStore:
     """FedEraser's memory: every ``every``-th round, the global model and each client's update."""
 
     every: int
-    rounds: list[dict] = field(default_factory=list)  # {"round", "global", "updates": {cid: arrays}, "counts": {cid: n}}
+    rounds: list[dict] = field(default_factory=list)  # {"round", "global", "updates": {cid: arrays}, "counts"}
 
     @property
     def nbytes(self) -> int:
-        return int(sum(tensor_bytes(r["global"]) + sum(tensor_bytes(u) for u in r["updates"].values()) for r in self.rounds))
+        return int(sum(tensor_bytes(r["global"]) + sum(map(tensor_bytes, r["updates"].values())) for r in self.rounds))
 
 
 @dataclass
@@ -55,8 +51,7 @@ class FedAvgResult:
     def overhead_fraction(self) -> float:
         """Orchestration time (everything but local training and evaluation) / local training time."""
         local = sum(r["local_compute_s"] for r in self.history)
-        over = sum(r["overhead_s"] for r in self.history)
-        return over / local if local else math.nan
+        return sum(r["overhead_s"] for r in self.history) / local if local else math.nan
 
     @property
     def wall_s(self) -> float:
@@ -67,17 +62,17 @@ class FedAvgResult:
         return float(np.mean([r["bytes_down"] + r["bytes_up"] for r in self.history])) if self.history else math.nan
 
 
-def check_same_run(path: Path, stored: Mapping[str, str] | None, current: Mapping[str, str] | None) -> None:
-    """A resume file is reused only by the run that wrote it; otherwise say what differs and how to start fresh."""
-    stored, current = dict(stored or {}), dict(current or {})
-    differ = sorted(k for k in set(stored) | set(current) if stored.get(k) != current.get(k))
-    if differ:
-        raise ValueError(f"{path} was written by a different run ({', '.join(differ)} changed); start fresh with "
-                         "--federated.fresh true (resume=False) or use another output_dir")
+def check_fedavg(rounds: int, local_epochs: int, fraction: float, data: str) -> None:
+    """A FedAvg schedule's settings (:func:`run_fedavg`'s and ``FedAvgPlan``'s), checked before any round."""
+    check_rounds(rounds)
+    check_rounds(local_epochs, "local_epochs")
+    check_fraction(fraction)
+    if data not in DATA_CHOICES:
+        raise ValueError(f"unknown data {data!r}; allowed values are {list(DATA_CHOICES)}")
 
 
 class LibraryFedAvg(FedAvg):
-    """Flower's FedAvg with the library's sampling, per-client seeds and exact aggregation (module docstring)."""
+    """Flower's FedAvg with the library's client sampling, per-client seeds and exact (float64) aggregation."""
 
     def __init__(self, fed: Federation, model: nn.Module, fraction: float, seed: int, local_epochs: int, data: str,
                  local_config: Mapping[str, Any] | None, pool: Sequence[int], label: str, first_round: int = 0,
@@ -91,7 +86,8 @@ class LibraryFedAvg(FedAvg):
         self.run_key = dict(run_key or {})
         self._t0, self._picked, self._expected = 0.0, 0, {}
 
-    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                        grid: Grid) -> Iterable[Message]:
         r = self.first_round + server_round - 1
         self._t0 = time.perf_counter()
         self._expected = record_to_arrays(arrays)  # what every reply must match, key for key and shape for shape
@@ -101,7 +97,8 @@ class LibraryFedAvg(FedAvg):
                                                                            self.data, self.local_config)),
                                  "train", f"{self.label}/{r}") for cid in picked]
 
-    def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+    def aggregate_train(self, server_round: int,
+                        replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         r = self.first_round + server_round - 1
         label = f"{self.label}/{r}"
         pairs = self.fed.decode(check_replies(list(replies), self._picked, f"FedAvg round {r}"), label)
@@ -133,7 +130,8 @@ class LibraryFedAvg(FedAvg):
         self.history.append(row)
         return arrays_to_record(new), MetricRecord({"local_compute_s": row["local_compute_s"]})
 
-    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                           grid: Grid) -> Iterable[Message]:
         return []  # the global model is evaluated on the server (``evaluate``), never on client data
 
 
@@ -144,44 +142,36 @@ def run_fedavg(
     deploy: bool = True, local_config: Mapping[str, Any] | None = None, label: str = "fedavg",
     participants: Sequence[int] | None = None, run_key: Mapping[str, str] | None = None, progress: bool = True,
 ) -> FedAvgResult:
-    """Federated averaging: ``rounds`` rounds of local Lightning training on a sampled ``fraction`` of clients.
-
-    ``clients``: a :class:`~lightning_unlearn.federated.federation.Federation` (any grid) or a
-    :class:`~lightning_unlearn.federated.simulation.FederatedSimulation`'s ``clients``.
+    """Federated averaging: ``rounds`` rounds of local Lightning training on a sampled ``fraction`` of clients;
+    ``model`` ends with the global arrays. ``clients``: a ``Federation`` (any grid) or a simulation's ``clients``.
 
     Args:
-        data: what each client trains on: ``"all"`` its shard, ``"retain"`` its data minus the forget set
-            (the federation's ``request``).
+        data: each client trains on ``"all"`` its shard or ``"retain"`` its data minus the federation's request.
         evaluate: server-side evaluation of the global model after each round (e.g. global test accuracy).
-        checkpoint_dir: write ``fedavg.pt`` (global model, history, store) atomically after every round;
-            with ``resume=True`` an existing one is continued from its next round, but only if it was
-            written by the same run: ``run_key`` (hashes of the data split, partition, model and schedule)
-            must match the one stored, else a ValueError names what differs.
+        checkpoint_dir: ``fedavg.pt`` is rewritten there after every round; ``resume=True`` continues it, only in
+            the run whose ``run_key`` (hashes of data split, partition, model, schedule) it stores.
         store_every: keep the client updates of every n-th round (FedEraser needs them).
         deploy: send the final model to every client (the model they later unlearn from).
-        participants: ids of the clients that may be sampled (default: all; retraining leaves out
-            clients without retain data).
+        participants: the clients that may be sampled (default: all).
         progress: Flower's per-round log lines (False: warnings only).
-
-    ``model`` is updated in place with the final global arrays.
     """
-    check_rounds(rounds)
-    check_rounds(local_epochs, "local_epochs")
-    check_fraction(fraction)
-    if data not in DATA_CHOICES:
-        raise ValueError(f"unknown data {data!r}; allowed values are {list(DATA_CHOICES)}")
+    check_fedavg(rounds, local_epochs, fraction, data)
     arrays, history, first = get_arrays(model), [], 0
     store = UpdateStore(store_every) if store_every else None
     ckpt = Path(checkpoint_dir) / "fedavg.pt" if checkpoint_dir is not None else None
     if resume and ckpt is not None and ckpt.exists():  # checked before any client is asked anything
         state = load_torch_file(ckpt, "FedAvg resume file")
-        check_same_run(ckpt, state.get("run") if isinstance(state, dict) else None, run_key)
+        stored, current = dict((state.get("run") if isinstance(state, dict) else None) or {}), dict(run_key or {})
+        differ = sorted(k for k in {*stored, *current} if stored.get(k) != current.get(k))
+        if differ:
+            raise ValueError(f"{ckpt} was written by a different run ({', '.join(differ)} changed); start fresh with "
+                             "--federated.fresh true (resume=False) or use another output_dir")
         arrays, history, first = state["global"], state["history"], state["round"] + 1
         if store is not None and state.get("store") is not None:
             store.rounds = state["store"]
     fed = as_federation(clients)
     pool = sorted(participants) if participants is not None else sorted(fed.nodes)
-    if not len(pool):
+    if not pool:
         raise ValueError("no client may take part in FedAvg (participants is empty)")
     strategy = LibraryFedAvg(fed, model, fraction, seed, local_epochs, data, local_config, pool, label, first, history,
                              store, evaluate, ckpt, run_key)

@@ -23,7 +23,7 @@ def plan_key(*parts: Any) -> str:
 
 @dataclass
 class ServerCheckpoint:
-    """What a resumed server needs; ``rounds_done`` masked rounds are finished (``current`` is after them)."""
+    """What a resumed server needs (``current``: after ``rounds_done`` masked rounds); :meth:`update` rewrites it."""
 
     key: str
     trained: dict[str, Tensor] | None = None
@@ -33,6 +33,11 @@ class ServerCheckpoint:
     current: dict[str, Tensor] | None = None
     unlearning: list = field(default_factory=list)
     evaluation: list = field(default_factory=list)
+    folder: str | os.PathLike | None = None
+
+    def update(self, **fields: Any) -> None:
+        self.__dict__.update(fields)
+        self.save(self.folder)
 
     def save(self, folder: str | os.PathLike) -> Path:
         state = {"key": self.key, "trained": self.trained, "training": to_jsonable(self.training),
@@ -55,7 +60,8 @@ class ServerCheckpoint:
                              f"this plan {key[:12]}); remove it or choose another checkpoint-dir")
         mask = ParameterMask.from_checkpoint(state["mask"]) if state.get("mask") is not None else None
         return cls(key, state.get("trained"), list(state.get("training") or []), mask, int(state.get("rounds_done", 0)),
-                   state.get("current"), list(state.get("unlearning") or []), list(state.get("evaluation") or []))
+                   state.get("current"), list(state.get("unlearning") or []), list(state.get("evaluation") or []),
+                   folder)
 
 
 __all__ = ["STATE_FILE", "ServerCheckpoint", "plan_key"]
