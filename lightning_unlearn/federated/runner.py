@@ -31,9 +31,11 @@ class FederatedSettings:
         unlearn_rounds: masked unlearning rounds (each client's budget: ``unlearning.epochs`` / ``max_steps``).
         output_dir: where ``fit`` writes ``original.ckpt`` and the per-round server checkpoints.
         fresh: train from round 0 even if ``output_dir`` holds a resume file (one from another run is refused).
-        dp_target_epsilon, dp_noise_multiplier: local DP-SGD at every client during ``fit`` (Opacus, the ``dp``
-            extra); give one. The epsilon is per client, for the whole training.
-        dp_max_grad_norm, dp_delta: per-sample clipping norm and delta of the DP runs.
+        dp_target_epsilon: local DP-SGD at every client during ``fit`` (Opacus, the ``dp`` extra) to this epsilon,
+            per client, for the whole training.
+        dp_noise_multiplier: or at this fixed noise multiplier (give one of the two).
+        dp_max_grad_norm: per-sample clipping norm of the DP runs.
+        dp_delta: delta of the DP runs.
     """
 
     rounds: int = 5
