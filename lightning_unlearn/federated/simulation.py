@@ -28,8 +28,7 @@ from lightning_unlearn.federated.protocol import FederatedUnlearningResult
 from lightning_unlearn.federated.server import check_rounds
 from lightning_unlearn.metrics import accuracy, split_accuracies
 from lightning_unlearn.request import ForgetRequest
-from lightning_unlearn.scoring import discover_layers
-from lightning_unlearn.scoring.layers import LayerInfo
+from lightning_unlearn.scoring.layers import LayerInfo, discover_layers
 
 
 @dataclass
@@ -55,7 +54,6 @@ def make_clients(fdm: FederatedDataModule, model: pl.LightningModule, callbacks:
                  trainer_kwargs: Mapping[str, Any] | None = None) -> LocalClients:
     """One :class:`LocalClient` per shard behind one ClientApp (they share one working copy of ``model``:
     local grids run one client at a time)."""
-    fdm.setup("fit")
     work = copy.deepcopy(model)
     clients = LocalClients(LocalClient(k, fdm.client_dataset(k), np.asarray(fdm.client_indices(k)), work)
                            for k in range(fdm.num_clients))
