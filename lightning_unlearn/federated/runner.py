@@ -11,9 +11,9 @@ import torch
 
 from lightning_unlearn._io import save_torch, unique_path
 from lightning_unlearn.data.federated import FederatedDataModule
-from lightning_unlearn.mask.arrays import get_arrays
 from lightning_unlearn.federated.messages import tensor_bytes
 from lightning_unlearn.federated.simulation import FederatedSimulation
+from lightning_unlearn.mask.arrays import get_arrays
 
 log = logging.getLogger(__name__)
 
@@ -26,16 +26,16 @@ class FederatedSettings:
         rounds: FedAvg rounds for training (and for the retrained reference).
         local_epochs: local epochs per client per round.
         local_steps: cap on local optimizer steps per client per round (None: whole epochs).
-        fraction: share of clients sampled per round, in FedAvg and in the masked unlearning rounds (scoring
-            and the statistics round after a reset ask every client).
-        unlearn_rounds: masked unlearning rounds (each client's budget per round: ``unlearning.epochs`` /
-            ``unlearning.max_steps``).
+        fraction: share of clients sampled per round in FedAvg and the masked rounds (scoring and the statistics
+            round after a reset ask every client).
+        unlearn_rounds: masked unlearning rounds (each client's budget: ``unlearning.epochs`` / ``max_steps``).
         output_dir: where ``fit`` writes ``original.ckpt`` and the per-round server checkpoints.
-        fresh: train from round 0 even if ``output_dir`` holds a resume file (one from another run is
-            refused, naming what changed).
-        dp_target_epsilon, dp_noise_multiplier: local DP-SGD at every client during ``fit`` (Opacus, the
-            ``dp`` extra); give one. The epsilon is per client, for the whole training.
-        dp_max_grad_norm, dp_delta: per-sample clipping norm and delta of the DP runs.
+        fresh: train from round 0 even if ``output_dir`` holds a resume file (one from another run is refused).
+        dp_target_epsilon: local DP-SGD at every client during ``fit`` (Opacus, the ``dp`` extra) to this epsilon,
+            per client, for the whole training.
+        dp_noise_multiplier: or at this fixed noise multiplier (give one of the two).
+        dp_max_grad_norm: per-sample clipping norm of the DP runs.
+        dp_delta: delta of the DP runs.
     """
 
     rounds: int = 5
@@ -54,22 +54,20 @@ class FederatedSettings:
 def simulation(model: pl.LightningModule, fdm: FederatedDataModule, s: FederatedSettings, seed: int,
                checkpoints: bool = False) -> FederatedSimulation:
     """The in-process federation of ``fdm`` on the settings' schedule (``checkpoints``: per-round resume files)."""
-    return FederatedSimulation(
-        fdm, model, rounds=s.rounds, local_epochs=s.local_epochs, fraction=s.fraction, seed=seed,
-        trainer_kwargs={"max_steps": s.local_steps} if s.local_steps else None,
-        checkpoint_dir=str(Path(s.output_dir) / "rounds") if checkpoints else None,
-    )
+    return FederatedSimulation(fdm, model, rounds=s.rounds, local_epochs=s.local_epochs, fraction=s.fraction,
+                               seed=seed, trainer_kwargs={"max_steps": s.local_steps} if s.local_steps else None,
+                               checkpoint_dir=str(Path(s.output_dir) / "rounds") if checkpoints else None)
 
 
 def federated_fit(model: pl.LightningModule, fdm: FederatedDataModule, settings: FederatedSettings, seed: int = 0,
                   echo: Callable[[str], None] | None = None) -> Path:
-    """FedAvg training; writes ``<output_dir>/original.ckpt`` (a new name if it exists). Resumes from round checkpoints."""
+    """FedAvg training; writes ``<output_dir>/original.ckpt`` (a new name if it exists). Resumes from the round
+    checkpoints, except with DP: they do not carry the clients' privacy accountants."""
     dp = settings.dp_target_epsilon is not None or settings.dp_noise_multiplier is not None
     if dp:
         from lightning_unlearn.privacy.federated import attach_settings_dp, prepare_model
 
         prepare_model(model)
-    # with DP no resume: the round checkpoints do not carry the clients' privacy accountants
     sim = simulation(model, fdm, settings, seed, checkpoints=not dp)
     privacy = attach_settings_dp(sim.clients, settings) if dp else None
     result = sim.train(resume=not dp and not settings.fresh)
@@ -84,15 +82,13 @@ def federated_fit(model: pl.LightningModule, fdm: FederatedDataModule, settings:
 
 def fedavg_round_bytes(model: torch.nn.Module, num_clients: int, fraction: float = 1.0) -> int:
     """Bytes of one full FedAvg round: the whole model down to and back up from every sampled client."""
-    sampled = max(1, round(fraction * num_clients))
-    return 2 * sampled * tensor_bytes(get_arrays(model))
+    return 2 * max(1, round(fraction * num_clients)) * tensor_bytes(get_arrays(model))
 
 
 def save_checkpoint(model: torch.nn.Module, path: Path) -> Path:
-    """A checkpoint ``lightning-unlearn unlearn`` and ``LightningModule.load_from_checkpoint`` can read (never overwrites)."""
+    """A checkpoint that ``lightning-unlearn unlearn`` and ``load_from_checkpoint`` read; never overwrites."""
+    cls, hparams = type(model), dict(getattr(model, "hparams", {}))
     state = {"state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-             "hyper_parameters": {**dict(getattr(model, "hparams", {})),
-                                  "_class_path": f"{type(model).__module__}.{type(model).__qualname__}"},
+             "hyper_parameters": {**hparams, "_class_path": f"{cls.__module__}.{cls.__qualname__}"},
              "pytorch-lightning_version": pl.__version__}
     return save_torch(state, path, overwrite=False)
-

@@ -10,33 +10,26 @@ import lightning.pytorch as pl
 from flwr.app import Context
 from lightning.pytorch.callbacks import Callback
 
-from lightning_unlearn.mask.arrays import set_arrays
 from lightning_unlearn.federated.client import make_client_app
-from lightning_unlearn.federated.partitions import ClientPartition
 from lightning_unlearn.federated.flower.server_app import FedAvgPlan, FlowerRunResult, UnlearnPlan, make_server_app
+from lightning_unlearn.federated.partitions import ClientPartition
+from lightning_unlearn.federated.server import check_rounds
+from lightning_unlearn.mask.arrays import set_arrays
 
 
 def run_flower_simulation(
-    model_fn: Callable[[], pl.LightningModule],
-    partitions: Callable[[Context], ClientPartition],
-    num_clients: int,
-    train: FedAvgPlan | None = None,
-    unlearn: UnlearnPlan | None = None,
-    initial_model: pl.LightningModule | None = None,
-    trainer_kwargs: Mapping[str, Any] | None = None,
-    callbacks_fn: Callable[[], Sequence[Callback]] | None = None,
-    client_cpus: float = 1.0,
-    total_cpus: int | None = None,
-    out_dir: str | os.PathLike | None = None,
-    timeout: float = 3600,
+    model_fn: Callable[[], pl.LightningModule], partitions: Callable[[Context], ClientPartition], num_clients: int,
+    train: FedAvgPlan | None = None, unlearn: UnlearnPlan | None = None,
+    initial_model: pl.LightningModule | None = None, trainer_kwargs: Mapping[str, Any] | None = None,
+    callbacks_fn: Callable[[], Sequence[Callback]] | None = None, client_cpus: float = 1.0,
+    total_cpus: int | None = None, out_dir: str | os.PathLike | None = None, timeout: float = 3600,
     verbose: bool = False,
 ) -> FlowerRunResult:
     """Train (``train``) and/or unlearn (``unlearn``) with ``num_clients`` simulated Flower nodes."""
     if importlib.util.find_spec("ray") is None:
         raise ImportError('Flower simulation needs Ray (flwr[simulation]), which is not installed: '
                           'pip install "lightning-unlearn[flower]"')
-    if isinstance(num_clients, bool) or not isinstance(num_clients, int) or num_clients < 1:
-        raise ValueError(f"num_clients must be an integer >= 1, got {num_clients!r}")
+    check_rounds(num_clients, "num_clients")
     if not client_cpus > 0:
         raise ValueError(f"client_cpus must be > 0, got {client_cpus!r}")
     from flwr.simulation import run_simulation
@@ -50,14 +43,13 @@ def run_flower_simulation(
     sink = FlowerRunResult()
     server = make_server_app(server_model, num_clients, train, unlearn, sink, out_dir, timeout)
     client = make_client_app(model_fn, partitions, callbacks_fn, trainer_kwargs)
-    init_args: dict[str, Any] = {"logging_level": "ERROR" if not verbose else "INFO", "log_to_driver": verbose}
+    init_args: dict[str, Any] = {"logging_level": "INFO" if verbose else "ERROR", "log_to_driver": verbose}
     if total_cpus is not None:
         init_args["num_cpus"] = int(total_cpus)
     backend = {"client_resources": {"num_cpus": client_cpus, "num_gpus": 0.0}, "init_args": init_args}
     flwr_logger = logging.getLogger("flwr")
     before = flwr_logger.level
-    if not verbose:
-        flwr_logger.setLevel(logging.WARNING)
+    flwr_logger.setLevel(before if verbose else logging.WARNING)
     try:
         run_simulation(server, client, num_supernodes=num_clients, backend_config=backend, verbose_logging=verbose)
     finally:
