@@ -129,3 +129,15 @@ def test_gradient_mask_loads_a_mask_file(trained_model, class3_dm, tmp_path):
     before = _snapshot(model)
     fit(model, class3_dm, 1, [GradientMask(path)], {"limit_train_batches": 3})
     assert frozen_elements_equal(model, before, mask)
+
+
+@pytest.mark.parametrize("callback", ["gradient_mask", "selective"])
+def test_frozen_batchnorm_is_given_back_in_the_mode_it_was_found(trained_model, class3_dm, callback):
+    """bn_stats="frozen" holds BatchNorm in eval mode during the fit only: a model trained further afterwards (a
+    federation's shared client model, a user's fine-tune) must get train-mode BatchNorm back."""
+    model, mask = _masked_model(trained_model, class3_dm, OPTIMIZERS["adam"])
+    model.train()
+    cb = GradientMask(mask) if callback == "gradient_mask" else SelectiveUnlearning(mask=mask, max_steps=3,
+                                                                                    log_metrics=False)
+    fit(model, class3_dm, 1, [cb], {"limit_train_batches": 3})
+    assert [m.training for m in model.modules()] == [True] * len(list(model.modules()))

@@ -42,6 +42,7 @@ class MaskEnforcer:
             keep = None if not bool(m.any()) else m.to(p.device)
             self._frozen.append((p, keep, p.detach().clone()))
         self._bn = [m for m in model.modules() if isinstance(m, BN_TYPES)]
+        self._bn_modes = [bn.training for bn in self._bn]  # given back by detach(): eval mode is for this fit only
         self._bn_frozen: list[tuple[Tensor, Tensor | None, Tensor]] = []
         if bn_stats == "selected":
             names = {m: n for n, m in model.named_modules()}
@@ -96,9 +97,13 @@ class MaskEnforcer:
             self._handles.append(inner.register_step_post_hook(lambda *_: self.restore()))
 
     def detach(self) -> None:
+        """Remove the optimizer hooks and give BatchNorm layers back the mode they had: a model trained further
+        afterwards (a federation's shared client model, a user's fine-tune) must not keep frozen statistics."""
         for h in self._handles:
             h.remove()
         self._handles.clear()
+        for bn, mode in zip(self._bn, self._bn_modes):
+            bn.train(mode)
 
 
 def frozen_elements_equal(model: nn.Module, reference: Mapping[str, Tensor], mask: ParameterMask) -> bool:
