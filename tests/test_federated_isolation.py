@@ -40,3 +40,22 @@ def test_a_masked_baseline_does_not_change_the_next_retrained_reference():
     B.federated_finetune(sim.model, sim.clients, plan, sim.layers(), max_steps=3)
     assert all(m.training for m in sim.clients[0].model.modules())
     assert retrained() == first
+
+
+def test_each_run_on_one_federation_reports_its_own_bytes():
+    """Runs share round labels (``score``, ``unlearn/0``): a second request on a reused Federation reported the sum
+    of both runs' bytes (scoring 2976 instead of 1488, a masked round 102816 instead of 51408)."""
+    from lightning_unlearn.federated import federated_unlearn, make_clients, run_fedavg
+    from lightning_unlearn.federated.federation import Federation
+
+    train, test = load_digits_datasets()
+    fdm = FederatedDataModule(train, test, num_clients=3, partition="iid", seed=0, batch_size=64)
+    torch.manual_seed(0)
+    model = SmallCNN()
+    clients = make_clients(fdm, model)
+    fed = Federation(clients.grid, len(clients))
+    run_fedavg(model, fed, 1, seed=0, progress=False, local_config={"max_steps": 2})
+    runs = [federated_unlearn(model, fed, ForgetRequest(classes=[3]), max_steps=2, calibrate="none") for _ in range(2)]
+    assert runs[0].bytes == runs[1].bytes and runs[0].bytes["scoring"] > 0
+    assert [r["bytes_down"] for r in runs[0].history] == [r["bytes_down"] for r in runs[1].history]
+    assert fed.traffic.payload["score"].total == 2 * runs[0].bytes["scoring"]  # the federation's own count keeps all

@@ -27,6 +27,8 @@ def partition_dirichlet(
     targets: np.ndarray, num_clients: int, alpha: float = 0.5, seed: int = 0, min_samples: int = 10, max_tries: int = 100
 ) -> list[np.ndarray]:
     """Per class, split its samples over clients with proportions ~ Dirichlet(alpha) (Hsu et al. 2019)."""
+    if not alpha > 0:
+        raise ValueError(f"alpha must be > 0 (Dirichlet concentration), got {alpha!r}")
     rng = np.random.default_rng(seed)
     floor = max(1, min(min_samples, len(targets) // num_clients))
     for _ in range(max_tries):

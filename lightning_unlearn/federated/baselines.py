@@ -30,6 +30,7 @@ from lightning_unlearn.orchestration import prepare
 def _federation(clients: Any, plan: FederatedForgetPlan) -> Federation:
     fed = as_federation(clients)
     fed.request = plan.request  # every node resolves its own split of it
+    fed.start_run()
     return fed
 
 
@@ -39,7 +40,7 @@ def _result(method: str, model: torch.nn.Module, mask: ParameterMask, fed: Feder
     """A baseline's result: its timings (selection, then unlearning) and bytes."""
     return FederatedUnlearningResult(
         model, mask, method=method, timings_s={"scoring": t_select, "unlearning": elapsed, "total": t_select + elapsed},
-        bytes=round_bytes(history, scoring, statistics), history=history, traffic=fed.traffic, **kwargs)
+        bytes=round_bytes(history, scoring, statistics), history=history, traffic=fed.run, **kwargs)
 
 
 def _masked_baseline(method: str, fed: Federation, work: torch.nn.Module, mask: ParameterMask, rounds: int,
@@ -52,7 +53,7 @@ def _masked_baseline(method: str, fed: Federation, work: torch.nn.Module, mask: 
     current, history = masked_rounds(fed, get_arrays(work), mask, rounds, config, label=method, statistics=statistics)
     set_arrays(work, current)
     return _result(method, work, mask, fed, history, t_select, time.perf_counter() - t0,
-                   statistics=traffic_bytes(fed.traffic, "bn_stats"), config=reset, **kwargs)
+                   statistics=traffic_bytes(fed.run, "bn_stats"), config=reset, **kwargs)
 
 
 def federated_retrain(
@@ -152,7 +153,7 @@ def federated_cdp(
     trainable = ParameterMask({n: ~m for n, m in pruned.masks.items()}, pruned.channels)
     config = {"objective": "retain", "epochs": local_epochs, "max_steps": max_steps, "seed": seed, "mode": "prune"}
     return _masked_baseline("cdp", fed, work, trainable, rounds, config, time.perf_counter() - t0,
-                            scoring=traffic_bytes(fed.traffic, "cdp_stats"),
+                            scoring=traffic_bytes(fed.run, "cdp_stats"),
                             extra={"pruned_fraction": pruned.fraction, "pruned_channels": dict(pruned.channels)})
 
 

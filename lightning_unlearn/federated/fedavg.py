@@ -170,6 +170,7 @@ def run_fedavg(
         if store is not None and state.get("store") is not None:
             store.rounds = state["store"]
     fed = as_federation(clients)
+    fed.start_run()
     pool = sorted(participants) if participants is not None else sorted(fed.nodes)
     if not pool:
         raise ValueError("no client may take part in FedAvg (participants is empty)")

@@ -15,6 +15,7 @@ from lightning_unlearn.federated.grid import LocalGrid, new_message
 from lightning_unlearn.federated.messages import (
     Broadcast, ByteCounter, RoundBytes, broadcast_to_content, content_to_reply,
 )
+from lightning_unlearn.federated.server import check_rounds
 from lightning_unlearn.request import ForgetRequest
 
 log = logging.getLogger(__name__)
@@ -99,22 +100,35 @@ class Federation:
             grid = PollingGrid(grid, poll_s)
         self.grid, self.timeout, self.round_timeout = grid, timeout, round_timeout
         self.min_clients = num_clients if min_clients is None else min_clients
+        check_rounds(self.min_clients, "min_clients")
         if self.min_clients > num_clients:
             raise ValueError(f"min_clients={self.min_clients} exceeds the {num_clients} connected clients")
         self.nodes = discover_clients(grid, num_clients, timeout)
         self.active = dict(self.nodes)
         self.dropped: dict[int, str] = {}  # client id -> the round it dropped out in
-        self.traffic = ByteCounter()
+        self.traffic = ByteCounter()  # every byte this federation moved, per round label
+        self.run = ByteCounter()  # the current run's bytes (start_run): what its rows and totals report
         self.request: ForgetRequest | None = None
 
     def __len__(self) -> int:
         return len(self.nodes)
 
+    def start_run(self) -> ByteCounter:
+        """Count a new run (FedAvg, an unlearning request, a baseline) from zero: runs on one federation share round
+        labels (``score``, ``unlearn/0``), and each must report its own bytes, not the sum of all runs'."""
+        self.run = ByteCounter()
+        return self.run
+
+    def book(self, label: str, content: RecordDict, direction: str) -> None:
+        """Count one message's bytes (``direction``: ``"down"`` or ``"up"``) for the federation and the run."""
+        for counter in (self.traffic, self.run):
+            getattr(counter, direction)(label, content)
+
     def message(self, cid: int, broadcast: Broadcast, message_type: str, label: str) -> Message:
         """Client ``cid``'s message (the request joins its config) in group ``label``, its bytes booked there."""
         extra = {"request": json.dumps(self.request.to_dict())} if self.request is not None else None
         content = broadcast_to_content(broadcast, extra)
-        self.traffic.down(label, content)
+        self.book(label, content, "down")
         return new_message(self.grid, content, message_type, self.nodes[cid], group_id=label)
 
     def ask(self, broadcasts: Broadcast | Mapping[int, Broadcast], message_type: str, label: str,
@@ -151,7 +165,7 @@ class Federation:
         by_node = {n: c for c, n in self.nodes.items()}
         out = []
         for m in sorted(replies, key=lambda m: by_node[m.metadata.src_node_id]):
-            self.traffic.up(label, m.content)
+            self.book(label, m.content, "up")
             cid = by_node[m.metadata.src_node_id]
             try:
                 msg = content_to_reply(m.content)
@@ -165,7 +179,7 @@ class Federation:
         """One round's history row: clients that replied, times and bytes (payload and wire)."""
         local = float(sum(m.metrics.get("local_compute_s", 0.0) for m in msgs))
         round_s = time.perf_counter() - t0
-        pay, wire = (book.get(label, RoundBytes()) for book in (self.traffic.payload, self.traffic.wire))
+        pay, wire = (book.get(label, RoundBytes()) for book in (self.run.payload, self.run.wire))
         return {"round": r, "clients": len(msgs), "round_s": round_s, "local_compute_s": local,
                 "overhead_s": round_s - local, "bytes_down": pay.down, "bytes_up": pay.up,
                 "wire_down": wire.down, "wire_up": wire.up}

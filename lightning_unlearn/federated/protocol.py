@@ -133,7 +133,7 @@ def evaluate_round(fed: Federation, arrays: Mapping[str, Tensor], r: int) -> dic
     by_node = {n: c for c, n in fed.nodes.items()}
     row: dict[str, float] = {"round": r}
     for m in replies:
-        fed.traffic.up(label, m.content)
+        fed.book(label, m.content, "up")
         check_metrics(dict(m.content["metrics"]), f"client {by_node[m.metadata.src_node_id]}", "evaluation reply")
     for split in ("forget", "retain"):
         pairs = [(m.content["metrics"][f"{split}-acc"], m.content["metrics"][f"{split}-examples"])
@@ -255,6 +255,7 @@ def run_unlearning(
     ``config`` is resolved (``auto``: it asked ``calibrate="auto"``). ``checkpoint`` (the ServerApp's) is rewritten
     after the selection and every round; one holding a mask is resumed. ``evaluate``: clients' accuracies in extra."""
     fed.request = request
+    fed.start_run()
     deployed = get_arrays(model)
     t0 = time.perf_counter()
     resume = checkpoint is not None and checkpoint.mask is not None
@@ -306,12 +307,12 @@ def run_unlearning(
     t4 = time.perf_counter()
     timings = {"scoring": t1 - t0, **({"reset": t2 - t1} if cfg.reset != "none" else {}), "unlearning": t4 - t1,
                **({"calibration": t4 - t3} if "calibration" in extra else {}), "total": t4 - t0}
-    paid = round_bytes(history, traffic_bytes(fed.traffic, "score"), traffic_bytes(fed.traffic, "bn_stats"))
-    features, calibrating = traffic_bytes(fed.traffic, "head_features"), traffic_bytes(fed.traffic, "calibrate/")
+    paid = round_bytes(history, traffic_bytes(fed.run, "score"), traffic_bytes(fed.run, "bn_stats"))
+    features, calibrating = traffic_bytes(fed.run, "head_features"), traffic_bytes(fed.run, "calibrate/")
     if features or calibrating:
         paid.update(calibration_features=features, calibration=features + calibrating)
     return FederatedUnlearningResult(model, mask, timings_s=timings, scores=scores, extra=extra, config=cfg,
-                                     history=history, traffic=fed.traffic, bytes=paid)
+                                     history=history, traffic=fed.run, bytes=paid)
 
 
 def federated_unlearn(
