@@ -288,11 +288,11 @@ PAGE_SUMMARIES = [  # (summary file, heading); the current defaults first
                                            "calibration, no reset; client: dampen)"),
     ("federated_calibration_before_summary.json", "Class request at the previous class default (dampen, no "
                                                   "calibration)"),
-    ("federated_requests_dampen_summary.json", "Client and sample requests at the default reset (dampen), before "
-                                              "relearn steps were measured"),
+    ("federated_requests_dampen_summary.json", "Client and sample requests at the default reset (dampen)"),
     ("federated_requests_summary.json", "Client and sample requests: reset reinit vs none, explained vs random channels"),
     ("federated_requests_epoch_summary.json", "Client and sample requests with an automatic step budget"),
-    ("federated_mnist_summary.json", "Every method, class, client and sample requests (before remove-then-repair: no reset)"),
+    ("federated_mnist_summary.json", "Every method, class, client and sample requests at the current defaults "
+                                     "(each method on the same federation, one after another)"),
 ]
 
 
