@@ -31,7 +31,7 @@ from lightning_unlearn.federated.federation import Federation
 from lightning_unlearn.mask.arrays import get_arrays
 from lightning_unlearn.federated import FederatedPartitions
 from lightning_unlearn.federated.partitions import save_partition
-from lightning_unlearn.federated.flower.checkpoint import STATE_FILE, ServerCheckpoint
+from lightning_unlearn.federated.checkpoint import STATE_FILE, ServerCheckpoint
 from lightning_unlearn.federated.grid import LocalGrid
 from lightning_unlearn.mask import frozen_elements_equal
 from lightning_unlearn.models import SmallCNN

@@ -14,7 +14,7 @@ from flwr.common.constant import ErrorCode
 from lightning_unlearn import ForgetRequest
 from lightning_unlearn.scoring import discover_layers
 from lightning_unlearn.federated.flower import UnlearnPlan
-from lightning_unlearn.federated.flower.checkpoint import ServerCheckpoint
+from lightning_unlearn.federated.checkpoint import ServerCheckpoint
 from lightning_unlearn.federated.federation import NODE_UNAVAILABLE, Federation, gather
 from lightning_unlearn.federated.grid import LocalGrid
 from lightning_unlearn.models import SmallCNN

@@ -9,7 +9,7 @@ import logging
 import math
 import time
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import lightning.pytorch as pl
 from lightning.pytorch.utilities import rank_zero_warn
@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from lightning_unlearn.config import AUTO, UnlearnConfig
+from lightning_unlearn.federated.checkpoint import ServerCheckpoint
 from lightning_unlearn.federated.federation import Federation, as_federation
 from lightning_unlearn.federated.messages import Broadcast, ByteCounter, check_metrics
 from lightning_unlearn.federated.server import (
@@ -31,9 +32,6 @@ from lightning_unlearn.request import ForgetRequest
 from lightning_unlearn.reset import selected_batchnorm_channels
 from lightning_unlearn.result import UnlearningResult
 from lightning_unlearn.scoring.channels import ChannelScores
-
-if TYPE_CHECKING:  # the flower package imports this module
-    from lightning_unlearn.federated.flower.checkpoint import ServerCheckpoint
 
 log = logging.getLogger(__name__)
 

@@ -20,7 +20,7 @@ from lightning_unlearn.config import UnlearnConfig
 from lightning_unlearn.evidence.report import UnlearningReport, weights_sha256
 from lightning_unlearn.federated.fedavg import check_fedavg, deploy_model, run_fedavg
 from lightning_unlearn.federated.federation import POLL_S, Federation
-from lightning_unlearn.federated.flower.checkpoint import ServerCheckpoint, plan_key
+from lightning_unlearn.federated.checkpoint import ServerCheckpoint, plan_key
 from lightning_unlearn.federated.messages import ByteCounter, RoundBytes
 from lightning_unlearn.federated.protocol import run_unlearning
 from lightning_unlearn.federated.server import check_rounds
