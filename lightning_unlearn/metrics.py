@@ -14,6 +14,7 @@ from torch.utils.data import DataLoader, Subset
 from torchmetrics import Metric
 from torchmetrics.classification import MulticlassAccuracy
 
+from lightning_unlearn._modes import eval_modes, restore_modes
 from lightning_unlearn.data.batches import eval_batches
 
 if TYPE_CHECKING:
@@ -73,8 +74,7 @@ class ClassAccuracy(Metric):
 def _run(model: nn.Module, loader: DataLoader, metric: Metric) -> Metric:
     device = next(model.parameters()).device
     metric = metric.to(device)
-    modes = [(m, m.training) for m in model.modules()]  # per module: a frozen BatchNorm stays in eval mode
-    model.eval()
+    modes = eval_modes(model)  # per module: a frozen BatchNorm stays in eval mode
     preds, targets = [], []
     try:
         for batch in eval_batches(loader):
@@ -82,8 +82,7 @@ def _run(model: nn.Module, loader: DataLoader, metric: Metric) -> Metric:
             preds.append(out.argmax(-1) if out.dim() == 2 else out)  # what the metrics count from logits
             targets.append(batch[1].to(device))
     finally:
-        for m, mode in modes:
-            m.training = mode
+        restore_modes(modes)
     if preds:  # one update with every prediction: the same counts as one per batch, without its overhead
         metric.update(torch.cat(preds), torch.cat(targets))
     return metric

@@ -13,6 +13,7 @@ from typing import Callable, Iterable, Union
 import torch
 from torch import nn
 
+from lightning_unlearn._modes import eval_modes, restore_modes
 from lightning_unlearn._training import initialised_copy
 from lightning_unlearn.config import RESETS, check_reset
 from lightning_unlearn.mask import BN_TYPES, ParameterMask
@@ -74,11 +75,10 @@ def reestimate_batchnorm(model: nn.Module, mask: ParameterMask, batches: Iterabl
     every = [m for m in model.modules() if isinstance(m, BN_TYPES) and m.running_mean is not None]
     saved = {m: (m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.clone(), m.momentum)
              for m in every}
-    was_training = model.training
     device = next(model.parameters()).device
     used = 0
     try:
-        model.eval()
+        modes = eval_modes(model)
         for m in every:
             m.train()
             m.momentum = None  # cumulative moving average: every batch weighs the same
@@ -97,7 +97,7 @@ def reestimate_batchnorm(model: nn.Module, mask: ParameterMask, batches: Iterabl
             m.running_var.copy_(torch.where(keep, m.running_var, var))
             m.num_batches_tracked.copy_(tracked)
             m.momentum = momentum
-        model.train(was_training)
+        restore_modes(modes)
     return used
 
 

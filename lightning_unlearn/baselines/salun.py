@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 
+from lightning_unlearn._modes import eval_modes, restore_modes
 from lightning_unlearn.result import UnlearningResult
 from lightning_unlearn.baselines.common import masked_update
 from lightning_unlearn.mask import ParameterMask
@@ -25,8 +26,7 @@ def saliency_mask(model: nn.Module, forget_loader: DataLoader, ratio: float = 0.
         raise ValueError(f"ratio must be in (0, 1], got {ratio!r}")
     params = dict(model.named_parameters())
     grads = {n: torch.zeros_like(p) for n, p in params.items()}
-    was_training = model.training
-    model.eval()
+    modes = eval_modes(model)
     try:
         device = next(model.parameters()).device
         for batch in forget_loader:
@@ -36,7 +36,7 @@ def saliency_mask(model: nn.Module, forget_loader: DataLoader, ratio: float = 0.
                 if gi is not None:
                     grads[n] += gi.detach()
     finally:
-        model.train(was_training)
+        restore_modes(modes)
     flat = torch.cat([g.abs().flatten() for g in grads.values()])
     k = max(1, math.ceil(ratio * flat.numel()))
     threshold = torch.topk(flat, k).values[-1]

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
+from lightning_unlearn._modes import eval_modes, restore_modes
 from lightning_unlearn.result import UnlearningResult
 from lightning_unlearn.evidence.membership import subsample
 from lightning_unlearn.metrics import split_accuracies
@@ -26,8 +27,7 @@ def fisher_diagonal(model: nn.Module, dataset: Dataset, batch_size: int = 64) ->
     imp = {n: torch.zeros_like(p) for n, p in params.items()}
     device = next(model.parameters()).device
     batches = 0
-    was_training = model.training
-    model.eval()
+    modes = eval_modes(model)
     try:
         for x, y, *_ in DataLoader(dataset, batch_size=batch_size, shuffle=False):
             g = torch.autograd.grad(F.cross_entropy(model(x.to(device)), y.to(device).long()), list(params.values()))
@@ -35,7 +35,7 @@ def fisher_diagonal(model: nn.Module, dataset: Dataset, batch_size: int = 64) ->
                 imp[n] += gi.detach() ** 2
             batches += 1
     finally:
-        model.train(was_training)
+        restore_modes(modes)
     if batches == 0:
         raise ValueError("SSD needs samples to estimate importances; the dataset is empty")
     return {n: v / batches for n, v in imp.items()}

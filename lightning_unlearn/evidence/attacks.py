@@ -46,6 +46,7 @@ from sklearn.metrics import roc_auc_score, roc_curve
 from torch import nn
 from torch.utils.data import ConcatDataset, DataLoader, Dataset, Subset
 
+from lightning_unlearn._modes import eval_modes, restore_modes
 from lightning_unlearn.data.unlearning import UnlearningDataModule
 from lightning_unlearn.evidence.references import audit_indices, train_references
 
@@ -66,8 +67,7 @@ TOW_KEYS = ("forget_train_acc", "retain_train_acc", "test_acc")
 def logit_confidence(model: nn.Module, dataset: Dataset, batch_size: int = 512) -> tuple[np.ndarray, np.ndarray]:
     """Per sample: LiRA's ``phi = logit_y - logsumexp(other logits)`` and whether the prediction is correct."""
     device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
+    modes = eval_modes(model)
     phis, correct = [], []
     try:
         for batch in DataLoader(dataset, batch_size=batch_size, shuffle=False):
@@ -78,7 +78,7 @@ def logit_confidence(model: nn.Module, dataset: Dataset, batch_size: int = 512) 
             phis.append((true - torch.logsumexp(others, dim=1)).cpu())
             correct.append((logits.argmax(1) == y).cpu())
     finally:
-        model.train(was_training)
+        restore_modes(modes)
     if not phis:
         return np.zeros(0), np.zeros(0, dtype=bool)
     return torch.cat(phis).numpy(), torch.cat(correct).numpy()

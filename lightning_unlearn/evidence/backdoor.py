@@ -14,6 +14,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
+from lightning_unlearn._modes import eval_modes, restore_modes
 from lightning_unlearn.data.datasets import dataset_targets
 
 
@@ -90,14 +91,13 @@ def attack_success_rate(
     """Fraction of triggered non-target test images classified as ``target_class``."""
     triggered = TriggeredTestSet(test, target_class, size, value)
     device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
+    modes = eval_modes(model)
     hits = 0
     try:
         for x, _ in DataLoader(triggered, batch_size=batch_size):
             hits += int((model(x.to(device)).argmax(-1) == target_class).sum())
     finally:
-        model.train(was_training)
+        restore_modes(modes)
     return hits / len(triggered)
 
 

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import ConcatDataset, DataLoader, Dataset
 
+from lightning_unlearn._modes import eval_modes, restore_modes
 from lightning_unlearn.evidence.membership import subsample
 from lightning_unlearn.metrics import accuracy
 
@@ -29,13 +30,12 @@ def avg_gap(unlearned: Mapping[str, float | None], retrained: Mapping[str, float
 def num_outputs(model: nn.Module, example: torch.Tensor) -> int:
     """Number of classes ``model`` predicts (width of its output on ``example``)."""
     device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
+    modes = eval_modes(model)
     try:
         with torch.no_grad():
             return int(model(example[:1].to(device)).shape[-1])
     finally:
-        model.train(was_training)
+        restore_modes(modes)
 
 
 def check_same_classes(original: nn.Module, other: nn.Module, example: torch.Tensor, name: str = "retrained") -> None:

@@ -20,6 +20,8 @@ from sklearn.svm import SVC
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
+from lightning_unlearn._modes import eval_modes, restore_modes
+
 INFORMATIVE_SHADOW_ACC = 0.55
 
 
@@ -61,8 +63,7 @@ def sample_outputs(model: nn.Module, dataset: Dataset, batch_size: int = 512) ->
     """True-label softmax confidence and CE loss of every sample (model in eval mode, restored after)."""
     device = next(model.parameters()).device
     conf, loss, labels = [], [], []
-    was_training = model.training
-    model.eval()
+    modes = eval_modes(model)
     try:
         for batch in DataLoader(dataset, batch_size=batch_size, shuffle=False):
             x, y = batch[0].to(device), batch[1].to(device).long()
@@ -71,7 +72,7 @@ def sample_outputs(model: nn.Module, dataset: Dataset, batch_size: int = 512) ->
             loss.append(F.cross_entropy(logits, y, reduction="none").cpu())
             labels.append(y.cpu())
     finally:
-        model.train(was_training)
+        restore_modes(modes)
     if not conf:
         return SampleOutputs(np.zeros(0), np.zeros(0), np.zeros(0, dtype=np.int64))
     cat = lambda xs: torch.cat(xs).double().numpy()  # noqa: E731

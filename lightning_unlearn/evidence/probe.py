@@ -20,6 +20,7 @@ from sklearn.preprocessing import StandardScaler
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
+from lightning_unlearn._modes import eval_modes, restore_modes
 from lightning_unlearn.scoring import discover_layers
 from lightning_unlearn.data.datasets import dataset_targets
 from lightning_unlearn.evidence.membership import subsample
@@ -52,8 +53,7 @@ def penultimate_features(model: nn.Module, dataset: Dataset, batch_size: int = 5
         module = dict(model.named_modules())[head]
         handle = module.register_forward_pre_hook(lambda _, inputs: grabbed.append(inputs[0].flatten(1).cpu()))
     feats, labels = [], []
-    was_training = model.training
-    model.eval()
+    modes = eval_modes(model)
     try:
         for batch in loader:
             x = batch[0].to(device)
@@ -64,7 +64,7 @@ def penultimate_features(model: nn.Module, dataset: Dataset, batch_size: int = 5
                 feats.append(grabbed.pop())
             labels.append(torch.as_tensor(batch[1]).cpu())
     finally:
-        model.train(was_training)
+        restore_modes(modes)
         if handle is not None:
             handle.remove()
     return torch.cat(feats).double().numpy(), torch.cat(labels).numpy()

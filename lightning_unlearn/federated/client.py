@@ -26,6 +26,7 @@ from lightning.pytorch.callbacks import Callback
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
+from lightning_unlearn._modes import eval_modes, restore_modes
 from lightning_unlearn._training import QUIET_TRAINER, fit, quiet_lightning
 from lightning_unlearn.callbacks.gradient_mask import GradientMask
 from lightning_unlearn.callbacks.learning_rate import ScaleLearningRate
@@ -114,8 +115,7 @@ def _forward(model: nn.Module, hooks: Sequence[tuple[nn.Module, Callable]], batc
              max_samples: int | None = None) -> int:
     """Forward ``batches`` in eval mode with forward ``hooks`` on (mode and hooks put back); the samples forwarded."""
     handles = [module.register_forward_hook(hook) for module, hook in hooks]
-    was_training, count, device = model.training, 0, next(model.parameters()).device
-    model.eval()
+    count, device, modes = 0, next(model.parameters()).device, eval_modes(model)
     try:
         for batch in batches:
             if max_samples is not None and count >= max_samples:
@@ -124,7 +124,7 @@ def _forward(model: nn.Module, hooks: Sequence[tuple[nn.Module, Callable]], batc
             model(x.to(device))
             count += int(x.shape[0])
     finally:
-        model.train(was_training)
+        restore_modes(modes)
         for h in handles:
             h.remove()
     return count

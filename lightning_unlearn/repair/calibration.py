@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
+from lightning_unlearn._modes import eval_modes, restore_modes
 from lightning_unlearn.data.batches import eval_batches
 
 log = logging.getLogger(__name__)
@@ -111,17 +112,15 @@ def head_features(model: nn.Module, head: nn.Linear, batches: Iterable) -> tuple
     feats: list[Tensor] = []
     labels: list[Tensor] = []
     hook = head.register_forward_hook(lambda m, inp, out: feats.append(inp[0].detach().float()))
-    modes = {m: m.training for m in model.modules()}
     device = head.weight.device
-    model.eval()
+    modes = eval_modes(model)
     try:
         for batch in eval_batches(batches):
             model(batch[0].to(device))
             labels.append(batch[1].to(device).long())
     finally:
         hook.remove()
-        for m, mode in modes.items():
-            m.training = mode
+        restore_modes(modes)
     if not feats:
         raise ValueError("calibrate='head' got no retain batches to compute head features on")
     return torch.cat(feats).flatten(1), torch.cat(labels)

@@ -14,6 +14,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
+from lightning_unlearn._modes import eval_modes, restore_modes
 from lightning_unlearn.data.batches import eval_batches
 from lightning_unlearn.config import check_method
 from lightning_unlearn.scoring.base import SCORERS, ChannelScorer
@@ -116,8 +117,7 @@ def _mean_scores(
     device = next(model.parameters(), torch.empty(0)).device
     sums: list | None = None
     count = 0
-    was_training = model.training
-    model.eval()
+    modes = eval_modes(model)
     try:
         batches = eval_batches(loader)  # the loader's own batches, without per-sample fetching where it can
         for batch in tqdm(batches, desc=f"scoring {label} ({scorer.name})", disable=not progress, leave=False,
@@ -129,7 +129,7 @@ def _mean_scores(
             sums = per_layer if sums is None else _tree_add(sums, per_layer)
             count += x.shape[0]
     finally:
-        model.train(was_training)
+        restore_modes(modes)
         model.zero_grad(set_to_none=True)
     if count == 0:
         raise ValueError(f"the {label} loader yielded no samples: nothing to score")

@@ -7,6 +7,7 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor, nn
 
+from lightning_unlearn._modes import eval_modes, restore_modes
 from lightning_unlearn.scoring.base import out_channels
 
 SCORED_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
@@ -58,13 +59,12 @@ def discover_layers(model: nn.Module, example_input: Tensor, layers: Sequence[st
 
     handles = [m.register_forward_hook(on_layer(n)) for n, m in candidates.items()]
     handles += [m.register_forward_pre_hook(on_bn(n)) for n, m in modules.items() if isinstance(m, NORM_TYPES)]
-    was_training = model.training
     try:
-        model.eval()
+        modes = eval_modes(model)
         with torch.no_grad():
             model(example_input)
     finally:
-        model.train(was_training)
+        restore_modes(modes)
         for h in handles:
             h.remove()
     head = order[-1] if order else None
