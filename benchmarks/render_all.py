@@ -25,7 +25,8 @@ PAGES_DIR = ROOT / "docs" / "benchmarks"
 # Page order of the docs' Benchmarks section: the current defaults first, then by topic.
 PAGES = [
     "forgetting", "full_mnist_default", "evidence", "central", "core_mnist", "reset_digits", "ddp_digits",
-    "federated_mnist", "federated_scale", "flower_overhead", "flower_deployment", "dp_mnist", "sisa", "ledger",
+    "federated_mnist", "federated_population", "federated_scale", "flower_overhead", "flower_deployment", "dp_mnist",
+    "sisa", "ledger",
     "population", "population_partial", "population_init", "peers",
 ]
 #: Pages whose renderer is not benchmarks/<name>.py: page -> script path under benchmarks/, without ".py".
