@@ -288,7 +288,10 @@ PAGE_SUMMARIES = [  # (summary file, heading); the current defaults first
                                            "calibration, no reset; client: dampen)"),
     ("federated_calibration_before_summary.json", "Class request at the previous class default (dampen, no "
                                                   "calibration)"),
-    ("federated_requests_dampen_summary.json", "Client and sample requests at the default reset (dampen)"),
+    *((f"federated_reset_seed{s}_summary.json", f"Client and sample requests, reset dampen vs none, seed {s} (client "
+       "requests keep dampen, sample requests take none)") for s in range(3)),
+    ("federated_requests_dampen_summary.json", "Client and sample requests with reset dampen (the sample default "
+                                              "before the three-seed comparison above)"),
     ("federated_requests_summary.json", "Client and sample requests: reset reinit vs none, explained vs random channels"),
     ("federated_requests_epoch_summary.json", "Client and sample requests with an automatic step budget"),
     ("federated_mnist_summary.json", "Every method, class, client and sample requests at the current defaults "
@@ -299,13 +302,13 @@ PAGE_SUMMARIES = [  # (summary file, heading); the current defaults first
 def _command(config: dict) -> str:
     """The command line that reproduces a summary, from the configuration it records."""
     parts = ["python benchmarks/federated_mnist.py --data-root ../shared/data/mnist"]
-    for key in ("prefix", "reset", "requests", "methods", "unlearn_steps", "calibrate", "calibrate_epochs"):
+    for key in ("seed", "prefix", "reset", "requests", "methods", "unlearn_steps", "calibrate", "calibrate_epochs"):
         if key in config and str(config[key]) != str(PAGE_DEFAULTS.get(key)):
             parts.append(f"--{key.replace('_', '-')} {config[key]}")
     return " ".join(parts)
 
 
-PAGE_DEFAULTS = {"prefix": "federated_mnist", "unlearn_steps": 5, "calibrate": "auto", "calibrate_epochs": "auto"}
+PAGE_DEFAULTS = {"seed": 0, "prefix": "federated_mnist", "unlearn_steps": 5, "calibrate": "auto", "calibrate_epochs": "auto"}
 
 
 def render_page(results: Path) -> str:

@@ -56,7 +56,9 @@ def test_defaults_live_in_one_place_and_auto_resolves_per_engine():
     assert (central.objective, central.head_lr_scale) == (AUTO["central"]["class"]["objective"], AUTO["central"]["head_lr_scale"])
     assert (central.reset, central.calibrate) == (AUTO["central"]["class"]["reset"], AUTO["central"]["class"]["calibrate"])
     assert UnlearnConfig().reset == "auto" and (central.reset, federated.reset) == ("none", "none")  # today's defaults
-    assert UnlearnConfig().resolved(sample, "federated").reset == "dampen"
+    assert UnlearnConfig().resolved(sample, "federated").reset == "none"  # as centrally
+    assert UnlearnConfig().resolved(ForgetRequest(clients=[1]), "federated").reset == "dampen"
+    assert UnlearnConfig().resolved(ForgetRequest(clients=[1]), "central").reset == "none"
     assert (central.objective, central.calibrate, federated.calibrate) == ("retain", "head", "head")
     assert UnlearnConfig().resolved(sample, "federated").calibrate == "none"
     central_sample = UnlearnConfig().resolved(sample, "central")
