@@ -62,8 +62,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--head-lr-scale", type=float, default=HEAD_LR_SCALE,
                    help="learning-rate multiplier of the forgotten classes' head rows (class requests)")
     p.add_argument("--objective", default="auto", help="objective of ours and random channels")
-    p.add_argument("--reset", choices=RESETS, default=UnlearnConfig().reset,
-                   help="remove the selected channels before the masked rounds (ours, its controls, random channels)")
+    p.add_argument("--reset", choices=("auto", *RESETS), default=UnlearnConfig().reset,
+                   help="remove the selected channels before the masked rounds (ours, its controls, random channels); "
+                        "auto: the library's default for the request")
     p.add_argument("--calibrate", default="auto", choices=("auto", "head", "none"),
                    help="head calibration of ours and its controls (auto: head on class requests)")
     p.add_argument("--calibrate-epochs", type=steps, default="auto",
