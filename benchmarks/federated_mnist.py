@@ -289,8 +289,8 @@ PAGE_SUMMARIES = [  # (summary file, heading); the current defaults first
                                            "calibration, no reset; client: dampen)"),
     ("federated_calibration_before_summary.json", "Class request at the previous class default (dampen, no "
                                                   "calibration)"),
-    *((f"federated_reset_seed{s}_summary.json", f"Client and sample requests, reset dampen vs none, seed {s} (client "
-       "requests keep dampen, sample requests take none)") for s in range(3)),
+    *((f"federated_reset_seed{s}_summary.json", f"Client and sample requests, reset dampen, none and reinit, seed {s} "
+       "(client requests keep dampen, sample requests take none)") for s in range(3)),
     ("federated_requests_dampen_summary.json", "Client and sample requests with reset dampen (the sample default "
                                               "before the three-seed comparison above)"),
     ("federated_requests_summary.json", "Client and sample requests: reset reinit vs none, explained vs random channels"),
