@@ -61,6 +61,17 @@ def header(title: str, script: str, sources: Iterable[str], commands: Iterable[s
     return lines
 
 
+def cells_page(results: Path, pattern: str, title: str, script: str,
+               intro: str = "") -> tuple[list[Path], list[dict[str, Any]], list[str]]:
+    """The results files matching ``pattern`` (sorted), their records, and the page header naming their commands
+    and machines: the start of every page made of one cell per file."""
+    paths = sorted(Path(results).glob(pattern))
+    cells = [json.loads(p.read_text()) for p in paths]
+    lines = header(title, script, [p.name for p in paths], [c.get("command", "?") for c in cells],
+                   [c.get("machine") or UNKNOWN_MACHINE for c in cells], intro)
+    return paths, cells, lines
+
+
 def pct(value: float | None, digits: int = 1) -> str:
     """A fraction as a percentage, '-' when missing."""
     return "-" if value is None else f"{100 * value:.{digits}f}"

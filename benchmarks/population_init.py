@@ -84,11 +84,8 @@ def render_page(results=None) -> str:
     from population import RESULTS
 
     results = Path(results or RESULTS)
-    paths = sorted(results.glob("population_*_class3_init.json"))
-    cells = [json.loads(p.read_text()) for p in paths]
-    out = pagekit.header(
-        "Where the head calibration starts", "population_init.py", [p.name for p in paths],
-        [c.get("command", "?") for c in cells], [c.get("machine") or pagekit.UNKNOWN_MACHINE for c in cells],
+    _, cells, out = pagekit.cells_page(
+        results, "population_*_class3_init.json", "Where the head calibration starts", "population_init.py",
         "The head calibration re-initialises the forgotten class's head row and fits it on retain features. The "
         "retain data never moves the row along the direction only the forgotten class's features occupy, so the "
         "random draw's component there stays, and decides how far the forgotten logit falls on the forgotten data. "

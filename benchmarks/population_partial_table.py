@@ -41,11 +41,9 @@ def share_of(method: str, arch: str, request: str, dataset: str = "digits") -> f
 
 def render_page(results: Path = RESULTS) -> str:
     """The page: one table per cell, reference rows in italics, the candidates' rows of the same cell below."""
-    paths = sorted(results.glob("population_*_partial.json"))
-    cells = [json.loads(p.read_text()) for p in paths]
-    out = pagekit.header(
-        "Top-k retraining on the population harness", "population_partial_table.py", [p.name for p in paths],
-        [c.get("command", "?") for c in cells], [c.get("machine") or pagekit.UNKNOWN_MACHINE for c in cells],
+    paths, cells, out = pagekit.cells_page(
+        results, "population_*_partial.json", "Top-k retraining on the population harness",
+        "population_partial_table.py",
         "Methods of `benchmarks/population_partial.py`: the top k blocks of the network retrained from scratch on "
         "the retain data, the bottom bit-for-bit the original's; columns as on the "
         "[population evidence page](population.md). Rows marked (candidates' run) come from the same cell's "

@@ -42,11 +42,8 @@ def render_page(results: Path = population.RESULTS) -> str:
     """docs/benchmarks/peers.md: the harness's tables (``population.cell_sections``) for the peers' cells."""
     import pagekit
 
-    files = sorted(results.glob("peers_*.json"))
-    cells = [json.loads(f.read_text()) for f in files]
-    lines = pagekit.header(
-        "SUPREME's peers in the population harness", "peers/run_population.py", [f.name for f in files],
-        [c.get("command", "?") for c in cells], [c.get("machine") or pagekit.UNKNOWN_MACHINE for c in cells],
+    _, cells, lines = pagekit.cells_page(
+        results, "peers_*.json", "SUPREME's peers in the population harness", "peers/run_population.py",
         "SUPREME 0.1.5's own code at its own defaults (`benchmarks/peers/README.md`: its own virtual environment), "
         "run through the population harness; the rows in italics are the harness's reference rows, recomputed in "
         "the same run. The library's own rows on the same cells are on the [population evidence page](population.md). "

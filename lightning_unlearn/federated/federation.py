@@ -13,7 +13,7 @@ from flwr.serverapp import Grid
 
 from lightning_unlearn.federated.grid import LocalGrid, new_message
 from lightning_unlearn.federated.messages import (
-    Broadcast, ByteCounter, RoundBytes, broadcast_to_content, content_to_reply,
+    Broadcast, ByteCounter, RoundBytes, broadcast_to_content, content_to_reply, payload_bytes, wire_bytes,
 )
 from lightning_unlearn.federated.server import check_rounds
 from lightning_unlearn.request import ForgetRequest
@@ -121,8 +121,9 @@ class Federation:
 
     def book(self, label: str, content: RecordDict, direction: str) -> None:
         """Count one message's bytes (``direction``: ``"down"`` or ``"up"``) for the federation and the run."""
+        payload, wire = payload_bytes(content), wire_bytes(content)  # measured once for both counters
         for counter in (self.traffic, self.run):
-            getattr(counter, direction)(label, content)
+            counter.count(label, direction, payload, wire)
 
     def message(self, cid: int, broadcast: Broadcast, message_type: str, label: str) -> Message:
         """Client ``cid``'s message (the request joins its config) in group ``label``, its bytes booked there."""

@@ -13,7 +13,6 @@ import json
 import math
 import re
 from dataclasses import dataclass, field
-from functools import partialmethod
 from typing import Any, Callable, ClassVar, Mapping, Sequence
 
 import numpy as np
@@ -400,6 +399,11 @@ def payload_bytes(content: RecordDict) -> int:
     return arrays + sum(COUNT_BYTES for r in content.values() if isinstance(r, MetricRecord) and COUNT_KEY in r)
 
 
+def wire_bytes(content: RecordDict) -> int:
+    """Flower's own size of the records."""
+    return int(sum(r.count_bytes() for r in content.values()))
+
+
 @dataclass
 class RoundBytes:
     """Bytes sent in one round: server -> clients (down) and clients -> server (up)."""
@@ -419,14 +423,11 @@ class ByteCounter:
     payload: dict[str, RoundBytes] = field(default_factory=dict)
     wire: dict[str, RoundBytes] = field(default_factory=dict)
 
-    def _add(self, label: str, content: RecordDict, direction: str) -> None:
-        wire = sum(r.count_bytes() for r in content.values())
-        for book, n in ((self.payload, payload_bytes(content)), (self.wire, wire)):
+    def count(self, label: str, direction: str, payload: int, wire: int) -> None:
+        """Book one message's bytes (``payload_bytes``, ``wire_bytes``), ``direction`` ``"down"`` or ``"up"``."""
+        for book, n in ((self.payload, payload), (self.wire, wire)):
             b = book.setdefault(label, RoundBytes())
             setattr(b, direction, getattr(b, direction) + int(n))
-
-    down = partialmethod(_add, direction="down")  # down(label, content): book one message's bytes
-    up = partialmethod(_add, direction="up")
 
     def as_dict(self) -> dict[str, dict[str, int]]:
         return {label: {"down": b.down, "up": b.up, "wire_down": self.wire[label].down, "wire_up": self.wire[label].up}

@@ -13,6 +13,7 @@ import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
+from lightning_unlearn._modes import restore_modes
 from lightning_unlearn.config import check_bn_stats
 from lightning_unlearn.mask.parameter_mask import ParameterMask
 
@@ -42,7 +43,7 @@ class MaskEnforcer:
             keep = None if not bool(m.any()) else m.to(p.device)
             self._frozen.append((p, keep, p.detach().clone()))
         self._bn = [m for m in model.modules() if isinstance(m, BN_TYPES)]
-        self._bn_modes = [bn.training for bn in self._bn]  # given back by detach(): eval mode is for this fit only
+        self._bn_modes = [(bn, bn.training) for bn in self._bn]  # given back by detach(): eval is for this fit only
         self._bn_frozen: list[tuple[Tensor, Tensor | None, Tensor]] = []
         if bn_stats == "selected":
             names = {m: n for n, m in model.named_modules()}
@@ -102,8 +103,7 @@ class MaskEnforcer:
         for h in self._handles:
             h.remove()
         self._handles.clear()
-        for bn, mode in zip(self._bn, self._bn_modes):
-            bn.train(mode)
+        restore_modes(self._bn_modes)
 
 
 def frozen_elements_equal(model: nn.Module, reference: Mapping[str, Tensor], mask: ParameterMask) -> bool:
