@@ -40,10 +40,8 @@ class ServerCheckpoint:
         self.save(self.folder)
 
     def save(self, folder: str | os.PathLike) -> Path:
-        state = {"key": self.key, "trained": self.trained, "training": to_jsonable(self.training),
-                 "mask": self.mask.to_checkpoint() if self.mask is not None else None,
-                 "rounds_done": self.rounds_done, "current": self.current,
-                 "unlearning": to_jsonable(self.unlearning), "evaluation": to_jsonable(self.evaluation)}
+        state = {k: to_jsonable(v) if isinstance(v, list) else v for k, v in vars(self).items() if k != "folder"}
+        state["mask"] = self.mask.to_checkpoint() if self.mask is not None else None
         return save_torch(state, Path(folder) / STATE_FILE)
 
     @classmethod
@@ -58,10 +56,9 @@ class ServerCheckpoint:
         if state["key"] != key:
             raise ValueError(f"server checkpoint {path} was written by another plan (key {str(state['key'])[:12]}, "
                              f"this plan {key[:12]}); remove it or choose another checkpoint-dir")
+        saved = {k: state[k] for k in ("trained", "training", "current", "unlearning", "evaluation") if state.get(k)}
         mask = ParameterMask.from_checkpoint(state["mask"]) if state.get("mask") is not None else None
-        return cls(key, state.get("trained"), list(state.get("training") or []), mask, int(state.get("rounds_done", 0)),
-                   state.get("current"), list(state.get("unlearning") or []), list(state.get("evaluation") or []),
-                   folder)
+        return cls(key, mask=mask, rounds_done=int(state.get("rounds_done", 0)), folder=folder, **saved)
 
 
 __all__ = ["STATE_FILE", "ServerCheckpoint", "plan_key"]

@@ -8,14 +8,13 @@ import hashlib
 import math
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
 import lightning.pytorch as pl
 import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback
-from torch.utils.data import Dataset
 
 from lightning_unlearn._io import to_jsonable
 from lightning_unlearn.data.federated import ClientSplit, FederatedDataModule, FederatedForgetPlan
@@ -32,15 +31,11 @@ from lightning_unlearn.scoring.layers import LayerInfo, discover_layers
 
 
 @dataclass
-class LocalClient:
-    """One in-process node's own set-up, which its ClientApp reads: its shard, its Lightning callbacks (e.g. its
-    DP-SGD accountant) and the working model. ``split`` is the oracle's view of the current request."""
+class LocalClient(ClientPartition):
+    """An in-process node: the partition its ClientApp reads (``callbacks``: e.g. its DP-SGD accountant), the shared
+    working ``model`` and ``split``, the oracle's view of the current request."""
 
-    client_id: int
-    dataset: Dataset
-    sample_ids: np.ndarray
-    model: pl.LightningModule
-    callbacks: list[Callback] = field(default_factory=list)
+    model: pl.LightningModule | None = None
     split: ClientSplit | None = None
 
 
@@ -55,14 +50,10 @@ def make_clients(fdm: FederatedDataModule, model: pl.LightningModule, callbacks:
     """One :class:`LocalClient` per shard behind one ClientApp (they share one working copy of ``model``:
     local grids run one client at a time)."""
     work = copy.deepcopy(model)
-    clients = LocalClients(LocalClient(k, fdm.client_dataset(k), np.asarray(fdm.client_indices(k)), work)
-                           for k in range(fdm.num_clients))
-
-    def partition(context) -> ClientPartition:
-        c = clients[int(context.node_config["partition-id"])]
-        return ClientPartition(c.client_id, c.dataset, c.sample_ids, fdm.num_classes, fdm.batch_size, c.callbacks)
-
-    app = make_client_app(lambda: work, partition, (lambda: list(callbacks)) if callbacks else None, trainer_kwargs)
+    clients = LocalClients(LocalClient(k, fdm.client_dataset(k), np.asarray(fdm.client_indices(k)), fdm.num_classes,
+                                       fdm.batch_size, [], work) for k in range(fdm.num_clients))
+    app = make_client_app(lambda: work, lambda context: clients[int(context.node_config["partition-id"])],
+                          (lambda: list(callbacks)) if callbacks else None, trainer_kwargs)
     clients.grid = LocalGrid(app, len(clients))
     return clients
 
@@ -94,7 +85,7 @@ class FederatedSimulation:
         self._trainer_kwargs = dict(trainer_kwargs or {})
         self.training: FedAvgResult | None = None
         self.plan: FederatedForgetPlan | None = None
-        self._eval_dm: UnlearningDataModule | None = None
+        self.evaluation_datamodule: UnlearningDataModule | None = None  # the oracle's central view of the request
         self.timings_s: dict[str, float] = {}
 
     def train(self, resume: bool = False) -> FedAvgResult:
@@ -129,18 +120,11 @@ class FederatedSimulation:
         self.plan = self.fdm.forget_plan(request)
         for client, split in zip(self.clients, self.plan.splits):
             client.split = split
-        self._eval_dm = UnlearningDataModule(
+        self.evaluation_datamodule = UnlearningDataModule(
             self.fdm.train_dataset, self.fdm.test_dataset, request, batch_size=512, seed=self.seed,
             num_classes=self.fdm.num_classes, forget_indices=self.plan.forget_indices,
         )
         return self.plan
-
-    @property
-    def evaluation_datamodule(self) -> UnlearningDataModule:
-        """The oracle's central view of the current request (forget / retain / test splits) for evaluation."""
-        if self._eval_dm is None:
-            raise RuntimeError("call request(...) first")
-        return self._eval_dm
 
     def layers(self) -> dict[str, LayerInfo]:
         """Layer metadata from the model's structure (a zero input of the data's shape)."""
@@ -149,14 +133,14 @@ class FederatedSimulation:
 
     def evaluate(self, model: torch.nn.Module) -> dict[str, float | None]:
         """forget / remaining / test accuracy for the current request (see :func:`split_accuracies`)."""
+        if self.evaluation_datamodule is None:
+            raise RuntimeError("call request(...) first")
         return split_accuracies(model, self.evaluation_datamodule)
 
     def report(self, result: FederatedUnlearningResult, original: Mapping[str, Any],
-               retrained: FederatedUnlearningResult, retrained_metrics: Mapping[str, Any],
-               unlearned_metrics: Mapping[str, Any] | None = None) -> dict[str, Any]:
+               retrained: FederatedUnlearningResult, retrained_metrics: Mapping[str, Any]) -> dict[str, Any]:
         """The run's JSON-ready record (the issue's contract plus context)."""
-        unlearned = unlearned_metrics if unlearned_metrics is not None else self.evaluate(result.model)
-        runs = {"original": original, "unlearned": unlearned, "retrained": retrained_metrics}
+        runs = {"original": original, "unlearned": self.evaluate(result.model), "retrained": retrained_metrics}
         keys = ("forget_acc", "remaining_acc", "test_acc", "forget_train_acc", "retain_train_acc")
         trained, mask, t = self.training, result.mask, result.timings_s
         fedavg_round = trained.bytes_per_round if trained is not None else math.nan

@@ -1,6 +1,6 @@
 """The Flower ``ServerApp``: FedAvg, deploy, then the protocol's ``run_unlearning``, on a deployment's grid or an
-in-process LocalGrid. A client that fails stops the run with its reason (fewer clients would mean silently
-different results); one that does not answer in time is dropped while ``min_clients`` still answer."""
+in-process LocalGrid. A client that fails stops the run with its reason; one that does not answer in time is
+dropped while ``min_clients`` still answer."""
 from __future__ import annotations
 
 import logging
@@ -21,7 +21,7 @@ from lightning_unlearn.evidence.report import UnlearningReport, weights_sha256
 from lightning_unlearn.federated.fedavg import check_fedavg, deploy_model, run_fedavg
 from lightning_unlearn.federated.federation import POLL_S, Federation
 from lightning_unlearn.federated.checkpoint import ServerCheckpoint, plan_key
-from lightning_unlearn.federated.messages import ByteCounter, RoundBytes
+from lightning_unlearn.federated.messages import ByteCounter
 from lightning_unlearn.federated.protocol import run_unlearning
 from lightning_unlearn.federated.server import check_rounds
 from lightning_unlearn.mask import ParameterMask
@@ -58,9 +58,8 @@ class UnlearnPlan:
         if not isinstance(request, ForgetRequest):
             raise TypeError(f"request must be a ForgetRequest, got {type(request).__name__}")
         check_rounds(rounds)
-        if min_clients is not None and (isinstance(min_clients, bool) or not isinstance(min_clients, int)
-                                        or min_clients < 1):
-            raise ValueError(f"min_clients must be an integer >= 1 or None (every client), got {min_clients!r}")
+        if min_clients is not None:  # the Federation checks it against the clients that connect
+            check_rounds(min_clients, "min_clients")
         if round_timeout is not None and not (isinstance(round_timeout, (int, float)) and round_timeout > 0):
             raise ValueError(f"round_timeout must be a number of seconds > 0 or None, got {round_timeout!r}")
         self.request, self.rounds, self.evaluate = request, rounds, evaluate
@@ -97,11 +96,6 @@ class FlowerRunResult:
     resumed: dict[str, Any] = field(default_factory=dict)  # what a restarted server took from its checkpoint
     calibration: list[dict] = field(default_factory=list)  # the head calibration's rounds (calibrate="head")
 
-    def round_bytes(self, prefix: str, wire: bool = False) -> list[RoundBytes]:
-        """Bytes of every round whose label starts with ``prefix`` (``"fedavg/"``, ``"unlearn/"``, ``"score"``)."""
-        return [b for label, b in (self.traffic.wire if wire else self.traffic.payload).items()
-                if label.startswith(prefix)]
-
     def report(self) -> UnlearningReport:
         """The same :class:`UnlearningReport` the in-process engines write; metrics are the clients' own."""
         if self.plan is None:
@@ -128,16 +122,15 @@ def run_server(
     """FedAvg from ``model``'s arrays (skipped when ``train`` is None), deploy, then unlearn (when asked).
     ``checkpoint``: a folder; a restarted run with the same plans resumes from it (no retraining, the same mask).
     ``poll_s``: how often to ask the SuperLink for replies (None: the grid's own, 3 s in a deployment)."""
-    result = FlowerRunResult(plan=unlearn)
     saver = None
     if checkpoint is not None:
         key = plan_key(train.__dict__ if train else None, unlearn.key() if unlearn else None, num_clients)
         saver = ServerCheckpoint.load(checkpoint, key) or ServerCheckpoint(key, folder=checkpoint)
-    t0 = time.perf_counter()
+    laps = [time.perf_counter()]  # connect, training, deploy, unlearning
     fed = Federation(grid, num_clients, timeout, unlearn.min_clients if unlearn else None,
                      unlearn.round_timeout if unlearn else None, poll_s)
-    result.clients, result.traffic = dict(fed.nodes), fed.traffic
-    t1 = time.perf_counter()
+    result = FlowerRunResult(clients=dict(fed.nodes), traffic=fed.traffic, plan=unlearn)
+    laps.append(time.perf_counter())
     if saver is not None and saver.trained is not None:
         set_arrays(model, saver.trained)
         result.training = list(saver.training)
@@ -145,23 +138,23 @@ def run_server(
         log.info("resuming from checkpoint %s: %s", checkpoint, result.resumed)
     elif train is not None:
         result.training = run_fedavg(model, fed, **vars(train), deploy=False).history
-    t2 = time.perf_counter()
+    laps.append(time.perf_counter())
     result.trained = get_arrays(model)
     if saver is not None and saver.trained is None:
         saver.update(trained=result.trained, training=result.training)
     deploy_model(fed, result.trained)
-    t3 = time.perf_counter()
+    laps.append(time.perf_counter())
     if unlearn is not None:
         out = run_unlearning(fed, model, unlearn.request, unlearn.config, unlearn.rounds, auto=unlearn.calibrate_auto,
                              trained_epochs=train.rounds * train.local_epochs if train is not None else None,
                              evaluate=unlearn.evaluate, checkpoint=saver)
         result.scores, result.mask, result.unlearning = out.scores, out.mask, out.history
-        result.evaluation, result.calibration = out.extra.get("evaluation", []), out.extra.get("calibration", [])
         result.dropped = dict(fed.dropped)
-    t4 = time.perf_counter()
+        result.evaluation, result.calibration = out.extra.get("evaluation", []), out.extra.get("calibration", [])
+    laps.append(time.perf_counter())
     result.arrays = get_arrays(model)
-    result.timings_s = {"connect": t1 - t0, "training": t2 - t1, "deploy": t3 - t2, "unlearning": t4 - t3,
-                        "total": t4 - t0}
+    phases = ("connect", "training", "deploy", "unlearning")
+    result.timings_s = {**{name: b - a for name, a, b in zip(phases, laps, laps[1:])}, "total": laps[-1] - laps[0]}
     return result
 
 
@@ -169,8 +162,8 @@ def save_result(result: FlowerRunResult, out_dir: str | os.PathLike) -> Path:
     """``model.pt`` (final arrays), ``trained.pt`` and (after unlearning) ``mask.pt`` and ``report.json``, an
     :class:`UnlearningReport`, under ``out_dir``, each written atomically."""
     out = Path(out_dir)
-    for name, arrays in (("model.pt", result.arrays), ("trained.pt", result.trained)):
-        save_torch(arrays, out / name)
+    save_torch(result.arrays, out / "model.pt")
+    save_torch(result.trained, out / "trained.pt")
     if result.mask is not None:
         result.mask.save(out / "mask.pt")
     if result.plan is not None:
