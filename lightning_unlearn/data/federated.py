@@ -16,7 +16,7 @@ from lightning_unlearn.request import ForgetRequest
 PARTITIONS = ("iid", "dirichlet", "shards")
 
 
-# -- partitioners: targets -> list of sorted index arrays (disjoint, covering) ---------------------
+# partitioners: targets -> sorted index arrays, disjoint and covering
 def partition_iid(targets: np.ndarray, num_clients: int, seed: int = 0) -> list[np.ndarray]:
     """Uniformly random, near-equal shards."""
     perm = np.random.default_rng(seed).permutation(len(targets))
@@ -64,7 +64,6 @@ def partition_shards(targets: np.ndarray, num_clients: int, classes_per_client: 
     return [np.sort(np.concatenate(p)) for p in parts]
 
 
-# -- per-client forget sets ---------------------------------------------------------------------
 @dataclass
 class ClientSplit:
     """What one client forgets and keeps for a request (positions in the client's own dataset)."""
@@ -93,12 +92,9 @@ class FederatedForgetPlan:
 
 
 class FederatedDataModule(LightningDataModule):
-    """Shards a labelled map-style dataset into ``num_clients`` simulated clients.
-
-    ``partition`` is ``"iid"``, ``"dirichlet"`` (label skew set by ``alpha`` > 0; redrawn until every client has
-    ``min_client_samples``) or ``"shards"`` (``classes_per_client`` classes each). ``train_dataloader()`` is the
-    union of the clients: a centralised view, for comparison only.
-    """
+    """Shards a labelled map-style dataset into ``num_clients`` simulated clients: ``partition`` ``"iid"``,
+    ``"dirichlet"`` (label skew set by ``alpha`` > 0; redrawn until every client has ``min_client_samples``) or
+    ``"shards"`` (``classes_per_client`` classes each). ``train_dataloader()``: all clients' data, for comparison."""
 
     def __init__(self, train_dataset: Dataset, test_dataset: Dataset, num_clients: int = 10,
                  partition: str = "dirichlet", alpha: float = 0.5, seed: int = 0, batch_size: int = 64,
@@ -152,7 +148,6 @@ class FederatedDataModule(LightningDataModule):
     def test_dataloader(self) -> DataLoader:
         return DataLoader(self.test_dataset, batch_size=max(256, self.batch_size), num_workers=self.num_workers)
 
-    # -- summary ----------------------------------------------------------------------------
     def class_histogram(self) -> np.ndarray:
         """``(num_clients, num_classes)`` sample counts: what the table and the plot show."""
         self.setup()
@@ -188,22 +183,19 @@ class FederatedDataModule(LightningDataModule):
             fig.savefig(path, dpi=120)
         return fig
 
-    # -- forget requests ----------------------------------------------------------------------
     def forget_plan(self, request: ForgetRequest) -> FederatedForgetPlan:
         """Resolve ``request`` per client, failing fast on one that does not fit the federation. A client left
         without retain data still scores but takes no part in the later rounds."""
         self.setup()
         n = self.num_clients
         if request.kind == "client":
-            bad = [c for c in request.clients if not 0 <= c < n]
-            if bad:
+            if bad := [c for c in request.clients if not 0 <= c < n]:
                 raise ValueError(f"client id(s) {bad} out of range; allowed ids are 0..{n - 1}")
             if len(request.clients) >= n:
                 raise ValueError(f"forgetting clients {list(request.clients)} would leave no client to retain")
         else:
             present = sorted(int(c) for c in np.unique(self.targets))  # an unknown class is request.validate's error
-            absent = [c for c in request.classes if 0 <= c < self.num_classes and c not in present]
-            if absent:
+            if absent := [c for c in request.classes if 0 <= c < self.num_classes and c not in present]:
                 raise ValueError(f"class(es) {absent} are held by no client; classes held are {present}")
             request.validate(torch.as_tensor(self.targets), self.num_classes)
         splits = []
@@ -213,8 +205,7 @@ class FederatedDataModule(LightningDataModule):
         dropped = [s.client for s in splits if not len(s.retain)]
         if len(dropped) == n:
             raise ValueError(f"{request.to_dict()} leaves no client with data to retain")
-        involuntary = [c for c in dropped if c not in request.clients]
-        if involuntary:
+        if involuntary := [c for c in dropped if c not in request.clients]:
             warnings.warn(f"{request.to_dict()} takes all data of client(s) {involuntary}: they contribute scores "
                           "but are dropped from the unlearning and retraining rounds", stacklevel=2)
         forget = np.sort(np.concatenate([part[s.forget] for part, s in zip(self._parts, splits)]))

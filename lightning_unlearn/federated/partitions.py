@@ -5,7 +5,7 @@ import functools
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -73,11 +73,7 @@ class FederatedPartitions:
 
     def __call__(self, context: Context) -> ClientPartition:
         last = self.num_clients - 1
-        if PARTITION_KEY not in context.node_config:
-            raise FlowerDataError(f"this node has no {PARTITION_KEY!r} in its node config (it has "
-                                  f"{sorted(context.node_config)}), so it cannot find its data partition; start it "
-                                  f"with --node-config \"{PARTITION_KEY}=<0..{last}>\"")
-        k = context.node_config[PARTITION_KEY]
+        k = _node_config(context, PARTITION_KEY, f"<0..{last}>")
         if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k <= last:
             raise FlowerDataError(f"{PARTITION_KEY}={k!r} names no data partition; allowed ids are 0..{last}")
         fdm = self.datamodule()
@@ -93,13 +89,16 @@ def save_partition(fdm: FederatedDataModule, client_id: int, path: str | os.Path
     return save_torch(blob, path)
 
 
+def _node_config(context: Context, key: str, example: str) -> Any:
+    if key not in context.node_config:
+        raise FlowerDataError(f"this node has no {key!r} in its node config (it has {sorted(context.node_config)}), "
+                              f"so it cannot find its data partition; start it with --node-config \"{key}={example}\"")
+    return context.node_config[key]
+
+
 def file_partition(context: Context) -> ClientPartition:
     """Deployment: the shard at ``node_config["data-path"]`` (written by :func:`save_partition`)."""
-    if DATA_PATH_KEY not in context.node_config:
-        raise FlowerDataError(f"this node has no {DATA_PATH_KEY!r} in its node config (it has "
-                              f"{sorted(context.node_config)}); start it with --node-config "
-                              f"\"{DATA_PATH_KEY}='/path/to/client.pt'\"")
-    path = Path(str(context.node_config[DATA_PATH_KEY]))
+    path = Path(str(_node_config(context, DATA_PATH_KEY, "'/path/to/client.pt'")))
     where = f"{DATA_PATH_KEY}={str(path)!r}"
     if not path.is_file():
         raise FlowerDataError(f"{where} does not exist on this node: it cannot reach its data")

@@ -1,6 +1,5 @@
-"""A federation in one process: the protocol's ClientApp on a :class:`~lightning_unlearn.federated.grid.LocalGrid`
-(the server phases talk to it as to a Flower deployment), trained, handed a request, evaluated, reported. The
-evaluation is an oracle that reads the forget and retain data: it lives here, the server code never sees it."""
+"""A federation in one process: the protocol's ClientApp on a :class:`~lightning_unlearn.federated.grid.LocalGrid`.
+Its evaluation is an oracle that reads the forget and retain data: it lives here, the server code never sees it."""
 from __future__ import annotations
 
 import copy
@@ -47,8 +46,8 @@ class LocalClients(list):
 
 def make_clients(fdm: FederatedDataModule, model: pl.LightningModule, callbacks: Sequence[Callback] = (),
                  trainer_kwargs: Mapping[str, Any] | None = None) -> LocalClients:
-    """One :class:`LocalClient` per shard behind one ClientApp (they share one working copy of ``model``:
-    local grids run one client at a time)."""
+    """One :class:`LocalClient` per shard behind one ClientApp, sharing one working copy of ``model`` (a local grid
+    runs one client at a time)."""
     work = copy.deepcopy(model)
     clients = LocalClients(LocalClient(k, fdm.client_dataset(k), np.asarray(fdm.client_indices(k)), fdm.num_classes,
                                        fdm.batch_size, [], work) for k in range(fdm.num_clients))
@@ -59,18 +58,14 @@ def make_clients(fdm: FederatedDataModule, model: pl.LightningModule, callbacks:
 
 
 def _digest(value: Any, tail: bytes = b"") -> str:
-    """16 hex digits of the sha256 of ``value`` (bytes, or its repr) followed by ``tail``."""
     data = value if isinstance(value, bytes) else repr(value).encode()
     return hashlib.sha256(data + tail).hexdigest()[:16]
 
 
 class FederatedSimulation:
-    """A federation of ``fdm.num_clients`` clients training ``model`` with FedAvg, ready to unlearn.
-
-    ``rounds``, ``local_epochs`` and ``fraction`` are the FedAvg schedule (the retraining reference reuses it);
-    ``callbacks`` and ``trainer_kwargs`` go to every local run; ``checkpoint_dir`` keeps per-round server
-    checkpoints (``train(resume=True)`` continues a run); ``store_every`` keeps client updates for FedEraser.
-    """
+    """``fdm.num_clients`` clients training ``model`` with FedAvg (``rounds``, ``local_epochs``, ``fraction``: also the
+    retrained reference's schedule), ready to unlearn. ``callbacks`` and ``trainer_kwargs`` go to every local run;
+    ``checkpoint_dir``: per-round resume files for ``train(resume=True)``; ``store_every``: updates for FedEraser."""
 
     def __init__(self, fdm: FederatedDataModule, model: pl.LightningModule, rounds: int = 5, local_epochs: int = 1,
                  fraction: float = 1.0, seed: int = 0, callbacks: Sequence[Callback] = (),
@@ -101,8 +96,8 @@ class FederatedSimulation:
         return self.training
 
     def run_key(self) -> dict[str, str]:
-        """Hashes of what makes this training what it is (not the rounds: a run may extend), so that a resume
-        file written by another data split, partition, model or schedule is refused."""
+        """Hashes of data, partition, model and schedule (not the rounds: a run may extend): a resume file written
+        by another run is refused."""
         fdm, model = self.fdm, self.model
         parts = [np.asarray(fdm.client_indices(k), dtype=np.int64) for k in range(fdm.num_clients)]
         shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}

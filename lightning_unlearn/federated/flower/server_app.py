@@ -57,9 +57,7 @@ class UnlearnPlan:
                  **overrides: Any) -> None:
         if not isinstance(request, ForgetRequest):
             raise TypeError(f"request must be a ForgetRequest, got {type(request).__name__}")
-        check_rounds(rounds)
-        if min_clients is not None:  # the Federation checks it against the clients that connect
-            check_rounds(min_clients, "min_clients")
+        check_rounds(rounds)  # min_clients: the Federation checks it, against the clients that connect
         if round_timeout is not None and not (isinstance(round_timeout, (int, float)) and round_timeout > 0):
             raise ValueError(f"round_timeout must be a number of seconds > 0 or None, got {round_timeout!r}")
         self.request, self.rounds, self.evaluate = request, rounds, evaluate
@@ -96,22 +94,28 @@ class FlowerRunResult:
     resumed: dict[str, Any] = field(default_factory=dict)  # what a restarted server took from its checkpoint
     calibration: list[dict] = field(default_factory=list)  # the head calibration's rounds (calibrate="head")
 
-    def report(self) -> UnlearningReport:
-        """The same :class:`UnlearningReport` the in-process engines write; metrics are the clients' own."""
+    def save(self, out_dir: str | os.PathLike) -> Path:
+        """``model.pt`` (final arrays), ``trained.pt`` and, after unlearning, ``mask.pt`` and ``report.json`` (the
+        :class:`UnlearningReport` the in-process engines write; metrics are the clients' own), each atomic."""
+        out = Path(out_dir)
+        save_torch(self.arrays, out / "model.pt")
+        save_torch(self.trained, out / "trained.pt")
         if self.plan is None:
-            raise ValueError("this Flower run did not unlearn (no UnlearnPlan): there is nothing to report")
-        unlearned = self.evaluation[-1] if self.evaluation else {}
-        return UnlearningReport(
-            request=self.plan.request.to_dict(), method=self.plan.config.method,
-            params={**self.plan.config.to_dict(), "engine": "flower", "rounds": self.plan.rounds},
-            seed=self.plan.config.seed, original_sha256=weights_sha256(self.trained),
-            unlearned_sha256=weights_sha256(self.arrays),
+            return out
+        self.mask.save(out / "mask.pt")
+        plan, unlearned = self.plan, self.evaluation[-1] if self.evaluation else {}
+        report = UnlearningReport(
+            request=plan.request.to_dict(), method=plan.config.method,
+            params={**plan.config.to_dict(), "engine": "flower", "rounds": plan.rounds}, seed=plan.config.seed,
+            original_sha256=weights_sha256(self.trained), unlearned_sha256=weights_sha256(self.arrays),
             metrics={"unlearned": {k: v for k, v in unlearned.items() if k != "round"}},
             timings_s=dict(self.timings_s), mask=UnlearningReport.mask_summary(self.mask),
             bytes_moved=self.traffic.as_dict(),
             extra={"clients": self.clients, "training": self.training, "unlearning": self.unlearning,
                    "evaluation": self.evaluation, "dropped": self.dropped, "resumed": self.resumed},
         )
+        write_json(report.to_dict(), out / "report.json")
+        return out
 
 
 def run_server(
@@ -158,19 +162,6 @@ def run_server(
     return result
 
 
-def save_result(result: FlowerRunResult, out_dir: str | os.PathLike) -> Path:
-    """``model.pt`` (final arrays), ``trained.pt`` and (after unlearning) ``mask.pt`` and ``report.json``, an
-    :class:`UnlearningReport`, under ``out_dir``, each written atomically."""
-    out = Path(out_dir)
-    save_torch(result.arrays, out / "model.pt")
-    save_torch(result.trained, out / "trained.pt")
-    if result.mask is not None:
-        result.mask.save(out / "mask.pt")
-    if result.plan is not None:
-        write_json(result.report().to_dict(), out / "report.json")
-    return out
-
-
 def make_server_app(
     model_fn: Callable[[], pl.LightningModule], num_clients: int, train: FedAvgPlan | None = None,
     unlearn: UnlearnPlan | None = None, sink: FlowerRunResult | None = None, out_dir: str | os.PathLike | None = None,
@@ -185,9 +176,9 @@ def make_server_app(
         if sink is not None:
             sink.__dict__.update(result.__dict__)
         if out_dir is not None:
-            save_result(result, out_dir)
+            result.save(out_dir)
 
     return app
 
 
-__all__ = ["FedAvgPlan", "FlowerRunResult", "UnlearnPlan", "make_server_app", "run_server", "save_result"]
+__all__ = ["FedAvgPlan", "FlowerRunResult", "UnlearnPlan", "make_server_app", "run_server"]
