@@ -131,7 +131,7 @@ def test_pooled_batchnorm_statistics_equal_the_central_estimate_on_the_union(sim
                               **UNLEARN)
     sel = result.mask.masks["bn2.weight"]
     assert sel.any() and not result.mask.masks["bn1.weight"].any()
-    retain = [Subset(c.dataset, c.split.retain.tolist()) for c in sim.clients]
+    retain = [Subset(c.dataset, split.retain.tolist()) for c, split in zip(sim.clients, sim.plan.splits)]
     assert all(len(r) <= STATS_BATCHES * sim.fdm.batch_size for r in retain)  # every sample counted
 
     central = copy.deepcopy(original).eval()

@@ -16,7 +16,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 from lightning_unlearn._io import to_jsonable
-from lightning_unlearn.data.federated import ClientSplit, FederatedDataModule, FederatedForgetPlan
+from lightning_unlearn.data.federated import FederatedDataModule, FederatedForgetPlan
 from lightning_unlearn.data.unlearning import UnlearningDataModule
 from lightning_unlearn.federated.client import make_client_app
 from lightning_unlearn.federated.fedavg import FedAvgResult, run_fedavg
@@ -31,11 +31,10 @@ from lightning_unlearn.scoring.layers import LayerInfo, discover_layers
 
 @dataclass
 class LocalClient(ClientPartition):
-    """An in-process node: the partition its ClientApp reads (``callbacks``: e.g. its DP-SGD accountant), the shared
-    working ``model`` and ``split``, the oracle's view of the current request."""
+    """An in-process node: the partition its ClientApp reads (``callbacks``: e.g. its DP-SGD accountant) and the
+    shared working ``model``."""
 
     model: pl.LightningModule | None = None
-    split: ClientSplit | None = None
 
 
 class LocalClients(list):
@@ -111,10 +110,8 @@ class FederatedSimulation:
         }
 
     def request(self, request: ForgetRequest) -> FederatedForgetPlan:
-        """Resolve and hand the request to the clients (each learns only its own split)."""
+        """The oracle's view of ``request`` (the clients resolve their own splits from each message's request)."""
         self.plan = self.fdm.forget_plan(request)
-        for client, split in zip(self.clients, self.plan.splits):
-            client.split = split
         self.evaluation_datamodule = UnlearningDataModule(
             self.fdm.train_dataset, self.fdm.test_dataset, request, batch_size=512, seed=self.seed,
             num_classes=self.fdm.num_classes, forget_indices=self.plan.forget_indices,
