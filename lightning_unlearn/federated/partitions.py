@@ -57,7 +57,7 @@ class FederatedPartitions:
         if self.dataset == "mnist" and not self.data_root:
             raise ValueError("dataset='mnist' needs data_root (the folder with the MNIST idx .gz files)")
 
-    @functools.lru_cache(maxsize=4)  # noqa: B019 (a frozen recipe: the cache is what keeps a worker from rebuilding)
+    @functools.lru_cache(maxsize=4)  # keyed on the (frozen) recipe: each worker builds its data module once
     def datamodule(self) -> FederatedDataModule:
         if self.dataset == "digits":
             train, test = load_digits_datasets(seed=self.seed)

@@ -4,7 +4,6 @@ Epsilon is per client (sampling rates and step counts differ); the federation's 
 from __future__ import annotations
 
 import contextlib
-import inspect
 from dataclasses import dataclass
 from typing import Any, Iterator, Sequence
 
@@ -56,9 +55,6 @@ def attach_client_dp(clients: Sequence[Any], **dp: Any) -> ClientPrivacy:
     """
     if not clients:
         raise ValueError("attach_client_dp needs at least one client, got none")
-    allowed = [name for name in inspect.signature(DifferentialPrivacy).parameters if name != "fix_model"]
-    if unknown := [name for name in dp if name not in allowed]:
-        raise ValueError(f"unknown DP argument(s) {unknown} for attach_client_dp; allowed are {allowed}")
     if dp.get("target_epsilon") is not None and dp.get("epochs") is None and dp.get("steps") is None:
         raise ValueError("a per-client target_epsilon needs the length of the whole federated training: pass steps= "
                          "(rounds x local steps) or epochs= (rounds x local epochs); each round is a separate fit")
@@ -71,7 +67,7 @@ def attach_client_dp(clients: Sequence[Any], **dp: Any) -> ClientPrivacy:
     for client in clients:
         if any(isinstance(c, DifferentialPrivacy) for c in client.callbacks):
             raise ValueError(f"client {client.client_id} already trains with a DifferentialPrivacy callback")
-    callbacks = {client.client_id: DifferentialPrivacy(**dp, fix_model=False) for client in clients}
+    callbacks = {client.client_id: DifferentialPrivacy(**dp, fix_model=False) for client in clients}  # checks dp
     for client in clients:
         client.callbacks.append(callbacks[client.client_id])
     return ClientPrivacy(callbacks)

@@ -17,9 +17,8 @@ from lightning_unlearn.federated.flower.server_app import FedAvgPlan, UnlearnPla
 from lightning_unlearn.models import SmallCNN
 from lightning_unlearn.request import ForgetRequest
 
-REQUIRED = (
-    "num-clients", "train-rounds", "local-steps", "forget-class", "unlearn-rounds", "unlearn-steps", "output-dir",
-)
+REQUIRED = ("num-clients", "train-rounds", "local-steps", "forget-class", "unlearn-rounds", "unlearn-steps",
+            "output-dir")
 
 
 def model_from_config(context: Context) -> SmallCNN:
