@@ -3,7 +3,6 @@ Its evaluation is an oracle that reads the forget and retain data: it lives here
 from __future__ import annotations
 
 import copy
-import hashlib
 import math
 import os
 import time
@@ -11,13 +10,13 @@ from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
 import lightning.pytorch as pl
-import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback
 
 from lightning_unlearn._io import to_jsonable
 from lightning_unlearn.data.federated import FederatedDataModule, FederatedForgetPlan
 from lightning_unlearn.data.unlearning import UnlearningDataModule
+from lightning_unlearn.evidence.references import cache_key, index_hash, model_description
 from lightning_unlearn.federated.client import make_client_app
 from lightning_unlearn.federated.fedavg import FedAvgResult, run_fedavg
 from lightning_unlearn.federated.grid import LocalGrid
@@ -48,17 +47,12 @@ def make_clients(fdm: FederatedDataModule, model: pl.LightningModule, callbacks:
     """One :class:`LocalClient` per shard behind one ClientApp, sharing one working copy of ``model`` (a local grid
     runs one client at a time)."""
     work = copy.deepcopy(model)
-    clients = LocalClients(LocalClient(k, fdm.client_dataset(k), np.asarray(fdm.client_indices(k)), fdm.num_classes,
+    clients = LocalClients(LocalClient(k, fdm.client_dataset(k), fdm.client_indices(k), fdm.num_classes,
                                        fdm.batch_size, [], work) for k in range(fdm.num_clients))
     app = make_client_app(lambda: work, lambda context: clients[int(context.node_config["partition-id"])],
                           (lambda: list(callbacks)) if callbacks else None, trainer_kwargs)
     clients.grid = LocalGrid(app, len(clients))
     return clients
-
-
-def _digest(value: Any, tail: bytes = b"") -> str:
-    data = value if isinstance(value, bytes) else repr(value).encode()
-    return hashlib.sha256(data + tail).hexdigest()[:16]
 
 
 class FederatedSimulation:
@@ -97,17 +91,13 @@ class FederatedSimulation:
     def run_key(self) -> dict[str, str]:
         """Hashes of data, partition, model and schedule (not the rounds: a run may extend): a resume file written
         by another run is refused."""
-        fdm, model = self.fdm, self.model
-        parts = [np.asarray(fdm.client_indices(k), dtype=np.int64) for k in range(fdm.num_clients)]
-        shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-        return {
-            "data": _digest(np.asarray(fdm.targets, dtype=np.int64).tobytes()),
-            "partition": _digest((fdm.partition, fdm.alpha, fdm.seed, fdm.num_clients),
-                                 b"".join(np.int64(len(p)).tobytes() + p.tobytes() for p in parts)),
-            "model": _digest((type(model).__qualname__, sorted(shapes.items()))),
-            "hyper_parameters": _digest(sorted(dict(getattr(model, "hparams", {})).items())),
-            "schedule": _digest((self.local_epochs, self.fraction, self.seed, sorted(self._trainer_kwargs.items()))),
-        }
+        fdm = self.fdm
+        parts = [index_hash(fdm.client_indices(k)) for k in range(fdm.num_clients)]
+        schedule = {"local_epochs": self.local_epochs, "fraction": self.fraction, "seed": self.seed,
+                    "trainer": self._trainer_kwargs}
+        return {"data": index_hash(fdm.targets), "model": cache_key(model_description(self.model)),
+                "partition": cache_key({"recipe": [fdm.partition, fdm.alpha, fdm.seed], "parts": parts}),
+                "schedule": cache_key(schedule)}
 
     def request(self, request: ForgetRequest) -> FederatedForgetPlan:
         """The oracle's view of ``request`` (the clients resolve their own splits from each message's request)."""
