@@ -1,8 +1,6 @@
 """The ServerApp's checkpoint: a restarted server resumes unlearning with the same mask."""
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,14 +14,10 @@ from lightning_unlearn.mask import ParameterMask
 STATE_FILE = "server_state.pt"
 
 
-def plan_key(*parts: Any) -> str:
-    """SHA-256 of the plan's settings (JSON): a checkpoint resumes only the plan that wrote it."""
-    return hashlib.sha256(json.dumps(to_jsonable(list(parts)), sort_keys=True).encode()).hexdigest()
-
-
 @dataclass
 class ServerCheckpoint:
-    """What a resumed server needs (``current``: after ``rounds_done`` masked rounds); :meth:`update` rewrites it."""
+    """What a resumed server needs (``current``: after ``rounds_done`` masked rounds); :meth:`update` rewrites it.
+    ``key`` (a hash of the plans) must match for a resume: a checkpoint resumes only the plan that wrote it."""
 
     key: str
     trained: dict[str, Tensor] | None = None
@@ -61,4 +55,4 @@ class ServerCheckpoint:
         return cls(key, mask=mask, rounds_done=int(state.get("rounds_done", 0)), folder=folder, **saved)
 
 
-__all__ = ["STATE_FILE", "ServerCheckpoint", "plan_key"]
+__all__ = ["STATE_FILE", "ServerCheckpoint"]

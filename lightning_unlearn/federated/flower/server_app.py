@@ -17,10 +17,11 @@ from torch import Tensor
 
 from lightning_unlearn._io import save_torch, write_json
 from lightning_unlearn.config import UnlearnConfig
+from lightning_unlearn.evidence.references import cache_key
 from lightning_unlearn.evidence.report import UnlearningReport, weights_sha256
 from lightning_unlearn.federated.fedavg import check_fedavg, deploy_model, run_fedavg
 from lightning_unlearn.federated.federation import POLL_S, Federation
-from lightning_unlearn.federated.checkpoint import ServerCheckpoint, plan_key
+from lightning_unlearn.federated.checkpoint import ServerCheckpoint
 from lightning_unlearn.federated.messages import ByteCounter
 from lightning_unlearn.federated.protocol import run_unlearning
 from lightning_unlearn.federated.server import check_rounds
@@ -68,7 +69,7 @@ class UnlearnPlan:
 
     def key(self) -> str:
         """What a server checkpoint must match to be resumed: request, settings, rounds."""
-        return plan_key(self.request.to_dict(), self.config.to_dict(), self.rounds)
+        return cache_key({"request": self.request.to_dict(), "config": self.config.to_dict(), "rounds": self.rounds})
 
     def __repr__(self) -> str:
         return (f"UnlearnPlan(request={self.request.to_dict()}, rounds={self.rounds}, min_clients={self.min_clients}, "
@@ -128,7 +129,8 @@ def run_server(
     ``poll_s``: how often to ask the SuperLink for replies (None: the grid's own, 3 s in a deployment)."""
     saver = None
     if checkpoint is not None:
-        key = plan_key(train.__dict__ if train else None, unlearn.key() if unlearn else None, num_clients)
+        key = cache_key({"train": vars(train) if train else None, "unlearn": unlearn.key() if unlearn else None,
+                         "num_clients": num_clients})
         saver = ServerCheckpoint.load(checkpoint, key) or ServerCheckpoint(key, folder=checkpoint)
     laps = [time.perf_counter()]  # connect, training, deploy, unlearning
     fed = Federation(grid, num_clients, timeout, unlearn.min_clients if unlearn else None,
