@@ -50,7 +50,8 @@ def main(argv=None) -> None:
     target = original["forget_acc"] - 0.05
 
     def row(model, bytes_=None) -> dict:
-        relearn = relearn_steps(copy.deepcopy(model), sim._eval_dm, target, max_samples=256, max_steps=200, seed=args.seed)
+        relearn = relearn_steps(copy.deepcopy(model), sim.evaluation_datamodule, target, max_samples=256,
+                                max_steps=200, seed=args.seed)
         return {**{k: sim.evaluate(model)[k] for k in ("forget_acc", "remaining_acc", "test_acc")},
                 "relearn_steps": relearn, **(bytes_ or {})}
 

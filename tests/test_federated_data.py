@@ -53,18 +53,18 @@ def test_shards_give_each_client_its_classes(digits):
 
 def test_summary_table_and_plot(digits, tmp_path):
     dm = FederatedDataModule(*digits, num_clients=4, seed=0)
-    rows = dm.summary()
-    assert [r["samples"] for r in rows] == [len(dm.client_indices(k)) for k in range(4)]
-    assert sum(sum(r["histogram"]) for r in rows) == len(digits[0])
+    hist = dm.class_histogram()
+    assert hist.sum(1).tolist() == [len(dm.client_indices(k)) for k in range(4)]
+    assert hist.sum() == len(digits[0])
     table = dm.summary_table()
     assert len(table.splitlines()) == 2 + 4 and "alpha=0.5" in table
     dm.plot_partition(tmp_path / "partition.png")
     assert (tmp_path / "partition.png").stat().st_size > 1000
 
 
-def test_client_loader_serves_only_its_shard(digits):
+def test_client_dataset_serves_only_its_shard(digits):
     dm = FederatedDataModule(*digits, num_clients=3, seed=0, batch_size=1000)
-    x, y = next(iter(dm.client_dataloader(1, shuffle=False)))
+    y = dataset_targets(dm.client_dataset(1))
     idx = dm.client_indices(1)
     assert torch.equal(y, dataset_targets(digits[0])[torch.as_tensor(idx)])
 

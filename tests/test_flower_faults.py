@@ -98,8 +98,8 @@ def test_dropout_at_or_above_min_clients_goes_on_without_the_client():
 
 
 def test_min_clients_is_checked_before_any_round():
-    with pytest.raises(ValueError, match="min_clients must be an integer >= 1 or None"):
-        UnlearnPlan(ForgetRequest(classes=[3]), min_clients=0)
+    with pytest.raises(ValueError, match="min_clients must be an integer >= 1, got 0"):
+        _federation(_reply, min_clients=0)
     with pytest.raises(ValueError, match="round_timeout must be a number of seconds > 0"):
         UnlearnPlan(ForgetRequest(classes=[3]), round_timeout=-1)
     with pytest.raises(ValueError, match="min_clients=4 exceeds the 3 connected clients"):

@@ -16,19 +16,16 @@ from lightning_unlearn.request import ForgetRequest
 PARTITIONS = ("iid", "dirichlet", "shards")
 
 
-# -- partitioners: targets -> list of sorted index arrays (disjoint, covering) ---------------------
+# partitioners: targets -> sorted index arrays, disjoint and covering
 def partition_iid(targets: np.ndarray, num_clients: int, seed: int = 0) -> list[np.ndarray]:
     """Uniformly random, near-equal shards."""
     perm = np.random.default_rng(seed).permutation(len(targets))
     return [np.sort(part) for part in np.array_split(perm, num_clients)]
 
 
-def partition_dirichlet(
-    targets: np.ndarray, num_clients: int, alpha: float = 0.5, seed: int = 0, min_samples: int = 10, max_tries: int = 100
-) -> list[np.ndarray]:
+def partition_dirichlet(targets: np.ndarray, num_clients: int, alpha: float = 0.5, seed: int = 0,
+                        min_samples: int = 10, max_tries: int = 100) -> list[np.ndarray]:
     """Per class, split its samples over clients with proportions ~ Dirichlet(alpha) (Hsu et al. 2019)."""
-    if not alpha > 0:
-        raise ValueError(f"alpha must be > 0 (Dirichlet concentration), got {alpha!r}")
     rng = np.random.default_rng(seed)
     floor = max(1, min(min_samples, len(targets) // num_clients))
     for _ in range(max_tries):
@@ -45,7 +42,8 @@ def partition_dirichlet(
                      f"{max_tries} draws; use fewer clients or a larger alpha")
 
 
-def partition_shards(targets: np.ndarray, num_clients: int, classes_per_client: int = 2, seed: int = 0) -> list[np.ndarray]:
+def partition_shards(targets: np.ndarray, num_clients: int, classes_per_client: int = 2,
+                     seed: int = 0) -> list[np.ndarray]:
     """Each client holds exactly ``classes_per_client`` classes; a class is split evenly among its holders."""
     classes = np.unique(targets)
     if not 1 <= classes_per_client <= len(classes):
@@ -66,7 +64,6 @@ def partition_shards(targets: np.ndarray, num_clients: int, classes_per_client: 
     return [np.sort(np.concatenate(p)) for p in parts]
 
 
-# -- per-client forget sets ---------------------------------------------------------------------
 @dataclass
 class ClientSplit:
     """What one client forgets and keeps for a request (positions in the client's own dataset)."""
@@ -95,12 +92,9 @@ class FederatedForgetPlan:
 
 
 class FederatedDataModule(LightningDataModule):
-    """Shards a labelled map-style dataset into ``num_clients`` simulated clients.
-
-    ``partition`` is ``"iid"``, ``"dirichlet"`` (label skew set by ``alpha`` > 0; redrawn until every client has
-    ``min_client_samples``) or ``"shards"`` (``classes_per_client`` classes each). ``train_dataloader()`` is the
-    union of the clients: a centralised view, for comparison only.
-    """
+    """Shards a labelled map-style dataset into ``num_clients`` simulated clients: ``partition`` ``"iid"``,
+    ``"dirichlet"`` (label skew set by ``alpha`` > 0; redrawn until every client has ``min_client_samples``) or
+    ``"shards"`` (``classes_per_client`` classes each). ``train_dataloader()``: all clients' data, for comparison."""
 
     def __init__(self, train_dataset: Dataset, test_dataset: Dataset, num_clients: int = 10,
                  partition: str = "dirichlet", alpha: float = 0.5, seed: int = 0, batch_size: int = 64,
@@ -147,11 +141,6 @@ class FederatedDataModule(LightningDataModule):
     def client_dataset(self, k: int) -> Subset:
         return Subset(self.train_dataset, self.client_indices(k).tolist())
 
-    def client_dataloader(self, k: int, shuffle: bool = True, seed: int | None = None) -> DataLoader:
-        generator = torch.Generator().manual_seed(self.seed if seed is None else seed) if shuffle else None
-        return DataLoader(self.client_dataset(k), batch_size=self.batch_size, shuffle=shuffle, generator=generator,
-                          num_workers=self.num_workers)
-
     def train_dataloader(self) -> DataLoader:
         return DataLoader(self.train_dataset, batch_size=self.batch_size, shuffle=True,
                           generator=torch.Generator().manual_seed(self.seed), num_workers=self.num_workers)
@@ -159,16 +148,13 @@ class FederatedDataModule(LightningDataModule):
     def test_dataloader(self) -> DataLoader:
         return DataLoader(self.test_dataset, batch_size=max(256, self.batch_size), num_workers=self.num_workers)
 
-    # -- summary ----------------------------------------------------------------------------
     def class_histogram(self) -> np.ndarray:
-        """``(num_clients, num_classes)`` sample counts."""
+        """``(num_clients, num_classes)`` sample counts: what the table and the plot show."""
         self.setup()
         return np.stack([np.bincount(self.targets[p], minlength=self.num_classes) for p in self._parts])
 
-    def summary(self) -> list[dict]:
-        """One row per client: samples, classes held, class histogram."""
-        return [{"client": k, "samples": int(h.sum()), "classes": int((h > 0).sum()), "histogram": h.tolist()}
-                for k, h in enumerate(self.class_histogram())]
+    def _title(self) -> str:
+        return f"{self.partition} partition" + (f" (alpha={self.alpha:g})" if self.partition == "dirichlet" else "")
 
     def summary_table(self) -> str:
         """The partition as a fixed-width text table (clients x classes)."""
@@ -176,8 +162,7 @@ class FederatedDataModule(LightningDataModule):
         width = max(5, len(str(int(hist.max()))) + 1)
         head = "client  samples " + "".join(f"{c:>{width}}" for c in range(self.num_classes))
         rows = [f"{k:>6}  {int(h.sum()):>7} " + "".join(f"{int(v):>{width}}" for v in h) for k, h in enumerate(hist)]
-        title = f"partition={self.partition}" + (f" alpha={self.alpha:g}" if self.partition == "dirichlet" else "")
-        return "\n".join([f"{title} seed={self.seed}", head, *rows])
+        return "\n".join([f"{self._title()}, seed {self.seed}", head, *rows])
 
     def plot_partition(self, path: str | Path | None = None):
         """Stacked bar chart of each client's class histogram; saved to ``path`` when given. Returns the figure."""
@@ -190,8 +175,7 @@ class FederatedDataModule(LightningDataModule):
         colors = matplotlib.colormaps["tab10" if self.num_classes <= 10 else "tab20"]
         for c in range(self.num_classes):
             ax.bar(clients, hist[:, c], bottom=hist[:, :c].sum(1), label=str(c), color=colors(c % colors.N))
-        ax.set(xlabel="client", ylabel="samples", title=f"{self.partition} partition"
-               + (f" (alpha={self.alpha:g})" if self.partition == "dirichlet" else ""))
+        ax.set(xlabel="client", ylabel="samples", title=self._title())
         ax.legend(title="class", fontsize="small", ncol=2, bbox_to_anchor=(1.01, 1), loc="upper left")
         fig.tight_layout()
         if path is not None:
@@ -199,22 +183,19 @@ class FederatedDataModule(LightningDataModule):
             fig.savefig(path, dpi=120)
         return fig
 
-    # -- forget requests ----------------------------------------------------------------------
     def forget_plan(self, request: ForgetRequest) -> FederatedForgetPlan:
         """Resolve ``request`` per client, failing fast on one that does not fit the federation. A client left
         without retain data still scores but takes no part in the later rounds."""
         self.setup()
         n = self.num_clients
         if request.kind == "client":
-            bad = [c for c in request.clients if not 0 <= c < n]
-            if bad:
+            if bad := [c for c in request.clients if not 0 <= c < n]:
                 raise ValueError(f"client id(s) {bad} out of range; allowed ids are 0..{n - 1}")
             if len(request.clients) >= n:
                 raise ValueError(f"forgetting clients {list(request.clients)} would leave no client to retain")
         else:
             present = sorted(int(c) for c in np.unique(self.targets))  # an unknown class is request.validate's error
-            absent = [c for c in request.classes if 0 <= c < self.num_classes and c not in present]
-            if absent:
+            if absent := [c for c in request.classes if 0 <= c < self.num_classes and c not in present]:
                 raise ValueError(f"class(es) {absent} are held by no client; classes held are {present}")
             request.validate(torch.as_tensor(self.targets), self.num_classes)
         splits = []
@@ -224,8 +205,7 @@ class FederatedDataModule(LightningDataModule):
         dropped = [s.client for s in splits if not len(s.retain)]
         if len(dropped) == n:
             raise ValueError(f"{request.to_dict()} leaves no client with data to retain")
-        involuntary = [c for c in dropped if c not in request.clients]
-        if involuntary:
+        if involuntary := [c for c in dropped if c not in request.clients]:
             warnings.warn(f"{request.to_dict()} takes all data of client(s) {involuntary}: they contribute scores "
                           "but are dropped from the unlearning and retraining rounds", stacklevel=2)
         forget = np.sort(np.concatenate([part[s.forget] for part, s in zip(self._parts, splits)]))

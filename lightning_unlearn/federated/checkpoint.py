@@ -1,8 +1,6 @@
 """The ServerApp's checkpoint: a restarted server resumes unlearning with the same mask."""
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,14 +14,10 @@ from lightning_unlearn.mask import ParameterMask
 STATE_FILE = "server_state.pt"
 
 
-def plan_key(*parts: Any) -> str:
-    """SHA-256 of the plan's settings (JSON): a checkpoint resumes only the plan that wrote it."""
-    return hashlib.sha256(json.dumps(to_jsonable(list(parts)), sort_keys=True).encode()).hexdigest()
-
-
 @dataclass
 class ServerCheckpoint:
-    """What a resumed server needs (``current``: after ``rounds_done`` masked rounds); :meth:`update` rewrites it."""
+    """What a resumed server needs (``current``: after ``rounds_done`` masked rounds); :meth:`update` rewrites it.
+    ``key`` (a hash of the plans) must match for a resume: a checkpoint resumes only the plan that wrote it."""
 
     key: str
     trained: dict[str, Tensor] | None = None
@@ -40,10 +34,8 @@ class ServerCheckpoint:
         self.save(self.folder)
 
     def save(self, folder: str | os.PathLike) -> Path:
-        state = {"key": self.key, "trained": self.trained, "training": to_jsonable(self.training),
-                 "mask": self.mask.to_checkpoint() if self.mask is not None else None,
-                 "rounds_done": self.rounds_done, "current": self.current,
-                 "unlearning": to_jsonable(self.unlearning), "evaluation": to_jsonable(self.evaluation)}
+        state = {k: to_jsonable(v) if isinstance(v, list) else v for k, v in vars(self).items() if k != "folder"}
+        state["mask"] = self.mask.to_checkpoint() if self.mask is not None else None
         return save_torch(state, Path(folder) / STATE_FILE)
 
     @classmethod
@@ -58,10 +50,9 @@ class ServerCheckpoint:
         if state["key"] != key:
             raise ValueError(f"server checkpoint {path} was written by another plan (key {str(state['key'])[:12]}, "
                              f"this plan {key[:12]}); remove it or choose another checkpoint-dir")
+        saved = {k: state[k] for k in ("trained", "training", "current", "unlearning", "evaluation") if state.get(k)}
         mask = ParameterMask.from_checkpoint(state["mask"]) if state.get("mask") is not None else None
-        return cls(key, state.get("trained"), list(state.get("training") or []), mask, int(state.get("rounds_done", 0)),
-                   state.get("current"), list(state.get("unlearning") or []), list(state.get("evaluation") or []),
-                   folder)
+        return cls(key, mask=mask, rounds_done=int(state.get("rounds_done", 0)), folder=folder, **saved)
 
 
-__all__ = ["STATE_FILE", "ServerCheckpoint", "plan_key"]
+__all__ = ["STATE_FILE", "ServerCheckpoint"]

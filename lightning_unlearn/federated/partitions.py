@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import functools
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -50,7 +50,6 @@ class FederatedPartitions:
     seed: int = 0
     batch_size: int = 64
     data_root: str | None = None
-    extra: Mapping[str, Any] = field(default_factory=dict)  # more FederatedDataModule arguments
 
     def __post_init__(self) -> None:
         if self.dataset not in DATASETS:
@@ -58,36 +57,27 @@ class FederatedPartitions:
         if self.dataset == "mnist" and not self.data_root:
             raise ValueError("dataset='mnist' needs data_root (the folder with the MNIST idx .gz files)")
 
+    @functools.lru_cache(maxsize=4)  # keyed on the (frozen) recipe: each worker builds its data module once
     def datamodule(self) -> FederatedDataModule:
-        return _datamodule(self.dataset, self.data_root, self.num_clients, self.partition, self.alpha, self.seed,
-                           self.batch_size, tuple(sorted(self.extra.items())))
+        if self.dataset == "digits":
+            train, test = load_digits_datasets(seed=self.seed)
+        else:
+            try:
+                train, test = load_mnist(self.data_root)
+            except OSError as err:  # FileNotFoundError included
+                raise FlowerDataError(f"this node cannot read MNIST from data_root={self.data_root!r}: {err}") from err
+        fdm = FederatedDataModule(train, test, num_clients=self.num_clients, partition=self.partition,
+                                  alpha=self.alpha, seed=self.seed, batch_size=self.batch_size)
+        fdm.setup("fit")
+        return fdm
 
     def __call__(self, context: Context) -> ClientPartition:
         last = self.num_clients - 1
-        if PARTITION_KEY not in context.node_config:
-            raise FlowerDataError(f"this node has no {PARTITION_KEY!r} in its node config (it has "
-                                  f"{sorted(context.node_config)}), so it cannot find its data partition; start it "
-                                  f"with --node-config \"{PARTITION_KEY}=<0..{last}>\"")
-        k = context.node_config[PARTITION_KEY]
+        k = _node_config(context, PARTITION_KEY, f"<0..{last}>")
         if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k <= last:
             raise FlowerDataError(f"{PARTITION_KEY}={k!r} names no data partition; allowed ids are 0..{last}")
         fdm = self.datamodule()
         return ClientPartition(k, fdm.client_dataset(k), fdm.client_indices(k), fdm.num_classes, fdm.batch_size)
-
-
-@functools.lru_cache(maxsize=4)
-def _datamodule(dataset, data_root, num_clients, partition, alpha, seed, batch_size, extra) -> FederatedDataModule:
-    if dataset == "digits":
-        train, test = load_digits_datasets(seed=seed)
-    else:
-        try:
-            train, test = load_mnist(data_root)
-        except OSError as err:  # FileNotFoundError included
-            raise FlowerDataError(f"this node cannot read MNIST from data_root={data_root!r}: {err}") from err
-    fdm = FederatedDataModule(train, test, num_clients=num_clients, partition=partition, alpha=alpha, seed=seed,
-                              batch_size=batch_size, **dict(extra))
-    fdm.setup("fit")
-    return fdm
 
 
 def save_partition(fdm: FederatedDataModule, client_id: int, path: str | os.PathLike) -> Path:
@@ -99,13 +89,16 @@ def save_partition(fdm: FederatedDataModule, client_id: int, path: str | os.Path
     return save_torch(blob, path)
 
 
+def _node_config(context: Context, key: str, example: str) -> Any:
+    if key not in context.node_config:
+        raise FlowerDataError(f"this node has no {key!r} in its node config (it has {sorted(context.node_config)}), "
+                              f"so it cannot find its data partition; start it with --node-config \"{key}={example}\"")
+    return context.node_config[key]
+
+
 def file_partition(context: Context) -> ClientPartition:
     """Deployment: the shard at ``node_config["data-path"]`` (written by :func:`save_partition`)."""
-    if DATA_PATH_KEY not in context.node_config:
-        raise FlowerDataError(f"this node has no {DATA_PATH_KEY!r} in its node config (it has "
-                              f"{sorted(context.node_config)}); start it with --node-config "
-                              f"\"{DATA_PATH_KEY}='/path/to/client.pt'\"")
-    path = Path(str(context.node_config[DATA_PATH_KEY]))
+    path = Path(str(_node_config(context, DATA_PATH_KEY, "'/path/to/client.pt'")))
     where = f"{DATA_PATH_KEY}={str(path)!r}"
     if not path.is_file():
         raise FlowerDataError(f"{where} does not exist on this node: it cannot reach its data")

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -27,12 +28,11 @@ class FederatedSettings:
         local_epochs: local epochs per client per round.
         local_steps: cap on local optimizer steps per client per round (None: whole epochs).
         fraction: share of clients sampled per round in FedAvg and the masked rounds (scoring and the statistics
-            round after a reset ask every client).
+            round ask every client).
         unlearn_rounds: masked unlearning rounds (each client's budget: ``unlearning.epochs`` / ``max_steps``).
         output_dir: where ``fit`` writes ``original.ckpt`` and the per-round server checkpoints.
         fresh: train from round 0 even if ``output_dir`` holds a resume file (one from another run is refused).
-        dp_target_epsilon: local DP-SGD at every client during ``fit`` (Opacus, the ``dp`` extra) to this epsilon,
-            per client, for the whole training.
+        dp_target_epsilon: local DP-SGD (Opacus) at every client during ``fit``, to this epsilon per client.
         dp_noise_multiplier: or at this fixed noise multiplier (give one of the two).
         dp_max_grad_norm: per-sample clipping norm of the DP runs.
         dp_delta: delta of the DP runs.
@@ -59,21 +59,29 @@ def simulation(model: pl.LightningModule, fdm: FederatedDataModule, s: Federated
                                checkpoint_dir=str(Path(s.output_dir) / "rounds") if checkpoints else None)
 
 
-def federated_fit(model: pl.LightningModule, fdm: FederatedDataModule, settings: FederatedSettings, seed: int = 0,
+def federated_fit(model: pl.LightningModule, fdm: FederatedDataModule, s: FederatedSettings, seed: int = 0,
                   echo: Callable[[str], None] | None = None) -> Path:
     """FedAvg training; writes ``<output_dir>/original.ckpt`` (a new name if it exists). Resumes from the round
     checkpoints, except with DP: they do not carry the clients' privacy accountants."""
-    dp = settings.dp_target_epsilon is not None or settings.dp_noise_multiplier is not None
+    dp = s.dp_target_epsilon is not None or s.dp_noise_multiplier is not None
     if dp:
-        from lightning_unlearn.privacy.federated import attach_settings_dp, prepare_model
+        from lightning_unlearn.privacy import attach_client_dp, make_dp_compatible
 
-        prepare_model(model)
-    sim = simulation(model, fdm, settings, seed, checkpoints=not dp)
-    privacy = attach_settings_dp(sim.clients, settings) if dp else None
-    result = sim.train(resume=not dp and not settings.fresh)
-    path = save_checkpoint(sim.model, unique_path(Path(settings.output_dir) / "original.ckpt"))
+        if replaced := make_dp_compatible(model):  # before the federation copies it: server and clients agree
+            warnings.warn("DP-SGD: replaced " + "; ".join(replaced) + ". The checkpoint will hold the new layers; name "
+                          "a compatible model in the config (lightning_unlearn.privacy.models.DPSmallCNN for SmallCNN) "
+                          "to load it later", UserWarning, stacklevel=2)
+    sim = simulation(model, fdm, s, seed, checkpoints=not dp)
+    privacy = None
+    if dp:  # the budget covers the whole training: every round is a separate local fit
+        steps = s.rounds * s.local_steps if s.local_steps else None
+        privacy = attach_client_dp(sim.clients, target_epsilon=s.dp_target_epsilon,
+                                   noise_multiplier=s.dp_noise_multiplier, max_grad_norm=s.dp_max_grad_norm,
+                                   delta=s.dp_delta, steps=steps, epochs=None if steps else s.rounds * s.local_epochs)
+    result = sim.train(resume=not dp and not s.fresh)
+    path = save_checkpoint(sim.model, unique_path(Path(s.output_dir) / "original.ckpt"))
     say = echo or log.info
-    say(f"FedAvg: {settings.rounds} rounds, test acc {result.history[-1].get('test_acc', float('nan')):.4f}; "
+    say(f"FedAvg: {s.rounds} rounds, test acc {result.history[-1].get('test_acc', float('nan')):.4f}; "
         f"checkpoint: {path}")
     if privacy is not None:
         say(privacy.describe())

@@ -1,25 +1,22 @@
-"""A federation in one process: the protocol's ClientApp on a :class:`~lightning_unlearn.federated.grid.LocalGrid`
-(the server phases talk to it as to a Flower deployment), trained, handed a request, evaluated, reported. The
-evaluation is an oracle that reads the forget and retain data: it lives here, the server code never sees it."""
+"""A federation in one process: the protocol's ClientApp on a :class:`~lightning_unlearn.federated.grid.LocalGrid`.
+Its evaluation is an oracle that reads the forget and retain data: it lives here, the server code never sees it."""
 from __future__ import annotations
 
 import copy
-import hashlib
 import math
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
 import lightning.pytorch as pl
-import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback
-from torch.utils.data import Dataset
 
 from lightning_unlearn._io import to_jsonable
-from lightning_unlearn.data.federated import ClientSplit, FederatedDataModule, FederatedForgetPlan
+from lightning_unlearn.data.federated import FederatedDataModule, FederatedForgetPlan
 from lightning_unlearn.data.unlearning import UnlearningDataModule
+from lightning_unlearn.evidence.references import cache_key, index_hash, model_description
 from lightning_unlearn.federated.client import make_client_app
 from lightning_unlearn.federated.fedavg import FedAvgResult, run_fedavg
 from lightning_unlearn.federated.grid import LocalGrid
@@ -32,16 +29,11 @@ from lightning_unlearn.scoring.layers import LayerInfo, discover_layers
 
 
 @dataclass
-class LocalClient:
-    """One in-process node's own set-up, which its ClientApp reads: its shard, its Lightning callbacks (e.g. its
-    DP-SGD accountant) and the working model. ``split`` is the oracle's view of the current request."""
+class LocalClient(ClientPartition):
+    """An in-process node: the partition its ClientApp reads (``callbacks``: e.g. its DP-SGD accountant) and the
+    shared working ``model``."""
 
-    client_id: int
-    dataset: Dataset
-    sample_ids: np.ndarray
-    model: pl.LightningModule
-    callbacks: list[Callback] = field(default_factory=list)
-    split: ClientSplit | None = None
+    model: pl.LightningModule | None = None
 
 
 class LocalClients(list):
@@ -52,34 +44,21 @@ class LocalClients(list):
 
 def make_clients(fdm: FederatedDataModule, model: pl.LightningModule, callbacks: Sequence[Callback] = (),
                  trainer_kwargs: Mapping[str, Any] | None = None) -> LocalClients:
-    """One :class:`LocalClient` per shard behind one ClientApp (they share one working copy of ``model``:
-    local grids run one client at a time)."""
+    """One :class:`LocalClient` per shard behind one ClientApp, sharing one working copy of ``model`` (a local grid
+    runs one client at a time)."""
     work = copy.deepcopy(model)
-    clients = LocalClients(LocalClient(k, fdm.client_dataset(k), np.asarray(fdm.client_indices(k)), work)
-                           for k in range(fdm.num_clients))
-
-    def partition(context) -> ClientPartition:
-        c = clients[int(context.node_config["partition-id"])]
-        return ClientPartition(c.client_id, c.dataset, c.sample_ids, fdm.num_classes, fdm.batch_size, c.callbacks)
-
-    app = make_client_app(lambda: work, partition, (lambda: list(callbacks)) if callbacks else None, trainer_kwargs)
+    clients = LocalClients(LocalClient(k, fdm.client_dataset(k), fdm.client_indices(k), fdm.num_classes,
+                                       fdm.batch_size, [], work) for k in range(fdm.num_clients))
+    app = make_client_app(lambda: work, lambda context: clients[int(context.node_config["partition-id"])],
+                          (lambda: list(callbacks)) if callbacks else None, trainer_kwargs)
     clients.grid = LocalGrid(app, len(clients))
     return clients
 
 
-def _digest(value: Any, tail: bytes = b"") -> str:
-    """16 hex digits of the sha256 of ``value`` (bytes, or its repr) followed by ``tail``."""
-    data = value if isinstance(value, bytes) else repr(value).encode()
-    return hashlib.sha256(data + tail).hexdigest()[:16]
-
-
 class FederatedSimulation:
-    """A federation of ``fdm.num_clients`` clients training ``model`` with FedAvg, ready to unlearn.
-
-    ``rounds``, ``local_epochs`` and ``fraction`` are the FedAvg schedule (the retraining reference reuses it);
-    ``callbacks`` and ``trainer_kwargs`` go to every local run; ``checkpoint_dir`` keeps per-round server
-    checkpoints (``train(resume=True)`` continues a run); ``store_every`` keeps client updates for FedEraser.
-    """
+    """``fdm.num_clients`` clients training ``model`` with FedAvg (``rounds``, ``local_epochs``, ``fraction``: also the
+    retrained reference's schedule), ready to unlearn. ``callbacks`` and ``trainer_kwargs`` go to every local run;
+    ``checkpoint_dir``: per-round resume files for ``train(resume=True)``; ``store_every``: updates for FedEraser."""
 
     def __init__(self, fdm: FederatedDataModule, model: pl.LightningModule, rounds: int = 5, local_epochs: int = 1,
                  fraction: float = 1.0, seed: int = 0, callbacks: Sequence[Callback] = (),
@@ -94,7 +73,7 @@ class FederatedSimulation:
         self._trainer_kwargs = dict(trainer_kwargs or {})
         self.training: FedAvgResult | None = None
         self.plan: FederatedForgetPlan | None = None
-        self._eval_dm: UnlearningDataModule | None = None
+        self.evaluation_datamodule: UnlearningDataModule | None = None  # the oracle's central view of the request
         self.timings_s: dict[str, float] = {}
 
     def train(self, resume: bool = False) -> FedAvgResult:
@@ -110,37 +89,24 @@ class FederatedSimulation:
         return self.training
 
     def run_key(self) -> dict[str, str]:
-        """Hashes of what makes this training what it is (not the rounds: a run may extend), so that a resume
-        file written by another data split, partition, model or schedule is refused."""
-        fdm, model = self.fdm, self.model
-        parts = [np.asarray(fdm.client_indices(k), dtype=np.int64) for k in range(fdm.num_clients)]
-        shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-        return {
-            "data": _digest(np.asarray(fdm.targets, dtype=np.int64).tobytes()),
-            "partition": _digest((fdm.partition, fdm.alpha, fdm.seed, fdm.num_clients),
-                                 b"".join(np.int64(len(p)).tobytes() + p.tobytes() for p in parts)),
-            "model": _digest((type(model).__qualname__, sorted(shapes.items()))),
-            "hyper_parameters": _digest(sorted(dict(getattr(model, "hparams", {})).items())),
-            "schedule": _digest((self.local_epochs, self.fraction, self.seed, sorted(self._trainer_kwargs.items()))),
-        }
+        """Hashes of data, partition, model and schedule (not the rounds: a run may extend): a resume file written
+        by another run is refused."""
+        fdm = self.fdm
+        parts = [index_hash(fdm.client_indices(k)) for k in range(fdm.num_clients)]
+        schedule = {"local_epochs": self.local_epochs, "fraction": self.fraction, "seed": self.seed,
+                    "trainer": self._trainer_kwargs}
+        return {"data": index_hash(fdm.targets), "model": cache_key(model_description(self.model)),
+                "partition": cache_key({"recipe": [fdm.partition, fdm.alpha, fdm.seed], "parts": parts}),
+                "schedule": cache_key(schedule)}
 
     def request(self, request: ForgetRequest) -> FederatedForgetPlan:
-        """Resolve and hand the request to the clients (each learns only its own split)."""
+        """The oracle's view of ``request`` (the clients resolve their own splits from each message's request)."""
         self.plan = self.fdm.forget_plan(request)
-        for client, split in zip(self.clients, self.plan.splits):
-            client.split = split
-        self._eval_dm = UnlearningDataModule(
+        self.evaluation_datamodule = UnlearningDataModule(
             self.fdm.train_dataset, self.fdm.test_dataset, request, batch_size=512, seed=self.seed,
             num_classes=self.fdm.num_classes, forget_indices=self.plan.forget_indices,
         )
         return self.plan
-
-    @property
-    def evaluation_datamodule(self) -> UnlearningDataModule:
-        """The oracle's central view of the current request (forget / retain / test splits) for evaluation."""
-        if self._eval_dm is None:
-            raise RuntimeError("call request(...) first")
-        return self._eval_dm
 
     def layers(self) -> dict[str, LayerInfo]:
         """Layer metadata from the model's structure (a zero input of the data's shape)."""
@@ -149,14 +115,14 @@ class FederatedSimulation:
 
     def evaluate(self, model: torch.nn.Module) -> dict[str, float | None]:
         """forget / remaining / test accuracy for the current request (see :func:`split_accuracies`)."""
+        if self.evaluation_datamodule is None:
+            raise RuntimeError("call request(...) first")
         return split_accuracies(model, self.evaluation_datamodule)
 
     def report(self, result: FederatedUnlearningResult, original: Mapping[str, Any],
-               retrained: FederatedUnlearningResult, retrained_metrics: Mapping[str, Any],
-               unlearned_metrics: Mapping[str, Any] | None = None) -> dict[str, Any]:
+               retrained: FederatedUnlearningResult, retrained_metrics: Mapping[str, Any]) -> dict[str, Any]:
         """The run's JSON-ready record (the issue's contract plus context)."""
-        unlearned = unlearned_metrics if unlearned_metrics is not None else self.evaluate(result.model)
-        runs = {"original": original, "unlearned": unlearned, "retrained": retrained_metrics}
+        runs = {"original": original, "unlearned": self.evaluate(result.model), "retrained": retrained_metrics}
         keys = ("forget_acc", "remaining_acc", "test_acc", "forget_train_acc", "retain_train_acc")
         trained, mask, t = self.training, result.mask, result.timings_s
         fedavg_round = trained.bytes_per_round if trained is not None else math.nan

@@ -4,13 +4,11 @@ Epsilon is per client (sampling rates and step counts differ); the federation's 
 from __future__ import annotations
 
 import contextlib
-import inspect
-import warnings
 from dataclasses import dataclass
 from typing import Any, Iterator, Sequence
 
 from lightning_unlearn.privacy.callback import DifferentialPrivacy
-from lightning_unlearn.privacy.compat import UnsupportedModelError, dp_compatibility_errors, make_dp_compatible
+from lightning_unlearn.privacy.compat import UnsupportedModelError, dp_compatibility_errors
 
 
 @dataclass
@@ -18,7 +16,6 @@ class ClientPrivacy:
     """The per-client DP callbacks installed by :func:`attach_client_dp`, and their epsilons."""
 
     callbacks: dict[int, DifferentialPrivacy]
-    clients: Sequence[Any]
 
     def epsilons(self) -> dict[int, float]:
         """Epsilon each client has spent so far (at its callback's delta)."""
@@ -27,11 +24,6 @@ class ClientPrivacy:
     def worst(self) -> tuple[int, float]:
         """(client id, epsilon) of the client with the largest epsilon: the federation's guarantee."""
         return max(self.epsilons().items(), key=lambda item: item[1])
-
-    def summary(self) -> dict[str, Any]:
-        cid, eps = self.worst()
-        return {"worst_client": cid, "worst_epsilon": eps, "delta": next(iter(self.callbacks.values())).delta,
-                "clients": {cid: cb.summary() for cid, cb in self.callbacks.items()}}
 
     def describe(self) -> str:
         """One line per client and the worst one, for a console."""
@@ -54,11 +46,6 @@ class ClientPrivacy:
             for cid, cb in self.callbacks.items():
                 cb.enabled = before[cid]
 
-    def detach(self) -> None:
-        """Take the callbacks off the clients again."""
-        for client in self.clients:
-            client.callbacks = [c for c in client.callbacks if c is not self.callbacks.get(client.client_id)]
-
 
 def attach_client_dp(clients: Sequence[Any], **dp: Any) -> ClientPrivacy:
     """Give every client its own :class:`DifferentialPrivacy` callback for all its later local fits.
@@ -68,10 +55,6 @@ def attach_client_dp(clients: Sequence[Any], **dp: Any) -> ClientPrivacy:
     """
     if not clients:
         raise ValueError("attach_client_dp needs at least one client, got none")
-    allowed = [name for name in inspect.signature(DifferentialPrivacy).parameters if name != "fix_model"]
-    if any(name not in allowed for name in dp):
-        raise ValueError(f"unknown DP argument(s) {[n for n in dp if n not in allowed]} for attach_client_dp; "
-                         f"allowed are {allowed}")
     if dp.get("target_epsilon") is not None and dp.get("epochs") is None and dp.get("steps") is None:
         raise ValueError("a per-client target_epsilon needs the length of the whole federated training: pass steps= "
                          "(rounds x local steps) or epochs= (rounds x local epochs); each round is a separate fit")
@@ -84,25 +67,7 @@ def attach_client_dp(clients: Sequence[Any], **dp: Any) -> ClientPrivacy:
     for client in clients:
         if any(isinstance(c, DifferentialPrivacy) for c in client.callbacks):
             raise ValueError(f"client {client.client_id} already trains with a DifferentialPrivacy callback")
-    callbacks = {client.client_id: DifferentialPrivacy(**dp, fix_model=False) for client in clients}
+    callbacks = {client.client_id: DifferentialPrivacy(**dp, fix_model=False) for client in clients}  # checks dp
     for client in clients:
         client.callbacks.append(callbacks[client.client_id])
-    return ClientPrivacy(callbacks, clients)
-
-
-def prepare_model(model) -> list[str]:
-    """Make the global model Opacus-compatible in place before a federation is built from it."""
-    if replaced := make_dp_compatible(model):
-        warnings.warn("DP-SGD: replaced " + "; ".join(replaced) + ". The checkpoint will hold the new layers; name a "
-                      "compatible model in the config (lightning_unlearn.privacy.models.DPSmallCNN for SmallCNN) to "
-                      "load it later", UserWarning, stacklevel=2)
-    return replaced
-
-
-def attach_settings_dp(clients: Sequence[Any], settings: Any) -> ClientPrivacy:
-    """:func:`attach_client_dp` from a federated schedule (``rounds``, ``local_steps`` / ``local_epochs``, ``dp_*``)."""
-    steps = settings.rounds * settings.local_steps if settings.local_steps else None
-    return attach_client_dp(
-        clients, target_epsilon=settings.dp_target_epsilon, noise_multiplier=settings.dp_noise_multiplier,
-        max_grad_norm=settings.dp_max_grad_norm, delta=settings.dp_delta, steps=steps,
-        epochs=None if steps else settings.rounds * settings.local_epochs)
+    return ClientPrivacy(callbacks)

@@ -13,13 +13,12 @@ from flwr.serverapp import Grid, ServerApp
 
 from lightning_unlearn.federated.client import make_client_app
 from lightning_unlearn.federated.partitions import DATA_PATH_KEY, ClientPartition, FederatedPartitions, file_partition
-from lightning_unlearn.federated.flower.server_app import FedAvgPlan, UnlearnPlan, run_server, save_result
+from lightning_unlearn.federated.flower.server_app import FedAvgPlan, UnlearnPlan, run_server
 from lightning_unlearn.models import SmallCNN
 from lightning_unlearn.request import ForgetRequest
 
-REQUIRED = (
-    "num-clients", "train-rounds", "local-steps", "forget-class", "unlearn-rounds", "unlearn-steps", "output-dir",
-)
+REQUIRED = ("num-clients", "train-rounds", "local-steps", "forget-class", "unlearn-rounds", "unlearn-steps",
+            "output-dir")
 
 
 def model_from_config(context: Context) -> SmallCNN:
@@ -59,6 +58,6 @@ def main(grid: Grid, context: Context) -> None:
                           **({"reset": reset} if reset else {}))
     checkpoint = str(c.get("checkpoint-dir", "")) or None
     result = run_server(grid, model_from_config(context), int(c["num-clients"]), train, unlearn, checkpoint=checkpoint)
-    out = save_result(result, Path(str(c["output-dir"])) / f"run-{context.run_id}")
+    out = result.save(Path(str(c["output-dir"])) / f"run-{context.run_id}")
     log(INFO, "lightning-unlearn: results in %s; mask fraction %.3f; federated forget acc %s", out,
         result.mask.fraction, result.evaluation[-1].get("forget_acc") if result.evaluation else "n/a")

@@ -1,6 +1,6 @@
 """The Flower ``ServerApp``: FedAvg, deploy, then the protocol's ``run_unlearning``, on a deployment's grid or an
-in-process LocalGrid. A client that fails stops the run with its reason (fewer clients would mean silently
-different results); one that does not answer in time is dropped while ``min_clients`` still answer."""
+in-process LocalGrid. A client that fails stops the run with its reason; one that does not answer in time is
+dropped while ``min_clients`` still answer."""
 from __future__ import annotations
 
 import logging
@@ -17,11 +17,12 @@ from torch import Tensor
 
 from lightning_unlearn._io import save_torch, write_json
 from lightning_unlearn.config import UnlearnConfig
+from lightning_unlearn.evidence.references import cache_key
 from lightning_unlearn.evidence.report import UnlearningReport, weights_sha256
 from lightning_unlearn.federated.fedavg import check_fedavg, deploy_model, run_fedavg
 from lightning_unlearn.federated.federation import POLL_S, Federation
-from lightning_unlearn.federated.checkpoint import ServerCheckpoint, plan_key
-from lightning_unlearn.federated.messages import ByteCounter, RoundBytes
+from lightning_unlearn.federated.checkpoint import ServerCheckpoint
+from lightning_unlearn.federated.messages import ByteCounter
 from lightning_unlearn.federated.protocol import run_unlearning
 from lightning_unlearn.federated.server import check_rounds
 from lightning_unlearn.mask import ParameterMask
@@ -57,10 +58,7 @@ class UnlearnPlan:
                  **overrides: Any) -> None:
         if not isinstance(request, ForgetRequest):
             raise TypeError(f"request must be a ForgetRequest, got {type(request).__name__}")
-        check_rounds(rounds)
-        if min_clients is not None and (isinstance(min_clients, bool) or not isinstance(min_clients, int)
-                                        or min_clients < 1):
-            raise ValueError(f"min_clients must be an integer >= 1 or None (every client), got {min_clients!r}")
+        check_rounds(rounds)  # min_clients: the Federation checks it, against the clients that connect
         if round_timeout is not None and not (isinstance(round_timeout, (int, float)) and round_timeout > 0):
             raise ValueError(f"round_timeout must be a number of seconds > 0 or None, got {round_timeout!r}")
         self.request, self.rounds, self.evaluate = request, rounds, evaluate
@@ -71,7 +69,7 @@ class UnlearnPlan:
 
     def key(self) -> str:
         """What a server checkpoint must match to be resumed: request, settings, rounds."""
-        return plan_key(self.request.to_dict(), self.config.to_dict(), self.rounds)
+        return cache_key({"request": self.request.to_dict(), "config": self.config.to_dict(), "rounds": self.rounds})
 
     def __repr__(self) -> str:
         return (f"UnlearnPlan(request={self.request.to_dict()}, rounds={self.rounds}, min_clients={self.min_clients}, "
@@ -97,27 +95,28 @@ class FlowerRunResult:
     resumed: dict[str, Any] = field(default_factory=dict)  # what a restarted server took from its checkpoint
     calibration: list[dict] = field(default_factory=list)  # the head calibration's rounds (calibrate="head")
 
-    def round_bytes(self, prefix: str, wire: bool = False) -> list[RoundBytes]:
-        """Bytes of every round whose label starts with ``prefix`` (``"fedavg/"``, ``"unlearn/"``, ``"score"``)."""
-        return [b for label, b in (self.traffic.wire if wire else self.traffic.payload).items()
-                if label.startswith(prefix)]
-
-    def report(self) -> UnlearningReport:
-        """The same :class:`UnlearningReport` the in-process engines write; metrics are the clients' own."""
+    def save(self, out_dir: str | os.PathLike) -> Path:
+        """``model.pt`` (final arrays), ``trained.pt`` and, after unlearning, ``mask.pt`` and ``report.json`` (the
+        :class:`UnlearningReport` the in-process engines write; metrics are the clients' own), each atomic."""
+        out = Path(out_dir)
+        save_torch(self.arrays, out / "model.pt")
+        save_torch(self.trained, out / "trained.pt")
         if self.plan is None:
-            raise ValueError("this Flower run did not unlearn (no UnlearnPlan): there is nothing to report")
-        unlearned = self.evaluation[-1] if self.evaluation else {}
-        return UnlearningReport(
-            request=self.plan.request.to_dict(), method=self.plan.config.method,
-            params={**self.plan.config.to_dict(), "engine": "flower", "rounds": self.plan.rounds},
-            seed=self.plan.config.seed, original_sha256=weights_sha256(self.trained),
-            unlearned_sha256=weights_sha256(self.arrays),
+            return out
+        self.mask.save(out / "mask.pt")
+        plan, unlearned = self.plan, self.evaluation[-1] if self.evaluation else {}
+        report = UnlearningReport(
+            request=plan.request.to_dict(), method=plan.config.method,
+            params={**plan.config.to_dict(), "engine": "flower", "rounds": plan.rounds}, seed=plan.config.seed,
+            original_sha256=weights_sha256(self.trained), unlearned_sha256=weights_sha256(self.arrays),
             metrics={"unlearned": {k: v for k, v in unlearned.items() if k != "round"}},
             timings_s=dict(self.timings_s), mask=UnlearningReport.mask_summary(self.mask),
             bytes_moved=self.traffic.as_dict(),
             extra={"clients": self.clients, "training": self.training, "unlearning": self.unlearning,
                    "evaluation": self.evaluation, "dropped": self.dropped, "resumed": self.resumed},
         )
+        write_json(report.to_dict(), out / "report.json")
+        return out
 
 
 def run_server(
@@ -128,16 +127,16 @@ def run_server(
     """FedAvg from ``model``'s arrays (skipped when ``train`` is None), deploy, then unlearn (when asked).
     ``checkpoint``: a folder; a restarted run with the same plans resumes from it (no retraining, the same mask).
     ``poll_s``: how often to ask the SuperLink for replies (None: the grid's own, 3 s in a deployment)."""
-    result = FlowerRunResult(plan=unlearn)
     saver = None
     if checkpoint is not None:
-        key = plan_key(train.__dict__ if train else None, unlearn.key() if unlearn else None, num_clients)
+        key = cache_key({"train": vars(train) if train else None, "unlearn": unlearn.key() if unlearn else None,
+                         "num_clients": num_clients})
         saver = ServerCheckpoint.load(checkpoint, key) or ServerCheckpoint(key, folder=checkpoint)
-    t0 = time.perf_counter()
+    laps = [time.perf_counter()]  # connect, training, deploy, unlearning
     fed = Federation(grid, num_clients, timeout, unlearn.min_clients if unlearn else None,
                      unlearn.round_timeout if unlearn else None, poll_s)
-    result.clients, result.traffic = dict(fed.nodes), fed.traffic
-    t1 = time.perf_counter()
+    result = FlowerRunResult(clients=dict(fed.nodes), traffic=fed.traffic, plan=unlearn)
+    laps.append(time.perf_counter())
     if saver is not None and saver.trained is not None:
         set_arrays(model, saver.trained)
         result.training = list(saver.training)
@@ -145,37 +144,24 @@ def run_server(
         log.info("resuming from checkpoint %s: %s", checkpoint, result.resumed)
     elif train is not None:
         result.training = run_fedavg(model, fed, **vars(train), deploy=False).history
-    t2 = time.perf_counter()
+    laps.append(time.perf_counter())
     result.trained = get_arrays(model)
     if saver is not None and saver.trained is None:
         saver.update(trained=result.trained, training=result.training)
     deploy_model(fed, result.trained)
-    t3 = time.perf_counter()
+    laps.append(time.perf_counter())
     if unlearn is not None:
         out = run_unlearning(fed, model, unlearn.request, unlearn.config, unlearn.rounds, auto=unlearn.calibrate_auto,
                              trained_epochs=train.rounds * train.local_epochs if train is not None else None,
                              evaluate=unlearn.evaluate, checkpoint=saver)
         result.scores, result.mask, result.unlearning = out.scores, out.mask, out.history
-        result.evaluation, result.calibration = out.extra.get("evaluation", []), out.extra.get("calibration", [])
         result.dropped = dict(fed.dropped)
-    t4 = time.perf_counter()
+        result.evaluation, result.calibration = out.extra.get("evaluation", []), out.extra.get("calibration", [])
+    laps.append(time.perf_counter())
     result.arrays = get_arrays(model)
-    result.timings_s = {"connect": t1 - t0, "training": t2 - t1, "deploy": t3 - t2, "unlearning": t4 - t3,
-                        "total": t4 - t0}
+    phases = ("connect", "training", "deploy", "unlearning")
+    result.timings_s = {**{name: b - a for name, a, b in zip(phases, laps, laps[1:])}, "total": laps[-1] - laps[0]}
     return result
-
-
-def save_result(result: FlowerRunResult, out_dir: str | os.PathLike) -> Path:
-    """``model.pt`` (final arrays), ``trained.pt`` and (after unlearning) ``mask.pt`` and ``report.json``, an
-    :class:`UnlearningReport`, under ``out_dir``, each written atomically."""
-    out = Path(out_dir)
-    for name, arrays in (("model.pt", result.arrays), ("trained.pt", result.trained)):
-        save_torch(arrays, out / name)
-    if result.mask is not None:
-        result.mask.save(out / "mask.pt")
-    if result.plan is not None:
-        write_json(result.report().to_dict(), out / "report.json")
-    return out
 
 
 def make_server_app(
@@ -192,9 +178,9 @@ def make_server_app(
         if sink is not None:
             sink.__dict__.update(result.__dict__)
         if out_dir is not None:
-            save_result(result, out_dir)
+            result.save(out_dir)
 
     return app
 
 
-__all__ = ["FedAvgPlan", "FlowerRunResult", "UnlearnPlan", "make_server_app", "run_server", "save_result"]
+__all__ = ["FedAvgPlan", "FlowerRunResult", "UnlearnPlan", "make_server_app", "run_server"]
