@@ -16,11 +16,11 @@ from lightning_unlearn.config import UnlearnConfig
 from lightning_unlearn.data.federated import FederatedForgetPlan
 from lightning_unlearn.federated.federation import Federation, as_federation
 from lightning_unlearn.federated.fedavg import UpdateStore, run_fedavg
-from lightning_unlearn.federated.messages import Broadcast, ParametersMessage, ScoresMessage, check_arrays, check_upward
+from lightning_unlearn.federated.messages import Reply, down
 from lightning_unlearn.federated.protocol import (
     FederatedUnlearningResult, masked_rounds, remove, round_bytes, traffic_bytes, unlearn_config,
 )
-from lightning_unlearn.federated.server import aggregate_scores
+from lightning_unlearn.federated.server import aggregate_scores, check_arrays, of_kind
 from lightning_unlearn.mask import ParameterMask, select_channels
 from lightning_unlearn.mask.arrays import get_arrays, set_arrays
 from lightning_unlearn.scoring.layers import LayerInfo
@@ -116,11 +116,11 @@ def cdp_tfidf(docs: Mapping[str, Mapping[str, Tensor]]) -> dict[str, dict[str, T
     return out
 
 
-def _cdp_documents(pairs: Sequence[tuple[int, ScoresMessage]]) -> dict[str, dict[str, Tensor]]:
+def _cdp_documents(pairs: Sequence[tuple[int, Reply]]) -> dict[str, dict[str, Tensor]]:
     """Count-weighted mean activation per document over the clients that hold it (server side)."""
-    by_tag: dict[str, list[tuple[int, ScoresMessage]]] = {}
+    by_tag: dict[str, list[tuple[int, Reply]]] = {}
     for cid, m in pairs:
-        by_tag.setdefault(m.tag if isinstance(m, ScoresMessage) else "", []).append((cid, m))
+        by_tag.setdefault(m.tag, []).append((cid, m))
     docs = {tag: aggregate_scores([m for _, m in p], [c for c, _ in p], tag=tag) for tag, p in by_tag.items()}
     if any(d.layers != next(iter(docs.values())).layers for d in docs.values()):
         raise ValueError("CDP replies describe other layers for different documents")
@@ -137,9 +137,9 @@ def federated_cdp(
     fed = _federation(clients, plan)
     t0 = time.perf_counter()
     head = [i.out_channels for i in layers.values() if i.is_head]
-    replies: list[tuple[int, ScoresMessage]] = []
+    replies: list[tuple[int, Reply]] = []
     for doc in ["forget", *(f"class_{c}" for c in range(head[0] if head else 0))]:  # a client without it sends nothing
-        replies += fed.ask(Broadcast({}, {"max_samples": max_samples, "document": doc}), "query.cdp", "cdp_stats")
+        replies += fed.ask(down({}, {"max_samples": max_samples, "document": doc}), "query.cdp", "cdp_stats")
     docs = _cdp_documents(replies)
     if "forget" not in docs:
         raise ValueError("no client holds data to forget: CDP has no forget document")
@@ -180,16 +180,15 @@ def federated_eraser(
     t0 = time.perf_counter()
     for j, stored in enumerate(store.rounds):
         rt, label = time.perf_counter(), f"federaser/{j}"
-        down = {cid: Broadcast(current, {"epochs": local_epochs, "seed": seed * 1_000 + j * 100 + cid, "data": "retain",
-                                         **budget})
-                for cid in stored["updates"] if cid in plan.retaining_clients}
-        pairs = fed.ask(down, "train", label)
-        check_upward([m for _, m in pairs], (ParametersMessage,), [c for c, _ in pairs])
+        contents = {cid: down(current, {"epochs": local_epochs, "seed": seed * 1_000 + j * 100 + cid, "data": "retain",
+                                        **budget})
+                    for cid in stored["updates"] if cid in plan.retaining_clients}
+        pairs = fed.ask(contents, "train", label)
+        of_kind([m for _, m in pairs], "parameters", [c for c, _ in pairs])
         calibrated, counts = [], [m.num_samples for _, m in pairs]
         for cid, reply in pairs:
-            check_arrays(reply.arrays, contract, f"client {cid}", "ParametersMessage",
-                         f"the {len(contract)} model arrays")
-            new = {k: reply.arrays[k].double() - current[k].double() for k in current}
+            check_arrays(reply.tensors, contract, f"client {cid}", "parameters", f"the {len(contract)} model arrays")
+            new = {k: reply.tensors[k].double() - current[k].double() for k in current}
             calibrated.append({k: stored["updates"][cid][k].double().norm() * v / v.norm() if v.norm() > 0
                                else torch.zeros_like(v) for k, v in new.items()})
         if calibrated:

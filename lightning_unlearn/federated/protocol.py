@@ -14,12 +14,13 @@ from typing import Any, Callable, Mapping, Sequence
 import lightning.pytorch as pl
 from lightning.pytorch.utilities import rank_zero_warn
 import torch
+from flwr.app import RecordDict
 from torch import Tensor
 
 from lightning_unlearn.config import AUTO, UnlearnConfig
 from lightning_unlearn.federated.checkpoint import ServerCheckpoint
 from lightning_unlearn.federated.federation import Federation, as_federation
-from lightning_unlearn.federated.messages import Broadcast, ByteCounter, check_metrics
+from lightning_unlearn.federated.messages import ByteCounter, check_metrics, down
 from lightning_unlearn.federated.server import (
     aggregate_scores, check_fraction, check_rounds, masked_aggregate, pool_batchnorm_moments, pool_head_features,
     sample_clients, selected_statistics, write_batchnorm_statistics,
@@ -78,22 +79,15 @@ def round_config(config: Mapping[str, Any], r: int) -> dict[str, Any]:
     return {**config, "seed": int(config.get("seed", 0)) * 1_000 + r}
 
 
-def _broadcast(arrays: Mapping[str, Tensor], mask: ParameterMask, config: Mapping[str, Any],
-               statistics: Mapping[str, Tensor] | None = None, values: bool = True, channels: bool = True) -> Broadcast:
-    """The selected slices (``values``), the selected BatchNorm channels' ``statistics`` and the mask's ``channels``."""
+def masked_down(arrays: Mapping[str, Tensor], mask: ParameterMask, config: Mapping[str, Any],
+                statistics: Mapping[str, Tensor] | None = None, values: bool = True,
+                channels: bool = True) -> RecordDict:
+    """A down message of the selected slices (``values``; always after a reset: ``statistics``), the selected
+    BatchNorm channels' ``statistics`` and the mask's ``channels``."""
     out = selected_values(arrays, mask) if values or statistics is not None else {}
     if statistics is not None:
         out.update(selected_statistics(arrays, statistics))
-    return Broadcast(out, config, {k: tuple(v) for k, v in mask.channels.items()} if channels else None)
-
-
-def masked_broadcast(
-    current: Mapping[str, Tensor], mask: ParameterMask, config: Mapping[str, Any], r: int, send_mask: bool,
-    statistics: Mapping[str, Tensor] | None = None, values_always: bool = False,
-) -> Broadcast:
-    """Masked round ``r``'s broadcast: no values in round 0 (clients hold the deployed model) unless a reset changed
-    them (``statistics``) or ``values_always`` (calibration); ``send_mask``: with the channel indices (first call)."""
-    return _broadcast(current, mask, round_config(config, r), statistics, r > 0 or values_always, send_mask)
+    return down(out, config, mask.channels if channels else None)
 
 
 # -- phases ------------------------------------------------------------------------------------------------------
@@ -101,7 +95,7 @@ def select(fed: Federation, model: torch.nn.Module, config: UnlearnConfig) -> tu
     """Scoring round (every client: a sample would select other channels), then the shared selection on ``model``."""
     settings = {"method": config.method, "max_samples": config.max_samples, "contrast": config.contrast,
                 "seed": config.seed, "layers": config.layers}
-    pairs = fed.ask(Broadcast({}, settings), "query.score", "score")
+    pairs = fed.ask(down({}, settings), "query.score", "score")
     if not pairs:
         raise ValueError("no client holds data to forget: nothing to score")
     scores = aggregate_scores([m for _, m in pairs], senders=[c for c, _ in pairs], model=model)
@@ -116,8 +110,8 @@ def remove(fed: Federation, model: torch.nn.Module, mask: ParameterMask,
         return None
     channels = apply_reset(model, mask, config).batchnorm_channels
     if channels:
-        down = _broadcast(get_arrays(model), mask, {"seed": config.seed, "max_batches": STATS_BATCHES})
-        pairs = fed.ask(down, "query.bn_stats", "bn_stats", dropouts=True, what="statistics round")
+        content = masked_down(get_arrays(model), mask, {"seed": config.seed, "max_batches": STATS_BATCHES})
+        pairs = fed.ask(content, "query.bn_stats", "bn_stats", dropouts=True, what="statistics round")
         write_batchnorm_statistics(model, channels, pool_batchnorm_moments([m for _, m in pairs], channels,
                                                                            senders=[c for c, _ in pairs]))
     return channels
@@ -126,7 +120,8 @@ def remove(fed: Federation, model: torch.nn.Module, mask: ParameterMask,
 def evaluate_round(fed: Federation, arrays: Mapping[str, Tensor], r: int) -> dict[str, float]:
     """The clients' local accuracy of ``arrays`` on their forget and retain data, weighted by their counts."""
     label = f"evaluate/{r}"
-    messages = [fed.message(c, Broadcast(arrays), "evaluate", label) for c in sorted(fed.active)]
+    content = down(arrays)
+    messages = [fed.message(c, content, "evaluate", label) for c in sorted(fed.active)]
     replies = fed.receive(messages, f"evaluation round {r}", dropouts=True)
     by_node = {n: c for c, n in fed.nodes.items()}
     row: dict[str, float] = {"round": r}
@@ -161,9 +156,10 @@ def masked_rounds(
     for r in range(first_round, rounds):
         t0, tag = time.perf_counter(), f"{label}/{r}"
         picked = [c for c in (int(i) for i in sample_clients(sorted(fed.nodes), fraction, seed, r)) if c in fed.active]
-        down = {send: masked_broadcast(current, mask, config, r, send, statistics, values_always=train is not None)
-                for send in (True, False)}
-        pairs = fed.ask({c: down[c not in has_mask] for c in picked}, "train.unlearn", tag, dropouts=True,
+        # no values in round 0 (clients hold the deployed model) unless a reset changed them or rows are calibrated
+        contents = {send: masked_down(current, mask, round_config(config, r), statistics, r > 0 or train is not None,
+                                      send) for send in (True, False)}
+        pairs = fed.ask({c: contents[c not in has_mask] for c in picked}, "train.unlearn", tag, dropouts=True,
                         what=f"unlearning round {r}")
         has_mask.update(picked)
         replies = [m for _, m in pairs]
@@ -223,7 +219,7 @@ def calibrate(
     set_arrays(model, current)
     name = _head_name(model)
     head = linear_head(model, name)
-    pairs = fed.ask(_broadcast(current, mask, {"classes": classes}, statistics), "query.head_features",
+    pairs = fed.ask(masked_down(current, mask, {"classes": classes}, statistics), "query.head_features",
                     "head_features", dropouts=True, what="head-feature round")
     means = pool_head_features([m for _, m in pairs], classes, head.in_features, senders=[c for c, _ in pairs])
     forget = (torch.stack([means[c] for c in means]), torch.tensor(list(means))) if means else None
