@@ -3,6 +3,7 @@ re-estimates the selected BatchNorm channels from the clients' retain data, the 
 from __future__ import annotations
 
 import copy
+from dataclasses import replace
 import functools
 
 import pytest
@@ -186,7 +187,7 @@ def test_reset_none_is_the_plain_masked_protocol_bit_for_bit(sim):
     for r in range(UNLEARN["rounds"]):
         content = down({} if r == 0 else selected_values(current, mask), round_config(unlearn_config(cfg), r),
                        mask.channels if r == 0 else None)
-        current = masked_aggregate(reference, mask, [m for _, m in plain.ask(content, "train.unlearn", f"unlearn/{r}")])
+        current = masked_aggregate(reference, mask, plain.ask(content, "train.unlearn", f"unlearn/{r}"))
     assert all(torch.equal(current[k], v) for k, v in get_arrays(ours.model).items())
     rounds = lambda book: [(b.down, b.up) for k, b in book.items() if k.startswith("unlearn/")]  # noqa: E731
     assert rounds(plain.traffic.payload) == rounds(ours.traffic.payload)
@@ -230,26 +231,26 @@ def _set(t: torch.Tensor, index, value) -> torch.Tensor:
 ])
 def test_malformed_statistics_replies_are_refused_naming_client_and_key(message, error):
     good = Reply("bn_stats", _moments(), 10, {"local_compute_s": 0.1})
-    pooled = pool_batchnorm_moments([good, good], _contract(), senders=[0, 2])  # two equal halves: the same estimate
+    pooled = pool_batchnorm_moments([good, good], _contract())  # two equal halves: the same estimate
     x = torch.randn(2, 640, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
     torch.testing.assert_close(pooled["bn1"][0], x.mean(1))
     torch.testing.assert_close(pooled["bn1"][1], torch.cat([x, x], 1).var(1))
     if message.metrics:  # metrics are checked where the server reads a reply
         with pytest.raises(ValueError, match=error) as info:
-            records.read_reply(records.up("bn_stats", message.tensors, 10, message.metrics), "client 2")
+            records.read_reply(records.up("bn_stats", message.tensors, 10, message.metrics), 2)
     else:
         with pytest.raises(ValueError, match=error) as info:
-            pool_batchnorm_moments([good, message], _contract(), senders=[0, 2])
+            pool_batchnorm_moments([replace(good, client=0), replace(message, client=2)], _contract())
     assert "\n" not in str(info.value)
 
 
 def test_statistics_reply_keeps_its_shape_and_travels_as_a_flower_record():
     with pytest.raises(ValueError, match=r"client 0: a 'bn_stats' reply 'bn1' has shape \(2, 4\), expected \(3, 2\)"):
-        pool_batchnorm_moments([Reply("bn_stats", {**_moments(), "bn1": torch.zeros(2, 4, dtype=torch.float64)}, 1)],
-                               _contract(), senders=[0])
+        pool_batchnorm_moments([Reply("bn_stats", {**_moments(), "bn1": torch.zeros(2, 4, dtype=torch.float64)}, 1,
+                                      client=0)], _contract())
     with pytest.raises(TypeError, match=r"client 4: the server expects a 'masked_update' reply here, got "
                                         "a 'bn_stats' reply"):
-        masked_aggregate({}, ParameterMask({}), [Reply("bn_stats", _moments(), 10)], senders=[4])
+        masked_aggregate({}, ParameterMask({}), [Reply("bn_stats", _moments(), 10, client=4)])
 
     moments = _moments()
     content = records.up("bn_stats", moments, 10, {"local_compute_s": 0.5})

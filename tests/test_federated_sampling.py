@@ -17,7 +17,9 @@ from lightning_unlearn.federated.federation import Federation
 from lightning_unlearn.mask.arrays import get_arrays
 from lightning_unlearn.federated.server import masked_aggregate
 from lightning_unlearn.mask.arrays import selected_values
-from lightning_unlearn.federated.protocol import masked_down, masked_rounds, remove, round_config, select, unlearn_config
+from lightning_unlearn.federated.protocol import (
+    masked_down, masked_rounds, remove, round_config, select, unlearn_config,
+)
 from lightning_unlearn.federated.server import sample_clients
 from lightning_unlearn.models import SmallCNN
 from lightning_unlearn.mask import select_channels
@@ -139,7 +141,7 @@ def _protocol_before_sampling(model, fed: Federation, rounds: int, reset: str):
     current = reference
     for r in range(rounds):
         content = masked_down(current, mask, round_config(unlearn_config(cfg), r), statistics, r > 0, r == 0)
-        replies = [m for _, m in fed.ask(content, "train.unlearn", f"unlearn/{r}")]
+        replies = fed.ask(content, "train.unlearn", f"unlearn/{r}")
         current = masked_aggregate(reference, mask, replies)
     return mask, current
 

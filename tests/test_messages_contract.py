@@ -178,11 +178,11 @@ def test_a_missing_key_a_wrong_dtype_and_nan_are_refused(model, layers):
     honest = Reply("parameters", dict(expected), 3)
     missing = Reply("parameters", {k: v for k, v in expected.items() if k != "fc2.bias"}, 3)
     with pytest.raises(ValueError) as err:
-        fedavg_aggregate([honest, missing], expected, senders=[4, 7])
+        fedavg_aggregate([_swap(honest, client=4), _swap(missing, client=7)], expected)
     one_line(err, rf"^client 7: a 'parameters' reply is missing key 'fc2.bias' \(expected the {N_ARRAYS} model arrays\)$")
     double = Reply("parameters", {**expected, "fc2.bias": expected["fc2.bias"].double()}, 3)
     with pytest.raises(ValueError) as err:
-        fedavg_aggregate([double], expected, senders=[2])
+        fedavg_aggregate([_swap(double, client=2)], expected)
     one_line(err, r"^client 2: a 'parameters' reply 'fc2.bias' has dtype torch.float64, expected torch.float32$")
     nan = Reply("parameters", {**expected, "fc2.bias": torch.full((10,), float("nan"))}, 3)
     with pytest.raises(ValueError) as err:
@@ -240,9 +240,10 @@ def test_masked_aggregate_checks_dtype_against_the_reference():
     reference = {"w": torch.zeros(4, 2)}
     mask = ParameterMask({"w": torch.tensor([[True, False]] * 4)})
     with pytest.raises(ValueError) as err:
-        masked_aggregate(reference, mask, [Reply("masked_update", {"w": torch.zeros(4, dtype=torch.float64)}, 1)], [9])
+        wide = Reply("masked_update", {"w": torch.zeros(4, dtype=torch.float64)}, 1, client=9)
+        masked_aggregate(reference, mask, [wide])
     one_line(err, r"^client 9: a 'masked_update' reply 'w' has dtype torch.float64, expected torch.float32$")
-    out = masked_aggregate(reference, mask, [Reply("masked_update", {"w": torch.ones(4)}, 1)], [9])
+    out = masked_aggregate(reference, mask, [Reply("masked_update", {"w": torch.ones(4)}, 1, client=9)])
     assert torch.equal(out["w"], torch.tensor([[1.0, 0.0]] * 4))
 
 
@@ -288,7 +289,7 @@ def test_a_huge_base64_tag_or_an_unknown_method_is_refused(model, layers, images
     one_line(err, rf"^client 1: a 'scores' reply tag has {len(dump)} characters \(at most 64 allowed\)$")
     with pytest.raises(ValueError) as err:  # short, but not a known tag: refused where the server reads replies
         read_reply(_content(_swap(FakeClient(0, model, layers).score({}, {"method": "grad_x_act"}, None),
-                                  tag="label=3")), "client 6")
+                                  tag="label=3")), 6)
     one_line(err, r"^client 6: a 'scores' reply has unknown tag 'label=3' \(allowed: 'forget' or 'class_<int>'\)$")
     method = {"score": lambda m: _swap(m, method="grad_x_act;" + dump[:40])}
     with pytest.raises(ValueError) as err:
@@ -310,8 +311,8 @@ def test_flower_replies_are_checked_and_name_the_client(model, layers, images):
     _client_replies = lambda replies, label: fed.decode(replies, label)  # noqa: E731
     expected = get_arrays(model)
     honest = up("parameters", dict(expected), 4, {"fit_s": 0.1})
-    pairs = _client_replies([_flower_reply(honest)], "fedavg/0")
-    assert pairs[0][0] == 3 and torch.equal(fedavg_aggregate([pairs[0][1]], expected, [3])["fc2.bias"], expected["fc2.bias"])
+    replies = _client_replies([_flower_reply(honest)], "fedavg/0")
+    assert replies[0].client == 3 and torch.equal(fedavg_aggregate(replies, expected)["fc2.bias"], expected["fc2.bias"])
 
     extra_record = up("parameters", dict(expected), 4)
     extra_record["labels"] = ConfigRecord({"y": [int(v) for v in y]})
@@ -327,9 +328,9 @@ def test_flower_replies_are_checked_and_name_the_client(model, layers, images):
 
     extra_array = up("parameters", dict(expected), 4)
     extra_array["arrays"]["x_train"] = Array(x.numpy())
-    (cid, msg), = _client_replies([_flower_reply(extra_array)], "fedavg/0")
+    msg, = _client_replies([_flower_reply(extra_array)], "fedavg/0")
     with pytest.raises(ValueError) as err:  # decoded fine; the aggregation knows the model's keys
-        fedavg_aggregate([msg], expected, senders=[cid])
+        fedavg_aggregate([msg], expected)
     one_line(err, r"^client 3: a 'parameters' reply has unexpected key 'x_train' \(expected the 16 model arrays\)$")
 
     scores = _content(FakeClient(0, model, layers).score({}, {"method": "grad_x_act"}, None))

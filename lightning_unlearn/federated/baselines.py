@@ -116,12 +116,12 @@ def cdp_tfidf(docs: Mapping[str, Mapping[str, Tensor]]) -> dict[str, dict[str, T
     return out
 
 
-def _cdp_documents(pairs: Sequence[tuple[int, Reply]]) -> dict[str, dict[str, Tensor]]:
+def _cdp_documents(replies: Sequence[Reply]) -> dict[str, dict[str, Tensor]]:
     """Count-weighted mean activation per document over the clients that hold it (server side)."""
-    by_tag: dict[str, list[tuple[int, Reply]]] = {}
-    for cid, m in pairs:
-        by_tag.setdefault(m.tag, []).append((cid, m))
-    docs = {tag: aggregate_scores([m for _, m in p], [c for c, _ in p], tag=tag) for tag, p in by_tag.items()}
+    by_tag: dict[str, list[Reply]] = {}
+    for m in replies:
+        by_tag.setdefault(m.tag, []).append(m)
+    docs = {tag: aggregate_scores(group, tag=tag) for tag, group in by_tag.items()}
     if any(d.layers != next(iter(docs.values())).layers for d in docs.values()):
         raise ValueError("CDP replies describe other layers for different documents")
     return {tag: dict(d) for tag, d in docs.items()}
@@ -137,7 +137,7 @@ def federated_cdp(
     fed = _federation(clients, plan)
     t0 = time.perf_counter()
     head = [i.out_channels for i in layers.values() if i.is_head]
-    replies: list[tuple[int, Reply]] = []
+    replies: list[Reply] = []
     for doc in ["forget", *(f"class_{c}" for c in range(head[0] if head else 0))]:  # a client without it sends nothing
         replies += fed.ask(down({}, {"max_samples": max_samples, "document": doc}), "query.cdp", "cdp_stats")
     docs = _cdp_documents(replies)
@@ -183,13 +183,13 @@ def federated_eraser(
         contents = {cid: down(current, {"epochs": local_epochs, "seed": seed * 1_000 + j * 100 + cid, "data": "retain",
                                         **budget})
                     for cid in stored["updates"] if cid in plan.retaining_clients}
-        pairs = fed.ask(contents, "train", label)
-        of_kind([m for _, m in pairs], "parameters", [c for c, _ in pairs])
-        calibrated, counts = [], [m.num_samples for _, m in pairs]
-        for cid, reply in pairs:
-            check_arrays(reply.tensors, contract, f"client {cid}", "parameters", f"the {len(contract)} model arrays")
+        replies = of_kind(fed.ask(contents, "train", label), "parameters")
+        calibrated, counts = [], [m.num_samples for m in replies]
+        for reply in replies:
+            check_arrays(reply.tensors, contract, f"client {reply.client}", "parameters",
+                         f"the {len(contract)} model arrays")
             new = {k: reply.tensors[k].double() - current[k].double() for k in current}
-            calibrated.append({k: stored["updates"][cid][k].double().norm() * v / v.norm() if v.norm() > 0
+            calibrated.append({k: stored["updates"][reply.client][k].double().norm() * v / v.norm() if v.norm() > 0
                                else torch.zeros_like(v) for k, v in new.items()})
         if calibrated:
             w = np.asarray(counts, dtype=np.float64) / sum(counts)

@@ -90,7 +90,7 @@ class LibraryFedAvg(FedAvg):
                         grid: Grid) -> Iterable[Message]:
         r = self.first_round + server_round - 1
         self._t0 = time.perf_counter()
-        self._expected = dict(arrays.to_torch_state_dict())  # what every reply must match, key for key and shape for shape
+        self._expected = dict(arrays.to_torch_state_dict())  # what every reply must match
         picked = [int(c) for c in sample_clients(self.pool, self.fraction_train, self.seed, r)]
         self._picked = len(picked)
         return [self.fed.message(cid, down(arrays, fit_config(cid, r, self.seed, self.local_epochs, self.data,
@@ -101,19 +101,19 @@ class LibraryFedAvg(FedAvg):
                         replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         r = self.first_round + server_round - 1
         label = f"{self.label}/{r}"
-        pairs = self.fed.decode(check_replies(list(replies), self._picked, f"FedAvg round {r}"), label)
-        if not pairs:
+        replies = self.fed.decode(check_replies(list(replies), self._picked, f"FedAvg round {r}"), label)
+        if not replies:
             raise ValueError(f"round {r}: no sampled client had data to train on")
         t_agg = time.perf_counter()
-        new = fedavg_aggregate([m for _, m in pairs], self._expected, senders=[c for c, _ in pairs])
+        new = fedavg_aggregate(replies, self._expected)
         if self.store is not None and r % self.store.every == 0:
             self.store.rounds.append({
                 "round": r, "global": self._expected,
-                "updates": {c: {k: m.tensors[k] - self._expected[k] for k in self._expected} for c, m in pairs},
-                "counts": {c: m.num_samples for c, m in pairs}})
+                "updates": {m.client: {k: m.tensors[k] - self._expected[k] for k in self._expected} for m in replies},
+                "counts": {m.client: m.num_samples for m in replies}})
         agg_s, t_eval = time.perf_counter() - t_agg, time.perf_counter()
-        row = self.fed.row(r, self._t0, [m for _, m in pairs], label)
-        row.update(clients=[c for c, _ in pairs], aggregate_s=agg_s)
+        row = self.fed.row(r, self._t0, replies, label)
+        row.update(clients=[m.client for m in replies], aggregate_s=agg_s)
         if self.evaluate is not None:
             set_arrays(self.model, new)
             row.update({k: float(v) for k, v in self.evaluate(self.model).items()})

@@ -132,9 +132,9 @@ class Federation:
         return new_message(self.grid, content, message_type, self.nodes[cid], group_id=label)
 
     def ask(self, contents: RecordDict | Mapping[int, RecordDict], message_type: str, label: str,
-            dropouts: bool = False, what: str | None = None) -> list[tuple[int, Reply]]:
-        """Send one round (one content for every active client, or one per client id) and return
-        ``[(client id, reply)]`` in client-id order (empty replies left out)."""
+            dropouts: bool = False, what: str | None = None) -> list[Reply]:
+        """Send one round (one content for every active client, or one per client id) and return the replies in
+        client-id order (empty replies left out)."""
         if isinstance(contents, RecordDict):
             contents = {cid: contents for cid in sorted(self.active)}
         messages = [self.message(cid, c, message_type, label) for cid, c in sorted(contents.items())]
@@ -161,15 +161,15 @@ class Federation:
             self.active.pop(c, None)
         return replies
 
-    def decode(self, replies: Sequence[Message], label: str) -> list[tuple[int, Reply]]:
+    def decode(self, replies: Sequence[Message], label: str) -> list[Reply]:
         """Replies read at the trust boundary in client-id order, bytes booked; a broken contract names the client."""
         by_node = {n: c for c, n in self.nodes.items()}
         out = []
         for m in sorted(replies, key=lambda m: by_node[m.metadata.src_node_id]):
             self.book(label, m.content, "up")
             cid = by_node[m.metadata.src_node_id]
-            if (reply := read_reply(m.content, f"client {cid}")) is not None:
-                out.append((cid, reply))
+            if (reply := read_reply(m.content, cid)) is not None:
+                out.append(reply)
         return out
 
     def row(self, r: int, t0: float, msgs: Sequence[Reply], label: str) -> dict[str, Any]:

@@ -47,15 +47,11 @@ def short_repr(value: Any, limit: int = 40) -> str:
     return text if len(text) <= limit else f"{text[:limit]}... ({len(str(value))} characters)"
 
 
-def sender_label(senders: Sequence[Any] | None, i: int) -> str:
-    return f"client {senders[i]}" if senders is not None else f"reply {i}"
-
-
 @dataclass(frozen=True)
 class Reply:
     """A client's reply as the server read it: named float ``tensors`` and the ``num_samples`` behind them; a
     ``scores`` reply also names its ``method``, ``tag`` (``"forget"`` or a CDP document such as ``"class_3"``) and
-    ``layers`` (name -> (out_channels, BatchNorm name, is_head))."""
+    ``layers`` (name -> (out_channels, BatchNorm name, is_head)); ``client``: the sender's id, when known."""
 
     kind: str
     tensors: Mapping[str, Tensor]
@@ -64,6 +60,7 @@ class Reply:
     method: str = ""
     tag: str = "forget"
     layers: Mapping[str, tuple[int, str | None, bool]] = field(default_factory=dict)
+    client: int | None = None
 
 
 # -- the records --------------------------------------------------------------------------------------------
@@ -148,10 +145,11 @@ def _check_scores_meta(meta: Mapping[str, Any], who: str) -> dict[str, tuple[int
     return {name: tuple(triple) for name, triple in layers.items()}
 
 
-def read_reply(content: RecordDict, who: str = "a client") -> Reply | None:
-    """The server's reading of one client reply (``None``: nothing to send), at the trust boundary: records or
-    ``reply`` keys its kind does not carry are refused, not dropped; metrics, the count, the tensors' dtype and a
-    scores reply's method, tag and layer table are checked. Errors are one line naming ``who`` and the key."""
+def read_reply(content: RecordDict, client: int | None = None) -> Reply | None:
+    """The server's reading of one reply of ``client`` (``None``: nothing to send), at the trust boundary: records
+    or ``reply`` keys its kind does not carry are refused, not dropped; metrics, the count, the tensors' dtype and a
+    scores reply's method, tag and layer table are checked. Errors are one line naming the client and the key."""
+    who = f"client {client}" if client is not None else "a client"
     meta = content.config_records.get("reply")
     if meta is None:
         raise TypeError(f"{who}: a reply must carry a 'reply' record naming its kind; "
@@ -186,10 +184,11 @@ def read_reply(content: RecordDict, who: str = "a client") -> Reply | None:
         raise ValueError(f"{what} must carry its sample count {COUNT_KEY!r} as an int >= 0, got {short_repr(n)}")
     if kind != "scores":
         check_metrics(metrics, who, f"a {kind!r} reply")
-        return Reply(kind, tensors, n, metrics)
+        return Reply(kind, tensors, n, metrics, client=client)
     if metrics:
         raise ValueError(f"{what} carries no metrics besides {COUNT_KEY!r}; got {short_repr(sorted(metrics)[0])}")
-    return Reply(kind, tensors, n, method=meta["method"], tag=meta["tag"], layers=_check_scores_meta(meta, who))
+    layers = _check_scores_meta(meta, who)
+    return Reply(kind, tensors, n, method=meta["method"], tag=meta["tag"], layers=layers, client=client)
 
 
 # -- bytes ----------------------------------------------------------------------------------------------

@@ -95,10 +95,10 @@ def select(fed: Federation, model: torch.nn.Module, config: UnlearnConfig) -> tu
     """Scoring round (every client: a sample would select other channels), then the shared selection on ``model``."""
     settings = {"method": config.method, "max_samples": config.max_samples, "contrast": config.contrast,
                 "seed": config.seed, "layers": config.layers}
-    pairs = fed.ask(down({}, settings), "query.score", "score")
-    if not pairs:
+    replies = fed.ask(down({}, settings), "query.score", "score")
+    if not replies:
         raise ValueError("no client holds data to forget: nothing to score")
-    scores = aggregate_scores([m for _, m in pairs], senders=[c for c, _ in pairs], model=model)
+    scores = aggregate_scores(replies, model=model)
     return scores, prepare(model, scores, config)
 
 
@@ -111,9 +111,8 @@ def remove(fed: Federation, model: torch.nn.Module, mask: ParameterMask,
     channels = apply_reset(model, mask, config).batchnorm_channels
     if channels:
         content = masked_down(get_arrays(model), mask, {"seed": config.seed, "max_batches": STATS_BATCHES})
-        pairs = fed.ask(content, "query.bn_stats", "bn_stats", dropouts=True, what="statistics round")
-        write_batchnorm_statistics(model, channels, pool_batchnorm_moments([m for _, m in pairs], channels,
-                                                                           senders=[c for c, _ in pairs]))
+        replies = fed.ask(content, "query.bn_stats", "bn_stats", dropouts=True, what="statistics round")
+        write_batchnorm_statistics(model, channels, pool_batchnorm_moments(replies, channels))
     return channels
 
 
@@ -159,14 +158,13 @@ def masked_rounds(
         # no values in round 0 (clients hold the deployed model) unless a reset changed them or rows are calibrated
         contents = {send: masked_down(current, mask, round_config(config, r), statistics, r > 0 or train is not None,
                                       send) for send in (True, False)}
-        pairs = fed.ask({c: contents[c not in has_mask] for c in picked}, "train.unlearn", tag, dropouts=True,
+        replies = fed.ask({c: contents[c not in has_mask] for c in picked}, "train.unlearn", tag, dropouts=True,
                         what=f"unlearning round {r}")
         has_mask.update(picked)
-        replies = [m for _, m in pairs]
         if not replies and len(picked) == len(fed.nodes):
             raise ValueError("no client has retain data for the masked rounds")
         if replies:
-            current = masked_aggregate(reference, mask if train is None else train, replies, [c for c, _ in pairs])
+            current = masked_aggregate(reference, mask if train is None else train, replies)
         else:
             rank_zero_warn(f"masked round {r}: none of the sampled clients {picked} has retain data; the selected "
                            "values stay as they are")
@@ -219,9 +217,9 @@ def calibrate(
     set_arrays(model, current)
     name = _head_name(model)
     head = linear_head(model, name)
-    pairs = fed.ask(masked_down(current, mask, {"classes": classes}, statistics), "query.head_features",
+    replies = fed.ask(masked_down(current, mask, {"classes": classes}, statistics), "query.head_features",
                     "head_features", dropouts=True, what="head-feature round")
-    means = pool_head_features([m for _, m in pairs], classes, head.in_features, senders=[c for c, _ in pairs])
+    means = pool_head_features(replies, classes, head.in_features)
     forget = (torch.stack([means[c] for c in means]), torch.tensor(list(means))) if means else None
     weight, bias = initial_rows(head, classes, config.seed, forget)
     with torch.no_grad():

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from lightning_unlearn.federated.messages import Reply, sender_label, short_repr
+from lightning_unlearn.federated.messages import Reply, short_repr
 from lightning_unlearn.mask import ParameterMask
 from lightning_unlearn.scoring.base import out_channels
 from lightning_unlearn.scoring.channels import ChannelScores, average_scores
@@ -16,15 +16,18 @@ from lightning_unlearn.scoring.layers import NORM_TYPES, SCORED_TYPES, LayerInfo
 
 
 # -- the contract of a reply's tensors (its metadata: messages.read_reply) -------------------------------------
-def of_kind(replies: Sequence[Any], kind: str, senders: Sequence[int] | None = None) -> list[Reply]:
+def _who(replies: Sequence[Any], i: int) -> str:
+    client = getattr(replies[i], "client", None)
+    return f"client {client}" if client is not None else f"reply {i}"
+
+
+def of_kind(replies: Sequence[Any], kind: str) -> list[Reply]:
     """``replies`` when each is a :class:`Reply` of ``kind``; a reply of another kind is refused."""
     replies = list(replies)
-    if senders is not None and len(senders) != len(replies):
-        raise ValueError(f"{len(senders)} senders for {len(replies)} replies")
     for i, m in enumerate(replies):
         if not isinstance(m, Reply) or m.kind != kind:
             got = f"a {m.kind!r} reply" if isinstance(m, Reply) else type(m).__name__
-            raise TypeError(f"{sender_label(senders, i)}: the server expects a {kind!r} reply here, got {got}")
+            raise TypeError(f"{_who(replies, i)}: the server expects a {kind!r} reply here, got {got}")
     return replies
 
 
@@ -53,11 +56,11 @@ def check_arrays(
 
 
 # -- aggregation ------------------------------------------------------------------------------------
-def _weights(messages: Sequence[Reply], contract: Mapping[str, tuple], senders: Sequence[int] | None, describe: str,
+def _weights(messages: Sequence[Reply], contract: Mapping[str, tuple], describe: str,
              vector: tuple[str, str] | None = None) -> list[float]:
     """Each reply's share of all samples, once its tensors keep ``contract``."""
     for i, m in enumerate(messages):
-        check_arrays(m.tensors, contract, sender_label(senders, i), m.kind, describe, vector)
+        check_arrays(m.tensors, contract, _who(messages, i), m.kind, describe, vector)
     total = sum(m.num_samples for m in messages)
     if total <= 0:
         raise ValueError("no client reported any samples: nothing to aggregate")
@@ -65,17 +68,16 @@ def _weights(messages: Sequence[Reply], contract: Mapping[str, tuple], senders: 
 
 
 def fedavg_aggregate(
-    messages: Sequence[Reply], expected: Mapping[str, Tensor] | None = None,
-    senders: Sequence[int] | None = None,
+    messages: Sequence[Reply], expected: Mapping[str, Tensor] | None = None
 ) -> dict[str, Tensor]:
     """Sample-count-weighted mean of the clients' arrays (computed in float64, cast back)."""
-    messages = of_kind(messages, "parameters", senders)
+    messages = of_kind(messages, "parameters")
     if not messages:
         raise ValueError("fedavg_aggregate needs at least one client message")
     reference = expected if expected is not None else messages[0].tensors
     contract = {k: (tuple(v.shape), v.dtype) for k, v in reference.items()}
     describe = f"the {len(contract)} model arrays" if expected is not None else f"the {len(contract)} arrays of reply 0"
-    w = _weights(messages, contract, senders, describe)
+    w = _weights(messages, contract, describe)
     return {k: sum(wi * m.tensors[k].double() for wi, m in zip(w, messages)).to(dtype)
             for k, (_, dtype) in contract.items()}
 
@@ -98,12 +100,11 @@ def _check_layers_against_model(layers: Mapping[str, tuple], model: nn.Module, w
 
 
 def aggregate_scores(
-    messages: Sequence[Reply], senders: Sequence[int] | None = None, model: nn.Module | None = None,
-    tag: str = "forget",
+    messages: Sequence[Reply], model: nn.Module | None = None, tag: str = "forget"
 ) -> ChannelScores:
     """Count-weighted mean of the clients' channel scores of document ``tag``: the score of the union of their
     forget sets (or, for CDP, of one document's samples)."""
-    messages = of_kind(messages, "scores", senders)
+    messages = of_kind(messages, "scores")
     if not messages:
         raise ValueError("no client holds data to forget: no scores to aggregate")
     methods = {m.method for m in messages}
@@ -111,17 +112,17 @@ def aggregate_scores(
         raise ValueError(f"clients scored with different methods {sorted(methods)}; all must use the same one")
     first = dict(messages[0].layers)
     if not first:
-        raise ValueError(f"{sender_label(senders, 0)}: a 'scores' reply describes no layer (layers is empty)")
+        raise ValueError(f"{_who(messages, 0)}: a 'scores' reply describes no layer (layers is empty)")
     if model is not None:  # a hostile first reply is caught against the server's model
-        _check_layers_against_model(first, model, sender_label(senders, 0))
+        _check_layers_against_model(first, model, _who(messages, 0))
     contract = {n: ((out,), None) for n, (out, _, _) in first.items()}
     for i, m in enumerate(messages):
-        who = sender_label(senders, i)
+        who = _who(messages, i)
         if m.tag != tag:
             raise ValueError(f"{who}: a 'scores' reply tag {m.tag!r} in the scoring round (expected {tag!r})")
         if dict(m.layers) != first:
             diff = sorted(set(m.layers) ^ set(first)) or sorted(n for n in first if m.layers[n] != first[n])
-            raise ValueError(f"{who}: a 'scores' reply layers differ from {sender_label(senders, 0)}'s "
+            raise ValueError(f"{who}: a 'scores' reply layers differ from {_who(messages, 0)}'s "
                              f"at {short_repr(diff[0])}")
         check_arrays(m.tensors, contract, who, "scores", f"the {len(contract)} scored layers",
                      vector=("scores", "channels"))
@@ -131,18 +132,17 @@ def aggregate_scores(
 
 
 def masked_aggregate(
-    reference: Mapping[str, Tensor], mask: ParameterMask, messages: Sequence[Reply],
-    senders: Sequence[int] | None = None,
+    reference: Mapping[str, Tensor], mask: ParameterMask, messages: Sequence[Reply]
 ) -> dict[str, Tensor]:
     """Average only the selected slices; every other element is copied from ``reference`` bit for bit (averaging
     identical copies is not exact in floating point)."""
-    messages = of_kind(messages, "masked_update", senders)
+    messages = of_kind(messages, "masked_update")
     out = {k: v.clone() for k, v in reference.items()}
     if not messages:
         return out
     selected = {name: m for name, m in mask.masks.items() if bool(m.any())}
     contract = {name: ((int(m.sum()),), reference[name].dtype) for name, m in selected.items()}
-    w = _weights(messages, contract, senders, f"the {len(contract)} masked parameters", ("values", "selected elements"))
+    w = _weights(messages, contract, f"the {len(contract)} masked parameters", ("values", "selected elements"))
     for name, m in selected.items():
         out[name][m] = sum(wi * msg.tensors[name].double() for wi, msg in zip(w, messages)).to(out[name].dtype)
     return out
@@ -172,15 +172,15 @@ def _counts(m: Reply, contract: Mapping[str, tuple], who: str, describe: str) ->
 
 
 def pool_batchnorm_moments(
-    messages: Sequence[Reply], channels: Mapping[str, Tensor], senders: Sequence[int] | None = None,
+    messages: Sequence[Reply], channels: Mapping[str, Tensor]
 ) -> dict[str, tuple[Tensor, Tensor]]:
     """BatchNorm name -> (mean, unbiased variance) of its selected channels' input over all clients' values."""
-    messages = of_kind(messages, "bn_stats", senders)
+    messages = of_kind(messages, "bn_stats")
     if not messages:
         raise ValueError("no client has retain data: no BatchNorm statistics to pool")
     contract = {bn: ((3, int(sel.sum())), torch.float64) for bn, sel in channels.items()}
     for i, m in enumerate(messages):
-        who = sender_label(senders, i)
+        who = _who(messages, i)
         for bn, n in _counts(m, contract, who, f"the {len(contract)} selected BatchNorm layers").items():
             if (n > 0) != (m.num_samples > 0):
                 raise ValueError(f"{who}: a 'bn_stats' reply {bn!r} counts {int(n)} values "
@@ -206,15 +206,14 @@ def head_feature_key(c: int) -> str:
 
 
 def pool_head_features(
-    messages: Sequence[Reply], classes: Sequence[int], features: int,
-    senders: Sequence[int] | None = None,
+    messages: Sequence[Reply], classes: Sequence[int], features: int
 ) -> dict[int, Tensor]:
     """Class -> mean head input over the clients' forget samples of that class (classes no client holds are left
     out). Each reply holds a float64 ``(3, features)`` moments tensor per class, the counts summing to its samples."""
-    messages = of_kind(messages, "bn_stats", senders)
+    messages = of_kind(messages, "bn_stats")
     contract = {head_feature_key(c): ((3, int(features)), torch.float64) for c in classes}
     for i, m in enumerate(messages):
-        who = sender_label(senders, i)
+        who = _who(messages, i)
         counted = int(sum(_counts(m, contract, who, f"the {len(contract)} forgotten classes").values()))
         if counted != m.num_samples:
             raise ValueError(f"{who}: head features count {counted} values from {m.num_samples} samples")
