@@ -21,7 +21,7 @@ from lightning_unlearn import ForgetRequest, ParameterMask
 from lightning_unlearn.scoring import SCORING_METHODS, discover_layers
 from lightning_unlearn.federated import federated_unlearn, run_fedavg
 from lightning_unlearn.federated.messages import Reply, read_down, read_reply, up
-from lightning_unlearn.federated.server import aggregate_scores, fedavg_aggregate, masked_aggregate
+from lightning_unlearn.federated.server import fedavg_aggregate, masked_aggregate
 from lightning_unlearn.mask.arrays import get_arrays
 from lightning_unlearn.mask.arrays import selected_values
 from lightning_unlearn.federated.federation import Federation

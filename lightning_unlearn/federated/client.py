@@ -399,7 +399,7 @@ def _masked_update(node: _Node) -> RecordDict | None:
 def _evaluate(node: _Node) -> RecordDict:
     """Local accuracy of the broadcast model (on forget and retain data when the message names a request)."""
     set_arrays(node.model, node.arrays)
-    metrics: dict[str, float | int] = {COUNT_KEY: len(node.part.dataset)}
+    metrics: dict[str, float | int] = {}
     splits = {"all": np.arange(len(node.part.dataset))} if node.split is None else \
         {"forget": node.split.forget, "retain": node.split.retain}
     for name, idx in splits.items():
@@ -407,7 +407,7 @@ def _evaluate(node: _Node) -> RecordDict:
             loader = DataLoader(Subset(node.part.dataset, idx.tolist()), batch_size=256)
             metrics[f"{name}-acc"] = float(accuracy(node.model, loader, node.part.num_classes))
             metrics[f"{name}-examples"] = int(len(idx))
-    return RecordDict({"metrics": MetricRecord(metrics)})
+    return up("evaluation", {}, len(node.part.dataset), metrics)
 
 
 #: message type -> handler of the node's view of the message.

@@ -19,7 +19,7 @@ from lightning_unlearn._io import load_torch_file, save_torch
 from lightning_unlearn.federated.federation import Federation, as_federation, check_replies
 from lightning_unlearn.federated.messages import down, tensor_bytes
 from lightning_unlearn.federated.server import (
-    check_fraction, check_rounds, fedavg_aggregate, fit_config, sample_clients,
+    check_fraction, check_rounds, fedavg_aggregate, sample_clients,
 )
 from lightning_unlearn.mask.arrays import get_arrays, set_arrays
 
@@ -93,9 +93,9 @@ class LibraryFedAvg(FedAvg):
         self._expected = dict(arrays.to_torch_state_dict())  # what every reply must match
         picked = [int(c) for c in sample_clients(self.pool, self.fraction_train, self.seed, r)]
         self._picked = len(picked)
-        return [self.fed.message(cid, down(arrays, fit_config(cid, r, self.seed, self.local_epochs, self.data,
-                                                              self.local_config)), "train", f"{self.label}/{r}")
-                for cid in picked]
+        return [self.fed.message(cid, down(arrays, {  # each client its own seed per round
+            "epochs": self.local_epochs, "seed": self.seed * 100_003 + r * 1_000 + cid, "data": self.data,
+            **(self.local_config or {})}), "train", f"{self.label}/{r}") for cid in picked]
 
     def aggregate_train(self, server_round: int,
                         replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:

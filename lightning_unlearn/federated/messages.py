@@ -33,8 +33,9 @@ MAX_NAME_CHARS = 256  # parameter and layer names (module paths)
 MAX_LAYERS_JSON_CHARS = 65_536  # the layer table of a scores reply: ~45 characters a layer
 CDP_METHOD = "cdp_activation"  # CDP's statistic (mean activation per channel), not a scoring method
 TAG_PATTERN = re.compile(r"forget|class_\d{1,9}")  # what was scored: the forget set or one retained class
-#: Reply kinds: model arrays, the selected elements of a masked round, channel scores, per-channel moments.
-KINDS = ("parameters", "masked_update", "scores", "bn_stats")
+#: Reply kinds: model arrays, the selected elements of a masked round, channel scores, per-channel moments, and
+#: an evaluation's metrics (no tensors).
+KINDS = ("parameters", "masked_update", "scores", "bn_stats", "evaluation")
 
 
 def tensor_bytes(arrays: Mapping[str, Tensor]) -> int:

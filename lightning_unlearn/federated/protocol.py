@@ -20,10 +20,10 @@ from torch import Tensor
 from lightning_unlearn.config import AUTO, UnlearnConfig
 from lightning_unlearn.federated.checkpoint import ServerCheckpoint
 from lightning_unlearn.federated.federation import Federation, as_federation
-from lightning_unlearn.federated.messages import ByteCounter, check_metrics, down
+from lightning_unlearn.federated.messages import ByteCounter, down
 from lightning_unlearn.federated.server import (
     aggregate_scores, check_fraction, check_rounds, masked_aggregate, pool_batchnorm_moments, pool_head_features,
-    sample_clients, selected_statistics, write_batchnorm_statistics,
+    sample_clients, statistic_masks,
 )
 from lightning_unlearn.mask import ParameterMask
 from lightning_unlearn.mask.arrays import get_arrays, selected_values, set_arrays
@@ -85,8 +85,7 @@ def masked_down(arrays: Mapping[str, Tensor], mask: ParameterMask, config: Mappi
     """A down message of the selected slices (``values``; always after a reset: ``statistics``), the selected
     BatchNorm channels' ``statistics`` and the mask's ``channels``."""
     out = selected_values(arrays, mask) if values or statistics is not None else {}
-    if statistics is not None:
-        out.update(selected_statistics(arrays, statistics))
+    out.update({k: arrays[k][sel].clone() for k, sel in statistic_masks(statistics or {}).items()})
     return down(out, config, mask.channels if channels else None)
 
 
@@ -112,24 +111,22 @@ def remove(fed: Federation, model: torch.nn.Module, mask: ParameterMask,
     if channels:
         content = masked_down(get_arrays(model), mask, {"seed": config.seed, "max_batches": STATS_BATCHES})
         replies = fed.ask(content, "query.bn_stats", "bn_stats", dropouts=True, what="statistics round")
-        write_batchnorm_statistics(model, channels, pool_batchnorm_moments(replies, channels))
+        modules = dict(model.named_modules())
+        with torch.no_grad():  # the pooled (mean, variance) into the selected channels; nothing else moves
+            for bn, (mean, var) in pool_batchnorm_moments(replies, channels).items():
+                sel = channels[bn].to(modules[bn].running_mean.device)
+                modules[bn].running_mean[sel] = mean.to(modules[bn].running_mean)
+                modules[bn].running_var[sel] = var.to(modules[bn].running_var)
     return channels
 
 
 def evaluate_round(fed: Federation, arrays: Mapping[str, Tensor], r: int) -> dict[str, float]:
     """The clients' local accuracy of ``arrays`` on their forget and retain data, weighted by their counts."""
-    label = f"evaluate/{r}"
-    content = down(arrays)
-    messages = [fed.message(c, content, "evaluate", label) for c in sorted(fed.active)]
-    replies = fed.receive(messages, f"evaluation round {r}", dropouts=True)
-    by_node = {n: c for c, n in fed.nodes.items()}
+    replies = fed.ask(down(arrays), "evaluate", f"evaluate/{r}", dropouts=True, what=f"evaluation round {r}")
     row: dict[str, float] = {"round": r}
-    for m in replies:
-        fed.book(label, m.content, "up")
-        check_metrics(dict(m.content["metrics"]), f"client {by_node[m.metadata.src_node_id]}", "evaluation reply")
     for split in ("forget", "retain"):
-        pairs = [(m.content["metrics"][f"{split}-acc"], m.content["metrics"][f"{split}-examples"])
-                 for m in replies if f"{split}-acc" in m.content["metrics"]]
+        pairs = [(m.metrics[f"{split}-acc"], m.metrics[f"{split}-examples"]) for m in replies
+                 if f"{split}-acc" in m.metrics]
         n = sum(c for _, c in pairs)
         row[f"{split}_acc"] = sum(a * c for a, c in pairs) / n if n else math.nan
     return row
@@ -137,17 +134,16 @@ def evaluate_round(fed: Federation, arrays: Mapping[str, Tensor], r: int) -> dic
 
 def masked_rounds(
     fed: Federation, reference: Mapping[str, Tensor], mask: ParameterMask, rounds: int, config: Mapping[str, Any], *,
-    statistics: Mapping[str, Tensor] | None = None, fraction: float = 1.0, seed: int | None = None,
-    label: str = "unlearn", first_round: int = 0, current: Mapping[str, Tensor] | None = None,
+    statistics: Mapping[str, Tensor] | None = None, fraction: float = 1.0, label: str = "unlearn", first_round: int = 0, current: Mapping[str, Tensor] | None = None,
     after_round: Callable[[int, dict, list], None] | None = None, train: ParameterMask | None = None,
 ) -> tuple[dict[str, Tensor], list[dict]]:
     """Masked FedAvg rounds ``first_round .. rounds - 1`` from ``current`` (default ``reference``): the global arrays
-    and a row per round. Round ``r`` calls the active clients of FedAvg's draw ``sample_clients(.., fraction, seed,
-    r)``; the server averages the selected slices (``train``: only this sub-mask) by sample count, every other
+    and a row per round. Round ``r`` calls the active clients of FedAvg's draw ``sample_clients(.., fraction,
+    config["seed"], r)``; the server averages the selected slices (``train``: only this sub-mask) by sample count, every other
     element is ``reference``'s. ``after_round(r, current, history)``: evaluation and checkpoint."""
     check_rounds(rounds)
     check_fraction(fraction)
-    seed = int(config.get("seed", 0)) if seed is None else seed
+    seed = int(config.get("seed", 0))
     reference = {k: v.clone() for k, v in reference.items()}
     current = dict(current) if current is not None else reference
     history: list[dict] = []
@@ -231,7 +227,7 @@ def calibrate(
     settings = {"objective": "retain", "epochs": 1, "seed": config.seed, "lr_scale": 1.0, "bn_stats": "frozen",
                 "mode": "train", "train_rows": classes}
     out, history = masked_rounds(fed, get_arrays(model), mask, rounds, settings, statistics=statistics,
-                                 fraction=fraction, seed=config.seed, label="calibrate",
+                                 fraction=fraction, label="calibrate",
                                  train=ParameterMask.from_channels(model, {name: classes}, {}))
     set_arrays(model, out)
     log.info("head calibration: rows %s of %s refit in %d federated round(s)", classes, name, rounds)
@@ -282,7 +278,7 @@ def run_unlearning(
 
     reference = current if cfg.reset != "none" else deployed  # masked_aggregate copies the frozen values from it
     current, rows = masked_rounds(fed, reference, mask, rounds, unlearn_config(cfg), statistics=statistics,
-                                  fraction=fraction, seed=cfg.seed, first_round=first, current=current,
+                                  fraction=fraction, first_round=first, current=current,
                                   after_round=after_round)
     history += rows
     set_arrays(model, current)

@@ -155,11 +155,6 @@ def statistic_masks(channels: Mapping[str, Tensor]) -> dict[str, Tensor]:
     return {f"{bn}.{s}" if bn else s: sel for bn, sel in channels.items() for s in ("running_mean", "running_var")}
 
 
-def selected_statistics(arrays: Mapping[str, Tensor], channels: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    """The running statistics of the selected BatchNorm channels."""
-    return {k: arrays[k][sel].clone() for k, sel in statistic_masks(channels).items()}
-
-
 def _counts(m: Reply, contract: Mapping[str, tuple], who: str, describe: str) -> dict[str, float]:
     """Each key's count, once the moments keep ``contract`` and each count row is one whole number >= 0."""
     check_arrays(m.tensors, contract, who, "bn_stats", describe)
@@ -226,19 +221,6 @@ def pool_head_features(
     return pooled
 
 
-@torch.no_grad()
-def write_batchnorm_statistics(
-    model: nn.Module, channels: Mapping[str, Tensor], pooled: Mapping[str, tuple[Tensor, Tensor]]
-) -> None:
-    """Write the pooled (mean, variance) into the selected channels' running statistics; nothing else moves."""
-    modules = dict(model.named_modules())
-    for bn, sel in channels.items():
-        module, (mean, var) = modules[bn], pooled[bn]
-        sel = sel.to(module.running_mean.device)
-        module.running_mean[sel] = mean.to(module.running_mean)
-        module.running_var[sel] = var.to(module.running_var)
-
-
 # -- FedAvg -----------------------------------------------------------------------------------------------
 def check_rounds(rounds: int, name: str = "rounds") -> None:
     if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
@@ -257,9 +239,3 @@ def sample_clients(pool: Sequence[int], fraction: float, seed: int, r: int) -> n
     pool = np.asarray(sorted(pool), dtype=np.int64)
     picked = np.random.default_rng(seed * 100_003 + r).choice(pool, max(1, round(fraction * len(pool))), replace=False)
     return np.sort(picked)
-
-
-def fit_config(cid: int, r: int, seed: int, local_epochs: int, data: str,
-               local_config: Mapping[str, Any] | None) -> dict:
-    """Client ``cid``'s settings for FedAvg round ``r`` (its own seed per round)."""
-    return {"epochs": local_epochs, "seed": seed * 100_003 + r * 1_000 + int(cid), "data": data, **(local_config or {})}
