@@ -18,7 +18,7 @@ from lightning_unlearn.federated.federation import Federation, as_federation
 from lightning_unlearn.federated.fedavg import UpdateStore, run_fedavg
 from lightning_unlearn.federated.messages import Reply, down
 from lightning_unlearn.federated.protocol import (
-    FederatedUnlearningResult, masked_rounds, remove, round_bytes, traffic_bytes, unlearn_config,
+    FederatedUnlearningResult, masked_rounds, remove, round_bytes, unlearn_config,
 )
 from lightning_unlearn.federated.server import aggregate_scores, check_arrays, of_kind
 from lightning_unlearn.mask import ParameterMask, select_channels
@@ -35,12 +35,11 @@ def _federation(clients: Any, plan: FederatedForgetPlan) -> Federation:
 
 
 def _result(method: str, model: torch.nn.Module, mask: ParameterMask, fed: Federation, history: list[dict],
-            t_select: float, elapsed: float, scoring: int = 0, statistics: int = 0,
-            **kwargs: Any) -> FederatedUnlearningResult:
-    """A baseline's result: its timings (selection, then unlearning) and bytes."""
+            t_select: float, elapsed: float, scoring: str = "score", **kwargs: Any) -> FederatedUnlearningResult:
+    """A baseline's result: its timings (selection, then unlearning) and bytes (``scoring``: its rounds' label)."""
     return FederatedUnlearningResult(
         model, mask, method=method, timings_s={"scoring": t_select, "unlearning": elapsed, "total": t_select + elapsed},
-        bytes=round_bytes(history, scoring, statistics), history=history, traffic=fed.run, **kwargs)
+        bytes=round_bytes(history, fed.run, scoring), history=history, traffic=fed.run, **kwargs)
 
 
 def _masked_baseline(method: str, fed: Federation, work: torch.nn.Module, mask: ParameterMask, rounds: int,
@@ -52,8 +51,7 @@ def _masked_baseline(method: str, fed: Federation, work: torch.nn.Module, mask: 
     statistics = remove(fed, work, mask, reset) if reset else None
     current, history = masked_rounds(fed, get_arrays(work), mask, rounds, config, label=method, statistics=statistics)
     set_arrays(work, current)
-    return _result(method, work, mask, fed, history, t_select, time.perf_counter() - t0,
-                   statistics=traffic_bytes(fed.run, "bn_stats"), config=reset, **kwargs)
+    return _result(method, work, mask, fed, history, t_select, time.perf_counter() - t0, config=reset, **kwargs)
 
 
 def federated_retrain(
@@ -153,7 +151,7 @@ def federated_cdp(
     trainable = ParameterMask({n: ~m for n, m in pruned.masks.items()}, pruned.channels)
     config = {"objective": "retain", "epochs": local_epochs, "max_steps": max_steps, "seed": seed, "mode": "prune"}
     return _masked_baseline("cdp", fed, work, trainable, rounds, config, time.perf_counter() - t0,
-                            scoring=traffic_bytes(fed.run, "cdp_stats"),
+                            scoring="cdp_stats",
                             extra={"pruned_fraction": pruned.fraction, "pruned_channels": dict(pruned.channels)})
 
 

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
-from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.callbacks import Callback, LambdaCallback
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
@@ -306,7 +306,8 @@ def _module_optimizer(model: pl.LightningModule, data: Any) -> torch.optim.Optim
         out = model.configure_optimizers()
     except Exception as error:  # noqa: BLE001 - whatever the user's code raises without a Trainer
         log.debug("configure_optimizers needs a Trainer (%s): building it inside a fit stopped before any batch", error)
-        trainer = pl.Trainer(**{**QUIET_TRAINER, "max_epochs": 1, "callbacks": [_StopBeforeTheFirstBatch()]})
+        stop = LambdaCallback(on_train_start=lambda trainer, _: setattr(trainer, "should_stop", True))
+        trainer = pl.Trainer(**{**QUIET_TRAINER, "max_epochs": 1, "callbacks": [stop]})
         trainer.fit(copy.deepcopy(model), DataLoader(data, batch_size=64))
         return trainer.optimizers[0]
     while isinstance(out, (list, tuple)) and out:
@@ -316,11 +317,6 @@ def _module_optimizer(model: pl.LightningModule, data: Any) -> torch.optim.Optim
         raise ValueError(f"the head calibration needs configure_optimizers to return a torch optimizer, got "
                          f"{type(out).__name__}; allowed: an optimizer, a list of them, or Lightning's dict form")
     return out
-
-
-class _StopBeforeTheFirstBatch(pl.Callback):
-    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        trainer.should_stop = True
 
 
 def _local_epoch_steps(batches: int, trainer_kwargs: Mapping[str, Any] | None) -> int:
@@ -350,7 +346,7 @@ def _retain_head_features(node: _Node, start: Mapping[str, Tensor], head: str) -
 def _calibration_update(node: _Node, start: dict[str, Tensor], cfg: Mapping[str, Any]) -> RecordDict:
     """A head-calibration round as the central ``calibrate_head`` fits: rows ``config["train_rows"]`` fitted by
     ``fit_rows`` on the retain head features for one local epoch with a fresh optimizer of the module's recipe."""
-    t0, name, rows = time.perf_counter(), node.head, [int(r) for r in cfg["train_rows"]]
+    t0, name, rows = time.perf_counter(), node.head, sorted({int(r) for r in cfg["train_rows"]})
     head = linear_head(node.model, name)
     x, y = _retain_head_features(node, start, name)
     set_arrays(node.model, start)
@@ -362,12 +358,9 @@ def _calibration_update(node: _Node, start: dict[str, Tensor], cfg: Mapping[str,
     fit_start = time.perf_counter()
     fit_rows(head, rows, params[0], params[1] if head.bias is not None else None, x, y, optimizer, steps, bs,
              torch.Generator().manual_seed(int(cfg.get("seed", 0))))
-    with torch.no_grad():
-        for k, p in zip(keys, params):
-            start[k][rows] = p.detach().to(start[k].dtype).cpu()
+    values = {k: p.detach().to(start[k].dtype).cpu().reshape(-1) for k, p in zip(keys, params)}  # rows in order
     metrics = {"local_compute_s": time.perf_counter() - fit_start, "fit_s": time.perf_counter() - t0}
-    trained = ParameterMask.from_channels(node.model, {name: rows}, {})
-    return up("masked_update", selected_values(start, trained), len(node.subset("retain")), metrics)
+    return up("masked_update", values, len(node.subset("retain")), metrics)
 
 
 def _masked_update(node: _Node) -> RecordDict | None:

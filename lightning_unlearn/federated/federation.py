@@ -24,19 +24,6 @@ POLL_S = 0.05  # how often the server asks the SuperLink for replies (Flower's H
 NODE_UNAVAILABLE = 5
 
 
-def gather(grid: Grid, messages: Iterable[Message], timeout: float | None, poll_s: float = POLL_S) -> list[Message]:
-    """Push ``messages`` and pull replies every ``poll_s`` seconds until all arrived or ``timeout`` passed."""
-    pending, out = set(grid.push_messages(messages)), []
-    deadline = time.monotonic() + (timeout if timeout is not None else math.inf)
-    while pending:
-        out.extend(got := list(grid.pull_messages(pending)))
-        pending.difference_update(m.metadata.reply_to_message_id for m in got)
-        if not pending or time.monotonic() >= deadline:
-            break
-        time.sleep(poll_s)
-    return out
-
-
 class PollingGrid:
     """``grid`` (any Grid) whose ``send_and_receive`` polls every ``poll_s`` s instead of Flower's 3 s: what Flower's
     strategy loop and :class:`Federation` call it with. Every other attribute is the wrapped grid's."""
@@ -48,7 +35,16 @@ class PollingGrid:
         return getattr(self.grid, name)
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> list[Message]:
-        return gather(self.grid, messages, timeout, self.poll_s)
+        """Push ``messages`` and pull replies every ``poll_s`` seconds until all arrived or ``timeout`` passed."""
+        pending, out = set(self.grid.push_messages(messages)), []
+        deadline = time.monotonic() + (timeout if timeout is not None else math.inf)
+        while pending:
+            out.extend(got := list(self.grid.pull_messages(pending)))
+            pending.difference_update(m.metadata.reply_to_message_id for m in got)
+            if not pending or time.monotonic() >= deadline:
+                break
+            time.sleep(self.poll_s)
+        return out
 
 
 def check_replies(replies: Sequence[Message], expected: int, what: str) -> list[Message]:

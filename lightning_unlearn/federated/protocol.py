@@ -51,18 +51,22 @@ class FederatedUnlearningResult(UnlearningResult):
     traffic: ByteCounter | None = None  # payload and wire bytes per round label
 
 
-def traffic_bytes(traffic: ByteCounter, prefix: str) -> int:
-    """Payload bytes (down + up) of the rounds whose label starts with ``prefix``."""
-    return sum(b.total for label, b in traffic.payload.items() if label.startswith(prefix))
+def round_bytes(history: Sequence[Mapping[str, Any]], traffic: ByteCounter | None = None,
+                scoring: str = "score") -> dict[str, float]:
+    """Bytes per round (mean and max, down + up) and in total, with the payload ``traffic`` booked for the
+    ``scoring`` rounds and, where they ran, the statistics round and the head calibration."""
+    def paid(prefix: str) -> int:
+        return sum(b.total for label, b in (traffic.payload if traffic else {}).items() if label.startswith(prefix))
 
-
-def round_bytes(history: Sequence[Mapping[str, Any]], extra: int = 0, statistics: int = 0) -> dict[str, float]:
-    """Bytes per round (mean and max, down + up) and in total with ``extra`` (scoring) and ``statistics`` (a
-    statistics round's; the key appears only when it ran)."""
-    per = [r["bytes_down"] + r["bytes_up"] for r in history]
+    per, extra, statistics = [r["bytes_down"] + r["bytes_up"] for r in history], paid(scoring), paid("bn_stats")
     out = {"scoring": extra, "unlearning_round": sum(per) / len(per), "unlearning_round_max": max(per),
            "total": extra + statistics + sum(per)}
-    return {**out, "statistics": statistics} if statistics else out
+    if statistics:
+        out["statistics"] = statistics
+    features, calibrating = paid("head_features"), paid("calibrate/")
+    if features or calibrating:
+        out.update(calibration_features=features, calibration=features + calibrating)
+    return out
 
 
 def unlearn_config(config: UnlearnConfig) -> dict[str, Any]:
@@ -295,12 +299,8 @@ def run_unlearning(
     t4 = time.perf_counter()
     timings = {"scoring": t1 - t0, **({"reset": t2 - t1} if cfg.reset != "none" else {}), "unlearning": t4 - t1,
                **({"calibration": t4 - t3} if "calibration" in extra else {}), "total": t4 - t0}
-    paid = round_bytes(history, traffic_bytes(fed.run, "score"), traffic_bytes(fed.run, "bn_stats"))
-    features, calibrating = traffic_bytes(fed.run, "head_features"), traffic_bytes(fed.run, "calibrate/")
-    if features or calibrating:
-        paid.update(calibration_features=features, calibration=features + calibrating)
     return FederatedUnlearningResult(model, mask, timings_s=timings, scores=scores, extra=extra, config=cfg,
-                                     history=history, traffic=fed.run, bytes=paid)
+                                     history=history, traffic=fed.run, bytes=round_bytes(history, fed.run))
 
 
 def federated_unlearn(
