@@ -1,6 +1,6 @@
 """Client side: the ``ClientApp`` whose handlers answer every server message, in process and deployed.
 
-The work is done by plain functions (:func:`local_fit`, :func:`local_scores`, :func:`cdp_activations`,
+The work is done by plain functions (:func:`local_fit`, :func:`cdp_activations`,
 :func:`batchnorm_moments`); what a node keeps between messages (the deployed model, the channel mask) lives in
 ``context.state``. Nothing but the replies of :func:`~lightning_unlearn.federated.messages.up` leaves a node.
 """
