@@ -32,7 +32,7 @@ class UpdateStore:
     """FedEraser's memory: every ``every``-th round, the global model and each client's update."""
 
     every: int
-    rounds: list[dict] = field(default_factory=list)  # {"round", "global", "updates": {cid: arrays}, "counts"}
+    rounds: list[dict] = field(default_factory=list)  # {"round", "global", "updates": {cid: arrays}}
 
     @property
     def nbytes(self) -> int:
@@ -109,8 +109,7 @@ class LibraryFedAvg(FedAvg):
         if self.store is not None and r % self.store.every == 0:
             self.store.rounds.append({
                 "round": r, "global": self._expected,
-                "updates": {m.client: {k: m.tensors[k] - self._expected[k] for k in self._expected} for m in replies},
-                "counts": {m.client: m.num_samples for m in replies}})
+                "updates": {m.client: {k: m.tensors[k] - self._expected[k] for k in self._expected} for m in replies}})
         agg_s, t_eval = time.perf_counter() - t_agg, time.perf_counter()
         row = self.fed.row(r, self._t0, replies, label)
         row.update(clients=[m.client for m in replies], aggregate_s=agg_s)

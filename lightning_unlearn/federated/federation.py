@@ -107,11 +107,10 @@ class Federation:
     def __len__(self) -> int:
         return len(self.nodes)
 
-    def start_run(self) -> ByteCounter:
+    def start_run(self) -> None:
         """Count a new run (FedAvg, an unlearning request, a baseline) from zero: runs on one federation share round
         labels (``score``, ``unlearn/0``), and each must report its own bytes, not the sum of all runs'."""
         self.run = ByteCounter()
-        return self.run
 
     def book(self, label: str, content: RecordDict, direction: str) -> None:
         """Count one message's bytes (``direction``: ``"down"`` or ``"up"``) for the federation and the run."""
