@@ -345,6 +345,16 @@ def test_flower_replies_are_checked_and_name_the_client(model, layers, images):
     one_line(err, r"^client 3: a 'scores' reply layers metadata must be JSON")
 
 
+def test_arrays_torch_cannot_read_are_refused_naming_the_key(images):
+    x, y = images
+    for smuggled in (np.array([str(v) for v in y.tolist()]), x.numpy().astype(">f4")):  # labels as text, odd order
+        content = up("parameters", {"w": torch.zeros(3)}, 3)
+        content["arrays"]["x_train"] = Array(smuggled)
+        with pytest.raises(ValueError) as err:
+            read_reply(content, 4)
+        one_line(err, r"^client 4: a 'parameters' reply 'x_train' is no array torch can read: ")
+
+
 def test_metric_keys_cover_what_the_library_clients_send():
     """Training replies (local_fit), the DP callback's epsilon, Flower's count, hello and evaluation replies."""
     sent = {"local_compute_s", "fit_s", "dp/epsilon", "num-examples", "client-id"}

@@ -171,14 +171,16 @@ def read_reply(content: RecordDict, client: int | None = None) -> Reply | None:
     missing = sorted(keys - set(meta)) or [k for k, r in (("arrays", arrays), ("metrics", metrics)) if r is None]
     if missing:
         raise ValueError(f"{what} is missing key {missing[0]!r}")
-    try:
-        tensors = dict(arrays.to_torch_state_dict())
-    except (TypeError, ValueError) as err:  # a dtype or byte order torch cannot hold
-        raise ValueError(f"{what} holds an array torch cannot read: {short_repr(str(err), 120)}") from None
-    for name, t in tensors.items():
-        if not t.is_floating_point():
+    tensors = {}
+    for name, array in arrays.items():
+        try:
+            tensors[name] = torch.from_numpy(array.numpy())  # what ArrayRecord.to_torch_state_dict does
+        except (TypeError, ValueError) as err:  # a dtype or byte order torch cannot hold
+            reason = short_repr(str(err), 80)
+            raise ValueError(f"{what} {short_repr(name)} is no array torch can read: {reason}") from None
+        if not tensors[name].is_floating_point():
             raise TypeError(f"{what} {short_repr(name)} must be a float tensor (parameters, scores or moments), "
-                            f"got {t.dtype}")
+                            f"got {tensors[name].dtype}")
     metrics = dict(metrics)
     n = metrics.pop(COUNT_KEY, None)
     if isinstance(n, bool) or not isinstance(n, int) or n < 0:
