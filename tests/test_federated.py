@@ -7,21 +7,20 @@ import json
 import numpy as np
 import pytest
 import torch
+from flwr.app import MetricRecord
 from lightning.pytorch.callbacks import Callback
 from torch.utils.data import DataLoader, Dataset
 
 from lightning_unlearn import ForgetRequest, ParameterMask
 from lightning_unlearn.data import FederatedDataModule
 from lightning_unlearn.federated import FederatedSimulation, federated_unlearn, make_clients, run_fedavg
-from lightning_unlearn.federated.messages import Broadcast, MaskedUpdateMessage, ParametersMessage, ScoresMessage
+from lightning_unlearn.federated.messages import Reply, read_reply, up
 from lightning_unlearn.federated.server import aggregate_scores, fedavg_aggregate, masked_aggregate
 from lightning_unlearn.mask.arrays import get_arrays
 from lightning_unlearn._io import write_json
 from lightning_unlearn.federated import baselines as B
-from lightning_unlearn.federated.messages import BatchNormStatsMessage
 from lightning_unlearn.mask import frozen_elements_equal
 from lightning_unlearn.models import SmallCNN
-from lightning_unlearn.federated.messages import record_to_channels
 
 from federated_log import exchanges, recording
 
@@ -47,24 +46,27 @@ def sim(digits, one_thread):
 
 
 # -- the client/server boundary ---------------------------------------------------------------------
-def test_messages_refuse_samples_and_labels():
+def test_replies_refuse_samples_and_labels():
     with pytest.raises(TypeError, match="float tensor"):
-        ParametersMessage({"labels": torch.tensor([1, 2, 3])}, 3)
-    with pytest.raises(ValueError, match="1-D vector"):
-        ScoresMessage({"conv1": torch.rand(32, 8)}, 32, "grad_x_act")  # a per-sample score matrix
-    with pytest.raises(TypeError, match="num_samples"):
-        MaskedUpdateMessage({"w": torch.rand(3)}, 2.5)
-    with pytest.raises(TypeError, match="scalar"):
-        ParametersMessage({"w": torch.rand(3)}, 3, {"preds": [0.1, 0.2]})
+        read_reply(up("parameters", {"labels": torch.tensor([1, 2, 3])}, 3))
+    with pytest.raises(ValueError, match=r"'conv1' has shape \(32, 8\), expected \(8,\)"):  # a per-sample score matrix
+        aggregate_scores([Reply("scores", {"conv1": torch.rand(32, 8)}, 32, method="grad_x_act",
+                                layers={"conv1": (8, None, False)})])
+    with pytest.raises(ValueError, match="sample count 'num-examples' as an int"):
+        read_reply(up("masked_update", {"w": torch.rand(3)}, 2.5))
+    listed = up("parameters", {"w": torch.rand(3)}, 3)
+    listed["metrics"] = MetricRecord({"num-examples": 3, "fit_s": [0.1, 0.2]})  # per-sample values as a list
+    with pytest.raises(ValueError, match="scalar"):
+        read_reply(listed)
 
 
 def test_server_functions_type_check_their_inputs(digits):
-    with pytest.raises(TypeError, match=r"only accepts \['ParametersMessage'\].*got Tensor"):
+    with pytest.raises(TypeError, match=r"expects a 'parameters' reply here, got Tensor"):
         fedavg_aggregate([torch.rand(4)])
     with pytest.raises(TypeError, match="got TensorDataset"):
         aggregate_scores([digits[0]])
-    with pytest.raises(TypeError, match="got ParametersMessage"):
-        masked_aggregate({}, ParameterMask({}), [ParametersMessage({"w": torch.rand(2)}, 2)])
+    with pytest.raises(TypeError, match="got a 'parameters' reply"):
+        masked_aggregate({}, ParameterMask({}), [Reply("parameters", {"w": torch.rand(2)}, 2)])
 
 
 def _walk(obj, seen=None):
@@ -100,25 +102,25 @@ def test_only_parameters_updates_and_scores_cross_the_boundary(sim):
     selected = {n: int(m.sum()) for n, m in result.mask.masks.items() if m.any()}
     sizes = {len(c.dataset) for c in clients} | {len(s.retain) for s in plan.splits} | {len(s.forget) for s in plan.splits}
     ups = [m for d, _, _, m in log if d == "up"]
-    assert {type(m) for m in ups} == {ParametersMessage, ScoresMessage, BatchNormStatsMessage, MaskedUpdateMessage}
+    assert {m.kind for m in ups} == {"parameters", "scores", "bn_stats", "masked_update"}
     bn_selected = {n: int(m.sum()) for n, m in result.mask.masks.items() if m.any() and n.startswith("bn")
                    and n.endswith(".weight")}
     for m in ups:
-        if isinstance(m, ParametersMessage):
-            assert {k: v.shape for k, v in m.arrays.items()} == state_shapes
-        elif isinstance(m, ScoresMessage):
-            assert {k: v.numel() for k, v in m.scores.items()} == channels
-        elif isinstance(m, BatchNormStatsMessage):  # per-channel moments of the selected BatchNorm channels only
-            assert {k: tuple(v.shape) for k, v in m.moments.items()} == {k[:-len(".weight")]: (3, n)
+        if m.kind == "parameters":
+            assert {k: v.shape for k, v in m.tensors.items()} == state_shapes
+        elif m.kind == "scores":
+            assert {k: v.numel() for k, v in m.tensors.items()} == channels
+        elif m.kind == "bn_stats":  # per-channel moments of the selected BatchNorm channels only
+            assert {k: tuple(v.shape) for k, v in m.tensors.items()} == {k[:-len(".weight")]: (3, n)
                                                                          for k, n in bn_selected.items()}
         else:
-            assert {k: v.numel() for k, v in m.values.items()} == selected
+            assert {k: v.numel() for k, v in m.tensors.items()} == selected
         assert m.num_samples in sizes
         for leaf in _walk(m):  # nothing but tensors of the shapes above, names, counts, scalars
             assert isinstance(leaf, (torch.Tensor, str, int, float, bool, type(None))), type(leaf)
             assert not isinstance(leaf, (Dataset, DataLoader, np.ndarray))
     downs = [m for d, _, _, m in log if d == "down"]
-    assert all(isinstance(m, Broadcast) for m in downs)
+    assert all(set(vars(m)) == {"arrays", "config", "channels", "nbytes"} for m in downs)
     # reset: the statistics round and round 0 send the mask and the reset selected slices, round 1 the slices only
     masked_downs = [m for d, _, op, m in log if d == "down" and op == "train.unlearn"]
     assert all(m.channels for m in masked_downs[: len(clients)])
@@ -128,8 +130,8 @@ def test_only_parameters_updates_and_scores_cross_the_boundary(sim):
         assert {k: v.numel() for k, v in m.arrays.items() if k in selected} == selected
         assert set(m.arrays) - set(selected) == stats
     # every client kept exactly the server's mask (channel indices) in its own state
-    kept = [record_to_channels(c.state["mask"]) for c in grid.contexts.values()]
-    assert all(k == {n: tuple(v) for n, v in result.mask.channels.items()} for k in kept)
+    kept = [{n: v.tolist() for n, v in c.state["mask"].to_torch_state_dict().items()} for c in grid.contexts.values()]
+    assert all(k == result.mask.channels for k in kept)
 
 
 # -- exact freeze after aggregation -----------------------------------------------------------------------
@@ -139,15 +141,15 @@ def test_masked_aggregate_is_bit_exact_outside_the_mask():
     mask = ParameterMask({"w": torch.zeros(6, 5, dtype=torch.bool), "b": torch.zeros(6, dtype=torch.bool)})
     mask.masks["w"][[1, 4]] = True
     mask.masks["b"][4] = True
-    msgs = [MaskedUpdateMessage({"w": torch.randn(10), "b": torch.randn(1)}, n) for n in (10, 30, 60)]
+    msgs = [Reply("masked_update", {"w": torch.randn(10), "b": torch.randn(1)}, n) for n in (10, 30, 60)]
     out = masked_aggregate(reference, mask, msgs)
     for name in reference:
         keep = mask.masks[name]
         assert torch.equal(out[name][~keep], reference[name][~keep])
-        expected = sum(w * m.values[name].double() for w, m in zip((0.1, 0.3, 0.6), msgs)).float()
+        expected = sum(w * m.tensors[name].double() for w, m in zip((0.1, 0.3, 0.6), msgs)).float()
         assert torch.allclose(out[name][keep], expected)
     with pytest.raises(ValueError, match="values for 10 selected"):
-        masked_aggregate(reference, mask, [MaskedUpdateMessage({"w": torch.randn(3), "b": torch.randn(1)}, 1)])
+        masked_aggregate(reference, mask, [Reply("masked_update", {"w": torch.randn(3), "b": torch.randn(1)}, 1)])
 
 
 def test_masked_federated_rounds_keep_frozen_elements_bit_exact(sim):

@@ -4,13 +4,14 @@ model after the masked rounds; settings the federation cannot calibrate with fai
 aside). tests/test_engine_parity.py checks that the in-process simulation and the Flower ClientApp calibrate alike."""
 from __future__ import annotations
 
+from dataclasses import replace
 
 import pytest
 import torch
 
 from lightning_unlearn import ForgetRequest, UnlearnConfig
 from lightning_unlearn.federated import federated_unlearn
-from lightning_unlearn.federated.messages import BatchNormStatsMessage
+from lightning_unlearn.federated.messages import Reply
 from lightning_unlearn.federated.server import pool_head_features
 from lightning_unlearn.mask.arrays import get_arrays
 from federated_class3 import MODEL_FN, PARTS, REQUEST, trained_federation
@@ -59,16 +60,16 @@ def test_calibration_settings_fail_fast_or_step_aside(sim):
 def test_head_feature_replies_keep_their_contract():
     """The feature round's replies: one float64 (3, features) tensor per forgotten class, whole counts summing to
     the sample count; anything else stops the run with one line naming the client."""
-    ok = BatchNormStatsMessage({"class_3": torch.stack([torch.full((4,), 2.0), torch.ones(4) * 4, torch.ones(4) * 8])
-                                .double()}, 2)
-    empty = BatchNormStatsMessage({"class_3": torch.zeros(3, 4, dtype=torch.float64)}, 0)
-    assert torch.equal(pool_head_features([ok, empty], [3], 4, senders=[0, 1])[3], torch.full((4,), 2.0))
+    ok = Reply("bn_stats", {"class_3": torch.stack([torch.full((4,), 2.0), torch.ones(4) * 4, torch.ones(4) * 8])
+                            .double()}, 2)
+    empty = Reply("bn_stats", {"class_3": torch.zeros(3, 4, dtype=torch.float64)}, 0)
+    assert torch.equal(pool_head_features([ok, empty], [3], 4)[3], torch.full((4,), 2.0))
     assert pool_head_features([empty], [3], 4) == {}  # no client holds the class: nothing to steer the rows by
-    extra = BatchNormStatsMessage({**ok.moments, "x_train": torch.zeros(3, 4, dtype=torch.float64)}, 2)
-    with pytest.raises(ValueError, match=r"^client 1: BatchNormStatsMessage has unexpected key 'x_train'"):
-        pool_head_features([ok, extra], [3], 4, senders=[0, 1])
+    extra = Reply("bn_stats", {**ok.tensors, "x_train": torch.zeros(3, 4, dtype=torch.float64)}, 2)
+    with pytest.raises(ValueError, match=r"^client 1: a 'bn_stats' reply has unexpected key 'x_train'"):
+        pool_head_features([ok, replace(extra, client=1)], [3], 4)
     with pytest.raises(ValueError, match=r"^client 0: head features count 2 values from 5 samples$"):
-        pool_head_features([BatchNormStatsMessage(ok.moments, 5)], [3], 4, senders=[0])
+        pool_head_features([Reply("bn_stats", ok.tensors, 5, client=0)], [3], 4)
 
 
 def test_calibration_rounds_fit_the_rows_on_head_features_computed_once_per_node(sim, monkeypatch):

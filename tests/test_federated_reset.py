@@ -3,6 +3,7 @@ re-estimates the selected BatchNorm channels from the clients' retain data, the 
 from __future__ import annotations
 
 import copy
+from dataclasses import replace
 import functools
 
 import pytest
@@ -16,7 +17,8 @@ from lightning_unlearn.mask.arrays import get_arrays
 from lightning_unlearn.federated.server import masked_aggregate
 from lightning_unlearn.federated import baselines as B
 from lightning_unlearn.mask.arrays import selected_values
-from lightning_unlearn.federated.messages import INDEX_BYTES, BatchNormStatsMessage, Broadcast
+from lightning_unlearn.federated import messages as records
+from lightning_unlearn.federated.messages import COUNT_BYTES, INDEX_BYTES, Reply, down, tensor_bytes
 from lightning_unlearn.federated.federation import Federation
 from lightning_unlearn.federated.protocol import STATS_BATCHES, round_config, select, unlearn_config
 from lightning_unlearn.federated.server import pool_batchnorm_moments
@@ -103,8 +105,8 @@ def test_reinit_replaces_the_selected_slices_and_keeps_every_other_element_bit_e
     assert values <= (mask.fraction + 0.01) * model_bytes < 0.3 * model_bytes  # the selected fraction, not the model
     # the statistics replies are per-channel moments only: (3, k) float64 per selected BatchNorm
     ups = [m for d, _, op, m in log if d == "up" and op == "query.bn_stats"]
-    assert len(ups) == 3 and all(isinstance(m, BatchNormStatsMessage) for m in ups)
-    assert all({k: tuple(v.shape) for k, v in m.moments.items()} == {bn: (3, int(s.sum())) for bn, s in selection.items()}
+    assert len(ups) == 3 and all(m.kind == "bn_stats" for m in ups)
+    assert all({k: tuple(v.shape) for k, v in m.tensors.items()} == {bn: (3, int(s.sum())) for bn, s in selection.items()}
                for m in ups)
 
 
@@ -183,9 +185,9 @@ def test_reset_none_is_the_plain_masked_protocol_bit_for_bit(sim):
     reference = get_arrays(work)
     current = reference
     for r in range(UNLEARN["rounds"]):
-        down = Broadcast({} if r == 0 else selected_values(current, mask), round_config(unlearn_config(cfg), r),
-                         {k: tuple(v) for k, v in mask.channels.items()} if r == 0 else None)
-        current = masked_aggregate(reference, mask, [m for _, m in plain.ask(down, "train.unlearn", f"unlearn/{r}")])
+        content = down({} if r == 0 else selected_values(current, mask), round_config(unlearn_config(cfg), r),
+                       mask.channels if r == 0 else None)
+        current = masked_aggregate(reference, mask, plain.ask(content, "train.unlearn", f"unlearn/{r}"))
     assert all(torch.equal(current[k], v) for k, v in get_arrays(ours.model).items())
     rounds = lambda book: [(b.down, b.up) for k, b in book.items() if k.startswith("unlearn/")]  # noqa: E731
     assert rounds(plain.traffic.payload) == rounds(ours.traffic.payload)
@@ -203,10 +205,10 @@ def _contract() -> dict[str, torch.Tensor]:
     return {"bn1": torch.tensor([True, False, True]), "bn2": torch.tensor([True, True, False, True])}
 
 
-def _with(name: str, change) -> BatchNormStatsMessage:
+def _with(name: str, change) -> Reply:
     moments = _moments()
     moments[name] = change(moments[name].clone())
-    return BatchNormStatsMessage(moments, 10)
+    return Reply("bn_stats", moments, 10)
 
 
 def _set(t: torch.Tensor, index, value) -> torch.Tensor:
@@ -215,46 +217,50 @@ def _set(t: torch.Tensor, index, value) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("message, error", [
-    (BatchNormStatsMessage({"bn1": _moments()["bn1"]}, 10), r"client 2: BatchNormStatsMessage is missing key 'bn2'"),
-    (BatchNormStatsMessage({**_moments(), "fc1": _moments()["bn1"]}, 10),
-     r"client 2: BatchNormStatsMessage has unexpected key 'fc1' \(expected the 2 selected BatchNorm layers\)"),
-    (_with("bn2", lambda t: t[:, :2]), r"client 2: BatchNormStatsMessage 'bn2' has shape \(3, 2\), expected \(3, 3\)"),
-    (_with("bn1", lambda t: t.float()), r"client 2: BatchNormStatsMessage 'bn1' has dtype torch.float32"),
-    (_with("bn1", lambda t: _set(t, (1, 0), float("nan"))), r"client 2: BatchNormStatsMessage 'bn1' holds non-finite"),
-    (_with("bn1", lambda t: _set(t, (0, 1), 7.0)), r"client 2: BatchNormStatsMessage 'bn1' count row must be one whole"),
-    (_with("bn2", lambda t: _set(t, 0, 2.5)), r"client 2: BatchNormStatsMessage 'bn2' count row must be one whole"),
-    (_with("bn2", lambda t: _set(t, 0, 0.0)), r"client 2: BatchNormStatsMessage 'bn2' counts 0 values from 10 samples"),
-    (_with("bn1", lambda t: _set(t, 2, 0.0)), r"client 2: BatchNormStatsMessage 'bn1' sums of squares are below"),
-    (BatchNormStatsMessage(_moments(), 10, {"pixels": 1.0}), r"client 2: BatchNormStatsMessage has unexpected metric"),
+    (Reply("bn_stats", {"bn1": _moments()["bn1"]}, 10), r"client 2: a 'bn_stats' reply is missing key 'bn2'"),
+    (Reply("bn_stats", {**_moments(), "fc1": _moments()["bn1"]}, 10),
+     r"client 2: a 'bn_stats' reply has unexpected key 'fc1' \(expected the 2 selected BatchNorm layers\)"),
+    (_with("bn2", lambda t: t[:, :2]), r"client 2: a 'bn_stats' reply 'bn2' has shape \(3, 2\), expected \(3, 3\)"),
+    (_with("bn1", lambda t: t.float()), r"client 2: a 'bn_stats' reply 'bn1' has dtype torch.float32"),
+    (_with("bn1", lambda t: _set(t, (1, 0), float("nan"))), r"client 2: a 'bn_stats' reply 'bn1' holds non-finite"),
+    (_with("bn1", lambda t: _set(t, (0, 1), 7.0)), r"client 2: a 'bn_stats' reply 'bn1' count row must be one whole"),
+    (_with("bn2", lambda t: _set(t, 0, 2.5)), r"client 2: a 'bn_stats' reply 'bn2' count row must be one whole"),
+    (_with("bn2", lambda t: _set(t, 0, 0.0)), r"client 2: a 'bn_stats' reply 'bn2' counts 0 values from 10 samples"),
+    (_with("bn1", lambda t: _set(t, 2, 0.0)), r"client 2: a 'bn_stats' reply 'bn1' sums of squares are below"),
+    (Reply("bn_stats", _moments(), 10, {"pixels": 1.0}), r"client 2: a 'bn_stats' reply has unexpected metric"),
 ])
 def test_malformed_statistics_replies_are_refused_naming_client_and_key(message, error):
-    good = BatchNormStatsMessage(_moments(), 10, {"local_compute_s": 0.1})
-    pooled = pool_batchnorm_moments([good, good], _contract(), senders=[0, 2])  # two equal halves: the same estimate
+    good = Reply("bn_stats", _moments(), 10, {"local_compute_s": 0.1})
+    pooled = pool_batchnorm_moments([good, good], _contract())  # two equal halves: the same estimate
     x = torch.randn(2, 640, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
     torch.testing.assert_close(pooled["bn1"][0], x.mean(1))
     torch.testing.assert_close(pooled["bn1"][1], torch.cat([x, x], 1).var(1))
-    with pytest.raises(ValueError, match=error) as info:
-        pool_batchnorm_moments([good, message], _contract(), senders=[0, 2])
+    if message.metrics:  # metrics are checked where the server reads a reply
+        with pytest.raises(ValueError, match=error) as info:
+            records.read_reply(records.up("bn_stats", message.tensors, 10, message.metrics), 2)
+    else:
+        with pytest.raises(ValueError, match=error) as info:
+            pool_batchnorm_moments([replace(good, client=0), replace(message, client=2)], _contract())
     assert "\n" not in str(info.value)
 
 
-def test_statistics_message_checks_its_own_shape_and_travels_as_a_flower_record():
-    with pytest.raises(ValueError, match=r"moments\['bn1'\] must have shape \(3, channels\)"):
-        BatchNormStatsMessage({"bn1": torch.zeros(2, 4, dtype=torch.float64)}, 1)
-    with pytest.raises(TypeError, match=r"client 4: the server only accepts \['MaskedUpdateMessage'\] from clients, got "
-                                        "BatchNormStatsMessage"):
-        masked_aggregate({}, ParameterMask({}), [BatchNormStatsMessage(_moments(), 10)], senders=[4])
-    from lightning_unlearn.federated import messages as records
+def test_statistics_reply_keeps_its_shape_and_travels_as_a_flower_record():
+    with pytest.raises(ValueError, match=r"client 0: a 'bn_stats' reply 'bn1' has shape \(2, 4\), expected \(3, 2\)"):
+        pool_batchnorm_moments([Reply("bn_stats", {**_moments(), "bn1": torch.zeros(2, 4, dtype=torch.float64)}, 1,
+                                      client=0)], _contract())
+    with pytest.raises(TypeError, match=r"client 4: the server expects a 'masked_update' reply here, got "
+                                        "a 'bn_stats' reply"):
+        masked_aggregate({}, ParameterMask({}), [Reply("bn_stats", _moments(), 10, client=4)])
 
-    message = BatchNormStatsMessage(_moments(), 10, {"local_compute_s": 0.5})
-    content = records.reply_to_content(message)
-    back = records.content_to_reply(content)
-    assert isinstance(back, BatchNormStatsMessage) and back.num_samples == 10 and back.metrics == {"local_compute_s": 0.5}
-    assert all(torch.equal(back.moments[k], v) for k, v in message.moments.items())
-    assert records.payload_bytes(content) == message.nbytes
+    moments = _moments()
+    content = records.up("bn_stats", moments, 10, {"local_compute_s": 0.5})
+    back = records.read_reply(content)
+    assert back.kind == "bn_stats" and back.num_samples == 10 and back.metrics == {"local_compute_s": 0.5}
+    assert all(torch.equal(back.tensors[k], v) for k, v in moments.items())
+    assert records.payload_bytes(content) == tensor_bytes(moments) + COUNT_BYTES
     content["extra"] = content["arrays"]
     with pytest.raises(ValueError, match=r"a 'bn_stats' reply has unexpected key 'extra'"):
-        records.content_to_reply(content)
+        records.read_reply(content)
 
 
 # -- Flower: the same reset, the same statistics, the same weights --------------------------------------------------

@@ -14,16 +14,17 @@ from lightning_unlearn.config import UnlearnConfig
 from lightning_unlearn.data import FederatedDataModule
 from lightning_unlearn.federated import FederatedSimulation, federated_unlearn
 from lightning_unlearn.federated.federation import Federation
-from lightning_unlearn.federated.messages import content_to_broadcast
 from lightning_unlearn.mask.arrays import get_arrays
 from lightning_unlearn.federated.server import masked_aggregate
 from lightning_unlearn.mask.arrays import selected_values
-from lightning_unlearn.federated.protocol import masked_broadcast, masked_rounds, remove, select, unlearn_config
+from lightning_unlearn.federated.protocol import (
+    masked_down, masked_rounds, remove, round_config, select, unlearn_config,
+)
 from lightning_unlearn.federated.server import sample_clients
 from lightning_unlearn.models import SmallCNN
 from lightning_unlearn.mask import select_channels
 
-from federated_log import recording
+from federated_log import down_message, recording
 
 TINY = dict(channels=(8, 16), hidden=32, lr=3e-3)
 REQUEST = ForgetRequest(classes=[3])
@@ -36,7 +37,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 def _calls(grid) -> list[tuple[str, int, str, object]]:
     """(round label, client id, message type, broadcast) of every server -> client message, in order."""
-    return [(m.metadata.group_id, cid, op, content_to_broadcast(m.content)[0]) for cid, op, m, _ in grid.log]
+    return [(m.metadata.group_id, cid, op, down_message(m.content)) for cid, op, m, _ in grid.log]
 
 
 def _reached(calls, label: str, operation: str) -> list[int]:
@@ -139,8 +140,8 @@ def _protocol_before_sampling(model, fed: Federation, rounds: int, reset: str):
     reference = get_arrays(work)
     current = reference
     for r in range(rounds):
-        down = masked_broadcast(current, mask, unlearn_config(cfg), r, r == 0, statistics)
-        replies = [m for _, m in fed.ask(down, "train.unlearn", f"unlearn/{r}")]
+        content = masked_down(current, mask, round_config(unlearn_config(cfg), r), statistics, r > 0, r == 0)
+        replies = fed.ask(content, "train.unlearn", f"unlearn/{r}")
         current = masked_aggregate(reference, mask, replies)
     return mask, current
 

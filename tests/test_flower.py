@@ -16,7 +16,6 @@ from lightning_unlearn import ForgetRequest
 from lightning_unlearn.federated import FederatedSimulation, federated_unlearn, run_fedavg
 from lightning_unlearn.federated.federation import Federation, check_replies
 from lightning_unlearn.federated.grid import LocalGrid
-from lightning_unlearn.federated.messages import Broadcast, MaskedUpdateMessage, ParametersMessage, ScoresMessage
 from lightning_unlearn.mask.arrays import get_arrays
 from lightning_unlearn.federated import FederatedPartitions, make_client_app
 from lightning_unlearn.federated.flower import FedAvgPlan, UnlearnPlan, run_flower_simulation
@@ -24,11 +23,7 @@ from lightning_unlearn.federated.client import client_split
 from lightning_unlearn.federated.flower.server_app import run_server
 from lightning_unlearn.federated.partitions import FlowerDataError, file_partition, save_partition
 from lightning_unlearn.federated.messages import (
-    broadcast_to_content,
-    content_to_broadcast,
-    content_to_reply,
-    payload_bytes,
-    reply_to_content,
+    COUNT_BYTES, INDEX_BYTES, down, payload_bytes, read_down, read_reply, tensor_bytes, up,
 )
 from lightning_unlearn.mask import frozen_elements_equal
 from lightning_unlearn.models import SmallCNN
@@ -46,7 +41,7 @@ def _context(node_config: dict) -> Context:
 
 
 def _message(message_type: str) -> Message:
-    return MESSAGES.create_message(broadcast_to_content(Broadcast({}, {})), message_type, 1, "")
+    return MESSAGES.create_message(down({}), message_type, 1, "")
 
 
 # -- bad input ------------------------------------------------------------------------------------------
@@ -95,28 +90,30 @@ def test_unlearning_without_federated_evaluation_sends_nothing(one_thread):
 # -- records ---------------------------------------------------------------------------------------------
 def test_records_round_trip_with_the_transports_byte_counts():
     torch.manual_seed(0)
-    down = Broadcast({"w": torch.randn(4, 3), "b": torch.randn(4)}, {"seed": 3, "max_steps": None, "layers": ["conv1"]},
-                     {"conv1": (0, 2), "fc2": (3,)})
-    back, config = content_to_broadcast(broadcast_to_content(down, {"request": "{}"}))
-    assert payload_bytes(broadcast_to_content(down)) == down.nbytes
-    assert back.channels == down.channels and config == {"seed": 3, "layers": ["conv1"], "request": "{}"}
-    assert all(torch.equal(back.arrays[k], v) for k, v in down.arrays.items())
-    ups = [ParametersMessage({"w": torch.randn(4, 3)}, 12, {"fit_s": 0.5}),
-           MaskedUpdateMessage({"w": torch.randn(6)}, 7),
-           ScoresMessage({"conv1": torch.rand(8)}, 30, "grad_x_act", {"conv1": (8, "bn1", False)})]
-    for msg in ups:
-        content = reply_to_content(msg)
-        again = content_to_reply(content)
-        assert type(again) is type(msg) and again.num_samples == msg.num_samples and again.nbytes == msg.nbytes
-        assert payload_bytes(content) == msg.nbytes
-    assert again.layers == ups[-1].layers and again.method == "grad_x_act"
-    assert content_to_reply(reply_to_content(None)) is None and payload_bytes(reply_to_content(None)) == 0
-    # a client that smuggles labels is refused by the same dataclass checks as in-process
-    smuggled = reply_to_content(ParametersMessage({"w": torch.randn(3)}, 3))
-    smuggled["arrays"] = broadcast_to_content(Broadcast({"w": torch.randn(3)}))["arrays"]
+    arrays, channels = {"w": torch.randn(4, 3), "b": torch.randn(4)}, {"conv1": (0, 2), "fc2": (3,)}
+    content = down(arrays, {"seed": 3, "max_steps": None, "layers": ["conv1"]}, channels)
+    assert payload_bytes(content) == tensor_bytes(arrays) + INDEX_BYTES * 3
+    content["config"]["request"] = "{}"
+    back, config, back_channels = read_down(content)
+    assert back_channels == channels and config == {"seed": 3, "layers": ["conv1"], "request": "{}"}
+    assert all(torch.equal(back[k], v) for k, v in arrays.items())
+    ups = [("parameters", {"w": torch.randn(4, 3)}, 12, {"fit_s": 0.5}, {}),
+           ("masked_update", {"w": torch.randn(6)}, 7, {}, {}),
+           ("scores", {"conv1": torch.rand(8)}, 30, {}, dict(method="grad_x_act", tag="forget",
+                                                              layers={"conv1": (8, "bn1", False)}))]
+    for kind, tensors, n, metrics, meta in ups:
+        content = up(kind, tensors, n, metrics, **meta)
+        again = read_reply(content)
+        assert again.kind == kind and again.num_samples == n and dict(again.metrics) == metrics
+        assert all(torch.equal(again.tensors[k], v) for k, v in tensors.items())
+        assert payload_bytes(content) == tensor_bytes(tensors) + COUNT_BYTES
+    assert again.layers == {"conv1": (8, "bn1", False)} and again.method == "grad_x_act"
+    assert read_reply(up(None)) is None and payload_bytes(up(None)) == 0
+    # a client that smuggles labels is refused where the server reads the reply, as in-process
+    smuggled = up("parameters", {"w": torch.randn(3)}, 3)
     smuggled["arrays"]["labels"] = Array(np.array([1, 2, 3]))
     with pytest.raises(TypeError, match="must be a float tensor"):
-        content_to_reply(smuggled)
+        read_reply(smuggled)
 
 
 def test_local_split_matches_the_simulations_forget_plan(digits, tmp_path):

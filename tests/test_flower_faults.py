@@ -15,7 +15,7 @@ from lightning_unlearn import ForgetRequest
 from lightning_unlearn.scoring import discover_layers
 from lightning_unlearn.federated.flower import UnlearnPlan
 from lightning_unlearn.federated.checkpoint import ServerCheckpoint
-from lightning_unlearn.federated.federation import NODE_UNAVAILABLE, Federation, gather
+from lightning_unlearn.federated.federation import NODE_UNAVAILABLE, Federation, PollingGrid
 from lightning_unlearn.federated.grid import LocalGrid
 from lightning_unlearn.models import SmallCNN
 from lightning_unlearn.mask import ParameterMask
@@ -110,11 +110,11 @@ def test_gather_polls_until_all_replies_or_the_timeout():
     slow = FakeGrid(_reply, delay_s=0.2)
     msgs = [_message(n, "query.x") for n in NODES.values()]
     t0 = time.monotonic()
-    assert len(gather(slow, msgs, timeout=5, poll_s=0.02)) == 3
+    assert len(PollingGrid(slow, 0.02).send_and_receive(msgs, timeout=5)) == 3
     assert time.monotonic() - t0 < 2 and slow.pulls > 3  # returned soon after the replies, not after a 3 s sleep
     never = FakeGrid(lambda m: None)
     t0 = time.monotonic()
-    assert gather(never, [_message(11, "query.x")], timeout=0.2, poll_s=0.02) == []
+    assert PollingGrid(never, 0.02).send_and_receive([_message(11, "query.x")], timeout=0.2) == []
     assert 0.2 <= time.monotonic() - t0 < 2
 
 

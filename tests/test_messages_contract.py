@@ -7,6 +7,7 @@ the smuggle with one line naming the client and the key, and still accept honest
 from __future__ import annotations
 
 import base64
+import dataclasses
 import re
 from types import SimpleNamespace
 
@@ -19,13 +20,12 @@ from flwr.clientapp import ClientApp
 from lightning_unlearn import ForgetRequest, ParameterMask
 from lightning_unlearn.scoring import SCORING_METHODS, discover_layers
 from lightning_unlearn.federated import federated_unlearn, run_fedavg
-from lightning_unlearn.federated.messages import MaskedUpdateMessage, ParametersMessage, ScoresMessage
-from lightning_unlearn.federated.server import aggregate_scores, fedavg_aggregate, masked_aggregate
+from lightning_unlearn.federated.messages import Reply, read_down, read_reply, up
+from lightning_unlearn.federated.server import fedavg_aggregate, masked_aggregate
 from lightning_unlearn.mask.arrays import get_arrays
 from lightning_unlearn.mask.arrays import selected_values
 from lightning_unlearn.federated.federation import Federation
 from lightning_unlearn.federated.grid import LocalGrid
-from lightning_unlearn.federated.messages import content_to_broadcast, reply_to_content
 from lightning_unlearn.federated.messages import MAX_METRICS, METRIC_KEYS, check_metrics
 from lightning_unlearn.models import SmallCNN
 
@@ -62,24 +62,24 @@ class FakeClient:
     def _reply(self, kind: str, honest):
         return self.tamper[kind](honest) if kind in self.tamper else honest
 
-    def fit(self, message):
-        arrays = {k: v + 0.01 * (self.client_id + 1) for k, v in message.arrays.items()}
-        return self._reply("fit", ParametersMessage(arrays, 10 * (self.client_id + 1), {"local_compute_s": 0.1, "fit_s": 0.2}))
+    def fit(self, arrays, config, channels):
+        arrays = {k: v + 0.01 * (self.client_id + 1) for k, v in arrays.items()}
+        return self._reply("fit", Reply("parameters", arrays, 10 * (self.client_id + 1), {"local_compute_s": 0.1, "fit_s": 0.2}))
 
-    def deploy(self, message):
-        self.deployed = {k: v.clone() for k, v in message.arrays.items()}
+    def deploy(self, arrays, config, channels):
+        self.deployed = {k: v.clone() for k, v in arrays.items()}
 
-    def score(self, message):
+    def score(self, arrays, config, channels):
         gen = torch.Generator().manual_seed(self.client_id)
         scores = {n: torch.rand(i.out_channels, generator=gen) for n, i in self.layers.items()}
         meta = {n: (i.out_channels, i.batchnorm, i.is_head) for n, i in self.layers.items()}
-        return self._reply("score", ScoresMessage(scores, 5, message.config["method"], meta))
+        return self._reply("score", Reply("scores", scores, 5, method=config["method"], layers=meta))
 
-    def masked_update(self, message):
-        if message.channels is not None:
-            self.mask = ParameterMask.from_channels(self.model, message.channels, self.layers)
+    def masked_update(self, arrays, config, channels):
+        if channels is not None:
+            self.mask = ParameterMask.from_channels(self.model, channels, self.layers)
         values = {k: v + 0.5 for k, v in selected_values(self.deployed, self.mask).items()}
-        return self._reply("masked_update", MaskedUpdateMessage(values, 20, {"local_compute_s": 0.1}))
+        return self._reply("masked_update", Reply("masked_update", values, 20, {"local_compute_s": 0.1}))
 
 
 def one_line(err: pytest.ExceptionInfo, pattern: str) -> str:
@@ -99,9 +99,8 @@ def _fed(clients) -> Federation:
 
     def handle(message, context):
         client = clients[context.node_config["partition-id"]]
-        broadcast, _ = content_to_broadcast(message.content)
-        reply = getattr(client, OPERATIONS[message.metadata.message_type])(broadcast)
-        return Message(reply_to_content(reply), reply_to=message)
+        reply = getattr(client, OPERATIONS[message.metadata.message_type])(*read_down(message.content))
+        return Message(_content(reply), reply_to=message)
 
     for kind in OPERATIONS:
         category, _, action = kind.partition(".")
@@ -125,10 +124,17 @@ def _unlearn(model, clients):
     return federated_unlearn(model, _fed(clients), ForgetRequest(classes=[3]), rounds=2, reset="none", calibrate="none")
 
 
+def _content(reply):
+    """A reply as a client's records (what :func:`up` builds), None: nothing to send."""
+    if reply is None:
+        return up(None)
+    meta = dict(method=reply.method, tag=reply.tag, layers=reply.layers) if reply.kind == "scores" else {}
+    return up(reply.kind, reply.tensors, reply.num_samples, reply.metrics, **meta)
+
+
 def _swap(message, **changes):
-    """A copy of a message with fields replaced (messages are frozen)."""
-    fields = {**message.__dict__, **changes}
-    return type(message)(**fields)
+    """A copy of a reply with fields replaced (replies are frozen)."""
+    return dataclasses.replace(message, **changes)
 
 
 # -- honest replies still work ---------------------------------------------------------------------------------
@@ -149,43 +155,43 @@ def test_honest_fake_clients_pass_fedavg_and_unlearning(model, layers):
         assert torch.allclose(after[m], get_arrays(work)[name][m] + 0.5), name
 
 
-# -- ParametersMessage -------------------------------------------------------------------------------------------
+# -- parameters replies -----------------------------------------------------------------------------------------
 def test_float_images_in_an_extra_key_are_refused(model, layers, images):
     x, _ = images
-    bad = {"fit": lambda m: _swap(m, arrays={**m.arrays, "x_train": x})}
+    bad = {"fit": lambda m: _swap(m, tensors={**m.tensors, "x_train": x})}
     clients = [FakeClient(0, model, layers), FakeClient(1, model, layers, bad)]
     with pytest.raises(ValueError) as err:
         _fedavg(SmallCNN(**TINY), clients)
-    one_line(err, rf"^client 1: ParametersMessage has unexpected key 'x_train' \(expected the {N_ARRAYS} model arrays\)$")
+    one_line(err, rf"^client 1: a 'parameters' reply has unexpected key 'x_train' \(expected the {N_ARRAYS} model arrays\)$")
 
 
 def test_float_images_in_a_parameters_place_are_refused(model, layers, images):
     x, _ = images  # (10, 1, 8, 8) instead of conv1.weight's (8, 1, 3, 3)
-    bad = {"fit": lambda m: _swap(m, arrays={**m.arrays, "conv1.weight": x})}
+    bad = {"fit": lambda m: _swap(m, tensors={**m.tensors, "conv1.weight": x})}
     with pytest.raises(ValueError) as err:
         _fedavg(SmallCNN(**TINY), [FakeClient(0, model, layers, bad)])
-    one_line(err, r"^client 0: ParametersMessage 'conv1.weight' has shape \(10, 1, 8, 8\), expected \(8, 1, 3, 3\)$")
+    one_line(err, r"^client 0: a 'parameters' reply 'conv1.weight' has shape \(10, 1, 8, 8\), expected \(8, 1, 3, 3\)$")
 
 
 def test_a_missing_key_a_wrong_dtype_and_nan_are_refused(model, layers):
     expected = get_arrays(model)
-    honest = ParametersMessage(dict(expected), 3)
-    missing = ParametersMessage({k: v for k, v in expected.items() if k != "fc2.bias"}, 3)
+    honest = Reply("parameters", dict(expected), 3)
+    missing = Reply("parameters", {k: v for k, v in expected.items() if k != "fc2.bias"}, 3)
     with pytest.raises(ValueError) as err:
-        fedavg_aggregate([honest, missing], expected, senders=[4, 7])
-    one_line(err, rf"^client 7: ParametersMessage is missing key 'fc2.bias' \(expected the {N_ARRAYS} model arrays\)$")
-    double = ParametersMessage({**expected, "fc2.bias": expected["fc2.bias"].double()}, 3)
+        fedavg_aggregate([_swap(honest, client=4), _swap(missing, client=7)], expected)
+    one_line(err, rf"^client 7: a 'parameters' reply is missing key 'fc2.bias' \(expected the {N_ARRAYS} model arrays\)$")
+    double = Reply("parameters", {**expected, "fc2.bias": expected["fc2.bias"].double()}, 3)
     with pytest.raises(ValueError) as err:
-        fedavg_aggregate([double], expected, senders=[2])
-    one_line(err, r"^client 2: ParametersMessage 'fc2.bias' has dtype torch.float64, expected torch.float32$")
-    nan = ParametersMessage({**expected, "fc2.bias": torch.full((10,), float("nan"))}, 3)
+        fedavg_aggregate([_swap(double, client=2)], expected)
+    one_line(err, r"^client 2: a 'parameters' reply 'fc2.bias' has dtype torch.float64, expected torch.float32$")
+    nan = Reply("parameters", {**expected, "fc2.bias": torch.full((10,), float("nan"))}, 3)
     with pytest.raises(ValueError) as err:
         fedavg_aggregate([nan], expected)
-    one_line(err, r"^reply 0: ParametersMessage 'fc2.bias' holds non-finite values")
+    one_line(err, r"^reply 0: a 'parameters' reply 'fc2.bias' holds non-finite values")
     # without the broadcast arrays, the first reply is the contract: the others must match it
     with pytest.raises(ValueError) as err:
         fedavg_aggregate([honest, missing])
-    one_line(err, r"^reply 1: ParametersMessage is missing key 'fc2.bias' \(expected the 16 arrays of reply 0\)$")
+    one_line(err, r"^reply 1: a 'parameters' reply is missing key 'fc2.bias' \(expected the 16 arrays of reply 0\)$")
 
 
 def test_labels_in_the_metrics_are_refused(model, layers, images):
@@ -195,81 +201,82 @@ def test_labels_in_the_metrics_are_refused(model, layers, images):
     clients = [FakeClient(0, model, layers), FakeClient(1, model, layers), FakeClient(2, model, layers, bad)]
     with pytest.raises(ValueError) as err:
         _fedavg(SmallCNN(**TINY), clients)
-    one_line(err, r"^client 2: ParametersMessage has unexpected metric 'label_0' \(allowed: .*local_compute_s")
+    one_line(err, r"^client 2: a 'parameters' reply has unexpected metric 'label_0' \(allowed: .*local_compute_s")
     oversized = {f"k{i}": 0.0 for i in range(MAX_METRICS + 1)}
     with pytest.raises(ValueError) as err:
-        check_metrics(oversized, "client 5", "ParametersMessage")
-    one_line(err, rf"^client 5: ParametersMessage has {MAX_METRICS + 1} metrics \(at most {MAX_METRICS} allowed\)$")
+        check_metrics(oversized, "client 5", "a 'parameters' reply")
+    one_line(err, rf"^client 5: a 'parameters' reply has {MAX_METRICS + 1} metrics \(at most {MAX_METRICS} allowed\)$")
     with pytest.raises(ValueError) as err:
-        check_metrics({"fit_s": float("inf")}, "client 5", "ParametersMessage")
-    one_line(err, r"^client 5: ParametersMessage metric 'fit_s' must be a finite scalar, got inf$")
+        check_metrics({"fit_s": float("inf")}, "client 5", "a 'parameters' reply")
+    one_line(err, r"^client 5: a 'parameters' reply metric 'fit_s' must be a finite scalar, got inf$")
 
 
-# -- MaskedUpdateMessage ----------------------------------------------------------------------------------------
+# -- masked updates ---------------------------------------------------------------------------------------------
 def test_masked_updates_carry_exactly_the_selected_elements(model, layers, images):
     x, _ = images
-    extra = {"masked_update": lambda m: _swap(m, values={**m.values, "x_train": x.flatten()})}
+    extra = {"masked_update": lambda m: _swap(m, tensors={**m.tensors, "x_train": x.flatten()})}
     clients = [FakeClient(0, model, layers), FakeClient(1, model, layers, extra)]
     with pytest.raises(ValueError) as err:
         _unlearn(model, clients)
-    one_line(err, r"^client 1: MaskedUpdateMessage has unexpected key 'x_train' \(expected the \d+ masked parameters\)$")
+    one_line(err, r"^client 1: a 'masked_update' reply has unexpected key 'x_train' \(expected the \d+ masked parameters\)$")
 
     def longer(m):  # the right key, with images appended to the selected values
-        name = next(iter(m.values))
-        return _swap(m, values={**m.values, name: torch.cat([m.values[name], x.flatten()])})
+        name = next(iter(m.tensors))
+        return _swap(m, tensors={**m.tensors, name: torch.cat([m.tensors[name], x.flatten()])})
 
     with pytest.raises(ValueError) as err:
         _unlearn(model, [FakeClient(0, model, layers, {"masked_update": longer}), FakeClient(1, model, layers)])
-    one_line(err, r"^client 0: MaskedUpdateMessage '[\w.]+' has \d+ values for \d+ selected elements$")
+    one_line(err, r"^client 0: a 'masked_update' reply '[\w.]+' has \d+ values for \d+ selected elements$")
 
     def missing(m):
-        return _swap(m, values=dict(list(m.values.items())[1:]))
+        return _swap(m, tensors=dict(list(m.tensors.items())[1:]))
 
     with pytest.raises(ValueError) as err:
         _unlearn(model, [FakeClient(0, model, layers), FakeClient(1, model, layers, {"masked_update": missing})])
-    one_line(err, r"^client 1: MaskedUpdateMessage is missing key '[\w.]+' \(expected the \d+ masked parameters\)$")
+    one_line(err, r"^client 1: a 'masked_update' reply is missing key '[\w.]+' \(expected the \d+ masked parameters\)$")
 
 
 def test_masked_aggregate_checks_dtype_against_the_reference():
     reference = {"w": torch.zeros(4, 2)}
     mask = ParameterMask({"w": torch.tensor([[True, False]] * 4)})
     with pytest.raises(ValueError) as err:
-        masked_aggregate(reference, mask, [MaskedUpdateMessage({"w": torch.zeros(4, dtype=torch.float64)}, 1)], [9])
-    one_line(err, r"^client 9: MaskedUpdateMessage 'w' has dtype torch.float64, expected torch.float32$")
-    out = masked_aggregate(reference, mask, [MaskedUpdateMessage({"w": torch.ones(4)}, 1)], [9])
+        wide = Reply("masked_update", {"w": torch.zeros(4, dtype=torch.float64)}, 1, client=9)
+        masked_aggregate(reference, mask, [wide])
+    one_line(err, r"^client 9: a 'masked_update' reply 'w' has dtype torch.float64, expected torch.float32$")
+    out = masked_aggregate(reference, mask, [Reply("masked_update", {"w": torch.ones(4)}, 1, client=9)])
     assert torch.equal(out["w"], torch.tensor([[1.0, 0.0]] * 4))
 
 
-# -- ScoresMessage -----------------------------------------------------------------------------------------------
+# -- scores replies ----------------------------------------------------------------------------------------------
 def test_flattened_images_in_scores_are_refused(model, layers, images):
     x, _ = images
     flat = x.flatten()  # 640 pixel values dressed up as one layer's "channel scores"
 
     def as_layer(m):  # claims conv1 has 640 channels, consistently with its metadata
-        return _swap(m, scores={**m.scores, "conv1": flat}, layers={**m.layers, "conv1": (flat.numel(), "bn1", False)})
+        return _swap(m, tensors={**m.tensors, "conv1": flat}, layers={**m.layers, "conv1": (flat.numel(), "bn1", False)})
 
     clients = [FakeClient(0, model, layers), FakeClient(1, model, layers, {"score": as_layer})]
     with pytest.raises(ValueError) as err:
         _unlearn(model, clients)  # the first reply is honest: client 1's metadata differs from it
-    one_line(err, r"^client 1: ScoresMessage layers differ from client 0's at 'conv1'$")
+    one_line(err, r"^client 1: a 'scores' reply layers differ from client 0's at 'conv1'$")
     hostile_first = [FakeClient(0, model, layers, {"score": as_layer}), FakeClient(1, model, layers)]
     with pytest.raises(ValueError) as err:
         _unlearn(model, hostile_first)  # a hostile first reply is caught against the server's model
-    one_line(err, r"^client 0: ScoresMessage layer 'conv1' claims 640 channels; the model's has 8$")
+    one_line(err, r"^client 0: a 'scores' reply layer 'conv1' claims 640 channels; the model's has 8$")
 
     def extra_layer(m):
-        return _swap(m, scores={**m.scores, "x_train": flat}, layers={**m.layers, "x_train": (flat.numel(), None, False)})
+        return _swap(m, tensors={**m.tensors, "x_train": flat}, layers={**m.layers, "x_train": (flat.numel(), None, False)})
 
     with pytest.raises(ValueError) as err:
         _unlearn(model, [FakeClient(0, model, layers, {"score": extra_layer})])
-    one_line(err, r"^client 0: ScoresMessage has unexpected layer 'x_train' \(expected scorable layers of SmallCNN")
+    one_line(err, r"^client 0: a 'scores' reply has unexpected layer 'x_train' \(expected scorable layers of SmallCNN")
 
     def scores_only(m):  # an extra score vector the metadata does not describe
-        return _swap(m, scores={**m.scores, "x_train": flat})
+        return _swap(m, tensors={**m.tensors, "x_train": flat})
 
     with pytest.raises(ValueError) as err:
         _unlearn(model, [FakeClient(0, model, layers), FakeClient(1, model, layers, {"score": scores_only})])
-    one_line(err, r"^client 1: ScoresMessage has unexpected key 'x_train' \(expected the 4 scored layers\)$")
+    one_line(err, r"^client 1: a 'scores' reply has unexpected key 'x_train' \(expected the 4 scored layers\)$")
 
 
 def test_a_huge_base64_tag_or_an_unknown_method_is_refused(model, layers, images):
@@ -279,20 +286,20 @@ def test_a_huge_base64_tag_or_an_unknown_method_is_refused(model, layers, images
     clients = [FakeClient(0, model, layers), FakeClient(1, model, layers, {"score": lambda m: _swap(m, tag=dump)})]
     with pytest.raises(ValueError) as err:
         _unlearn(model, clients)
-    one_line(err, rf"^client 1: ScoresMessage tag has {len(dump)} characters \(at most 64 allowed\)$")
-    with pytest.raises(ValueError) as err:  # short, but not a known tag
-        aggregate_scores([_swap(FakeClient(0, model, layers).score(SimpleNamespace(config={"method": "grad_x_act"})),
-                                tag="label=3")], senders=[6])
-    one_line(err, r"^client 6: ScoresMessage has unknown tag 'label=3' \(allowed: 'forget' or 'class_<int>'\)$")
+    one_line(err, rf"^client 1: a 'scores' reply tag has {len(dump)} characters \(at most 64 allowed\)$")
+    with pytest.raises(ValueError) as err:  # short, but not a known tag: refused where the server reads replies
+        read_reply(_content(_swap(FakeClient(0, model, layers).score({}, {"method": "grad_x_act"}, None),
+                                  tag="label=3")), 6)
+    one_line(err, r"^client 6: a 'scores' reply has unknown tag 'label=3' \(allowed: 'forget' or 'class_<int>'\)$")
     method = {"score": lambda m: _swap(m, method="grad_x_act;" + dump[:40])}
     with pytest.raises(ValueError) as err:
         _unlearn(model, [FakeClient(0, model, layers, method)])
-    text = one_line(err, r"^client 0: ScoresMessage has unknown method '.*' \(allowed: ")
+    text = one_line(err, r"^client 0: a 'scores' reply has unknown method '.*' \(allowed: ")
     assert all(m in text for m in SCORING_METHODS) and "cdp_activation" in text
     cdp = {"score": lambda m: _swap(m, tag="class_3")}  # a CDP document where the forget set was asked for
     with pytest.raises(ValueError) as err:
         _unlearn(model, [FakeClient(0, model, layers, cdp)])
-    one_line(err, r"^client 0: ScoresMessage tag 'class_3' in the scoring round \(expected 'forget'\)$")
+    one_line(err, r"^client 0: a 'scores' reply tag 'class_3' in the scoring round \(expected 'forget'\)$")
 
 
 # -- Flower: the same contract on records ----------------------------------------------------------------------
@@ -303,30 +310,30 @@ def test_flower_replies_are_checked_and_name_the_client(model, layers, images):
         content=content, metadata=SimpleNamespace(src_node_id=fed.nodes[3]))
     _client_replies = lambda replies, label: fed.decode(replies, label)  # noqa: E731
     expected = get_arrays(model)
-    honest = reply_to_content(ParametersMessage(dict(expected), 4, {"fit_s": 0.1}))
-    pairs = _client_replies([_flower_reply(honest)], "fedavg/0")
-    assert pairs[0][0] == 3 and torch.equal(fedavg_aggregate([pairs[0][1]], expected, [3])["fc2.bias"], expected["fc2.bias"])
+    honest = up("parameters", dict(expected), 4, {"fit_s": 0.1})
+    replies = _client_replies([_flower_reply(honest)], "fedavg/0")
+    assert replies[0].client == 3 and torch.equal(fedavg_aggregate(replies, expected)["fc2.bias"], expected["fc2.bias"])
 
-    extra_record = reply_to_content(ParametersMessage(dict(expected), 4))
+    extra_record = up("parameters", dict(expected), 4)
     extra_record["labels"] = ConfigRecord({"y": [int(v) for v in y]})
     with pytest.raises(ValueError) as err:
         _client_replies([_flower_reply(extra_record)], "fedavg/0")
     one_line(err, r"^client 3: a 'parameters' reply has unexpected key 'labels' \(expected records")
 
-    extra_meta = reply_to_content(ParametersMessage(dict(expected), 4))
+    extra_meta = up("parameters", dict(expected), 4)
     extra_meta["reply"]["x_train"] = base64.b64encode(x.numpy().tobytes()).decode()
     with pytest.raises(ValueError) as err:
         _client_replies([_flower_reply(extra_meta)], "fedavg/0")
     one_line(err, r"^client 3: a 'parameters' reply has unexpected key 'x_train'")
 
-    extra_array = reply_to_content(ParametersMessage(dict(expected), 4))
+    extra_array = up("parameters", dict(expected), 4)
     extra_array["arrays"]["x_train"] = Array(x.numpy())
-    (cid, msg), = _client_replies([_flower_reply(extra_array)], "fedavg/0")
+    msg, = _client_replies([_flower_reply(extra_array)], "fedavg/0")
     with pytest.raises(ValueError) as err:  # decoded fine; the aggregation knows the model's keys
-        fedavg_aggregate([msg], expected, senders=[cid])
-    one_line(err, r"^client 3: ParametersMessage has unexpected key 'x_train' \(expected the 16 model arrays\)$")
+        fedavg_aggregate([msg], expected)
+    one_line(err, r"^client 3: a 'parameters' reply has unexpected key 'x_train' \(expected the 16 model arrays\)$")
 
-    scores = reply_to_content(FakeClient(0, model, layers).score(SimpleNamespace(config={"method": "grad_x_act"})))
+    scores = _content(FakeClient(0, model, layers).score({}, {"method": "grad_x_act"}, None))
     scores["metrics"] = MetricRecord({"num-examples": 5, "label_0": float(y[0])})
     with pytest.raises(ValueError) as err:
         _client_replies([_flower_reply(scores)], "score")
@@ -335,7 +342,17 @@ def test_flower_replies_are_checked_and_name_the_client(model, layers, images):
     scores["reply"]["layers"] = "[1, 2, 3]"
     with pytest.raises(ValueError) as err:
         _client_replies([_flower_reply(scores)], "score")
-    one_line(err, r"^client 3: ScoresMessage layers metadata must be JSON")
+    one_line(err, r"^client 3: a 'scores' reply layers metadata must be JSON")
+
+
+def test_arrays_torch_cannot_read_are_refused_naming_the_key(images):
+    x, y = images
+    for smuggled in (np.array([str(v) for v in y.tolist()]), x.numpy().astype(">f4")):  # labels as text, odd order
+        content = up("parameters", {"w": torch.zeros(3)}, 3)
+        content["arrays"]["x_train"] = Array(smuggled)
+        with pytest.raises(ValueError) as err:
+            read_reply(content, 4)
+        one_line(err, r"^client 4: a 'parameters' reply 'x_train' is no array torch can read: ")
 
 
 def test_metric_keys_cover_what_the_library_clients_send():

@@ -16,11 +16,11 @@ from lightning_unlearn.config import UnlearnConfig
 from lightning_unlearn.data.federated import FederatedForgetPlan
 from lightning_unlearn.federated.federation import Federation, as_federation
 from lightning_unlearn.federated.fedavg import UpdateStore, run_fedavg
-from lightning_unlearn.federated.messages import Broadcast, ParametersMessage, ScoresMessage, check_arrays, check_upward
+from lightning_unlearn.federated.messages import Reply, down
 from lightning_unlearn.federated.protocol import (
-    FederatedUnlearningResult, masked_rounds, remove, round_bytes, traffic_bytes, unlearn_config,
+    FederatedUnlearningResult, masked_rounds, remove, round_bytes, unlearn_config,
 )
-from lightning_unlearn.federated.server import aggregate_scores
+from lightning_unlearn.federated.server import aggregate_scores, check_arrays, of_kind
 from lightning_unlearn.mask import ParameterMask, select_channels
 from lightning_unlearn.mask.arrays import get_arrays, set_arrays
 from lightning_unlearn.scoring.layers import LayerInfo
@@ -35,12 +35,11 @@ def _federation(clients: Any, plan: FederatedForgetPlan) -> Federation:
 
 
 def _result(method: str, model: torch.nn.Module, mask: ParameterMask, fed: Federation, history: list[dict],
-            t_select: float, elapsed: float, scoring: int = 0, statistics: int = 0,
-            **kwargs: Any) -> FederatedUnlearningResult:
-    """A baseline's result: its timings (selection, then unlearning) and bytes."""
+            t_select: float, elapsed: float, scoring: str = "score", **kwargs: Any) -> FederatedUnlearningResult:
+    """A baseline's result: its timings (selection, then unlearning) and bytes (``scoring``: its rounds' label)."""
     return FederatedUnlearningResult(
         model, mask, method=method, timings_s={"scoring": t_select, "unlearning": elapsed, "total": t_select + elapsed},
-        bytes=round_bytes(history, scoring, statistics), history=history, traffic=fed.run, **kwargs)
+        bytes=round_bytes(history, fed.run, scoring), history=history, traffic=fed.run, **kwargs)
 
 
 def _masked_baseline(method: str, fed: Federation, work: torch.nn.Module, mask: ParameterMask, rounds: int,
@@ -52,8 +51,7 @@ def _masked_baseline(method: str, fed: Federation, work: torch.nn.Module, mask: 
     statistics = remove(fed, work, mask, reset) if reset else None
     current, history = masked_rounds(fed, get_arrays(work), mask, rounds, config, label=method, statistics=statistics)
     set_arrays(work, current)
-    return _result(method, work, mask, fed, history, t_select, time.perf_counter() - t0,
-                   statistics=traffic_bytes(fed.run, "bn_stats"), config=reset, **kwargs)
+    return _result(method, work, mask, fed, history, t_select, time.perf_counter() - t0, config=reset, **kwargs)
 
 
 def federated_retrain(
@@ -116,12 +114,12 @@ def cdp_tfidf(docs: Mapping[str, Mapping[str, Tensor]]) -> dict[str, dict[str, T
     return out
 
 
-def _cdp_documents(pairs: Sequence[tuple[int, ScoresMessage]]) -> dict[str, dict[str, Tensor]]:
+def _cdp_documents(replies: Sequence[Reply]) -> dict[str, dict[str, Tensor]]:
     """Count-weighted mean activation per document over the clients that hold it (server side)."""
-    by_tag: dict[str, list[tuple[int, ScoresMessage]]] = {}
-    for cid, m in pairs:
-        by_tag.setdefault(m.tag if isinstance(m, ScoresMessage) else "", []).append((cid, m))
-    docs = {tag: aggregate_scores([m for _, m in p], [c for c, _ in p], tag=tag) for tag, p in by_tag.items()}
+    by_tag: dict[str, list[Reply]] = {}
+    for m in replies:
+        by_tag.setdefault(m.tag, []).append(m)
+    docs = {tag: aggregate_scores(group, tag=tag) for tag, group in by_tag.items()}
     if any(d.layers != next(iter(docs.values())).layers for d in docs.values()):
         raise ValueError("CDP replies describe other layers for different documents")
     return {tag: dict(d) for tag, d in docs.items()}
@@ -137,9 +135,9 @@ def federated_cdp(
     fed = _federation(clients, plan)
     t0 = time.perf_counter()
     head = [i.out_channels for i in layers.values() if i.is_head]
-    replies: list[tuple[int, ScoresMessage]] = []
+    replies: list[Reply] = []
     for doc in ["forget", *(f"class_{c}" for c in range(head[0] if head else 0))]:  # a client without it sends nothing
-        replies += fed.ask(Broadcast({}, {"max_samples": max_samples, "document": doc}), "query.cdp", "cdp_stats")
+        replies += fed.ask(down({}, {"max_samples": max_samples, "document": doc}), "query.cdp", "cdp_stats")
     docs = _cdp_documents(replies)
     if "forget" not in docs:
         raise ValueError("no client holds data to forget: CDP has no forget document")
@@ -153,7 +151,7 @@ def federated_cdp(
     trainable = ParameterMask({n: ~m for n, m in pruned.masks.items()}, pruned.channels)
     config = {"objective": "retain", "epochs": local_epochs, "max_steps": max_steps, "seed": seed, "mode": "prune"}
     return _masked_baseline("cdp", fed, work, trainable, rounds, config, time.perf_counter() - t0,
-                            scoring=traffic_bytes(fed.run, "cdp_stats"),
+                            scoring="cdp_stats",
                             extra={"pruned_fraction": pruned.fraction, "pruned_channels": dict(pruned.channels)})
 
 
@@ -180,17 +178,16 @@ def federated_eraser(
     t0 = time.perf_counter()
     for j, stored in enumerate(store.rounds):
         rt, label = time.perf_counter(), f"federaser/{j}"
-        down = {cid: Broadcast(current, {"epochs": local_epochs, "seed": seed * 1_000 + j * 100 + cid, "data": "retain",
-                                         **budget})
-                for cid in stored["updates"] if cid in plan.retaining_clients}
-        pairs = fed.ask(down, "train", label)
-        check_upward([m for _, m in pairs], (ParametersMessage,), [c for c, _ in pairs])
-        calibrated, counts = [], [m.num_samples for _, m in pairs]
-        for cid, reply in pairs:
-            check_arrays(reply.arrays, contract, f"client {cid}", "ParametersMessage",
+        contents = {cid: down(current, {"epochs": local_epochs, "seed": seed * 1_000 + j * 100 + cid, "data": "retain",
+                                        **budget})
+                    for cid in stored["updates"] if cid in plan.retaining_clients}
+        replies = of_kind(fed.ask(contents, "train", label), "parameters")
+        calibrated, counts = [], [m.num_samples for m in replies]
+        for reply in replies:
+            check_arrays(reply.tensors, contract, f"client {reply.client}", "parameters",
                          f"the {len(contract)} model arrays")
-            new = {k: reply.arrays[k].double() - current[k].double() for k in current}
-            calibrated.append({k: stored["updates"][cid][k].double().norm() * v / v.norm() if v.norm() > 0
+            new = {k: reply.tensors[k].double() - current[k].double() for k in current}
+            calibrated.append({k: stored["updates"][reply.client][k].double().norm() * v / v.norm() if v.norm() > 0
                                else torch.zeros_like(v) for k, v in new.items()})
         if calibrated:
             w = np.asarray(counts, dtype=np.float64) / sum(counts)

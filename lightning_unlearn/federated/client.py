@@ -1,8 +1,8 @@
 """Client side: the ``ClientApp`` whose handlers answer every server message, in process and deployed.
 
-The work is done by plain functions (:func:`local_fit`, :func:`local_scores`, :func:`cdp_activations`,
+The work is done by plain functions (:func:`local_fit`, :func:`cdp_activations`,
 :func:`batchnorm_moments`); what a node keeps between messages (the deployed model, the channel mask) lives in
-``context.state``. Nothing but the upward messages of :mod:`~lightning_unlearn.federated.messages` leaves a node.
+``context.state``. Nothing but the replies of :func:`~lightning_unlearn.federated.messages.up` leaves a node.
 """
 from __future__ import annotations
 
@@ -20,9 +20,9 @@ import lightning.pytorch as pl
 import numpy as np
 import torch
 import torch.nn.functional as F
-from flwr.app import Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
-from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.callbacks import Callback, LambdaCallback
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
@@ -34,11 +34,7 @@ from lightning_unlearn.callbacks.selective import SelectiveUnlearning
 from lightning_unlearn.data.datasets import dataset_targets
 from lightning_unlearn.data.federated import ClientSplit
 from lightning_unlearn.data.unlearning import UnlearningDataModule
-from lightning_unlearn.federated.messages import (
-    COUNT_KEY, BatchNormStatsMessage, Broadcast, MaskedUpdateMessage, ParametersMessage, ScoresMessage,
-    arrays_to_record, channels_to_record, content_to_broadcast, record_to_arrays, record_to_channels,
-    reply_to_content, short_repr,
-)
+from lightning_unlearn.federated.messages import COUNT_KEY, read_down, short_repr, up
 from lightning_unlearn.federated.partitions import ClientPartition, FlowerDataError, file_partition
 from lightning_unlearn.federated.server import head_feature_key, statistic_masks
 from lightning_unlearn.mask import ParameterMask, get_arrays, head_parameter_scales, selected_values, set_arrays
@@ -99,15 +95,6 @@ def local_fit(model: pl.LightningModule, arrays: Mapping[str, Tensor], datamodul
 
 def _layer_table(layers: Mapping[str, LayerInfo]) -> dict[str, tuple[int, str | None, bool]]:
     return {n: (i.out_channels, i.batchnorm, i.is_head) for n, i in layers.items()}
-
-
-def local_scores(model: nn.Module, forget_loader: DataLoader, config: Mapping[str, Any],
-                 retain_loader: DataLoader | None = None) -> ScoresMessage:
-    """Channel scores of the deployed model on local forget data, as the message the server may see."""
-    scores = channel_scores(model, forget_loader, config.get("method", "grad_x_act"), config.get("layers"),
-                            retain_loader, config.get("max_samples"), int(config.get("seed", 0)))
-    return ScoresMessage({n: s.float() for n, s in scores.items()}, scores.num_samples, scores.method,
-                         _layer_table(scores.layers))
 
 
 @torch.no_grad()
@@ -181,15 +168,17 @@ def client_split(request: ForgetRequest, part: ClientPartition) -> ClientSplit:
 
 
 class _Node:
-    """One message's view of a node: partition, model, config, ``context.state`` and the request's split."""
+    """One message's view of a node: partition, model, the message's arrays, config and channels,
+    ``context.state`` and the request's split."""
 
-    def __init__(self, part: ClientPartition, model: pl.LightningModule, context: Context, config: Mapping[str, Any],
+    def __init__(self, part: ClientPartition, model: pl.LightningModule, context: Context, content: RecordDict,
                  callbacks: Sequence[Callback], trainer_kwargs: Mapping[str, Any] | None) -> None:
-        self.part, self.model, self.state, self.config = part, model, context.state, config
+        self.part, self.model, self.state = part, model, context.state
+        self.content, (self.arrays, self.config, self.channels) = content, read_down(content)
         self.callbacks, self.trainer_kwargs = [*callbacks, *part.callbacks], trainer_kwargs
         self.request, self.split = None, None
-        if "request" in config:
-            self.request = ForgetRequest(**{k: v for k, v in json.loads(config["request"]).items() if k != "kind"})
+        if "request" in self.config:
+            self.request = ForgetRequest(**{k: v for k, v in json.loads(self.config["request"]).items() if k != "kind"})
             self.split = client_split(self.request, part)
 
     def subset(self, which: str) -> Dataset:
@@ -206,7 +195,7 @@ class _Node:
     def deployed(self) -> dict[str, Tensor]:
         if "deployed" not in self.state:
             raise RuntimeError(f"client {self.part.client_id} holds no global model yet: run FedAvg (or deploy) first")
-        return record_to_arrays(self.state["deployed"])
+        return dict(self.state["deployed"].to_torch_state_dict())
 
     @functools.cached_property
     def layers(self) -> dict[str, LayerInfo]:
@@ -217,21 +206,22 @@ class _Node:
     def head(self) -> str | None:  # None: ``linear_head`` refuses it in one line
         return next((n for n, i in self.layers.items() if i.is_head), None)
 
-    def mask(self, broadcast: Broadcast) -> tuple[ParameterMask, ParameterMask | None]:
+    def mask(self) -> tuple[ParameterMask, ParameterMask | None]:
         """The channel mask (sent once, kept in ``context.state``) and, in ``"prune"`` mode, the pruned channels."""
-        if broadcast.channels is not None:
-            self.state["mask"] = channels_to_record(broadcast.channels)
+        if self.channels is not None:
+            self.state["mask"] = self.content["channels"]
         if "mask" not in self.state:
             raise RuntimeError(f"client {self.part.client_id}: a masked round needs the channel mask "
                                "(sent with round 0)")
-        selected = ParameterMask.from_channels(self.model, record_to_channels(self.state["mask"]), self.layers)
+        channels = {k: v.tolist() for k, v in self.state["mask"].to_torch_state_dict().items()}
+        selected = ParameterMask.from_channels(self.model, channels, self.layers)
         if self.config.get("mode", "train") == "prune":
             return ParameterMask({n: ~m for n, m in selected.masks.items()}, selected.channels), selected
         return selected, None
 
-    def start(self, mask: ParameterMask, values: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    def start(self, mask: ParameterMask) -> dict[str, Tensor]:
         """The deployed arrays with the broadcast selected slices and (after a reset) BatchNorm statistics."""
-        start = self.deployed()
+        start, values = self.deployed(), self.arrays
         where = {**statistic_masks(selected_batchnorm_channels(self.model, mask)), **mask.masks} if values else {}
         for key, v in values.items():
             if key not in where or v.numel() != int(where[key].sum()) or not v.numel():
@@ -241,68 +231,72 @@ class _Node:
         return start
 
 
-# -- handlers: (node, broadcast) -> reply ----------------------------------------------------------------------
-def _fit(node: _Node, b: Broadcast) -> ParametersMessage | None:
+# -- handlers: node -> reply content (None: nothing to send) ----------------------------------------------------
+def _fit(node: _Node) -> RecordDict | None:
     """FedAvg local training (``config["data"]``: ``"all"`` or ``"retain"``)."""
-    data = node.subset(b.config.get("data", "all"))
+    data = node.subset(node.config.get("data", "all"))
     if len(data) == 0:
         return None
-    dm = _LoaderModule(data, node.part.batch_size, int(b.config.get("seed", 0)))
-    arrays, metrics = local_fit(node.model, b.arrays, dm, b.config, node.callbacks, node.trainer_kwargs)
-    return ParametersMessage(arrays, len(data), metrics)
+    dm = _LoaderModule(data, node.part.batch_size, int(node.config.get("seed", 0)))
+    arrays, metrics = local_fit(node.model, node.arrays, dm, node.config, node.callbacks, node.trainer_kwargs)
+    return up("parameters", arrays, len(data), metrics)
 
 
-def _score(node: _Node, b: Broadcast) -> ScoresMessage | None:
-    """Explain the deployed model on local forget data (nothing to send without forget data)."""
+def _score(node: _Node) -> RecordDict | None:
+    """Channel scores of the deployed model on local forget data (nothing to send without forget data)."""
     if node.split is None or not len(node.split.forget):
         return None
     set_arrays(node.model, node.deployed())
-    retain = node.loader("retain") if b.config.get("contrast") and len(node.split.retain) else None
-    return local_scores(node.model, node.loader("forget"), b.config, retain)
+    cfg = node.config
+    retain = node.loader("retain") if cfg.get("contrast") and len(node.split.retain) else None
+    scores = channel_scores(node.model, node.loader("forget"), cfg.get("method", "grad_x_act"), cfg.get("layers"),
+                            retain, cfg.get("max_samples"), int(cfg.get("seed", 0)))
+    return up("scores", {n: s.float() for n, s in scores.items()}, scores.num_samples, method=scores.method,
+              tag="forget", layers=_layer_table(scores.layers))
 
 
-def _cdp(node: _Node, b: Broadcast) -> ScoresMessage | None:
+def _cdp(node: _Node) -> RecordDict | None:
     """CDP: mean channel activations on one local document, the forget set or ``class_<c>`` of the retain set."""
     set_arrays(node.model, node.deployed())
     layers = {n: i for n, i in node.layers.items() if not i.is_head}
-    doc = b.config["document"]
+    doc = node.config["document"]
     data = node.subset("forget" if doc == "forget" else "retain")
     if doc != "forget":
         data = Subset(data, np.flatnonzero(dataset_targets(data).numpy() == int(doc.split("_")[1])).tolist())
     if not len(data):
         return None
-    acts, n = cdp_activations(node.model, node.loader(data), layers, b.config.get("max_samples"))
-    return ScoresMessage(acts, n, "cdp_activation", _layer_table(layers), tag=doc)
+    acts, n = cdp_activations(node.model, node.loader(data), layers, node.config.get("max_samples"))
+    return up("scores", acts, n, method="cdp_activation", tag=doc, layers=_layer_table(layers))
 
 
-def _bn_stats(node: _Node, b: Broadcast) -> BatchNormStatsMessage | None:
+def _bn_stats(node: _Node) -> RecordDict | None:
     """After a reset: the selected BatchNorm channels' input moments on shuffled local retain batches."""
-    mask, _ = node.mask(b)
+    mask, _ = node.mask()
     if node.split is not None and not len(node.split.retain):
         return None
-    set_arrays(node.model, node.start(mask, b.arrays))
-    loader = node.loader("retain", shuffle=True, seed=int(b.config.get("seed", 0)))
+    set_arrays(node.model, node.start(mask))
+    loader = node.loader("retain", shuffle=True, seed=int(node.config.get("seed", 0)))
     t0 = time.perf_counter()
-    moments, n = batchnorm_moments(node.model, mask, loader, int(b.config.get("max_batches", 20)))
-    return BatchNormStatsMessage(moments, n, {"local_compute_s": time.perf_counter() - t0})
+    moments, n = batchnorm_moments(node.model, mask, loader, int(node.config.get("max_batches", 20)))
+    return up("bn_stats", moments, n, {"local_compute_s": time.perf_counter() - t0})
 
 
-def _head_features(node: _Node, b: Broadcast) -> BatchNormStatsMessage:
+def _head_features(node: _Node) -> RecordDict:
     """Head calibration: per forgotten class the moments of the head's input over its local forget samples (zeros
     without any, so every node answers alike)."""
-    mask, _ = node.mask(b)
+    mask, _ = node.mask()
     head = linear_head(node.model, node.head)
-    classes = [int(c) for c in b.config["classes"]]
+    classes = [int(c) for c in node.config["classes"]]
     moments = {head_feature_key(c): torch.zeros(3, head.in_features, dtype=torch.float64) for c in classes}
     t0, samples = time.perf_counter(), 0
     if node.split is not None and len(node.split.forget):
-        set_arrays(node.model, node.start(mask, b.arrays))
+        set_arrays(node.model, node.start(mask))
         feats, labels = head_features(node.model, head, node.loader("forget"))
         for c in classes:
             x = feats[labels == c].double().cpu()
             moments[head_feature_key(c)] = _moments(x, 0)
             samples += len(x)
-    return BatchNormStatsMessage(moments, samples, {"local_compute_s": time.perf_counter() - t0})
+    return up("bn_stats", moments, samples, {"local_compute_s": time.perf_counter() - t0})
 
 
 def _module_optimizer(model: pl.LightningModule, data: Any) -> torch.optim.Optimizer:
@@ -312,7 +306,8 @@ def _module_optimizer(model: pl.LightningModule, data: Any) -> torch.optim.Optim
         out = model.configure_optimizers()
     except Exception as error:  # noqa: BLE001 - whatever the user's code raises without a Trainer
         log.debug("configure_optimizers needs a Trainer (%s): building it inside a fit stopped before any batch", error)
-        trainer = pl.Trainer(**{**QUIET_TRAINER, "max_epochs": 1, "callbacks": [_StopBeforeTheFirstBatch()]})
+        stop = LambdaCallback(on_train_start=lambda trainer, _: setattr(trainer, "should_stop", True))
+        trainer = pl.Trainer(**{**QUIET_TRAINER, "max_epochs": 1, "callbacks": [stop]})
         trainer.fit(copy.deepcopy(model), DataLoader(data, batch_size=64))
         return trainer.optimizers[0]
     while isinstance(out, (list, tuple)) and out:
@@ -322,11 +317,6 @@ def _module_optimizer(model: pl.LightningModule, data: Any) -> torch.optim.Optim
         raise ValueError(f"the head calibration needs configure_optimizers to return a torch optimizer, got "
                          f"{type(out).__name__}; allowed: an optimizer, a list of them, or Lightning's dict form")
     return out
-
-
-class _StopBeforeTheFirstBatch(pl.Callback):
-    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        trainer.should_stop = True
 
 
 def _local_epoch_steps(batches: int, trainer_kwargs: Mapping[str, Any] | None) -> int:
@@ -344,19 +334,19 @@ def _retain_head_features(node: _Node, start: Mapping[str, Tensor], head: str) -
     for name in sorted(set(start) - {f"{head}.weight", f"{head}.bias"}):
         digest.update(name.encode() + start[name].cpu().contiguous().numpy().tobytes())
     key = torch.frombuffer(bytearray(digest.digest()), dtype=torch.uint8)
-    cached = record_to_arrays(node.state["head_features"]) if "head_features" in node.state else {}
+    cached = dict(node.state["head_features"].to_torch_state_dict()) if "head_features" in node.state else {}
     if "key" in cached and torch.equal(cached["key"], key):
         return cached["x"], cached["y"]
     set_arrays(node.model, start)
     x, y = head_features(node.model, linear_head(node.model, head), node.loader("retain"))
-    node.state["head_features"] = arrays_to_record({"key": key, "x": x, "y": y})
+    node.state["head_features"] = ArrayRecord({"key": key, "x": x, "y": y})
     return x, y
 
 
-def _calibration_update(node: _Node, start: dict[str, Tensor], cfg: Mapping[str, Any]) -> MaskedUpdateMessage:
+def _calibration_update(node: _Node, start: dict[str, Tensor], cfg: Mapping[str, Any]) -> RecordDict:
     """A head-calibration round as the central ``calibrate_head`` fits: rows ``config["train_rows"]`` fitted by
     ``fit_rows`` on the retain head features for one local epoch with a fresh optimizer of the module's recipe."""
-    t0, name, rows = time.perf_counter(), node.head, [int(r) for r in cfg["train_rows"]]
+    t0, name, rows = time.perf_counter(), node.head, sorted({int(r) for r in cfg["train_rows"]})
     head = linear_head(node.model, name)
     x, y = _retain_head_features(node, start, name)
     set_arrays(node.model, start)
@@ -368,24 +358,21 @@ def _calibration_update(node: _Node, start: dict[str, Tensor], cfg: Mapping[str,
     fit_start = time.perf_counter()
     fit_rows(head, rows, params[0], params[1] if head.bias is not None else None, x, y, optimizer, steps, bs,
              torch.Generator().manual_seed(int(cfg.get("seed", 0))))
-    with torch.no_grad():
-        for k, p in zip(keys, params):
-            start[k][rows] = p.detach().to(start[k].dtype).cpu()
+    values = {k: p.detach().to(start[k].dtype).cpu().reshape(-1) for k, p in zip(keys, params)}  # rows in order
     metrics = {"local_compute_s": time.perf_counter() - fit_start, "fit_s": time.perf_counter() - t0}
-    trained = ParameterMask.from_channels(node.model, {name: rows}, {})
-    return MaskedUpdateMessage(selected_values(start, trained), len(node.subset("retain")), metrics)
+    return up("masked_update", values, len(node.subset("retain")), metrics)
 
 
-def _masked_update(node: _Node, b: Broadcast) -> MaskedUpdateMessage | None:
+def _masked_update(node: _Node) -> RecordDict | None:
     """A masked round on the retain data from the deployed model with the broadcast values; ``"prune"`` mode (CDP)
     zeroes the selected channels and trains everything else."""
-    mask, pruned = node.mask(b)
+    mask, pruned = node.mask()
     if node.split is not None and not len(node.split.retain):
         return None
-    start = node.start(mask, b.arrays)
+    start = node.start(mask)
     if pruned is not None:
         start.update({n: start[n].masked_fill(m, 0) for n, m in pruned.masks.items()})
-    cfg, seed = b.config, int(b.config.get("seed", 0))
+    cfg, seed = node.config, int(node.config.get("seed", 0))
     if cfg.get("train_rows") is not None:  # head calibration: the values of ``mask`` arrive, only these rows train
         return _calibration_update(node, start, cfg)
     objective, bn_stats = cfg.get("objective", "retain"), cfg.get("bn_stats", "frozen")
@@ -399,13 +386,13 @@ def _masked_update(node: _Node, b: Broadcast) -> MaskedUpdateMessage | None:
         dm, callback = _LoaderModule(node.subset("retain"), node.part.batch_size, seed), GradientMask(mask, bn_stats)
     scales = head_parameter_scales(mask, node.layers, cfg.get("head_lr_scale")) or None
     arrays, metrics = local_fit(node.model, start, dm, cfg, [*node.callbacks, callback], node.trainer_kwargs, scales)
-    return MaskedUpdateMessage(selected_values(arrays, mask), len(node.subset("retain")), metrics)
+    return up("masked_update", selected_values(arrays, mask), len(node.subset("retain")), metrics)
 
 
-def _evaluate(node: _Node, b: Broadcast) -> RecordDict:
+def _evaluate(node: _Node) -> RecordDict:
     """Local accuracy of the broadcast model (on forget and retain data when the message names a request)."""
-    set_arrays(node.model, b.arrays)
-    metrics: dict[str, float | int] = {COUNT_KEY: len(node.part.dataset)}
+    set_arrays(node.model, node.arrays)
+    metrics: dict[str, float | int] = {}
     splits = {"all": np.arange(len(node.part.dataset))} if node.split is None else \
         {"forget": node.split.forget, "retain": node.split.retain}
     for name, idx in splits.items():
@@ -413,11 +400,11 @@ def _evaluate(node: _Node, b: Broadcast) -> RecordDict:
             loader = DataLoader(Subset(node.part.dataset, idx.tolist()), batch_size=256)
             metrics[f"{name}-acc"] = float(accuracy(node.model, loader, node.part.num_classes))
             metrics[f"{name}-examples"] = int(len(idx))
-    return RecordDict({"metrics": MetricRecord(metrics)})
+    return up("evaluation", {}, len(node.part.dataset), metrics)
 
 
-#: message type -> handler of the node's view and the decoded broadcast.
-HANDLERS: dict[str, Callable[[_Node, Broadcast], Any]] = {
+#: message type -> handler of the node's view of the message.
+HANDLERS: dict[str, Callable[[_Node], RecordDict | None]] = {
     "train": _fit, "query.score": _score, "query.cdp": _cdp, "query.bn_stats": _bn_stats,
     "train.unlearn": _masked_update, "query.head_features": _head_features, "evaluate": _evaluate,
 }
@@ -444,12 +431,11 @@ def make_client_app(model_fn: Callable[[], pl.LightningModule] | Callable[[Conte
     takes_context = _takes_one_argument(model_fn)
 
     def handle(message: Message, context: Context) -> Message:
-        broadcast, config = content_to_broadcast(message.content)
         model = model_fn(context) if takes_context else model_fn()
         callbacks = list(callbacks_fn()) if callbacks_fn is not None else []
-        node = _Node(partition_fn(context), model, context, config, callbacks, trainer_kwargs)
-        reply = HANDLERS[message.metadata.message_type](node, broadcast)
-        return Message(reply if isinstance(reply, RecordDict) else reply_to_content(reply), reply_to=message)
+        node = _Node(partition_fn(context), model, context, message.content, callbacks, trainer_kwargs)
+        reply = HANDLERS[message.metadata.message_type](node)
+        return Message(reply if reply is not None else up(None), reply_to=message)
 
     for kind in HANDLERS:
         category, _, action = kind.partition(".")
@@ -463,7 +449,7 @@ def make_client_app(model_fn: Callable[[], pl.LightningModule] | Callable[[Conte
 
     @app.query("deploy")
     def deploy(message: Message, context: Context) -> Message:
-        context.state["deployed"] = arrays_to_record(content_to_broadcast(message.content)[0].arrays)
-        return Message(reply_to_content(None), reply_to=message)
+        context.state["deployed"] = message.content["arrays"]
+        return Message(up(None), reply_to=message)
 
     return app

@@ -17,9 +17,9 @@ from torch import Tensor, nn
 
 from lightning_unlearn._io import load_torch_file, save_torch
 from lightning_unlearn.federated.federation import Federation, as_federation, check_replies
-from lightning_unlearn.federated.messages import Broadcast, arrays_to_record, record_to_arrays, tensor_bytes
+from lightning_unlearn.federated.messages import down, tensor_bytes
 from lightning_unlearn.federated.server import (
-    check_fraction, check_rounds, fedavg_aggregate, fit_config, sample_clients,
+    check_fraction, check_rounds, fedavg_aggregate, sample_clients,
 )
 from lightning_unlearn.mask.arrays import get_arrays, set_arrays
 
@@ -32,7 +32,7 @@ class UpdateStore:
     """FedEraser's memory: every ``every``-th round, the global model and each client's update."""
 
     every: int
-    rounds: list[dict] = field(default_factory=list)  # {"round", "global", "updates": {cid: arrays}, "counts"}
+    rounds: list[dict] = field(default_factory=list)  # {"round", "global", "updates": {cid: arrays}}
 
     @property
     def nbytes(self) -> int:
@@ -90,30 +90,29 @@ class LibraryFedAvg(FedAvg):
                         grid: Grid) -> Iterable[Message]:
         r = self.first_round + server_round - 1
         self._t0 = time.perf_counter()
-        self._expected = record_to_arrays(arrays)  # what every reply must match, key for key and shape for shape
+        self._expected = dict(arrays.to_torch_state_dict())  # what every reply must match
         picked = [int(c) for c in sample_clients(self.pool, self.fraction_train, self.seed, r)]
         self._picked = len(picked)
-        return [self.fed.message(cid, Broadcast(self._expected, fit_config(cid, r, self.seed, self.local_epochs,
-                                                                           self.data, self.local_config)),
-                                 "train", f"{self.label}/{r}") for cid in picked]
+        return [self.fed.message(cid, down(arrays, {  # each client its own seed per round
+            "epochs": self.local_epochs, "seed": self.seed * 100_003 + r * 1_000 + cid, "data": self.data,
+            **(self.local_config or {})}), "train", f"{self.label}/{r}") for cid in picked]
 
     def aggregate_train(self, server_round: int,
                         replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         r = self.first_round + server_round - 1
         label = f"{self.label}/{r}"
-        pairs = self.fed.decode(check_replies(list(replies), self._picked, f"FedAvg round {r}"), label)
-        if not pairs:
+        replies = self.fed.decode(check_replies(list(replies), self._picked, f"FedAvg round {r}"), label)
+        if not replies:
             raise ValueError(f"round {r}: no sampled client had data to train on")
         t_agg = time.perf_counter()
-        new = fedavg_aggregate([m for _, m in pairs], self._expected, senders=[c for c, _ in pairs])
+        new = fedavg_aggregate(replies, self._expected)
         if self.store is not None and r % self.store.every == 0:
             self.store.rounds.append({
                 "round": r, "global": self._expected,
-                "updates": {c: {k: m.arrays[k] - self._expected[k] for k in self._expected} for c, m in pairs},
-                "counts": {c: m.num_samples for c, m in pairs}})
+                "updates": {m.client: {k: m.tensors[k] - self._expected[k] for k in self._expected} for m in replies}})
         agg_s, t_eval = time.perf_counter() - t_agg, time.perf_counter()
-        row = self.fed.row(r, self._t0, [m for _, m in pairs], label)
-        row.update(clients=[c for c, _ in pairs], aggregate_s=agg_s)
+        row = self.fed.row(r, self._t0, replies, label)
+        row.update(clients=[m.client for m in replies], aggregate_s=agg_s)
         if self.evaluate is not None:
             set_arrays(self.model, new)
             row.update({k: float(v) for k, v in self.evaluate(self.model).items()})
@@ -128,7 +127,7 @@ class LibraryFedAvg(FedAvg):
         row["round_s"] += row["checkpoint_s"]
         row["overhead_s"] += row["checkpoint_s"]
         self.history.append(row)
-        return arrays_to_record(new), MetricRecord({"local_compute_s": row["local_compute_s"]})
+        return ArrayRecord(new), MetricRecord({"local_compute_s": row["local_compute_s"]})
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                            grid: Grid) -> Iterable[Message]:
@@ -181,8 +180,8 @@ def run_fedavg(
         level = flwr_log.level
         flwr_log.setLevel(level if progress else logging.WARNING)
         try:
-            arrays = record_to_arrays(strategy.start(fed.grid, arrays_to_record(arrays), num_rounds=rounds - first,
-                                                     timeout=fed.timeout).arrays)
+            arrays = dict(strategy.start(fed.grid, ArrayRecord(arrays), num_rounds=rounds - first,
+                                         timeout=fed.timeout).arrays.to_torch_state_dict())
         finally:
             flwr_log.setLevel(level)
     set_arrays(model, arrays)
@@ -193,4 +192,5 @@ def run_fedavg(
 
 def deploy_model(fed: Federation, arrays: Mapping[str, Tensor]) -> None:
     """Every client keeps the global model: the reference its masked rounds start from."""
-    fed.ask({cid: Broadcast(arrays) for cid in sorted(fed.nodes)}, "query.deploy", "deploy")
+    content = down(arrays)
+    fed.ask({cid: content for cid in sorted(fed.nodes)}, "query.deploy", "deploy")

@@ -12,9 +12,7 @@ from flwr.app import Message, RecordDict
 from flwr.serverapp import Grid
 
 from lightning_unlearn.federated.grid import LocalGrid, new_message
-from lightning_unlearn.federated.messages import (
-    Broadcast, ByteCounter, RoundBytes, broadcast_to_content, content_to_reply, payload_bytes, wire_bytes,
-)
+from lightning_unlearn.federated.messages import ByteCounter, Reply, RoundBytes, payload_bytes, read_reply, wire_bytes
 from lightning_unlearn.federated.server import check_rounds
 from lightning_unlearn.request import ForgetRequest
 
@@ -24,19 +22,6 @@ POLL_S = 0.05  # how often the server asks the SuperLink for replies (Flower's H
 #: ``Message.error.code`` of the reply the SuperLink writes for a node it lost (Flower's ``ErrorCode`` is not in its
 #: public API; ``tests/test_flower_faults.py`` checks the value against the installed flwr).
 NODE_UNAVAILABLE = 5
-
-
-def gather(grid: Grid, messages: Iterable[Message], timeout: float | None, poll_s: float = POLL_S) -> list[Message]:
-    """Push ``messages`` and pull replies every ``poll_s`` seconds until all arrived or ``timeout`` passed."""
-    pending, out = set(grid.push_messages(messages)), []
-    deadline = time.monotonic() + (timeout if timeout is not None else math.inf)
-    while pending:
-        out.extend(got := list(grid.pull_messages(pending)))
-        pending.difference_update(m.metadata.reply_to_message_id for m in got)
-        if not pending or time.monotonic() >= deadline:
-            break
-        time.sleep(poll_s)
-    return out
 
 
 class PollingGrid:
@@ -50,7 +35,16 @@ class PollingGrid:
         return getattr(self.grid, name)
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> list[Message]:
-        return gather(self.grid, messages, timeout, self.poll_s)
+        """Push ``messages`` and pull replies every ``poll_s`` seconds until all arrived or ``timeout`` passed."""
+        pending, out = set(self.grid.push_messages(messages)), []
+        deadline = time.monotonic() + (timeout if timeout is not None else math.inf)
+        while pending:
+            out.extend(got := list(self.grid.pull_messages(pending)))
+            pending.difference_update(m.metadata.reply_to_message_id for m in got)
+            if not pending or time.monotonic() >= deadline:
+                break
+            time.sleep(self.poll_s)
+        return out
 
 
 def check_replies(replies: Sequence[Message], expected: int, what: str) -> list[Message]:
@@ -113,11 +107,10 @@ class Federation:
     def __len__(self) -> int:
         return len(self.nodes)
 
-    def start_run(self) -> ByteCounter:
+    def start_run(self) -> None:
         """Count a new run (FedAvg, an unlearning request, a baseline) from zero: runs on one federation share round
         labels (``score``, ``unlearn/0``), and each must report its own bytes, not the sum of all runs'."""
         self.run = ByteCounter()
-        return self.run
 
     def book(self, label: str, content: RecordDict, direction: str) -> None:
         """Count one message's bytes (``direction``: ``"down"`` or ``"up"``) for the federation and the run."""
@@ -125,19 +118,21 @@ class Federation:
         for counter in (self.traffic, self.run):
             counter.count(label, direction, payload, wire)
 
-    def message(self, cid: int, broadcast: Broadcast, message_type: str, label: str) -> Message:
-        """Client ``cid``'s message (the request joins its config) in group ``label``, its bytes booked there."""
-        extra = {"request": json.dumps(self.request.to_dict())} if self.request is not None else None
-        content = broadcast_to_content(broadcast, extra)
+    def message(self, cid: int, content: RecordDict, message_type: str, label: str) -> Message:
+        """Client ``cid``'s message (a :func:`~lightning_unlearn.federated.messages.down`; the request joins its
+        config) in group ``label``, its bytes booked there."""
+        if self.request is not None:
+            content["config"]["request"] = json.dumps(self.request.to_dict())
         self.book(label, content, "down")
         return new_message(self.grid, content, message_type, self.nodes[cid], group_id=label)
 
-    def ask(self, broadcasts: Broadcast | Mapping[int, Broadcast], message_type: str, label: str,
-            dropouts: bool = False, what: str | None = None) -> list[tuple[int, Any]]:
-        """Send one round and return ``[(client id, upward message)]`` in client-id order (empty replies left out)."""
-        if isinstance(broadcasts, Broadcast):
-            broadcasts = {cid: broadcasts for cid in sorted(self.active)}
-        messages = [self.message(cid, b, message_type, label) for cid, b in sorted(broadcasts.items())]
+    def ask(self, contents: RecordDict | Mapping[int, RecordDict], message_type: str, label: str,
+            dropouts: bool = False, what: str | None = None) -> list[Reply]:
+        """Send one round (one content for every active client, or one per client id) and return the replies in
+        client-id order (empty replies left out)."""
+        if isinstance(contents, RecordDict):
+            contents = {cid: contents for cid in sorted(self.active)}
+        messages = [self.message(cid, c, message_type, label) for cid, c in sorted(contents.items())]
         return self.decode(self.receive(messages, what or label, dropouts), label)
 
     def receive(self, messages: Sequence[Message], what: str, dropouts: bool = False) -> list[Message]:
@@ -161,22 +156,18 @@ class Federation:
             self.active.pop(c, None)
         return replies
 
-    def decode(self, replies: Sequence[Message], label: str) -> list[tuple[int, Any]]:
-        """Upward messages in client-id order, bytes booked; a broken contract names the client."""
+    def decode(self, replies: Sequence[Message], label: str) -> list[Reply]:
+        """Replies read at the trust boundary in client-id order, bytes booked; a broken contract names the client."""
         by_node = {n: c for c, n in self.nodes.items()}
         out = []
         for m in sorted(replies, key=lambda m: by_node[m.metadata.src_node_id]):
             self.book(label, m.content, "up")
             cid = by_node[m.metadata.src_node_id]
-            try:
-                msg = content_to_reply(m.content)
-            except (TypeError, ValueError) as err:  # the record broke the message contract: say which client
-                raise type(err)(f"client {cid}: {err}") from None
-            if msg is not None:
-                out.append((cid, msg))
+            if (reply := read_reply(m.content, cid)) is not None:
+                out.append(reply)
         return out
 
-    def row(self, r: int, t0: float, msgs: Sequence[Any], label: str) -> dict[str, Any]:
+    def row(self, r: int, t0: float, msgs: Sequence[Reply], label: str) -> dict[str, Any]:
         """One round's history row: clients that replied, times and bytes (payload and wire)."""
         local = float(sum(m.metrics.get("local_compute_s", 0.0) for m in msgs))
         round_s = time.perf_counter() - t0

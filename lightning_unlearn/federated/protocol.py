@@ -14,15 +14,16 @@ from typing import Any, Callable, Mapping, Sequence
 import lightning.pytorch as pl
 from lightning.pytorch.utilities import rank_zero_warn
 import torch
+from flwr.app import RecordDict
 from torch import Tensor
 
 from lightning_unlearn.config import AUTO, UnlearnConfig
 from lightning_unlearn.federated.checkpoint import ServerCheckpoint
 from lightning_unlearn.federated.federation import Federation, as_federation
-from lightning_unlearn.federated.messages import Broadcast, ByteCounter, check_metrics
+from lightning_unlearn.federated.messages import ByteCounter, down
 from lightning_unlearn.federated.server import (
     aggregate_scores, check_fraction, check_rounds, masked_aggregate, pool_batchnorm_moments, pool_head_features,
-    sample_clients, selected_statistics, write_batchnorm_statistics,
+    sample_clients, statistic_masks,
 )
 from lightning_unlearn.mask import ParameterMask
 from lightning_unlearn.mask.arrays import get_arrays, selected_values, set_arrays
@@ -50,18 +51,22 @@ class FederatedUnlearningResult(UnlearningResult):
     traffic: ByteCounter | None = None  # payload and wire bytes per round label
 
 
-def traffic_bytes(traffic: ByteCounter, prefix: str) -> int:
-    """Payload bytes (down + up) of the rounds whose label starts with ``prefix``."""
-    return sum(b.total for label, b in traffic.payload.items() if label.startswith(prefix))
+def round_bytes(history: Sequence[Mapping[str, Any]], traffic: ByteCounter | None = None,
+                scoring: str = "score") -> dict[str, float]:
+    """Bytes per round (mean and max, down + up) and in total, with the payload ``traffic`` booked for the
+    ``scoring`` rounds and, where they ran, the statistics round and the head calibration."""
+    def paid(prefix: str) -> int:
+        return sum(b.total for label, b in (traffic.payload if traffic else {}).items() if label.startswith(prefix))
 
-
-def round_bytes(history: Sequence[Mapping[str, Any]], extra: int = 0, statistics: int = 0) -> dict[str, float]:
-    """Bytes per round (mean and max, down + up) and in total with ``extra`` (scoring) and ``statistics`` (a
-    statistics round's; the key appears only when it ran)."""
-    per = [r["bytes_down"] + r["bytes_up"] for r in history]
+    per, extra, statistics = [r["bytes_down"] + r["bytes_up"] for r in history], paid(scoring), paid("bn_stats")
     out = {"scoring": extra, "unlearning_round": sum(per) / len(per), "unlearning_round_max": max(per),
            "total": extra + statistics + sum(per)}
-    return {**out, "statistics": statistics} if statistics else out
+    if statistics:
+        out["statistics"] = statistics
+    features, calibrating = paid("head_features"), paid("calibrate/")
+    if features or calibrating:
+        out.update(calibration_features=features, calibration=features + calibrating)
+    return out
 
 
 def unlearn_config(config: UnlearnConfig) -> dict[str, Any]:
@@ -78,22 +83,14 @@ def round_config(config: Mapping[str, Any], r: int) -> dict[str, Any]:
     return {**config, "seed": int(config.get("seed", 0)) * 1_000 + r}
 
 
-def _broadcast(arrays: Mapping[str, Tensor], mask: ParameterMask, config: Mapping[str, Any],
-               statistics: Mapping[str, Tensor] | None = None, values: bool = True, channels: bool = True) -> Broadcast:
-    """The selected slices (``values``), the selected BatchNorm channels' ``statistics`` and the mask's ``channels``."""
+def masked_down(arrays: Mapping[str, Tensor], mask: ParameterMask, config: Mapping[str, Any],
+                statistics: Mapping[str, Tensor] | None = None, values: bool = True,
+                channels: bool = True) -> RecordDict:
+    """A down message of the selected slices (``values``; always after a reset: ``statistics``), the selected
+    BatchNorm channels' ``statistics`` and the mask's ``channels``."""
     out = selected_values(arrays, mask) if values or statistics is not None else {}
-    if statistics is not None:
-        out.update(selected_statistics(arrays, statistics))
-    return Broadcast(out, config, {k: tuple(v) for k, v in mask.channels.items()} if channels else None)
-
-
-def masked_broadcast(
-    current: Mapping[str, Tensor], mask: ParameterMask, config: Mapping[str, Any], r: int, send_mask: bool,
-    statistics: Mapping[str, Tensor] | None = None, values_always: bool = False,
-) -> Broadcast:
-    """Masked round ``r``'s broadcast: no values in round 0 (clients hold the deployed model) unless a reset changed
-    them (``statistics``) or ``values_always`` (calibration); ``send_mask``: with the channel indices (first call)."""
-    return _broadcast(current, mask, round_config(config, r), statistics, r > 0 or values_always, send_mask)
+    out.update({k: arrays[k][sel].clone() for k, sel in statistic_masks(statistics or {}).items()})
+    return down(out, config, mask.channels if channels else None)
 
 
 # -- phases ------------------------------------------------------------------------------------------------------
@@ -101,10 +98,10 @@ def select(fed: Federation, model: torch.nn.Module, config: UnlearnConfig) -> tu
     """Scoring round (every client: a sample would select other channels), then the shared selection on ``model``."""
     settings = {"method": config.method, "max_samples": config.max_samples, "contrast": config.contrast,
                 "seed": config.seed, "layers": config.layers}
-    pairs = fed.ask(Broadcast({}, settings), "query.score", "score")
-    if not pairs:
+    replies = fed.ask(down({}, settings), "query.score", "score")
+    if not replies:
         raise ValueError("no client holds data to forget: nothing to score")
-    scores = aggregate_scores([m for _, m in pairs], senders=[c for c, _ in pairs], model=model)
+    scores = aggregate_scores(replies, model=model)
     return scores, prepare(model, scores, config)
 
 
@@ -116,26 +113,24 @@ def remove(fed: Federation, model: torch.nn.Module, mask: ParameterMask,
         return None
     channels = apply_reset(model, mask, config).batchnorm_channels
     if channels:
-        down = _broadcast(get_arrays(model), mask, {"seed": config.seed, "max_batches": STATS_BATCHES})
-        pairs = fed.ask(down, "query.bn_stats", "bn_stats", dropouts=True, what="statistics round")
-        write_batchnorm_statistics(model, channels, pool_batchnorm_moments([m for _, m in pairs], channels,
-                                                                           senders=[c for c, _ in pairs]))
+        content = masked_down(get_arrays(model), mask, {"seed": config.seed, "max_batches": STATS_BATCHES})
+        replies = fed.ask(content, "query.bn_stats", "bn_stats", dropouts=True, what="statistics round")
+        modules = dict(model.named_modules())
+        with torch.no_grad():  # the pooled (mean, variance) into the selected channels; nothing else moves
+            for bn, (mean, var) in pool_batchnorm_moments(replies, channels).items():
+                sel = channels[bn].to(modules[bn].running_mean.device)
+                modules[bn].running_mean[sel] = mean.to(modules[bn].running_mean)
+                modules[bn].running_var[sel] = var.to(modules[bn].running_var)
     return channels
 
 
 def evaluate_round(fed: Federation, arrays: Mapping[str, Tensor], r: int) -> dict[str, float]:
     """The clients' local accuracy of ``arrays`` on their forget and retain data, weighted by their counts."""
-    label = f"evaluate/{r}"
-    messages = [fed.message(c, Broadcast(arrays), "evaluate", label) for c in sorted(fed.active)]
-    replies = fed.receive(messages, f"evaluation round {r}", dropouts=True)
-    by_node = {n: c for c, n in fed.nodes.items()}
+    replies = fed.ask(down(arrays), "evaluate", f"evaluate/{r}", dropouts=True, what=f"evaluation round {r}")
     row: dict[str, float] = {"round": r}
-    for m in replies:
-        fed.book(label, m.content, "up")
-        check_metrics(dict(m.content["metrics"]), f"client {by_node[m.metadata.src_node_id]}", "evaluation reply")
     for split in ("forget", "retain"):
-        pairs = [(m.content["metrics"][f"{split}-acc"], m.content["metrics"][f"{split}-examples"])
-                 for m in replies if f"{split}-acc" in m.content["metrics"]]
+        pairs = [(m.metrics[f"{split}-acc"], m.metrics[f"{split}-examples"]) for m in replies
+                 if f"{split}-acc" in m.metrics]
         n = sum(c for _, c in pairs)
         row[f"{split}_acc"] = sum(a * c for a, c in pairs) / n if n else math.nan
     return row
@@ -143,17 +138,16 @@ def evaluate_round(fed: Federation, arrays: Mapping[str, Tensor], r: int) -> dic
 
 def masked_rounds(
     fed: Federation, reference: Mapping[str, Tensor], mask: ParameterMask, rounds: int, config: Mapping[str, Any], *,
-    statistics: Mapping[str, Tensor] | None = None, fraction: float = 1.0, seed: int | None = None,
-    label: str = "unlearn", first_round: int = 0, current: Mapping[str, Tensor] | None = None,
+    statistics: Mapping[str, Tensor] | None = None, fraction: float = 1.0, label: str = "unlearn", first_round: int = 0, current: Mapping[str, Tensor] | None = None,
     after_round: Callable[[int, dict, list], None] | None = None, train: ParameterMask | None = None,
 ) -> tuple[dict[str, Tensor], list[dict]]:
     """Masked FedAvg rounds ``first_round .. rounds - 1`` from ``current`` (default ``reference``): the global arrays
-    and a row per round. Round ``r`` calls the active clients of FedAvg's draw ``sample_clients(.., fraction, seed,
-    r)``; the server averages the selected slices (``train``: only this sub-mask) by sample count, every other
+    and a row per round. Round ``r`` calls the active clients of FedAvg's draw ``sample_clients(.., fraction,
+    config["seed"], r)``; the server averages the selected slices (``train``: only this sub-mask) by sample count, every other
     element is ``reference``'s. ``after_round(r, current, history)``: evaluation and checkpoint."""
     check_rounds(rounds)
     check_fraction(fraction)
-    seed = int(config.get("seed", 0)) if seed is None else seed
+    seed = int(config.get("seed", 0))
     reference = {k: v.clone() for k, v in reference.items()}
     current = dict(current) if current is not None else reference
     history: list[dict] = []
@@ -161,16 +155,16 @@ def masked_rounds(
     for r in range(first_round, rounds):
         t0, tag = time.perf_counter(), f"{label}/{r}"
         picked = [c for c in (int(i) for i in sample_clients(sorted(fed.nodes), fraction, seed, r)) if c in fed.active]
-        down = {send: masked_broadcast(current, mask, config, r, send, statistics, values_always=train is not None)
-                for send in (True, False)}
-        pairs = fed.ask({c: down[c not in has_mask] for c in picked}, "train.unlearn", tag, dropouts=True,
+        # no values in round 0 (clients hold the deployed model) unless a reset changed them or rows are calibrated
+        contents = {send: masked_down(current, mask, round_config(config, r), statistics, r > 0 or train is not None,
+                                      send) for send in (True, False)}
+        replies = fed.ask({c: contents[c not in has_mask] for c in picked}, "train.unlearn", tag, dropouts=True,
                         what=f"unlearning round {r}")
         has_mask.update(picked)
-        replies = [m for _, m in pairs]
         if not replies and len(picked) == len(fed.nodes):
             raise ValueError("no client has retain data for the masked rounds")
         if replies:
-            current = masked_aggregate(reference, mask if train is None else train, replies, [c for c, _ in pairs])
+            current = masked_aggregate(reference, mask if train is None else train, replies)
         else:
             rank_zero_warn(f"masked round {r}: none of the sampled clients {picked} has retain data; the selected "
                            "values stay as they are")
@@ -223,9 +217,9 @@ def calibrate(
     set_arrays(model, current)
     name = _head_name(model)
     head = linear_head(model, name)
-    pairs = fed.ask(_broadcast(current, mask, {"classes": classes}, statistics), "query.head_features",
+    replies = fed.ask(masked_down(current, mask, {"classes": classes}, statistics), "query.head_features",
                     "head_features", dropouts=True, what="head-feature round")
-    means = pool_head_features([m for _, m in pairs], classes, head.in_features, senders=[c for c, _ in pairs])
+    means = pool_head_features(replies, classes, head.in_features)
     forget = (torch.stack([means[c] for c in means]), torch.tensor(list(means))) if means else None
     weight, bias = initial_rows(head, classes, config.seed, forget)
     with torch.no_grad():
@@ -237,7 +231,7 @@ def calibrate(
     settings = {"objective": "retain", "epochs": 1, "seed": config.seed, "lr_scale": 1.0, "bn_stats": "frozen",
                 "mode": "train", "train_rows": classes}
     out, history = masked_rounds(fed, get_arrays(model), mask, rounds, settings, statistics=statistics,
-                                 fraction=fraction, seed=config.seed, label="calibrate",
+                                 fraction=fraction, label="calibrate",
                                  train=ParameterMask.from_channels(model, {name: classes}, {}))
     set_arrays(model, out)
     log.info("head calibration: rows %s of %s refit in %d federated round(s)", classes, name, rounds)
@@ -288,7 +282,7 @@ def run_unlearning(
 
     reference = current if cfg.reset != "none" else deployed  # masked_aggregate copies the frozen values from it
     current, rows = masked_rounds(fed, reference, mask, rounds, unlearn_config(cfg), statistics=statistics,
-                                  fraction=fraction, seed=cfg.seed, first_round=first, current=current,
+                                  fraction=fraction, first_round=first, current=current,
                                   after_round=after_round)
     history += rows
     set_arrays(model, current)
@@ -305,12 +299,8 @@ def run_unlearning(
     t4 = time.perf_counter()
     timings = {"scoring": t1 - t0, **({"reset": t2 - t1} if cfg.reset != "none" else {}), "unlearning": t4 - t1,
                **({"calibration": t4 - t3} if "calibration" in extra else {}), "total": t4 - t0}
-    paid = round_bytes(history, traffic_bytes(fed.run, "score"), traffic_bytes(fed.run, "bn_stats"))
-    features, calibrating = traffic_bytes(fed.run, "head_features"), traffic_bytes(fed.run, "calibrate/")
-    if features or calibrating:
-        paid.update(calibration_features=features, calibration=features + calibrating)
     return FederatedUnlearningResult(model, mask, timings_s=timings, scores=scores, extra=extra, config=cfg,
-                                     history=history, traffic=fed.run, bytes=paid)
+                                     history=history, traffic=fed.run, bytes=round_bytes(history, fed.run))
 
 
 def federated_unlearn(
