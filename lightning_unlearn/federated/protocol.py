@@ -138,13 +138,14 @@ def evaluate_round(fed: Federation, arrays: Mapping[str, Tensor], r: int) -> dic
 
 def masked_rounds(
     fed: Federation, reference: Mapping[str, Tensor], mask: ParameterMask, rounds: int, config: Mapping[str, Any], *,
-    statistics: Mapping[str, Tensor] | None = None, fraction: float = 1.0, label: str = "unlearn", first_round: int = 0, current: Mapping[str, Tensor] | None = None,
+    statistics: Mapping[str, Tensor] | None = None, fraction: float = 1.0, label: str = "unlearn",
+    first_round: int = 0, current: Mapping[str, Tensor] | None = None,
     after_round: Callable[[int, dict, list], None] | None = None, train: ParameterMask | None = None,
 ) -> tuple[dict[str, Tensor], list[dict]]:
     """Masked FedAvg rounds ``first_round .. rounds - 1`` from ``current`` (default ``reference``): the global arrays
     and a row per round. Round ``r`` calls the active clients of FedAvg's draw ``sample_clients(.., fraction,
-    config["seed"], r)``; the server averages the selected slices (``train``: only this sub-mask) by sample count, every other
-    element is ``reference``'s. ``after_round(r, current, history)``: evaluation and checkpoint."""
+    config["seed"], r)``; the server averages the selected slices (``train``: only this sub-mask) by sample count,
+    every other element is ``reference``'s. ``after_round(r, current, history)``: evaluation and checkpoint."""
     check_rounds(rounds)
     check_fraction(fraction)
     seed = int(config.get("seed", 0))
