@@ -355,6 +355,33 @@ def test_arrays_torch_cannot_read_are_refused_naming_the_key(images):
         one_line(err, r"^client 4: a 'parameters' reply 'x_train' is no array torch can read: ")
 
 
+def test_a_packed_layout_that_does_not_fit_is_refused_naming_the_client(images):
+    """Tensors travel packed with a JSON layout the client writes: a layout that is not JSON of known dtypes, names
+    a key twice, or describes other bytes than the packed array holds is refused before any tensor is built."""
+    x, _ = images
+    honest = up("parameters", {"w": torch.zeros(3), "b": torch.zeros(2)}, 3)
+    assert set(read_reply(honest, 4).tensors) == {"w", "b"}
+    bad = {
+        "not JSON": ("not json", r"'arrays-layout' must be JSON"),
+        "pickled dtype": ('[["w", "|O", [3]]]', r"'arrays-layout' must be JSON"),
+        "twice": ('[["w", "<f4", [3]], ["w", "<f4", [2]]]', r"with unique names"),
+        "more bytes": ('[["w", "<f4", [3]], ["x_train", "<f4", [10, 64]]]', r"the layout describes 2572 bytes, the "
+                       r"packed array holds 20 \(uint8, 1-D; expected uint8, 1-D\)$"),
+    }
+    for case, (layout, message) in bad.items():
+        content = up("parameters", {"w": torch.zeros(3), "b": torch.zeros(2)}, 3)
+        content["arrays-layout"] = ConfigRecord({"layout": layout})
+        with pytest.raises(ValueError) as err:
+            read_reply(content, 4)
+        one_line(err, r"^client 4: a 'parameters' reply .*" + message)
+    packed_images = up("parameters", {"w": torch.zeros(3)}, 3)
+    packed_images["arrays"]["packed"] = Array(x.numpy())  # float images in place of the packed bytes
+    with pytest.raises(ValueError) as err:
+        read_reply(packed_images, 4)
+    one_line(err, r"^client 4: a 'parameters' reply 'arrays': the layout describes 12 bytes, the packed array holds "
+                  r"640 \(float32, 4-D; expected uint8, 1-D\)$")
+
+
 def test_metric_keys_cover_what_the_library_clients_send():
     """Training replies (local_fit), the DP callback's epsilon, Flower's count, hello and evaluation replies."""
     sent = {"local_compute_s", "fit_s", "dp/epsilon", "num-examples", "client-id"}

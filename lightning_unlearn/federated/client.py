@@ -174,7 +174,7 @@ class _Node:
     def __init__(self, part: ClientPartition, model: pl.LightningModule, context: Context, content: RecordDict,
                  callbacks: Sequence[Callback], trainer_kwargs: Mapping[str, Any] | None) -> None:
         self.part, self.model, self.state = part, model, context.state
-        self.content, (self.arrays, self.config, self.channels) = content, read_down(content)
+        self.arrays, self.config, self.channels = read_down(content)
         self.callbacks, self.trainer_kwargs = [*callbacks, *part.callbacks], trainer_kwargs
         self.request, self.split = None, None
         if "request" in self.config:
@@ -209,7 +209,7 @@ class _Node:
     def mask(self) -> tuple[ParameterMask, ParameterMask | None]:
         """The channel mask (sent once, kept in ``context.state``) and, in ``"prune"`` mode, the pruned channels."""
         if self.channels is not None:
-            self.state["mask"] = self.content["channels"]
+            self.state["mask"] = ArrayRecord({k: torch.tensor(v, dtype=torch.int32) for k, v in self.channels.items()})
         if "mask" not in self.state:
             raise RuntimeError(f"client {self.part.client_id}: a masked round needs the channel mask "
                                "(sent with round 0)")
@@ -449,7 +449,7 @@ def make_client_app(model_fn: Callable[[], pl.LightningModule] | Callable[[Conte
 
     @app.query("deploy")
     def deploy(message: Message, context: Context) -> Message:
-        context.state["deployed"] = message.content["arrays"]
+        context.state["deployed"] = ArrayRecord(read_down(message.content)[0])
         return Message(up(None), reply_to=message)
 
     return app

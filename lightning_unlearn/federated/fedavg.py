@@ -93,7 +93,7 @@ class LibraryFedAvg(FedAvg):
         self._expected = dict(arrays.to_torch_state_dict())  # what every reply must match
         picked = [int(c) for c in sample_clients(self.pool, self.fraction_train, self.seed, r)]
         self._picked = len(picked)
-        return [self.fed.message(cid, down(arrays, {  # each client its own seed per round
+        return [self.fed.message(cid, down(self._expected, {  # each client its own seed per round
             "epochs": self.local_epochs, "seed": self.seed * 100_003 + r * 1_000 + cid, "data": self.data,
             **(self.local_config or {})}), "train", f"{self.label}/{r}") for cid in picked]
 

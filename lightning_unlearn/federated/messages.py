@@ -5,6 +5,8 @@ its metadata; shapes, dtypes and values need the model: the aggregation function
 :mod:`~lightning_unlearn.federated.server` check them. So a sample or a label cannot ride along in an extra key, an
 odd shape, a metric or a string; a violation is a one-line error naming the client and the key. Values hidden inside
 well-shaped arrays are for secure aggregation and DP to address. ``payload`` bytes: 4 per channel index, 8 per count.
+A message's tensors travel packed, one ``uint8`` Array per record plus a JSON layout: a deployment moves each Array
+as objects of its own, and with one Array per tensor the deployment test took 45 s instead of 17 s.
 """
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 from torch import Tensor
 
 INDEX_BYTES = 4  # channel indices travel as int32
@@ -31,6 +33,8 @@ MAX_METRICS = 16
 MAX_TEXT_CHARS = 64  # method names and tags
 MAX_NAME_CHARS = 256  # parameter and layer names (module paths)
 MAX_LAYERS_JSON_CHARS = 65_536  # the layer table of a scores reply: ~45 characters a layer
+MAX_LAYOUT_CHARS = 1 << 20  # a packed record's layout: ~40 characters a tensor
+PACKED_DTYPES = ("<f2", "<f4", "<f8", "|i1", "<i2", "<i4", "<i8", "|u1", "|b1")
 CDP_METHOD = "cdp_activation"  # CDP's statistic (mean activation per channel), not a scoring method
 TAG_PATTERN = re.compile(r"forget|class_\d{1,9}")  # what was scored: the forget set or one retained class
 #: Reply kinds: model arrays, the selected elements of a masked round, channel scores, per-channel moments, and
@@ -65,15 +69,64 @@ class Reply:
 
 
 # -- the records --------------------------------------------------------------------------------------------
-def down(arrays: Mapping[str, Tensor] | ArrayRecord, config: Mapping[str, Any] | None = None,
+def _pack(records: dict[str, Any], key: str, tensors: Mapping[str, Tensor]) -> None:
+    """``tensors`` as record ``key`` (one uint8 Array) plus ``key-layout`` (``[[name, dtype, shape], ...]``)."""
+    parts = [torch.as_tensor(t).detach().cpu().numpy() for t in tensors.values()]
+    layout = [[name, a.dtype.str, list(a.shape)] for name, a in zip(tensors, parts)]
+    records[key] = ArrayRecord({"packed": Array(np.frombuffer(b"".join(a.tobytes() for a in parts), dtype=np.uint8))})
+    records[key + "-layout"] = ConfigRecord({"layout": json.dumps(layout)})
+
+
+def _layout(text: Any) -> list | None:
+    """A packed record's layout: unique names, known dtypes, non-negative int dimensions; None when it is not."""
+    try:
+        layout = json.loads(text) if isinstance(text, str) and len(text) <= MAX_LAYOUT_CHARS else None
+    except ValueError:
+        return None
+    ok = isinstance(layout, list) and all(
+        isinstance(e, list) and len(e) == 3 and isinstance(e[0], str) and e[1] in PACKED_DTYPES
+        and isinstance(e[2], list) and all(type(d) is int and d >= 0 for d in e[2]) for e in layout)
+    return layout if ok and len({e[0] for e in layout}) == len(layout) else None
+
+
+def _unpack(content: RecordDict, key: str, what: str) -> dict[str, Tensor]:
+    """The tensors :func:`_pack` packed under ``key``, plus any Array stored by name, decoded as they are so that
+    the receiver's contract refuses what does not belong. A layout that does not fit is a one-line ValueError."""
+    arrays, meta = dict(content[key]), content.config_records.get(key + "-layout")
+    packed, out = arrays.pop("packed", None), {}
+    if packed is not None:
+        text = meta.get("layout") if meta is not None else None
+        layout = _layout(text)
+        if layout is None or {e[0] for e in layout} & set(arrays):
+            raise ValueError(f"{what} {key + '-layout'!r} must be JSON [[name, dtype in {list(PACKED_DTYPES)}, "
+                             f"shape], ...] with unique names, at most {MAX_LAYOUT_CHARS} characters; "
+                             f"got {short_repr(text)}")
+        blob = packed.numpy()
+        sizes = [int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize for _, dtype, shape in layout]
+        if blob.dtype != np.uint8 or blob.ndim != 1 or sum(sizes) != blob.size:
+            raise ValueError(f"{what} {key!r}: the layout describes {sum(sizes)} bytes, the packed array holds "
+                             f"{blob.size} ({blob.dtype}, {blob.ndim}-D; expected uint8, 1-D)")
+        for (name, dtype, shape), size, offset in zip(layout, sizes, np.cumsum([0, *sizes])):
+            data = np.frombuffer(blob, dtype, size // np.dtype(dtype).itemsize, int(offset)).reshape(shape)
+            out[name] = torch.from_numpy(data.copy())
+    for name, array in arrays.items():
+        try:
+            out[name] = torch.from_numpy(array.numpy())  # what ArrayRecord.to_torch_state_dict does
+        except (TypeError, ValueError) as err:  # a dtype or byte order torch cannot hold
+            raise ValueError(f"{what} {short_repr(name)} is no array torch can read: "
+                             f"{short_repr(str(err), 80)}") from None
+    return out
+
+
+def down(arrays: Mapping[str, Tensor], config: Mapping[str, Any] | None = None,
          channels: Mapping[str, Sequence[int]] | None = None) -> RecordDict:
     """Server -> client: full model arrays (FedAvg) or the selected slices (masked rounds), the round's settings
     (``None`` entries dropped: clients read them with ``.get``) and, with a client's first masked round, the mask."""
     config = {k: list(v) if isinstance(v, tuple) else v for k, v in (config or {}).items() if v is not None}
-    arrays = arrays if isinstance(arrays, ArrayRecord) else ArrayRecord(dict(arrays))  # one record for many messages
-    records = {"config": ConfigRecord(config), "arrays": arrays}
+    records: dict[str, Any] = {"config": ConfigRecord(config)}
+    _pack(records, "arrays", arrays)
     if channels is not None:
-        records["channels"] = ArrayRecord({k: torch.tensor(v, dtype=torch.int32) for k, v in channels.items()})
+        _pack(records, "channels", {k: torch.tensor(v, dtype=torch.int32) for k, v in channels.items()})
     return RecordDict(records)
 
 
@@ -82,8 +135,8 @@ def read_down(content: RecordDict) -> tuple[dict[str, Tensor], dict[str, Any], d
     config = {k: (list(v) if isinstance(v, list) else v) for k, v in content.get("config", {}).items()}
     channels = content.get("channels")
     if channels is not None:
-        channels = {k: tuple(int(i) for i in v) for k, v in channels.to_torch_state_dict().items()}
-    return dict(content["arrays"].to_torch_state_dict()) if "arrays" in content else {}, config, channels
+        channels = {k: tuple(int(i) for i in v) for k, v in _unpack(content, "channels", "the server's").items()}
+    return _unpack(content, "arrays", "the server's") if "arrays" in content else {}, config, channels
 
 
 def up(kind: str | None, tensors: Mapping[str, Tensor] | None = None, num_samples: int = 0,
@@ -95,8 +148,9 @@ def up(kind: str | None, tensors: Mapping[str, Tensor] | None = None, num_sample
     if "layers" in meta:
         meta["layers"] = json.dumps({n: list(v) for n, v in meta["layers"].items()})
     counted = {**{k: float(v) for k, v in (metrics or {}).items()}, COUNT_KEY: num_samples}
-    return RecordDict({"reply": ConfigRecord({"kind": kind, **meta}), "arrays": ArrayRecord(dict(tensors or {})),
-                       "metrics": MetricRecord(counted)})
+    records: dict[str, Any] = {"reply": ConfigRecord({"kind": kind, **meta}), "metrics": MetricRecord(counted)}
+    _pack(records, "arrays", tensors or {})
+    return RecordDict(records)
 
 
 def check_metrics(metrics: Mapping[str, Any], who: str, kind: str) -> None:
@@ -159,7 +213,7 @@ def read_reply(content: RecordDict, client: int | None = None) -> Reply | None:
     if kind not in (*KINDS, "none"):
         raise TypeError(f"{who}: unknown reply kind {short_repr(kind)}; allowed kinds are {[*KINDS, 'none']}")
     what = f"{who}: a {kind!r} reply"
-    records = {"reply"} if kind == "none" else {"reply", "arrays", "metrics"}
+    records = {"reply"} if kind == "none" else {"reply", "arrays", "arrays-layout", "metrics"}
     keys = {"kind", "method", "tag", "layers"} if kind == "scores" else {"kind"}
     extra = sorted(set(content) - records) or sorted(set(meta) - keys)
     if extra:
@@ -171,13 +225,8 @@ def read_reply(content: RecordDict, client: int | None = None) -> Reply | None:
     missing = sorted(keys - set(meta)) or [k for k, r in (("arrays", arrays), ("metrics", metrics)) if r is None]
     if missing:
         raise ValueError(f"{what} is missing key {missing[0]!r}")
-    tensors = {}
-    for name, array in arrays.items():
-        try:
-            tensors[name] = torch.from_numpy(array.numpy())  # what ArrayRecord.to_torch_state_dict does
-        except (TypeError, ValueError) as err:  # a dtype or byte order torch cannot hold
-            reason = short_repr(str(err), 80)
-            raise ValueError(f"{what} {short_repr(name)} is no array torch can read: {reason}") from None
+    tensors = _unpack(content, "arrays", what)
+    for name in tensors:
         if not tensors[name].is_floating_point():
             raise TypeError(f"{what} {short_repr(name)} must be a float tensor (parameters, scores or moments), "
                             f"got {tensors[name].dtype}")
