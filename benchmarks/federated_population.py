@@ -36,7 +36,8 @@ from torch.utils.data import Subset
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from population import (  # noqa: E402  (the central harness: its statistics and attack, not a copy)
-    REQUESTS, _fmt, accuracies, calibrate, halves_auc, library_state, make_request, population_stats, ulira_auc,
+    REQUESTS, _fmt, accuracies, calibrate, halves_auc, library_state, make_request, population_stats, split_aucs,
+    ulira_auc,
 )
 
 from lightning_unlearn._io import load_torch_file, save_torch, write_json  # noqa: E402
@@ -152,14 +153,9 @@ class Member:
 
 # -- one request ------------------------------------------------------------------------------
 def split_spread(first: np.ndarray, second: np.ndarray, splits: int = 10, seed: int = 0) -> list[float]:
-    """[mean, min, max] of ``population.ulira_auc`` on ``splits`` random member-disjoint halves, first[half 1] vs
-    second[half 2]: the AUC at K/2 and how much it moves with the draw of members (first = second: the floor, as
-    ``population.halves_auc``, whose splits these are)."""
-    rng, k = np.random.default_rng(seed), len(first) // 2
-    aucs = []
-    for _ in range(splits):
-        order = rng.permutation(len(first))
-        aucs.append(ulira_auc(first[order[:k]], second[order[k:2 * k]]))
+    """[mean, min, max] of ``population.split_aucs``: the AUC at K/2 and how much it moves with the draw of members
+    (first = second: the floor, ``population.halves_auc``)."""
+    aucs = split_aucs(first, second, splits, seed)
     return [float(np.mean(aucs)), float(np.min(aucs)), float(np.max(aucs))]
 
 

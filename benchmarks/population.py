@@ -124,15 +124,20 @@ def ulira_auc(unlearned: np.ndarray, retrained: np.ndarray) -> float:
     return roc_result(pos.ravel(), neg.ravel()).auc
 
 
-def halves_auc(population: np.ndarray, splits: int = 10, seed: int = 0) -> float:
-    """Mean U-LiRA AUC of random half/half splits of ONE population (expected 0.5: the attack's calibration)."""
-    rng = np.random.default_rng(seed)
-    k = len(population) // 2
+def split_aucs(first: np.ndarray, second: np.ndarray, splits: int = 10, seed: int = 0) -> list[float]:
+    """U-LiRA AUC of ``first``'s members in one random half against ``second``'s in the other, for ``splits`` draws
+    of member-disjoint halves (member i of both populations shares its data and seeds)."""
+    rng, k = np.random.default_rng(seed), len(first) // 2
     aucs = []
     for _ in range(splits):
-        order = rng.permutation(len(population))
-        aucs.append(ulira_auc(population[order[:k]], population[order[k:2 * k]]))
-    return float(np.mean(aucs))
+        order = rng.permutation(len(first))
+        aucs.append(ulira_auc(first[order[:k]], second[order[k:2 * k]]))
+    return aucs
+
+
+def halves_auc(population: np.ndarray, splits: int = 10, seed: int = 0) -> float:
+    """Mean U-LiRA AUC of random half/half splits of ONE population (expected 0.5: the attack's calibration)."""
+    return float(np.mean(split_aucs(population, population, splits, seed)))
 
 
 @dataclass

@@ -16,7 +16,7 @@ from lightning_unlearn.config import UnlearnConfig
 from lightning_unlearn.data.federated import FederatedForgetPlan
 from lightning_unlearn.federated.federation import Federation, as_federation
 from lightning_unlearn.federated.fedavg import UpdateStore, run_fedavg
-from lightning_unlearn.federated.messages import Reply, down
+from lightning_unlearn.federated.messages import Reply, down, with_config
 from lightning_unlearn.federated.protocol import (
     FederatedUnlearningResult, masked_rounds, remove, round_bytes, unlearn_config,
 )
@@ -178,8 +178,9 @@ def federated_eraser(
     t0 = time.perf_counter()
     for j, stored in enumerate(store.rounds):
         rt, label = time.perf_counter(), f"federaser/{j}"
-        contents = {cid: down(current, {"epochs": local_epochs, "seed": seed * 1_000 + j * 100 + cid, "data": "retain",
-                                        **budget})
+        packed = down(current)  # the arrays packed once for every client of the round
+        contents = {cid: with_config(packed, {"epochs": local_epochs, "seed": seed * 1_000 + j * 100 + cid,
+                                             "data": "retain", **budget})
                     for cid in stored["updates"] if cid in plan.retaining_clients}
         replies = of_kind(fed.ask(contents, "train", label), "parameters")
         calibrated, counts = [], [m.num_samples for m in replies]

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from lightning_unlearn._io import load_torch_file, save_torch
 from lightning_unlearn.federated.federation import Federation, as_federation, check_replies
-from lightning_unlearn.federated.messages import down, tensor_bytes
+from lightning_unlearn.federated.messages import down, tensor_bytes, with_config
 from lightning_unlearn.federated.server import (
     check_fraction, check_rounds, fedavg_aggregate, sample_clients,
 )
@@ -93,7 +93,8 @@ class LibraryFedAvg(FedAvg):
         self._expected = dict(arrays.to_torch_state_dict())  # what every reply must match
         picked = [int(c) for c in sample_clients(self.pool, self.fraction_train, self.seed, r)]
         self._picked = len(picked)
-        return [self.fed.message(cid, down(self._expected, {  # each client its own seed per round
+        packed = down(self._expected)  # the arrays packed once; each client its own seed per round
+        return [self.fed.message(cid, with_config(packed, {
             "epochs": self.local_epochs, "seed": self.seed * 100_003 + r * 1_000 + cid, "data": self.data,
             **(self.local_config or {})}), "train", f"{self.label}/{r}") for cid in picked]
 

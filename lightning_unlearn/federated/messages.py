@@ -122,12 +122,17 @@ def down(arrays: Mapping[str, Tensor], config: Mapping[str, Any] | None = None,
          channels: Mapping[str, Sequence[int]] | None = None) -> RecordDict:
     """Server -> client: full model arrays (FedAvg) or the selected slices (masked rounds), the round's settings
     (``None`` entries dropped: clients read them with ``.get``) and, with a client's first masked round, the mask."""
-    config = {k: list(v) if isinstance(v, tuple) else v for k, v in (config or {}).items() if v is not None}
-    records: dict[str, Any] = {"config": ConfigRecord(config)}
+    records: dict[str, Any] = {}
     _pack(records, "arrays", arrays)
     if channels is not None:
         _pack(records, "channels", {k: torch.tensor(v, dtype=torch.int32) for k, v in channels.items()})
-    return RecordDict(records)
+    return with_config(RecordDict(records), config)
+
+
+def with_config(content: RecordDict, config: Mapping[str, Any] | None) -> RecordDict:
+    """``content`` (a :func:`down`) with other settings: the arrays are packed once for every client of a round."""
+    config = {k: list(v) if isinstance(v, tuple) else v for k, v in (config or {}).items() if v is not None}
+    return RecordDict({"config": ConfigRecord(config), **{k: content[k] for k in content if k != "config"}})
 
 
 def read_down(content: RecordDict) -> tuple[dict[str, Tensor], dict[str, Any], dict[str, tuple[int, ...]] | None]:
