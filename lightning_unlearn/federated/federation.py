@@ -12,7 +12,7 @@ from flwr.app import Message, RecordDict
 from flwr.serverapp import Grid
 
 from lightning_unlearn.federated.grid import LocalGrid, new_message
-from lightning_unlearn.federated.messages import ByteCounter, Reply, RoundBytes, payload_bytes, read_reply, wire_bytes
+from lightning_unlearn.federated.messages import ByteCounter, Reply, RoundBytes, payload_bytes, read_reply
 from lightning_unlearn.federated.server import check_rounds
 from lightning_unlearn.request import ForgetRequest
 
@@ -114,7 +114,7 @@ class Federation:
 
     def book(self, label: str, content: RecordDict, direction: str) -> None:
         """Count one message's bytes (``direction``: ``"down"`` or ``"up"``) for the federation and the run."""
-        payload, wire = payload_bytes(content), wire_bytes(content)  # measured once for both counters
+        payload, wire = payload_bytes(content), sum(r.count_bytes() for r in content.values())  # Flower's size
         for counter in (self.traffic, self.run):
             counter.count(label, direction, payload, wire)
 
