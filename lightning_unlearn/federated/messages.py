@@ -196,12 +196,10 @@ def read_reply(content: RecordDict, client: int | None = None) -> Reply | None:
     scores reply's method, tag and layer table are checked. Errors are one line naming the client and the key."""
     who = f"client {client}" if client is not None else "a client"
     meta = content.config_records.get("reply")
-    if meta is None:
-        raise TypeError(f"{who}: a reply must carry a 'reply' record naming its kind; "
-                        f"got records {short_repr(sorted(content))}")
-    kind = meta.get("kind")
+    kind = meta.get("kind") if meta is not None else None
     if kind not in (*KINDS, "none"):
-        raise TypeError(f"{who}: unknown reply kind {short_repr(kind)}; allowed kinds are {[*KINDS, 'none']}")
+        raise TypeError(f"{who}: a reply's 'reply' record must name its kind, one of {[*KINDS, 'none']}; got "
+                        f"{short_repr(kind)} (records {short_repr(sorted(content))})")
     what = f"{who}: a {kind!r} reply"
     records = {"reply"} if kind == "none" else {"reply", "arrays", "arrays-layout", "metrics"}
     keys = {"kind", "method", "tag", "layers"} if kind == "scores" else {"kind"}
@@ -216,10 +214,10 @@ def read_reply(content: RecordDict, client: int | None = None) -> Reply | None:
     if missing:
         raise ValueError(f"{what} is missing key {missing[0]!r}")
     tensors = _unpack(content, "arrays", what)
-    for name in tensors:
-        if not tensors[name].is_floating_point():
+    for name, t in tensors.items():
+        if not t.is_floating_point():
             raise TypeError(f"{what} {short_repr(name)} must be a float tensor (parameters, scores or moments), "
-                            f"got {tensors[name].dtype}")
+                            f"got {t.dtype}")
     metrics = dict(metrics)
     n = metrics.pop(COUNT_KEY, None)
     if isinstance(n, bool) or not isinstance(n, int) or n < 0:
