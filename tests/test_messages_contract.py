@@ -14,7 +14,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from flwr.app import Array, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from lightning_unlearn import ForgetRequest, ParameterMask
@@ -324,7 +324,12 @@ def test_flower_replies_are_checked_and_name_the_client(model, layers, images):
 
     extra_array = up("parameters", dict(expected), 4)
     extra_array["arrays"]["x_train"] = Array(x.numpy())
-    msg, = _client_replies([_flower_reply(extra_array)], "fedavg/0")
+    with pytest.raises(ValueError) as err:  # an Array beside the packed one: refused before any is decoded
+        _client_replies([_flower_reply(extra_array)], "fedavg/0")
+    one_line(err, r"^client 3: a 'parameters' reply 'arrays' must hold one array, 'packed'; "
+                  r"got \['packed', 'x_train'\]$")
+    extra_packed = up("parameters", {**expected, "x_train": x}, 4)  # packed with the model's arrays
+    msg, = _client_replies([_flower_reply(extra_packed)], "fedavg/0")
     with pytest.raises(ValueError) as err:  # decoded fine; the aggregation knows the model's keys
         fedavg_aggregate([msg], expected)
     one_line(err, r"^client 3: a 'parameters' reply has unexpected key 'x_train' \(expected the 16 model arrays\)$")
@@ -341,14 +346,20 @@ def test_flower_replies_are_checked_and_name_the_client(model, layers, images):
     one_line(err, r"^client 3: a 'scores' reply layers metadata must be JSON")
 
 
-def test_arrays_torch_cannot_read_are_refused_naming_the_key(images):
+def test_arrays_beside_the_packed_one_are_refused_naming_the_key(images):
     x, y = images
     for smuggled in (np.array([str(v) for v in y.tolist()]), x.numpy().astype(">f4")):  # labels as text, odd order
         content = up("parameters", {"w": torch.zeros(3)}, 3)
         content["arrays"]["x_train"] = Array(smuggled)
         with pytest.raises(ValueError) as err:
             read_reply(content, 4)
-        one_line(err, r"^client 4: a 'parameters' reply 'x_train' is no array torch can read: ")
+        one_line(err, r"^client 4: a 'parameters' reply 'arrays' must hold one array, 'packed'; got \['packed', "
+                      r"'x_train'\]$")
+    content = up("parameters", {"w": torch.zeros(3)}, 3)
+    content["arrays"] = ArrayRecord({"w": Array(np.zeros(3, np.float32))})  # by name, not packed
+    with pytest.raises(ValueError) as err:
+        read_reply(content, 4)
+    one_line(err, r"^client 4: a 'parameters' reply 'arrays' must hold one array, 'packed'; got \['w'\]$")
 
 
 def test_a_packed_layout_that_does_not_fit_is_refused_naming_the_client(images):

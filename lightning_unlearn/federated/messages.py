@@ -78,33 +78,28 @@ def _json(text: Any, limit: int) -> Any:
 
 
 def _unpack(content: RecordDict, key: str, what: str) -> dict[str, Tensor]:
-    """The tensors :func:`_pack` packed under ``key``, plus any Array stored by name, decoded as they are so that
-    the receiver's contract refuses what does not belong. A layout that does not fit is a one-line ValueError."""
-    arrays, out = dict(content[key]), {}
-    if (packed := arrays.pop("packed", None)) is not None:
-        text = content.config_records.get(key + "-layout", {}).get("layout")
-        layout = _json(text, MAX_LAYOUT_CHARS)
-        if not (isinstance(layout, list) and all(  # [name, dtype, shape] entries, names unique and not by name too
-                isinstance(e, list) and len(e) == 3 and isinstance(e[0], str) and e[1] in PACKED_DTYPES
-                and isinstance(e[2], list) and all(type(d) is int and d >= 0 for d in e[2]) for e in layout)
-                and len({e[0] for e in layout} - set(arrays)) == len(layout)):
-            raise ValueError(f"{what} {key + '-layout'!r} must be JSON [[name, dtype in {list(PACKED_DTYPES)}, "
-                             f"shape], ...] with unique names, at most {MAX_LAYOUT_CHARS} characters; "
-                             f"got {short_repr(text)}")
-        blob = packed.numpy()
-        sizes = [int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize for _, dtype, shape in layout]
-        if blob.dtype != np.uint8 or blob.ndim != 1 or sum(sizes) != blob.size:
-            raise ValueError(f"{what} {key!r}: the layout describes {sum(sizes)} bytes, the packed array holds "
-                             f"{blob.size} ({blob.dtype}, {blob.ndim}-D; expected uint8, 1-D)")
-        for (name, dtype, shape), size, offset in zip(layout, sizes, np.cumsum([0, *sizes])):
-            data = np.frombuffer(blob, dtype, size // np.dtype(dtype).itemsize, int(offset)).reshape(shape)
-            out[name] = torch.from_numpy(data.copy())
-    for name, array in arrays.items():
-        try:
-            out[name] = torch.from_numpy(array.numpy())  # what ArrayRecord.to_torch_state_dict does
-        except (TypeError, ValueError) as err:  # a dtype or byte order torch cannot hold
-            raise ValueError(f"{what} {short_repr(name)} is no array torch can read: "
-                             f"{short_repr(str(err), 80)}") from None
+    """The tensors :func:`_pack` packed under ``key``; an Array beside the packed one or a layout that does not fit
+    the packed bytes is a one-line ValueError."""
+    if list(content[key]) != ["packed"]:
+        raise ValueError(f"{what} {key!r} must hold one array, 'packed'; got {short_repr(sorted(content[key]))}")
+    text = content.config_records.get(key + "-layout", {}).get("layout")
+    layout = _json(text, MAX_LAYOUT_CHARS)
+    if not (isinstance(layout, list) and all(  # [name, dtype, shape] entries with unique names
+            isinstance(e, list) and len(e) == 3 and isinstance(e[0], str) and e[1] in PACKED_DTYPES
+            and isinstance(e[2], list) and all(type(d) is int and d >= 0 for d in e[2]) for e in layout)
+            and len({e[0] for e in layout}) == len(layout)):
+        raise ValueError(f"{what} {key + '-layout'!r} must be JSON [[name, dtype in {list(PACKED_DTYPES)}, "
+                         f"shape], ...] with unique names, at most {MAX_LAYOUT_CHARS} characters; "
+                         f"got {short_repr(text)}")
+    blob = content[key]["packed"].numpy()
+    sizes = [int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize for _, dtype, shape in layout]
+    if blob.dtype != np.uint8 or blob.ndim != 1 or sum(sizes) != blob.size:
+        raise ValueError(f"{what} {key!r}: the layout describes {sum(sizes)} bytes, the packed array holds "
+                         f"{blob.size} ({blob.dtype}, {blob.ndim}-D; expected uint8, 1-D)")
+    out = {}
+    for (name, dtype, shape), size, offset in zip(layout, sizes, np.cumsum([0, *sizes])):
+        data = np.frombuffer(blob, dtype, size // np.dtype(dtype).itemsize, int(offset)).reshape(shape)
+        out[name] = torch.from_numpy(data.copy())
     return out
 
 
