@@ -200,9 +200,10 @@ def pool_head_features(
     messages = of_kind(messages, "bn_stats")
     contract = {head_feature_key(c): ((3, int(features)), torch.float64) for c in classes}
     for i, m in enumerate(messages):
-        counted = int(sum(_counts(m, contract, _who(messages, i), f"the {len(contract)} forgotten classes").values()))
+        who = _who(messages, i)
+        counted = int(sum(_counts(m, contract, who, f"the {len(contract)} forgotten classes").values()))
         if counted != m.num_samples:
-            raise ValueError(f"{_who(messages, i)}: head features count {counted} values from {m.num_samples} samples")
+            raise ValueError(f"{who}: head features count {counted} values from {m.num_samples} samples")
     pooled = {}
     for c in classes:
         count, total, _ = sum((m.tensors[head_feature_key(c)] for m in messages),
