@@ -148,13 +148,18 @@ def statistic_masks(channels: Mapping[str, Tensor]) -> dict[str, Tensor]:
 
 
 def _counts(m: Reply, contract: Mapping[str, tuple], who: str, describe: str) -> dict[str, float]:
-    """Each key's count, once the moments keep ``contract`` and each count row is one whole number >= 0."""
+    """Each key's count, once its (count, sum, sum of squares) rows keep ``contract`` and are the moments of real
+    values: one whole count >= 0 in every column, n x squares >= sum^2, nothing summed over no values."""
     check_arrays(m.tensors, contract, who, "bn_stats", describe)
     for key in contract:
-        count = m.tensors[key][0]
-        if not bool((count == count[0]).all()) or float(count[0]) != math.floor(float(count[0])) or count[0] < 0:
+        count, total, squares = m.tensors[key]
+        n = float(count[0])
+        if not bool((count == count[0]).all()) or n != math.floor(n) or n < 0:
             raise ValueError(f"{who}: a 'bn_stats' reply {key!r} count row must be one whole number >= 0 shared "
                              f"by every column, got {short_repr(count.tolist())}")
+        if bool((squares * n - total * total < -1e-9 * (squares * n) - 1e-12).any()) or (n == 0 and squares.any()):
+            raise ValueError(f"{who}: a 'bn_stats' reply {key!r} sums of squares are below sum^2 / count (or not 0 "
+                             "for no values): not the moments of real values")
     return {key: float(m.tensors[key][0, 0]) for key in contract}
 
 
@@ -172,10 +177,6 @@ def pool_batchnorm_moments(
             if (n > 0) != (m.num_samples > 0):
                 raise ValueError(f"{who}: a 'bn_stats' reply {bn!r} counts {int(n)} values "
                                  f"from {m.num_samples} samples")
-            _, total, squares = m.tensors[bn]
-            if bool((squares * n - total * total < -1e-9 * (squares * n) - 1e-12).any()):  # n^2 x variance >= 0
-                raise ValueError(f"{who}: a 'bn_stats' reply {bn!r} sums of squares are below sum^2 / count: "
-                                 "not the moments of real values")
     pooled = {}
     for bn in channels:
         count, total, squares = sum(m.tensors[bn] for m in messages)
