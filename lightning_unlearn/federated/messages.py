@@ -245,7 +245,7 @@ class ByteCounter:
     wire: dict[str, RoundBytes] = field(default_factory=dict)
 
     def count(self, label: str, direction: str, payload: int, wire: int) -> None:
-        """Book one message's bytes (``payload_bytes`` and Flower's record size), ``direction`` ``"down"`` or ``"up"``."""
+        """Book one message's payload and wire bytes, ``direction`` ``"down"`` or ``"up"``."""
         for book, n in ((self.payload, payload), (self.wire, wire)):
             b = book.setdefault(label, RoundBytes())
             setattr(b, direction, getattr(b, direction) + int(n))
