@@ -62,7 +62,7 @@ def test_replies_refuse_samples_and_labels():
 
 def test_server_functions_type_check_their_inputs(digits):
     with pytest.raises(TypeError, match=r"expects a 'parameters' reply here, got Tensor"):
-        fedavg_aggregate([torch.rand(4)])
+        fedavg_aggregate([torch.rand(4)], {})
     with pytest.raises(TypeError, match="got TensorDataset"):
         aggregate_scores([digits[0]])
     with pytest.raises(TypeError, match="got a 'parameters' reply"):

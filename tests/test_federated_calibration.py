@@ -70,6 +70,10 @@ def test_head_feature_replies_keep_their_contract():
         pool_head_features([ok, replace(extra, client=1)], [3], 4)
     with pytest.raises(ValueError, match=r"^client 0: head features count 2 values from 5 samples$"):
         pool_head_features([Reply("bn_stats", ok.tensors, 5, client=0)], [3], 4)
+    shifted = Reply("bn_stats", {"class_3": torch.zeros(3, 4, dtype=torch.float64).index_fill(0, torch.tensor([1]),
+                                                                                             1e6)}, 0, client=1)
+    with pytest.raises(ValueError, match=r"^client 1: a 'bn_stats' reply 'class_3' sums of squares are below"):
+        pool_head_features([ok, shifted], [3], 4)  # no samples, yet sums that would move the pooled mean
 
 
 def test_calibration_rounds_fit_the_rows_on_head_features_computed_once_per_node(sim, monkeypatch):

@@ -225,8 +225,12 @@ def _set(t: torch.Tensor, index, value) -> torch.Tensor:
     (_with("bn1", lambda t: _set(t, (1, 0), float("nan"))), r"client 2: a 'bn_stats' reply 'bn1' holds non-finite"),
     (_with("bn1", lambda t: _set(t, (0, 1), 7.0)), r"client 2: a 'bn_stats' reply 'bn1' count row must be one whole"),
     (_with("bn2", lambda t: _set(t, 0, 2.5)), r"client 2: a 'bn_stats' reply 'bn2' count row must be one whole"),
-    (_with("bn2", lambda t: _set(t, 0, 0.0)), r"client 2: a 'bn_stats' reply 'bn2' counts 0 values from 10 samples"),
+    (_with("bn2", lambda t: t.zero_()), r"client 2: a 'bn_stats' reply 'bn2' counts 0 values from 10 samples"),
     (_with("bn1", lambda t: _set(t, 2, 0.0)), r"client 2: a 'bn_stats' reply 'bn1' sums of squares are below"),
+    (_with("bn2", lambda t: _set(t, 0, 0.0)), r"client 2: a 'bn_stats' reply 'bn2' sums of squares are below"),
+    (Reply("bn_stats", {"bn1": torch.zeros(3, 2, dtype=torch.float64),  # no samples, yet squares that would
+                        "bn2": _set(torch.zeros(3, 3, dtype=torch.float64), 2, 1e6)}, 0),  # inflate the variance
+     r"client 2: a 'bn_stats' reply 'bn2' sums of squares are below sum\^2 / count \(or not 0 for no values\)"),
     (Reply("bn_stats", _moments(), 10, {"pixels": 1.0}), r"client 2: a 'bn_stats' reply has unexpected metric"),
 ])
 def test_malformed_statistics_replies_are_refused_naming_client_and_key(message, error):

@@ -112,8 +112,10 @@ def test_records_round_trip_with_the_transports_byte_counts():
     # a client that smuggles labels is refused where the server reads the reply, as in-process
     smuggled = up("parameters", {"w": torch.randn(3)}, 3)
     smuggled["arrays"]["labels"] = Array(np.array([1, 2, 3]))
-    with pytest.raises(TypeError, match="must be a float tensor"):
+    with pytest.raises(ValueError, match=r"'arrays' must hold one array, 'packed'; got \['labels', 'packed'\]"):
         read_reply(smuggled)
+    with pytest.raises(TypeError, match="must be a float tensor"):  # packed labels: read, then refused
+        read_reply(up("parameters", {"w": torch.randn(3), "labels": torch.tensor([1, 2, 3])}, 3))
 
 
 def test_local_split_matches_the_simulations_forget_plan(digits, tmp_path):

@@ -12,7 +12,7 @@ from flwr.app import Message, RecordDict
 from flwr.serverapp import Grid
 
 from lightning_unlearn.federated.grid import LocalGrid, new_message
-from lightning_unlearn.federated.messages import ByteCounter, Reply, RoundBytes, payload_bytes, read_reply, wire_bytes
+from lightning_unlearn.federated.messages import ByteCounter, Reply, RoundBytes, payload_bytes, read_reply
 from lightning_unlearn.federated.server import check_rounds
 from lightning_unlearn.request import ForgetRequest
 
@@ -25,8 +25,8 @@ NODE_UNAVAILABLE = 5
 
 
 class PollingGrid:
-    """``grid`` (any Grid) whose ``send_and_receive`` polls every ``poll_s`` s instead of Flower's 3 s: what Flower's
-    strategy loop and :class:`Federation` call it with. Every other attribute is the wrapped grid's."""
+    """``grid`` (any Grid) whose ``send_and_receive`` pulls replies every ``poll_s`` s instead of Flower's 3 s until
+    all arrived or ``timeout`` passed; every other attribute is the wrapped grid's."""
 
     def __init__(self, grid: Grid, poll_s: float = POLL_S) -> None:
         self.grid, self.poll_s = grid, poll_s
@@ -35,7 +35,6 @@ class PollingGrid:
         return getattr(self.grid, name)
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> list[Message]:
-        """Push ``messages`` and pull replies every ``poll_s`` seconds until all arrived or ``timeout`` passed."""
         pending, out = set(self.grid.push_messages(messages)), []
         deadline = time.monotonic() + (timeout if timeout is not None else math.inf)
         while pending:
@@ -83,10 +82,9 @@ def discover_clients(grid: Grid, num_clients: int, timeout: float = 600.0) -> di
 
 
 class Federation:
-    """The server's view of ``num_clients`` client nodes on ``grid``: replies in client-id order (the aggregation
-    does not depend on arrival order), payload and wire bytes per round label. A client that raised stops the run;
-    one silent for ``round_timeout`` is dropped from rounds that tolerate dropouts if ``min_clients`` (checked by
-    the caller's plan) answered. ``request`` travels in every message's config."""
+    """The server's view of ``num_clients`` client nodes on ``grid``: replies in client-id order, payload and wire
+    bytes per round label. A client that raised stops the run; one silent for ``round_timeout`` is dropped from
+    rounds that tolerate dropouts while ``min_clients`` answer. ``request`` travels in every message's config."""
 
     def __init__(self, grid: Grid, num_clients: int, timeout: float = 3600, min_clients: int | None = None,
                  round_timeout: float | None = None, poll_s: float | None = POLL_S) -> None:
@@ -108,19 +106,17 @@ class Federation:
         return len(self.nodes)
 
     def start_run(self) -> None:
-        """Count a new run (FedAvg, an unlearning request, a baseline) from zero: runs on one federation share round
-        labels (``score``, ``unlearn/0``), and each must report its own bytes, not the sum of all runs'."""
+        """Count a new run's bytes from zero: runs on one federation share round labels (``score``, ``unlearn/0``)."""
         self.run = ByteCounter()
 
     def book(self, label: str, content: RecordDict, direction: str) -> None:
         """Count one message's bytes (``direction``: ``"down"`` or ``"up"``) for the federation and the run."""
-        payload, wire = payload_bytes(content), wire_bytes(content)  # measured once for both counters
+        payload, wire = payload_bytes(content), sum(r.count_bytes() for r in content.values())  # Flower's size
         for counter in (self.traffic, self.run):
             counter.count(label, direction, payload, wire)
 
     def message(self, cid: int, content: RecordDict, message_type: str, label: str) -> Message:
-        """Client ``cid``'s message (a :func:`~lightning_unlearn.federated.messages.down`; the request joins its
-        config) in group ``label``, its bytes booked there."""
+        """Client ``cid``'s message (a ``down``; the request joins its config), its bytes booked under ``label``."""
         if self.request is not None:
             content["config"]["request"] = json.dumps(self.request.to_dict())
         self.book(label, content, "down")

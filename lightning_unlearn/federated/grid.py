@@ -1,8 +1,5 @@
-"""An in-process Flower ``Grid``: the server's messages are answered by a ``ClientApp`` in this process.
-
-Outside a Flower run, Flower 1.42's ``Message(content, dst_node_id=...)`` raises (it stamps the runtime's task
-identity), so server code builds messages with :func:`new_message`, which asks a :class:`LocalGrid` for one.
-"""
+"""An in-process Flower ``Grid``: the server's messages are answered by a ``ClientApp`` in this process. Outside a
+Flower run ``Message(content, dst_node_id=...)`` raises, so server code builds messages with :func:`new_message`."""
 from __future__ import annotations
 
 import time
@@ -22,13 +19,10 @@ class LocalGrid(Grid):
     ``run_config`` is every node's ``context.run_config``. A ClientApp error is raised here, where it happened;
     with ``record = True`` every exchange is kept in ``log`` as ``(partition id, message type, message, reply)``."""
 
-    def __init__(self, app: ClientApp, num_nodes: int, run_config: Mapping[str, Any] | None = None,
-                 run_id: int = 1) -> None:
-        if isinstance(num_nodes, bool) or not isinstance(num_nodes, int) or num_nodes < 1:
-            raise ValueError(f"num_nodes must be an integer >= 1, got {num_nodes!r}")
-        self.app, self.run_id, self._run, self.record, self.log = app, run_id, None, False, []
+    def __init__(self, app: ClientApp, num_nodes: int, run_config: Mapping[str, Any] | None = None) -> None:
+        self.app, self.run_id, self._run, self.record, self.log = app, 1, None, False, []
         self.contexts = {
-            FIRST_NODE_ID + k: Context(run_id, FIRST_NODE_ID + k, {"partition-id": k, "num-partitions": num_nodes},
+            FIRST_NODE_ID + k: Context(self.run_id, FIRST_NODE_ID + k, {"partition-id": k, "num-partitions": num_nodes},
                                        RecordDict(), dict(run_config or {}))
             for k in range(num_nodes)
         }
@@ -53,11 +47,7 @@ class LocalGrid(Grid):
         return list(self.contexts)
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
-        for m in (messages := list(messages)):
-            if m.metadata.dst_node_id not in self.contexts:
-                raise ValueError(f"no node {m.metadata.dst_node_id} in this grid (nodes: {sorted(self.contexts)})")
-            if not m.metadata.message_id:
-                raise ValueError("create messages for a LocalGrid with new_message(grid, ...) so they carry an id")
+        messages = list(messages)
         self._pending.update((m.metadata.message_id, m) for m in messages)
         return [m.metadata.message_id for m in messages]
 

@@ -1,4 +1,5 @@
-"""Server side: count-weighted aggregation of parameters, scores and masked slices, pooled statistics."""
+"""Server side: count-weighted aggregation of parameters, scores and masked slices, pooled statistics. Each reply's
+tensors are checked against the server's contract first (its metadata: :func:`~.messages.read_reply`)."""
 from __future__ import annotations
 
 import math
@@ -15,7 +16,6 @@ from lightning_unlearn.scoring.channels import ChannelScores, average_scores
 from lightning_unlearn.scoring.layers import NORM_TYPES, SCORED_TYPES, LayerInfo
 
 
-# -- the contract of a reply's tensors (its metadata: messages.read_reply) -------------------------------------
 def _who(replies: Sequence[Any], i: int) -> str:
     client = getattr(replies[i], "client", None)
     return f"client {client}" if client is not None else f"reply {i}"
@@ -56,30 +56,22 @@ def check_arrays(
 
 
 # -- aggregation ------------------------------------------------------------------------------------
-def _weights(messages: Sequence[Reply], contract: Mapping[str, tuple], describe: str,
-             vector: tuple[str, str] | None = None) -> list[float]:
-    """Each reply's share of all samples, once its tensors keep ``contract``."""
+def _average(messages: Sequence[Reply], contract: Mapping[str, tuple], describe: str,
+             vector: tuple[str, str] | None = None) -> dict[str, Tensor]:
+    """Each ``contract`` key's sample-count-weighted mean (in float64, cast back), once every reply keeps it."""
     for i, m in enumerate(messages):
         check_arrays(m.tensors, contract, _who(messages, i), m.kind, describe, vector)
     total = sum(m.num_samples for m in messages)
     if total <= 0:
         raise ValueError("no client reported any samples: nothing to aggregate")
-    return [m.num_samples / total for m in messages]
-
-
-def fedavg_aggregate(
-    messages: Sequence[Reply], expected: Mapping[str, Tensor] | None = None
-) -> dict[str, Tensor]:
-    """Sample-count-weighted mean of the clients' arrays (computed in float64, cast back)."""
-    messages = of_kind(messages, "parameters")
-    if not messages:
-        raise ValueError("fedavg_aggregate needs at least one client message")
-    reference = expected if expected is not None else messages[0].tensors
-    contract = {k: (tuple(v.shape), v.dtype) for k, v in reference.items()}
-    describe = f"the {len(contract)} model arrays" if expected is not None else f"the {len(contract)} arrays of reply 0"
-    w = _weights(messages, contract, describe)
-    return {k: sum(wi * m.tensors[k].double() for wi, m in zip(w, messages)).to(dtype)
+    return {k: sum(m.num_samples / total * m.tensors[k].double() for m in messages).to(dtype)
             for k, (_, dtype) in contract.items()}
+
+
+def fedavg_aggregate(messages: Sequence[Reply], expected: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """Sample-count-weighted mean of the clients' arrays, each of the shape and dtype ``expected`` (the broadcast)."""
+    contract = {k: (tuple(v.shape), v.dtype) for k, v in expected.items()}
+    return _average(of_kind(messages, "parameters"), contract, f"the {len(contract)} model arrays")
 
 
 def _check_layers_against_model(layers: Mapping[str, tuple], model: nn.Module, who: str) -> None:
@@ -92,7 +84,7 @@ def _check_layers_against_model(layers: Mapping[str, tuple], model: nn.Module, w
         if out != scorable[name]:
             raise ValueError(f"{who}: a 'scores' reply layer {name!r} claims {out} channels; "
                              f"the model's has {scorable[name]}")
-        norm = modules.get(bn) if bn is not None else None
+        norm = modules.get(bn)
         if bn is not None and (not isinstance(norm, NORM_TYPES)
                                or getattr(norm, "num_features", getattr(norm, "num_channels", -1)) != out):
             raise ValueError(f"{who}: a 'scores' reply layer {name!r} names {bn!r} as its norm layer, which is not a "
@@ -142,9 +134,9 @@ def masked_aggregate(
         return out
     selected = {name: m for name, m in mask.masks.items() if bool(m.any())}
     contract = {name: ((int(m.sum()),), reference[name].dtype) for name, m in selected.items()}
-    w = _weights(messages, contract, f"the {len(contract)} masked parameters", ("values", "selected elements"))
+    mean = _average(messages, contract, f"the {len(contract)} masked parameters", ("values", "selected elements"))
     for name, m in selected.items():
-        out[name][m] = sum(wi * msg.tensors[name].double() for wi, msg in zip(w, messages)).to(out[name].dtype)
+        out[name][m] = mean[name]
     return out
 
 
@@ -156,13 +148,18 @@ def statistic_masks(channels: Mapping[str, Tensor]) -> dict[str, Tensor]:
 
 
 def _counts(m: Reply, contract: Mapping[str, tuple], who: str, describe: str) -> dict[str, float]:
-    """Each key's count, once the moments keep ``contract`` and each count row is one whole number >= 0."""
+    """Each key's count, once its (count, sum, sum of squares) rows keep ``contract`` and are the moments of real
+    values: one whole count >= 0 in every column, n x squares >= sum^2, nothing summed over no values."""
     check_arrays(m.tensors, contract, who, "bn_stats", describe)
     for key in contract:
-        count = m.tensors[key][0]
-        if not bool((count == count[0]).all()) or float(count[0]) != math.floor(float(count[0])) or count[0] < 0:
+        count, total, squares = m.tensors[key]
+        n = float(count[0])
+        if not bool((count == count[0]).all()) or n != math.floor(n) or n < 0:
             raise ValueError(f"{who}: a 'bn_stats' reply {key!r} count row must be one whole number >= 0 shared "
                              f"by every column, got {short_repr(count.tolist())}")
+        if bool((squares * n - total * total < -1e-9 * (squares * n) - 1e-12).any()) or (n == 0 and squares.any()):
+            raise ValueError(f"{who}: a 'bn_stats' reply {key!r} sums of squares are below sum^2 / count (or not 0 "
+                             "for no values): not the moments of real values")
     return {key: float(m.tensors[key][0, 0]) for key in contract}
 
 
@@ -180,10 +177,6 @@ def pool_batchnorm_moments(
             if (n > 0) != (m.num_samples > 0):
                 raise ValueError(f"{who}: a 'bn_stats' reply {bn!r} counts {int(n)} values "
                                  f"from {m.num_samples} samples")
-            _, total, squares = m.tensors[bn]
-            if bool((squares * n - total * total < -1e-9 * (squares * n) - 1e-12).any()):  # n^2 x variance >= 0
-                raise ValueError(f"{who}: a 'bn_stats' reply {bn!r} sums of squares are below sum^2 / count: "
-                                 "not the moments of real values")
     pooled = {}
     for bn in channels:
         count, total, squares = sum(m.tensors[bn] for m in messages)
