@@ -53,8 +53,7 @@ def partition_shards(targets: np.ndarray, num_clients: int, classes_per_client: 
                          f"classes; use classes_per_client >= {int(np.ceil(len(classes) / num_clients))}")
     rng = np.random.default_rng(seed)
     order = rng.permutation(classes)
-    held = [[order[(k * classes_per_client + j) % len(classes)] for j in range(classes_per_client)]
-            for k in range(num_clients)]
+    held = [order[(k * classes_per_client + np.arange(classes_per_client)) % len(classes)] for k in range(num_clients)]
     parts: list[list[np.ndarray]] = [[] for _ in range(num_clients)]
     for c in classes:
         holders = [k for k in range(num_clients) if c in held[k]]

@@ -155,8 +155,7 @@ def client_split(request: ForgetRequest, part: ClientPartition) -> ClientSplit:
 
 
 class _Node:
-    """One message's view of a node: partition, model, the message's arrays, config and channels,
-    ``context.state`` and the request's split."""
+    """One message's view of a node: partition, model, the message's content, ``context.state`` and split."""
 
     def __init__(self, part: ClientPartition, model: pl.LightningModule, context: Context, content: RecordDict,
                  callbacks: Sequence[Callback], trainer_kwargs: Mapping[str, Any] | None) -> None:
