@@ -385,10 +385,19 @@ def _evaluate(node: _Node) -> RecordDict:
     return up("evaluation", {}, len(node.part.dataset), metrics)
 
 
+def _hello(node: _Node) -> RecordDict:
+    return RecordDict({"metrics": MetricRecord({"client-id": node.part.client_id, COUNT_KEY: len(node.part.dataset)})})
+
+
+def _deploy(node: _Node) -> None:
+    node.state["deployed"] = ArrayRecord(node.arrays)  # the global model later rounds start from
+
+
 #: message type -> handler of the node's view of the message.
 HANDLERS: dict[str, Callable[[_Node], RecordDict | None]] = {
     "train": _fit, "query.score": _score, "query.cdp": _cdp, "query.bn_stats": _bn_stats,
     "train.unlearn": _masked_update, "query.head_features": _head_features, "evaluate": _evaluate,
+    "query.hello": _hello, "query.deploy": _deploy,
 }
 
 
@@ -397,9 +406,9 @@ def make_client_app(model_fn: Callable[[], pl.LightningModule] | Callable[[Conte
                     callbacks_fn: Callable[[], Sequence[Callback]] | None = None,
                     trainer_kwargs: Mapping[str, Any] | None = None,
                     mods: Sequence[Callable] | None = None) -> ClientApp:
-    """The protocol's ClientApp (:data:`HANDLERS`, ``query.hello``, ``query.deploy``) on the node's partition
-    (default: a deployed node's shard file, :func:`file_partition`). ``model_fn`` may take the node's ``Context``;
-    the functions must pickle for Flower's workers. ``mods``: Flower client mods."""
+    """The protocol's ClientApp (:data:`HANDLERS`) on the node's partition (default: a deployed node's shard file,
+    :func:`file_partition`). ``model_fn`` may take the node's ``Context``; the functions must pickle for Flower's
+    workers. ``mods``: Flower client mods."""
     partition_fn = partition_fn or file_partition
     app = ClientApp(mods=list(mods or []))
     required = [p for p in inspect.signature(model_fn).parameters.values()
@@ -416,16 +425,4 @@ def make_client_app(model_fn: Callable[[], pl.LightningModule] | Callable[[Conte
     for kind in HANDLERS:
         category, _, action = kind.partition(".")
         getattr(app, category)(*([action] if action else []))(handle)
-
-    @app.query("hello")
-    def hello(message: Message, context: Context) -> Message:
-        part = partition_fn(context)
-        metrics = MetricRecord({"client-id": part.client_id, COUNT_KEY: len(part.dataset)})
-        return Message(RecordDict({"metrics": metrics}), reply_to=message)
-
-    @app.query("deploy")
-    def deploy(message: Message, context: Context) -> Message:
-        context.state["deployed"] = ArrayRecord(read_down(message.content)[0])
-        return Message(up(None), reply_to=message)
-
     return app
