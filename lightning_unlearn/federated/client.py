@@ -134,8 +134,7 @@ def batchnorm_moments(model: nn.Module, mask: ParameterMask, batches: Iterable,
     def hook(bn: str, sel: Tensor, module: nn.Module, args: tuple, out: Tensor) -> Tensor:
         x = args[0][:, sel]
         moments[bn] += _moments(x.transpose(0, 1).reshape(x.shape[1], -1).double(), 1).cpu()
-        weight = module.weight[sel] if module.weight is not None else None
-        bias = module.bias[sel] if module.bias is not None else None
+        weight, bias = (module.weight[sel], module.bias[sel]) if module.affine else (None, None)
         out = out.clone()
         out[:, sel] = F.batch_norm(x, None, None, weight, bias, True, 0.0, module.eps)
         return out
