@@ -189,10 +189,9 @@ class FederatedDataModule(LightningDataModule):
             if absent := [c for c in request.classes if 0 <= c < self.num_classes and c not in present]:
                 raise ValueError(f"class(es) {absent} are held by no client; classes held are {present}")
             request.validate(torch.as_tensor(self.targets), self.num_classes)
-        splits = []
-        for k, part in enumerate(self._parts):  # as each node resolves its own (federated.client.client_split)
-            local = request.resolve(self.targets[part], sample_ids=part, clients=np.full(len(part), k))
-            splits.append(ClientSplit(k, np.flatnonzero(local), np.flatnonzero(~local)))
+        forgets = [request.resolve(self.targets[p], sample_ids=p, clients=np.full(len(p), k))
+                   for k, p in enumerate(self._parts)]  # as each node resolves its own (federated.client.client_split)
+        splits = [ClientSplit(k, np.flatnonzero(f), np.flatnonzero(~f)) for k, f in enumerate(forgets)]
         dropped = [s.client for s in splits if not len(s.retain)]
         if len(dropped) == n:
             raise ValueError(f"{request.to_dict()} leaves no client with data to retain")

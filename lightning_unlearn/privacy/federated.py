@@ -1,6 +1,5 @@
 """Local DP-SGD in the federated simulation: one DifferentialPrivacy callback (and accountant) per client.
-Epsilon is per client (sampling rates and step counts differ); the federation's guarantee is the worst client's.
-"""
+Epsilon is per client (sampling rates and step counts differ); the federation's guarantee is the worst client's."""
 from __future__ import annotations
 
 import contextlib
