@@ -67,9 +67,9 @@ def local_fit(model: pl.LightningModule, arrays: Mapping[str, Tensor], datamodul
     set_arrays(model, arrays)
     torch.manual_seed(int(config.get("seed", 0)))
     # seconds inside training epochs, the client's compute (Lightning's Timer would clash with the user's max_time)
-    epochs: list[float] = []  # each epoch's start time, replaced by its duration at its end
-    timer = LambdaCallback(on_train_epoch_start=lambda *_: epochs.append(time.perf_counter()),
-                           on_train_epoch_end=lambda *_: epochs.append(time.perf_counter() - epochs.pop()))
+    epoch_s: list[float] = []  # each epoch's start time, replaced by its duration at its end
+    timer = LambdaCallback(on_train_epoch_start=lambda *_: epoch_s.append(time.perf_counter()),
+                           on_train_epoch_end=lambda *_: epoch_s.append(time.perf_counter() - epoch_s.pop()))
     lr_scale = float(config.get("lr_scale", 1.0))
     if lr_scale != 1.0 or param_lr_scale:
         callbacks = [*callbacks, ScaleLearningRate(lr_scale, param_lr_scale)]
@@ -78,7 +78,7 @@ def local_fit(model: pl.LightningModule, arrays: Mapping[str, Tensor], datamodul
     start = time.perf_counter()
     with quiet_lightning():
         fit(model, datamodule, int(config.get("epochs", 1)), [*callbacks, timer], kwargs)
-    return get_arrays(model), {"local_compute_s": sum(epochs), "fit_s": time.perf_counter() - start}
+    return get_arrays(model), {"local_compute_s": sum(epoch_s), "fit_s": time.perf_counter() - start}
 
 
 def _layer_table(layers: Mapping[str, LayerInfo]) -> dict[str, tuple[int, str | None, bool]]:
