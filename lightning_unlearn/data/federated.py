@@ -53,8 +53,7 @@ def partition_shards(targets: np.ndarray, num_clients: int, classes_per_client: 
                          f"classes; use classes_per_client >= {int(np.ceil(len(classes) / num_clients))}")
     rng = np.random.default_rng(seed)
     order = rng.permutation(classes)
-    held = [[order[(k * classes_per_client + j) % len(classes)] for j in range(classes_per_client)]
-            for k in range(num_clients)]
+    held = [order[(k * classes_per_client + np.arange(classes_per_client)) % len(classes)] for k in range(num_clients)]
     parts: list[list[np.ndarray]] = [[] for _ in range(num_clients)]
     for c in classes:
         holders = [k for k in range(num_clients) if c in held[k]]
@@ -116,26 +115,20 @@ class FederatedDataModule(LightningDataModule):
             raise ValueError(f"num_clients={num_clients} is more than the {len(self.targets)} training samples; "
                              f"allowed: 1..{len(self.targets)}")
         self.num_clients, self.partition, self.alpha, self.seed = num_clients, partition, float(alpha), seed
-        self.batch_size, self.classes_per_client, self.num_workers = batch_size, classes_per_client, num_workers
-        self.min_client_samples = min_client_samples
+        self.batch_size, self.num_workers = batch_size, num_workers
         seen = int(max(self.targets.max(), int(test_targets.max()) if len(test_targets) else 0)) + 1
         self.num_classes = num_classes if num_classes is not None else seen
-        self._parts: list[np.ndarray] | None = None
-
-    def setup(self, stage: str | None = None) -> None:
-        """Draw the partition once (the same seed gives the same clients)."""
-        if self._parts is None:
-            t, n, seed = self.targets, self.num_clients, self.seed
-            draw = {"iid": lambda: partition_iid(t, n, seed),
-                    "dirichlet": lambda: partition_dirichlet(t, n, self.alpha, seed, self.min_client_samples),
-                    "shards": lambda: partition_shards(t, n, self.classes_per_client, seed)}
-            self._parts = draw[self.partition]()
+        if partition == "iid":  # drawn once, here: the same seed gives the same clients
+            self._parts = partition_iid(self.targets, num_clients, seed)
+        elif partition == "dirichlet":
+            self._parts = partition_dirichlet(self.targets, num_clients, self.alpha, seed, min_client_samples)
+        else:
+            self._parts = partition_shards(self.targets, num_clients, classes_per_client, seed)
 
     def client_indices(self, k: int) -> np.ndarray:
         """Indices into ``train_dataset`` held by client ``k`` (sorted)."""
         if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 0 <= k < self.num_clients:
             raise ValueError(f"client id {k!r} out of range; allowed ids are 0..{self.num_clients - 1}")
-        self.setup()
         return self._parts[k]
 
     def client_dataset(self, k: int) -> Subset:
@@ -150,7 +143,6 @@ class FederatedDataModule(LightningDataModule):
 
     def class_histogram(self) -> np.ndarray:
         """``(num_clients, num_classes)`` sample counts: what the table and the plot show."""
-        self.setup()
         return np.stack([np.bincount(self.targets[p], minlength=self.num_classes) for p in self._parts])
 
     def _title(self) -> str:
@@ -186,7 +178,6 @@ class FederatedDataModule(LightningDataModule):
     def forget_plan(self, request: ForgetRequest) -> FederatedForgetPlan:
         """Resolve ``request`` per client, failing fast on one that does not fit the federation. A client left
         without retain data still scores but takes no part in the later rounds."""
-        self.setup()
         n = self.num_clients
         if request.kind == "client":
             if bad := [c for c in request.clients if not 0 <= c < n]:
@@ -198,10 +189,9 @@ class FederatedDataModule(LightningDataModule):
             if absent := [c for c in request.classes if 0 <= c < self.num_classes and c not in present]:
                 raise ValueError(f"class(es) {absent} are held by no client; classes held are {present}")
             request.validate(torch.as_tensor(self.targets), self.num_classes)
-        splits = []
-        for k, part in enumerate(self._parts):  # as each node resolves its own (federated.client.client_split)
-            local = request.resolve(self.targets[part], sample_ids=part, clients=np.full(len(part), k))
-            splits.append(ClientSplit(k, np.flatnonzero(local), np.flatnonzero(~local)))
+        forgets = [request.resolve(self.targets[p], sample_ids=p, clients=np.full(len(p), k))
+                   for k, p in enumerate(self._parts)]  # as each node resolves its own (federated.client.client_split)
+        splits = [ClientSplit(k, np.flatnonzero(f), np.flatnonzero(~f)) for k, f in enumerate(forgets)]
         dropped = [s.client for s in splits if not len(s.retain)]
         if len(dropped) == n:
             raise ValueError(f"{request.to_dict()} leaves no client with data to retain")

@@ -1,9 +1,6 @@
-"""Client side: the ``ClientApp`` whose handlers answer every server message, in process and deployed.
-
-The work is done by plain functions (:func:`local_fit`, :func:`cdp_activations`,
-:func:`batchnorm_moments`); what a node keeps between messages (the deployed model, the channel mask) lives in
-``context.state``. Nothing but the replies of :func:`~lightning_unlearn.federated.messages.up` leaves a node.
-"""
+"""Client side: the ``ClientApp`` whose handlers answer every server message, in process and deployed. What a
+node keeps between messages (the deployed model, the channel mask) lives in ``context.state``; nothing but the
+replies of :func:`~lightning_unlearn.federated.messages.up` leaves a node."""
 from __future__ import annotations
 
 import copy
@@ -49,19 +46,6 @@ from lightning_unlearn.scoring.layers import LayerInfo
 log = logging.getLogger(__name__)
 
 
-class _LocalTimer(Callback):
-    """Seconds inside training epochs, the client's compute (not Lightning's Timer: it would clash with the user's
-    ``max_time`` or own Timer)."""
-
-    seconds, _t0 = 0.0, 0.0
-
-    def on_train_epoch_start(self, *_: Any) -> None:
-        self._t0 = time.perf_counter()
-
-    def on_train_epoch_end(self, *_: Any) -> None:
-        self.seconds += time.perf_counter() - self._t0
-
-
 class _LoaderModule(pl.LightningDataModule):
     """One client's local training data as a LightningDataModule (seeded shuffling)."""
 
@@ -82,7 +66,11 @@ def local_fit(model: pl.LightningModule, arrays: Mapping[str, Tensor], datamodul
     and the seconds of training and of the fit. ``lr_scale`` / ``param_lr_scale`` scale the learning rates."""
     set_arrays(model, arrays)
     torch.manual_seed(int(config.get("seed", 0)))
-    timer, lr_scale = _LocalTimer(), float(config.get("lr_scale", 1.0))
+    # seconds inside training epochs, the client's compute (Lightning's Timer would clash with the user's max_time)
+    epoch_s: list[float] = []  # each epoch's start time, replaced by its duration at its end
+    timer = LambdaCallback(on_train_epoch_start=lambda *_: epoch_s.append(time.perf_counter()),
+                           on_train_epoch_end=lambda *_: epoch_s.append(time.perf_counter() - epoch_s.pop()))
+    lr_scale = float(config.get("lr_scale", 1.0))
     if lr_scale != 1.0 or param_lr_scale:
         callbacks = [*callbacks, ScaleLearningRate(lr_scale, param_lr_scale)]
     kwargs = {**(trainer_kwargs or {}),
@@ -90,7 +78,7 @@ def local_fit(model: pl.LightningModule, arrays: Mapping[str, Tensor], datamodul
     start = time.perf_counter()
     with quiet_lightning():
         fit(model, datamodule, int(config.get("epochs", 1)), [*callbacks, timer], kwargs)
-    return get_arrays(model), {"local_compute_s": timer.seconds, "fit_s": time.perf_counter() - start}
+    return get_arrays(model), {"local_compute_s": sum(epoch_s), "fit_s": time.perf_counter() - start}
 
 
 def _layer_table(layers: Mapping[str, LayerInfo]) -> dict[str, tuple[int, str | None, bool]]:
@@ -98,15 +86,12 @@ def _layer_table(layers: Mapping[str, LayerInfo]) -> dict[str, tuple[int, str | 
 
 
 @torch.no_grad()
-def _forward(model: nn.Module, hooks: Sequence[tuple[nn.Module, Callable]], batches: Iterable,
-             max_samples: int | None = None) -> int:
+def _forward(model: nn.Module, hooks: Sequence[tuple[nn.Module, Callable]], batches: Iterable) -> int:
     """Forward ``batches`` in eval mode with forward ``hooks`` on (mode and hooks put back); the samples forwarded."""
     handles = [module.register_forward_hook(hook) for module, hook in hooks]
     count, device, modes = 0, next(model.parameters()).device, eval_modes(model)
     try:
         for batch in batches:
-            if max_samples is not None and count >= max_samples:
-                break
             x = batch[0] if isinstance(batch, (list, tuple)) else batch
             model(x.to(device))
             count += int(x.shape[0])
@@ -119,14 +104,16 @@ def _forward(model: nn.Module, hooks: Sequence[tuple[nn.Module, Callable]], batc
 
 def cdp_activations(model: nn.Module, loader: DataLoader, layers: Mapping[str, LayerInfo],
                     max_samples: int | None = None) -> tuple[dict[str, Tensor], int]:
-    """Mean post-ReLU activation per channel (after the layer's BatchNorm when it has one), CDP's statistic."""
+    """Mean post-ReLU activation per channel (after the layer's BatchNorm when it has one), CDP's statistic, over
+    the batches that reach ``max_samples``."""
     modules, sums = dict(model.named_modules()), {}
 
     def hook(name: str, _, __, out: Tensor) -> None:
         sums[name] = sums.get(name, 0) + torch.relu(out).reshape(*out.shape[:2], -1).mean(-1).sum(0).double()
 
     hooks = [(modules[i.batchnorm or n], functools.partial(hook, n)) for n, i in layers.items()]
-    count = _forward(model, hooks, loader, max_samples)
+    batches = loader if max_samples is None else itertools.islice(loader, -(-max_samples // loader.batch_size))
+    count = _forward(model, hooks, batches)
     return {n: (s / max(count, 1)).float() for n, s in sums.items()}, count
 
 
@@ -147,8 +134,7 @@ def batchnorm_moments(model: nn.Module, mask: ParameterMask, batches: Iterable,
     def hook(bn: str, sel: Tensor, module: nn.Module, args: tuple, out: Tensor) -> Tensor:
         x = args[0][:, sel]
         moments[bn] += _moments(x.transpose(0, 1).reshape(x.shape[1], -1).double(), 1).cpu()
-        weight = module.weight[sel] if module.weight is not None else None
-        bias = module.bias[sel] if module.bias is not None else None
+        weight, bias = (module.weight[sel], module.bias[sel]) if module.affine else (None, None)
         out = out.clone()
         out[:, sel] = F.batch_norm(x, None, None, weight, bias, True, 0.0, module.eps)
         return out
@@ -168,8 +154,7 @@ def client_split(request: ForgetRequest, part: ClientPartition) -> ClientSplit:
 
 
 class _Node:
-    """One message's view of a node: partition, model, the message's arrays, config and channels,
-    ``context.state`` and the request's split."""
+    """One message's view of a node: partition, model, the message's content, ``context.state`` and split."""
 
     def __init__(self, part: ClientPartition, model: pl.LightningModule, context: Context, content: RecordDict,
                  callbacks: Sequence[Callback], trainer_kwargs: Mapping[str, Any] | None) -> None:
@@ -206,18 +191,15 @@ class _Node:
     def head(self) -> str | None:  # None: ``linear_head`` refuses it in one line
         return next((n for n, i in self.layers.items() if i.is_head), None)
 
-    def mask(self) -> tuple[ParameterMask, ParameterMask | None]:
-        """The channel mask (sent once, kept in ``context.state``) and, in ``"prune"`` mode, the pruned channels."""
+    def mask(self) -> ParameterMask:
+        """The selected channels (sent once, kept in ``context.state``)."""
         if self.channels is not None:
             self.state["mask"] = ArrayRecord({k: torch.tensor(v, dtype=torch.int32) for k, v in self.channels.items()})
         if "mask" not in self.state:
             raise RuntimeError(f"client {self.part.client_id}: a masked round needs the channel mask "
                                "(sent with round 0)")
         channels = {k: v.tolist() for k, v in self.state["mask"].to_torch_state_dict().items()}
-        selected = ParameterMask.from_channels(self.model, channels, self.layers)
-        if self.config.get("mode", "train") == "prune":
-            return ParameterMask({n: ~m for n, m in selected.masks.items()}, selected.channels), selected
-        return selected, None
+        return ParameterMask.from_channels(self.model, channels, self.layers)
 
     def start(self, mask: ParameterMask) -> dict[str, Tensor]:
         """The deployed arrays with the broadcast selected slices and (after a reset) BatchNorm statistics."""
@@ -271,7 +253,7 @@ def _cdp(node: _Node) -> RecordDict | None:
 
 def _bn_stats(node: _Node) -> RecordDict | None:
     """After a reset: the selected BatchNorm channels' input moments on shuffled local retain batches."""
-    mask, _ = node.mask()
+    mask = node.mask()
     if node.split is not None and not len(node.split.retain):
         return None
     set_arrays(node.model, node.start(mask))
@@ -282,9 +264,8 @@ def _bn_stats(node: _Node) -> RecordDict | None:
 
 
 def _head_features(node: _Node) -> RecordDict:
-    """Head calibration: per forgotten class the moments of the head's input over its local forget samples (zeros
-    without any, so every node answers alike)."""
-    mask, _ = node.mask()
+    """Head calibration: per forgotten class the moments of the head's input on local forget samples (or zeros)."""
+    mask = node.mask()
     head = linear_head(node.model, node.head)
     classes = [int(c) for c in node.config["classes"]]
     moments = {head_feature_key(c): torch.zeros(3, head.in_features, dtype=torch.float64) for c in classes}
@@ -366,12 +347,14 @@ def _calibration_update(node: _Node, start: dict[str, Tensor], cfg: Mapping[str,
 def _masked_update(node: _Node) -> RecordDict | None:
     """A masked round on the retain data from the deployed model with the broadcast values; ``"prune"`` mode (CDP)
     zeroes the selected channels and trains everything else."""
-    mask, pruned = node.mask()
+    mask = selected = node.mask()
     if node.split is not None and not len(node.split.retain):
         return None
+    if node.config.get("mode", "train") == "prune":
+        mask = ParameterMask({n: ~m for n, m in selected.masks.items()}, selected.channels)
     start = node.start(mask)
-    if pruned is not None:
-        start.update({n: start[n].masked_fill(m, 0) for n, m in pruned.masks.items()})
+    if mask is not selected:
+        start.update({n: start[n].masked_fill(m, 0) for n, m in selected.masks.items()})
     cfg, seed = node.config, int(node.config.get("seed", 0))
     if cfg.get("train_rows") is not None:  # head calibration: the values of ``mask`` arrive, only these rows train
         return _calibration_update(node, start, cfg)
@@ -393,29 +376,28 @@ def _evaluate(node: _Node) -> RecordDict:
     """Local accuracy of the broadcast model (on forget and retain data when the message names a request)."""
     set_arrays(node.model, node.arrays)
     metrics: dict[str, float | int] = {}
-    splits = {"all": np.arange(len(node.part.dataset))} if node.split is None else \
-        {"forget": node.split.forget, "retain": node.split.retain}
-    for name, idx in splits.items():
-        if len(idx):
-            loader = DataLoader(Subset(node.part.dataset, idx.tolist()), batch_size=256)
+    for name in ("all",) if node.split is None else ("forget", "retain"):
+        if len(data := node.subset(name)):
+            loader = DataLoader(data, batch_size=256)
             metrics[f"{name}-acc"] = float(accuracy(node.model, loader, node.part.num_classes))
-            metrics[f"{name}-examples"] = int(len(idx))
+            metrics[f"{name}-examples"] = len(data)
     return up("evaluation", {}, len(node.part.dataset), metrics)
+
+
+def _hello(node: _Node) -> RecordDict:
+    return RecordDict({"metrics": MetricRecord({"client-id": node.part.client_id, COUNT_KEY: len(node.part.dataset)})})
+
+
+def _deploy(node: _Node) -> None:
+    node.state["deployed"] = ArrayRecord(node.arrays)  # the global model later rounds start from
 
 
 #: message type -> handler of the node's view of the message.
 HANDLERS: dict[str, Callable[[_Node], RecordDict | None]] = {
     "train": _fit, "query.score": _score, "query.cdp": _cdp, "query.bn_stats": _bn_stats,
     "train.unlearn": _masked_update, "query.head_features": _head_features, "evaluate": _evaluate,
+    "query.hello": _hello, "query.deploy": _deploy,
 }
-
-
-def _takes_one_argument(fn: Callable) -> bool:
-    try:
-        params = inspect.signature(fn).parameters.values()
-    except (TypeError, ValueError):
-        return False
-    return sum(p.default is p.empty and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) for p in params) == 1
 
 
 def make_client_app(model_fn: Callable[[], pl.LightningModule] | Callable[[Context], pl.LightningModule],
@@ -423,12 +405,14 @@ def make_client_app(model_fn: Callable[[], pl.LightningModule] | Callable[[Conte
                     callbacks_fn: Callable[[], Sequence[Callback]] | None = None,
                     trainer_kwargs: Mapping[str, Any] | None = None,
                     mods: Sequence[Callable] | None = None) -> ClientApp:
-    """The protocol's ClientApp (:data:`HANDLERS`, ``query.hello``, ``query.deploy``) on the node's partition
-    (default: a deployed node's shard file, :func:`file_partition`). ``model_fn`` may take the node's ``Context``;
-    the functions must pickle for Flower's workers. ``mods``: Flower client mods."""
+    """The protocol's ClientApp (:data:`HANDLERS`) on the node's partition (default: a deployed node's shard file,
+    :func:`file_partition`). ``model_fn`` may take the node's ``Context``; the functions must pickle for Flower's
+    workers. ``mods``: Flower client mods."""
     partition_fn = partition_fn or file_partition
     app = ClientApp(mods=list(mods or []))
-    takes_context = _takes_one_argument(model_fn)
+    required = [p for p in inspect.signature(model_fn).parameters.values()
+                if p.default is p.empty and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    takes_context = len(required) == 1
 
     def handle(message: Message, context: Context) -> Message:
         model = model_fn(context) if takes_context else model_fn()
@@ -440,16 +424,4 @@ def make_client_app(model_fn: Callable[[], pl.LightningModule] | Callable[[Conte
     for kind in HANDLERS:
         category, _, action = kind.partition(".")
         getattr(app, category)(*([action] if action else []))(handle)
-
-    @app.query("hello")
-    def hello(message: Message, context: Context) -> Message:
-        part = partition_fn(context)
-        metrics = MetricRecord({"client-id": part.client_id, COUNT_KEY: len(part.dataset)})
-        return Message(RecordDict({"metrics": metrics}), reply_to=message)
-
-    @app.query("deploy")
-    def deploy(message: Message, context: Context) -> Message:
-        context.state["deployed"] = ArrayRecord(read_down(message.content)[0])
-        return Message(up(None), reply_to=message)
-
     return app

@@ -66,10 +66,8 @@ class FederatedPartitions:
                 train, test = load_mnist(self.data_root)
             except OSError as err:  # FileNotFoundError included
                 raise FlowerDataError(f"this node cannot read MNIST from data_root={self.data_root!r}: {err}") from err
-        fdm = FederatedDataModule(train, test, num_clients=self.num_clients, partition=self.partition,
-                                  alpha=self.alpha, seed=self.seed, batch_size=self.batch_size)
-        fdm.setup("fit")
-        return fdm
+        return FederatedDataModule(train, test, num_clients=self.num_clients, partition=self.partition,
+                                   alpha=self.alpha, seed=self.seed, batch_size=self.batch_size)
 
     def __call__(self, context: Context) -> ClientPartition:
         last = self.num_clients - 1

@@ -1,6 +1,5 @@
 """Local DP-SGD in the federated simulation: one DifferentialPrivacy callback (and accountant) per client.
-Epsilon is per client (sampling rates and step counts differ); the federation's guarantee is the worst client's.
-"""
+Epsilon is per client (sampling rates and step counts differ); the federation's guarantee is the worst client's."""
 from __future__ import annotations
 
 import contextlib
@@ -48,11 +47,8 @@ class ClientPrivacy:
 
 
 def attach_client_dp(clients: Sequence[Any], **dp: Any) -> ClientPrivacy:
-    """Give every client its own :class:`DifferentialPrivacy` callback for all its later local fits.
-
-    ``target_epsilon`` covers the whole planned local training (``steps`` or ``epochs``); the shared model
-    must already be Opacus-compatible so the server's global model has the clients' layers.
-    """
+    """Give every client its own :class:`DifferentialPrivacy` callback for all its later local fits; a
+    ``target_epsilon`` covers the whole planned local training (``steps`` or ``epochs``)."""
     if not clients:
         raise ValueError("attach_client_dp needs at least one client, got none")
     if dp.get("target_epsilon") is not None and dp.get("epochs") is None and dp.get("steps") is None:

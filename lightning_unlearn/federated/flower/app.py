@@ -31,11 +31,9 @@ def partition_from_config(context: Context) -> ClientPartition:
     if DATA_PATH_KEY in context.node_config:
         return file_partition(context)
     c = context.run_config  # the server's main checked REQUIRED before any message reached a node
-    return FederatedPartitions(
-        str(c.get("dataset", "digits")), int(c["num-clients"]), str(c.get("partition", "iid")),
-        float(c.get("alpha", 0.5)), int(c.get("seed", 0)), int(c.get("batch-size", 32)),
-        str(c.get("data-root", "")) or None,
-    )(context)
+    return FederatedPartitions(str(c.get("dataset", "digits")), int(c["num-clients"]), str(c.get("partition", "iid")),
+                               float(c.get("alpha", 0.5)), int(c.get("seed", 0)), int(c.get("batch-size", 32)),
+                               str(c.get("data-root", "")) or None)(context)
 
 
 clientapp = make_client_app(model_from_config, partition_from_config)

@@ -1,9 +1,5 @@
-"""Write one shard file per client for a real Flower deployment (each node gets its own file).
-
-    python -m lightning_unlearn.federated.flower.prepare_data --out /tmp/unlearn-nodes --num-clients 3
-
-prints the ``flower-supernode --node-config`` value for each node.
-"""
+"""Write one shard file per client for a real Flower deployment; prints each node's ``--node-config`` value.
+Usage: ``python -m lightning_unlearn.federated.flower.prepare_data --out /tmp/unlearn-nodes --num-clients 3``."""
 from __future__ import annotations
 
 import argparse
