@@ -139,18 +139,17 @@ def evaluate_round(fed: Federation, arrays: Mapping[str, Tensor], r: int) -> dic
 def masked_rounds(
     fed: Federation, reference: Mapping[str, Tensor], mask: ParameterMask, rounds: int, config: Mapping[str, Any], *,
     statistics: Mapping[str, Tensor] | None = None, fraction: float = 1.0, label: str = "unlearn",
-    first_round: int = 0, current: Mapping[str, Tensor] | None = None,
-    after_round: Callable[[int, dict, list], None] | None = None, train: ParameterMask | None = None,
+    first_round: int = 0, after_round: Callable[[int, dict, list], None] | None = None,
+    train: ParameterMask | None = None,
 ) -> tuple[dict[str, Tensor], list[dict]]:
-    """Masked FedAvg rounds ``first_round .. rounds - 1`` from ``current`` (default ``reference``): the global arrays
-    and a row per round. Round ``r`` calls the active clients of FedAvg's draw ``sample_clients(.., fraction,
-    config["seed"], r)``; the server averages the selected slices (``train``: only this sub-mask) by sample count,
-    every other element is ``reference``'s. ``after_round(r, current, history)``: evaluation and checkpoint."""
+    """Masked FedAvg rounds ``first_round .. rounds - 1`` from ``reference``: the global arrays and a row per round.
+    Round ``r`` calls the active clients of FedAvg's draw ``sample_clients(.., fraction, config["seed"], r)``; the
+    server averages the selected slices (``train``: only this sub-mask) by sample count, every other element is
+    ``reference``'s. ``after_round(r, current, history)``: evaluation and checkpoint."""
     check_rounds(rounds)
     check_fraction(fraction)
     seed = int(config.get("seed", 0))
-    reference = {k: v.clone() for k, v in reference.items()}
-    current = dict(current) if current is not None else reference
+    current = reference = {k: v.clone() for k, v in reference.items()}
     history: list[dict] = []
     has_mask: set[int] = set()
     for r in range(first_round, rounds):
@@ -247,44 +246,35 @@ def run_unlearning(
     """Select, remove, masked rounds and calibration on ``model`` (holding the deployed arrays; updated in place).
     ``config`` is resolved (``auto``: it asked ``calibrate="auto"``). ``checkpoint`` (the ServerApp's) is rewritten
     after the selection and every round; one holding a mask is resumed. ``evaluate``: clients' accuracies in extra."""
+    ck = checkpoint or ServerCheckpoint()
     fed.request = request
     fed.start_run()
-    deployed = get_arrays(model)
     t0 = time.perf_counter()
-    resume = checkpoint is not None and checkpoint.mask is not None
-    scores, statistics, first, history, evaluation = None, None, 0, [], []
-    if resume:
-        mask, first = checkpoint.mask, checkpoint.rounds_done
-        history, evaluation = list(checkpoint.unlearning), list(checkpoint.evaluation)
-        log.info("resuming unlearning at round %d with the checkpoint's mask (sha256 %s)", first, mask.sha256()[:12])
-    else:
-        scores, mask = select(fed, model, config)
+    resumed = ck.mask is not None
+    scores, mask = (None, ck.mask) if resumed else select(fed, model, config)
     cfg = check_calibration(model, mask, config, request.classes, auto)
     t1 = time.perf_counter()
-    if resume and checkpoint.current is not None:  # the saved arrays hold the reset and its statistics
-        current = dict(checkpoint.current)
-        if cfg.reset != "none":
-            set_arrays(model, current)
-            statistics = selected_batchnorm_channels(model, mask)
+    if resumed:  # the saved arrays hold the reset and its statistics
+        log.info("resuming unlearning at round %d with the checkpoint's mask (sha256 %s)", ck.rounds_done,
+                 mask.sha256()[:12])
+        set_arrays(model, ck.current)
+        statistics = selected_batchnorm_channels(model, mask) if cfg.reset != "none" else None
     else:
         statistics = remove(fed, model, mask, cfg)
-        current = get_arrays(model)
-        if checkpoint is not None:
-            checkpoint.update(mask=mask, rounds_done=0, current=current if cfg.reset != "none" else None)
+        ck.update(mask=mask, rounds_done=0, current=get_arrays(model))
     t2 = time.perf_counter()
     log.info("request %s, scoring %s, ratio %g (%s); %d masked round(s), objective %s, max_steps %s",
              request.to_dict(), cfg.method, cfg.ratio, cfg.scope, rounds, cfg.objective, cfg.max_steps)
+    history, evaluation = list(ck.unlearning), list(ck.evaluation)
 
     def after_round(r: int, arrays: dict, rows: list) -> None:
         if evaluate:
             evaluation.append(evaluate_round(fed, arrays, r))
-        if checkpoint is not None:
-            checkpoint.update(rounds_done=r + 1, current=arrays, unlearning=history + rows, evaluation=list(evaluation))
+        ck.update(rounds_done=r + 1, current=arrays, unlearning=history + rows, evaluation=list(evaluation))
 
-    reference = current if cfg.reset != "none" else deployed  # masked_aggregate copies the frozen values from it
-    current, rows = masked_rounds(fed, reference, mask, rounds, unlearn_config(cfg), statistics=statistics,
-                                  fraction=fraction, first_round=first, current=current,
-                                  after_round=after_round)
+    # masked_aggregate copies the frozen values from the reference: the deployed ones, whatever rounds ran
+    current, rows = masked_rounds(fed, ck.current, mask, rounds, unlearn_config(cfg), statistics=statistics,
+                                  fraction=fraction, first_round=ck.rounds_done, after_round=after_round)
     history += rows
     set_arrays(model, current)
     t3 = time.perf_counter()

@@ -125,13 +125,14 @@ def run_server(
     poll_s: float | None = POLL_S,
 ) -> FlowerRunResult:
     """FedAvg from ``model``'s arrays (skipped when ``train`` is None), deploy, then unlearn (when asked).
-    ``checkpoint``: a folder; a restarted run with the same plans resumes from it (no retraining, the same mask).
-    ``poll_s``: how often to ask the SuperLink for replies (None: the grid's own, 3 s in a deployment)."""
+    ``checkpoint``: a folder; a restarted run with the same plans resumes from it (FedAvg's finished rounds are not
+    run again, unlearning keeps its mask). ``poll_s``: how often to ask the SuperLink for replies (None: the grid's
+    own, 3 s in a deployment)."""
     saver = None
     if checkpoint is not None:
-        key = cache_key({"train": vars(train) if train else None, "unlearn": unlearn.key() if unlearn else None,
-                         "num_clients": num_clients})
-        saver = ServerCheckpoint.load(checkpoint, key) or ServerCheckpoint(key, folder=checkpoint)
+        key = {"train": cache_key(vars(train) if train else None), "unlearn": unlearn.key() if unlearn else "none",
+               "clients": str(num_clients)}
+        saver = ServerCheckpoint.open(checkpoint, key)
     laps = [time.perf_counter()]  # connect, training, deploy, unlearning
     fed = Federation(grid, num_clients, timeout, unlearn.min_clients if unlearn else None,
                      unlearn.round_timeout if unlearn else None, poll_s)
@@ -139,15 +140,15 @@ def run_server(
     laps.append(time.perf_counter())
     if saver is not None and saver.trained is not None:
         set_arrays(model, saver.trained)
-        result.training = list(saver.training)
-        result.resumed = {"trained": True, "mask": saver.mask is not None, "rounds_done": saver.rounds_done}
+        result.resumed = {"fedavg_rounds": len(saver.training), "mask": saver.mask is not None,
+                          "rounds_done": saver.rounds_done}
         log.info("resuming from checkpoint %s: %s", checkpoint, result.resumed)
-    elif train is not None:
-        result.training = run_fedavg(model, fed, **vars(train), deploy=False).history
+    if train is not None:
+        result.training = run_fedavg(model, fed, **vars(train), deploy=False, checkpoint=saver).history
     laps.append(time.perf_counter())
     result.trained = get_arrays(model)
-    if saver is not None and saver.trained is None:
-        saver.update(trained=result.trained, training=result.training)
+    if saver is not None and saver.trained is None:  # no FedAvg: the model to resume unlearning from
+        saver.update(trained=result.trained)
     deploy_model(fed, result.trained)
     laps.append(time.perf_counter())
     if unlearn is not None:
