@@ -19,7 +19,6 @@ from lightning_unlearn.federated.messages import down, tensor_bytes, with_config
 from lightning_unlearn.federated.server import check_fraction, check_rounds, fedavg_aggregate, sample_clients
 from lightning_unlearn.mask.arrays import get_arrays, set_arrays
 
-log = logging.getLogger(__name__)
 DATA_CHOICES = ("all", "retain")
 
 
@@ -137,14 +136,11 @@ def run_fedavg(
     """Federated averaging: ``rounds`` rounds of local Lightning training on a sampled ``fraction`` of clients;
     ``model`` ends with the global arrays. ``clients``: a ``Federation`` (any grid) or a simulation's ``clients``.
 
-    Args:
-        data: each client trains on ``"all"`` its shard or ``"retain"`` its data minus the federation's request.
-        evaluate: server-side evaluation of the global model after each round (e.g. global test accuracy).
-        checkpoint: rewritten after every round; the rounds it holds are not trained again (a resumed run).
-        store_every: keep the client updates of every n-th round (FedEraser needs them).
-        deploy: send the final model to every client (the model they later unlearn from).
-        participants: the clients that may be sampled (default: all).
-        progress: Flower's per-round log lines (False: warnings only).
+    ``data``: each client trains on ``"all"`` its shard or ``"retain"`` (minus the federation's request).
+    ``evaluate``: server-side evaluation of the global model after each round. ``checkpoint``: rewritten after every
+    round; the rounds it holds are not trained again. ``store_every``: keep every n-th round's client updates
+    (FedEraser). ``deploy``: every client keeps the final model. ``participants``: who may be sampled (default: all).
+    ``progress``: Flower's per-round log lines (False: warnings only).
     """
     check_fedavg(rounds, local_epochs, fraction, data)
     ck = checkpoint or ServerCheckpoint()

@@ -1,7 +1,6 @@
-"""The federated unlearning protocol (Xu et al. 2024) as server phases on any grid (in process or Flower's):
-:func:`select`, :func:`remove`, :func:`masked_rounds` (only the selected slices are averaged: every frozen element
-stays bit-exact) and :func:`calibrate`, run in order by :func:`run_unlearning` (for :func:`federated_unlearn` and
-the ServerApp)."""
+"""The federated unlearning protocol (Xu et al. 2024) as server phases on any grid: :func:`select`, :func:`remove`,
+:func:`masked_rounds` (only the selected slices are averaged: frozen elements stay bit-exact) and :func:`calibrate`,
+run in order by :func:`run_unlearning` (for :func:`federated_unlearn` and the ServerApp)."""
 from __future__ import annotations
 
 import copy
@@ -209,10 +208,9 @@ def calibrate(
     fed: Federation, model: torch.nn.Module, current: Mapping[str, Tensor], mask: ParameterMask, config: UnlearnConfig,
     *, statistics: Mapping[str, Tensor] | None = None, trained_epochs: int | None = None, fraction: float = 1.0,
 ) -> tuple[dict[str, Tensor], list[dict]]:
-    """``calibrate="head"``, as centrally: a head-feature round pools each forgotten class's mean forget feature,
-    the server re-initialises their rows (:func:`~lightning_unlearn.repair.calibration.initial_rows`), then
-    ``config.calibration_epochs(trained_epochs)`` one-epoch :func:`masked_rounds` train only those rows (one-epoch
-    rounds re-average them as often as FedAvg did). ``model`` receives the result; returns the arrays and rows."""
+    """``calibrate="head"`` as centrally: the server re-initialises the forgotten classes' rows from the pooled mean
+    forget features, then ``config.calibration_epochs(trained_epochs)`` one-epoch masked rounds train only those rows
+    (re-averaged as often as FedAvg did). ``model`` receives the result; returns the arrays and rows."""
     classes = sorted(int(c) for c in fed.request.classes)  # a class request: the config and check_calibration said
     set_arrays(model, current)
     name = _head_name(model)
@@ -258,10 +256,10 @@ def run_unlearning(
         log.info("resuming unlearning at round %d with the checkpoint's mask (sha256 %s)", ck.rounds_done,
                  mask.sha256()[:12])
         set_arrays(model, ck.current)
-        statistics = selected_batchnorm_channels(model, mask) if cfg.reset != "none" else None
     else:
-        statistics = remove(fed, model, mask, cfg)
+        remove(fed, model, mask, cfg)
         ck.update(mask=mask, rounds_done=0, current=get_arrays(model))
+    statistics = selected_batchnorm_channels(model, mask) if cfg.reset != "none" else None  # what remove() pooled
     t2 = time.perf_counter()
     log.info("request %s, scoring %s, ratio %g (%s); %d masked round(s), objective %s, max_steps %s",
              request.to_dict(), cfg.method, cfg.ratio, cfg.scope, rounds, cfg.objective, cfg.max_steps)

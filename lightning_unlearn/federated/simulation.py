@@ -19,11 +19,10 @@ from lightning_unlearn.data.unlearning import UnlearningDataModule
 from lightning_unlearn.evidence.references import cache_key, index_hash, model_description
 from lightning_unlearn.federated.checkpoint import ServerCheckpoint
 from lightning_unlearn.federated.client import make_client_app
-from lightning_unlearn.federated.fedavg import FedAvgResult, run_fedavg
+from lightning_unlearn.federated.fedavg import FedAvgResult, check_fedavg, run_fedavg
 from lightning_unlearn.federated.grid import LocalGrid
 from lightning_unlearn.federated.partitions import ClientPartition
 from lightning_unlearn.federated.protocol import FederatedUnlearningResult
-from lightning_unlearn.federated.server import check_rounds
 from lightning_unlearn.metrics import accuracy, split_accuracies
 from lightning_unlearn.request import ForgetRequest
 from lightning_unlearn.scoring.layers import LayerInfo, discover_layers
@@ -65,8 +64,7 @@ class FederatedSimulation:
                  fraction: float = 1.0, seed: int = 0, callbacks: Sequence[Callback] = (),
                  trainer_kwargs: Mapping[str, Any] | None = None, checkpoint_dir: str | os.PathLike | None = None,
                  store_every: int | None = None, progress: bool = True) -> None:
-        check_rounds(rounds)
-        check_rounds(local_epochs, "local_epochs")
+        check_fedavg(rounds, local_epochs, fraction, "all")
         self.fdm, self.model, self.rounds, self.local_epochs = fdm, model, rounds, local_epochs
         self.fraction, self.seed, self.progress = fraction, seed, progress
         self.checkpoint_dir, self.store_every = checkpoint_dir, store_every

@@ -128,17 +128,15 @@ def run_server(
     ``checkpoint``: a folder; a restarted run with the same plans resumes from it (FedAvg's finished rounds are not
     run again, unlearning keeps its mask). ``poll_s``: how often to ask the SuperLink for replies (None: the grid's
     own, 3 s in a deployment)."""
-    saver = None
-    if checkpoint is not None:
-        key = {"train": cache_key(vars(train) if train else None), "unlearn": unlearn.key() if unlearn else "none",
-               "clients": str(num_clients)}
-        saver = ServerCheckpoint.open(checkpoint, key)
+    key = {"train": cache_key(vars(train)) if train else "none", "unlearn": unlearn.key() if unlearn else "none",
+           "clients": str(num_clients)}
+    saver = ServerCheckpoint.open(checkpoint, key) if checkpoint is not None else ServerCheckpoint()
     laps = [time.perf_counter()]  # connect, training, deploy, unlearning
     fed = Federation(grid, num_clients, timeout, unlearn.min_clients if unlearn else None,
                      unlearn.round_timeout if unlearn else None, poll_s)
-    result = FlowerRunResult(clients=dict(fed.nodes), traffic=fed.traffic, plan=unlearn)
+    result = FlowerRunResult(clients=dict(fed.nodes), traffic=fed.traffic, plan=unlearn, dropped=fed.dropped)
     laps.append(time.perf_counter())
-    if saver is not None and saver.trained is not None:
+    if saver.trained is not None:  # a restart
         set_arrays(model, saver.trained)
         result.resumed = {"fedavg_rounds": len(saver.training), "mask": saver.mask is not None,
                           "rounds_done": saver.rounds_done}
@@ -147,7 +145,7 @@ def run_server(
         result.training = run_fedavg(model, fed, **vars(train), deploy=False, checkpoint=saver).history
     laps.append(time.perf_counter())
     result.trained = get_arrays(model)
-    if saver is not None and saver.trained is None:  # no FedAvg: the model to resume unlearning from
+    if saver.trained is None:  # no FedAvg: the model to resume unlearning from
         saver.update(trained=result.trained)
     deploy_model(fed, result.trained)
     laps.append(time.perf_counter())
@@ -156,7 +154,6 @@ def run_server(
                              trained_epochs=train.rounds * train.local_epochs if train is not None else None,
                              evaluate=unlearn.evaluate, checkpoint=saver)
         result.scores, result.mask, result.unlearning = out.scores, out.mask, out.history
-        result.dropped = dict(fed.dropped)
         result.evaluation, result.calibration = out.extra.get("evaluation", []), out.extra.get("calibration", [])
     laps.append(time.perf_counter())
     result.arrays = get_arrays(model)
@@ -183,5 +180,3 @@ def make_server_app(
 
     return app
 
-
-__all__ = ["FedAvgPlan", "FlowerRunResult", "UnlearnPlan", "make_server_app", "run_server"]
