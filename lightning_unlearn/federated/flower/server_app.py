@@ -20,7 +20,7 @@ from lightning_unlearn.config import UnlearnConfig
 from lightning_unlearn.evidence.references import cache_key
 from lightning_unlearn.evidence.report import UnlearningReport, weights_sha256
 from lightning_unlearn.federated.fedavg import check_fedavg, deploy_model, run_fedavg
-from lightning_unlearn.federated.federation import POLL_S, Federation
+from lightning_unlearn.federated.federation import Federation
 from lightning_unlearn.federated.checkpoint import ServerCheckpoint
 from lightning_unlearn.federated.messages import ByteCounter
 from lightning_unlearn.federated.protocol import run_unlearning
@@ -122,18 +122,16 @@ class FlowerRunResult:
 def run_server(
     grid: Grid, model: pl.LightningModule, num_clients: int, train: FedAvgPlan | None = None,
     unlearn: UnlearnPlan | None = None, timeout: float = 3600, checkpoint: str | os.PathLike | None = None,
-    poll_s: float | None = POLL_S,
 ) -> FlowerRunResult:
     """FedAvg from ``model``'s arrays (skipped when ``train`` is None), deploy, then unlearn (when asked).
     ``checkpoint``: a folder; a restarted run with the same plans resumes from it (FedAvg's finished rounds are not
-    run again, unlearning keeps its mask). ``poll_s``: how often to ask the SuperLink for replies (None: the grid's
-    own, 3 s in a deployment)."""
+    run again, unlearning keeps its mask)."""
     key = {"train": cache_key(vars(train)) if train else "none", "unlearn": unlearn.key() if unlearn else "none",
            "clients": str(num_clients)}
     saver = ServerCheckpoint.open(checkpoint, key) if checkpoint is not None else ServerCheckpoint()
     laps = [time.perf_counter()]  # connect, training, deploy, unlearning
     fed = Federation(grid, num_clients, timeout, unlearn.min_clients if unlearn else None,
-                     unlearn.round_timeout if unlearn else None, poll_s)
+                     unlearn.round_timeout if unlearn else None)
     result = FlowerRunResult(clients=dict(fed.nodes), traffic=fed.traffic, plan=unlearn, dropped=fed.dropped)
     laps.append(time.perf_counter())
     if saver.trained is not None:  # a restart
