@@ -79,6 +79,34 @@ def test_unlearning_without_federated_evaluation_sends_nothing(one_thread):
         UnlearnPlan(ForgetRequest(classes=[3]), objective="forget_all")
 
 
+def test_a_restarted_server_resumes_a_half_done_fedavg(tmp_path, one_thread):
+    """The ServerApp's checkpoint holds FedAvg's rounds: a server that died in round 1 trains only round 1 again."""
+    plan = FedAvgPlan(rounds=2, local_config={"max_steps": 2})
+
+    def server(fail_at_train_message: int | None = None, checkpoint=None):
+        sent = []
+
+        def crash(message, context, call_next):
+            sent.append(message.metadata.message_type)
+            if sent.count("train") == fail_at_train_message:
+                raise RuntimeError("the node died")
+            return call_next(message, context)
+
+        torch.manual_seed(0)
+        grid = LocalGrid(make_client_app(MODEL_FN, PARTS, mods=[crash]), PARTS.num_clients)
+        return run_server(grid, MODEL_FN(), PARTS.num_clients, plan, checkpoint=checkpoint)
+
+    straight = server()
+    with pytest.raises(Exception, match="the node died"):
+        server(fail_at_train_message=4, checkpoint=tmp_path)  # round 0 sent 3 train messages, round 1 dies
+    resumed = server(checkpoint=tmp_path)
+    assert resumed.resumed == {"fedavg_rounds": 1, "mask": False, "rounds_done": 0}
+    assert [r["round"] for r in resumed.training] == [0, 1]
+    assert [r["bytes_up"] for r in resumed.training] == [r["bytes_up"] for r in straight.training]
+    for k, v in straight.trained.items():  # same seeds per round: the same model, interrupted or not
+        assert torch.allclose(resumed.trained[k], v, atol=1e-6), k
+
+
 # -- records ---------------------------------------------------------------------------------------------
 def test_records_round_trip_with_the_transports_byte_counts():
     torch.manual_seed(0)

@@ -1,5 +1,5 @@
-"""Flower's own simulation engine (Ray) running the library's apps, with the results back in this process: what
-the tests and the Flower benchmark call (a user calls ``flwr.simulation.run_simulation`` the same way)."""
+"""Flower's own simulation engine (Ray) running the library's apps, results back in this process, for the tests
+(``benchmarks/flower_overhead.py`` and the docs make the same ``flwr.simulation.run_simulation`` call)."""
 from __future__ import annotations
 
 from typing import Any, Callable, Mapping
