@@ -136,6 +136,10 @@ def test_checkpoint_round_trip_and_refuses_another_plan(tmp_path):
     with pytest.raises(ValueError, match=rf"^{re.escape(str(tmp_path / STATE_FILE))} was written by a different run "
                                          r"\(unlearn changed\); start fresh .* or use another checkpoint folder$"):
         ServerCheckpoint.open(tmp_path, {"train": "a", "unlearn": "c"})
+    (tmp_path / "old").mkdir()
+    torch.save({"key": "a single hash"}, tmp_path / "old" / STATE_FILE)  # an earlier version's file
+    with pytest.raises(ValueError, match=r"is no server state of this lightning-unlearn version; remove it"):
+        ServerCheckpoint.open(tmp_path / "old", key)
     assert UnlearnPlan(ForgetRequest(classes=[3])).key() != UnlearnPlan(ForgetRequest(classes=[4])).key()
     assert UnlearnPlan(ForgetRequest(classes=[3])).key() == UnlearnPlan(ForgetRequest(classes=[3])).key()
 
