@@ -90,8 +90,8 @@ def flower(args, parts, init, model_fn, request, workers: int) -> dict:
     run_simulation(make_server_app(server_model, args.clients, train, unlearn, sink=res),
                    make_client_app(model_fn, parts, trainer_kwargs={"max_steps": args.local_steps}),
                    num_supernodes=args.clients,
-                   backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
-                                   "init_args": {"num_cpus": workers, "logging_level": "ERROR", "log_to_driver": False}})
+                   backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}, "init_args": {
+                       "num_cpus": workers, "logging_level": "ERROR", "log_to_driver": False}})
     wall = time.perf_counter() - t0
     fdm = parts.datamodule()
     sim = FederatedSimulation(fdm, model_fn(), rounds=1, progress=False)  # evaluation only (the oracle)

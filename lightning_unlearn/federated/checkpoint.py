@@ -48,8 +48,8 @@ class ServerCheckpoint:
             return cls(folder, key)
         state = load_torch_file(path, "server checkpoint")
         if not isinstance(state, Mapping) or not isinstance(state.get("key"), Mapping):
-            raise ValueError(f"server checkpoint {path} is no server state of this lightning-unlearn version; remove it "
-                             "or use another checkpoint folder")
+            raise ValueError(f"server checkpoint {path} is no server state of this lightning-unlearn version; "
+                             "remove it or use another checkpoint folder")
         if changed := sorted(k for k in {*state["key"], *key} if state["key"].get(k) != key.get(k)):
             raise ValueError(f"{path} was written by a different run ({', '.join(changed)} changed); start fresh "
                              "(resume=False, --federated.fresh true) or use another checkpoint folder")

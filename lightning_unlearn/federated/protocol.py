@@ -114,12 +114,11 @@ def remove(fed: Federation, model: torch.nn.Module, mask: ParameterMask,
     if channels:
         content = masked_down(get_arrays(model), mask, {"seed": config.seed, "max_batches": STATS_BATCHES})
         replies = fed.ask(content, "query.bn_stats", "bn_stats", dropouts=True, what="statistics round")
-        modules = dict(model.named_modules())
-        with torch.no_grad():  # the pooled (mean, variance) into the selected channels; nothing else moves
-            for bn, (mean, var) in pool_batchnorm_moments(replies, channels).items():
-                sel = channels[bn].to(modules[bn].running_mean.device)
-                modules[bn].running_mean[sel] = mean.to(modules[bn].running_mean)
-                modules[bn].running_var[sel] = var.to(modules[bn].running_var)
+        for bn, (mean, var) in pool_batchnorm_moments(replies, channels).items():  # into the selected channels only
+            module = model.get_submodule(bn)
+            sel = channels[bn].to(module.running_mean.device)
+            module.running_mean[sel] = mean.to(module.running_mean)
+            module.running_var[sel] = var.to(module.running_var)
     return channels
 
 
@@ -205,17 +204,16 @@ def check_calibration(model: torch.nn.Module, mask: ParameterMask, config: Unlea
 
 
 def calibrate(
-    fed: Federation, model: torch.nn.Module, current: Mapping[str, Tensor], mask: ParameterMask, config: UnlearnConfig,
-    *, statistics: Mapping[str, Tensor] | None = None, trained_epochs: int | None = None, fraction: float = 1.0,
+    fed: Federation, model: torch.nn.Module, mask: ParameterMask, config: UnlearnConfig, *,
+    statistics: Mapping[str, Tensor] | None = None, trained_epochs: int | None = None, fraction: float = 1.0,
 ) -> tuple[dict[str, Tensor], list[dict]]:
     """``calibrate="head"`` as centrally: the server re-initialises the forgotten classes' rows from the pooled mean
     forget features, then ``config.calibration_epochs(trained_epochs)`` one-epoch masked rounds train only those rows
-    (re-averaged as often as FedAvg did). ``model`` receives the result; returns the arrays and rows."""
+    (re-averaged as often as FedAvg did), from ``model``'s arrays and into them; returns the arrays and rows."""
     classes = sorted(int(c) for c in fed.request.classes)  # a class request: the config and check_calibration said
-    set_arrays(model, current)
     name = _head_name(model)
     head = linear_head(model, name)
-    replies = fed.ask(masked_down(current, mask, {"classes": classes}, statistics), "query.head_features",
+    replies = fed.ask(masked_down(get_arrays(model), mask, {"classes": classes}, statistics), "query.head_features",
                     "head_features", dropouts=True, what="head-feature round")
     means = pool_head_features(replies, classes, head.in_features)
     forget = (torch.stack([means[c] for c in means]), torch.tensor(list(means))) if means else None
@@ -278,8 +276,8 @@ def run_unlearning(
     t3 = time.perf_counter()
     extra: dict[str, Any] = {"rounds": rounds, "fraction": fraction}
     if cfg.calibrate == "head":  # after a restart it runs again from the saved arrays: seeded, the same result
-        current, calibration = calibrate(fed, model, current, mask, cfg, statistics=statistics,
-                                         trained_epochs=trained_epochs, fraction=fraction)
+        current, calibration = calibrate(fed, model, mask, cfg, statistics=statistics, trained_epochs=trained_epochs,
+                                         fraction=fraction)
         extra.update(calibration_rounds=len(calibration), calibration=calibration)
         if evaluate:  # the last evaluation is the calibrated model's
             evaluation.append(evaluate_round(fed, current, rounds))
