@@ -58,7 +58,7 @@ class FedAvgResult:
 
 
 def check_fedavg(rounds: int, local_epochs: int, fraction: float, data: str) -> None:
-    """A FedAvg schedule's settings (:func:`run_fedavg`'s and ``FedAvgPlan``'s), checked before any round."""
+    """A FedAvg schedule (``run_fedavg``, ``FedAvgPlan``, ``FederatedSimulation``), checked before any work."""
     check_rounds(rounds)
     check_rounds(local_epochs, "local_epochs")
     check_fraction(fraction)
