@@ -20,11 +20,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lightning_unlearn.federated import FederatedSimulation, federated_unlearn, run_fedavg
+from flwr.simulation import run_simulation
+
+from lightning_unlearn.federated import FederatedSimulation, federated_unlearn, make_client_app, run_fedavg
 from lightning_unlearn.federated.federation import Federation
 from lightning_unlearn._io import write_json
 from lightning_unlearn.federated import FederatedPartitions
-from lightning_unlearn.federated.flower import FedAvgPlan, UnlearnPlan, run_flower_simulation
+from lightning_unlearn.federated.flower import FedAvgPlan, FlowerRunResult, UnlearnPlan, make_server_app
+from lightning_unlearn.mask.arrays import get_arrays, set_arrays
 from lightning_unlearn.models import SmallCNN
 from lightning_unlearn.request import ForgetRequest
 
@@ -74,12 +77,21 @@ def in_process(args, parts: FederatedPartitions, init: torch.nn.Module, model_fn
 
 
 def flower(args, parts, init, model_fn, request, workers: int) -> dict:
-    t0 = time.perf_counter()
-    res = run_flower_simulation(
-        model_fn, parts, args.clients, FedAvgPlan(rounds=args.train_rounds, seed=args.seed),
-        UnlearnPlan(request, ratio=args.ratio, rounds=args.unlearn_rounds, max_steps=args.unlearn_steps, seed=args.seed,
-                    evaluate=False),
-        initial_model=init, trainer_kwargs={"max_steps": args.local_steps}, client_cpus=1, total_cpus=workers)
+    """Flower's own simulation engine (Ray, 1 CPU per client, ``workers`` CPUs) running the library's apps."""
+    def server_model():
+        model = model_fn()
+        set_arrays(model, get_arrays(init))
+        return model
+
+    t0, res = time.perf_counter(), FlowerRunResult()
+    train = FedAvgPlan(rounds=args.train_rounds, seed=args.seed)
+    unlearn = UnlearnPlan(request, ratio=args.ratio, rounds=args.unlearn_rounds, max_steps=args.unlearn_steps,
+                          seed=args.seed, evaluate=False)
+    run_simulation(make_server_app(server_model, args.clients, train, unlearn, sink=res),
+                   make_client_app(model_fn, parts, trainer_kwargs={"max_steps": args.local_steps}),
+                   num_supernodes=args.clients,
+                   backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}, "init_args": {
+                       "num_cpus": workers, "logging_level": "ERROR", "log_to_driver": False}})
     wall = time.perf_counter() - t0
     fdm = parts.datamodule()
     sim = FederatedSimulation(fdm, model_fn(), rounds=1, progress=False)  # evaluation only (the oracle)
@@ -122,8 +134,8 @@ def render_page(results: Path) -> str:
     intro = (f"The same federation in two engines: {c['clients']} iid clients, SmallCNN, the same initial model and "
              f"seeds, {c['train_rounds']} FedAvg rounds of {c['local_steps']} local steps, then forgetting class "
              f"{c['forget_class']} with {c['unlearn_rounds']} masked rounds of {c['unlearn_steps']} steps at ratio "
-             f"{c['ratio']}. In-process: the library's own loop; Flower: `run_flower_simulation` (Flower's simulation "
-             "engine on Ray, 1 CPU per client; workers = the CPUs given to Ray). Means per round; local compute = the "
+             f"{c['ratio']}. In-process: the library's own loop; Flower: Flower's `run_simulation` (its simulation "
+             "engine on Ray, 1 CPU per client; workers = the CPUs given to Ray) with the library's apps. Means per round; local compute = the "
              "clients' summed time inside their training loops; overhead = round time minus that (orchestration: "
              "serialisation, transport, Trainer set-up; negative when 2 workers train in parallel); start-up = "
              "Flower's one-off cost (Ray start and stop, worker imports, first contact). Payload bytes are identical "

@@ -14,6 +14,7 @@ from torch.utils.data import DataLoader, Dataset
 from lightning_unlearn import ForgetRequest, ParameterMask
 from lightning_unlearn.data import FederatedDataModule
 from lightning_unlearn.federated import FederatedSimulation, federated_unlearn, make_clients, run_fedavg
+from lightning_unlearn.federated.checkpoint import ServerCheckpoint
 from lightning_unlearn.federated.messages import Reply, read_reply, up
 from lightning_unlearn.federated.server import aggregate_scores, fedavg_aggregate, masked_aggregate
 from lightning_unlearn.mask.arrays import get_arrays
@@ -241,8 +242,8 @@ def test_fedavg_uses_lightning_callbacks_measures_overhead_and_resumes(digits, t
 
     model2 = _model()
     clients2 = make_clients(fdm, model2, trainer_kwargs={"max_steps": 3})
-    run_fedavg(model2, clients2, rounds=2, fraction=2 / 3, checkpoint_dir=tmp_path, progress=False)
-    resumed = run_fedavg(_model(), clients2, rounds=3, fraction=2 / 3, checkpoint_dir=tmp_path, resume=True,
+    run_fedavg(model2, clients2, rounds=2, fraction=2 / 3, checkpoint=ServerCheckpoint(tmp_path), progress=False)
+    resumed = run_fedavg(_model(), clients2, rounds=3, fraction=2 / 3, checkpoint=ServerCheckpoint.open(tmp_path, {}),
                          progress=False)
     assert [r["round"] for r in resumed.history] == [0, 1, 2]
     assert [r["clients"] for r in resumed.history] == [r["clients"] for r in straight.history]

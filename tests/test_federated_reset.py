@@ -270,15 +270,16 @@ def test_statistics_reply_keeps_its_shape_and_travels_as_a_flower_record():
 # -- Flower: the same reset, the same statistics, the same weights --------------------------------------------------
 @pytest.mark.slow
 def test_flower_simulation_with_reset_matches_in_process(digits):
-    flower_mod = pytest.importorskip("lightning_unlearn.federated.flower", reason="the flower extra is not installed")
     pytest.importorskip("ray", reason="Flower's simulation engine needs ray (the flower extra)")
+    from flower_support.simulation import simulate
+    from lightning_unlearn.federated.flower import UnlearnPlan
+
     model_fn = functools.partial(SmallCNN, **TINY)
     parts = FederatedPartitions("digits", num_clients=3, partition="iid", seed=0, batch_size=32)
     sim = _federation(digits)  # the same federation as parts (digits, 3 IID clients, seed 0, batch 32)
     ours = federated_unlearn(sim.model, sim.clients, REQUEST, reset="reinit", **UNLEARN)
-    flower = flower_mod.run_flower_simulation(
-        model_fn, parts, 3, None, flower_mod.UnlearnPlan(REQUEST, reset="reinit", evaluate=False, **UNLEARN),
-        initial_model=sim.model, trainer_kwargs={"max_steps": 10}, client_cpus=1, total_cpus=2)
+    flower = simulate(model_fn, parts, 3, None, UnlearnPlan(REQUEST, reset="reinit", evaluate=False, **UNLEARN),
+                      initial_model=sim.model, trainer_kwargs={"max_steps": 10})
     assert flower.mask.sha256() == ours.mask.sha256()
     for k, v in get_arrays(ours.model).items():
         torch.testing.assert_close(flower.arrays[k], v, rtol=1e-5, atol=1e-6, msg=k)

@@ -2,9 +2,7 @@
 from __future__ import annotations
 
 import functools
-import importlib
 import re
-import sys
 
 import numpy as np
 import pytest
@@ -18,7 +16,7 @@ from lightning_unlearn.federated.federation import Federation, check_replies
 from lightning_unlearn.federated.grid import LocalGrid
 from lightning_unlearn.mask.arrays import get_arrays
 from lightning_unlearn.federated import FederatedPartitions, make_client_app
-from lightning_unlearn.federated.flower import FedAvgPlan, UnlearnPlan, run_flower_simulation
+from lightning_unlearn.federated.flower import FedAvgPlan, UnlearnPlan
 from lightning_unlearn.federated.client import client_split
 from lightning_unlearn.federated.flower.server_app import run_server
 from lightning_unlearn.federated.partitions import FlowerDataError, file_partition, save_partition
@@ -28,6 +26,7 @@ from lightning_unlearn.federated.messages import (
 from lightning_unlearn.mask import frozen_elements_equal
 from lightning_unlearn.models import SmallCNN
 from lightning_unlearn.mask import select_channels
+from flower_support.simulation import simulate  # Flower's own simulation engine running the library's apps
 
 MODEL_FN = functools.partial(SmallCNN, channels=(8, 16), hidden=32, lr=3e-3)  # picklable: Flower ships it to workers
 PARTS = FederatedPartitions("digits", num_clients=3, partition="iid", seed=0, batch_size=32)
@@ -45,13 +44,6 @@ def _message(message_type: str) -> Message:
 
 
 # -- bad input ------------------------------------------------------------------------------------------
-def test_missing_ray_names_the_extra(monkeypatch):
-    real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "ray" else real(name, *a))
-    with pytest.raises(ImportError, match=r"needs Ray.*lightning-unlearn\[flower\]"):
-        run_flower_simulation(MODEL_FN, PARTS, 3)
-
-
 def test_client_that_cannot_reach_its_partition_fails_clearly(tmp_path):
     app = make_client_app(MODEL_FN, PARTS)
     with pytest.raises(FlowerDataError, match=r"no 'partition-id' in its node config"):
@@ -85,6 +77,34 @@ def test_unlearning_without_federated_evaluation_sends_nothing(one_thread):
     assert [r["round"] for r in result.unlearning] == [0]
     with pytest.raises(ValueError, match="unknown objective 'forget_all'"):
         UnlearnPlan(ForgetRequest(classes=[3]), objective="forget_all")
+
+
+def test_a_restarted_server_resumes_a_half_done_fedavg(tmp_path, one_thread):
+    """The ServerApp's checkpoint holds FedAvg's rounds: a server that died in round 1 trains only round 1 again."""
+    plan = FedAvgPlan(rounds=2, local_config={"max_steps": 2})
+
+    def server(fail_at_train_message: int | None = None, checkpoint=None):
+        sent = []
+
+        def crash(message, context, call_next):
+            sent.append(message.metadata.message_type)
+            if sent.count("train") == fail_at_train_message:
+                raise RuntimeError("the node died")
+            return call_next(message, context)
+
+        torch.manual_seed(0)
+        grid = LocalGrid(make_client_app(MODEL_FN, PARTS, mods=[crash]), PARTS.num_clients)
+        return run_server(grid, MODEL_FN(), PARTS.num_clients, plan, checkpoint=checkpoint)
+
+    straight = server()
+    with pytest.raises(Exception, match="the node died"):
+        server(fail_at_train_message=4, checkpoint=tmp_path)  # round 0 sent 3 train messages, round 1 dies
+    resumed = server(checkpoint=tmp_path)
+    assert resumed.resumed == {"fedavg_rounds": 1, "mask": False, "rounds_done": 0}
+    assert [r["round"] for r in resumed.training] == [0, 1]
+    assert [r["bytes_up"] for r in resumed.training] == [r["bytes_up"] for r in straight.training]
+    for k, v in straight.trained.items():  # same seeds per round: the same model, interrupted or not
+        assert torch.allclose(resumed.trained[k], v, atol=1e-6), k
 
 
 # -- records ---------------------------------------------------------------------------------------------
@@ -150,8 +170,7 @@ def test_simulation_stops_with_the_reason_of_a_node_without_its_partition():
     """3 nodes but a 2-client recipe: node 2 has no partition; the run stops with its error, not with 2 clients."""
     with pytest.raises(RuntimeError, match=r"hello: 1 of 3 client\(s\) failed: node \d+: [\w.]*FlowerDataError: "
                                            r"partition-id=2 names no data partition; allowed ids are 0..1$"):
-        run_flower_simulation(MODEL_FN, FederatedPartitions("digits", num_clients=2), 3, FedAvgPlan(rounds=1),
-                              total_cpus=2, timeout=300)
+        simulate(MODEL_FN, FederatedPartitions("digits", num_clients=2), 3, FedAvgPlan(rounds=1), timeout=300)
 
 
 # -- parity with the in-process simulation ---------------------------------------------------------------------
@@ -175,8 +194,8 @@ def test_flower_simulation_matches_in_process(digits):
     finally:
         torch.set_num_threads(before)
 
-    flower = run_flower_simulation(MODEL_FN, PARTS, 3, FedAvgPlan(rounds=3), UnlearnPlan(request, **unlearn),
-                                   initial_model=init, trainer_kwargs=steps, client_cpus=1, total_cpus=2)
+    flower = simulate(MODEL_FN, PARTS, 3, FedAvgPlan(rounds=3), UnlearnPlan(request, **unlearn), initial_model=init,
+                      trainer_kwargs=steps)
 
     for k, v in get_arrays(sim.model).items():  # FedAvg: same sampling, seeds and aggregation
         assert torch.allclose(flower.trained[k], v, atol=1e-5), k

@@ -1,6 +1,7 @@
 """Fault handling of the Flower server, without processes: dropouts vs min_clients, checkpoints, polling knobs."""
 from __future__ import annotations
 
+import re
 import sys
 import time
 from pathlib import Path
@@ -14,7 +15,7 @@ from flwr.common.constant import ErrorCode
 from lightning_unlearn import ForgetRequest
 from lightning_unlearn.scoring import discover_layers
 from lightning_unlearn.federated.flower import UnlearnPlan
-from lightning_unlearn.federated.checkpoint import ServerCheckpoint
+from lightning_unlearn.federated.checkpoint import STATE_FILE, ServerCheckpoint
 from lightning_unlearn.federated.federation import NODE_UNAVAILABLE, Federation, PollingGrid
 from lightning_unlearn.federated.grid import LocalGrid
 from lightning_unlearn.models import SmallCNN
@@ -122,15 +123,23 @@ def test_checkpoint_round_trip_and_refuses_another_plan(tmp_path):
     model = SmallCNN()
     mask = ParameterMask.from_channels(model, {"conv1": [0, 2]}, discover_layers(model, torch.zeros(1, 1, 8, 8)))
     arrays = {k: v.clone() for k, v in model.state_dict().items() if v.is_floating_point()}
-    ServerCheckpoint("key-a", trained=arrays, training=[{"round": 0}], mask=mask, rounds_done=1, current=arrays,
-                     unlearning=[{"round": 0, "clients": 3}]).save(tmp_path)
-    back = ServerCheckpoint.load(tmp_path, "key-a")
+    key = {"train": "a", "unlearn": "b"}
+    ServerCheckpoint(tmp_path, key).update(trained=arrays, training=[{"round": 0}], mask=mask, rounds_done=1,
+                                           current=arrays, unlearning=[{"round": 0, "clients": 3}])
+    back = ServerCheckpoint.open(tmp_path, key)
     assert back.rounds_done == 1 and back.unlearning == [{"round": 0, "clients": 3}]
     assert all(torch.equal(back.trained[k], v) for k, v in arrays.items())
-    assert back.mask.sha256() == mask.sha256()
-    assert ServerCheckpoint.load(tmp_path / "empty", "key-a") is None
-    with pytest.raises(ValueError, match=r"was written by another plan .*remove it or choose another checkpoint-dir"):
-        ServerCheckpoint.load(tmp_path, "key-b")
+    assert back.mask.sha256() == mask.sha256() and back.training == [{"round": 0}]
+    fresh = ServerCheckpoint.open(tmp_path / "empty", key)
+    assert fresh.trained is None and fresh.mask is None and fresh.training == []
+    assert ServerCheckpoint.open(tmp_path, {"train": "a", "unlearn": "c"}, resume=False).mask is None
+    with pytest.raises(ValueError, match=rf"^{re.escape(str(tmp_path / STATE_FILE))} was written by a different run "
+                                         r"\(unlearn changed\); start fresh .* or use another checkpoint folder$"):
+        ServerCheckpoint.open(tmp_path, {"train": "a", "unlearn": "c"})
+    (tmp_path / "old").mkdir()
+    torch.save({"key": "a single hash"}, tmp_path / "old" / STATE_FILE)  # an earlier version's file
+    with pytest.raises(ValueError, match=r"is no server state of this lightning-unlearn version; remove it"):
+        ServerCheckpoint.open(tmp_path / "old", key)
     assert UnlearnPlan(ForgetRequest(classes=[3])).key() != UnlearnPlan(ForgetRequest(classes=[4])).key()
     assert UnlearnPlan(ForgetRequest(classes=[3])).key() == UnlearnPlan(ForgetRequest(classes=[3])).key()
 

@@ -88,14 +88,14 @@ def test_planted_pickles_are_refused_everywhere_and_never_run(tmp_path, checkpoi
                  lambda: load_weights(SmallCNN(), evil)):
         with pytest.raises(ValueError, match="holds objects other than tensors"):
             load()
-    # the FedAvg resume file and a Flower node's data file
-    from lightning_unlearn.federated import run_fedavg
+    # the server's resume file (FedAvg and unlearning rounds) and a Flower node's data file
+    from lightning_unlearn.federated.checkpoint import STATE_FILE, ServerCheckpoint
 
     rounds = tmp_path / "rounds"
     rounds.mkdir()
-    _plant(rounds / "fedavg.pt", marker, {"round": 0, "global": {}, "history": []})
-    with pytest.raises(ValueError, match="FedAvg resume file .* holds objects other than tensors"):
-        run_fedavg(SmallCNN(), [object()], rounds=1, checkpoint_dir=rounds, resume=True, progress=False)
+    _plant(rounds / STATE_FILE, marker, {"key": {}, "trained": {}, "training": []})
+    with pytest.raises(ValueError, match="server checkpoint .* holds objects other than tensors"):
+        ServerCheckpoint.open(rounds, {})
     from flwr.app import Context
 
     from lightning_unlearn.federated.partitions import file_partition
@@ -131,7 +131,8 @@ def test_fedavg_resume_refuses_another_runs_file(tmp_path, digits, one_thread):
     again.train(resume=True)  # the same run: nothing left to train, same weights
     assert all(torch.equal(a, b) for a, b in zip(first.model.state_dict().values(), again.model.state_dict().values()))
     other = federation(5.0)
-    with pytest.raises(ValueError, match=r"fedavg.pt was written by a different run \(partition changed\); start fresh"):
+    with pytest.raises(ValueError, match=r"server_state.pt was written by a different run \(partition changed\); start "
+                                         r"fresh \(resume=False, --federated.fresh true\)"):
         other.train(resume=True)
     other.train(resume=False)  # --federated.fresh true
 

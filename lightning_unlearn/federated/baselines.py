@@ -16,15 +16,16 @@ from lightning_unlearn.config import UnlearnConfig
 from lightning_unlearn.data.federated import FederatedForgetPlan
 from lightning_unlearn.federated.federation import Federation, as_federation
 from lightning_unlearn.federated.fedavg import UpdateStore, run_fedavg
-from lightning_unlearn.federated.messages import Reply, down, with_config
+from lightning_unlearn.federated.messages import down, with_config
 from lightning_unlearn.federated.protocol import (
     FederatedUnlearningResult, masked_rounds, remove, round_bytes, unlearn_config,
 )
 from lightning_unlearn.federated.server import aggregate_scores, check_arrays, of_kind
 from lightning_unlearn.mask import ParameterMask, select_channels
 from lightning_unlearn.mask.arrays import get_arrays, set_arrays
-from lightning_unlearn.scoring.layers import LayerInfo
 from lightning_unlearn.orchestration import prepare
+from lightning_unlearn.scoring.channels import ChannelScores
+from lightning_unlearn.scoring.layers import LayerInfo
 
 
 def _federation(clients: Any, plan: FederatedForgetPlan) -> Federation:
@@ -61,16 +62,14 @@ def federated_retrain(
     """Fresh weights, FedAvg on every client's retain data only; clients without retain data sit out."""
     fresh, fed = reinitialize(copy.deepcopy(model), seed), _federation(clients, plan)
     t0 = time.perf_counter()
-    out = run_fedavg(fresh, fed, rounds, fraction, local_epochs, seed, data="retain",
-                     evaluate=evaluate, deploy=False, progress=progress, label="retrain",
-                     participants=plan.retaining_clients)
+    out = run_fedavg(fresh, fed, rounds, fraction, local_epochs, seed, data="retain", evaluate=evaluate, deploy=False,
+                     progress=progress, label="retrain", participants=plan.retaining_clients)
     elapsed = time.perf_counter() - t0
     return FederatedUnlearningResult(
-        fresh, ParameterMask.full(fresh), method="retrain",
+        fresh, ParameterMask.full(fresh), method="retrain", history=out.history,
         timings_s={"retrain": elapsed, "unlearning": elapsed, "total": elapsed},
-        bytes={**round_bytes(out.history), "fedavg_round": out.bytes_per_round}, history=out.history,
-        extra={"rounds": rounds, "overhead_fraction": out.overhead_fraction},
-    )
+        bytes={**round_bytes(out.history), "fedavg_round": out.bytes_per_round},
+        extra={"rounds": rounds, "overhead_fraction": out.overhead_fraction})
 
 
 def federated_finetune(
@@ -98,11 +97,8 @@ def federated_random_channels(
 
 
 def cdp_tfidf(docs: Mapping[str, Mapping[str, Tensor]]) -> dict[str, dict[str, Tensor]]:
-    """TF-IDF of channels (terms) over documents (the forget set and each retained class), per layer.
-
-    A channel "occurs" in a document when its activation there is above its mean over documents; IDF is
-    scikit-learn's smoothed ln((1+D)/(1+df)) + 1.
-    """
+    """TF-IDF of channels (terms) over documents (the forget set, each retained class), per layer: a channel occurs
+    in a document where its activation is above its mean over documents; IDF: scikit-learn's smoothed one."""
     names = list(docs)
     out: dict[str, dict[str, Tensor]] = {d: {} for d in names}
     for layer in next(iter(docs.values())):
@@ -112,17 +108,6 @@ def cdp_tfidf(docs: Mapping[str, Mapping[str, Tensor]]) -> dict[str, dict[str, T
         for i, d in enumerate(names):
             out[d][layer] = (tf[i] * idf).float()
     return out
-
-
-def _cdp_documents(replies: Sequence[Reply]) -> dict[str, dict[str, Tensor]]:
-    """Count-weighted mean activation per document over the clients that hold it (server side)."""
-    by_tag: dict[str, list[Reply]] = {}
-    for m in replies:
-        by_tag.setdefault(m.tag, []).append(m)
-    docs = {tag: aggregate_scores(group, tag=tag) for tag, group in by_tag.items()}
-    if any(d.layers != next(iter(docs.values())).layers for d in docs.values()):
-        raise ValueError("CDP replies describe other layers for different documents")
-    return {tag: dict(d) for tag, d in docs.items()}
 
 
 def federated_cdp(
@@ -135,19 +120,20 @@ def federated_cdp(
     fed = _federation(clients, plan)
     t0 = time.perf_counter()
     head = [i.out_channels for i in layers.values() if i.is_head]
-    replies: list[Reply] = []
+    docs: dict[str, ChannelScores] = {}  # count-weighted mean activations per document, over the clients holding it
     for doc in ["forget", *(f"class_{c}" for c in range(head[0] if head else 0))]:  # a client without it sends nothing
-        replies += fed.ask(down({}, {"max_samples": max_samples, "document": doc}), "query.cdp", "cdp_stats")
-    docs = _cdp_documents(replies)
+        if replies := fed.ask(down({}, {"max_samples": max_samples, "document": doc}), "query.cdp", "cdp_stats"):
+            docs[doc] = aggregate_scores(replies, tag=doc)
     if "forget" not in docs:
         raise ValueError("no client holds data to forget: CDP has no forget document")
-    tfidf = cdp_tfidf(docs)["forget"]
+    if any(d.layers != docs["forget"].layers for d in docs.values()):
+        raise ValueError("CDP replies describe other layers for different documents")
+    tfidf = cdp_tfidf({doc: dict(d) for doc, d in docs.items()})["forget"]
     pruned = select_channels(tfidf, model, ratio, "layer", layers={n: i for n, i in layers.items() if n in tfidf})
     work = copy.deepcopy(model)
-    arrays = get_arrays(work)
+    state = work.state_dict()  # the pruned channels zeroed in place
     for n, m in pruned.masks.items():
-        arrays[n] = torch.where(m, torch.zeros_like(arrays[n]), arrays[n])
-    set_arrays(work, arrays)
+        state[n][m] = 0
     trainable = ParameterMask({n: ~m for n, m in pruned.masks.items()}, pruned.channels)
     config = {"objective": "retain", "epochs": local_epochs, "max_steps": max_steps, "seed": seed, "mode": "prune"}
     return _masked_baseline("cdp", fed, work, trainable, rounds, config, time.perf_counter() - t0,
@@ -159,11 +145,9 @@ def federated_eraser(
     model: pl.LightningModule, clients: Sequence[Any], plan: FederatedForgetPlan, store: UpdateStore,
     calibration_ratio: float = 0.5, local_epochs: int = 1, local_steps: int | None = None, seed: int = 0,
 ) -> FederatedUnlearningResult:
-    """FedEraser: from the first stored global model, replay each stored round; every remaining client
-    trains ``calibration_ratio`` of an epoch on retain data, and its stored update is re-applied with
-    the new direction: ``||U_old|| * U_new / ||U_new||`` per tensor (count-weighted mean over clients).
-    With ``local_steps`` (the training rounds' step cap) calibration runs ``ceil(ratio * local_steps)`` steps.
-    """
+    """FedEraser: replay each stored round from the first stored global model; each remaining client trains
+    ``calibration_ratio`` of an epoch (of ``local_steps``) on retain data, and its stored update is re-applied in the
+    new direction, ``||U_old|| * U_new / ||U_new||`` per tensor (count-weighted mean over clients)."""
     if store is None or not store.rounds:
         raise ValueError("FedEraser needs the client updates stored during training: run_fedavg(store_every=n)")
     if not 0 < calibration_ratio <= 1:

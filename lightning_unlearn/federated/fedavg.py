@@ -3,10 +3,8 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
@@ -15,15 +13,12 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 from torch import Tensor, nn
 
-from lightning_unlearn._io import load_torch_file, save_torch
+from lightning_unlearn.federated.checkpoint import ServerCheckpoint
 from lightning_unlearn.federated.federation import Federation, as_federation, check_replies
 from lightning_unlearn.federated.messages import down, tensor_bytes, with_config
-from lightning_unlearn.federated.server import (
-    check_fraction, check_rounds, fedavg_aggregate, sample_clients,
-)
+from lightning_unlearn.federated.server import check_fraction, check_rounds, fedavg_aggregate, sample_clients
 from lightning_unlearn.mask.arrays import get_arrays, set_arrays
 
-log = logging.getLogger(__name__)
 DATA_CHOICES = ("all", "retain")
 
 
@@ -63,7 +58,7 @@ class FedAvgResult:
 
 
 def check_fedavg(rounds: int, local_epochs: int, fraction: float, data: str) -> None:
-    """A FedAvg schedule's settings (:func:`run_fedavg`'s and ``FedAvgPlan``'s), checked before any round."""
+    """A FedAvg schedule (``run_fedavg``, ``FedAvgPlan``, ``FederatedSimulation``), checked before any work."""
     check_rounds(rounds)
     check_rounds(local_epochs, "local_epochs")
     check_fraction(fraction)
@@ -72,35 +67,32 @@ def check_fedavg(rounds: int, local_epochs: int, fraction: float, data: str) -> 
 
 
 class LibraryFedAvg(FedAvg):
-    """Flower's FedAvg with the library's client sampling, per-client seeds and exact (float64) aggregation."""
+    """Flower's FedAvg with the library's client sampling, per-client seeds and exact (float64) aggregation; the
+    ``checkpoint`` is rewritten after every round."""
 
-    def __init__(self, fed: Federation, model: nn.Module, fraction: float, seed: int, local_epochs: int, data: str,
-                 local_config: Mapping[str, Any] | None, pool: Sequence[int], label: str, first_round: int = 0,
-                 history: list[dict] | None = None, store: UpdateStore | None = None,
-                 evaluate: Callable[[nn.Module], Mapping[str, float]] | None = None,
-                 checkpoint: Path | None = None, run_key: Mapping[str, str] | None = None) -> None:
+    def __init__(self, fed: Federation, model: nn.Module, pool: Sequence[int], fraction: float, seed: int,
+                 settings: Mapping[str, Any], label: str, history: list[dict], store: UpdateStore | None,
+                 evaluate: Callable[[nn.Module], Mapping[str, float]] | None, checkpoint: ServerCheckpoint) -> None:
         super().__init__(fraction_train=fraction, min_train_nodes=1, min_available_nodes=len(fed))
-        self.fed, self.model, self.seed, self.local_epochs, self.data = fed, model, seed, local_epochs, data
-        self.local_config, self.pool, self.label, self.first_round = local_config, pool, label, first_round
-        self.history, self.store, self.evaluate, self.checkpoint = list(history or []), store, evaluate, checkpoint
-        self.run_key = dict(run_key or {})
+        self.fed, self.model, self.pool, self.seed, self.settings, self.label = fed, model, pool, seed, settings, label
+        self.history, self.store, self.evaluate, self.checkpoint = history, store, evaluate, checkpoint
         self._t0, self._picked, self._expected = 0.0, 0, {}
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
-        r = self.first_round + server_round - 1
+        r = len(self.history)  # one row per finished round, a resumed run's saved rows included
         self._t0 = time.perf_counter()
         self._expected = dict(arrays.to_torch_state_dict())  # what every reply must match
         picked = [int(c) for c in sample_clients(self.pool, self.fraction_train, self.seed, r)]
         self._picked = len(picked)
         packed = down(self._expected)  # the arrays packed once; each client its own seed per round
-        return [self.fed.message(cid, with_config(packed, {
-            "epochs": self.local_epochs, "seed": self.seed * 100_003 + r * 1_000 + cid, "data": self.data,
-            **(self.local_config or {})}), "train", f"{self.label}/{r}") for cid in picked]
+        return [self.fed.message(cid, with_config(packed, {"seed": self.seed * 100_003 + r * 1_000 + cid,
+                                                           **self.settings}), "train", f"{self.label}/{r}")
+                for cid in picked]
 
     def aggregate_train(self, server_round: int,
                         replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        r = self.first_round + server_round - 1
+        r = len(self.history)
         label = f"{self.label}/{r}"
         replies = self.fed.decode(check_replies(list(replies), self._picked, f"FedAvg round {r}"), label)
         if not replies:
@@ -121,9 +113,8 @@ class LibraryFedAvg(FedAvg):
         row["round_s"] = time.perf_counter() - self._t0
         row["overhead_s"] = row["round_s"] - row["eval_s"] - row["local_compute_s"]
         t_ck = time.perf_counter()
-        if self.checkpoint is not None:
-            save_torch({"round": r, "run": self.run_key, "global": new, "history": self.history + [row],
-                        "store": self.store.rounds if self.store is not None else None}, self.checkpoint)
+        self.checkpoint.update(trained=new, training=self.history + [row],
+                               store=self.store.rounds if self.store else None)
         row["checkpoint_s"] = time.perf_counter() - t_ck  # in memory only; the saved row stops before saving
         row["round_s"] += row["checkpoint_s"]
         row["overhead_s"] += row["checkpoint_s"]
@@ -138,44 +129,32 @@ class LibraryFedAvg(FedAvg):
 def run_fedavg(
     model: nn.Module, clients: Any, rounds: int, fraction: float = 1.0, local_epochs: int = 1, seed: int = 0,
     data: str = "all", evaluate: Callable[[nn.Module], Mapping[str, float]] | None = None,
-    checkpoint_dir: str | os.PathLike | None = None, resume: bool = False, store_every: int | None = None,
-    deploy: bool = True, local_config: Mapping[str, Any] | None = None, label: str = "fedavg",
-    participants: Sequence[int] | None = None, run_key: Mapping[str, str] | None = None, progress: bool = True,
+    checkpoint: ServerCheckpoint | None = None, store_every: int | None = None, deploy: bool = True,
+    local_config: Mapping[str, Any] | None = None, label: str = "fedavg", participants: Sequence[int] | None = None,
+    progress: bool = True,
 ) -> FedAvgResult:
     """Federated averaging: ``rounds`` rounds of local Lightning training on a sampled ``fraction`` of clients;
     ``model`` ends with the global arrays. ``clients``: a ``Federation`` (any grid) or a simulation's ``clients``.
 
-    Args:
-        data: each client trains on ``"all"`` its shard or ``"retain"`` its data minus the federation's request.
-        evaluate: server-side evaluation of the global model after each round (e.g. global test accuracy).
-        checkpoint_dir: ``fedavg.pt`` is rewritten there after every round; ``resume=True`` continues it, only in
-            the run whose ``run_key`` (hashes of data split, partition, model, schedule) it stores.
-        store_every: keep the client updates of every n-th round (FedEraser needs them).
-        deploy: send the final model to every client (the model they later unlearn from).
-        participants: the clients that may be sampled (default: all).
-        progress: Flower's per-round log lines (False: warnings only).
+    ``data``: each client trains on ``"all"`` its shard or ``"retain"`` (minus the federation's request).
+    ``evaluate``: server-side evaluation of the global model after each round. ``checkpoint``: rewritten after every
+    round; the rounds it holds are not trained again. ``store_every``: keep every n-th round's client updates
+    (FedEraser). ``deploy``: every client keeps the final model. ``participants``: who may be sampled (default: all).
+    ``progress``: Flower's per-round log lines (False: warnings only).
     """
     check_fedavg(rounds, local_epochs, fraction, data)
-    arrays, history, first = get_arrays(model), [], 0
-    store = UpdateStore(store_every) if store_every else None
-    ckpt = Path(checkpoint_dir) / "fedavg.pt" if checkpoint_dir is not None else None
-    if resume and ckpt is not None and ckpt.exists():  # checked before any client is asked anything
-        state = load_torch_file(ckpt, "FedAvg resume file")
-        stored, current = dict((state.get("run") if isinstance(state, dict) else None) or {}), dict(run_key or {})
-        differ = sorted(k for k in {*stored, *current} if stored.get(k) != current.get(k))
-        if differ:
-            raise ValueError(f"{ckpt} was written by a different run ({', '.join(differ)} changed); start fresh with "
-                             "--federated.fresh true (resume=False) or use another output_dir")
-        arrays, history, first = state["global"], state["history"], state["round"] + 1
-        if store is not None and state.get("store") is not None:
-            store.rounds = state["store"]
+    ck = checkpoint or ServerCheckpoint()
+    store = UpdateStore(store_every, ck.store or []) if store_every else None
+    if ck.trained is not None:
+        set_arrays(model, ck.trained)
     fed = as_federation(clients)
     fed.start_run()
     pool = sorted(participants) if participants is not None else sorted(fed.nodes)
     if not pool:
         raise ValueError("no client may take part in FedAvg (participants is empty)")
-    strategy = LibraryFedAvg(fed, model, fraction, seed, local_epochs, data, local_config, pool, label, first, history,
-                             store, evaluate, ckpt, run_key)
+    settings = {"epochs": local_epochs, "data": data, **(local_config or {})}
+    strategy = LibraryFedAvg(fed, model, pool, fraction, seed, settings, label, list(ck.training), store, evaluate, ck)
+    arrays, first = get_arrays(model), len(ck.training)
     if first < rounds:
         flwr_log = logging.getLogger("flwr")
         level = flwr_log.level

@@ -1,7 +1,6 @@
-"""The federated unlearning protocol (Xu et al. 2024) as server phases on any grid (in process or Flower's):
-:func:`select`, :func:`remove`, :func:`masked_rounds` (only the selected slices are averaged: every frozen element
-stays bit-exact) and :func:`calibrate`, run in order by :func:`run_unlearning` (for :func:`federated_unlearn` and
-the ServerApp)."""
+"""The federated unlearning protocol (Xu et al. 2024) as server phases on any grid: :func:`select`, :func:`remove`,
+:func:`masked_rounds` (only the selected slices are averaged: frozen elements stay bit-exact) and :func:`calibrate`,
+run in order by :func:`run_unlearning` (for :func:`federated_unlearn` and the ServerApp)."""
 from __future__ import annotations
 
 import copy
@@ -115,12 +114,11 @@ def remove(fed: Federation, model: torch.nn.Module, mask: ParameterMask,
     if channels:
         content = masked_down(get_arrays(model), mask, {"seed": config.seed, "max_batches": STATS_BATCHES})
         replies = fed.ask(content, "query.bn_stats", "bn_stats", dropouts=True, what="statistics round")
-        modules = dict(model.named_modules())
-        with torch.no_grad():  # the pooled (mean, variance) into the selected channels; nothing else moves
-            for bn, (mean, var) in pool_batchnorm_moments(replies, channels).items():
-                sel = channels[bn].to(modules[bn].running_mean.device)
-                modules[bn].running_mean[sel] = mean.to(modules[bn].running_mean)
-                modules[bn].running_var[sel] = var.to(modules[bn].running_var)
+        for bn, (mean, var) in pool_batchnorm_moments(replies, channels).items():  # into the selected channels only
+            module = model.get_submodule(bn)
+            sel = channels[bn].to(module.running_mean.device)
+            module.running_mean[sel] = mean.to(module.running_mean)
+            module.running_var[sel] = var.to(module.running_var)
     return channels
 
 
@@ -139,18 +137,17 @@ def evaluate_round(fed: Federation, arrays: Mapping[str, Tensor], r: int) -> dic
 def masked_rounds(
     fed: Federation, reference: Mapping[str, Tensor], mask: ParameterMask, rounds: int, config: Mapping[str, Any], *,
     statistics: Mapping[str, Tensor] | None = None, fraction: float = 1.0, label: str = "unlearn",
-    first_round: int = 0, current: Mapping[str, Tensor] | None = None,
-    after_round: Callable[[int, dict, list], None] | None = None, train: ParameterMask | None = None,
+    first_round: int = 0, after_round: Callable[[int, dict, list], None] | None = None,
+    train: ParameterMask | None = None,
 ) -> tuple[dict[str, Tensor], list[dict]]:
-    """Masked FedAvg rounds ``first_round .. rounds - 1`` from ``current`` (default ``reference``): the global arrays
-    and a row per round. Round ``r`` calls the active clients of FedAvg's draw ``sample_clients(.., fraction,
-    config["seed"], r)``; the server averages the selected slices (``train``: only this sub-mask) by sample count,
-    every other element is ``reference``'s. ``after_round(r, current, history)``: evaluation and checkpoint."""
+    """Masked FedAvg rounds ``first_round .. rounds - 1`` from ``reference``: the global arrays and a row per round.
+    Round ``r`` calls the active clients of FedAvg's draw ``sample_clients(.., fraction, config["seed"], r)``; the
+    server averages the selected slices (``train``: only this sub-mask) by sample count, every other element is
+    ``reference``'s. ``after_round(r, current, history)``: evaluation and checkpoint."""
     check_rounds(rounds)
     check_fraction(fraction)
     seed = int(config.get("seed", 0))
-    reference = {k: v.clone() for k, v in reference.items()}
-    current = dict(current) if current is not None else reference
+    current = reference = {k: v.clone() for k, v in reference.items()}
     history: list[dict] = []
     has_mask: set[int] = set()
     for r in range(first_round, rounds):
@@ -207,18 +204,16 @@ def check_calibration(model: torch.nn.Module, mask: ParameterMask, config: Unlea
 
 
 def calibrate(
-    fed: Federation, model: torch.nn.Module, current: Mapping[str, Tensor], mask: ParameterMask, config: UnlearnConfig,
-    *, statistics: Mapping[str, Tensor] | None = None, trained_epochs: int | None = None, fraction: float = 1.0,
+    fed: Federation, model: torch.nn.Module, mask: ParameterMask, config: UnlearnConfig, *,
+    statistics: Mapping[str, Tensor] | None = None, trained_epochs: int | None = None, fraction: float = 1.0,
 ) -> tuple[dict[str, Tensor], list[dict]]:
-    """``calibrate="head"``, as centrally: a head-feature round pools each forgotten class's mean forget feature,
-    the server re-initialises their rows (:func:`~lightning_unlearn.repair.calibration.initial_rows`), then
-    ``config.calibration_epochs(trained_epochs)`` one-epoch :func:`masked_rounds` train only those rows (one-epoch
-    rounds re-average them as often as FedAvg did). ``model`` receives the result; returns the arrays and rows."""
+    """``calibrate="head"`` as centrally: the server re-initialises the forgotten classes' rows from the pooled mean
+    forget features, then ``config.calibration_epochs(trained_epochs)`` one-epoch masked rounds train only those rows
+    (re-averaged as often as FedAvg did), from ``model``'s arrays and into them; returns the arrays and rows."""
     classes = sorted(int(c) for c in fed.request.classes)  # a class request: the config and check_calibration said
-    set_arrays(model, current)
     name = _head_name(model)
     head = linear_head(model, name)
-    replies = fed.ask(masked_down(current, mask, {"classes": classes}, statistics), "query.head_features",
+    replies = fed.ask(masked_down(get_arrays(model), mask, {"classes": classes}, statistics), "query.head_features",
                     "head_features", dropouts=True, what="head-feature round")
     means = pool_head_features(replies, classes, head.in_features)
     forget = (torch.stack([means[c] for c in means]), torch.tensor(list(means))) if means else None
@@ -247,51 +242,42 @@ def run_unlearning(
     """Select, remove, masked rounds and calibration on ``model`` (holding the deployed arrays; updated in place).
     ``config`` is resolved (``auto``: it asked ``calibrate="auto"``). ``checkpoint`` (the ServerApp's) is rewritten
     after the selection and every round; one holding a mask is resumed. ``evaluate``: clients' accuracies in extra."""
+    ck = checkpoint or ServerCheckpoint()
     fed.request = request
     fed.start_run()
-    deployed = get_arrays(model)
     t0 = time.perf_counter()
-    resume = checkpoint is not None and checkpoint.mask is not None
-    scores, statistics, first, history, evaluation = None, None, 0, [], []
-    if resume:
-        mask, first = checkpoint.mask, checkpoint.rounds_done
-        history, evaluation = list(checkpoint.unlearning), list(checkpoint.evaluation)
-        log.info("resuming unlearning at round %d with the checkpoint's mask (sha256 %s)", first, mask.sha256()[:12])
-    else:
-        scores, mask = select(fed, model, config)
+    resumed = ck.mask is not None
+    scores, mask = (None, ck.mask) if resumed else select(fed, model, config)
     cfg = check_calibration(model, mask, config, request.classes, auto)
     t1 = time.perf_counter()
-    if resume and checkpoint.current is not None:  # the saved arrays hold the reset and its statistics
-        current = dict(checkpoint.current)
-        if cfg.reset != "none":
-            set_arrays(model, current)
-            statistics = selected_batchnorm_channels(model, mask)
+    if resumed:  # the saved arrays hold the reset and its statistics
+        log.info("resuming unlearning at round %d with the checkpoint's mask (sha256 %s)", ck.rounds_done,
+                 mask.sha256()[:12])
+        set_arrays(model, ck.current)
     else:
-        statistics = remove(fed, model, mask, cfg)
-        current = get_arrays(model)
-        if checkpoint is not None:
-            checkpoint.update(mask=mask, rounds_done=0, current=current if cfg.reset != "none" else None)
+        remove(fed, model, mask, cfg)
+        ck.update(mask=mask, rounds_done=0, current=get_arrays(model))
+    statistics = selected_batchnorm_channels(model, mask) if cfg.reset != "none" else None  # what remove() pooled
     t2 = time.perf_counter()
     log.info("request %s, scoring %s, ratio %g (%s); %d masked round(s), objective %s, max_steps %s",
              request.to_dict(), cfg.method, cfg.ratio, cfg.scope, rounds, cfg.objective, cfg.max_steps)
+    history, evaluation = list(ck.unlearning), list(ck.evaluation)
 
     def after_round(r: int, arrays: dict, rows: list) -> None:
         if evaluate:
             evaluation.append(evaluate_round(fed, arrays, r))
-        if checkpoint is not None:
-            checkpoint.update(rounds_done=r + 1, current=arrays, unlearning=history + rows, evaluation=list(evaluation))
+        ck.update(rounds_done=r + 1, current=arrays, unlearning=history + rows, evaluation=list(evaluation))
 
-    reference = current if cfg.reset != "none" else deployed  # masked_aggregate copies the frozen values from it
-    current, rows = masked_rounds(fed, reference, mask, rounds, unlearn_config(cfg), statistics=statistics,
-                                  fraction=fraction, first_round=first, current=current,
-                                  after_round=after_round)
+    # masked_aggregate copies the frozen values from the reference: the deployed ones, whatever rounds ran
+    current, rows = masked_rounds(fed, ck.current, mask, rounds, unlearn_config(cfg), statistics=statistics,
+                                  fraction=fraction, first_round=ck.rounds_done, after_round=after_round)
     history += rows
     set_arrays(model, current)
     t3 = time.perf_counter()
     extra: dict[str, Any] = {"rounds": rounds, "fraction": fraction}
     if cfg.calibrate == "head":  # after a restart it runs again from the saved arrays: seeded, the same result
-        current, calibration = calibrate(fed, model, current, mask, cfg, statistics=statistics,
-                                         trained_epochs=trained_epochs, fraction=fraction)
+        current, calibration = calibrate(fed, model, mask, cfg, statistics=statistics, trained_epochs=trained_epochs,
+                                         fraction=fraction)
         extra.update(calibration_rounds=len(calibration), calibration=calibration)
         if evaluate:  # the last evaluation is the calibrated model's
             evaluation.append(evaluate_round(fed, current, rounds))

@@ -17,12 +17,12 @@ from lightning_unlearn._io import to_jsonable
 from lightning_unlearn.data.federated import FederatedDataModule, FederatedForgetPlan
 from lightning_unlearn.data.unlearning import UnlearningDataModule
 from lightning_unlearn.evidence.references import cache_key, index_hash, model_description
+from lightning_unlearn.federated.checkpoint import ServerCheckpoint
 from lightning_unlearn.federated.client import make_client_app
-from lightning_unlearn.federated.fedavg import FedAvgResult, run_fedavg
+from lightning_unlearn.federated.fedavg import FedAvgResult, check_fedavg, run_fedavg
 from lightning_unlearn.federated.grid import LocalGrid
 from lightning_unlearn.federated.partitions import ClientPartition
 from lightning_unlearn.federated.protocol import FederatedUnlearningResult
-from lightning_unlearn.federated.server import check_rounds
 from lightning_unlearn.metrics import accuracy, split_accuracies
 from lightning_unlearn.request import ForgetRequest
 from lightning_unlearn.scoring.layers import LayerInfo, discover_layers
@@ -64,8 +64,7 @@ class FederatedSimulation:
                  fraction: float = 1.0, seed: int = 0, callbacks: Sequence[Callback] = (),
                  trainer_kwargs: Mapping[str, Any] | None = None, checkpoint_dir: str | os.PathLike | None = None,
                  store_every: int | None = None, progress: bool = True) -> None:
-        check_rounds(rounds)
-        check_rounds(local_epochs, "local_epochs")
+        check_fedavg(rounds, local_epochs, fraction, "all")
         self.fdm, self.model, self.rounds, self.local_epochs = fdm, model, rounds, local_epochs
         self.fraction, self.seed, self.progress = fraction, seed, progress
         self.checkpoint_dir, self.store_every = checkpoint_dir, store_every
@@ -78,12 +77,12 @@ class FederatedSimulation:
 
     def train(self, resume: bool = False) -> FedAvgResult:
         """Original federated training; the final model is deployed to every client."""
-        start = time.perf_counter()
+        start, folder = time.perf_counter(), self.checkpoint_dir
         self.training = run_fedavg(
             self.model, self.clients, self.rounds, self.fraction, self.local_epochs, self.seed,
             evaluate=lambda m: {"test_acc": accuracy(m, self.fdm.test_dataloader(), self.fdm.num_classes)},
-            checkpoint_dir=self.checkpoint_dir, resume=resume, store_every=self.store_every, run_key=self.run_key(),
-            progress=self.progress,
+            checkpoint=ServerCheckpoint.open(folder, self.run_key(), resume) if folder is not None else None,
+            store_every=self.store_every, progress=self.progress,
         )
         self.timings_s["training"] = time.perf_counter() - start
         return self.training

@@ -20,7 +20,7 @@ from lightning_unlearn.config import UnlearnConfig
 from lightning_unlearn.evidence.references import cache_key
 from lightning_unlearn.evidence.report import UnlearningReport, weights_sha256
 from lightning_unlearn.federated.fedavg import check_fedavg, deploy_model, run_fedavg
-from lightning_unlearn.federated.federation import POLL_S, Federation
+from lightning_unlearn.federated.federation import Federation
 from lightning_unlearn.federated.checkpoint import ServerCheckpoint
 from lightning_unlearn.federated.messages import ByteCounter
 from lightning_unlearn.federated.protocol import run_unlearning
@@ -122,32 +122,29 @@ class FlowerRunResult:
 def run_server(
     grid: Grid, model: pl.LightningModule, num_clients: int, train: FedAvgPlan | None = None,
     unlearn: UnlearnPlan | None = None, timeout: float = 3600, checkpoint: str | os.PathLike | None = None,
-    poll_s: float | None = POLL_S,
 ) -> FlowerRunResult:
     """FedAvg from ``model``'s arrays (skipped when ``train`` is None), deploy, then unlearn (when asked).
-    ``checkpoint``: a folder; a restarted run with the same plans resumes from it (no retraining, the same mask).
-    ``poll_s``: how often to ask the SuperLink for replies (None: the grid's own, 3 s in a deployment)."""
-    saver = None
-    if checkpoint is not None:
-        key = cache_key({"train": vars(train) if train else None, "unlearn": unlearn.key() if unlearn else None,
-                         "num_clients": num_clients})
-        saver = ServerCheckpoint.load(checkpoint, key) or ServerCheckpoint(key, folder=checkpoint)
+    ``checkpoint``: a folder; a restarted run with the same plans resumes from it (FedAvg's finished rounds are not
+    run again, unlearning keeps its mask)."""
+    key = {"train": cache_key(vars(train)) if train else "none", "unlearn": unlearn.key() if unlearn else "none",
+           "clients": str(num_clients)}
+    saver = ServerCheckpoint.open(checkpoint, key) if checkpoint is not None else ServerCheckpoint()
     laps = [time.perf_counter()]  # connect, training, deploy, unlearning
     fed = Federation(grid, num_clients, timeout, unlearn.min_clients if unlearn else None,
-                     unlearn.round_timeout if unlearn else None, poll_s)
-    result = FlowerRunResult(clients=dict(fed.nodes), traffic=fed.traffic, plan=unlearn)
+                     unlearn.round_timeout if unlearn else None)
+    result = FlowerRunResult(clients=dict(fed.nodes), traffic=fed.traffic, plan=unlearn, dropped=fed.dropped)
     laps.append(time.perf_counter())
-    if saver is not None and saver.trained is not None:
+    if saver.trained is not None:  # a restart
         set_arrays(model, saver.trained)
-        result.training = list(saver.training)
-        result.resumed = {"trained": True, "mask": saver.mask is not None, "rounds_done": saver.rounds_done}
+        result.resumed = {"fedavg_rounds": len(saver.training), "mask": saver.mask is not None,
+                          "rounds_done": saver.rounds_done}
         log.info("resuming from checkpoint %s: %s", checkpoint, result.resumed)
-    elif train is not None:
-        result.training = run_fedavg(model, fed, **vars(train), deploy=False).history
+    if train is not None:
+        result.training = run_fedavg(model, fed, **vars(train), deploy=False, checkpoint=saver).history
     laps.append(time.perf_counter())
     result.trained = get_arrays(model)
-    if saver is not None and saver.trained is None:
-        saver.update(trained=result.trained, training=result.training)
+    if saver.trained is None:  # no FedAvg: the model to resume unlearning from
+        saver.update(trained=result.trained)
     deploy_model(fed, result.trained)
     laps.append(time.perf_counter())
     if unlearn is not None:
@@ -155,7 +152,6 @@ def run_server(
                              trained_epochs=train.rounds * train.local_epochs if train is not None else None,
                              evaluate=unlearn.evaluate, checkpoint=saver)
         result.scores, result.mask, result.unlearning = out.scores, out.mask, out.history
-        result.dropped = dict(fed.dropped)
         result.evaluation, result.calibration = out.extra.get("evaluation", []), out.extra.get("calibration", [])
     laps.append(time.perf_counter())
     result.arrays = get_arrays(model)
@@ -182,5 +178,3 @@ def make_server_app(
 
     return app
 
-
-__all__ = ["FedAvgPlan", "FlowerRunResult", "UnlearnPlan", "make_server_app", "run_server"]
