@@ -135,10 +135,10 @@ def measure_overhead(bench: Bench, reps: int) -> dict[str, Any]:
     epsilon accounting, run at the fit's end, is timed apart.
     """
     from lightning_unlearn._training import fit
-    from lightning_unlearn.federated.client import _LoaderModule
+    from lightning_unlearn._training import SeededData
     from lightning_unlearn.privacy import DifferentialPrivacy
 
-    data = _LoaderModule(bench.fdm.client_dataset(0), bench.args.batch_size, bench.args.seed)
+    data = SeededData(bench.fdm.client_dataset(0), bench.args.batch_size, bench.args.seed)
     plain, private, accounting = [], [], []
     for _ in range(reps):
         for dp in (False, True):

@@ -9,6 +9,7 @@ from typing import Sequence
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
+from torch.utils.data import DataLoader, Dataset
 
 QUIET_TRAINER = dict(
     logger=False,
@@ -18,6 +19,19 @@ QUIET_TRAINER = dict(
     num_sanity_val_steps=0,
     limit_val_batches=0,
 )
+
+
+class SeededData(pl.LightningDataModule):
+    """One dataset shuffled by its own generator: a client's or a reference model's data order is its seed's."""
+
+    def __init__(self, dataset: Dataset, batch_size: int, seed: int, num_workers: int = 0) -> None:
+        super().__init__()
+        self.dataset, self.batch_size, self.seed, self.num_workers = dataset, batch_size, seed, num_workers
+
+    def train_dataloader(self) -> DataLoader:
+        gen = torch.Generator().manual_seed(self.seed)
+        return DataLoader(self.dataset, batch_size=self.batch_size, shuffle=True, generator=gen,
+                          num_workers=self.num_workers)
 
 
 def fit(

@@ -28,14 +28,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
-import lightning.pytorch as pl
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import ConcatDataset, DataLoader, Dataset, Subset, TensorDataset
+from torch.utils.data import ConcatDataset, Dataset, Subset, TensorDataset
 
 from lightning_unlearn._io import load_torch_file, save_torch, write_json
-from lightning_unlearn._training import fit, quiet_lightning, reinitialize
+from lightning_unlearn._training import SeededData, fit, quiet_lightning, reinitialize
 from lightning_unlearn.data.unlearning import UnlearningDataModule
 
 log = logging.getLogger(__name__)
@@ -112,19 +111,6 @@ def derived_seed(kind: str, seed: int, index: int) -> int:
 
 
 # -- training data ------------------------------------------------------------------
-class _TrainOn(pl.LightningDataModule):
-    """One dataset, shuffled with the member's own seed (every model sees its own data order)."""
-
-    def __init__(self, dataset: Dataset, batch_size: int, seed: int, num_workers: int = 0) -> None:
-        super().__init__()
-        self.dataset, self.batch_size, self.seed, self.num_workers = dataset, batch_size, seed, num_workers
-
-    def train_dataloader(self) -> DataLoader:
-        gen = torch.Generator().manual_seed(self.seed)
-        return DataLoader(self.dataset, batch_size=self.batch_size, shuffle=True, generator=gen,
-                          num_workers=self.num_workers)
-
-
 def audit_indices(datamodule: UnlearningDataModule, size: int, seed: int) -> np.ndarray:
     """A seeded sample of retain-set positions (training-set indices) that no reference trains on.
 
@@ -234,7 +220,7 @@ class _progress:
 def _train_fresh(template: nn.Module, dataset: Dataset, datamodule, epochs: int, trainer_kwargs, seed: int) -> nn.Module:
     model = reinitialize(copy.deepcopy(template).cpu(), seed).train()
     torch.manual_seed(seed)
-    data = _TrainOn(dataset, int(datamodule.batch_size), seed, int(getattr(datamodule, "num_workers", 0)))
+    data = SeededData(dataset, int(datamodule.batch_size), seed, int(getattr(datamodule, "num_workers", 0)))
     with quiet_lightning():
         fit(model, data, epochs, trainer_kwargs=trainer_kwargs)
     return model

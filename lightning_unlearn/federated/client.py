@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from lightning_unlearn._modes import eval_modes, restore_modes
-from lightning_unlearn._training import QUIET_TRAINER, fit, quiet_lightning
+from lightning_unlearn._training import QUIET_TRAINER, SeededData, fit, quiet_lightning
 from lightning_unlearn.callbacks.gradient_mask import GradientMask
 from lightning_unlearn.callbacks.learning_rate import ScaleLearningRate
 from lightning_unlearn.callbacks.selective import SelectiveUnlearning
@@ -44,18 +44,6 @@ from lightning_unlearn.scoring import channel_scores, discover_layers
 from lightning_unlearn.scoring.layers import LayerInfo
 
 log = logging.getLogger(__name__)
-
-
-class _LoaderModule(pl.LightningDataModule):
-    """One client's local training data as a LightningDataModule (seeded shuffling)."""
-
-    def __init__(self, dataset: Dataset, batch_size: int, seed: int) -> None:
-        super().__init__()
-        self.dataset, self.batch_size, self.seed = dataset, batch_size, seed
-
-    def train_dataloader(self) -> DataLoader:
-        gen = torch.Generator().manual_seed(self.seed)
-        return DataLoader(self.dataset, batch_size=self.batch_size, shuffle=True, generator=gen)
 
 
 def local_fit(model: pl.LightningModule, arrays: Mapping[str, Tensor], datamodule: pl.LightningDataModule,
@@ -219,7 +207,7 @@ def _fit(node: _Node) -> RecordDict | None:
     data = node.subset(node.config.get("data", "all"))
     if len(data) == 0:
         return None
-    dm = _LoaderModule(data, node.part.batch_size, int(node.config.get("seed", 0)))
+    dm = SeededData(data, node.part.batch_size, int(node.config.get("seed", 0)))
     arrays, metrics = local_fit(node.model, node.arrays, dm, node.config, node.callbacks, node.trainer_kwargs)
     return up("parameters", arrays, len(data), metrics)
 
@@ -366,7 +354,7 @@ def _masked_update(node: _Node) -> RecordDict | None:
                                                  epochs=int(cfg.get("epochs", 1)), bn_stats=bn_stats,
                                                  forget_weight=float(cfg.get("forget_weight", 1.0)))
     else:
-        dm, callback = _LoaderModule(node.subset("retain"), node.part.batch_size, seed), GradientMask(mask, bn_stats)
+        dm, callback = SeededData(node.subset("retain"), node.part.batch_size, seed), GradientMask(mask, bn_stats)
     scales = head_parameter_scales(mask, node.layers, cfg.get("head_lr_scale")) or None
     arrays, metrics = local_fit(node.model, start, dm, cfg, [*node.callbacks, callback], node.trainer_kwargs, scales)
     return up("masked_update", selected_values(arrays, mask), len(node.subset("retain")), metrics)
