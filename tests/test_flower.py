@@ -153,6 +153,10 @@ def test_local_split_matches_the_simulations_forget_plan(digits, tmp_path):
     assert torch.equal(loaded.dataset.tensors[0][5], fdm.client_dataset(2)[5][0])
     sample = requests[-1]
     assert np.array_equal(client_split(sample, loaded).forget, fdm.forget_plan(sample).splits[2].forget)
+    labels = loaded.targets  # read once per partition, not once per message naming a request
+    assert np.array_equal(labels, loaded.dataset.tensors[1].numpy())
+    client_split(requests[0], loaded)
+    assert loaded.targets is labels
     blob = torch.load(path, weights_only=True)  # a node's file with a NaN pixel or a label out of range: refused
     blob["x"][4, 0, 1, 1] = float("nan")
     torch.save(blob, path)

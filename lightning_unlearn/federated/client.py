@@ -133,7 +133,7 @@ def batchnorm_moments(model: nn.Module, mask: ParameterMask, batches: Iterable,
 
 def client_split(request: ForgetRequest, part: ClientPartition) -> ClientSplit:
     """The node's own forget/retain split, resolved locally (same result as ``FederatedDataModule.forget_plan``)."""
-    targets = dataset_targets(part.dataset).numpy()
+    targets = part.targets
     if request.kind == "sample" and part.sample_ids is None:
         raise FlowerDataError(f"client {part.client_id}: a sample request names global sample ids, but this "
                               "partition does not know its global ids (ClientPartition.sample_ids is None)")

@@ -33,6 +33,11 @@ class ClientPartition:
     batch_size: int = 64
     callbacks: Sequence[Callback] = ()
 
+    @functools.cached_property
+    def targets(self) -> np.ndarray:
+        """The shard's labels, read once: every message that names a request resolves the node's split from them."""
+        return dataset_targets(self.dataset).numpy()
+
 
 class FlowerDataError(RuntimeError):
     """A client node cannot reach its data partition (missing key, bad id, missing file)."""
