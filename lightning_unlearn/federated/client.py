@@ -28,10 +28,9 @@ from lightning_unlearn._training import QUIET_TRAINER, SeededData, fit, quiet_li
 from lightning_unlearn.callbacks.gradient_mask import GradientMask
 from lightning_unlearn.callbacks.learning_rate import ScaleLearningRate
 from lightning_unlearn.callbacks.selective import SelectiveUnlearning
-from lightning_unlearn.data.datasets import dataset_targets
 from lightning_unlearn.data.federated import ClientSplit
 from lightning_unlearn.data.unlearning import UnlearningDataModule
-from lightning_unlearn.federated.messages import COUNT_KEY, read_down, short_repr, up
+from lightning_unlearn.federated.messages import CDP_METHOD, COUNT_KEY, read_down, short_repr, up
 from lightning_unlearn.federated.partitions import ClientPartition, FlowerDataError, file_partition
 from lightning_unlearn.federated.server import head_feature_key, statistic_masks
 from lightning_unlearn.mask import ParameterMask, get_arrays, head_parameter_scales, selected_values, set_arrays
@@ -227,16 +226,18 @@ def _score(node: _Node) -> RecordDict | None:
 
 def _cdp(node: _Node) -> RecordDict | None:
     """CDP: mean channel activations on one local document, the forget set or ``class_<c>`` of the retain set."""
-    set_arrays(node.model, node.deployed())
-    layers = {n: i for n, i in node.layers.items() if not i.is_head}
     doc = node.config["document"]
-    data = node.subset("forget" if doc == "forget" else "retain")
-    if doc != "forget":
-        data = Subset(data, np.flatnonzero(dataset_targets(data).numpy() == int(doc.split("_")[1])).tolist())
+    if doc == "forget":
+        data = node.subset("forget")
+    else:  # the retained samples of class ``c``, in the retain set's order
+        retain = node.split.retain if node.split is not None else np.arange(len(node.part.dataset))
+        data = Subset(node.part.dataset, retain[node.part.targets[retain] == int(doc.split("_")[1])].tolist())
     if not len(data):
         return None
+    set_arrays(node.model, node.deployed())
+    layers = {n: i for n, i in node.layers.items() if not i.is_head}
     acts, n = cdp_activations(node.model, node.loader(data), layers, node.config.get("max_samples"))
-    return up("scores", acts, n, method="cdp_activation", tag=doc, layers=_layer_table(layers))
+    return up("scores", acts, n, method=CDP_METHOD, tag=doc, layers=_layer_table(layers))
 
 
 def _bn_stats(node: _Node) -> RecordDict | None:

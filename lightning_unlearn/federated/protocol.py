@@ -153,9 +153,10 @@ def masked_rounds(
     for r in range(first_round, rounds):
         t0, tag = time.perf_counter(), f"{label}/{r}"
         picked = [c for c in (int(i) for i in sample_clients(sorted(fed.nodes), fraction, seed, r)) if c in fed.active]
-        # no values in round 0 (clients hold the deployed model) unless a reset changed them or rows are calibrated
+        # no values in round 0 (clients hold the deployed model) unless a reset changed them or rows are calibrated;
+        # the mask goes only to clients that do not hold it yet, and each variant is packed only if one is sent
         contents = {send: masked_down(current, mask, round_config(config, r), statistics, r > 0 or train is not None,
-                                      send) for send in (True, False)}
+                                      send) for send in {c not in has_mask for c in picked}}
         replies = fed.ask({c: contents[c not in has_mask] for c in picked}, "train.unlearn", tag, dropouts=True,
                         what=f"unlearning round {r}")
         has_mask.update(picked)
