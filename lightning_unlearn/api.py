@@ -55,7 +55,8 @@ def result_of(
     central run's result is assembled (``unlearn`` and ``lightning-unlearn unlearn``)."""
     timings = {**callback.timings, "total": seconds}
     stop_reason = None if callback.stop_reason is None else str(callback.stop_reason)
-    extra = {"steps": callback.steps, "stop_reason": stop_reason, "stopping": callback.stopping_history}
+    extra = {"steps": callback.steps, "step_budget": callback.step_budget, "stop_reason": stop_reason,
+             "stopping": callback.stopping_history}
     return UnlearningResult(model, callback.mask, split_accuracies(model, datamodule), timings, callback.scores,
                             extra=extra, config=callback.resolved_config)
 
