@@ -35,7 +35,8 @@ def unlearn(
     unless ``inplace=True``. ``trainer_kwargs`` go to the Lightning ``Trainer`` (accelerator,
     precision, ...); the step budget and the stopping rule are the config's. ``mask``: a precomputed
     selection (e.g. a control such as random channels): no scoring, the same reset and repair.
-    ``result.extra`` holds the steps taken, why the repair stopped and every check of the stopping rule.
+    ``result.extra`` holds the steps taken, the step budget, why the repair stopped and every check of the
+    stopping rule.
     """
     config = UnlearnConfig.build(config, **overrides)
     if trainer_kwargs and ({"max_epochs", "max_steps"} & set(trainer_kwargs)):

@@ -64,11 +64,13 @@ class SelectiveUnlearning(Callback):
     (``config.max_steps``, ``"auto"``: :func:`~lightning_unlearn.config.auto_max_steps`), after
     ``config.epochs`` if set, and, with ``config.early_stopping``, as soon as the
     :class:`~lightning_unlearn.repair.StoppingRule` sees the forget data forgotten and remaining accuracy
-    recovered on held-out data. With ``config.calibrate="head"`` the forgotten classes' head rows are refit on
-    retain features when the repair ends (:meth:`calibrate`). Every check is in :attr:`stopping_history`;
-    :attr:`stop_reason`
-    (a :class:`~lightning_unlearn.repair.StopReason`) says why the fit ended. A non-finite loss,
-    parameter or BatchNorm statistic ends the fit with a :class:`~lightning_unlearn.repair.NonFiniteError`.
+    recovered on held-out data. A Trainer without ``max_steps`` gets the budget as its ``max_steps`` in
+    :meth:`setup`, so ``trainer.estimated_stepping_batches`` (e.g. a ``OneCycleLR`` sized in
+    ``configure_optimizers``) counts the repair's steps. With ``config.calibrate="head"`` the forgotten
+    classes' head rows are refit on retain features when the repair ends (:meth:`calibrate`). Every check is
+    in :attr:`stopping_history`; :attr:`stop_reason` (a :class:`~lightning_unlearn.repair.StopReason`) says
+    why the fit ended. A non-finite loss, parameter or BatchNorm statistic ends the fit with a
+    :class:`~lightning_unlearn.repair.NonFiniteError`.
 
     Each fit is one request: the mask, scores and stopping state of a previous fit are dropped at
     setup, unless a checkpoint of the same request restores them (``trainer.fit(..., ckpt_path=...)``);
