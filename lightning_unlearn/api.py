@@ -35,7 +35,8 @@ def unlearn(
     unless ``inplace=True``. ``trainer_kwargs`` go to the Lightning ``Trainer`` (accelerator,
     precision, ...); the step budget and the stopping rule are the config's. ``mask``: a precomputed
     selection (e.g. a control such as random channels): no scoring, the same reset and repair.
-    ``result.extra`` holds the steps taken, why the repair stopped and every check of the stopping rule.
+    ``result.extra`` holds the steps taken, the step budget, why the repair stopped and every check of the
+    stopping rule.
     """
     config = UnlearnConfig.build(config, **overrides)
     if trainer_kwargs and ({"max_epochs", "max_steps"} & set(trainer_kwargs)):
@@ -55,7 +56,8 @@ def result_of(
     central run's result is assembled (``unlearn`` and ``lightning-unlearn unlearn``)."""
     timings = {**callback.timings, "total": seconds}
     stop_reason = None if callback.stop_reason is None else str(callback.stop_reason)
-    extra = {"steps": callback.steps, "stop_reason": stop_reason, "stopping": callback.stopping_history}
+    extra = {"steps": callback.steps, "step_budget": callback.step_budget, "stop_reason": stop_reason,
+             "stopping": callback.stopping_history}
     return UnlearningResult(model, callback.mask, split_accuracies(model, datamodule), timings, callback.scores,
                             extra=extra, config=callback.resolved_config)
 

@@ -10,6 +10,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities.rank_zero import rank_zero_debug
 from torch.utils.data import DataLoader, Subset
 from typing_extensions import override
 
@@ -63,11 +64,13 @@ class SelectiveUnlearning(Callback):
     (``config.max_steps``, ``"auto"``: :func:`~lightning_unlearn.config.auto_max_steps`), after
     ``config.epochs`` if set, and, with ``config.early_stopping``, as soon as the
     :class:`~lightning_unlearn.repair.StoppingRule` sees the forget data forgotten and remaining accuracy
-    recovered on held-out data. With ``config.calibrate="head"`` the forgotten classes' head rows are refit on
-    retain features when the repair ends (:meth:`calibrate`). Every check is in :attr:`stopping_history`;
-    :attr:`stop_reason`
-    (a :class:`~lightning_unlearn.repair.StopReason`) says why the fit ended. A non-finite loss,
-    parameter or BatchNorm statistic ends the fit with a :class:`~lightning_unlearn.repair.NonFiniteError`.
+    recovered on held-out data. A Trainer without ``max_steps`` gets the budget as its ``max_steps`` in
+    :meth:`setup`, so ``trainer.estimated_stepping_batches`` (e.g. a ``OneCycleLR`` sized in
+    ``configure_optimizers``) counts the repair's steps. With ``config.calibrate="head"`` the forgotten
+    classes' head rows are refit on retain features when the repair ends (:meth:`calibrate`). Every check is
+    in :attr:`stopping_history`; :attr:`stop_reason` (a :class:`~lightning_unlearn.repair.StopReason`) says
+    why the fit ended. A non-finite loss, parameter or BatchNorm statistic ends the fit with a
+    :class:`~lightning_unlearn.repair.NonFiniteError`.
 
     Each fit is one request: the mask, scores and stopping state of a previous fit are dropped at
     setup, unless a checkpoint of the same request restores them (``trainer.fit(..., ckpt_path=...)``);
@@ -95,6 +98,7 @@ class SelectiveUnlearning(Callback):
             raise ValueError(f"mask must be a ParameterMask or a path to a saved mask, got {type(mask).__name__}")
         self.log_metrics, self.progress = log_metrics, progress
         self._given_mask = ParameterMask.load(mask) if isinstance(mask, (str, os.PathLike)) else mask
+        self._filled_max_steps = self._filled_max_epochs = False
         self._start_request()
 
     def _start_request(self) -> None:
@@ -105,6 +109,7 @@ class SelectiveUnlearning(Callback):
         self.history: list[dict[str, float | None]] = []
         self.stop_reason: StopReason | None = None
         self.steps = 0
+        self._budget: int | None = None
         self._request: dict | None = None
         self._resolved: UnlearnConfig | None = None
         self._restored = False
@@ -138,6 +143,12 @@ class SelectiveUnlearning(Callback):
         if self._resolved is None:
             raise RuntimeError("the config is resolved in setup(): call trainer.fit first")
         return self._resolved
+
+    @property
+    def step_budget(self) -> int | None:
+        """The repair's cap on optimizer steps (``config.max_steps``, ``"auto"`` sized by the retain data; None:
+        ``config.epochs`` decide), known from ``setup``, before ``configure_optimizers`` runs."""
+        return self._budget
 
     @property
     def needs_forget_batches(self) -> bool:
@@ -227,6 +238,31 @@ class SelectiveUnlearning(Callback):
                     f"({type(pl_module).__name__} does not); add the mixin or use objective='retain'"
                 )
             pl_module.configure_unlearning(cfg.objective, dm.request.classes, cfg.forget_weight, cfg.seed)
+        self._budget = cfg.step_budget(len(dm.retain_dataloader()))
+        self._size_trainer(trainer)
+
+    def _size_trainer(self, trainer: pl.Trainer) -> None:
+        """Give a Trainer without a step limit the step budget, and one without an epoch limit ``config.epochs``, so
+        ``trainer.estimated_stepping_batches`` counts the optimizer steps the repair may take when
+        ``configure_optimizers`` sizes a per-step scheduler with it. Lightning calls ``setup`` before it configures
+        the optimizers. Limits the user set are kept; the filled ones are put back when the fit ends. The callback
+        still stops the fit itself (at the budget, or earlier by the stopping rule)."""
+        self._filled_max_steps = self._filled_max_epochs = False
+        if trainer.max_steps == -1 and self._budget is not None:
+            trainer.fit_loop.epoch_loop.max_steps = self._budget
+            self._filled_max_steps = True
+            rank_zero_debug(f"SelectiveUnlearning: the Trainer's max_steps set to the step budget ({self._budget})")
+        if trainer.max_epochs == -1 and self.resolved_config.epochs is not None:
+            trainer.fit_loop.max_epochs = self.resolved_config.epochs
+            self._filled_max_epochs = True
+
+    def _restore_trainer_limits(self, trainer: pl.Trainer) -> None:
+        """Put back the limits :meth:`_size_trainer` filled: the Trainer is left as it was built."""
+        if self._filled_max_steps:
+            trainer.fit_loop.epoch_loop.max_steps = -1
+        if self._filled_max_epochs:
+            trainer.fit_loop.max_epochs = -1
+        self._filled_max_steps = self._filled_max_epochs = False
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -479,6 +515,11 @@ class SelectiveUnlearning(Callback):
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if self._enforcer is not None:
             self._enforcer.detach()
+        self._restore_trainer_limits(trainer)
+
+    @override
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        self._restore_trainer_limits(trainer)  # a failed fit skips teardown
 
     # -- checkpoints: everything a resumed run needs to continue exactly ----------------------------
     @override
