@@ -57,6 +57,14 @@ class GradientMask(Callback):
             self._enforcer.detach()
 
     @override
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        """A fit stopped by an error (Lightning then skips ``teardown``): frozen elements back, hooks off, BatchNorm
+        in its own mode again, so a model trained further afterwards is not left with frozen statistics."""
+        if self._enforcer is not None:
+            self._enforcer.restore()
+            self._enforcer.detach()
+
+    @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if self._enforcer is not None:
             self._enforcer.detach()

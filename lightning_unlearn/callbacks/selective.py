@@ -512,6 +512,13 @@ class SelectiveUnlearning(Callback):
             self.stop_reason = StopReason.TRAINER  # the Trainer's own max_epochs / max_steps ended the fit first
 
     @override
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        """A fit stopped by an error (Lightning then skips ``teardown``): frozen elements back, hooks off."""
+        if self._enforcer is not None:
+            self._enforcer.restore()
+            self._enforcer.detach()
+
+    @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if self._enforcer is not None:
             self._enforcer.detach()

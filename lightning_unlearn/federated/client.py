@@ -10,6 +10,7 @@ import inspect
 import itertools
 import json
 import logging
+import math
 import time
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
@@ -25,6 +26,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from lightning_unlearn._modes import eval_modes, restore_modes
 from lightning_unlearn._training import QUIET_TRAINER, SeededData, fit, quiet_lightning
+from lightning_unlearn.callbacks.divergence import DivergenceError, DivergenceGuard
 from lightning_unlearn.callbacks.gradient_mask import GradientMask
 from lightning_unlearn.callbacks.learning_rate import ScaleLearningRate
 from lightning_unlearn.callbacks.selective import SelectiveUnlearning
@@ -33,7 +35,9 @@ from lightning_unlearn.data.unlearning import UnlearningDataModule
 from lightning_unlearn.federated.messages import CDP_METHOD, COUNT_KEY, read_down, short_repr, up
 from lightning_unlearn.federated.partitions import ClientPartition, FlowerDataError, file_partition
 from lightning_unlearn.federated.server import head_feature_key, statistic_masks
-from lightning_unlearn.mask import ParameterMask, get_arrays, head_parameter_scales, selected_values, set_arrays
+from lightning_unlearn.mask import (
+    BN_TYPES, ParameterMask, get_arrays, head_parameter_scales, selected_values, set_arrays,
+)
 from lightning_unlearn.metrics import accuracy
 from lightning_unlearn.repair.calibration import fit_rows, head_features, linear_head, optimizer_recipe
 from lightning_unlearn.repair.objectives import FORGET_AWARE
@@ -359,8 +363,38 @@ def _masked_update(node: _Node) -> RecordDict | None:
     else:
         dm, callback = SeededData(node.subset("retain"), node.part.batch_size, seed), GradientMask(mask, bn_stats)
     scales = head_parameter_scales(mask, node.layers, cfg.get("head_lr_scale")) or None
-    arrays, metrics = local_fit(node.model, start, dm, cfg, [*node.callbacks, callback], node.trainer_kwargs, scales)
+    arrays, metrics = _guarded_fit(node, start, dm, cfg, callback, scales)
     return up("masked_update", selected_values(arrays, mask), len(node.subset("retain")), metrics)
+
+
+def _guarded_fit(node: _Node, start: Mapping[str, Tensor], dm: pl.LightningDataModule, cfg: Mapping[str, Any],
+                 callback: Callback, scales: Mapping[str, float] | None) -> tuple[dict[str, Tensor], dict[str, float]]:
+    """A masked round's local fit from ``start`` that stops at its first non-finite loss (or ends with non-finite
+    weights) with one line naming the client and what to change, instead of sending NaN values to the server."""
+    client = node.part.client_id
+    try:
+        arrays, metrics = local_fit(node.model, start, dm, cfg, [DivergenceGuard(), *node.callbacks, callback],
+                                    node.trainer_kwargs, scales)
+    except DivergenceError as err:
+        if err.first:  # before any update: not the learning rate
+            raise DivergenceError(err.step, err.loss, f"client {client}: in its masked round {err}; check the "
+                                  "client's data (non-finite inputs?) and the model") from None
+        raise DivergenceError(err.step, err.loss, _diverged(node, cfg, str(err))) from None
+    broken = [k for k, v in arrays.items() if not bool(torch.isfinite(v).all())]
+    if broken:
+        raise DivergenceError(-1, math.nan, _diverged(node, cfg, f"{short_repr(broken[0])} is non-finite after it"))
+    return arrays, metrics
+
+
+def _diverged(node: _Node, cfg: Mapping[str, Any], what: str) -> str:
+    """The line for a diverged masked round: BatchNorm fixed in eval mode loses its invariance to the scale of the
+    weights before it, so the rate the user's optimizer was tuned for can be far too large for the repair."""
+    frozen_bn = cfg.get("bn_stats", "frozen") == "frozen" and any(isinstance(m, BN_TYPES)
+                                                                  for m in node.model.modules())
+    why = ("with every BatchNorm in eval mode (bn_stats='frozen') the module's learning rate can be too large for "
+           "the repair: lower lr_scale or set bn_stats='selected'") if frozen_bn else \
+        "lower lr_scale, or check the module's learning rate"
+    return f"client {node.part.client_id}: the masked round's local fit diverged ({what}); {why}"
 
 
 def _evaluate(node: _Node) -> RecordDict:

@@ -16,6 +16,7 @@ import torch
 from flwr.app import RecordDict
 from torch import Tensor
 
+from lightning_unlearn.callbacks.divergence import DivergenceError
 from lightning_unlearn.config import AUTO, UnlearnConfig
 from lightning_unlearn.federated.checkpoint import ServerCheckpoint
 from lightning_unlearn.federated.federation import Federation, as_federation
@@ -157,8 +158,11 @@ def masked_rounds(
         # the mask goes only to clients that do not hold it yet, and each variant is packed only if one is sent
         contents = {send: masked_down(current, mask, round_config(config, r), statistics, r > 0 or train is not None,
                                       send) for send in {c not in has_mask for c in picked}}
-        replies = fed.ask({c: contents[c not in has_mask] for c in picked}, "train.unlearn", tag, dropouts=True,
-                        what=f"unlearning round {r}")
+        try:
+            replies = fed.ask({c: contents[c not in has_mask] for c in picked}, "train.unlearn", tag, dropouts=True,
+                              what=f"unlearning round {r}")
+        except DivergenceError as err:  # an in-process client's (a deployed one's error reply names the round)
+            raise DivergenceError(err.step, err.loss, f"unlearning round {r}: {err}") from None
         has_mask.update(picked)
         if not replies and len(picked) == len(fed.nodes):
             raise ValueError("no client has retain data for the masked rounds")
