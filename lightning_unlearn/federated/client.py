@@ -40,6 +40,7 @@ from lightning_unlearn.repair.objectives import FORGET_AWARE
 from lightning_unlearn.request import ForgetRequest
 from lightning_unlearn.reset import selected_batchnorm_channels
 from lightning_unlearn.scoring import channel_scores, discover_layers
+from lightning_unlearn.scoring.base import channels_first
 from lightning_unlearn.scoring.layers import LayerInfo
 
 log = logging.getLogger(__name__)
@@ -95,8 +96,9 @@ def cdp_activations(model: nn.Module, loader: DataLoader, layers: Mapping[str, L
     the batches that reach ``max_samples``."""
     modules, sums = dict(model.named_modules()), {}
 
-    def hook(name: str, _, __, out: Tensor) -> None:
-        sums[name] = sums.get(name, 0) + torch.relu(out).reshape(*out.shape[:2], -1).mean(-1).sum(0).double()
+    def hook(name: str, module: nn.Module, _, out: Tensor) -> None:
+        out = torch.relu(channels_first(module, out))  # a Linear's channels are last (over tokens)
+        sums[name] = sums.get(name, 0) + out.reshape(*out.shape[:2], -1).mean(-1).sum(0).double()
 
     hooks = [(modules[i.batchnorm or n], functools.partial(hook, n)) for n, i in layers.items()]
     batches = loader if max_samples is None else itertools.islice(loader, -(-max_samples // loader.batch_size))

@@ -7,7 +7,7 @@ layer discovery, and :func:`channel_scores`, which streams a loader through a sc
 """
 from typing import Any
 
-from lightning_unlearn.scoring.base import ChannelScorer, register_scorer, registry_views
+from lightning_unlearn.scoring.base import ChannelScorer, channels_first, register_scorer, registry_views
 from lightning_unlearn.scoring.channels import channel_scores
 from lightning_unlearn.scoring.layers import discover_layers
 from lightning_unlearn.scoring.methods import Ablation, Conductance, GradCam, GradientXActivation, WeightSaliency
@@ -22,5 +22,5 @@ def __getattr__(name: str) -> Any:
 
 __all__ = [
     "Ablation", "ChannelScorer", "Conductance", "GradCam", "GradientXActivation", "SCORING_METHODS", "WeightSaliency",
-    "channel_scores", "discover_layers", "register_scorer",
+    "channel_scores", "channels_first", "discover_layers", "register_scorer",
 ]

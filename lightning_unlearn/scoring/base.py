@@ -60,3 +60,14 @@ def registry_views() -> dict[str, Any]:
 
 def out_channels(module: nn.Module) -> int:
     return module.out_features if isinstance(module, nn.Linear) else module.out_channels
+
+
+def channel_axis(module: nn.Module, ndim: int) -> int:
+    """The axis of ``module``'s output channels in an output of ``ndim`` dims: a convolution's is dim 1
+    (``(N, C, *spatial)``); a Linear layer's is the last (``(N, C)``, or ``(N, tokens, C)`` in a transformer)."""
+    return ndim - 1 if isinstance(module, nn.Linear) else 1
+
+
+def channels_first(module: nn.Module, t: Tensor) -> Tensor:
+    """``module``'s output (or an attribution of its shape) as ``(N, C, *positions)``."""
+    return t.movedim(channel_axis(module, t.dim()), 1)

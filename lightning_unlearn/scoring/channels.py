@@ -134,6 +134,11 @@ def _mean_scores(
     if count == 0:
         raise ValueError(f"the {label} loader yielded no samples: nothing to score")
     scores = {n: s.float() for n, s in zip(order, scorer.finalize(sums, count), strict=True)}
+    for name, s in scores.items():  # a wrong axis would select other channels than it scored, without a sign
+        if tuple(s.shape) != (info[name].out_channels,):
+            raise ValueError(f"scorer {scorer.name!r} returned scores of shape {tuple(s.shape)} for layer {name!r}, "
+                             f"which has {info[name].out_channels} output channels: one score per channel expected "
+                             "(the channel axis is dim 1 of a convolution's output, the last axis of a Linear's)")
     return ChannelScores(scores, count, scorer.name, info)
 
 

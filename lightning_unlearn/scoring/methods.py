@@ -10,15 +10,20 @@ from numbers import Integral
 from typing import Any
 
 import torch
-from captum.attr import LayerConductance, LayerGradCam, LayerGradientXActivation
+from captum.attr import LayerActivation, LayerConductance, LayerGradCam, LayerGradientXActivation
 from torch import Tensor, nn
 
-from lightning_unlearn.scoring.base import ChannelScorer, out_channels, register_scorer
+from lightning_unlearn.scoring.base import ChannelScorer, channel_axis, channels_first, out_channels, register_scorer
 
 
-def _per_channel(attr: Tensor) -> Tensor:
-    """(N, C, *spatial) attributions -> (C,) summed over samples and positions."""
+def _sum_per_channel(attr: Tensor) -> Tensor:
+    """(N, C, *positions) attributions -> (C,) summed over samples and positions."""
     return attr.detach().reshape(attr.shape[0], attr.shape[1], -1).sum(dim=(0, 2)).double()
+
+
+def _per_channel(layer: nn.Module, attr: Tensor) -> Tensor:
+    """Attributions of ``layer``'s output shape -> (C,) summed over samples and positions (tokens included)."""
+    return _sum_per_channel(channels_first(layer, attr))
 
 
 def _per_row(t: Tensor) -> Tensor:
@@ -37,7 +42,7 @@ class GradientXActivation(ChannelScorer):
         self._captum = LayerGradientXActivation(model, self.layers)
 
     def score_batch(self, x: Tensor, y: Tensor) -> list[Tensor]:
-        return [_per_channel(a) for a in self._captum.attribute(x, target=y)]
+        return [_per_channel(layer, a) for layer, a in zip(self.layers, self._captum.attribute(x, target=y))]
 
 
 @register_scorer
@@ -77,13 +82,16 @@ class Ablation(ChannelScorer):
     def _ablated_logits(self, layer: nn.Module, x: Tensor, keep: Tensor) -> Tensor:
         k, n = keep.shape[0], x.shape[0]
 
+        def keep_shape(out: Tensor) -> list[int]:  # (k, 1, ...) with the channels on the layer's channel axis
+            shape = [k] + [1] * out.dim()
+            shape[1 + channel_axis(layer, out.dim())] = keep.shape[1]
+            return shape
+
         def expand(_, __, out):
-            shape = (k, 1, keep.shape[1]) + (1,) * (out.dim() - 2)
-            return (out.unsqueeze(0) * keep.view(shape)).reshape(k * n, *out.shape[1:])
+            return (out.unsqueeze(0) * keep.view(keep_shape(out))).reshape(k * n, *out.shape[1:])
 
         def in_place(_, __, out):
-            shape = (k, 1, keep.shape[1]) + (1,) * (out.dim() - 2)
-            return (out.view(k, n, *out.shape[1:]) * keep.view(shape)).reshape(out.shape)
+            return (out.view(k, n, *out.shape[1:]) * keep.view(keep_shape(out))).reshape(out.shape)
 
         handle = layer.register_forward_hook(expand)
         try:
@@ -103,16 +111,28 @@ class Ablation(ChannelScorer):
 
 @register_scorer
 class GradCam(ChannelScorer):
-    """captum ``LayerGradCam`` per layer, kept per channel (no summation over channels)."""
+    """captum ``LayerGradCam`` per layer, kept per channel (no summation over channels). Over tokens (a Linear
+    layer's ``(N, tokens, C)`` output) captum would average the gradient over the channels; there each channel is
+    weighted by its own gradient averaged over the tokens, Grad-CAM's rule with the channels last."""
 
     name = "gradcam"
 
     def __init__(self, model: nn.Module, layers: list[nn.Module], **options: Any) -> None:
         super().__init__(model, layers)
         self._captum = [LayerGradCam(model, layer) for layer in self.layers]
+        self._gradients = LayerGradientXActivation(model, self.layers, multiply_by_inputs=False)
+        self._activations = LayerActivation(model, self.layers)
 
     def score_batch(self, x: Tensor, y: Tensor) -> list[Tensor]:
-        return [_per_channel(m.attribute(x, target=y, attr_dim_summation=False)) for m in self._captum]
+        scores = [m.attribute(x, target=y, attr_dim_summation=False) for m in self._captum]
+        tokens = [i for i, (layer, s) in enumerate(zip(self.layers, scores)) if channel_axis(layer, s.dim()) != 1]
+        if tokens:
+            gradients, activations = self._gradients.attribute(x, target=y), self._activations.attribute(x)
+            for i in tokens:
+                g, a = (channels_first(self.layers[i], t) for t in (gradients[i], activations[i]))
+                scores[i] = g.mean(dim=tuple(range(2, g.dim())), keepdim=True) * a
+        return [_sum_per_channel(s) if i in tokens else _per_channel(layer, s)
+                for i, (layer, s) in enumerate(zip(self.layers, scores))]
 
 
 @register_scorer
@@ -130,7 +150,8 @@ class Conductance(ChannelScorer):
         self._captum = [LayerConductance(model, layer) for layer in self.layers]
 
     def score_batch(self, x: Tensor, y: Tensor) -> list[Tensor]:
-        return [_per_channel(m.attribute(x, target=y, n_steps=self.n_steps)) for m in self._captum]
+        return [_per_channel(layer, m.attribute(x, target=y, n_steps=self.n_steps))
+                for layer, m in zip(self.layers, self._captum)]
 
 
 @register_scorer
