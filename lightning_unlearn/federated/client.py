@@ -364,8 +364,13 @@ def _masked_update(node: _Node) -> RecordDict | None:
 
 
 def _evaluate(node: _Node) -> RecordDict:
-    """Local accuracy of the broadcast model (on forget and retain data when the message names a request)."""
-    set_arrays(node.model, node.arrays)
+    """Local accuracy of the broadcast model (on forget and retain data when the message names a request). With
+    ``config["base"] == "deployed"`` the message carries only the selected values (none: the deployed model itself)
+    and the node rebuilds the model from the deployed one, as a masked round starts."""
+    if node.config.get("base") == "deployed":
+        set_arrays(node.model, node.start(node.mask()) if node.arrays else node.deployed())
+    else:
+        set_arrays(node.model, node.arrays)
     metrics: dict[str, float | int] = {}
     for name in ("all",) if node.split is None else ("forget", "retain"):
         if len(data := node.subset(name)):

@@ -29,7 +29,8 @@ class FederatedSettings:
         local_steps: cap on local optimizer steps per client per round (None: whole epochs).
         fraction: share of clients sampled per round in FedAvg and the masked rounds (scoring and the statistics
             round ask every client).
-        unlearn_rounds: masked unlearning rounds (each client's budget: ``unlearning.epochs`` / ``max_steps``).
+        unlearn_rounds: masked unlearning rounds (each client's budget: ``unlearning.epochs`` / ``max_steps``);
+            under ``unlearning.early_stopping`` their cap; ``"auto"``: a quarter of ``rounds`` x ``local_epochs``.
         output_dir: where ``fit`` writes ``original.ckpt`` and the per-round server checkpoints.
         fresh: train from round 0 even if ``output_dir`` holds a resume file (one from another run is refused).
         dp_target_epsilon: local DP-SGD (Opacus) at every client during ``fit``, to this epsilon per client.
@@ -42,7 +43,7 @@ class FederatedSettings:
     local_epochs: int = 1
     local_steps: int | None = None
     fraction: float = 1.0
-    unlearn_rounds: int = 1
+    unlearn_rounds: int | str = "auto"
     output_dir: str = "outputs/federated"
     fresh: bool = False
     dp_target_epsilon: float | None = None
