@@ -84,7 +84,8 @@ AUTO_CHECKS, AUTO_CHECK_MIN = 10, 5
 #: Federated ``rounds="auto"`` under ``early_stopping``: the masked rounds stop once the clients' retain accuracy is
 #: back; their cap is this share of the FedAvg schedule that trained the model (rounds x local epochs, or
 #: :data:`CALIBRATE_EPOCHS_FALLBACK` when unknown), so even a repair that never recovers costs at most a quarter of
-#: retraining's rounds. Without early stopping ``"auto"`` is one round.
+#: retraining's rounds. Without early stopping, or with nothing removed (no reset, a retain-only repair: nothing to
+#: recover), ``"auto"`` is one round.
 FEDERATED_ROUNDS_SHARE = 0.25
 
 
@@ -294,13 +295,13 @@ def auto_max_steps(retain_batches: int) -> int:
     return int(min(max(2 * retain_batches, AUTO_STEPS_MIN), AUTO_STEPS_MAX))
 
 
-def federated_round_cap(rounds: int | str, early_stopping: bool, trained_epochs: int | None = None) -> int:
-    """The federated repair's masked rounds: ``rounds`` itself (under ``early_stopping``: the cap), or for ``"auto"``
-    :data:`FEDERATED_ROUNDS_SHARE` of ``trained_epochs`` with early stopping and one round without."""
+def federated_round_cap(rounds: int | str, stopping: bool, trained_epochs: int | None = None) -> int:
+    """The federated repair's masked rounds: ``rounds`` itself (under a ``stopping`` rule: the cap), or for ``"auto"``
+    :data:`FEDERATED_ROUNDS_SHARE` of ``trained_epochs`` with the rule and one round without."""
+    check_round_cap(rounds)
     if rounds != "auto":
-        _check_count("rounds", rounds)
         return int(rounds)
-    if not early_stopping:
+    if not stopping:
         return 1
     return max(1, math.ceil(FEDERATED_ROUNDS_SHARE * (trained_epochs or CALIBRATE_EPOCHS_FALLBACK)))
 

@@ -53,11 +53,15 @@ def test_repair_stops_as_soon_as_the_retain_accuracy_is_back(sim):
     assert [r["round"] for r in slow.history] == list(range(slow.extra["rounds"]))
     assert [r["retain_acc"] for r in slow.history] == [c["remaining_acc"] for c in slow.extra["checks"]]
     assert frozen_elements_equal(slow.model, trained, slow.mask)  # several aggregations, frozen elements exact
-    # without a reset the deployed model is already recovered: one round, then the head calibration
-    fast = federated_unlearn(sim.model, sim.clients, ForgetRequest(classes=[3]), rounds=10, max_steps=3,
-                             trained_epochs=4)
-    assert fast.extra["rounds"] == 1 and fast.extra["stop_reason"] == "recovered"
-    assert fast.extra["calibration_rounds"] == 4
+    # a small removal comes back in the first round
+    fast = federated_unlearn(sim.model, sim.clients, LEAVE, rounds=10, reset="dampen", ratio=0.1, max_steps=10)
+    assert fast.extra["rounds"] == 1 and fast.extra["stop_reason"] == "recovered" and len(fast.extra["checks"]) == 1
+    # nothing removed (a class request's default: no reset, retain-only): nothing to watch, no check paid, and
+    # ``rounds`` counts rounds ("auto": one), then the head calibration
+    kept = federated_unlearn(sim.model, sim.clients, ForgetRequest(classes=[3]), max_steps=3, trained_epochs=4)
+    assert kept.extra["rounds"] == kept.extra["round_cap"] == 1 and "checks" not in kept.extra
+    assert kept.extra["calibration_rounds"] == 4 and not [k for k in kept.traffic.payload if k.startswith("check/")]
+    assert len(federated_unlearn(sim.model, sim.clients, LEAVE, rounds=3, reset="none", max_steps=1).history) == 3
     # the checks' bytes are in the totals; one check costs far less than the model
     paid = sum(b.total for k, b in slow.traffic.payload.items() if k.startswith("check/"))
     assert slow.bytes["checks"] == paid > 0
@@ -86,8 +90,9 @@ def test_repair_respects_the_cap_and_one_round_pays_no_check(sim):
 
 def test_checks_send_only_the_selected_values(sim):
     grid = recording(sim.clients)
-    result = federated_unlearn(sim.model, sim.clients, LEAVE, rounds=3, **SLOW)
+    result = federated_unlearn(sim.model, sim.clients, LEAVE, rounds=3, check_samples=64, **SLOW)
     checks = [m for d, _, op, m in exchanges(grid) if d == "down" and op == "evaluate"]
+    assert all(m.config["max_samples"] == 64 and m.config["seed"] == 0 for m in checks)  # one seeded subsample
     selected = {n: int(m.sum()) for n, m in result.mask.masks.items() if m.any()}
     assert len(checks) == 3 * (1 + result.extra["rounds"])  # the deployed model's, then one per round
     assert all(not m.arrays and m.config["base"] == "deployed" for m in checks[:3])  # the clients hold it

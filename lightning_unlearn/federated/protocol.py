@@ -16,7 +16,7 @@ import torch
 from flwr.app import RecordDict
 from torch import Tensor
 
-from lightning_unlearn.config import AUTO, UnlearnConfig, check_round_cap, federated_round_cap
+from lightning_unlearn.config import AUTO, FORGET_AWARE, UnlearnConfig, check_round_cap, federated_round_cap
 from lightning_unlearn.federated.checkpoint import ServerCheckpoint
 from lightning_unlearn.federated.federation import Federation, as_federation
 from lightning_unlearn.federated.messages import ByteCounter, down
@@ -128,19 +128,22 @@ def remove(fed: Federation, model: torch.nn.Module, mask: ParameterMask,
     return channels
 
 
-def evaluate_round(fed: Federation, arrays: Mapping[str, Tensor] | None, r: int | str, mask: ParameterMask | None = None,
-                   statistics: Mapping[str, Tensor] | None = None, holders: set[int] | None = None,
-                   label: str = "evaluate/") -> dict[str, float]:
+def evaluate_round(fed: Federation, arrays: Mapping[str, Tensor] | None, r: int | str,
+                   mask: ParameterMask | None = None, statistics: Mapping[str, Tensor] | None = None,
+                   holders: set[int] | None = None, label: str = "evaluate/",
+                   settings: Mapping[str, Any] | None = None) -> dict[str, float]:
     """The clients' local accuracy of ``arrays`` on their forget and retain data, weighted by their counts. With a
     ``mask`` only the selected values (and ``statistics``) travel, the nodes rebuild the rest from the deployed model,
-    and the mask goes to the clients not in ``holders`` (updated); ``arrays=None``: the deployed model, nothing sent."""
+    and the mask goes to the clients not in ``holders`` (updated); ``arrays=None``: the deployed model, nothing sent.
+    ``settings``: e.g. ``max_samples`` and ``seed`` of each client's seeded subsample."""
+    config = {**(settings or {}), "base": "deployed"}
     if arrays is None:
-        contents: RecordDict | dict[int, RecordDict] = down({}, {"base": "deployed"})
+        contents: RecordDict | dict[int, RecordDict] = down({}, config)
     elif mask is None:
-        contents = down(arrays)
+        contents = down(arrays, settings)
     else:
         holders = set() if holders is None else holders
-        variants = {send: masked_down(arrays, mask, {"base": "deployed"}, statistics, channels=send)
+        variants = {send: masked_down(arrays, mask, config, statistics, channels=send)
                     for send in {c not in holders for c in fed.active}}
         contents = {c: variants[c not in holders] for c in sorted(fed.active)}
         holders.update(fed.active)
@@ -263,11 +266,13 @@ def run_unlearning(
 ) -> FederatedUnlearningResult:
     """Select, remove, masked rounds and calibration on ``model`` (holding the deployed arrays; updated in place).
     ``config`` is resolved (``auto``: it asked ``calibrate="auto"``). ``rounds``: the masked rounds' cap under
-    ``config.early_stopping`` (:func:`~lightning_unlearn.config.federated_round_cap`), else their number.
+    ``config.early_stopping`` after a removal (:func:`removes`), else their number
+    (:func:`~lightning_unlearn.config.federated_round_cap`).
     ``checkpoint`` (the ServerApp's) is rewritten after the selection and every round; one holding a mask is resumed.
     ``evaluate``: clients' accuracies in extra."""
-    cap = federated_round_cap(rounds, config.early_stopping, trained_epochs)
-    stopping = config.early_stopping and cap > 1  # one round: nothing to decide, no check paid
+    watch = config.early_stopping and removes(config)
+    cap = federated_round_cap(rounds, watch, trained_epochs)
+    stopping = watch and cap > 1  # one round: nothing to decide, no check paid
     ck = checkpoint or ServerCheckpoint()
     fed.request = request
     fed.start_run()
@@ -287,7 +292,7 @@ def run_unlearning(
     else:
         state = None
         if stopping:  # the deployed model's accuracies, before the reset changes them: what the repair restores
-            deployed = evaluate_round(fed, None, "deployed", label=CHECK)
+            deployed = evaluate_round(fed, None, "deployed", label=CHECK, settings=check_settings(cfg))
             rule = repair_rule(cfg, deployed)
             state = {"deployed": deployed, "rule": rule.state_dict()}
         remove(fed, model, mask, cfg)
@@ -303,7 +308,8 @@ def run_unlearning(
     def after_round(r: int, arrays: dict, rows: list) -> bool:
         reason = None
         if evaluate or stopping:  # one evaluation round serves both
-            row = evaluate_round(fed, arrays, r, mask, statistics, holders, CHECK if stopping else "evaluate/")
+            row = evaluate_round(fed, arrays, r, mask, statistics, holders, CHECK if stopping else "evaluate/",
+                                 check_settings(cfg) if stopping else None)
             evaluation.append(row)
             if rule is not None:
                 reason = rule.update(r, row["forget_acc"], math.nan, row["retain_acc"])
@@ -341,9 +347,21 @@ def run_unlearning(
                                      history=history, traffic=fed.run, bytes=round_bytes(history, fed.run))
 
 
+def removes(config: UnlearnConfig) -> bool:
+    """Whether the repair starts from a damaged model (a reset, or a forget term on the way): only then do the
+    masked rounds have a retain accuracy to recover and the stopping rule anything to watch."""
+    return not (isinstance(config.reset, str) and config.reset == "none") or config.objective in FORGET_AWARE
+
+
 def _stop_name(reason: StopReason | None) -> str | None:
     """``"recovered"`` or ``"plateau"`` (the central rule's RECOVERED names the central calibration)."""
     return None if reason is None else "recovered" if reason is StopReason.RECOVERED else reason.value
+
+
+def check_settings(config: UnlearnConfig) -> dict[str, int]:
+    """A check's seeded subsample: at most ``check_samples`` of each client's retain (and forget) data, the same
+    samples in every check of a run (the deployed model and each round are compared on them)."""
+    return {"max_samples": config.check_samples, "seed": config.seed}
 
 
 def repair_rule(config: UnlearnConfig, deployed: Mapping[str, float]) -> StoppingRule:
@@ -363,9 +381,10 @@ def federated_unlearn(
     ``model``: the deployed global model (the clients hold it too, as ``run_fedavg`` leaves it). ``clients``: a
     ``Federation`` or a simulation's ``clients``. ``config``: the same :class:`UnlearnConfig` as centrally
     (``overrides`` replace fields); ``epochs`` / ``max_steps`` are each client's budget per masked round.
-    ``rounds``: masked rounds; under ``early_stopping`` (the default) their cap: the rounds stop once the clients'
-    retain accuracy is back within ``stop_tolerance`` of the deployed model's (or after ``patience`` rounds without
-    a new best); ``"auto"``: :func:`~lightning_unlearn.config.federated_round_cap`.
+    ``rounds``: masked rounds; after a removal (a reset or a forget term) and under ``early_stopping`` (the default)
+    their cap: the rounds stop once the clients' retain accuracy is back within ``stop_tolerance`` of the deployed
+    model's (or after ``patience`` rounds without a new best); ``"auto"``:
+    :func:`~lightning_unlearn.config.federated_round_cap` (one round when nothing was removed).
     ``fraction``: share of the clients each masked round calls (scoring and statistics rounds ask every client).
     ``trained_epochs``: FedAvg's rounds x local epochs: the calibration's length for ``calibrate_epochs="auto"`` and
     the round cap's for ``rounds="auto"``.
