@@ -328,7 +328,8 @@ def run_unlearning(
     t3 = time.perf_counter()
     extra: dict[str, Any] = {"rounds": len(history), "round_cap": cap, "fraction": fraction}
     if rule is not None:
-        extra.update(deployed=dict(ck.stopping["deployed"]), checks=rule.rows(),
+        checks = [{**c, "reason": c["reason"] and _stop_name(StopReason(c["reason"]))} for c in rule.rows()]
+        extra.update(deployed=dict(ck.stopping["deployed"]), checks=checks,
                      stop_reason=history[-1].get("stop") or "round cap")
         log.info("repair: %d of at most %d masked round(s), stopped by %s (retain accuracy %.4f, deployed %.4f)",
                  len(history), cap, extra["stop_reason"], rule.history[-1].remaining_acc, rule.reference)
