@@ -160,16 +160,32 @@ def main(argv=None) -> None:
                 print(name, seed, kind, {k: (round(v["metrics"]["forget_acc"], 3), round(v["metrics"]["remaining_acc"], 3),
                                              v["rounds"]) for k, v in cell["runs"].items()}, flush=True)
     commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
-    record = {"command": "python benchmarks/federated_recovery.py " + " ".join(argv or sys.argv[1:]),
+    record = {"command": " ".join(["python benchmarks/federated_recovery.py", *(argv or sys.argv[1:])]),
               "config": vars(args), "cells": cells, "git_commit": commit,
               "machine": f"{os.cpu_count()} CPUs, {platform.machine()}, 1 torch thread, torch {torch.__version__}"}
     write_json(record, Path(args.out) / f"{args.prefix}.json")
 
 
+def summary(cells: list[dict]) -> list[str]:
+    """The client requests' gaps, in points: forget accuracy against retraining's, remaining against the deployed
+    model's (the repair restores the deployed model's, it cannot know a retrained one's)."""
+    def span(run: str, what: str, ref: str) -> str:
+        gaps = [100 * (c["runs"][run]["metrics"][what] - c[ref][what]) for c in cells if c["request"] == "client"]
+        return f"{min(gaps):+.1f} to {max(gaps):+.1f}"
+
+    rounds = [c["runs"]["stopping rule"]["rounds"] for c in cells if c["request"] == "client"]
+    return [f"Client requests (a dampening reset, then the repair), in points: forget accuracy minus retraining's "
+            f"{span('stopping rule', 'forget_acc', 'retrained')} with the stopping rule "
+            f"({min(rounds)}-{max(rounds)} rounds), {span('one round', 'forget_acc', 'retrained')} after one round; "
+            f"remaining accuracy minus the deployed model's {span('stopping rule', 'remaining_acc', 'deployed')} "
+            f"with the rule, {span('one round', 'remaining_acc', 'deployed')} after one round. Class and sample "
+            "requests remove nothing by default: one round either way, no check.", ""]
+
+
 def render_page(results: Path) -> str:
     rec = load(results, f"{NAME}.json")
     lines = header("Federated repair rounds", f"{NAME}.py", [f"{NAME}.json"], [rec["command"]], [rec["machine"]],
-                   __doc__.split("\n\n")[1].replace("\n", " "))
+                   __doc__.split("\n\n")[1].replace("\n", " ").replace("``", "`"))
     head = ["model", "request", "seed", "retrained forget / rem. %", "deployed forget / rem. %",
             "one round: forget / rem. %", "kB", "s", "stopping rule: forget / rem. %", "rounds (cap)", "stop", "kB",
             "s"]
@@ -181,7 +197,7 @@ def render_page(results: Path) -> str:
                      pair(one["metrics"]), f"{one['bytes']['total'] / 1e3:.0f}", f"{one['wall_s']:.1f}",
                      pair(rule["metrics"]), f"{rule['rounds']} ({rule['round_cap']})", rule["stop_reason"] or "-",
                      f"{rule['bytes']['total'] / 1e3:.0f}", f"{rule['wall_s']:.1f}"])
-    lines += table(head, rows)
+    lines += summary(rec["cells"]) + table(head, rows)
     lines += ["", "Forget: accuracy on the forget data (the leaving client's training data, the class's test "
               "samples, the forgotten samples); rem.: remaining test accuracy. kB: the request's bytes in all "
               "(scoring, statistics round, masked rounds, checks; not the head calibration's); s: wall seconds of "

@@ -306,10 +306,10 @@ def federated_round_cap(rounds: int | str, stopping: bool, trained_epochs: int |
     return max(1, math.ceil(FEDERATED_ROUNDS_SHARE * (trained_epochs or CALIBRATE_EPOCHS_FALLBACK)))
 
 
-def check_round_cap(rounds: Any) -> None:
+def check_round_cap(rounds: Any, name: str = "rounds") -> None:
     """``rounds`` of the federated repair: an integer >= 1 or ``"auto"``."""
     if rounds != "auto" and (not _is_int(rounds) or rounds < 1):
-        raise ValueError(f"rounds must be an integer >= 1 or 'auto', got {rounds!r}")
+        raise ValueError(f"{name} must be an integer >= 1 or 'auto', got {rounds!r}")
 
 
 def _choices(name: str) -> tuple[str, ...]:

@@ -86,6 +86,10 @@ def test_repair_respects_the_cap_and_one_round_pays_no_check(sim):
     assert federated_round_cap("auto", True, None) == federated_round_cap("auto", True, 10) == 3
     with pytest.raises(ValueError, match=r"rounds must be an integer >= 1 or 'auto', got 'many'"):
         federated_unlearn(sim.model, sim.clients, LEAVE, rounds="many")
+    from lightning_unlearn.federated.runner import FederatedSettings
+
+    with pytest.raises(ValueError, match=r"unlearn_rounds must be an integer >= 1 or 'auto', got 0"):
+        FederatedSettings(unlearn_rounds=0)  # the CLI's settings, before any training
 
 
 def test_checks_send_only_the_selected_values(sim):

@@ -11,6 +11,7 @@ import lightning.pytorch as pl
 import torch
 
 from lightning_unlearn._io import save_torch, unique_path
+from lightning_unlearn.config import check_round_cap
 from lightning_unlearn.data.federated import FederatedDataModule
 from lightning_unlearn.federated.messages import tensor_bytes
 from lightning_unlearn.federated.simulation import FederatedSimulation
@@ -50,6 +51,9 @@ class FederatedSettings:
     dp_noise_multiplier: float | None = None
     dp_max_grad_norm: float = 1.0
     dp_delta: float = 1e-5
+
+    def __post_init__(self) -> None:
+        check_round_cap(self.unlearn_rounds, "unlearn_rounds")  # before any training: the masked rounds run last
 
 
 def simulation(model: pl.LightningModule, fdm: FederatedDataModule, s: FederatedSettings, seed: int,
