@@ -1,6 +1,7 @@
 """The federated repair's stopping rule: masked rounds until the clients' retain accuracy is back, at most a cap."""
 from __future__ import annotations
 
+import copy
 import functools
 
 import pytest
@@ -86,7 +87,17 @@ def test_repair_respects_the_cap_and_one_round_pays_no_check(sim):
     assert federated_round_cap("auto", True, None) == federated_round_cap("auto", True, 10) == 3
     with pytest.raises(ValueError, match=r"rounds must be an integer >= 1 or 'auto', got 'many'"):
         federated_unlearn(sim.model, sim.clients, LEAVE, rounds="many")
+    from lightning_unlearn.config import UnlearnConfig
+    from lightning_unlearn.federated.checkpoint import ServerCheckpoint
+    from lightning_unlearn.federated.federation import as_federation
+    from lightning_unlearn.federated.protocol import run_unlearning
     from lightning_unlearn.federated.runner import FederatedSettings
+
+    # a checkpoint written mid-repair without the rule's state is refused, not resumed with a guessed reference
+    old = ServerCheckpoint(mask=capped.mask, current=get_arrays(capped.model))
+    cfg = UnlearnConfig.build(**SLOW).resolved(LEAVE, "federated")
+    with pytest.raises(ValueError, match="holds no stopping-rule state"):
+        run_unlearning(as_federation(sim.clients), copy.deepcopy(sim.model), LEAVE, cfg, 10, checkpoint=old)
 
     with pytest.raises(ValueError, match=r"unlearn_rounds must be an integer >= 1 or 'auto', got 0"):
         FederatedSettings(unlearn_rounds=0)  # the CLI's settings, before any training

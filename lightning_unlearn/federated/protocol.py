@@ -287,6 +287,10 @@ def run_unlearning(
                  mask.sha256()[:12])
         set_arrays(model, ck.current)
         if stopping:
+            if ck.stopping is None:
+                raise ValueError("the server checkpoint holds no stopping-rule state (written without it, e.g. by an "
+                                 "earlier version); start fresh (resume=False, --federated.fresh true) or pass "
+                                 "early_stopping=False")
             rule = repair_rule(cfg, ck.stopping["deployed"])
             rule.load_state_dict(ck.stopping["rule"])
     else:
