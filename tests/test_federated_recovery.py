@@ -57,6 +57,12 @@ def test_repair_stops_as_soon_as_the_retain_accuracy_is_back(sim):
     # a small removal comes back in the first round
     fast = federated_unlearn(sim.model, sim.clients, LEAVE, rounds=10, reset="dampen", ratio=0.1, max_steps=10)
     assert fast.extra["rounds"] == 1 and fast.extra["stop_reason"] == "recovered" and len(fast.extra["checks"]) == 1
+    # ``patience`` checks without a new best retain accuracy stop a repair that is not coming back
+    stuck = federated_unlearn(sim.model, sim.clients, LEAVE, rounds=10, reset="dampen", ratio=0.5, max_steps=2,
+                              stop_tolerance=0.0, patience=1)
+    accs = [c["remaining_acc"] for c in stuck.extra["checks"]]
+    assert stuck.extra["stop_reason"] == "plateau" and len(accs) < 10
+    assert accs[-1] <= max(accs[:-1]) and all(a > max(accs[:i], default=-1) for i, a in enumerate(accs[:-1]))
     # nothing removed (a class request's default: no reset, retain-only): nothing to watch, no check paid, and
     # ``rounds`` counts rounds ("auto": one), then the head calibration
     kept = federated_unlearn(sim.model, sim.clients, ForgetRequest(classes=[3]), max_steps=3, trained_epochs=4)
