@@ -39,6 +39,15 @@ LABELS = {"original": "original", "retrain": "retrain (reference)",
           "federaser": "FedEraser"}
 
 
+def rounds_arg(value: str) -> int | str:
+    """``--unlearn-rounds``: an integer >= 1 or ``auto``."""
+    if value == "auto":
+        return value
+    if not value.isdigit() or int(value) < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1 or 'auto', got {value!r}")
+    return int(value)
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--data-root", required=True, help="folder with the MNIST idx .gz files")
@@ -54,7 +63,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--store-every", type=int, default=2, help="FedEraser: store client updates every n rounds")
     p.add_argument("--ratio", type=float, default=0.05, help="fraction of channels per layer to update")
     p.add_argument("--method", default="grad_x_act", help="channel scoring method")
-    p.add_argument("--unlearn-rounds", type=int, default=1)
+    p.add_argument("--unlearn-rounds", type=rounds_arg, default=1,
+                   help="masked rounds of ours (under early stopping their cap; 'auto': a share of FedAvg's rounds); "
+                        "the baselines run this many, one round for 'auto'")
     p.add_argument("--unlearn-steps", type=steps, default=5,
                    help="local steps per client per unlearning round; 'auto': the library's federated budget "
                         "(one local epoch per client and round)")
@@ -142,7 +153,8 @@ def main(argv=None) -> None:
         return
     layers = sim.layers()
     head = [n for n, i in layers.items() if i.is_head]
-    common = dict(rounds=args.unlearn_rounds, max_steps=args.unlearn_steps, seed=args.seed)
+    fixed = 1 if args.unlearn_rounds == "auto" else args.unlearn_rounds  # the baselines' rounds: no stopping rule
+    common = dict(rounds=fixed, max_steps=args.unlearn_steps, seed=args.seed)
     # the baselines outside UnlearnConfig take a step count; None = their one local epoch, as "auto" for ours
     baseline = dict(common, max_steps=None if args.unlearn_steps == "auto" else args.unlearn_steps)
     rates = dict(lr_scale=args.lr_scale, head_lr_scale=args.head_lr_scale)
@@ -151,7 +163,8 @@ def main(argv=None) -> None:
         return federated_unlearn(sim.model, sim.clients, req, method=args.method, ratio=args.ratio, objective=objective,
                                  layers=layers_, max_samples=args.score_samples, reset=reset, calibrate=args.calibrate,
                                  calibrate_epochs=args.calibrate_epochs,
-                                 trained_epochs=args.rounds * sim.local_epochs, **rates, **common)
+                                 trained_epochs=args.rounds * sim.local_epochs, **rates,
+                                 **dict(common, rounds=args.unlearn_rounds))
 
     runners = {
         "ours": ours,
@@ -222,6 +235,7 @@ def _row(metrics, fraction, bytes_round, wall, speedup, record=None) -> dict:
     if record is not None:
         row["storage_bytes"] = record["extra"].get("storage_bytes")
         row["statistics_bytes"] = record["bytes"].get("statistics")
+        row.update(rounds=record["extra"].get("rounds"), bytes_total=record["bytes"].get("total"))
     return row
 
 

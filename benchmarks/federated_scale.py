@@ -104,7 +104,8 @@ def one_setting(name: str, num_clients: int, fraction: float, train, test, args)
 
     def unlearn(unlearn_fraction: float, reset: str):
         return federated_unlearn(model, federation, request, rounds=args.unlearn_rounds,
-                                 fraction=unlearn_fraction, max_steps=args.unlearn_steps, ratio=0.1, seed=0, reset=reset)
+                                 fraction=unlearn_fraction, max_steps=args.unlearn_steps, ratio=0.1, seed=0, reset=reset,
+                                 early_stopping=False)  # exactly --unlearn-rounds rounds: their cost is measured
 
     result = unlearn(fraction, "none")
     rss_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

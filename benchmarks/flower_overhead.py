@@ -68,7 +68,7 @@ def in_process(args, parts: FederatedPartitions, init: torch.nn.Module, model_fn
     t1 = time.perf_counter()
     sim.request(request)
     result = federated_unlearn(sim.model, fed, request, ratio=args.ratio, rounds=args.unlearn_rounds,
-                               max_steps=args.unlearn_steps, seed=args.seed)
+                               max_steps=args.unlearn_steps, seed=args.seed, early_stopping=False)  # fixed rounds
     t2 = time.perf_counter()
     return {"training": _summary(fedavg.history), "unlearning": _summary(result.history),
             "wall_s": {"training": t1 - t0, "unlearning": t2 - t1, "total": t2 - t0},
@@ -86,7 +86,7 @@ def flower(args, parts, init, model_fn, request, workers: int) -> dict:
     t0, res = time.perf_counter(), FlowerRunResult()
     train = FedAvgPlan(rounds=args.train_rounds, seed=args.seed)
     unlearn = UnlearnPlan(request, ratio=args.ratio, rounds=args.unlearn_rounds, max_steps=args.unlearn_steps,
-                          seed=args.seed, evaluate=False)
+                          seed=args.seed, evaluate=False, early_stopping=False)
     run_simulation(make_server_app(server_model, args.clients, train, unlearn, sink=res),
                    make_client_app(model_fn, parts, trainer_kwargs={"max_steps": args.local_steps}),
                    num_supernodes=args.clients,

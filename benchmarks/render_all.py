@@ -25,7 +25,7 @@ PAGES_DIR = ROOT / "docs" / "benchmarks"
 # Page order of the docs' Benchmarks section: the current defaults first, then by topic.
 PAGES = [
     "forgetting", "full_mnist_default", "evidence", "central", "core_mnist", "reset_digits", "ddp_digits",
-    "federated_mnist", "federated_population", "federated_scale", "flower_overhead", "flower_deployment", "dp_mnist",
+    "federated_mnist", "federated_recovery", "federated_population", "federated_scale", "flower_overhead", "flower_deployment", "dp_mnist",
     "sisa", "ledger",
     "population", "population_partial", "population_init", "peers",
 ]

@@ -81,6 +81,12 @@ CENTRAL_ONLY = {"objective": ("heldout",)}
 AUTO_STEPS_MIN, AUTO_STEPS_MAX = 10, 200
 #: ``check_every="auto"``: at most this many checks per budget, at least :data:`AUTO_CHECK_MIN` steps apart.
 AUTO_CHECKS, AUTO_CHECK_MIN = 10, 5
+#: Federated ``rounds="auto"`` under ``early_stopping``: the masked rounds stop once the clients' retain accuracy is
+#: back; their cap is this share of the FedAvg schedule that trained the model (rounds x local epochs, or
+#: :data:`CALIBRATE_EPOCHS_FALLBACK` when unknown), so even a repair that never recovers costs at most a quarter of
+#: retraining's rounds. Without early stopping, or with nothing removed (no reset, a retain-only repair: nothing to
+#: recover), ``"auto"`` is one round.
+FEDERATED_ROUNDS_SHARE = 0.25
 
 
 @dataclass
@@ -287,6 +293,23 @@ class UnlearnConfig:
 def auto_max_steps(retain_batches: int) -> int:
     """Two epochs of ``retain_batches``, clamped to [:data:`AUTO_STEPS_MIN`, :data:`AUTO_STEPS_MAX`]."""
     return int(min(max(2 * retain_batches, AUTO_STEPS_MIN), AUTO_STEPS_MAX))
+
+
+def federated_round_cap(rounds: int | str, stopping: bool, trained_epochs: int | None = None) -> int:
+    """The federated repair's masked rounds: ``rounds`` itself (under a ``stopping`` rule: the cap), or for ``"auto"``
+    :data:`FEDERATED_ROUNDS_SHARE` of ``trained_epochs`` with the rule and one round without."""
+    check_round_cap(rounds)
+    if rounds != "auto":
+        return int(rounds)
+    if not stopping:
+        return 1
+    return max(1, math.ceil(FEDERATED_ROUNDS_SHARE * (trained_epochs or CALIBRATE_EPOCHS_FALLBACK)))
+
+
+def check_round_cap(rounds: Any, name: str = "rounds") -> None:
+    """``rounds`` of the federated repair: an integer >= 1 or ``"auto"``."""
+    if rounds != "auto" and (not _is_int(rounds) or rounds < 1):
+        raise ValueError(f"{name} must be an integer >= 1 or 'auto', got {rounds!r}")
 
 
 def _choices(name: str) -> tuple[str, ...]:

@@ -34,8 +34,9 @@ from federated_log import exchanges, recording
 
 TINY = dict(channels=(8, 16), hidden=32, lr=3e-3)
 REQUEST = ForgetRequest(classes=[3])
-UNLEARN = dict(rounds=2, max_steps=3, ratio=0.2, seed=0, calibrate="none")  # the masked protocol alone (the head
-# calibration after it: test_federated_calibration.py)
+UNLEARN = dict(rounds=2, max_steps=3, ratio=0.2, seed=0, calibrate="none", early_stopping=False)  # the masked
+# protocol alone, exactly ``rounds`` rounds (the head calibration after it: test_federated_calibration.py; the
+# stopping rule: test_federated_recovery.py)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -28,8 +28,9 @@ from federated_log import down_message, recording
 
 TINY = dict(channels=(8, 16), hidden=32, lr=3e-3)
 REQUEST = ForgetRequest(classes=[3])
-UNLEARN = dict(max_steps=1, ratio=0.2, seed=0, calibrate="none")  # the masked rounds alone (the calibration:
-# test_federated_calibration.py)
+UNLEARN = dict(max_steps=1, ratio=0.2, seed=0, calibrate="none", early_stopping=False)  # the masked rounds alone,
+# exactly ``rounds`` of them (the calibration: test_federated_calibration.py; the stopping rule:
+# test_federated_recovery.py)
 CLIENTS, FRACTION = 20, 0.25
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -206,7 +207,7 @@ def test_the_cli_fraction_also_samples_the_unlearning_rounds(one_thread):
     torch.manual_seed(0)
     model = SmallCNN(**TINY)
     engine = FederatedEngine(FederatedSettings(rounds=1, fraction=FRACTION, unlearn_rounds=2), seed=0)
-    result = engine.unlearn(model, fdm, UnlearnConfig(ratio=0.2, max_steps=1, seed=5))
+    result = engine.unlearn(model, fdm, UnlearnConfig(ratio=0.2, max_steps=1, seed=5, early_stopping=False))
     assert result.extra["fraction"] == FRACTION
     assert [row["sampled"] for row in result.history] == [
         [int(i) for i in sample_clients(range(8), FRACTION, 5, r)] for r in range(2)]  # the config's seed

@@ -12,13 +12,13 @@ from lightning_unlearn._io import load_torch_file, save_torch, to_jsonable
 from lightning_unlearn.mask import ParameterMask
 
 STATE_FILE = "server_state.pt"
-ROWS = ("training", "unlearning", "evaluation")
+ROWS = ("training", "unlearning", "evaluation", "stopping")
 
 
 @dataclass
 class ServerCheckpoint:
     """``trained``: the global arrays after ``len(training)`` FedAvg rounds (``store``: FedEraser's updates); then
-    ``current`` after ``rounds_done`` masked rounds with ``mask``. ``key``: named hashes of the run that wrote it."""
+    ``current`` after ``rounds_done`` masked rounds with ``mask`` (``stopping``: the rule's state after them). ``key``: named hashes of the run that wrote it."""
 
     folder: str | os.PathLike | None = None
     key: dict[str, str] = field(default_factory=dict)
@@ -30,6 +30,7 @@ class ServerCheckpoint:
     current: dict[str, Tensor] | None = None
     unlearning: list = field(default_factory=list)
     evaluation: list = field(default_factory=list)
+    stopping: dict | None = None  # the repair's stopping rule: the deployed model's accuracies and every check
 
     def update(self, **fields: Any) -> None:
         """Take ``fields`` and rewrite the file (none without a ``folder``: the run keeps its state in memory)."""

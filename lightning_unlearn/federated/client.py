@@ -398,14 +398,26 @@ def _diverged(node: _Node, cfg: Mapping[str, Any], what: str) -> str:
 
 
 def _evaluate(node: _Node) -> RecordDict:
-    """Local accuracy of the broadcast model (on forget and retain data when the message names a request)."""
-    set_arrays(node.model, node.arrays)
+    """Local accuracy of the broadcast model (on forget and retain data when the message names a request). With
+    ``config["base"] == "deployed"`` the message carries only the selected values (none: the deployed model itself)
+    and the node rebuilds the model from the deployed one, as a masked round starts. ``config["max_samples"]``:
+    each accuracy on a seeded subsample of at most that many (the same for every message with the same seed, so
+    successive checks compare models on the same samples), still weighted by the data's full count."""
+    if node.config.get("base") == "deployed":
+        set_arrays(node.model, node.start(node.mask()) if node.arrays else node.deployed())
+    else:
+        set_arrays(node.model, node.arrays)
     metrics: dict[str, float | int] = {}
+    limit, seed = node.config.get("max_samples"), int(node.config.get("seed", 0))
     for name in ("all",) if node.split is None else ("forget", "retain"):
         if len(data := node.subset(name)):
+            count = len(data)
+            if limit is not None and count > int(limit):
+                picked = np.random.default_rng(seed).choice(count, int(limit), replace=False)
+                data = Subset(data, np.sort(picked).tolist())
             loader = DataLoader(data, batch_size=256)
             metrics[f"{name}-acc"] = float(accuracy(node.model, loader, node.part.num_classes))
-            metrics[f"{name}-examples"] = len(data)
+            metrics[f"{name}-examples"] = count
     return up("evaluation", {}, len(node.part.dataset), metrics)
 
 

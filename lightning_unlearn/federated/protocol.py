@@ -17,7 +17,7 @@ from flwr.app import RecordDict
 from torch import Tensor
 
 from lightning_unlearn.callbacks.divergence import DivergenceError
-from lightning_unlearn.config import AUTO, UnlearnConfig
+from lightning_unlearn.config import AUTO, FORGET_AWARE, UnlearnConfig, check_round_cap, federated_round_cap
 from lightning_unlearn.federated.checkpoint import ServerCheckpoint
 from lightning_unlearn.federated.federation import Federation, as_federation
 from lightning_unlearn.federated.messages import ByteCounter, down
@@ -27,6 +27,7 @@ from lightning_unlearn.federated.server import (
 )
 from lightning_unlearn.mask import ParameterMask
 from lightning_unlearn.mask.arrays import get_arrays, selected_values, set_arrays
+from lightning_unlearn.repair.stopping import StoppingRule, StopReason
 from lightning_unlearn.orchestration import apply_reset, prepare
 from lightning_unlearn.repair.calibration import initial_rows, linear_head, require_rows_in_mask
 from lightning_unlearn.request import ForgetRequest
@@ -40,6 +41,8 @@ log = logging.getLogger(__name__)
 HEAD_LR_SCALE = AUTO["federated"]["head_lr_scale"]
 #: Retain batches each client forwards in the statistics round (the central re-estimation's default, too).
 STATS_BATCHES = 20
+#: Round label of the stopping rule's evaluation rounds (``check/deployed``, ``check/<round>``): booked in the totals.
+CHECK = "check/"
 
 
 @dataclass
@@ -54,15 +57,18 @@ class FederatedUnlearningResult(UnlearningResult):
 def round_bytes(history: Sequence[Mapping[str, Any]], traffic: ByteCounter | None = None,
                 scoring: str = "score") -> dict[str, float]:
     """Bytes per round (mean and max, down + up) and in total, with the payload ``traffic`` booked for the
-    ``scoring`` rounds and, where they ran, the statistics round and the head calibration."""
+    ``scoring`` rounds and, where they ran, the statistics round, the stopping rule's checks and the calibration."""
     def paid(prefix: str) -> int:
         return sum(b.total for label, b in (traffic.payload if traffic else {}).items() if label.startswith(prefix))
 
     per, extra, statistics = [r["bytes_down"] + r["bytes_up"] for r in history], paid(scoring), paid("bn_stats")
+    checks = paid(CHECK)
     out = {"scoring": extra, "unlearning_round": sum(per) / len(per), "unlearning_round_max": max(per),
-           "total": extra + statistics + sum(per)}
+           "total": extra + statistics + checks + sum(per)}
     if statistics:
         out["statistics"] = statistics
+    if checks:
+        out["checks"] = checks
     features, calibrating = paid("head_features"), paid("calibrate/")
     if features or calibrating:
         out.update(calibration_features=features, calibration=features + calibrating)
@@ -123,9 +129,26 @@ def remove(fed: Federation, model: torch.nn.Module, mask: ParameterMask,
     return channels
 
 
-def evaluate_round(fed: Federation, arrays: Mapping[str, Tensor], r: int) -> dict[str, float]:
-    """The clients' local accuracy of ``arrays`` on their forget and retain data, weighted by their counts."""
-    replies = fed.ask(down(arrays), "evaluate", f"evaluate/{r}", dropouts=True, what=f"evaluation round {r}")
+def evaluate_round(fed: Federation, arrays: Mapping[str, Tensor] | None, r: int | str,
+                   mask: ParameterMask | None = None, statistics: Mapping[str, Tensor] | None = None,
+                   holders: set[int] | None = None, label: str = "evaluate/",
+                   settings: Mapping[str, Any] | None = None) -> dict[str, float]:
+    """The clients' local accuracy of ``arrays`` on their forget and retain data, weighted by their counts. With a
+    ``mask`` only the selected values (and ``statistics``) travel, the nodes rebuild the rest from the deployed model,
+    and the mask goes to the clients not in ``holders`` (updated); ``arrays=None``: the deployed model, nothing sent.
+    ``settings``: e.g. ``max_samples`` and ``seed`` of each client's seeded subsample."""
+    config = {**(settings or {}), "base": "deployed"}
+    if arrays is None:
+        contents: RecordDict | dict[int, RecordDict] = down({}, config)
+    elif mask is None:
+        contents = down(arrays, settings)
+    else:
+        holders = set() if holders is None else holders
+        variants = {send: masked_down(arrays, mask, config, statistics, channels=send)
+                    for send in {c not in holders for c in fed.active}}
+        contents = {c: variants[c not in holders] for c in sorted(fed.active)}
+        holders.update(fed.active)
+    replies = fed.ask(contents, "evaluate", f"{label}{r}", dropouts=True, what=f"evaluation round {r}")
     row: dict[str, float] = {"round": r}
     for split in ("forget", "retain"):
         pairs = [(m.metrics[f"{split}-acc"], m.metrics[f"{split}-examples"]) for m in replies
@@ -138,19 +161,20 @@ def evaluate_round(fed: Federation, arrays: Mapping[str, Tensor], r: int) -> dic
 def masked_rounds(
     fed: Federation, reference: Mapping[str, Tensor], mask: ParameterMask, rounds: int, config: Mapping[str, Any], *,
     statistics: Mapping[str, Tensor] | None = None, fraction: float = 1.0, label: str = "unlearn",
-    first_round: int = 0, after_round: Callable[[int, dict, list], None] | None = None,
-    train: ParameterMask | None = None,
+    first_round: int = 0, after_round: Callable[[int, dict, list], bool | None] | None = None,
+    train: ParameterMask | None = None, holders: set[int] | None = None,
 ) -> tuple[dict[str, Tensor], list[dict]]:
     """Masked FedAvg rounds ``first_round .. rounds - 1`` from ``reference``: the global arrays and a row per round.
     Round ``r`` calls the active clients of FedAvg's draw ``sample_clients(.., fraction, config["seed"], r)``; the
     server averages the selected slices (``train``: only this sub-mask) by sample count, every other element is
-    ``reference``'s. ``after_round(r, current, history)``: evaluation and checkpoint."""
+    ``reference``'s. ``after_round(r, current, history)``: evaluation and checkpoint; a true return stops the rounds.
+    ``holders``: the clients that hold the mask (updated: sent once per client)."""
     check_rounds(rounds)
     check_fraction(fraction)
     seed = int(config.get("seed", 0))
     current = reference = {k: v.clone() for k, v in reference.items()}
     history: list[dict] = []
-    has_mask: set[int] = set()
+    has_mask: set[int] = set() if holders is None else holders
     for r in range(first_round, rounds):
         t0, tag = time.perf_counter(), f"{label}/{r}"
         picked = [c for c in (int(i) for i in sample_clients(sorted(fed.nodes), fraction, seed, r)) if c in fed.active]
@@ -176,8 +200,8 @@ def masked_rounds(
             row["sampled"] = picked
         row["dropped"] = sorted(c for c, what in fed.dropped.items() if what == f"unlearning round {r}")
         history.append(row)
-        if after_round is not None:
-            after_round(r, current, history)
+        if after_round is not None and after_round(r, current, history):
+            break
     if history and not any(row["clients"] for row in history):
         raise ValueError(f"no sampled client had retain data in any of the {rounds} masked rounds "
                          f"(fraction {fraction}); raise the fraction or the rounds")
@@ -240,13 +264,19 @@ def calibrate(
 
 
 def run_unlearning(
-    fed: Federation, model: torch.nn.Module, request: ForgetRequest, config: UnlearnConfig, rounds: int = 1, *,
-    auto: bool = False, fraction: float = 1.0, trained_epochs: int | None = None, evaluate: bool = False,
+    fed: Federation, model: torch.nn.Module, request: ForgetRequest, config: UnlearnConfig, rounds: int | str = "auto",
+    *, auto: bool = False, fraction: float = 1.0, trained_epochs: int | None = None, evaluate: bool = False,
     checkpoint: ServerCheckpoint | None = None,
 ) -> FederatedUnlearningResult:
     """Select, remove, masked rounds and calibration on ``model`` (holding the deployed arrays; updated in place).
-    ``config`` is resolved (``auto``: it asked ``calibrate="auto"``). ``checkpoint`` (the ServerApp's) is rewritten
-    after the selection and every round; one holding a mask is resumed. ``evaluate``: clients' accuracies in extra."""
+    ``config`` is resolved (``auto``: it asked ``calibrate="auto"``). ``rounds``: the masked rounds' cap under
+    ``config.early_stopping`` after a removal (:func:`removes`), else their number
+    (:func:`~lightning_unlearn.config.federated_round_cap`).
+    ``checkpoint`` (the ServerApp's) is rewritten after the selection and every round; one holding a mask is resumed.
+    ``evaluate``: clients' accuracies in extra."""
+    watch = config.early_stopping and removes(config)
+    cap = federated_round_cap(rounds, watch, trained_epochs)
+    stopping = watch and cap > 1  # one round: nothing to decide, no check paid
     ck = checkpoint or ServerCheckpoint()
     fed.request = request
     fed.start_run()
@@ -255,37 +285,68 @@ def run_unlearning(
     scores, mask = (None, ck.mask) if resumed else select(fed, model, config)
     cfg = check_calibration(model, mask, config, request.classes, auto)
     t1 = time.perf_counter()
-    if resumed:  # the saved arrays hold the reset and its statistics
+    rule = None
+    if resumed:  # the saved arrays hold the reset and its statistics, the rule its checks
         log.info("resuming unlearning at round %d with the checkpoint's mask (sha256 %s)", ck.rounds_done,
                  mask.sha256()[:12])
         set_arrays(model, ck.current)
+        if stopping:
+            if ck.stopping is None:
+                raise ValueError("the server checkpoint holds no stopping-rule state (written without it, e.g. by an "
+                                 "earlier version); start fresh (resume=False, --federated.fresh true) or pass "
+                                 "early_stopping=False")
+            rule = repair_rule(cfg, ck.stopping["deployed"])
+            rule.load_state_dict(ck.stopping["rule"])
     else:
+        state = None
+        if stopping:  # the deployed model's accuracies, before the reset changes them: what the repair restores
+            deployed = evaluate_round(fed, None, "deployed", label=CHECK, settings=check_settings(cfg))
+            rule = repair_rule(cfg, deployed)
+            state = {"deployed": deployed, "rule": rule.state_dict()}
         remove(fed, model, mask, cfg)
-        ck.update(mask=mask, rounds_done=0, current=get_arrays(model))
+        ck.update(mask=mask, rounds_done=0, current=get_arrays(model), stopping=state)
     statistics = selected_batchnorm_channels(model, mask) if cfg.reset != "none" else None  # what remove() pooled
     t2 = time.perf_counter()
-    log.info("request %s, scoring %s, ratio %g (%s); %d masked round(s), objective %s, max_steps %s",
-             request.to_dict(), cfg.method, cfg.ratio, cfg.scope, rounds, cfg.objective, cfg.max_steps)
+    log.info("request %s, scoring %s, ratio %g (%s); %s masked round(s), objective %s, max_steps %s",
+             request.to_dict(), cfg.method, cfg.ratio, cfg.scope, f"at most {cap}" if stopping else cap,
+             cfg.objective, cfg.max_steps)
     history, evaluation = list(ck.unlearning), list(ck.evaluation)
+    holders: set[int] = set()  # clients holding the mask: masked rounds and checks send it once
 
-    def after_round(r: int, arrays: dict, rows: list) -> None:
-        if evaluate:
-            evaluation.append(evaluate_round(fed, arrays, r))
-        ck.update(rounds_done=r + 1, current=arrays, unlearning=history + rows, evaluation=list(evaluation))
+    def after_round(r: int, arrays: dict, rows: list) -> bool:
+        reason = None
+        if evaluate or stopping:  # one evaluation round serves both
+            row = evaluate_round(fed, arrays, r, mask, statistics, holders, CHECK if stopping else "evaluate/",
+                                 check_settings(cfg) if stopping else None)
+            evaluation.append(row)
+            if rule is not None:
+                reason = rule.update(r, row["forget_acc"], math.nan, row["retain_acc"])
+                rows[-1].update(retain_acc=row["retain_acc"], forget_acc=row["forget_acc"], stop=_stop_name(reason))
+        ck.update(rounds_done=r + 1, current=arrays, unlearning=history + rows, evaluation=list(evaluation),
+                  stopping=None if rule is None else {**ck.stopping, "rule": rule.state_dict()})
+        return reason is not None
 
+    stopped = rule is not None and bool(rule.history) and rule.history[-1].reason is not None
     # masked_aggregate copies the frozen values from the reference: the deployed ones, whatever rounds ran
-    current, rows = masked_rounds(fed, ck.current, mask, rounds, unlearn_config(cfg), statistics=statistics,
-                                  fraction=fraction, first_round=ck.rounds_done, after_round=after_round)
+    current, rows = (ck.current, []) if stopped else masked_rounds(
+        fed, ck.current, mask, cap, unlearn_config(cfg), statistics=statistics, fraction=fraction,
+        first_round=ck.rounds_done, after_round=after_round, holders=holders)
     history += rows
     set_arrays(model, current)
     t3 = time.perf_counter()
-    extra: dict[str, Any] = {"rounds": rounds, "fraction": fraction}
+    extra: dict[str, Any] = {"rounds": len(history), "round_cap": cap, "fraction": fraction}
+    if rule is not None:
+        checks = [{**c, "reason": c["reason"] and _stop_name(StopReason(c["reason"]))} for c in rule.rows()]
+        extra.update(deployed=dict(ck.stopping["deployed"]), checks=checks,
+                     stop_reason=history[-1].get("stop") or "round cap")
+        log.info("repair: %d of at most %d masked round(s), stopped by %s (retain accuracy %.4f, deployed %.4f)",
+                 len(history), cap, extra["stop_reason"], rule.history[-1].remaining_acc, rule.reference)
     if cfg.calibrate == "head":  # after a restart it runs again from the saved arrays: seeded, the same result
         current, calibration = calibrate(fed, model, mask, cfg, statistics=statistics, trained_epochs=trained_epochs,
                                          fraction=fraction)
         extra.update(calibration_rounds=len(calibration), calibration=calibration)
         if evaluate:  # the last evaluation is the calibrated model's
-            evaluation.append(evaluate_round(fed, current, rounds))
+            evaluation.append(evaluate_round(fed, current, len(history), mask, statistics, holders))
     if evaluate:
         extra["evaluation"] = evaluation
     t4 = time.perf_counter()
@@ -295,19 +356,49 @@ def run_unlearning(
                                      history=history, traffic=fed.run, bytes=round_bytes(history, fed.run))
 
 
+def removes(config: UnlearnConfig) -> bool:
+    """Whether the repair starts from a damaged model (a reset, or a forget term on the way): only then do the
+    masked rounds have a retain accuracy to recover and the stopping rule anything to watch."""
+    return not (isinstance(config.reset, str) and config.reset == "none") or config.objective in FORGET_AWARE
+
+
+def _stop_name(reason: StopReason | None) -> str | None:
+    """``"recovered"`` or ``"plateau"`` (the central rule's RECOVERED names the central calibration)."""
+    return None if reason is None else "recovered" if reason is StopReason.RECOVERED else reason.value
+
+
+def check_settings(config: UnlearnConfig) -> dict[str, int]:
+    """A check's seeded subsample: at most ``check_samples`` of each client's retain (and forget) data, the same
+    samples in every check of a run (the deployed model and each round are compared on them)."""
+    return {"max_samples": config.check_samples, "seed": config.seed}
+
+
+def repair_rule(config: UnlearnConfig, deployed: Mapping[str, float]) -> StoppingRule:
+    """The central stopping rule on the clients' retain accuracy: recovered within ``stop_tolerance`` of the
+    ``deployed`` model's, or ``patience`` checks without a new best. Forgetting is the reset's and calibration's
+    (the server has no retrained model's forget accuracy to aim at): the rule stops on recovery alone."""
+    return StoppingRule(deployed["retain_acc"], config.stop_tolerance, config.patience, forgetting_deferred=True)
+
+
 def federated_unlearn(
     model: pl.LightningModule, clients: Any, request: ForgetRequest, config: UnlearnConfig | None = None, *,
-    rounds: int = 1, fraction: float = 1.0, inplace: bool = False, trained_epochs: int | None = None, **overrides: Any,
+    rounds: int | str = "auto", fraction: float = 1.0, inplace: bool = False, trained_epochs: int | None = None,
+    **overrides: Any,
 ) -> FederatedUnlearningResult:
     """Make the federation forget ``request`` by updating only the channels that explain the forget data.
 
     ``model``: the deployed global model (the clients hold it too, as ``run_fedavg`` leaves it). ``clients``: a
     ``Federation`` or a simulation's ``clients``. ``config``: the same :class:`UnlearnConfig` as centrally
     (``overrides`` replace fields); ``epochs`` / ``max_steps`` are each client's budget per masked round.
+    ``rounds``: masked rounds; after a removal (a reset or a forget term) and under ``early_stopping`` (the default)
+    their cap: the rounds stop once the clients' retain accuracy is back within ``stop_tolerance`` of the deployed
+    model's (or after ``patience`` rounds without a new best); ``"auto"``:
+    :func:`~lightning_unlearn.config.federated_round_cap` (one round when nothing was removed).
     ``fraction``: share of the clients each masked round calls (scoring and statistics rounds ask every client).
-    ``trained_epochs``: FedAvg's rounds x local epochs, the calibration's length for ``calibrate_epochs="auto"``.
+    ``trained_epochs``: FedAvg's rounds x local epochs: the calibration's length for ``calibrate_epochs="auto"`` and
+    the round cap's for ``rounds="auto"``.
     """
-    check_rounds(rounds)
+    check_round_cap(rounds)
     check_fraction(fraction)
     asked = UnlearnConfig.build(config, **overrides)
     cfg = asked.resolved(request, "federated")

@@ -11,6 +11,7 @@ import lightning.pytorch as pl
 import torch
 
 from lightning_unlearn._io import save_torch, unique_path
+from lightning_unlearn.config import check_round_cap
 from lightning_unlearn.data.federated import FederatedDataModule
 from lightning_unlearn.federated.messages import tensor_bytes
 from lightning_unlearn.federated.simulation import FederatedSimulation
@@ -29,7 +30,8 @@ class FederatedSettings:
         local_steps: cap on local optimizer steps per client per round (None: whole epochs).
         fraction: share of clients sampled per round in FedAvg and the masked rounds (scoring and the statistics
             round ask every client).
-        unlearn_rounds: masked unlearning rounds (each client's budget: ``unlearning.epochs`` / ``max_steps``).
+        unlearn_rounds: masked unlearning rounds (each client's budget: ``unlearning.epochs`` / ``max_steps``);
+            under ``unlearning.early_stopping`` their cap; ``"auto"``: a quarter of ``rounds`` x ``local_epochs``.
         output_dir: where ``fit`` writes ``original.ckpt`` and the per-round server checkpoints.
         fresh: train from round 0 even if ``output_dir`` holds a resume file (one from another run is refused).
         dp_target_epsilon: local DP-SGD (Opacus) at every client during ``fit``, to this epsilon per client.
@@ -42,13 +44,16 @@ class FederatedSettings:
     local_epochs: int = 1
     local_steps: int | None = None
     fraction: float = 1.0
-    unlearn_rounds: int = 1
+    unlearn_rounds: int | str = "auto"
     output_dir: str = "outputs/federated"
     fresh: bool = False
     dp_target_epsilon: float | None = None
     dp_noise_multiplier: float | None = None
     dp_max_grad_norm: float = 1.0
     dp_delta: float = 1e-5
+
+    def __post_init__(self) -> None:
+        check_round_cap(self.unlearn_rounds, "unlearn_rounds")  # before any training: the masked rounds run last
 
 
 def simulation(model: pl.LightningModule, fdm: FederatedDataModule, s: FederatedSettings, seed: int,

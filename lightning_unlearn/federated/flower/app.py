@@ -49,7 +49,8 @@ def main(grid: Grid, context: Context) -> None:
     seed, reset = int(c.get("seed", 0)), str(c.get("reset", ""))
     train = FedAvgPlan(rounds=int(c["train-rounds"]), seed=seed, local_config={"max_steps": int(c["local-steps"])})
     unlearn = UnlearnPlan(ForgetRequest(classes=[int(c["forget-class"])]), method=str(c.get("method", "grad_x_act")),
-                          ratio=float(c.get("ratio", 0.1)), rounds=int(c["unlearn-rounds"]),
+                          ratio=float(c.get("ratio", 0.1)),
+                          rounds="auto" if c["unlearn-rounds"] == "auto" else int(c["unlearn-rounds"]),
                           max_steps=int(c["unlearn-steps"]), seed=seed,
                           min_clients=int(c.get("min-clients", 0)) or None,
                           round_timeout=float(c.get("round-timeout", 0.0)) or None,

@@ -16,7 +16,7 @@ from flwr.serverapp import Grid, ServerApp
 from torch import Tensor
 
 from lightning_unlearn._io import save_torch, write_json
-from lightning_unlearn.config import UnlearnConfig
+from lightning_unlearn.config import UnlearnConfig, check_round_cap
 from lightning_unlearn.evidence.references import cache_key
 from lightning_unlearn.evidence.report import UnlearningReport, weights_sha256
 from lightning_unlearn.federated.fedavg import check_fedavg, deploy_model, run_fedavg
@@ -24,7 +24,6 @@ from lightning_unlearn.federated.federation import Federation
 from lightning_unlearn.federated.checkpoint import ServerCheckpoint
 from lightning_unlearn.federated.messages import ByteCounter
 from lightning_unlearn.federated.protocol import run_unlearning
-from lightning_unlearn.federated.server import check_rounds
 from lightning_unlearn.mask import ParameterMask
 from lightning_unlearn.mask.arrays import get_arrays, set_arrays
 from lightning_unlearn.request import ForgetRequest
@@ -50,15 +49,16 @@ class FedAvgPlan:
 
 class UnlearnPlan:
     """One request: the same :class:`~lightning_unlearn.UnlearnConfig` as ``federated_unlearn`` (``overrides``
-    replace fields), ``rounds`` masked rounds, ``evaluate``: the clients' accuracies after each round. Dropouts:
+    replace fields), ``rounds`` masked rounds as in ``federated_unlearn`` (under ``early_stopping`` their cap;
+    ``"auto"``: a share of the FedAvg plan's rounds), ``evaluate``: the clients' accuracies after each round. Dropouts:
     ``min_clients`` (default: all) must answer each masked round within ``round_timeout`` s (default: the run's)."""
 
-    def __init__(self, request: ForgetRequest, config: UnlearnConfig | None = None, rounds: int = 1,
+    def __init__(self, request: ForgetRequest, config: UnlearnConfig | None = None, rounds: int | str = "auto",
                  evaluate: bool = True, min_clients: int | None = None, round_timeout: float | None = None,
                  **overrides: Any) -> None:
         if not isinstance(request, ForgetRequest):
             raise TypeError(f"request must be a ForgetRequest, got {type(request).__name__}")
-        check_rounds(rounds)  # min_clients: the Federation checks it, against the clients that connect
+        check_round_cap(rounds)  # min_clients: the Federation checks it, against the clients that connect
         if round_timeout is not None and not (isinstance(round_timeout, (int, float)) and round_timeout > 0):
             raise ValueError(f"round_timeout must be a number of seconds > 0 or None, got {round_timeout!r}")
         self.request, self.rounds, self.evaluate = request, rounds, evaluate
