@@ -160,6 +160,12 @@ def _subset(dataset: Dataset, indices: Sequence[int], max_samples: int, rng: np.
     return Subset(dataset, indices.tolist())
 
 
+#: The usual causes of a non-finite repair. BatchNorm kept in eval mode (``bn_stats="frozen"``) loses its invariance to
+#: the scale of the weights before it, so a rate tuned with batch statistics can be too large for the repair.
+TOO_FAST = ("non-finite input data, or a learning rate too large for the repair? lower lr_scale; with BatchNorm in "
+            "eval mode (bn_stats='frozen') the module's own rate can be too large")
+
+
 class NonFiniteError(ValueError):
     """The repair produced a non-finite loss, parameter or BatchNorm statistic: the run is refused, not reported."""
 
@@ -169,11 +175,11 @@ def check_finite(model: nn.Module, where: str, loss: torch.Tensor | None = None)
     of ``model`` (other buffers may hold infinities on purpose, e.g. attention masks)."""
     if loss is not None and not bool(torch.isfinite(loss.detach()).all()):
         raise NonFiniteError(f"unlearning stopped {where}: the loss is {float(loss.detach().float().mean())} "
-                             "(non-finite input data, or a learning rate too large?); no result is reported")
+                             f"({TOO_FAST}); no result is reported")
     statistics = [(f"{name}.{stat}" if name else stat, getattr(module, stat))
                   for name, module in model.named_modules() for stat in ("running_mean", "running_var")
                   if isinstance(getattr(module, stat, None), torch.Tensor)]
     for name, tensor in [*model.named_parameters(), *statistics]:
         if tensor.is_floating_point() and not bool(torch.isfinite(tensor.detach()).all()):
-            raise NonFiniteError(f"unlearning stopped {where}: {name} holds non-finite values (non-finite input "
-                                 "data, or a learning rate too large?); no result is reported")
+            raise NonFiniteError(f"unlearning stopped {where}: {name} holds non-finite values ({TOO_FAST}); no "
+                                 "result is reported")
