@@ -20,6 +20,7 @@ from lightning_unlearn.mask.arrays import get_arrays
 from lightning_unlearn.models import SmallCNN
 
 from federated_log import exchanges, recording
+from flower_support.faults import NODE_DIED, die_at
 
 MODEL_FN = functools.partial(SmallCNN, channels=(8, 16), hidden=32, lr=3e-3)
 PARTS = FederatedPartitions("digits", num_clients=3, partition="iid", seed=0, batch_size=32)
@@ -125,15 +126,8 @@ def test_checks_send_only_the_selected_values(sim):
 
 
 def _server(checkpoint=None, fail_at_unlearn_message: int | None = None):
-    sent = []
-
-    def crash(message, context, call_next):
-        sent.append(message.metadata.message_type)
-        if sent.count("train.unlearn") == fail_at_unlearn_message:
-            raise RuntimeError("the node died")
-        return call_next(message, context)
-
     torch.manual_seed(0)
+    crash = die_at("train.unlearn", fail_at_unlearn_message)
     grid = LocalGrid(make_client_app(MODEL_FN, PARTS, mods=[crash]), PARTS.num_clients)
     return run_server(grid, MODEL_FN(), PARTS.num_clients, FEDAVG, UnlearnPlan(LEAVE, rounds=10, **SLOW),
                       checkpoint=checkpoint)
@@ -151,7 +145,7 @@ def test_server_app_agrees_with_in_process_and_resumes_mid_repair(tmp_path):
     for k, v in get_arrays(ours.model).items():
         assert torch.equal(straight.arrays[k], v), k
     # a server that died in masked round 2 resumes there with the same mask and stopping state
-    with pytest.raises(Exception, match="the node died"):
+    with pytest.raises(Exception, match=NODE_DIED):
         _server(tmp_path, fail_at_unlearn_message=2 * 3 + 1)
     resumed = _server(tmp_path)
     assert resumed.resumed == {"fedavg_rounds": 4, "mask": True, "rounds_done": 2}

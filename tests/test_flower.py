@@ -26,6 +26,7 @@ from lightning_unlearn.federated.messages import (
 from lightning_unlearn.mask import frozen_elements_equal
 from lightning_unlearn.models import SmallCNN
 from lightning_unlearn.mask import select_channels
+from flower_support.faults import NODE_DIED, die_at
 from flower_support.simulation import simulate  # Flower's own simulation engine running the library's apps
 
 MODEL_FN = functools.partial(SmallCNN, channels=(8, 16), hidden=32, lr=3e-3)  # picklable: Flower ships it to workers
@@ -84,20 +85,13 @@ def test_a_restarted_server_resumes_a_half_done_fedavg(tmp_path, one_thread):
     plan = FedAvgPlan(rounds=2, local_config={"max_steps": 2})
 
     def server(fail_at_train_message: int | None = None, checkpoint=None):
-        sent = []
-
-        def crash(message, context, call_next):
-            sent.append(message.metadata.message_type)
-            if sent.count("train") == fail_at_train_message:
-                raise RuntimeError("the node died")
-            return call_next(message, context)
-
         torch.manual_seed(0)
+        crash = die_at("train", fail_at_train_message)
         grid = LocalGrid(make_client_app(MODEL_FN, PARTS, mods=[crash]), PARTS.num_clients)
         return run_server(grid, MODEL_FN(), PARTS.num_clients, plan, checkpoint=checkpoint)
 
     straight = server()
-    with pytest.raises(Exception, match="the node died"):
+    with pytest.raises(Exception, match=NODE_DIED):
         server(fail_at_train_message=4, checkpoint=tmp_path)  # round 0 sent 3 train messages, round 1 dies
     resumed = server(checkpoint=tmp_path)
     assert resumed.resumed == {"fedavg_rounds": 1, "mask": False, "rounds_done": 0}
