@@ -18,7 +18,8 @@ ROWS = ("training", "unlearning", "evaluation", "stopping")
 @dataclass
 class ServerCheckpoint:
     """``trained``: the global arrays after ``len(training)`` FedAvg rounds (``store``: FedEraser's updates); then
-    ``current`` after ``rounds_done`` masked rounds with ``mask`` (``stopping``: the rule's state after them). ``key``: named hashes of the run that wrote it."""
+    ``current`` after ``rounds_done`` masked rounds with ``mask`` (``stopping``: the rule's state after them).
+    ``key``: named hashes of the run that wrote it."""
 
     folder: str | os.PathLike | None = None
     key: dict[str, str] = field(default_factory=dict)
