@@ -51,7 +51,10 @@ def test_repair_stops_as_soon_as_the_retain_accuracy_is_back(sim):
     trained = {k: v.clone() for k, v in sim.model.state_dict().items()}
     slow = federated_unlearn(sim.model, sim.clients, LEAVE, rounds=10, **SLOW)
     assert slow.extra["stop_reason"] == "recovered" and slow.extra["round_cap"] == 10
-    assert 1 < slow.extra["rounds"] == len(slow.history) == _first_recovered(slow) < 10
+    rounds = len(slow.history)
+    assert slow.extra["rounds"] == rounds
+    assert rounds == _first_recovered(slow)  # stopped at the first check within the tolerance, not later
+    assert 1 < rounds < 10  # several rounds were needed, and the cap was not what stopped it
     assert [r["round"] for r in slow.history] == list(range(slow.extra["rounds"]))
     assert [r["retain_acc"] for r in slow.history] == [c["remaining_acc"] for c in slow.extra["checks"]]
     assert frozen_elements_equal(slow.model, trained, slow.mask)  # several aggregations, frozen elements exact
@@ -139,7 +142,8 @@ def test_server_app_agrees_with_in_process_and_resumes_mid_repair(tmp_path):
     model, fed = MODEL_FN(), Federation(LocalGrid(make_client_app(MODEL_FN, PARTS), 3), 3)
     run_fedavg(model, fed, **vars(FEDAVG), progress=False)
     ours = federated_unlearn(model, fed, LEAVE, rounds=10, trained_epochs=4, **SLOW)
-    assert 1 < len(straight.unlearning) == ours.extra["rounds"] < 10
+    assert len(straight.unlearning) == len(ours.history)  # the ServerApp stopped after as many rounds
+    assert 1 < len(ours.history) < 10
     assert [r["retain_acc"] for r in straight.unlearning] == [r["retain_acc"] for r in ours.history]
     assert [e["retain_acc"] for e in straight.evaluation] == [r["retain_acc"] for r in ours.history]
     for k, v in get_arrays(ours.model).items():

@@ -129,6 +129,16 @@ def remove(fed: Federation, model: torch.nn.Module, mask: ParameterMask,
     return channels
 
 
+def per_client(clients: Sequence[int], holders: set[int],
+               build: Callable[[bool], RecordDict]) -> dict[int, RecordDict]:
+    """Each client's message, each variant built once: ``build(True)`` (with the mask) for a client not in
+    ``holders``, ``build(False)`` for the others; ``holders`` then holds them all (the mask is sent once)."""
+    variants = {send: build(send) for send in {c not in holders for c in clients}}
+    out = {c: variants[c not in holders] for c in clients}
+    holders.update(clients)
+    return out
+
+
 def evaluate_round(fed: Federation, arrays: Mapping[str, Tensor] | None, r: int | str,
                    mask: ParameterMask | None = None, statistics: Mapping[str, Tensor] | None = None,
                    holders: set[int] | None = None, label: str = "evaluate/",
@@ -143,11 +153,8 @@ def evaluate_round(fed: Federation, arrays: Mapping[str, Tensor] | None, r: int 
     elif mask is None:
         contents = down(arrays, settings)
     else:
-        holders = set() if holders is None else holders
-        variants = {send: masked_down(arrays, mask, config, statistics, channels=send)
-                    for send in {c not in holders for c in fed.active}}
-        contents = {c: variants[c not in holders] for c in sorted(fed.active)}
-        holders.update(fed.active)
+        contents = per_client(sorted(fed.active), set() if holders is None else holders,
+                              lambda send: masked_down(arrays, mask, config, statistics, channels=send))
     replies = fed.ask(contents, "evaluate", f"{label}{r}", dropouts=True, what=f"evaluation round {r}")
     row: dict[str, float] = {"round": r}
     for split in ("forget", "retain"):
@@ -180,14 +187,12 @@ def masked_rounds(
         picked = [c for c in (int(i) for i in sample_clients(sorted(fed.nodes), fraction, seed, r)) if c in fed.active]
         # no values in round 0 (clients hold the deployed model) unless a reset changed them or rows are calibrated;
         # the mask goes only to clients that do not hold it yet, and each variant is packed only if one is sent
-        contents = {send: masked_down(current, mask, round_config(config, r), statistics, r > 0 or train is not None,
-                                      send) for send in {c not in has_mask for c in picked}}
+        contents = per_client(picked, has_mask, lambda send: masked_down(
+            current, mask, round_config(config, r), statistics, r > 0 or train is not None, send))
         try:
-            replies = fed.ask({c: contents[c not in has_mask] for c in picked}, "train.unlearn", tag, dropouts=True,
-                              what=f"unlearning round {r}")
+            replies = fed.ask(contents, "train.unlearn", tag, dropouts=True, what=f"unlearning round {r}")
         except DivergenceError as err:  # an in-process client's (a deployed one's error reply names the round)
             raise DivergenceError(err.step, err.loss, f"unlearning round {r}: {err}") from None
-        has_mask.update(picked)
         if not replies and len(picked) == len(fed.nodes):
             raise ValueError("no client has retain data for the masked rounds")
         if replies:
